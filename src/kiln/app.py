@@ -1,0 +1,125 @@
+"""The SDK entry points: :class:`App`, :func:`runs` and :func:`get_run`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kiln.config import Settings
+from kiln.errors import ValidationError
+from kiln.record.model import RunRecord, RunStatus
+from kiln.record.recorder import Recorder, recorder_for
+from kiln.record.runs import ActiveRun, caller_module
+from kiln.record.store.base import RunQuery
+from kiln.record.values import check_name
+
+
+class App:
+    """A project: the namespace for its runs (and, later, models and endpoints).
+
+    Example::
+
+        app = kiln.App("fraud")
+        with app.run(params={"lr": 0.1}) as run:
+            kiln.log({"loss": 0.4}, step=0)
+            run.set_result({"accuracy": 0.93})
+    """
+
+    def __init__(self, name: str, *, settings: Settings | None = None) -> None:
+        self.name = check_name("app", name)
+        self._settings = settings
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings if self._settings is not None else Settings.from_env()
+
+    def run(
+        self,
+        *,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        name: str | None = None,
+    ) -> ActiveRun:
+        """Open a run recorded by hand. An exception inside it marks it failed and propagates.
+
+        ``params`` must be JSON-like (see :class:`kiln.errors.ValidationError` for what is
+        allowed); a :class:`kiln.Dataset` among them is recorded as an input.
+        """
+        if name is not None:
+            check_name("name", name)
+        return ActiveRun(
+            self._recorder(),
+            app=self.name,
+            params=params,
+            tags=tags,
+            name=name,
+            module_path=caller_module(),
+        )
+
+    def runs(self, **filters: Any) -> list[RunRecord]:
+        """This app's runs; takes the filters of :func:`kiln.runs`."""
+        return runs(app=self.name, settings=self._settings, **filters)
+
+    def _recorder(self) -> Recorder:
+        return recorder_for(self.settings)
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r})"
+
+
+def runs(
+    *,
+    app: str | None = None,
+    status: str | RunStatus | Iterable[str | RunStatus] | None = None,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    parent: str | None = None,
+    order_by: str = "-created",
+    limit: int | None = 100,
+    settings: Settings | None = None,
+) -> list[RunRecord]:
+    """Query recorded runs.
+
+    ``order_by`` is ``created``, ``started``, ``ended``, ``name`` or ``status``, or the
+    name of a summary metric; prefix ``-`` for descending. Runs without the metric
+    come last. ``params`` and ``tags`` filter on equality.
+
+    Example::
+
+        best = kiln.runs(app="fraud", status="succeeded", order_by="-accuracy", limit=10)
+    """
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValidationError("limit", f"{limit!r} is not a count", allowed="an int >= 0 or None")
+    if not isinstance(order_by, str) or not order_by.lstrip("-+"):
+        raise ValidationError("order_by", f"{order_by!r} names no field or metric")
+    query = RunQuery(
+        app=app,
+        status=_statuses(status),
+        params=dict(params or {}),
+        tags={k: str(v) for k, v in (tags or {}).items()},
+        parent_id=parent,
+        order_by=order_by,
+        limit=limit,
+    )
+    return _reader(settings).store.query_runs(query)
+
+
+def get_run(run_id: str, *, settings: Settings | None = None) -> RunRecord:
+    """The run with this id, or a unique prefix of it."""
+    return _reader(settings).store.get_run(run_id)
+
+
+def _reader(settings: Settings | None) -> Recorder:
+    return recorder_for(settings or Settings.from_env(), create=False)
+
+
+def _statuses(status: str | RunStatus | Iterable[str | RunStatus] | None) -> tuple[RunStatus, ...]:
+    if status is None:
+        return ()
+    items = [status] if isinstance(status, str) else list(status)
+    try:
+        return tuple(RunStatus(s) for s in items)
+    except ValueError:
+        raise ValidationError(
+            "status", f"{status!r} is not a run status", allowed=[s.value for s in RunStatus]
+        ) from None

@@ -1,0 +1,109 @@
+"""Every error Kiln raises on purpose derives from :class:`KilnError`.
+
+The tree::
+
+    KilnError
+    ├── ConfigError            a setting (environment variable or argument) is invalid
+    ├── ValidationError        a value passed to the API is invalid; names the field
+    ├── MissingDependencyError an optional extra is not installed; names the extra
+    ├── NotFoundError          a run (or other record) id matches nothing
+    │   └── RunNotFoundError
+    ├── AmbiguousIdError       an id prefix matches more than one record
+    ├── NoActiveRunError       kiln.log / kiln.save called outside a run
+    └── StoreError             the metadata store or blob store cannot be used
+        ├── StoreUnavailableError  cannot connect (server down, wrong URL, missing file)
+        └── StoreCorruptError      the store exists but is not a usable Kiln store
+
+Each error carries the context needed to act on it as attributes (``field``,
+``allowed``, ``run_id``, ``url``) and a message that says what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class KilnError(Exception):
+    """Root of every error Kiln raises on purpose."""
+
+
+class ConfigError(KilnError):
+    """A setting, from the environment or an argument, is invalid."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        self.setting = setting
+        super().__init__(f"{setting}: {message}")
+
+
+class ValidationError(KilnError, ValueError):
+    """A value passed to Kiln is invalid. ``field`` names it; ``allowed`` says what would do."""
+
+    def __init__(self, field: str, message: str, *, allowed: str | Iterable[str] | None = None):
+        self.field = field
+        if allowed is not None and not isinstance(allowed, str):
+            allowed = ", ".join(allowed)
+        self.allowed = allowed
+        text = f"{field}: {message}"
+        if allowed:
+            text += f" (allowed: {allowed})"
+        super().__init__(text)
+
+
+class MissingDependencyError(KilnError, ImportError):
+    """An optional dependency is missing; the message names the extra that provides it."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(
+            f"{package} is not installed; it comes with the '{extra}' extra: "
+            f"pip install 'kiln[{extra}]'"
+        )
+
+
+class NotFoundError(KilnError, LookupError):
+    """A record looked up by id does not exist."""
+
+
+class RunNotFoundError(NotFoundError):
+    """No run has this id (or id prefix)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"no run with id {run_id!r}; `kiln runs ls` lists the recorded runs")
+
+
+class AmbiguousIdError(KilnError, LookupError):
+    """An id prefix matches more than one record."""
+
+    def __init__(self, prefix: str, matches: list[str]) -> None:
+        self.prefix = prefix
+        self.matches = matches
+        shown = ", ".join(matches[:5])
+        super().__init__(f"id prefix {prefix!r} matches several runs ({shown}); give more of it")
+
+
+class NoActiveRunError(KilnError, RuntimeError):
+    """``kiln.log`` or ``kiln.save`` was called with no run open."""
+
+    def __init__(self, call: str) -> None:
+        super().__init__(
+            f"{call} was called outside a run; open one with `with app.run(...):` "
+            "or call it from a Kiln function"
+        )
+
+
+class StoreError(KilnError):
+    """The metadata store or the blob store cannot be used."""
+
+    def __init__(self, url: str, message: str) -> None:
+        self.url = url
+        super().__init__(f"store {url}: {message}")
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached or does not exist."""
+
+
+class StoreCorruptError(StoreError):
+    """The store exists but is not a usable Kiln store."""

@@ -1,0 +1,1 @@
+"""The system of record: runs, metrics, artifacts, datasets, code and environment snapshots."""

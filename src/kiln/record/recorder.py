@@ -1,0 +1,184 @@
+"""One recorder per process and store: the store connection, the blob store and the
+background writer that turns ``kiln.log`` calls into batched inserts.
+
+``kiln.log`` only appends tuples to an in-memory list. The writer thread flushes
+that list in one transaction when it grows past ``FLUSH_POINTS`` or every
+``FLUSH_INTERVAL_S``, whichever comes first, and on run end and at interpreter
+exit. A process killed outright therefore loses at most one interval of points.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from kiln.config import Settings
+from kiln.record.blobs import BlobStore
+from kiln.record.snapshot import CodeCapture
+from kiln.record.store.base import MetricRow, WriteBatch
+from kiln.record.store.sql import SqlStore
+
+if TYPE_CHECKING:
+    from kiln.record.runs import ActiveRun
+
+FLUSH_INTERVAL_S = 1.0
+FLUSH_POINTS = 50_000
+_log = logging.getLogger("kiln")
+
+
+class Recorder:
+    """Owns the store for one process and writes everything recorded into it."""
+
+    def __init__(self, settings: Settings, *, create: bool = True) -> None:
+        self.settings = settings
+        self.blobs = BlobStore(settings.blob_dir)
+        self.store = SqlStore(settings.store_url, self.blobs, create=create)
+        self.code = CodeCapture(self.blobs)
+        self.active: dict[str, ActiveRun] = {}
+        self._points: list[MetricRow] = []
+        self._pending = WriteBatch()
+        self._lock = threading.Lock()  # guards _points, _pending and active
+        self._flush_lock = threading.Lock()  # one flush at a time
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- called by runs ------------------------------------------------------------
+
+    def add_points(self, rows: list[MetricRow]) -> None:
+        with self._lock:
+            self._points.extend(rows)
+            full = len(self._points) >= FLUSH_POINTS
+        if full:
+            self._wake.set()
+
+    def enqueue(
+        self,
+        *,
+        artifacts: list[dict[str, Any]] | None = None,
+        updates: list[dict[str, Any]] | None = None,
+        summaries: list[tuple[str, str, str, float]] | None = None,
+    ) -> None:
+        with self._lock:
+            self._pending.artifacts.extend(artifacts or ())
+            self._pending.updates.extend(updates or ())
+            self._pending.summaries.extend(summaries or ())
+
+    def start(self, run: ActiveRun, row: dict[str, Any]) -> None:
+        """Write the run's row now, so other processes see it running at once."""
+        self.store.write(WriteBatch(new_runs=[row]))
+        with self._lock:
+            self.active[run.id] = run
+        self._ensure_thread()
+
+    def finish(self, run: ActiveRun, update: dict[str, Any]) -> None:
+        """Write the run's last points and final state in one transaction."""
+        with self._lock:
+            self.active.pop(run.id, None)
+            self._pending.updates.append(update)
+            self._pending.summaries.extend(run.take_summary())
+        self.flush()
+
+    # -- flushing ------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make everything recorded so far durable. Raises if the store refuses it."""
+        with self._flush_lock:
+            with self._lock:
+                batch, self._pending = self._pending, WriteBatch()
+                batch.metrics, self._points = self._points, []
+                for run in self.active.values():
+                    batch.summaries.extend(run.take_summary())
+            try:
+                self.store.write(batch)
+            except BaseException:
+                self._requeue(batch)
+                raise
+
+    def _requeue(self, batch: WriteBatch) -> None:
+        # Put the batch back in front of whatever arrived meanwhile, so a later
+        # flush retries it in order and nothing recorded is dropped.
+        with self._lock:
+            self._points[:0] = batch.metrics
+            p = self._pending
+            p.new_runs[:0], p.artifacts[:0] = batch.new_runs, batch.artifacts
+            p.updates[:0], p.summaries[:0] = batch.updates, batch.summaries
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="kiln-writer", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self._wake.wait(FLUSH_INTERVAL_S)
+            self._wake.clear()
+            if self._closed:
+                return
+            now = time.time()
+            with self._lock:
+                runs = list(self.active.values())
+            for run in runs:
+                run.sample_memory()
+            if runs:
+                self.enqueue(updates=[{"id": r.id, "heartbeat_at": now} for r in runs])
+            try:
+                self.flush()
+            except Exception as exc:  # keep the points; the next flush retries
+                _log.warning("kiln: flushing to %s failed, will retry: %s", self.store.url, exc)
+
+    def close(self) -> None:
+        """Finish open runs as failed, flush, stop the writer and close the store."""
+        with self._lock:
+            still_open = list(self.active.values())
+        for run in still_open:
+            run.abandon("the process exited while the run was open")
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        try:
+            self.flush()
+        finally:
+            self.store.close()
+
+
+_recorders: dict[tuple[str, str], Recorder] = {}
+_registry_lock = threading.Lock()
+
+
+def recorder_for(settings: Settings, *, create: bool = True) -> Recorder:
+    """The process's recorder for this store, opened on first use."""
+    key = (settings.store_url, str(settings.home))
+    with _registry_lock:
+        rec = _recorders.get(key)
+        if rec is None:
+            rec = Recorder(settings, create=create)
+            _recorders[key] = rec
+        return rec
+
+
+def close_all() -> None:
+    """Flush and close every recorder of this process (runs at interpreter exit)."""
+    with _registry_lock:
+        recs = list(_recorders.values())
+        _recorders.clear()
+    for rec in recs:
+        try:
+            rec.close()
+        except Exception as exc:
+            _log.warning("kiln: closing %s failed: %s", rec.store.url, exc)
+
+
+def _forget_in_child() -> None:
+    # A forked child inherits the parent's recorders but not their writer threads;
+    # it must open its own connections rather than share the parent's.
+    _recorders.clear()
+
+
+atexit.register(close_all)
+os.register_at_fork(after_in_child=_forget_in_child)

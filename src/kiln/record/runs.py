@@ -1,0 +1,349 @@
+"""Recording a run by hand: ``with app.run(...) as run:`` plus ``kiln.log`` and ``kiln.save``."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import pickle
+import resource
+import secrets
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from kiln._hashing import sha256_file, sha256_tree
+from kiln.errors import NoActiveRunError, ValidationError
+from kiln.record.model import RunStatus
+from kiln.record.recorder import Recorder
+from kiln.record.snapshot import capture_environment
+from kiln.record.store.base import MetricRow
+from kiln.record.values import check_params, check_tags, metric_step, metric_value, to_json
+
+_current: contextvars.ContextVar[ActiveRun | None] = contextvars.ContextVar(
+    "kiln_current_run", default=None
+)
+_RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux
+_PKG_DIR = str(Path(__file__).resolve().parent.parent)
+
+
+def new_run_id() -> str:
+    """32 lowercase hex characters; any unique prefix of it finds the run."""
+    return secrets.token_hex(16)
+
+
+class ActiveRun:
+    """A run being recorded. Use it as a context manager; see :meth:`kiln.App.run`."""
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        *,
+        app: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        function: str | None = None,
+        parent_id: str | None = None,
+        module_path: Path | None = None,
+    ) -> None:
+        self.id = new_run_id()
+        self.app = app
+        self.name = name
+        self.status = RunStatus.RUNNING
+        self.params = check_params(params)
+        self.tags = check_tags(tags)
+        self.result: Any = None
+        self._recorder = recorder
+        self._function = function
+        self._parent_id = parent_id
+        self._module_path = module_path
+        self._last: dict[str, float] = {}
+        self._logged = False
+        self._step = 0
+        self._token: contextvars.Token[ActiveRun | None] | None = None
+        self._peak_rss = 0
+        self._maxrss_at_start = 0
+        self._t0 = self._cpu0 = 0.0
+        self._inputs = [v for v in (params or {}).values() if isinstance(v, Dataset)]
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def __enter__(self) -> ActiveRun:
+        rec = self._recorder
+        now = time.time()
+        code = rec.code.capture(self._module_path)
+        env = capture_environment(rec.blobs)
+
+        rec.start(
+            self,
+            {
+                "id": self.id,
+                "app": self.app,
+                "name": self.name,
+                "function": self._function,
+                "status": str(RunStatus.RUNNING),
+                "actor": rec.settings.actor,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "engine": "inline",
+                "parent_id": self._parent_id,
+                "created_at": now,
+                "started_at": now,
+                "heartbeat_at": now,
+                "params": self.params,
+                "tags": self.tags,
+                "code": asdict(code),
+                "environment": asdict(env),
+            },
+        )
+        for dataset in self._inputs:
+            self.use(dataset)
+        self._maxrss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
+        self.sample_memory()
+        self._token = _current.set(self)
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            self._finish(RunStatus.SUCCEEDED, None)
+        else:
+            self._finish(RunStatus.FAILED, "".join(traceback.format_exception(exc)))
+
+    def set_result(self, result: Any) -> None:
+        """The run's result. In a dict, int and float entries become summary metrics."""
+        self.result = to_json(result, "result")
+
+    def abandon(self, reason: str) -> None:
+        """Close a run that its code never closed, as failed with ``reason``."""
+        if self.status is RunStatus.RUNNING:
+            self._finish(RunStatus.FAILED, reason)
+
+    def _finish(self, status: RunStatus, error: str | None) -> None:
+        wall = time.perf_counter() - self._t0
+        cpu = time.process_time() - self._cpu0
+        self.sample_memory()
+        self.status = status
+        if isinstance(self.result, dict):
+            for k, v in self.result.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    self._last[k] = float(v)
+                    self._logged = True
+        if self._token is not None:
+            try:
+                _current.reset(self._token)
+            except ValueError:  # closed from another context (atexit): nothing to restore
+                pass
+            self._token = None
+        self._recorder.finish(
+            self,
+            {
+                "id": self.id,
+                "status": str(status),
+                "ended_at": time.time(),
+                "error": error,
+                "result": self.result,
+                "usage": {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": self._peak_rss},
+            },
+        )
+
+    def sample_memory(self) -> None:
+        """Track the run's peak resident memory (called at start, by the writer, at end)."""
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
+        if maxrss > self._maxrss_at_start:  # the process set a new peak during this run
+            self._peak_rss = max(self._peak_rss, maxrss)
+        else:
+            self._peak_rss = max(self._peak_rss, _current_rss())
+
+    def take_summary(self) -> list[tuple[str, str, str, float]]:
+        """The latest value per metric, if any were logged since the last call."""
+        if not self._logged:
+            return []
+        self._logged = False
+        return [(self.id, self.app, k, v) for k, v in self._last.items()]
+
+    # -- recording -----------------------------------------------------------------
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Record metric values; see :func:`kiln.log`."""
+        if not isinstance(metrics, Mapping):
+            raise ValidationError("metrics", f"must be a dict, got {type(metrics).__name__}")
+        if step is None:
+            step = self._step
+        else:
+            step = metric_step(step)
+        self._step = step + 1
+        now = time.time()
+        run_id = self.id
+        rows: list[MetricRow] = []
+        for key, value in metrics.items():
+            if type(value) is not float or type(key) is not str or not key:
+                value = metric_value(key, value)
+            rows.append((run_id, key, step, now, value))
+            self._last[key] = value
+        self._logged = True
+        self._recorder.add_points(rows)
+
+    def save(self, name: str, obj: Any) -> str:
+        """Store an artifact; see :func:`kiln.save`. Returns its sha256."""
+        name = _artifact_name(name)
+        blobs = self._recorder.blobs
+        rows: list[dict[str, Any]] = []
+        if isinstance(obj, str | os.PathLike):
+            path = Path(obj)
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file())
+                for f in files:
+                    sha, size = blobs.put_file(f)
+                    rel = f"{name}/{f.relative_to(path).as_posix()}"
+                    rows.append(_artifact_row(self.id, rel, "out", "file", sha, size, str(f)))
+                self._recorder.enqueue(artifacts=rows)
+                return sha256_tree(path)[0]
+            if not path.is_file():
+                raise ValidationError(
+                    "obj", f"no file at {str(path)!r}; pass an existing path, or bytes or an "
+                    "object to store its value"
+                )
+            sha, size = blobs.put_file(path)
+            rows.append(_artifact_row(self.id, name, "out", "file", sha, size, str(path)))
+        else:
+            if isinstance(obj, bytes | bytearray | memoryview):
+                data, kind = bytes(obj), "file"
+            else:
+                try:
+                    data, kind = pickle.dumps(obj, protocol=5), "pickle"
+                except Exception as exc:
+                    raise ValidationError(
+                        "obj", f"a {type(obj).__name__} cannot be pickled: {exc}"
+                    ) from None
+            sha, size = blobs.put_bytes(data), len(data)
+            rows.append(_artifact_row(self.id, name, "out", kind, sha, size, None))
+        self._recorder.enqueue(artifacts=rows)
+        return sha
+
+    def use(self, dataset: Dataset) -> None:
+        """Record ``dataset`` as an input of this run."""
+        self._recorder.enqueue(
+            artifacts=[
+                _artifact_row(
+                    self.id, dataset.name, "in", "dataset", dataset.sha256, dataset.size,
+                    str(dataset.path),
+                )
+            ]
+        )
+
+    def __repr__(self) -> str:
+        return f"<ActiveRun {self.id} app={self.app!r} status={self.status}>"
+
+
+class Dataset:
+    """A file or directory a run reads, recorded with its sha256.
+
+    Created inside a run, or passed as a param, it is recorded as that run's input::
+
+        with app.run(params={"data": kiln.Dataset("train.csv")}) as run:
+            ...
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, name: str | None = None) -> None:
+        self.path = Path(path).expanduser().absolute()
+        if self.path.is_dir():
+            self.sha256, self.size = sha256_tree(self.path)
+        elif self.path.is_file():
+            self.sha256, self.size = sha256_file(self.path)
+        else:
+            raise ValidationError("path", f"no file or directory at {str(self.path)!r}")
+        self.name = name or str(self.path)
+        run = _current.get()
+        if run is not None:
+            run.use(self)
+
+    def __kiln_json__(self) -> dict[str, Any]:
+        return {"dataset": str(self.path), "sha256": self.sha256}
+
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.path)!r}, sha256={self.sha256[:12]}…)"
+
+
+def current_run(call: str) -> ActiveRun:
+    """The run open in this context, or the only run open in this process (worker threads)."""
+    run = _current.get()
+    if run is not None:
+        return run
+    from kiln.record.recorder import _recorders
+
+    open_runs = [r for rec in list(_recorders.values()) for r in list(rec.active.values())]
+    if len(open_runs) == 1:
+        return open_runs[0]
+    raise NoActiveRunError(call)
+
+
+def log(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Record metrics of the current run.
+
+    ``step`` defaults to one past the previous call's step. Values are numbers;
+    NaN and infinities are kept as such. The call only appends to a buffer: a
+    background writer makes it durable within about a second.
+
+    Example::
+
+        for epoch in range(10):
+            kiln.log({"loss": loss, "accuracy": acc}, step=epoch)
+    """
+    current_run("kiln.log").log(metrics, step)
+
+
+def save(name: str, obj: Any) -> str:
+    """Store an artifact of the current run, by content; returns its sha256.
+
+    ``obj`` is a path (a file, or a directory stored file by file), bytes, or any
+    picklable object (``run.load(name)`` gives it back).
+    """
+    return current_run("kiln.save").save(name, obj)
+
+
+def caller_module() -> Path | None:
+    """The source file of the nearest caller outside Kiln itself."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_PKG_DIR) and "contextlib" not in filename:
+            path = Path(filename)
+            return path if path.is_file() else None
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _artifact_name(name: object) -> str:
+    if not isinstance(name, str) or not name or name.startswith("/") or ".." in name.split("/"):
+        raise ValidationError(
+            "name", f"{name!r} is not an artifact name", allowed="a relative path like 'model.pkl'"
+        )
+    return name
+
+
+def _artifact_row(
+    run_id: str, name: str, direction: str, kind: str, sha: str, size: int, uri: str | None
+) -> dict[str, Any]:
+    return {"run_id": run_id, "name": name, "direction": direction, "kind": kind,
+            "sha256": sha, "size": size, "uri": uri}
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:  # noqa: PTH123  cheaper than psutil here
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+

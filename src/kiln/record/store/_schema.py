@@ -1,0 +1,82 @@
+"""Tables of the SQL store. Migrations under ``migrations/`` create exactly these;
+a test compares the two so they cannot drift apart.
+
+Times are Unix seconds (float). There are no foreign keys: metric inserts are the
+hot path, and every child row is written after its run row by the same writer.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData()
+
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("app", sa.String(200), nullable=False),
+    sa.Column("name", sa.String(200)),
+    sa.Column("function", sa.String(500)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("actor", sa.String(200)),
+    sa.Column("host", sa.String(255)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("engine", sa.String(32)),
+    sa.Column("parent_id", sa.String(32)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double),
+    sa.Column("ended_at", sa.Double),
+    sa.Column("heartbeat_at", sa.Double),
+    sa.Column("params", JSONType, nullable=False),
+    sa.Column("tags", JSONType, nullable=False),
+    sa.Column("result", JSONType),
+    sa.Column("error", sa.Text),
+    sa.Column("code", JSONType),
+    sa.Column("environment", JSONType),
+    sa.Column("usage", JSONType),
+    sa.Index("ix_runs_app_created", "app", "created_at"),
+    sa.Index("ix_runs_created", "created_at"),
+    sa.Index("ix_runs_parent", "parent_id"),
+    sa.Index("ix_runs_status", "status"),
+)
+
+metrics = sa.Table(
+    "metrics",
+    metadata,
+    sa.Column("run_id", sa.String(32), nullable=False),
+    sa.Column("key", sa.String(250), nullable=False),
+    sa.Column("step", sa.BigInteger, nullable=False),
+    sa.Column("time", sa.Double, nullable=False),
+    sa.Column("value", sa.Double),  # NULL only where the database cannot hold NaN
+    sa.Index("ix_metrics_run_key_step", "run_id", "key", "step"),
+)
+
+# The latest value of every metric of every run, plus the numbers a run returned.
+# Indexed by (key, value) so "best runs by accuracy" reads ten index entries.
+summary = sa.Table(
+    "summary",
+    metadata,
+    sa.Column("run_id", sa.String(32), primary_key=True),
+    sa.Column("key", sa.String(250), primary_key=True),
+    sa.Column("app", sa.String(200), nullable=False),
+    sa.Column("value", sa.Double),  # NULL stands for NaN, so it sorts last
+    sa.Index("ix_summary_key_value", "key", "value"),
+    sa.Index("ix_summary_app_key_value", "app", "key", "value"),
+)
+
+artifacts = sa.Table(
+    "artifacts",
+    metadata,
+    sa.Column("run_id", sa.String(32), primary_key=True),
+    sa.Column("direction", sa.String(3), primary_key=True),
+    sa.Column("name", sa.String(500), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("uri", sa.Text),
+    sa.Index("ix_artifacts_sha256", "sha256"),
+)

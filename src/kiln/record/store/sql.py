@@ -1,0 +1,408 @@
+"""The SQL store: SQLAlchemy Core over SQLite (embedded, WAL) or PostgreSQL (teams).
+
+The hot paths bypass ORM objects: metric points go to the driver's ``executemany``
+as tuples, and a whole flush is one transaction.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import Connection, Engine, make_url
+
+from kiln.errors import (
+    AmbiguousIdError,
+    RunNotFoundError,
+    StoreCorruptError,
+    StoreUnavailableError,
+    ValidationError,
+)
+from kiln.record.blobs import BlobStore
+from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
+from kiln.record.store._schema import artifacts, metrics, runs, summary
+from kiln.record.store.base import RunQuery, WriteBatch
+
+SCHEMA_HEAD = "0001"
+_MIGRATIONS = Path(__file__).with_name("migrations")
+_RUN_FIELDS = {
+    "created": runs.c.created_at,
+    "started": runs.c.started_at,
+    "ended": runs.c.ended_at,
+    "name": runs.c.name,
+    "status": runs.c.status,
+    "app": runs.c.app,
+}
+_HEX = frozenset("0123456789abcdef")
+_LOCK_RETRIES = 8
+T = TypeVar("T")
+
+
+class SqlStore:
+    """A :class:`~kiln.record.store.base.Store` on SQLite or PostgreSQL.
+
+    Opening it creates or migrates the schema (Alembic), unless ``create`` is false,
+    in which case a missing SQLite file is an error rather than a new empty store.
+    """
+
+    def __init__(self, url: str, blobs: BlobStore | None = None, *, create: bool = True) -> None:
+        parsed = make_url(url)
+        self.url = parsed.render_as_string(hide_password=True)
+        self.blobs = blobs
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            self._engine = self._sqlite_engine(parsed, create=create)
+        else:
+            if parsed.drivername == "postgresql":
+                parsed = parsed.set(drivername="postgresql+psycopg")
+            from kiln._optional import require
+
+            require("psycopg", extra="postgres")
+            self._engine = sa.create_engine(parsed, pool_pre_ping=True, pool_size=2)
+        self._metric_sql = self._metric_insert_sql()
+        self._guard(self._ensure_schema)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> SqlStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- writes --------------------------------------------------------------------
+
+    def write(self, batch: WriteBatch) -> None:
+        if batch:
+            self._guard(lambda: self._retry_locked(lambda: self._write(batch)))
+
+    def _write(self, batch: WriteBatch) -> None:
+        with self._engine.begin() as conn:
+            if batch.new_runs:
+                conn.execute(runs.insert(), batch.new_runs)
+            if batch.metrics:
+                conn.exec_driver_sql(self._metric_sql, batch.metrics)  # type: ignore[arg-type]
+            if batch.summaries:
+                self._upsert(
+                    conn,
+                    summary,
+                    [
+                        {"run_id": r, "app": a, "key": k, "value": None if math.isnan(v) else v}
+                        for r, a, k, v in batch.summaries
+                    ],
+                    keys=("run_id", "key"),
+                    update=("value",),
+                )
+            if batch.artifacts:
+                self._upsert(
+                    conn,
+                    artifacts,
+                    batch.artifacts,
+                    keys=("run_id", "direction", "name"),
+                    update=("kind", "sha256", "size", "uri"),
+                )
+            for fields in batch.updates:
+                values = {k: v for k, v in fields.items() if k != "id"}
+                conn.execute(runs.update().where(runs.c.id == fields["id"]).values(**values))
+
+    def _upsert(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        rows: list[dict[str, Any]],
+        *,
+        keys: Sequence[str],
+        update: Sequence[str],
+    ) -> None:
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+        stmt = insert(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(keys), set_={c: stmt.excluded[c] for c in update}
+        )
+        conn.execute(stmt, rows)
+
+    def _metric_insert_sql(self) -> str:
+        mark = "?" if self._engine.dialect.paramstyle == "qmark" else "%s"
+        cols = ", ".join(c.name for c in metrics.columns)
+        return f"INSERT INTO metrics ({cols}) VALUES ({', '.join([mark] * len(metrics.columns))})"  # noqa: S608
+
+    # -- reads ---------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> RunRecord:
+        return self._guard(lambda: self._get_run(run_id))
+
+    def _get_run(self, run_id: str) -> RunRecord:
+        prefix = run_id.strip().lower()
+        if not prefix or not set(prefix) <= _HEX:
+            raise RunNotFoundError(run_id)
+        with self._engine.connect() as conn:
+            if len(prefix) >= 32:
+                rows = conn.execute(sa.select(runs).where(runs.c.id == prefix)).mappings().all()
+            else:  # ids are lowercase hex, so every id starting with prefix sorts below prefix+"g"
+                rows = (
+                    conn.execute(
+                        sa.select(runs)
+                        .where(runs.c.id >= prefix, runs.c.id < prefix + "g")
+                        .limit(5)
+                    )
+                    .mappings()
+                    .all()
+                )
+            if not rows:
+                raise RunNotFoundError(run_id)
+            if len(rows) > 1:
+                raise AmbiguousIdError(run_id, [r["id"] for r in rows])
+            return self._records(conn, rows)[0]
+
+    def query_runs(self, query: RunQuery) -> list[RunRecord]:
+        return self._guard(lambda: self._query_runs(query))
+
+    def _query_runs(self, query: RunQuery) -> list[RunRecord]:
+        if query.limit is not None and query.limit < 0:
+            raise ValidationError("limit", f"must be >= 0, got {query.limit}")
+        descending = query.order_by.startswith("-")
+        key = query.order_by.lstrip("-+")
+        where = self._filters(query)
+        with self._engine.connect() as conn:
+            if key in _RUN_FIELDS:
+                col = _RUN_FIELDS[key]
+                stmt = sa.select(runs).where(*where)
+                stmt = stmt.order_by(col.desc() if descending else col.asc(), runs.c.id)
+                rows = conn.execute(stmt.limit(query.limit)).mappings().all()
+                return self._records(conn, rows)
+            metric = key.removeprefix("metrics.")
+            if not metric:
+                raise ValidationError("order_by", "is empty", allowed=["a run field", "a metric"])
+            return self._query_by_metric(conn, query, metric, descending, where)
+
+    def _query_by_metric(
+        self,
+        conn: Connection,
+        query: RunQuery,
+        metric: str,
+        descending: bool,
+        where: list[sa.ColumnElement[bool]],
+    ) -> list[RunRecord]:
+        # First the runs that hold a number for the metric, straight off the
+        # (app, key, value) index; then, if the page is not full, those that do not.
+        has_value = sa.and_(summary.c.key == metric, summary.c.value.is_not(None))
+        if query.app is not None:
+            has_value = sa.and_(has_value, summary.c.app == query.app)
+        order = summary.c.value.desc() if descending else summary.c.value.asc()
+        stmt = (
+            sa.select(runs)
+            .select_from(summary.join(runs, runs.c.id == summary.c.run_id))
+            .where(has_value, *where)
+            .order_by(order, summary.c.run_id)
+            .limit(query.limit)
+        )
+        rows = list(conn.execute(stmt).mappings().all())
+        if query.limit is None or len(rows) < query.limit:
+            rest = (
+                sa.select(runs)
+                .where(
+                    *where,
+                    ~sa.exists().where(
+                        summary.c.run_id == runs.c.id,
+                        summary.c.key == metric,
+                        summary.c.value.is_not(None),
+                    ),
+                )
+                .order_by(runs.c.created_at.desc(), runs.c.id)
+            )
+            if query.limit is not None:
+                rest = rest.limit(query.limit - len(rows))
+            rows.extend(conn.execute(rest).mappings().all())
+        return self._records(conn, rows)
+
+    def _filters(self, query: RunQuery) -> list[sa.ColumnElement[bool]]:
+        where: list[sa.ColumnElement[bool]] = []
+        if query.app is not None:
+            where.append(runs.c.app == query.app)
+        if query.status:
+            where.append(runs.c.status.in_([str(s) for s in query.status]))
+        if query.parent_id is not None:
+            where.append(runs.c.parent_id == query.parent_id)
+        for name, value in query.params.items():
+            where.append(_json_equals(runs.c.params, name, value, field=f"params.{name}"))
+        for name, value in query.tags.items():
+            where.append(_json_equals(runs.c.tags, name, value, field=f"tags.{name}"))
+        return where
+
+    def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
+        def read() -> list[MetricPoint]:
+            stmt = (
+                sa.select(metrics.c.step, metrics.c.time, metrics.c.value)
+                .where(metrics.c.run_id == run_id, metrics.c.key == key)
+                .order_by(metrics.c.step, metrics.c.time)
+            )
+            with self._engine.connect() as conn:
+                return [
+                    MetricPoint(step, t, math.nan if value is None else value)
+                    for step, t, value in conn.execute(stmt)
+                ]
+
+        return self._guard(read)
+
+    def _records(self, conn: Connection, rows: Sequence[sa.RowMapping]) -> list[RunRecord]:
+        if not rows:
+            return []
+        ids = [r["id"] for r in rows]
+        summaries: dict[str, dict[str, float]] = defaultdict(dict)
+        for run_id, key, value in conn.execute(
+            sa.select(summary.c.run_id, summary.c.key, summary.c.value).where(
+                summary.c.run_id.in_(ids)
+            )
+        ):
+            summaries[run_id][key] = math.nan if value is None else value
+        arts: dict[str, list[Artifact]] = defaultdict(list)
+        for a in conn.execute(sa.select(artifacts).where(artifacts.c.run_id.in_(ids))).mappings():
+            arts[a["run_id"]].append(
+                Artifact(a["name"], a["direction"], a["kind"], a["sha256"], a["size"], a["uri"])
+            )
+        return [
+            record_from_row(r, summaries[r["id"]], tuple(arts[r["id"]]), self, self.blobs)
+            for r in rows
+        ]
+
+    # -- opening, schema and errors ------------------------------------------------
+
+    def _sqlite_engine(self, parsed: sa.URL, *, create: bool) -> Engine:
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            raise StoreUnavailableError(self.url, "an in-memory SQLite store cannot be shared")
+        path = Path(database)
+        if not path.exists():
+            if not create:
+                raise StoreUnavailableError(
+                    self.url, "no store here yet; record a run first, or set KILN_HOME/KILN_STORE"
+                )
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_path = path.with_name(path.name + ".lock")
+        engine = sa.create_engine(parsed, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+
+    def _ensure_schema(self) -> None:
+        if self._schema_version() == SCHEMA_HEAD:
+            return
+        with self._migration_lock() as conn:
+            version = _read_version(conn)
+            if version == SCHEMA_HEAD:
+                return
+            if version is None and sa.inspect(conn).has_table("runs"):
+                raise StoreCorruptError(
+                    self.url, "holds a 'runs' table but no schema version; it is not a Kiln store"
+                )
+            if version is not None and version > SCHEMA_HEAD:
+                raise StoreCorruptError(
+                    self.url,
+                    f"schema {version} is newer than this Kiln knows ({SCHEMA_HEAD}); upgrade kiln",
+                )
+            from alembic import command
+            from alembic.config import Config
+
+            cfg = Config()
+            cfg.set_main_option("script_location", str(_MIGRATIONS))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def _schema_version(self) -> str | None:
+        with self._engine.connect() as conn:
+            return _read_version(conn)
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[Connection]:
+        """Serialize schema creation between processes opening a new store at once."""
+        if self.dialect == "sqlite":
+            with self._lock_path.open("a") as lock, self._engine.connect() as conn:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    yield conn
+                    conn.commit()
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+        else:
+            with self._engine.connect() as conn:
+                conn.execute(sa.text("SELECT pg_advisory_lock(7151)"))
+                try:
+                    yield conn
+                    conn.commit()
+                finally:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(7151)"))
+                    conn.commit()
+
+    def _retry_locked(self, fn: Callable[[], T]) -> T:
+        """SQLite's busy timeout covers most contention; this covers the rest."""
+        for attempt in range(_LOCK_RETRIES):
+            try:
+                return fn()
+            except exc.OperationalError as e:
+                if "locked" not in str(e.orig) or attempt == _LOCK_RETRIES - 1:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _guard(self, fn: Callable[[], T]) -> T:
+        """Turn driver errors about the store itself into one clear Kiln error."""
+        try:
+            return fn()
+        except exc.DatabaseError as e:
+            text = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+            if "file is not a database" in text or "malformed" in text:
+                raise StoreCorruptError(
+                    self.url, f"{text}; move the file aside or point KILN_STORE elsewhere"
+                ) from None
+            if isinstance(e, exc.OperationalError) and "locked" not in text:
+                raise StoreUnavailableError(
+                    self.url, f"cannot be reached ({text}); check KILN_STORE and the server"
+                ) from None
+            raise
+
+
+def _read_version(conn: Connection) -> str | None:
+    if not sa.inspect(conn).has_table("alembic_version"):
+        return None
+    value = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    return None if value is None else str(value)
+
+
+def _json_equals(
+    column: sa.Column[Any], name: str, value: object, *, field: str
+) -> sa.ColumnElement[bool]:
+    element = column[name]
+    if isinstance(value, bool):
+        return element.as_boolean() == value
+    if isinstance(value, int):
+        return element.as_float() == float(value)
+    if isinstance(value, float):
+        return element.as_float() == value
+    if isinstance(value, str):
+        return element.as_string() == value
+    if value is None:
+        return element.as_string().is_(None)
+    raise ValidationError(
+        field, f"cannot filter on a {type(value).__name__}", allowed=["str", "int", "float", "bool"]
+    )
