@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.config import Settings
 from kiln.errors import ValidationError
 from kiln.record.model import RunRecord, RunStatus
-from kiln.record.recorder import Recorder, recorder_for
 from kiln.record.runs import ActiveRun, caller_module
 from kiln.record.store.base import RunQuery
 from kiln.record.values import check_name
+
+if TYPE_CHECKING:
+    from kiln.record.recorder import Recorder
 
 
 class App:
@@ -61,6 +63,8 @@ class App:
         return runs(app=self.name, settings=self._settings, **filters)
 
     def _recorder(self) -> Recorder:
+        from kiln.record.recorder import recorder_for
+
         return recorder_for(self.settings)
 
     def __repr__(self) -> str:
@@ -110,6 +114,8 @@ def get_run(run_id: str, *, settings: Settings | None = None) -> RunRecord:
 
 
 def _reader(settings: Settings | None) -> Recorder:
+    from kiln.record.recorder import recorder_for
+
     return recorder_for(settings or Settings.from_env(), create=False)
 
 

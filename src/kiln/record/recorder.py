@@ -14,13 +14,15 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import Settings
 from kiln.record.blobs import BlobStore
 from kiln.record.snapshot import CodeCapture
 from kiln.record.store.base import MetricRow, WriteBatch
-from kiln.record.store.sql import SqlStore
 
 if TYPE_CHECKING:
     from kiln.record.runs import ActiveRun
@@ -36,6 +38,8 @@ class Recorder:
     def __init__(self, settings: Settings, *, create: bool = True) -> None:
         self.settings = settings
         self.blobs = BlobStore(settings.blob_dir)
+        from kiln.record.store.sql import SqlStore  # SQLAlchemy loads on first use
+
         self.store = SqlStore(settings.store_url, self.blobs, create=create)
         self.code = CodeCapture(self.blobs)
         self.active: dict[str, ActiveRun] = {}
@@ -46,6 +50,7 @@ class Recorder:
         self._wake = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._code_pool: ThreadPoolExecutor | None = None
 
     # -- called by runs ------------------------------------------------------------
 
@@ -74,6 +79,19 @@ class Recorder:
         with self._lock:
             self.active[run.id] = run
         self._ensure_thread()
+
+    def capture_code(self, run_id: str, module_path: Path | None) -> Future[None]:
+        """Snapshot the code in the background and queue it onto the run's row."""
+        with self._lock:
+            if self._code_pool is None:
+                self._code_pool = ThreadPoolExecutor(2, thread_name_prefix="kiln-code")
+            pool = self._code_pool
+
+        def job() -> None:
+            snapshot = self.code.capture(module_path)
+            self.enqueue(updates=[{"id": run_id, "code": asdict(snapshot)}])
+
+        return pool.submit(job)
 
     def finish(self, run: ActiveRun, update: dict[str, Any]) -> None:
         """Write the run's last points and final state in one transaction."""
@@ -139,6 +157,8 @@ class Recorder:
             run.abandon("the process exited while the run was open")
         self._closed = True
         self._wake.set()
+        if self._code_pool is not None:
+            self._code_pool.shutdown(wait=True)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         try:

@@ -15,21 +15,27 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln._hashing import sha256_file, sha256_tree
 from kiln.errors import NoActiveRunError, ValidationError
 from kiln.record.model import RunStatus
-from kiln.record.recorder import Recorder
 from kiln.record.snapshot import capture_environment
 from kiln.record.store.base import MetricRow
 from kiln.record.values import check_params, check_tags, metric_step, metric_value, to_json
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from kiln.record.recorder import Recorder
 
 _current: contextvars.ContextVar[ActiveRun | None] = contextvars.ContextVar(
     "kiln_current_run", default=None
 )
 _RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux
-_PKG_DIR = str(Path(__file__).resolve().parent.parent)
+_PKG_DIR = Path(__file__).resolve().parent.parent
+# Frames in these files are Kiln's recording machinery, never the user's code.
+_MACHINERY = (str(_PKG_DIR / "record"), str(_PKG_DIR / "app.py"))
 
 
 def new_run_id() -> str:
@@ -71,13 +77,13 @@ class ActiveRun:
         self._maxrss_at_start = 0
         self._t0 = self._cpu0 = 0.0
         self._inputs = [v for v in (params or {}).values() if isinstance(v, Dataset)]
+        self._code: Future[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
     def __enter__(self) -> ActiveRun:
         rec = self._recorder
         now = time.time()
-        code = rec.code.capture(self._module_path)
         env = capture_environment(rec.blobs)
 
         rec.start(
@@ -98,10 +104,11 @@ class ActiveRun:
                 "heartbeat_at": now,
                 "params": self.params,
                 "tags": self.tags,
-                "code": asdict(code),
                 "environment": asdict(env),
             },
         )
+        # git runs beside the user's code; the record gets it before the run closes
+        self._code = rec.capture_code(self.id, self._module_path)
         for dataset in self._inputs:
             self.use(dataset)
         self._maxrss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
@@ -146,6 +153,8 @@ class ActiveRun:
             except ValueError:  # closed from another context (atexit): nothing to restore
                 pass
             self._token = None
+        if self._code is not None:
+            self._code.result()
         self._recorder.finish(
             self,
             {
@@ -318,7 +327,7 @@ def caller_module() -> Path | None:
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith(_PKG_DIR) and "contextlib" not in filename:
+        if not filename.startswith(_MACHINERY) and not filename.endswith("contextlib.py"):
             path = Path(filename)
             return path if path.is_file() else None
         frame = frame.f_back  # type: ignore[assignment]

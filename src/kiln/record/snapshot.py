@@ -8,6 +8,7 @@ past which they are named in ``CodeSnapshot.untracked_skipped`` instead).
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import platform
 import shutil
@@ -26,6 +27,7 @@ UNTRACKED_FILE_LIMIT = 1 << 20  # bytes; larger untracked files are data, not co
 UNTRACKED_TOTAL_LIMIT = 16 << 20
 _EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 _GIT_TIMEOUT_S = 30
+_log = logging.getLogger("kiln")
 
 
 def find_repo_root(start: Path) -> Path | None:
@@ -67,10 +69,22 @@ class CodeCapture:
                 source_sha256=source_sha,
                 source_blob=source_blob,
             )
-        state = self._status(root)
-        patch_sha, skipped = None, ()
-        if state.changed or state.untracked:
-            patch_sha, skipped = self._patch(root, state)
+        try:
+            state = self._status(root)
+            patch_sha, skipped = None, ()
+            if state.changed or state.untracked:
+                patch_sha, skipped = self._patch(root, state)
+        except (subprocess.SubprocessError, OSError) as exc:
+            # No silent fallback: say so, and keep the module source so the code is not lost.
+            _log.warning("kiln: git could not snapshot %s (%s); storing the module source", root, exc)
+            if module_path is not None and source_sha is not None:
+                source_blob, _ = self._blobs.put_file(module_path)
+            return CodeSnapshot(
+                module_path=str(module_path) if module_path else None,
+                source_sha256=source_sha,
+                source_blob=source_blob,
+                repo_root=str(root),
+            )
         return CodeSnapshot(
             module_path=str(module_path) if module_path else None,
             source_sha256=source_sha,
@@ -94,7 +108,7 @@ class CodeCapture:
 
     def _status(self, root: Path) -> _GitState:
         out = self._run_git(
-            root, "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"
+            root, "--no-optional-locks", "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"
         ).decode("utf-8", "surrogateescape")
         state = _GitState(commit=None, branch=None, status_text=out)
         entries = iter(out.split("\0"))

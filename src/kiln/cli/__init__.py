@@ -1,0 +1,30 @@
+"""The ``kiln`` command line: one module per command group."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from kiln.cli import demo, runs
+from kiln.errors import KilnError
+
+app = typer.Typer(
+    name="kiln",
+    help="Run experiments, record every run, promote and serve the best.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(runs.app, name="runs")
+app.command("demo")(demo.demo)
+
+
+def main() -> None:
+    """Entry point: Kiln's own errors become one red line and exit code 1."""
+    try:
+        app()
+    except KilnError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)

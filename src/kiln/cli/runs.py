@@ -1,0 +1,198 @@
+"""``kiln runs ls|show|compare``: read the record."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from kiln.app import get_run, runs
+from kiln.cli._render import console, fmt_duration, fmt_time, fmt_value, runs_table, status_text
+from kiln.errors import ValidationError
+from kiln.record.model import RunRecord, json_number
+
+app = typer.Typer(help="List, show and compare recorded runs.", no_args_is_help=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _pairs(items: list[str], option: str) -> dict[str, Any]:
+    """``k=v`` options; v is read as JSON when it parses (0.1, true), else as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValidationError(option, f"{item!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+@app.command("ls")
+def ls(
+    app_name: Annotated[str | None, typer.Option("--app", "-a", help="Only this app.")] = None,
+    status: Annotated[str | None, typer.Option(help="running, succeeded or failed.")] = None,
+    param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE filter.")] = [],  # noqa: B006
+    tag: Annotated[list[str], typer.Option("--tag", "-t", help="KEY=VALUE filter.")] = [],  # noqa: B006
+    order_by: Annotated[
+        str, typer.Option("--order-by", "-o", help="created, ended, or a metric; '-' descends.")
+    ] = "-created",
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many runs.")] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs, newest first (or by a metric: -o -accuracy)."""
+    records = runs(
+        app=app_name,
+        status=status,
+        params=_pairs(param, "--param"),
+        tags=_pairs(tag, "--tag"),
+        order_by=order_by,
+        limit=limit,
+    )
+    if as_json:
+        _print_json([r.to_dict() for r in records])
+        return
+    out = console()
+    if not records:
+        out.print("no runs match")
+        return
+    key = order_by.lstrip("-+").removeprefix("metrics.")
+    metrics = None
+    if records and key not in ("created", "started", "ended", "name", "status", "app"):
+        others = [m for r in records for m in r.summary if m != key]
+        metrics = [key, *dict.fromkeys(others)][:4]
+    out.print(runs_table(records, metrics=metrics))
+
+
+@app.command("show")
+def show(
+    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Everything recorded about one run."""
+    record = get_run(run_id)
+    if as_json:
+        _print_json(record.to_dict())
+        return
+    console().print(_run_panel(record))
+
+
+def _kv_table(rows: list[tuple[str, str]]) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def _run_panel(r: RunRecord) -> Group:
+    u, c, e = r.usage, r.code, r.environment
+    overview = [
+        ("id", r.id),
+        ("app", r.app + (f"  name: {r.name}" if r.name else "")),
+        ("status", status_text(r.status)),
+        ("who", f"{r.actor} on {r.host} (pid {r.pid}, {r.engine})"),
+        ("created", fmt_time(r.created_at)),
+        ("ended", fmt_time(r.ended_at) if r.ended_at else "-"),
+        ("duration", fmt_duration(r.duration_s)),
+        ("cpu", fmt_duration(u.cpu_s)),
+        ("peak memory", f"{u.peak_rss_bytes / 2**20:.1f} MiB" if u.peak_rss_bytes else "-"),
+    ]
+    if r.parent_id:
+        overview.append(("parent", r.parent_id))
+    parts: list[Any] = [Panel(_kv_table(overview), title="run", title_align="left")]
+    if r.params or r.tags:
+        rows = [(k, fmt_value(v)) for k, v in r.params.items()]
+        rows += [(f"tag {k}", v) for k, v in r.tags.items()]
+        parts.append(Panel(_kv_table(rows), title="params", title_align="left"))
+    if r.summary or r.result is not None:
+        rows = [(k, fmt_value(v)) for k, v in sorted(r.summary.items())]
+        if r.result is not None:
+            rows.append(("result", fmt_value(r.result)))
+        parts.append(Panel(_kv_table(rows), title="summary", title_align="left"))
+    if r.artifacts:
+        t = Table(show_edge=False, header_style="bold")
+        for col in ("name", "dir", "kind", "size", "sha256"):
+            t.add_column(col)
+        for a in r.artifacts:
+            t.add_row(a.name, a.direction, a.kind, f"{a.size:,}", a.sha256[:16])
+        parts.append(Panel(t, title="artifacts and datasets", title_align="left"))
+    code_rows = [
+        ("commit", f"{c.commit or '-'} ({c.branch or 'detached'})" if c.repo_root else "no git"),
+        ("changes", f"patch {c.patch_sha256[:16]}" if c.patch_sha256 else "none"),
+        ("module", f"{c.module_path or '-'}"),
+        ("source sha256", c.source_sha256 or "-"),
+    ]
+    if c.untracked_skipped:
+        code_rows.append(("not in patch", ", ".join(c.untracked_skipped)))
+    parts.append(Panel(_kv_table(code_rows), title="code", title_align="left"))
+    env_rows = [
+        ("python", f"{e.implementation} {e.python} ({e.executable})"),
+        ("platform", e.platform),
+        ("packages", f"{e.package_count} installed, list {(e.packages_sha256 or '-')[:16]}"),
+    ]
+    parts.append(Panel(_kv_table(env_rows), title="environment", title_align="left"))
+    if r.error:
+        parts.append(Panel(Text(r.error), title="error", title_align="left", border_style="red"))
+    return Group(*parts)
+
+
+@app.command("compare")
+def compare(
+    run_ids: Annotated[list[str], typer.Argument(help="Two or more run ids or prefixes.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Params and summary metrics side by side; rows that differ are highlighted."""
+    if len(run_ids) < 2:
+        raise ValidationError("RUN_IDS", "compare needs at least two runs")
+    records = [get_run(i) for i in run_ids]
+    sections: dict[str, dict[str, list[Any]]] = {"params": {}, "metrics": {}}
+    for name in dict.fromkeys(k for r in records for k in r.params):
+        sections["params"][name] = [r.params.get(name) for r in records]
+    for name in sorted({k for r in records for k in r.summary}):
+        sections["metrics"][name] = [r.summary.get(name) for r in records]
+
+    def differs(values: list[Any]) -> bool:
+        return len({json.dumps(v, sort_keys=True, default=str) for v in values}) > 1
+
+    if as_json:
+        _print_json(
+            {
+                "runs": [r.id for r in records],
+                **{
+                    section: {
+                        k: {
+                            "values": [json_number(v) if isinstance(v, float) else v for v in vals],
+                            "differs": differs(vals),
+                        }
+                        for k, vals in rows.items()
+                    }
+                    for section, rows in sections.items()
+                },
+            }
+        )
+        return
+    table = Table(header_style="bold", show_edge=False)
+    table.add_column("")
+    for r in records:
+        table.add_column(f"{r.id[:8]}\n{status_text(r.status)}", justify="right")
+    for section, rows in sections.items():
+        if not rows:
+            continue
+        table.add_row(f"[dim]{section}[/]", *[""] * len(records))
+        for name, values in rows.items():
+            style = "bold yellow" if differs(values) else ""
+            cells = ["-" if v is None else fmt_value(v) for v in values]
+            table.add_row(f"  {name}", *cells, style=style)
+    console().print(table)
