@@ -1,0 +1,179 @@
+"""One suite over every store implementation: SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from kiln.config import Settings
+from kiln.errors import AmbiguousIdError, RunNotFoundError, ValidationError
+from kiln.record.blobs import BlobStore
+from kiln.record.model import RunStatus
+from kiln.record.store._schema import metadata
+from kiln.record.store.base import RunQuery, WriteBatch
+from kiln.record.store.sql import SqlStore
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[SqlStore]:
+    with SqlStore(settings.store_url, BlobStore(settings.blob_dir)) as s:
+        yield s
+
+
+def run_row(run_id: str, *, app: str = "a", created: float = 0.0, **extra: object) -> dict:
+    row = {
+        "id": run_id,
+        "app": app,
+        "status": "succeeded",
+        "created_at": created or time.time(),
+        "params": {},
+        "tags": {},
+    }
+    row.update(extra)
+    return row
+
+
+def hexid(n: int, prefix: str = "") -> str:
+    return (prefix + f"{n:x}").ljust(32, "0")
+
+
+def test_migrations_create_exactly_the_declared_schema(store: SqlStore) -> None:
+    with store._engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
+
+
+def test_reopening_a_store_keeps_its_records(settings: Settings) -> None:
+    with SqlStore(settings.store_url) as s:
+        s.write(WriteBatch(new_runs=[run_row(hexid(1))]))
+    with SqlStore(settings.store_url) as s:
+        assert s.get_run(hexid(1)).app == "a"
+
+
+def test_write_and_read_back_a_whole_record(store: SqlStore) -> None:
+    rid = hexid(7, "ab")
+    store.write(
+        WriteBatch(
+            new_runs=[
+                run_row(rid, status="running", params={"lr": 0.1, "layers": [1, 2]}, tags={"t": "x"})
+            ]
+        )
+    )
+    store.write(
+        WriteBatch(
+            metrics=[(rid, "loss", i, 100.0 + i, 1.0 / (i + 1)) for i in range(5)],
+            summaries=[(rid, "a", "loss", 0.2)],
+            artifacts=[
+                {"run_id": rid, "name": "m.pkl", "direction": "out", "kind": "pickle",
+                 "sha256": "f" * 64, "size": 10, "uri": None}
+            ],
+            updates=[{"id": rid, "status": "succeeded", "ended_at": 5.0, "result": {"acc": 1}}],
+        )
+    )
+    record = store.get_run(rid)
+    assert record.status is RunStatus.SUCCEEDED
+    assert record.params == {"lr": 0.1, "layers": [1, 2]}
+    assert record.tags == {"t": "x"}
+    assert record.result == {"acc": 1}
+    assert record.summary == {"loss": 0.2}
+    assert [a.name for a in record.artifacts] == ["m.pkl"]
+    assert [p.value for p in record.metric_history("loss")] == [1.0, 0.5, 1 / 3, 0.25, 0.2]
+    assert [p.step for p in store.metric_history(rid, "loss")] == [0, 1, 2, 3, 4]
+
+
+def test_non_finite_metric_values_are_kept(store: SqlStore) -> None:
+    rid = hexid(3)
+    store.write(WriteBatch(new_runs=[run_row(rid)]))
+    values = [math.nan, math.inf, -math.inf, 1.5]
+    store.write(WriteBatch(metrics=[(rid, "x", i, 1.0, v) for i, v in enumerate(values)]))
+    got = [p.value for p in store.metric_history(rid, "x")]
+    assert math.isnan(got[0]) and got[1:] == [math.inf, -math.inf, 1.5]
+
+
+def test_id_prefix_lookup(store: SqlStore) -> None:
+    store.write(WriteBatch(new_runs=[run_row(hexid(1, "abc1")), run_row(hexid(2, "abc2"))]))
+    assert store.get_run("abc1").id == hexid(1, "abc1")
+    with pytest.raises(AmbiguousIdError):
+        store.get_run("abc")
+    for missing in ("ffff", "not-hex", ""):
+        with pytest.raises(RunNotFoundError):
+            store.get_run(missing)
+
+
+def test_order_by_metric_puts_missing_and_nan_last(store: SqlStore) -> None:
+    accs = {1: 0.5, 2: 0.9, 3: None, 4: 0.7, 5: math.nan}
+    store.write(WriteBatch(new_runs=[run_row(hexid(i), created=float(i)) for i in accs]))
+    store.write(
+        WriteBatch(summaries=[(hexid(i), "a", "acc", v) for i, v in accs.items() if v is not None])
+    )
+    best = store.query_runs(RunQuery(order_by="-acc", limit=10))
+    assert [r.id for r in best[:3]] == [hexid(2), hexid(4), hexid(1)]
+    assert {r.id for r in best[3:]} == {hexid(3), hexid(5)}
+    worst = store.query_runs(RunQuery(order_by="acc", limit=2))
+    assert [r.id for r in worst] == [hexid(1), hexid(4)]
+    top1 = store.query_runs(RunQuery(order_by="-metrics.acc", limit=1))
+    assert [r.id for r in top1] == [hexid(2)]
+
+
+def test_filters_by_app_status_params_and_tags(store: SqlStore) -> None:
+    store.write(
+        WriteBatch(
+            new_runs=[
+                run_row(hexid(1), app="x", params={"lr": 0.1, "opt": "sgd", "bn": True}, tags={"t": "1"}),
+                run_row(hexid(2), app="x", params={"lr": 0.2, "opt": "adam"}, status="failed"),
+                run_row(hexid(3), app="y", params={"lr": 1, "opt": "sgd"}),
+            ]
+        )
+    )
+
+    def ids(**kw: object) -> set[str]:
+        return {r.id for r in store.query_runs(RunQuery(**kw))}  # type: ignore[arg-type]
+
+    assert ids(app="x") == {hexid(1), hexid(2)}
+    assert ids(status=(RunStatus.FAILED,)) == {hexid(2)}
+    assert ids(params={"opt": "sgd"}) == {hexid(1), hexid(3)}
+    assert ids(params={"lr": 1}) == {hexid(3)}
+    assert ids(params={"lr": 0.1, "bn": True}) == {hexid(1)}
+    assert ids(tags={"t": "1"}) == {hexid(1)}
+    assert ids(app="x", params={"opt": "sgd"}) == {hexid(1)}
+    with pytest.raises(ValidationError, match=r"params\.lr"):
+        ids(params={"lr": [1]})
+
+
+def test_order_by_run_fields_and_limit(store: SqlStore) -> None:
+    store.write(WriteBatch(new_runs=[run_row(hexid(i), created=float(i)) for i in range(1, 6)]))
+    assert [r.id for r in store.query_runs(RunQuery(order_by="-created", limit=2))] == [
+        hexid(5), hexid(4)
+    ]
+    assert [r.id for r in store.query_runs(RunQuery(order_by="created", limit=None))] == [
+        hexid(i) for i in range(1, 6)
+    ]
+
+
+def test_summary_and_artifact_writes_are_upserts(store: SqlStore) -> None:
+    rid = hexid(9)
+    art = {"run_id": rid, "name": "f", "direction": "out", "kind": "file", "size": 1, "uri": None}
+    store.write(WriteBatch(new_runs=[run_row(rid)]))
+    store.write(WriteBatch(summaries=[(rid, "a", "m", 1.0)], artifacts=[{**art, "sha256": "a" * 64}]))
+    store.write(WriteBatch(summaries=[(rid, "a", "m", 2.0)], artifacts=[{**art, "sha256": "b" * 64}]))
+    record = store.get_run(rid)
+    assert record.summary == {"m": 2.0}
+    assert [a.sha256 for a in record.artifacts] == ["b" * 64]
+
+
+def test_a_failed_batch_leaves_nothing_behind(store: SqlStore) -> None:
+    rid = hexid(4)
+    store.write(WriteBatch(new_runs=[run_row(rid)]))
+    with pytest.raises(sa.exc.IntegrityError):
+        store.write(
+            WriteBatch(new_runs=[run_row(hexid(5)), run_row(rid)], metrics=[(rid, "m", 0, 1.0, 1.0)])
+        )
+    with pytest.raises(RunNotFoundError):
+        store.get_run(hexid(5))
+    assert store.metric_history(rid, "m") == []
