@@ -50,7 +50,7 @@ class App:
         if name is not None:
             check_name("name", name)
         return ActiveRun(
-            self._recorder(),
+            self.settings,
             app=self.name,
             params=params,
             tags=tags,
@@ -61,11 +61,6 @@ class App:
     def runs(self, **filters: Any) -> list[RunRecord]:
         """This app's runs; takes the filters of :func:`kiln.runs`."""
         return runs(app=self.name, settings=self._settings, **filters)
-
-    def _recorder(self) -> Recorder:
-        from kiln.record.recorder import recorder_for
-
-        return recorder_for(self.settings)
 
     def __repr__(self) -> str:
         return f"App({self.name!r})"

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from kiln._hashing import sha256_file, sha256_tree
+from kiln.config import Settings
 from kiln.errors import NoActiveRunError, ValidationError
 from kiln.record.model import RunStatus
 from kiln.record.snapshot import capture_environment
@@ -48,7 +49,7 @@ class ActiveRun:
 
     def __init__(
         self,
-        recorder: Recorder,
+        settings: Settings,
         *,
         app: str,
         params: Mapping[str, Any] | None = None,
@@ -65,7 +66,8 @@ class ActiveRun:
         self.params = check_params(params)
         self.tags = check_tags(tags)
         self.result: Any = None
-        self._recorder = recorder
+        self._settings = settings
+        self._recorder: Recorder
         self._function = function
         self._parent_id = parent_id
         self._module_path = module_path
@@ -82,7 +84,9 @@ class ActiveRun:
     # -- lifecycle -----------------------------------------------------------------
 
     def __enter__(self) -> ActiveRun:
-        rec = self._recorder
+        from kiln.record.recorder import recorder_for
+
+        rec = self._recorder = recorder_for(self._settings)
         now = time.time()
         env = capture_environment(rec.blobs)
 

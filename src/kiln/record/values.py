@@ -95,13 +95,16 @@ def metric_value(key: object, value: object) -> float:
         raise ValidationError("metrics", f"metric names must be non-empty strings, got {key!r}")
     if type(value) is float:
         return value
-    if isinstance(value, numbers.Real) or (
-        hasattr(value, "__float__") and not isinstance(value, str | bytes)
-    ):
+    if isinstance(value, numbers.Real):
+        return float(value)
+    item = getattr(value, "item", None)  # one-element arrays and tensors
+    if callable(item):
         try:
-            return float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            pass
+            scalar = item()
+        except (TypeError, ValueError, RuntimeError):
+            scalar = None
+        if isinstance(scalar, numbers.Real):
+            return float(scalar)
     raise ValidationError(
         f"metrics.{key}", f"{value!r} ({type(value).__name__}) is not a number",
         allowed="int, float, numpy scalars, one-element tensors",

@@ -1,0 +1,46 @@
+"""The public surface changes only on purpose."""
+
+import subprocess
+import sys
+
+import kiln
+
+EXPECTED = {
+    "ActiveRun",
+    "App",
+    "Artifact",
+    "Dataset",
+    "KilnError",
+    "MetricPoint",
+    "RunRecord",
+    "RunStatus",
+    "Settings",
+    "__version__",
+    "get_run",
+    "log",
+    "runs",
+    "save",
+}
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    assert set(kiln.__all__) == EXPECTED
+    for name in kiln.__all__:
+        assert getattr(kiln, name) is not None
+
+
+def test_public_callables_have_docstrings() -> None:
+    for name in kiln.__all__:
+        obj = getattr(kiln, name)
+        if callable(obj):
+            assert obj.__doc__, f"kiln.{name} has no docstring"
+
+
+def test_import_kiln_stays_light() -> None:
+    """Heavy modules load on first use, not on import."""
+    code = (
+        "import sys, kiln; heavy = [m for m in ('sqlalchemy', 'alembic', 'typer', 'rich', "
+        "'psycopg', 'sklearn', 'numpy') if m in sys.modules]; print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

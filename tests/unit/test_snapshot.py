@@ -1,0 +1,106 @@
+"""Code snapshots recreate the working tree exactly: commit + patch (untracked files included)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kiln._hashing import sha256_file
+from kiln.record.blobs import BlobStore
+from kiln.record.snapshot import UNTRACKED_FILE_LIMIT, CodeCapture
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=cwd, capture_output=True, text=True, check=True,
+    ).stdout
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    (root / "train.py").write_text("print('v1')\n")
+    (root / "lib").mkdir()
+    (root / "lib" / "util.py").write_text("X = 1\n")
+    (root / ".gitignore").write_text("*.log\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "first")
+    return root
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and ".git" not in p.relative_to(root).parts
+    }
+
+
+def test_clean_tree_records_commit_and_branch_only(repo: Path, tmp_path: Path) -> None:
+    snap = CodeCapture(BlobStore(tmp_path / "blobs")).capture(repo / "train.py")
+    assert snap.commit == git(repo, "rev-parse", "HEAD").strip()
+    assert snap.branch == "main" and not snap.dirty and snap.patch_sha256 is None
+    assert snap.source_sha256 == sha256_file(repo / "train.py")[0]
+    assert snap.repo_root == str(repo)
+
+
+def test_patch_recreates_tracked_and_untracked_changes(repo: Path, tmp_path: Path) -> None:
+    (repo / "train.py").write_text("print('v2')\n")
+    (repo / "lib" / "util.py").unlink()
+    (repo / "new_module.py").write_text("Y = 2\n")
+    (repo / "assets").mkdir()
+    (repo / "assets" / "blob.bin").write_bytes(bytes(range(256)))
+    (repo / "run.log").write_text("ignored\n")
+    (repo / "big.dat").write_bytes(b"0" * (UNTRACKED_FILE_LIMIT + 1))
+    index_before = (repo / ".git" / "index").read_bytes()
+
+    blobs = BlobStore(tmp_path / "blobs")
+    snap = CodeCapture(blobs).capture(repo / "train.py")
+    assert snap.dirty and snap.patch_sha256 is not None
+    assert snap.untracked_skipped == ("big.dat",)
+    assert (repo / ".git" / "index").read_bytes() == index_before, "user's index was touched"
+
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    git(clone, "checkout", "-q", snap.commit or "")
+    patch = tmp_path / "p.diff"
+    patch.write_bytes(blobs.read(snap.patch_sha256))
+    git(clone, "apply", "--binary", str(patch))
+    expected = {k: v for k, v in tree(repo).items() if k not in ("run.log", "big.dat")}
+    assert tree(clone) == expected
+
+
+def test_unchanged_tree_reuses_the_stored_patch(repo: Path, tmp_path: Path) -> None:
+    (repo / "train.py").write_text("print('v2')\n")
+    capture = CodeCapture(BlobStore(tmp_path / "blobs"))
+    first = capture.capture(repo / "train.py")
+    assert capture.capture(repo / "train.py").patch_sha256 == first.patch_sha256
+    (repo / "train.py").write_text("print('v3')\n")
+    assert capture.capture(repo / "train.py").patch_sha256 != first.patch_sha256
+
+
+def test_a_repo_without_commits_patches_against_the_empty_tree(tmp_path: Path) -> None:
+    root = tmp_path / "fresh"
+    root.mkdir()
+    git(root, "init", "-q")
+    (root / "a.py").write_text("A = 1\n")
+    blobs = BlobStore(tmp_path / "blobs")
+    snap = CodeCapture(blobs).capture(root / "a.py")
+    assert snap.commit is None and snap.dirty
+    assert b"+A = 1" in blobs.read(snap.patch_sha256 or "")
+
+
+def test_without_git_the_module_source_itself_is_stored(tmp_path: Path) -> None:
+    module = tmp_path / "plain" / "script.py"
+    module.parent.mkdir()
+    module.write_text("print('hi')\n")
+    blobs = BlobStore(tmp_path / "blobs")
+    snap = CodeCapture(blobs).capture(module)
+    assert snap.commit is None and snap.repo_root is None
+    assert blobs.read(snap.source_blob or "") == b"print('hi')\n"
+    assert snap.source_sha256 == snap.source_blob
