@@ -25,7 +25,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if PG_URL:
         return
     if os.environ.get("CI"):
-        raise pytest.UsageError("CI must set KILN_TEST_POSTGRES_URL: the PostgreSQL tests are required")
+        raise pytest.UsageError(
+            "CI must set KILN_TEST_POSTGRES_URL: the PostgreSQL tests are required"
+        )
     skip = pytest.mark.skip(reason="KILN_TEST_POSTGRES_URL is not set (bash .ci/run sets it)")
     for item in items:
         if "postgres" in item.keywords:
@@ -59,7 +61,9 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(params=STORES)
-def settings(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def settings(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
     """Settings for a fresh store of each kind, also exported as KILN_STORE."""
     if request.param == "postgres":
         url = request.getfixturevalue("pg_url")

@@ -61,7 +61,9 @@ def test_write_and_read_back_a_whole_record(store: SqlStore) -> None:
     store.write(
         WriteBatch(
             new_runs=[
-                run_row(rid, status="running", params={"lr": 0.1, "layers": [1, 2]}, tags={"t": "x"})
+                run_row(
+                    rid, status="running", params={"lr": 0.1, "layers": [1, 2]}, tags={"t": "x"}
+                )
             ]
         )
     )
@@ -70,8 +72,15 @@ def test_write_and_read_back_a_whole_record(store: SqlStore) -> None:
             metrics=[(rid, "loss", i, 100.0 + i, 1.0 / (i + 1)) for i in range(5)],
             summaries=[(rid, "a", "loss", 0.2)],
             artifacts=[
-                {"run_id": rid, "name": "m.pkl", "direction": "out", "kind": "pickle",
-                 "sha256": "f" * 64, "size": 10, "uri": None}
+                {
+                    "run_id": rid,
+                    "name": "m.pkl",
+                    "direction": "out",
+                    "kind": "pickle",
+                    "sha256": "f" * 64,
+                    "size": 10,
+                    "uri": None,
+                }
             ],
             updates=[{"id": rid, "status": "succeeded", "ended_at": 5.0, "result": {"acc": 1}}],
         )
@@ -125,7 +134,9 @@ def test_filters_by_app_status_params_and_tags(store: SqlStore) -> None:
     store.write(
         WriteBatch(
             new_runs=[
-                run_row(hexid(1), app="x", params={"lr": 0.1, "opt": "sgd", "bn": True}, tags={"t": "1"}),
+                run_row(
+                    hexid(1), app="x", params={"lr": 0.1, "opt": "sgd", "bn": True}, tags={"t": "1"}
+                ),
                 run_row(hexid(2), app="x", params={"lr": 0.2, "opt": "adam"}, status="failed"),
                 run_row(hexid(3), app="y", params={"lr": 1, "opt": "sgd"}),
             ]
@@ -149,7 +160,8 @@ def test_filters_by_app_status_params_and_tags(store: SqlStore) -> None:
 def test_order_by_run_fields_and_limit(store: SqlStore) -> None:
     store.write(WriteBatch(new_runs=[run_row(hexid(i), created=float(i)) for i in range(1, 6)]))
     assert [r.id for r in store.query_runs(RunQuery(order_by="-created", limit=2))] == [
-        hexid(5), hexid(4)
+        hexid(5),
+        hexid(4),
     ]
     assert [r.id for r in store.query_runs(RunQuery(order_by="created", limit=None))] == [
         hexid(i) for i in range(1, 6)
@@ -160,8 +172,12 @@ def test_summary_and_artifact_writes_are_upserts(store: SqlStore) -> None:
     rid = hexid(9)
     art = {"run_id": rid, "name": "f", "direction": "out", "kind": "file", "size": 1, "uri": None}
     store.write(WriteBatch(new_runs=[run_row(rid)]))
-    store.write(WriteBatch(summaries=[(rid, "a", "m", 1.0)], artifacts=[{**art, "sha256": "a" * 64}]))
-    store.write(WriteBatch(summaries=[(rid, "a", "m", 2.0)], artifacts=[{**art, "sha256": "b" * 64}]))
+    store.write(
+        WriteBatch(summaries=[(rid, "a", "m", 1.0)], artifacts=[{**art, "sha256": "a" * 64}])
+    )
+    store.write(
+        WriteBatch(summaries=[(rid, "a", "m", 2.0)], artifacts=[{**art, "sha256": "b" * 64}])
+    )
     record = store.get_run(rid)
     assert record.summary == {"m": 2.0}
     assert [a.sha256 for a in record.artifacts] == ["b" * 64]
@@ -172,7 +188,9 @@ def test_a_failed_batch_leaves_nothing_behind(store: SqlStore) -> None:
     store.write(WriteBatch(new_runs=[run_row(rid)]))
     with pytest.raises(sa.exc.IntegrityError):
         store.write(
-            WriteBatch(new_runs=[run_row(hexid(5)), run_row(rid)], metrics=[(rid, "m", 0, 1.0, 1.0)])
+            WriteBatch(
+                new_runs=[run_row(hexid(5)), run_row(rid)], metrics=[(rid, "m", 0, 1.0, 1.0)]
+            )
         )
     with pytest.raises(RunNotFoundError):
         store.get_run(hexid(5))

@@ -16,7 +16,10 @@ from kiln.record.recorder import FLUSH_INTERVAL_S
 def python(script: str, **kwargs: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(script)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
         **kwargs,  # type: ignore[call-overload]
     )
 
@@ -31,8 +34,9 @@ def test_two_processes_record_into_one_sqlite_store_at_once() -> None:
                     kiln.log({"loss": 1.0 / (step + 1), "acc": step / 200}, step=step)
     """
     procs = [
-        subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), w],
-                         stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(script), w], stderr=subprocess.PIPE, text=True
+        )
         for w in ("a", "b")
     ]
     for p in procs:

@@ -108,7 +108,7 @@ def test_params_that_are_not_json_are_refused_before_anything_is_recorded(
 
 
 def test_log_and_save_outside_a_run_explain_what_to_do(settings: Settings) -> None:
-    with pytest.raises(NoActiveRunError, match="app.run"):
+    with pytest.raises(NoActiveRunError, match=r"app\.run"):
         kiln.log({"x": 1.0})
     with pytest.raises(NoActiveRunError):
         kiln.save("x", b"")

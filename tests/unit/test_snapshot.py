@@ -15,7 +15,10 @@ from kiln.record.snapshot import UNTRACKED_FILE_LIMIT, CodeCapture
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(
         ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-        cwd=cwd, capture_output=True, text=True, check=True,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
 
@@ -50,7 +53,7 @@ def test_clean_tree_records_commit_and_branch_only(repo: Path, tmp_path: Path) -
 
 
 def test_patch_recreates_tracked_and_untracked_changes(repo: Path, tmp_path: Path) -> None:
-    (repo / "train.py").write_text("print('v2')\n")
+    (repo / "train.py").write_text("print('version 2')\n")  # size changes: see git's racy-clean
     (repo / "lib" / "util.py").unlink()
     (repo / "new_module.py").write_text("Y = 2\n")
     (repo / "assets").mkdir()
@@ -76,7 +79,7 @@ def test_patch_recreates_tracked_and_untracked_changes(repo: Path, tmp_path: Pat
 
 
 def test_unchanged_tree_reuses_the_stored_patch(repo: Path, tmp_path: Path) -> None:
-    (repo / "train.py").write_text("print('v2')\n")
+    (repo / "train.py").write_text("print('version 2')\n")
     capture = CodeCapture(BlobStore(tmp_path / "blobs"))
     first = capture.capture(repo / "train.py")
     assert capture.capture(repo / "train.py").patch_sha256 == first.patch_sha256

@@ -15,11 +15,23 @@ class Color(enum.Enum):
 
 def test_params_become_plain_json() -> None:
     params = check_params(
-        {"lr": np.float32(0.5), "n": np.int64(3), "path": Path("/x"), "c": Color.RED,
-         "nested": {"a": (1, 2)}, "none": None}
+        {
+            "lr": np.float32(0.5),
+            "n": np.int64(3),
+            "path": Path("/x"),
+            "c": Color.RED,
+            "nested": {"a": (1, 2)},
+            "none": None,
+        }
     )
-    assert params == {"lr": 0.5, "n": 3, "path": "/x", "c": "red", "nested": {"a": [1, 2]},
-                      "none": None}
+    assert params == {
+        "lr": 0.5,
+        "n": 3,
+        "path": "/x",
+        "c": "red",
+        "nested": {"a": [1, 2]},
+        "none": None,
+    }
 
 
 @pytest.mark.parametrize(
@@ -50,7 +62,7 @@ def test_metric_values_accept_numbers_and_scalars_only() -> None:
     assert metric_value("m", np.array([2.0])) == 2.0
     assert math.isnan(metric_value("m", math.nan))
     for bad in ("1.0", None, [1.0], b"1"):
-        with pytest.raises(ValidationError, match="metrics.m"):
+        with pytest.raises(ValidationError, match=r"metrics\.m"):
             metric_value("m", bad)
     with pytest.raises(ValidationError, match="names"):
         metric_value(3, 1.0)

@@ -48,7 +48,7 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 def fmt_time(ts: float) -> str:
-    return datetime.fromtimestamp(ts).astimezone().strftime("%m-%d %H:%M:%S")  # noqa: DTZ006
+    return datetime.fromtimestamp(ts).astimezone().strftime("%m-%d %H:%M:%S")
 
 
 def runs_table(records: list[RunRecord], *, metrics: list[str] | None = None) -> Table:

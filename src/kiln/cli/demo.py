@@ -44,10 +44,9 @@ def demo(
     out.print(f"\n[bold]{len(recorded)} runs recorded[/] in {settings.store_url}\n")
     out.print(runs_table(recorded, metrics=["val_accuracy", "train_accuracy"]))
     best = recorded[0]
-    out.print(
-        f"\n[bold green]best run[/] {best.id}  val_accuracy={fmt_value(best.summary['val_accuracy'])}"
-        f"  ({', '.join(f'{k}={fmt_value(v)}' for k, v in best.params.items() if k != 'data')})"
-    )
+    shown = ", ".join(f"{k}={fmt_value(v)}" for k, v in best.params.items() if k != "data")
+    accuracy = fmt_value(best.summary["val_accuracy"])
+    out.print(f"\n[bold green]best run[/] {best.id}  val_accuracy={accuracy}  ({shown})")
     out.print(f"details: kiln runs show {best.id[:8]}")
     out.print(f"compare: kiln runs compare {' '.join(r.id[:8] for r in recorded[:3])}")
 

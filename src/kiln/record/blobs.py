@@ -63,7 +63,7 @@ class BlobStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o444)  # noqa: PTH101  blobs are immutable once named
-            os.replace(tmp, target)
+            Path(tmp).replace(target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

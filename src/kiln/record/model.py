@@ -233,7 +233,7 @@ def _code(data: dict[str, Any] | None) -> CodeSnapshot:
 
 
 def record_from_row(
-    row: Mapping[str, Any],
+    row: Mapping[Any, Any],
     summary: dict[str, float],
     artifacts: tuple[Artifact, ...],
     store: Store | None,

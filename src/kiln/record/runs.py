@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import pickle
@@ -152,10 +153,9 @@ class ActiveRun:
                     self._last[k] = float(v)
                     self._logged = True
         if self._token is not None:
-            try:
+            # closed from another context (atexit): there is nothing to restore
+            with contextlib.suppress(ValueError):
                 _current.reset(self._token)
-            except ValueError:  # closed from another context (atexit): nothing to restore
-                pass
             self._token = None
         if self._code is not None:
             self._code.result()
@@ -192,10 +192,7 @@ class ActiveRun:
         """Record metric values; see :func:`kiln.log`."""
         if not isinstance(metrics, Mapping):
             raise ValidationError("metrics", f"must be a dict, got {type(metrics).__name__}")
-        if step is None:
-            step = self._step
-        else:
-            step = metric_step(step)
+        step = self._step if step is None else metric_step(step)
         self._step = step + 1
         now = time.time()
         run_id = self.id
@@ -225,8 +222,9 @@ class ActiveRun:
                 return sha256_tree(path)[0]
             if not path.is_file():
                 raise ValidationError(
-                    "obj", f"no file at {str(path)!r}; pass an existing path, or bytes or an "
-                    "object to store its value"
+                    "obj",
+                    f"no file at {str(path)!r}; pass an existing path, or bytes or an "
+                    "object to store its value",
                 )
             sha, size = blobs.put_file(path)
             rows.append(_artifact_row(self.id, name, "out", "file", sha, size, str(path)))
@@ -250,7 +248,12 @@ class ActiveRun:
         self._recorder.enqueue(
             artifacts=[
                 _artifact_row(
-                    self.id, dataset.name, "in", "dataset", dataset.sha256, dataset.size,
+                    self.id,
+                    dataset.name,
+                    "in",
+                    "dataset",
+                    dataset.sha256,
+                    dataset.size,
                     str(dataset.path),
                 )
             ]
@@ -349,8 +352,15 @@ def _artifact_name(name: object) -> str:
 def _artifact_row(
     run_id: str, name: str, direction: str, kind: str, sha: str, size: int, uri: str | None
 ) -> dict[str, Any]:
-    return {"run_id": run_id, "name": name, "direction": direction, "kind": kind,
-            "sha256": sha, "size": size, "uri": uri}
+    return {
+        "run_id": run_id,
+        "name": name,
+        "direction": direction,
+        "kind": kind,
+        "sha256": sha,
+        "size": size,
+        "uri": uri,
+    }
 
 
 def _current_rss() -> int:
@@ -359,4 +369,3 @@ def _current_rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
-

@@ -71,12 +71,15 @@ class CodeCapture:
             )
         try:
             state = self._status(root)
-            patch_sha, skipped = None, ()
+            patch_sha: str | None = None
+            skipped: tuple[str, ...] = ()
             if state.changed or state.untracked:
                 patch_sha, skipped = self._patch(root, state)
         except (subprocess.SubprocessError, OSError) as exc:
             # No silent fallback: say so, and keep the module source so the code is not lost.
-            _log.warning("kiln: git could not snapshot %s (%s); storing the module source", root, exc)
+            _log.warning(
+                "kiln: git could not snapshot %s (%s); storing the module source", root, exc
+            )
             if module_path is not None and source_sha is not None:
                 source_blob, _ = self._blobs.put_file(module_path)
             return CodeSnapshot(
@@ -97,9 +100,8 @@ class CodeCapture:
         )
 
     def _run_git(self, root: Path, *args: str, env: dict[str, str] | None = None) -> bytes:
-        assert self._git is not None
         return subprocess.run(
-            [self._git, "-C", str(root), *args],
+            [self._git or "git", "-C", str(root), *args],
             capture_output=True,
             check=True,
             timeout=_GIT_TIMEOUT_S,
@@ -108,7 +110,13 @@ class CodeCapture:
 
     def _status(self, root: Path) -> _GitState:
         out = self._run_git(
-            root, "--no-optional-locks", "status", "--porcelain=v2", "--branch", "-z", "--untracked-files=all"
+            root,
+            "--no-optional-locks",
+            "status",
+            "--porcelain=v2",
+            "--branch",
+            "-z",
+            "--untracked-files=all",
         ).decode("utf-8", "surrogateescape")
         state = _GitState(commit=None, branch=None, status_text=out)
         entries = iter(out.split("\0"))
@@ -130,11 +138,16 @@ class CodeCapture:
 
     def _patch(self, root: Path, state: _GitState) -> tuple[str | None, tuple[str, ...]]:
         """Store a binary patch of every change against HEAD, untracked files included."""
+        # Keyed by content, not mtime: an edit within one filesystem timestamp tick
+        # keeps the mtime and often the size.
         stamp = [state.status_text]
         for rel in (*state.changed, *state.untracked):
             try:
                 st = (root / rel).stat()
-                stamp.append(f"{st.st_mtime_ns}:{st.st_size}")
+                small = st.st_size <= UNTRACKED_FILE_LIMIT
+                stamp.append(
+                    sha256_file(root / rel)[0] if small else f"{st.st_mtime_ns}:{st.st_size}"
+                )
             except OSError:
                 stamp.append("-")
         key = tuple(stamp)

@@ -35,21 +35,16 @@ def to_json(value: object, field: str) -> Any:
         return int(value)
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ValidationError(field, f"{value} cannot be stored as JSON", allowed="finite numbers")
+            raise ValidationError(
+                field, f"{value} cannot be stored as JSON", allowed="finite numbers"
+            )
         return float(value)
     if isinstance(value, enum.Enum):
         return to_json(value.value, field)
     if isinstance(value, PurePath):
         return str(value)
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValidationError(f"{field}.{k!r}", "keys must be strings")
-            out[k] = to_json(v, f"{field}.{k}")
-        return out
-    if isinstance(value, list | tuple):
-        return [to_json(v, f"{field}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping | list | tuple):
+        return _container_to_json(value, field)
     as_json = getattr(value, "__kiln_json__", None)
     if callable(as_json):
         return as_json()
@@ -58,6 +53,17 @@ def to_json(value: object, field: str) -> Any:
     raise ValidationError(
         field, f"a {type(value).__name__} cannot be stored as JSON", allowed=_JSON_ALLOWED
     )
+
+
+def _container_to_json(value: Mapping[Any, Any] | list[Any] | tuple[Any, ...], field: str) -> Any:
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValidationError(f"{field}.{k!r}", "keys must be strings")
+            out[k] = to_json(v, f"{field}.{k}")
+        return out
+    return [to_json(v, f"{field}[{i}]") for i, v in enumerate(value)]
 
 
 def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -76,8 +82,11 @@ def check_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
     out = {}
     for k, v in _str_keys(tags, "tags").items():
         if not isinstance(v, str | int | float | bool):
-            raise ValidationError(f"tags.{k}", f"a {type(v).__name__} is not a tag value",
-                                  allowed="str, int, float, bool")
+            raise ValidationError(
+                f"tags.{k}",
+                f"a {type(v).__name__} is not a tag value",
+                allowed="str, int, float, bool",
+            )
         out[k] = str(v)
     return out
 
@@ -106,7 +115,8 @@ def metric_value(key: object, value: object) -> float:
         if isinstance(scalar, numbers.Real):
             return float(scalar)
     raise ValidationError(
-        f"metrics.{key}", f"{value!r} ({type(value).__name__}) is not a number",
+        f"metrics.{key}",
+        f"{value!r} ({type(value).__name__}) is not a number",
         allowed="int, float, numpy scalars, one-element tensors",
     )
 

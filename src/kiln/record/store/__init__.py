@@ -1,4 +1,4 @@
-"""Metadata stores: one interface (:class:`Store`), one SQL implementation for SQLite and PostgreSQL."""
+"""Metadata stores: one interface (:class:`Store`); one SQL implementation, SQLite or PostgreSQL."""
 
 from kiln.record.store.base import RunQuery, Store, WriteBatch
 

@@ -92,7 +92,7 @@ class SqlStore:
             if batch.new_runs:
                 conn.execute(runs.insert(), batch.new_runs)
             if batch.metrics:
-                conn.exec_driver_sql(self._metric_sql, batch.metrics)  # type: ignore[arg-type]
+                conn.exec_driver_sql(self._metric_sql, batch.metrics)
             if batch.summaries:
                 self._upsert(
                     conn,
@@ -392,17 +392,20 @@ def _read_version(conn: Connection) -> str | None:
 def _json_equals(
     column: sa.Column[Any], name: str, value: object, *, field: str
 ) -> sa.ColumnElement[bool]:
-    element = column[name]
+    element: Any = column[name]
+    condition: sa.ColumnElement[bool]
     if isinstance(value, bool):
-        return element.as_boolean() == value
-    if isinstance(value, int):
-        return element.as_float() == float(value)
-    if isinstance(value, float):
-        return element.as_float() == value
-    if isinstance(value, str):
-        return element.as_string() == value
-    if value is None:
-        return element.as_string().is_(None)
-    raise ValidationError(
-        field, f"cannot filter on a {type(value).__name__}", allowed=["str", "int", "float", "bool"]
-    )
+        condition = element.as_boolean() == value
+    elif isinstance(value, int | float):
+        condition = element.as_float() == float(value)
+    elif isinstance(value, str):
+        condition = element.as_string() == value
+    elif value is None:
+        condition = element.as_string().is_(None)
+    else:
+        raise ValidationError(
+            field,
+            f"cannot filter on a {type(value).__name__}",
+            allowed=["str", "int", "float", "bool"],
+        )
+    return condition
