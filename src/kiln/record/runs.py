@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
+from time import time as _now
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -190,18 +191,24 @@ class ActiveRun:
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Record metric values; see :func:`kiln.log`."""
-        if not isinstance(metrics, Mapping):
+        # The hot path of training loops: exact-type checks first, full checks after.
+        if type(metrics) is not dict and not isinstance(metrics, Mapping):
             raise ValidationError("metrics", f"must be a dict, got {type(metrics).__name__}")
-        step = self._step if step is None else metric_step(step)
+        if step is None:
+            step = self._step
+        elif type(step) is not int:
+            step = metric_step(step)
         self._step = step + 1
-        now = time.time()
+        now = _now()
         run_id = self.id
         rows: list[MetricRow] = []
         for key, value in metrics.items():
-            if type(value) is not float or type(key) is not str or not key:
-                value = metric_value(key, value)
+            if type(key) is not str or not key or type(value) is not float:
+                value = float(value) if type(value) is int and key else metric_value(key, value)
             rows.append((run_id, key, step, now, value))
-            self._last[key] = value
+        last = self._last
+        for row in rows:
+            last[row[1]] = row[4]  # type: ignore[assignment]
         self._logged = True
         self._recorder.add_points(rows)
 
@@ -317,7 +324,7 @@ def log(metrics: Mapping[str, Any], step: int | None = None) -> None:
         for epoch in range(10):
             kiln.log({"loss": loss, "accuracy": acc}, step=epoch)
     """
-    current_run("kiln.log").log(metrics, step)
+    (_current.get() or current_run("kiln.log")).log(metrics, step)
 
 
 def save(name: str, obj: Any) -> str:
