@@ -184,8 +184,9 @@ class ActiveRun:
         """The latest value per metric, if any were logged since the last call."""
         if not self._logged:
             return []
-        self._logged = False
-        return [(self.id, self.app, k, v) for k, v in self._last.items()]
+        self._logged = False  # before the copy, so a concurrent log is never missed
+        latest = self._last.copy()  # the training thread may add keys meanwhile
+        return [(self.id, self.app, k, v) for k, v in latest.items()]
 
     # -- recording -----------------------------------------------------------------
 
