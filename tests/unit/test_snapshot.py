@@ -107,3 +107,17 @@ def test_without_git_the_module_source_itself_is_stored(tmp_path: Path) -> None:
     assert snap.commit is None and snap.repo_root is None
     assert blobs.read(snap.source_blob or "") == b"print('hi')\n"
     assert snap.source_sha256 == snap.source_blob
+
+
+def test_a_broken_repo_is_reported_and_the_source_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "broken"
+    root.mkdir()
+    (root / ".git").write_text("gitdir: /nonexistent/worktree\n")
+    (root / "m.py").write_text("Z = 3\n")
+    blobs = BlobStore(tmp_path / "blobs")
+    snap = CodeCapture(blobs).capture(root / "m.py")
+    assert snap.repo_root == str(root) and snap.commit is None
+    assert blobs.read(snap.source_blob or "") == b"Z = 3\n"
+    assert "git could not snapshot" in caplog.text

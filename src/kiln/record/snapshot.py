@@ -57,18 +57,24 @@ class CodeCapture:
         self._git = shutil.which("git")
 
     def capture(self, module_path: Path | None) -> CodeSnapshot:
-        source_sha = source_blob = None
+        module = str(module_path) if module_path else None
+        source_sha = None
         if module_path is not None and module_path.is_file():
             source_sha, _ = sha256_file(module_path)
+
+        def source_only(root: Path | None) -> CodeSnapshot:
+            # Without git the module source itself is the record of the code.
+            blob = self._blobs.put_file(module_path)[0] if module_path and source_sha else None
+            return CodeSnapshot(
+                module_path=module,
+                source_sha256=source_sha,
+                source_blob=blob,
+                repo_root=str(root) if root else None,
+            )
+
         root = find_repo_root(module_path.parent if module_path else Path.cwd())
         if root is None or self._git is None:
-            if module_path is not None and source_sha is not None:
-                source_blob, _ = self._blobs.put_file(module_path)
-            return CodeSnapshot(
-                module_path=str(module_path) if module_path else None,
-                source_sha256=source_sha,
-                source_blob=source_blob,
-            )
+            return source_only(None)
         try:
             state = self._status(root)
             patch_sha: str | None = None
@@ -76,20 +82,12 @@ class CodeCapture:
             if state.changed or state.untracked:
                 patch_sha, skipped = self._patch(root, state)
         except (subprocess.SubprocessError, OSError) as exc:
-            # No silent fallback: say so, and keep the module source so the code is not lost.
             _log.warning(
                 "kiln: git could not snapshot %s (%s); storing the module source", root, exc
             )
-            if module_path is not None and source_sha is not None:
-                source_blob, _ = self._blobs.put_file(module_path)
-            return CodeSnapshot(
-                module_path=str(module_path) if module_path else None,
-                source_sha256=source_sha,
-                source_blob=source_blob,
-                repo_root=str(root),
-            )
+            return source_only(root)
         return CodeSnapshot(
-            module_path=str(module_path) if module_path else None,
+            module_path=module,
             source_sha256=source_sha,
             repo_root=str(root),
             commit=state.commit,
