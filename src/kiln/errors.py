@@ -10,6 +10,7 @@ The tree::
     │   └── RunNotFoundError
     ├── AmbiguousIdError       an id prefix matches more than one record
     ├── NoActiveRunError       kiln.log / kiln.save called outside a run
+    ├── RunFailed              a run on an engine failed, timed out, was cancelled or lost
     └── StoreError             the metadata store or blob store cannot be used
         ├── StoreUnavailableError  cannot connect (server down, wrong URL, missing file)
         └── StoreCorruptError      the store exists but is not a usable Kiln store
@@ -91,6 +92,23 @@ class NoActiveRunError(KilnError, RuntimeError):
             f"{call} was called outside a run; open one with `with app.run(...):` "
             "or call it from a Kiln function"
         )
+
+
+class RunFailed(KilnError):
+    """A run did not succeed. ``run_id``, ``status`` and the remote ``traceback`` say why."""
+
+    def __init__(self, run_id: str, status: str, cause: str, traceback: str | None = None):
+        self.run_id = run_id
+        self.status = status
+        self.cause = cause
+        self.traceback = traceback
+        super().__init__(f"run {run_id} {status}: {cause}")
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.traceback:
+            text += "\n\nremote traceback:\n" + self.traceback.rstrip()
+        return text
 
 
 class StoreError(KilnError):

@@ -68,7 +68,8 @@ def test_sigkill_loses_nothing_logged_before_the_last_flush_interval() -> None:
         proc.wait(timeout=10)
     record = kiln.get_run(run_id)
     assert [p.step for p in record.metric_history("loss")] == list(range(1000))
-    assert record.status is kiln.RunStatus.RUNNING  # nothing could close it; see heartbeat
+    assert record.status is kiln.RunStatus.LOST  # its process is gone: found on store open
+    assert record.error is not None and f"pid {proc.pid}" in record.error
     assert record.summary == {"loss": 999.0}
 
 

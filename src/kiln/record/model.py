@@ -21,13 +21,16 @@ if TYPE_CHECKING:
 class RunStatus(enum.StrEnum):
     """Where a run is in its life. Terminal states never change again."""
 
+    QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"  # the process that owned it died without saying how it ended
 
     @property
     def terminal(self) -> bool:
-        return self is not RunStatus.RUNNING
+        return self not in (RunStatus.QUEUED, RunStatus.RUNNING)
 
 
 ArtifactKind = Literal["file", "pickle", "dataset"]
@@ -126,6 +129,7 @@ class RunRecord:
     parent_id: str | None = None
     started_at: float | None = None
     ended_at: float | None = None
+    heartbeat_at: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     result: Any = None
@@ -135,6 +139,8 @@ class RunRecord:
     code: CodeSnapshot = field(default_factory=CodeSnapshot)
     environment: EnvSnapshot = field(default_factory=EnvSnapshot)
     usage: Usage = field(default_factory=Usage)
+    attempt: int | None = None
+    resources: dict[str, Any] = field(default_factory=dict)
     _store: Store | None = field(default=None, repr=False, compare=False)
     _blobs: BlobStore | None = field(default=None, repr=False, compare=False)
 
@@ -212,6 +218,8 @@ class RunRecord:
             "code": asdict(self.code),
             "environment": asdict(self.environment),
             "usage": asdict(self.usage),
+            "attempt": self.attempt,
+            "resources": self.resources,
         }
         return out
 
@@ -254,6 +262,7 @@ def record_from_row(
         parent_id=row["parent_id"],
         started_at=row["started_at"],
         ended_at=row["ended_at"],
+        heartbeat_at=row["heartbeat_at"],
         params=row["params"] or {},
         tags=row["tags"] or {},
         result=row["result"],
@@ -263,6 +272,8 @@ def record_from_row(
         code=_code(row["code"]),
         environment=EnvSnapshot(**(row["environment"] or {})),
         usage=Usage(**(row["usage"] or {})),
+        attempt=row["attempt"],
+        resources=row["resources"] or {},
         _store=store,
         _blobs=blobs,
     )

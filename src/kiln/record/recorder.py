@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,13 +23,16 @@ from typing import TYPE_CHECKING, Any
 from kiln.config import Settings
 from kiln.record.blobs import BlobStore
 from kiln.record.snapshot import CodeCapture
-from kiln.record.store.base import MetricRow, WriteBatch
+from kiln.record.model import RunStatus
+from kiln.record.store.base import MetricRow, RunQuery, Store, WriteBatch
 
 if TYPE_CHECKING:
     from kiln.record.runs import ActiveRun
 
 FLUSH_INTERVAL_S = 1.0
 FLUSH_POINTS = 50_000
+# A run owned by a process on another host is lost once its heartbeat is this old.
+LOST_AFTER_S = 300.0
 _log = logging.getLogger("kiln")
 
 
@@ -41,6 +45,7 @@ class Recorder:
         from kiln.record.store.sql import SqlStore  # SQLAlchemy loads on first use
 
         self.store = SqlStore(settings.store_url, self.blobs, create=create)
+        mark_lost_runs(self.store)
         self.code = CodeCapture(self.blobs)
         self.active: dict[str, ActiveRun] = {}
         self._points: list[MetricRow] = []
@@ -165,6 +170,43 @@ class Recorder:
             self.flush()
         finally:
             self.store.close()
+
+
+def mark_lost_runs(store: Store) -> int:
+    """Close, as lost, the open runs whose owning process is gone. Returns how many.
+
+    On this host a run's owner is gone when its pid no longer exists; elsewhere when
+    its heartbeat is older than ``LOST_AFTER_S``.
+    """
+    host, now = socket.gethostname(), time.time()
+    updates = []
+    query = RunQuery(status=(RunStatus.QUEUED, RunStatus.RUNNING), limit=None)
+    for run in store.query_runs(query):
+        if run.host == host and run.pid is not None:
+            if _pid_alive(run.pid):
+                continue
+            cause = f"lost: its process (pid {run.pid} on {host}) ended without closing it"
+        elif run.heartbeat_at is not None and now - run.heartbeat_at > LOST_AFTER_S:
+            cause = f"lost: no heartbeat from {run.host} since {run.heartbeat_at:.0f}"
+        else:
+            continue
+        ended = run.heartbeat_at or run.created_at
+        updates.append(
+            {"id": run.id, "status": str(RunStatus.LOST), "error": cause, "ended_at": ended}
+        )
+    if updates:
+        store.write(WriteBatch(updates=updates))
+    return len(updates)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
 
 
 _recorders: dict[tuple[str, str], Recorder] = {}

@@ -31,7 +31,7 @@ from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
 from kiln.record.store._schema import artifacts, metrics, runs, summary
 from kiln.record.store.base import RunQuery, WriteBatch
 
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,
