@@ -8,6 +8,7 @@ import kiln
 SRC = Path(kiln.__file__).parent
 FORBIDDEN = {
     "record": ("kiln.app", "kiln.cli", "kiln.compute", "kiln.registry", "kiln.serve"),
+    "compute": ("kiln.app", "kiln.cli", "kiln.registry", "kiln.serve", "kiln.function"),
     "config.py": ("kiln.record", "kiln.app", "kiln.cli"),
     "errors.py": ("kiln.",),
 }

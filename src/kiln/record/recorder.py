@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.config import Settings
 from kiln.record.blobs import BlobStore
-from kiln.record.snapshot import CodeCapture
 from kiln.record.model import RunStatus
+from kiln.record.snapshot import CodeCapture
 from kiln.record.store.base import MetricRow, RunQuery, Store, WriteBatch
 
 if TYPE_CHECKING:
