@@ -12,26 +12,49 @@ Example::
     kiln.runs(app="demo", order_by="loss", limit=5)
 """
 
+from typing import TYPE_CHECKING
+
 from kiln.app import App, get_run, runs
 from kiln.config import Settings
-from kiln.errors import KilnError
+from kiln.errors import KilnError, RunFailed
 from kiln.record.model import Artifact, MetricPoint, RunRecord, RunStatus
 from kiln.record.runs import ActiveRun, Dataset, log, save
 
+if TYPE_CHECKING:
+    from kiln.function import Function, MapResult, Run, Sweep, grid
+
 __version__ = "0.1.0"
+
+# The engine (and cloudpickle with it) loads when first used, so `import kiln` stays light.
+_LAZY = {"Function", "MapResult", "Run", "Sweep", "grid"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import kiln.function
+
+        return getattr(kiln.function, name)
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")
+
 
 __all__ = [
     "ActiveRun",
     "App",
     "Artifact",
     "Dataset",
+    "Function",
     "KilnError",
+    "MapResult",
     "MetricPoint",
+    "Run",
+    "RunFailed",
     "RunRecord",
     "RunStatus",
     "Settings",
+    "Sweep",
     "__version__",
     "get_run",
+    "grid",
     "log",
     "runs",
     "save",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from kiln.config import Settings
 from kiln.errors import ValidationError
@@ -13,7 +13,11 @@ from kiln.record.store.base import RunQuery
 from kiln.record.values import check_name
 
 if TYPE_CHECKING:
+    from kiln.function import Function
     from kiln.record.recorder import Recorder
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class App:
@@ -57,6 +61,46 @@ class App:
             name=name,
             module_path=caller_module(),
         )
+
+    def function(
+        self,
+        *,
+        cpu: float = 1.0,
+        memory: int | str = 0,
+        gpu: float = 0,
+        timeout: float | None = None,
+        retries: int = 0,
+        env: Any = None,
+        priority: int = 0,
+    ) -> Callable[[Callable[P, R]], Function[P, R]]:
+        """Declare what a function needs; Kiln runs and records every call of it.
+
+        ``cpu`` cores (float), ``memory`` (``"512Mi"``, ``"4Gi"`` or bytes), ``gpu`` (0,
+        a fraction below 1, or a whole count), ``timeout`` seconds, ``retries`` (with
+        exponential backoff), ``priority`` (higher first). Bad values raise here.
+
+        Example::
+
+            @app.function(cpu=2, memory="4Gi", gpu=0.5, timeout=600, retries=1)
+            def train(lr: float) -> dict:
+                ...
+        """
+        from kiln.function import Function
+
+        def wrap(f: Callable[P, R]) -> Function[P, R]:
+            return Function(
+                self,
+                f,
+                cpu=cpu,
+                memory=memory,
+                gpu=gpu,
+                timeout=timeout,
+                retries=retries,
+                env=env,
+                priority=priority,
+            )
+
+        return wrap
 
     def runs(self, **filters: Any) -> list[RunRecord]:
         """This app's runs; takes the filters of :func:`kiln.runs`."""

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 from collections.abc import Mapping
@@ -58,6 +59,7 @@ class Settings:
         return cls(home=home, store_url=store_url, backend=cast(Backend, backend), actor=actor)
 
 
+@functools.cache
 def _os_user() -> str:
     try:
         return getpass.getuser()

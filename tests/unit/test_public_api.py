@@ -10,13 +10,19 @@ EXPECTED = {
     "App",
     "Artifact",
     "Dataset",
+    "Function",
     "KilnError",
+    "MapResult",
     "MetricPoint",
+    "Run",
+    "RunFailed",
     "RunRecord",
     "RunStatus",
     "Settings",
+    "Sweep",
     "__version__",
     "get_run",
+    "grid",
     "log",
     "runs",
     "save",
@@ -40,7 +46,7 @@ def test_import_kiln_stays_light() -> None:
     """Heavy modules load on first use, not on import."""
     code = (
         "import sys, kiln; heavy = [m for m in ('sqlalchemy', 'alembic', 'typer', 'rich', "
-        "'psycopg', 'sklearn', 'numpy') if m in sys.modules]; print(','.join(heavy))"
+        "'psycopg', 'sklearn', 'numpy', 'cloudpickle') if m in sys.modules]; print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

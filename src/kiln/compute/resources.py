@@ -117,7 +117,7 @@ def detect_inventory(environ: Mapping[str, str] | None = None) -> Inventory:
 
 def _nvml_gpus() -> list[str]:
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
     except ImportError:
         return []
     try:

@@ -98,11 +98,18 @@ class Recorder:
 
         return pool.submit(job)
 
-    def finish(self, run: ActiveRun, update: dict[str, Any]) -> None:
-        """Write the run's last points and final state in one transaction."""
+    def attach(self, run: ActiveRun) -> None:
+        """Record for a run whose row another process (the engine) wrote."""
+        with self._lock:
+            self.active[run.id] = run
+        self._ensure_thread()
+
+    def finish(self, run: ActiveRun, update: dict[str, Any] | None) -> None:
+        """Write the run's last points and final state (if given) in one transaction."""
         with self._lock:
             self.active.pop(run.id, None)
-            self._pending.updates.append(update)
+            if update is not None:
+                self._pending.updates.append(update)
             self._pending.summaries.extend(run.take_summary())
         self.flush()
 

@@ -69,7 +69,7 @@ class ActiveRun:
         self.tags = check_tags(tags)
         self.result: Any = None
         self._settings = settings
-        self._recorder: Recorder
+        self._recorder: Recorder | None = None
         self._function = function
         self._parent_id = parent_id
         self._module_path = module_path
@@ -160,7 +160,7 @@ class ActiveRun:
             self._token = None
         if self._code is not None:
             self._code.result()
-        self._recorder.finish(
+        self._rec().finish(
             self,
             {
                 "id": self.id,
@@ -171,6 +171,11 @@ class ActiveRun:
                 "usage": {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": self._peak_rss},
             },
         )
+
+    def _rec(self) -> Recorder:
+        if self._recorder is None:
+            raise NoActiveRunError("recording")
+        return self._recorder
 
     def sample_memory(self) -> None:
         """Track the run's peak resident memory (called at start, by the writer, at end)."""
@@ -211,12 +216,12 @@ class ActiveRun:
         for row in rows:
             last[row[1]] = row[4]  # type: ignore[assignment]
         self._logged = True
-        self._recorder.add_points(rows)
+        self._rec().add_points(rows)
 
     def save(self, name: str, obj: Any) -> str:
         """Store an artifact; see :func:`kiln.save`. Returns its sha256."""
         name = _artifact_name(name)
-        blobs = self._recorder.blobs
+        blobs = self._rec().blobs
         rows: list[dict[str, Any]] = []
         if isinstance(obj, str | os.PathLike):
             path = Path(obj)
@@ -226,7 +231,7 @@ class ActiveRun:
                     sha, size = blobs.put_file(f)
                     rel = f"{name}/{f.relative_to(path).as_posix()}"
                     rows.append(_artifact_row(self.id, rel, "out", "file", sha, size, str(f)))
-                self._recorder.enqueue(artifacts=rows)
+                self._rec().enqueue(artifacts=rows)
                 return sha256_tree(path)[0]
             if not path.is_file():
                 raise ValidationError(
@@ -248,12 +253,12 @@ class ActiveRun:
                     ) from None
             sha, size = blobs.put_bytes(data), len(data)
             rows.append(_artifact_row(self.id, name, "out", kind, sha, size, None))
-        self._recorder.enqueue(artifacts=rows)
+        self._rec().enqueue(artifacts=rows)
         return sha
 
     def use(self, dataset: Dataset) -> None:
         """Record ``dataset`` as an input of this run."""
-        self._recorder.enqueue(
+        self._rec().enqueue(
             artifacts=[
                 _artifact_row(
                     self.id,
@@ -269,6 +274,62 @@ class ActiveRun:
 
     def __repr__(self) -> str:
         return f"<ActiveRun {self.id} app={self.app!r} status={self.status}>"
+
+
+class TaskRun(ActiveRun):
+    """A run executing on an engine's worker.
+
+    Its row already exists and the engine writes its state; inside, ``kiln.log``
+    and ``kiln.save`` work as in a manual run. The store is opened only if the
+    task records something, so a task that logs nothing costs no database work.
+    """
+
+    def __init__(self, settings: Settings, *, run_id: str, app: str) -> None:
+        super().__init__(settings, app=app)
+        self.id = run_id
+        self._usage: dict[str, Any] = {}
+        self._children0 = 0.0
+
+    def __enter__(self) -> TaskRun:
+        self._maxrss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
+        self._peak_rss = 0
+        self.sample_memory()
+        self._children0 = _children_cpu()
+        self._token = _current.set(self)
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        wall = time.perf_counter() - self._t0
+        cpu = time.process_time() - self._cpu0 + _children_cpu() - self._children0
+        self.sample_memory()
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
+        self._usage = {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": self._peak_rss}
+        if self._recorder is not None:  # it logged or saved: make that durable now
+            self._recorder.finish(self, None)
+
+    def _rec(self) -> Recorder:
+        if self._recorder is None:
+            from kiln.record.recorder import recorder_for
+
+            self._recorder = recorder_for(self._settings)
+            self._recorder.attach(self)
+        return self._recorder
+
+    def usage_json(self) -> dict[str, Any]:
+        return dict(self._usage)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 class Dataset:

@@ -7,7 +7,6 @@ past which they are named in ``CodeSnapshot.untracked_skipped`` instead).
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import platform
@@ -193,6 +192,8 @@ def capture_environment(blobs: BlobStore) -> EnvSnapshot:
         cached = _env_cache.get(str(blobs.root))
         if cached is not None:
             return cached
+        import importlib.metadata
+
         packages = sorted(
             {
                 f"{d.metadata['Name']}=={d.version}"

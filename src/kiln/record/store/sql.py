@@ -89,8 +89,11 @@ class SqlStore:
 
     def _write(self, batch: WriteBatch) -> None:
         with self._engine.begin() as conn:
-            if batch.new_runs:
-                conn.execute(runs.insert(), batch.new_runs)
+            groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+            for row in batch.new_runs:  # one executemany per set of columns
+                groups[tuple(sorted(row))].append(row)
+            for rows in groups.values():
+                conn.execute(runs.insert(), rows)
             if batch.metrics:
                 conn.exec_driver_sql(self._metric_sql, batch.metrics)
             if batch.summaries:
@@ -112,9 +115,32 @@ class SqlStore:
                     keys=("run_id", "direction", "name"),
                     update=("kind", "sha256", "size", "uri"),
                 )
+            # Updates of the same columns go out as one executemany. A run updated twice
+            # in one batch flushes what is pending first, so its updates keep their order.
+            pending: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            seen: set[str] = set()
             for fields in batch.updates:
-                values = {k: v for k, v in fields.items() if k != "id"}
-                conn.execute(runs.update().where(runs.c.id == fields["id"]).values(**values))
+                if fields["id"] in seen:
+                    self._update(conn, pending)
+                    pending, seen = {}, set()
+                seen.add(fields["id"])
+                cols = tuple(sorted(k for k in fields if k != "id"))
+                pending.setdefault(cols, []).append(
+                    {"_id": fields["id"], **{k: fields[k] for k in cols}}
+                )
+            self._update(conn, pending)
+
+    def _update(
+        self, conn: Connection, groups: dict[tuple[str, ...], list[dict[str, Any]]]
+    ) -> None:
+        for cols, rows in groups.items():
+            if rows and cols:
+                stmt = (
+                    runs.update()
+                    .where(runs.c.id == sa.bindparam("_id"))
+                    .values({c: sa.bindparam(c) for c in cols})
+                )
+                conn.execute(stmt, rows)
 
     def _upsert(
         self,

@@ -1,0 +1,242 @@
+"""The engine: runs calls on a backend and keeps their run records.
+
+It writes each batch of calls as queued runs in one transaction, hands them to
+the backend, and turns the backend's Started/Finished events into record
+updates (again one transaction per batch of events). A failed attempt with
+retries left goes back to the backend after a backoff, as the same run with the
+next attempt number. A call's future resolves only after its final state is
+written, so a caller that sees the result also sees the finished record.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import cloudpickle
+
+from kiln._runner import RUNNER
+from kiln.compute.backends.base import Backend, Outcome, Started, TaskEvent, TaskSpec
+from kiln.compute.resources import Inventory, detect_inventory
+from kiln.config import Settings
+from kiln.errors import ConfigError
+from kiln.record.model import RunStatus
+from kiln.record.recorder import Recorder, recorder_for
+from kiln.record.store.base import WriteBatch
+from kiln.record.values import to_json
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+_log = logging.getLogger("kiln")
+
+
+@dataclass
+class Call:
+    """One run to execute: its record row, its task and what to do when it ends."""
+
+    row: dict[str, Any]
+    spec: TaskSpec
+    retries: int = 0
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # dataset artifact rows
+    future: Future[Outcome] = field(default_factory=Future)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    assigned: dict[str, Any] = field(default_factory=dict)
+    on_done: list[Any] = field(default_factory=list)
+
+
+class Engine:
+    """One per process and store: the backend and the bookkeeping around it."""
+
+    def __init__(self, settings: Settings, *, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.recorder: Recorder = recorder_for(settings)
+        self._calls: dict[str, Call] = {}
+        self._lock = threading.Lock()
+        self.backend = backend or _make_backend(settings, detect_inventory(), self.report)
+
+    @property
+    def inventory(self) -> Inventory:
+        return self.backend.inventory
+
+    def submit(self, calls: list[Call], *, parent: dict[str, Any] | None = None) -> None:
+        """Record ``calls`` as queued (with ``parent`` first, if given), then run them."""
+        batch = WriteBatch(new_runs=[parent] if parent else [])
+        for call in calls:
+            batch.new_runs.append(call.row)
+            batch.artifacts.extend(call.inputs)
+        self.recorder.store.write(batch)
+        with self._lock:
+            for call in calls:
+                self._calls[call.spec.run_id] = call
+        self.backend.submit([c.spec for c in calls])
+
+    def cancel(self, run_id: str) -> None:
+        self.backend.cancel(run_id)
+
+    def status(self, run_id: str) -> RunStatus | None:
+        """The live status of a run this engine owns, or None if it is not (or no longer) here."""
+        with self._lock:
+            call = self._calls.get(run_id)
+        if call is None:
+            return None
+        return RunStatus.RUNNING if call.assigned else RunStatus.QUEUED
+
+    def report(self, events: list[TaskEvent]) -> None:
+        """Called by the backend with a batch of events: record them, then resolve futures."""
+        batch = WriteBatch()
+        done: list[tuple[Call, Outcome]] = []
+        retry: list[tuple[Call, float]] = []
+        now = time.time()
+        with self._lock:
+            for event in events:
+                call = self._calls.get(event.run_id)
+                if call is None:
+                    continue
+                if isinstance(event, Started):
+                    call.assigned = event.assigned
+                    batch.updates.append(
+                        {
+                            "id": event.run_id,
+                            "status": str(RunStatus.RUNNING),
+                            "started_at": now,
+                            "heartbeat_at": now,
+                            "attempt": event.attempt,
+                            "resources": self._resources(call),
+                        }
+                    )
+                    continue
+                outcome = event.outcome
+                call.attempts.append(
+                    {"attempt": event.attempt, "status": outcome.status, "cause": outcome.cause}
+                )
+                if outcome.status == "failed" and len(call.attempts) <= call.retries:
+                    delay = min(BACKOFF_BASE_S * 2 ** (len(call.attempts) - 1), BACKOFF_MAX_S)
+                    retry.append((call, delay))
+                    call.assigned = {}
+                    batch.updates.append(
+                        {
+                            "id": event.run_id,
+                            "status": str(RunStatus.QUEUED),
+                            "error": f"attempt {event.attempt} failed: {outcome.cause}; "
+                            f"retrying in {delay:g}s",
+                            "resources": self._resources(call),
+                        }
+                    )
+                    continue
+                del self._calls[event.run_id]
+                self._finish(call, outcome, now, batch)
+                done.append((call, outcome))
+        try:
+            self.recorder.store.write(batch)
+        except Exception as exc:
+            _log.error("kiln: could not record the end of %d runs: %s", len(done), exc)
+            for call, _ in done:
+                call.future.set_exception(exc)
+            return
+        for call, delay in retry:
+            spec = replace(call.spec, attempt=len(call.attempts) + 1)
+            call.spec = spec
+            timer = threading.Timer(delay, self.backend.submit, args=([spec],))
+            timer.daemon = True
+            timer.start()
+        for call, outcome in done:
+            call.future.set_result(outcome)
+            for callback in call.on_done:
+                callback(call, outcome)
+
+    def _resources(self, call: Call) -> dict[str, Any]:
+        spec = call.spec
+        return {
+            "requested": spec.resources.to_json(),
+            "limits": {"timeout_s": spec.timeout_s, "retries": call.retries},
+            "assigned": call.assigned,
+            "attempts": call.attempts,
+        }
+
+    def _finish(self, call: Call, outcome: Outcome, now: float, batch: WriteBatch) -> None:
+        run_id, app = call.spec.run_id, call.spec.app
+        result: Any = None
+        if outcome.result is not None:
+            value = cloudpickle.loads(outcome.result)
+            result = _result_json(value)
+            if isinstance(value, dict):
+                batch.summaries.extend(
+                    (run_id, app, str(k), float(v))
+                    for k, v in value.items()
+                    if isinstance(v, int | float)
+                    and not isinstance(v, bool)
+                    and not math.isnan(float(v))
+                )
+        error = outcome.error or outcome.cause
+        if error and len(call.attempts) > 1:
+            error = f"{error}\n(after {len(call.attempts)} attempts)"
+        update: dict[str, Any] = {
+            "id": run_id,
+            "status": outcome.status,
+            "ended_at": now,
+            "result": result,
+            "error": error,
+            "usage": {k: v for k, v in outcome.usage.items() if k != "worker_pid"},
+            "resources": self._resources(call),
+        }
+        if outcome.environment is not None:
+            update["environment"] = outcome.environment
+        batch.updates.append(update)
+
+    def close(self) -> None:
+        """Stop the backend; whatever still runs or waits is recorded as cancelled."""
+        self.backend.close()
+
+
+def _result_json(value: Any) -> Any:
+    try:
+        return to_json(value, "result")
+    except Exception:  # the caller still gets the object; the record says what it was
+        return {"type": f"{type(value).__module__}.{type(value).__qualname__}", "recorded": False}
+
+
+def _make_backend(settings: Settings, inventory: Inventory, report: Any) -> Backend:
+    if settings.backend == "local":
+        from kiln.compute.backends.local import LocalBackend
+
+        return LocalBackend(inventory, report, RUNNER)
+    raise ConfigError(
+        "KILN_BACKEND",
+        f"the {settings.backend} engine is not available in this version of Kiln; use local",
+    )
+
+
+_engines: dict[tuple[str, str, str], Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def engine_for(settings: Settings) -> Engine:
+    """The process's engine for these settings, started on first use."""
+    key = (settings.store_url, str(settings.home), settings.backend)
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = Engine(settings)
+        return engine
+
+
+def close_engines() -> None:
+    with _engines_lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        try:
+            engine.close()
+        except Exception as exc:
+            _log.warning("kiln: closing the engine failed: %s", exc)
+
+
+# Registered after the recorders' hook, so it runs first: engines record their
+# last cancellations before the recorders close.
+atexit.register(close_engines)

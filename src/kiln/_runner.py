@@ -1,0 +1,46 @@
+"""Runs one task inside an engine worker, as a recorded run. Never raises.
+
+The worker process imports this by name (``kiln._runner:run_task``), so the
+compute layer stays free of the record.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from kiln.compute.backends.base import TaskSpec
+from kiln.config import Settings
+from kiln.record.blobs import BlobStore
+from kiln.record.runs import TaskRun
+from kiln.record.snapshot import capture_environment
+
+RUNNER = "kiln._runner:run_task"
+
+
+def run_task(task: TaskSpec, fn: Callable[..., Any]) -> dict[str, Any]:
+    settings = Settings(
+        home=Path(task.store["home"]),
+        store_url=task.store["store_url"],
+        actor=task.store.get("actor", "unknown"),
+    )
+    reply: dict[str, Any] = {"run_id": task.run_id, "attempt": task.attempt}
+    run = TaskRun(settings, run_id=task.run_id, app=task.app)
+    try:
+        args, kwargs = cloudpickle.loads(task.args_payload)
+        with run:
+            result = fn(*args, **kwargs)
+        reply["result"] = cloudpickle.dumps(result)
+        reply["status"] = "succeeded"
+    except BaseException as exc:  # the user's error travels back; the worker carries on
+        reply["status"] = "failed"
+        reply["error"] = "".join(traceback.format_exception(exc))
+        reply["cause"] = "".join(traceback.format_exception_only(exc)).strip()
+    reply["usage"] = run.usage_json()
+    reply["environment"] = asdict(capture_environment(BlobStore(settings.blob_dir)))
+    return reply

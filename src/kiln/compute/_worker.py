@@ -1,0 +1,116 @@
+"""A warm worker process: runs tasks sent by the local backend, one at a time.
+
+Started as ``python -m kiln.compute._worker READ_FD WRITE_FD`` in a process group of
+its own, so that a timeout or cancel can kill the task's whole process tree. Tasks
+arrive as length-prefixed pickled frames on READ_FD; replies go back on WRITE_FD.
+The first message names the runner (``module:function``) that executes a task
+with its loaded function; it is the SDK's, so this layer knows nothing of records.
+stdin, stdout and stderr stay the user's, so prints show up where they belong.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import struct
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+_HEADER = struct.Struct("!Q")
+
+
+def send(fd: int, message: Any) -> None:
+    data = pickle.dumps(message, protocol=5)
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def recv(fd: int) -> Any:
+    """The next message, or None when the other end has closed the pipe."""
+    header = _read_exact(fd, _HEADER.size)
+    if header is None:
+        return None
+    body = _read_exact(fd, _HEADER.unpack(header)[0])
+    return None if body is None else pickle.loads(body)  # noqa: S301  our own pipe
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _watch_parent(parent: int) -> None:
+    # If the driver dies mid-task nobody will read our reply: take the task down too.
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os.killpg(0, 9)
+
+
+def _load_failure(task: Any, exc: BaseException) -> dict[str, Any]:
+    return {
+        "run_id": task.run_id,
+        "status": "failed",
+        "error": "".join(traceback.format_exception(exc)),
+        "cause": "could not load the function: "
+        + "".join(traceback.format_exception_only(exc)).strip(),
+    }
+
+
+class _Functions:
+    """Loaded functions by key: a warm worker unpickles or imports each once."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] = {}
+
+    def get(self, key: str, payload: bytes) -> Any:
+        fn = self._cache.get(key)
+        if fn is None:
+            import cloudpickle
+
+            spec = cloudpickle.loads(payload)
+            if isinstance(spec, tuple) and spec and spec[0] == "ref":
+                obj: Any = importlib.import_module(spec[1])
+                for part in spec[2].split("."):
+                    obj = getattr(obj, part)
+                fn = getattr(obj, "__wrapped__", obj)
+            else:
+                fn = spec
+            self._cache[key] = fn
+        return fn
+
+
+def main() -> None:
+    read_fd, write_fd = int(sys.argv[1]), int(sys.argv[2])
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    functions = _Functions()
+    init = recv(read_fd)
+    if init is None:
+        return
+    sys.path[:] = list(init["sys_path"])
+    os.chdir(init["cwd"])
+    module, _, name = init["runner"].partition(":")
+    runner = getattr(importlib.import_module(module), name)
+    send(write_fd, {"ready": os.getpid()})
+    while (task := recv(read_fd)) is not None:
+        try:
+            fn = functions.get(task.fn_key, task.fn_payload)
+        except BaseException as exc:
+            send(write_fd, _load_failure(task, exc))
+            continue
+        send(write_fd, runner(task, fn))
+
+
+if __name__ == "__main__":
+    main()

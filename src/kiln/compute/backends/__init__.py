@@ -1,0 +1,1 @@
+"""Where tasks run. Each backend implements :class:`kiln.compute.backends.base.Backend`."""

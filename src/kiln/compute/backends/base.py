@@ -1,0 +1,80 @@
+"""The backend interface: run tasks somewhere and say when they start and end.
+
+A backend writes nothing to the record itself. It reports :class:`Started` and
+:class:`Finished` events, in batches, to the callback it was built with; the
+engine above it turns them into the run record, retries and futures. So the
+local process pool, Ray and Kubernetes only have to execute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from kiln.compute.resources import Inventory, Resources
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One attempt of one run, ready to execute anywhere."""
+
+    run_id: str
+    app: str
+    fn_key: str  # identifies the function, so a worker loads it once
+    fn_payload: bytes  # cloudpickle of ("ref", module, qualname) or of the function
+    args_payload: bytes  # cloudpickle of (args, kwargs)
+    resources: Resources = field(default_factory=Resources)
+    priority: int = 0
+    timeout_s: float | None = None
+    attempt: int = 1
+    store: dict[str, str] = field(default_factory=dict)  # home, store_url, actor
+    sys_path: tuple[str, ...] = ()
+    cwd: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an attempt ended. ``result`` is cloudpickled; ``error`` is a traceback."""
+
+    status: Literal["succeeded", "failed", "cancelled"]
+    result: bytes | None = None
+    error: str | None = None
+    cause: str | None = (
+        None  # one line: "ValueError: …", "timed out after 5s", "worker died: signal 9"
+    )
+    usage: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    run_id: str
+    attempt: int
+    assigned: dict[str, Any]  # e.g. gpus, cuda_visible_devices, worker_pid
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    run_id: str
+    attempt: int
+    outcome: Outcome
+
+
+TaskEvent = Started | Finished
+Report = Callable[[list[TaskEvent]], None]
+
+
+class Backend(Protocol):
+    """Executes tasks; reports their events to the callback given at construction."""
+
+    inventory: Inventory
+
+    def submit(self, tasks: Sequence[TaskSpec]) -> None:
+        """Queue tasks; each is eventually reported Finished exactly once per attempt."""
+
+    def cancel(self, run_id: str) -> None:
+        """Stop a queued or running task; it is reported Finished as cancelled."""
+
+    def close(self) -> None:
+        """Stop everything still running and release workers."""

@@ -1,0 +1,270 @@
+"""The local engine: the scheduler in front of warm worker processes on this machine.
+
+One loop thread owns all state. Everything else (submits, cancels, replies read
+from workers) reaches it as messages on one queue, so no state is shared
+between threads. Each iteration drains the queue, carries out the scheduler's
+decisions and reports the resulting events in one batch.
+
+Workers are kept warm between tasks, keyed by interpreter and GPU assignment
+(``CUDA_VISIBLE_DEVICES``), so a repeated small call pays no interpreter start.
+Each worker leads its own process group: a timeout or a cancel kills the whole
+tree, and the next task gets a fresh worker.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kiln.compute import _worker
+from kiln.compute.backends.base import Finished, Outcome, Report, Started, TaskEvent, TaskSpec
+from kiln.compute.resources import Inventory
+from kiln.compute.scheduler import Allocation, Cancel, Release, Scheduler, Submit, Task
+
+MAX_IDLE_WORKERS = 8
+
+
+class _Worker:
+    """One warm worker process and the thread that reads its replies."""
+
+    def __init__(
+        self, key: tuple[str, str], inbox: queue.SimpleQueue[Any], env: dict[str, str], runner: str
+    ) -> None:
+        self.key = key
+        to_child_r, self._to_child = os.pipe()
+        self._from_child, from_child_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [key[0], "-m", "kiln.compute._worker", str(to_child_r), str(from_child_w)],
+            pass_fds=(to_child_r, from_child_w),
+            start_new_session=True,  # its own process group: killed as a tree
+            env=env,
+        )
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.pid = self.proc.pid
+        self.task: str | None = None
+        init = {"sys_path": list(sys.path), "cwd": os.getcwd(), "runner": runner}
+        _worker.send(self._to_child, init)
+        threading.Thread(target=self._read, args=(inbox,), daemon=True, name="kiln-worker").start()
+
+    def run(self, task: TaskSpec) -> None:
+        self.task = task.run_id
+        _worker.send(self._to_child, task)
+
+    def _read(self, inbox: queue.SimpleQueue[Any]) -> None:
+        try:
+            while (message := _worker.recv(self._from_child)) is not None:
+                if "ready" not in message:
+                    inbox.put(("done", self, message))
+        except OSError:
+            pass
+        code = self.proc.wait()
+        os.close(self._from_child)
+        inbox.put(("died", self, code))
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        """Ask an idle worker to exit (closing its pipe ends its loop)."""
+        try:
+            os.close(self._to_child)
+        except OSError:
+            pass
+
+
+@dataclass
+class _Slot:
+    spec: TaskSpec
+    worker: _Worker | None = None
+    deadline: float | None = None
+    stop_cause: str | None = None  # why we killed it, if we did
+    stop_status: Literal["failed", "cancelled"] = "failed"
+
+
+@dataclass
+class LocalBackend:
+    """Runs tasks in warm worker processes on this machine. See the module docstring."""
+
+    inventory: Inventory
+    report: Report
+    runner: str  # "module:function" that runs one task inside a worker
+    python: str = sys.executable
+    _inbox: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    _slots: dict[str, _Slot] = field(default_factory=dict)
+    _idle: list[_Worker] = field(default_factory=list)
+    _thread: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        self._scheduler = Scheduler(self.inventory)
+        self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+        self._thread.start()
+
+    # -- the interface ---------------------------------------------------------------
+
+    def submit(self, tasks: Sequence[TaskSpec]) -> None:
+        self._inbox.put(("submit", list(tasks)))
+
+    def cancel(self, run_id: str) -> None:
+        self._inbox.put(("cancel", run_id))
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._inbox.put(("close",))
+            self._thread.join(timeout=10)
+
+    # -- the loop --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            messages = []
+            try:
+                messages.append(self._inbox.get(timeout=self._until_deadline()))
+            except queue.Empty:  # a deadline came due
+                pass
+            while True:
+                try:
+                    messages.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            events: list[TaskEvent] = []
+            closing = False
+            for message in messages:
+                if message[0] == "close":
+                    closing = True
+                else:
+                    self._handle(message, events)
+            self._enforce_deadlines()
+            if closing:
+                self._shutdown(events)
+            if events:
+                self.report(events)
+            if closing:
+                return
+
+    def _until_deadline(self) -> float | None:
+        deadlines = [s.deadline for s in self._slots.values() if s.deadline is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _handle(self, message: tuple[Any, ...], events: list[TaskEvent]) -> None:
+        kind = message[0]
+        if kind == "submit":
+            for spec in message[1]:
+                self._slots[spec.run_id] = _Slot(spec)
+                task = Task(spec.run_id, spec.resources, spec.priority)
+                for alloc in self._scheduler.handle(Submit(task)):
+                    self._dispatch(alloc, events)
+        elif kind == "cancel":
+            slot = self._slots.get(message[1])
+            if slot is None:
+                return
+            if slot.worker is None:  # still queued
+                self._scheduler.handle(Cancel(slot.spec.run_id))
+                self._end(slot, Outcome("cancelled", cause="cancelled before it started"), events)
+            else:
+                slot.stop_cause, slot.stop_status = "cancelled while running", "cancelled"
+                slot.worker.kill()
+        elif kind == "done":
+            worker, reply = message[1], message[2]
+            slot = self._slots.get(reply["run_id"])
+            worker.task = None
+            if slot is None or slot.stop_cause is None:
+                self._park(worker)  # a worker we are killing is not reused
+            if slot is not None:
+                outcome = Outcome(
+                    reply["status"],
+                    result=reply.get("result"),
+                    error=reply.get("error"),
+                    cause=reply.get("cause"),
+                    usage={**reply.get("usage", {}), "worker_pid": worker.pid},
+                    environment=reply.get("environment"),
+                )
+                self._end(slot, outcome, events)
+        elif kind == "died":
+            worker, code = message[1], message[2]
+            if worker in self._idle:
+                self._idle.remove(worker)
+            slot = self._slots.get(worker.task) if worker.task else None
+            if slot is not None:
+                cause = slot.stop_cause or (
+                    f"worker died: signal {-code}"
+                    if code < 0
+                    else f"worker exited with code {code}"
+                )
+                status = slot.stop_status if slot.stop_cause else "failed"
+                outcome = Outcome(status, cause=cause, usage={"worker_pid": worker.pid})
+                self._end(slot, outcome, events)
+
+    def _dispatch(self, alloc: Allocation, events: list[TaskEvent]) -> None:
+        slot = self._slots[alloc.task_id]
+        cuda = alloc.cuda_visible_devices if self.inventory.gpus else None
+        worker = self._worker_for((self.python, cuda or ""), cuda)
+        worker.run(slot.spec)
+        slot.worker = worker
+        if slot.spec.timeout_s is not None:
+            slot.deadline = time.monotonic() + slot.spec.timeout_s
+        assigned: dict[str, Any] = {"worker_pid": worker.pid}
+        if alloc.gpus:
+            assigned["gpus"] = {str(i): share / 1000 for i, share in alloc.gpus}
+        if cuda is not None:
+            assigned["cuda_visible_devices"] = cuda
+        events.append(Started(slot.spec.run_id, slot.spec.attempt, assigned))
+
+    def _worker_for(self, key: tuple[str, str], cuda: str | None) -> _Worker:
+        for i, worker in enumerate(self._idle):
+            if worker.key == key:
+                return self._idle.pop(i)
+        env = dict(os.environ)
+        if cuda is not None:
+            env["CUDA_VISIBLE_DEVICES"] = cuda
+        return _Worker(key, self._inbox, env, self.runner)
+
+    def _park(self, worker: _Worker) -> None:
+        self._idle.append(worker)
+        if len(self._idle) > MAX_IDLE_WORKERS:
+            self._idle.pop(0).stop()
+
+    def _end(self, slot: _Slot, outcome: Outcome, events: list[TaskEvent]) -> None:
+        del self._slots[slot.spec.run_id]
+        events.append(Finished(slot.spec.run_id, slot.spec.attempt, outcome))
+        if slot.worker is not None:
+            for alloc in self._scheduler.handle(Release(slot.spec.run_id)):
+                self._dispatch(alloc, events)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots.values():
+            if slot.deadline is not None and now >= slot.deadline and slot.stop_cause is None:
+                slot.stop_cause = f"timed out after {slot.spec.timeout_s:g}s"
+                slot.deadline = None
+                assert slot.worker is not None
+                slot.worker.kill()
+
+    def _shutdown(self, events: list[TaskEvent]) -> None:
+        for slot in list(self._slots.values()):
+            if slot.worker is not None:
+                slot.worker.kill()
+            else:
+                self._scheduler.handle(Cancel(slot.spec.run_id))
+            events.append(
+                Finished(
+                    slot.spec.run_id,
+                    slot.spec.attempt,
+                    Outcome("cancelled", cause="the engine shut down"),
+                )
+            )
+        self._slots.clear()
+        for worker in self._idle:
+            worker.stop()
+        self._idle.clear()

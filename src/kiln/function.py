@@ -1,0 +1,533 @@
+"""Functions with declared resources, run and recorded by the engine.
+
+Example::
+
+    app = kiln.App("fraud")
+
+    @app.function(cpu=1, memory="1Gi", gpu=0.5, timeout=600, retries=1)
+    def train(lr: float, depth: int = 3) -> dict:
+        ...
+        return {"accuracy": acc}
+
+    train.remote(lr=0.1)                                    # run it once, on the engine
+    sweep = train.sweep(kiln.grid(lr=[0.1, 0.01], depth=[3, 5]))
+    best = sweep.best("accuracy")
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import importlib.util
+import inspect
+import itertools
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+import cloudpickle
+
+from kiln._engine import Call, Engine, engine_for
+from kiln.compute.backends.base import Outcome, TaskSpec
+from kiln.compute.resources import Resources, detect_inventory
+from kiln.errors import NotFoundError, RunFailed, ValidationError
+from kiln.record.model import RunRecord, RunStatus
+from kiln.record.runs import ActiveRun, Dataset, new_run_id
+from kiln.record.snapshot import capture_environment
+from kiln.record.values import to_json
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from kiln.app import App
+
+P = ParamSpec("P")
+R = TypeVar("R")
+CODE_SNAPSHOT_TTL_S = 2.0  # a call's code snapshot is at most this old
+
+
+def grid(**axes: Iterable[Any]) -> list[dict[str, Any]]:
+    """Every combination of the given values, as a list of keyword dicts.
+
+    Example::
+
+        kiln.grid(lr=[0.1, 0.01], depth=[3, 5])   # 4 dicts
+    """
+    values = {}
+    for name, options in axes.items():
+        if isinstance(options, str | bytes) or not isinstance(options, Iterable):
+            raise ValidationError(f"grid.{name}", "must be a list of values")
+        values[name] = list(options)
+        if not values[name]:
+            raise ValidationError(f"grid.{name}", "is empty")
+    return [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
+
+
+class Run(Generic[R]):
+    """A run on the engine. ``result()`` blocks; ``cancel()`` stops it."""
+
+    def __init__(self, run_id: str, engine: Engine, future: concurrent.futures.Future[Outcome]):
+        self.id = run_id
+        self._engine = engine
+        self._future = future
+
+    @property
+    def status(self) -> RunStatus:
+        if self._future.done():
+            return RunStatus(self._future.result().status)
+        live = self._engine.status(self.id)
+        return live if live is not None else self.record().status
+
+    def result(self, timeout: float | None = None) -> R:
+        """The function's return value. Raises :class:`kiln.errors.RunFailed` if it failed,
+        was cancelled or timed out, and ``TimeoutError`` if ``timeout`` passes first."""
+        try:
+            outcome = self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"run {self.id} did not finish within {timeout}s") from None
+        if outcome.status != "succeeded" or outcome.result is None:
+            raise RunFailed(self.id, outcome.status, outcome.cause or "failed", outcome.error)
+        value: R = cloudpickle.loads(outcome.result)
+        return value
+
+    def wait(self, timeout: float | None = None) -> RunStatus:
+        """Block until the run ends (or ``timeout`` passes); return its status."""
+        concurrent.futures.wait([self._future], timeout)
+        return self.status
+
+    def cancel(self) -> None:
+        """Stop the run: withdrawn if queued, its process tree killed if running."""
+        self._engine.cancel(self.id)
+
+    def record(self) -> RunRecord:
+        """The run's record as stored now."""
+        return self._engine.recorder.store.get_run(self.id)
+
+    def __repr__(self) -> str:
+        return f"<Run {self.id[:8]} {self.status}>"
+
+
+class Sweep:
+    """A group of runs under one parent record: what ``Function.sweep`` returns."""
+
+    def __init__(self, sweep_id: str, runs: list[Run[Any]], engine: Engine) -> None:
+        self.id = sweep_id
+        self.runs = runs
+        self._engine = engine
+
+    def wait(self, timeout: float | None = None) -> Sweep:
+        concurrent.futures.wait([r._future for r in self.runs], timeout)
+        return self
+
+    def results(self, *, return_exceptions: bool = False) -> list[Any]:
+        """Every run's result, in order. A failure raises, unless ``return_exceptions``."""
+        out = []
+        for run in self.runs:
+            try:
+                out.append(run.result())
+            except RunFailed as exc:
+                if not return_exceptions:
+                    raise
+                out.append(exc)
+        return out
+
+    def best(self, metric: str, mode: str = "max") -> RunRecord:
+        """The succeeded run with the highest (``mode="max"``) or lowest summary ``metric``."""
+        if mode not in ("max", "min"):
+            raise ValidationError("mode", f"{mode!r} is not a mode", allowed=["max", "min"])
+        self.wait()
+        order = f"-{metric}" if mode == "max" else metric
+        query = _runs_query(self.id, order, limit=1)
+        found = self._engine.recorder.store.query_runs(query)
+        if not found or metric not in found[0].summary:
+            raise NotFoundError(f"no succeeded run of sweep {self.id} has the metric {metric!r}")
+        return found[0]
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per run (id, status, params, summary metrics), in submission order.
+        ``pandas.DataFrame(sweep.table())`` makes a frame of it."""
+        self.wait()
+        records = {
+            r.id: r
+            for r in self._engine.recorder.store.query_runs(_runs_query(self.id, "created", None))
+        }
+        rows = []
+        for run in self.runs:
+            rec = records[run.id]
+            rows.append({"id": rec.id, "status": str(rec.status), **rec.params, **rec.summary})
+        return rows
+
+    def __rich__(self) -> RenderableType:
+        from rich.table import Table
+
+        rows = self.table()
+        table = Table(title=f"sweep {self.id[:8]}", header_style="bold")
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        for col in columns:
+            table.add_column(col, justify="left" if col in ("id", "status") else "right")
+        for row in rows:
+            table.add_row(*(_cell(row.get(c)) for c in columns))
+        return table
+
+    def __repr__(self) -> str:
+        return f"<Sweep {self.id[:8]} of {len(self.runs)} runs>"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str) and len(value) == 32:
+        return value[:8]
+    return str(value)
+
+
+def _runs_query(parent: str, order_by: str, limit: int | None) -> Any:
+    from kiln.record.store.base import RunQuery
+
+    return RunQuery(
+        parent_id=parent,
+        status=(RunStatus.SUCCEEDED,) if limit else (),
+        order_by=order_by,
+        limit=limit,
+    )
+
+
+class MapResult(Iterator[Any]):
+    """Results of ``Function.map`` in input order, with a progress bar on a terminal."""
+
+    def __init__(self, runs: list[Run[Any]], *, return_exceptions: bool) -> None:
+        self.runs = runs
+        self._return_exceptions = return_exceptions
+        self._iter: Iterator[Any] | None = None
+
+    def __iter__(self) -> MapResult:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iter is None:
+            self._iter = self._results()
+        return next(self._iter)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def _results(self) -> Iterator[Any]:
+        progress = None
+        if sys.stderr.isatty() and self.runs:
+            from rich.progress import Progress
+
+            progress = Progress(transient=True)
+            task = progress.add_task(f"{len(self.runs)} runs", total=len(self.runs))
+            progress.start()
+            for run in self.runs:
+                run._future.add_done_callback(lambda _f: progress.advance(task))
+        try:
+            for run in self.runs:
+                try:
+                    yield run.result()
+                except RunFailed as exc:
+                    if not self._return_exceptions:
+                        raise
+                    yield exc
+        finally:
+            if progress is not None:
+                progress.stop()
+
+
+class Function(Generic[P, R]):
+    """A Python function that Kiln runs and records. Made by :meth:`kiln.App.function`.
+
+    Calling it directly runs the plain function, unrecorded; ``local``, ``remote``,
+    ``spawn``, ``map`` and ``sweep`` record every execution as a run whose params
+    are the function's arguments.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        fn: Callable[P, R],
+        *,
+        cpu: float = 1.0,
+        memory: int | str = 0,
+        gpu: float = 0,
+        timeout: float | None = None,
+        retries: int = 0,
+        env: Any = None,
+        priority: int = 0,
+    ) -> None:
+        if not callable(fn):
+            raise ValidationError("fn", f"{fn!r} is not a function")
+        self.app = app
+        self.fn = fn
+        self.resources = Resources.parse(cpu=cpu, memory=memory, gpu=gpu)
+        detect_inventory().check(self.resources)
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+        ):
+            raise ValidationError("timeout", f"{timeout!r} is not a number of seconds above 0")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValidationError("retries", f"{retries!r} is not a count", allowed="an int >= 0")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValidationError("priority", f"{priority!r} is not an int")
+        self.timeout_s = None if timeout is None else float(timeout)
+        self.retries = retries
+        self.env = env
+        self.priority = priority
+        self.name = f"{fn.__module__}:{fn.__qualname__}"
+        self._signature = inspect.signature(fn)
+        self._payload: tuple[str, bytes] | None = None
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    # -- calls -----------------------------------------------------------------------
+
+    def local(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run in this process, recorded as a run. Exceptions propagate as raised."""
+        params, _ = self._params(args, kwargs)
+        module = inspect.getsourcefile(self.fn)
+        with ActiveRun(
+            self.app.settings,
+            app=self.app.name,
+            params=params,
+            function=self.name,
+            module_path=Path(module) if module else None,
+        ) as run:
+            result = self.fn(*args, **kwargs)
+            run.result = _result_record(result)
+        return result
+
+    def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run on the engine, wait, and return the result (or raise RunFailed)."""
+        return self.spawn(*args, **kwargs).result()
+
+    def spawn(self, *args: P.args, **kwargs: P.kwargs) -> Run[R]:
+        """Start a run on the engine and return its handle at once."""
+        return self._submit([(args, kwargs)])[0]
+
+    def map(self, *iterables: Iterable[Any], return_exceptions: bool = False) -> MapResult:
+        """Run once per item (several iterables are zipped, as with ``map``), in parallel.
+
+        Iterating the result yields results in input order; a failed item raises
+        :class:`kiln.errors.RunFailed` naming its run, or is yielded as that error
+        with ``return_exceptions=True``.
+        """
+        if not iterables:
+            raise ValidationError("iterables", "map needs at least one iterable")
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+            (tuple(items), {}) for items in zip(*iterables, strict=False)
+        ]
+        return MapResult(self._submit(calls), return_exceptions=return_exceptions)
+
+    def sweep(self, spec: Sequence[Mapping[str, Any]]) -> Sweep:
+        """Run once per dict of keyword arguments (``kiln.grid`` makes them), under one
+        parent record. Returns at once; the :class:`Sweep` waits when asked for results."""
+        if isinstance(spec, Mapping) or not isinstance(spec, Sequence) or not spec:
+            raise ValidationError("spec", "must be a non-empty list of dicts (see kiln.grid)")
+        for i, item in enumerate(spec):
+            if not isinstance(item, Mapping):
+                raise ValidationError(f"spec[{i}]", f"{item!r} is not a dict of arguments")
+        sweep_id = new_run_id()
+        engine = engine_for(self.app.settings)
+        remaining = [len(spec)]
+        failed = [0]
+        lock = threading.Lock()
+
+        def child_done(call: Call, outcome: Outcome) -> None:
+            with lock:
+                remaining[0] -= 1
+                failed[0] += outcome.status != "succeeded"
+                last = remaining[0] == 0
+            if last:
+                self._finish_sweep(engine, sweep_id, len(spec), failed[0])
+
+        parent = self._row(sweep_id, {"runs": len(spec)}, None, time.time())
+        parent.update(
+            status=str(RunStatus.RUNNING),
+            started_at=parent["created_at"],
+            tags={"kind": "sweep"},
+            resources=None,
+        )
+        runs = self._submit([((), dict(item)) for item in spec], parent=parent, on_done=child_done)
+        return Sweep(sweep_id, runs, engine)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _finish_sweep(self, engine: Engine, sweep_id: str, total: int, failed: int) -> None:
+        from kiln.record.store.base import WriteBatch
+
+        update = {
+            "id": sweep_id,
+            "status": str(RunStatus.FAILED if failed else RunStatus.SUCCEEDED),
+            "ended_at": time.time(),
+            "result": {"runs": total, "succeeded": total - failed, "failed": failed},
+            "error": f"{failed} of {total} runs did not succeed" if failed else None,
+        }
+        engine.recorder.store.write(WriteBatch(updates=[update]))
+
+    def _params(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], list[Dataset]]:
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ValidationError("arguments", f"{self.name}: {exc}") from None
+        bound.apply_defaults()
+        params: dict[str, Any] = {}
+        datasets = []
+        for name, value in bound.arguments.items():
+            if isinstance(value, Dataset):
+                datasets.append(value)
+            try:
+                params[name] = to_json(value, f"params.{name}")
+            except ValidationError:
+                params[name] = (
+                    f"<{type(value).__module__}.{type(value).__qualname__}, not recorded>"
+                )
+        return params, datasets
+
+    def _function_payload(self) -> tuple[str, bytes]:
+        if self._payload is None:
+            module, qualname = self.fn.__module__, self.fn.__qualname__
+            if module != "__main__" and "<locals>" not in qualname and _importable(module):
+                self._payload = (self.name, cloudpickle.dumps(("ref", module, qualname)))
+            else:  # __main__, a notebook or a closure: ship the function by value
+                data = cloudpickle.dumps(self.fn)
+                self._payload = (hashlib.sha256(data).hexdigest(), data)
+        return self._payload
+
+    def _row(
+        self, run_id: str, params: dict[str, Any], parent_id: str | None, now: float
+    ) -> dict[str, Any]:
+        settings = self.app.settings
+        engine = engine_for(settings)
+        return {
+            "id": run_id,
+            "app": self.app.name,
+            "function": self.name,
+            "status": str(RunStatus.QUEUED),
+            "actor": settings.actor,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "engine": settings.backend,
+            "parent_id": parent_id,
+            "created_at": now,
+            "heartbeat_at": now,
+            "params": params,
+            "tags": {},
+            "code": _code_snapshot(engine, self.fn),
+            "environment": _environment(engine),
+            "resources": {
+                "requested": self.resources.to_json(),
+                "limits": {"timeout_s": self.timeout_s, "retries": self.retries},
+                "env": None if self.env is None else repr(self.env),
+            },
+        }
+
+    def _submit(
+        self,
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+        *,
+        parent: dict[str, Any] | None = None,
+        on_done: Callable[[Call, Outcome], None] | None = None,
+    ) -> list[Run[R]]:
+        settings = self.app.settings
+        engine = engine_for(settings)
+        engine.inventory.check(self.resources)
+        fn_key, fn_payload = self._function_payload()
+        store = {
+            "home": str(settings.home),
+            "store_url": settings.store_url,
+            "actor": settings.actor,
+        }
+        sys_path, cwd = tuple(sys.path), os.getcwd()
+        now = time.time()
+        parent_id = parent["id"] if parent else None
+        prepared = []
+        for args, kwargs in calls:
+            params, datasets = self._params(args, kwargs)
+            run_id = new_run_id()
+            spec = TaskSpec(
+                run_id=run_id,
+                app=self.app.name,
+                fn_key=fn_key,
+                fn_payload=fn_payload,
+                args_payload=cloudpickle.dumps((args, kwargs)),
+                resources=self.resources,
+                priority=self.priority,
+                timeout_s=self.timeout_s,
+                store=store,
+                sys_path=sys_path,
+                cwd=cwd,
+            )
+            call = Call(self._row(run_id, params, parent_id, now), spec, retries=self.retries)
+            call.inputs = [
+                {
+                    "run_id": run_id,
+                    "name": d.name,
+                    "direction": "in",
+                    "kind": "dataset",
+                    "sha256": d.sha256,
+                    "size": d.size,
+                    "uri": str(d.path),
+                }
+                for d in datasets
+            ]
+            if on_done is not None:
+                call.on_done.append(on_done)
+            prepared.append(call)
+        engine.submit(prepared, parent=parent)
+        return [Run(c.spec.run_id, engine, c.future) for c in prepared]
+
+    def __repr__(self) -> str:
+        return f"<kiln.Function {self.name} app={self.app.name!r}>"
+
+
+def _result_record(value: Any) -> Any:
+    try:
+        return to_json(value, "result")
+    except ValidationError:
+        return {"type": f"{type(value).__module__}.{type(value).__qualname__}", "recorded": False}
+
+
+@functools.lru_cache(maxsize=256)
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_code_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+
+
+@functools.cache
+def _environment(engine: Engine) -> dict[str, Any]:
+    """The driver's environment (a worker reports its own when the run ends)."""
+    return asdict(capture_environment(engine.recorder.blobs))
+
+
+def _code_snapshot(engine: Engine, fn: Callable[..., Any]) -> dict[str, Any]:
+    """The code of ``fn``'s module, reused for calls within CODE_SNAPSHOT_TTL_S of each other."""
+    try:
+        source = inspect.getsourcefile(fn)
+    except TypeError:
+        source = None
+    key = source or ""
+    cached = _code_cache.get(key)
+    now = time.monotonic()
+    if cached is not None and now - cached[0] < CODE_SNAPSHOT_TTL_S:
+        return cached[1]
+    snapshot = asdict(engine.recorder.code.capture(Path(source) if source else None))
+    _code_cache[key] = (now, snapshot)
+    return snapshot
