@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from kiln._engine import close_engines
 from kiln.config import Settings
 from kiln.record import recorder
 
@@ -40,7 +41,9 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     monkeypatch.setenv("KILN_HOME", str(tmp_path / "kiln-home"))
     monkeypatch.delenv("KILN_STORE", raising=False)
     monkeypatch.setenv("KILN_ACTOR", "tester")
+    monkeypatch.delenv("KILN_GPUS", raising=False)
     yield
+    close_engines()
     recorder.close_all()
 
 
@@ -54,6 +57,7 @@ def pg_url() -> Iterator[str]:
         conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
     sep = "&" if "?" in PG_URL else "?"
     yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    close_engines()
     recorder.close_all()
     with admin.begin() as conn:
         conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))

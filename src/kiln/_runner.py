@@ -21,6 +21,7 @@ from kiln.record.runs import TaskRun
 from kiln.record.snapshot import capture_environment
 
 RUNNER = "kiln._runner:run_task"
+_environment_sent = False  # a worker's environment does not change: it is sent once
 
 
 def run_task(task: TaskSpec, fn: Callable[..., Any]) -> dict[str, Any]:
@@ -42,5 +43,8 @@ def run_task(task: TaskSpec, fn: Callable[..., Any]) -> dict[str, Any]:
         reply["error"] = "".join(traceback.format_exception(exc))
         reply["cause"] = "".join(traceback.format_exception_only(exc)).strip()
     reply["usage"] = run.usage_json()
-    reply["environment"] = asdict(capture_environment(BlobStore(settings.blob_dir)))
+    global _environment_sent
+    if not _environment_sent:
+        reply["environment"] = asdict(capture_environment(BlobStore(settings.blob_dir)))
+        _environment_sent = True
     return reply

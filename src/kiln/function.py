@@ -441,6 +441,7 @@ class Function(Generic[P, R]):
         parent: dict[str, Any] | None = None,
         on_done: Callable[[Call, Outcome], None] | None = None,
     ) -> list[Run[R]]:
+        checked = [(args, kwargs, *self._params(args, kwargs)) for args, kwargs in calls]
         settings = self.app.settings
         engine = engine_for(settings)
         engine.inventory.check(self.resources)
@@ -450,12 +451,11 @@ class Function(Generic[P, R]):
             "store_url": settings.store_url,
             "actor": settings.actor,
         }
-        sys_path, cwd = tuple(sys.path), os.getcwd()
+        sys_path, cwd = tuple(sys.path), str(Path.cwd())
         now = time.time()
         parent_id = parent["id"] if parent else None
         prepared = []
-        for args, kwargs in calls:
-            params, datasets = self._params(args, kwargs)
+        for args, kwargs, params, datasets in checked:
             run_id = new_run_id()
             spec = TaskSpec(
                 run_id=run_id,

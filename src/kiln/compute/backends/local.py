@@ -13,6 +13,7 @@ tree, and the next task gets a fresh worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from kiln.compute import _worker
@@ -51,7 +53,8 @@ class _Worker:
         os.close(from_child_w)
         self.pid = self.proc.pid
         self.task: str | None = None
-        init = {"sys_path": list(sys.path), "cwd": os.getcwd(), "runner": runner}
+        self.environment: dict[str, Any] | None = None  # sent with its first reply
+        init = {"sys_path": list(sys.path), "cwd": str(Path.cwd()), "runner": runner}
         _worker.send(self._to_child, init)
         threading.Thread(target=self._read, args=(inbox,), daemon=True, name="kiln-worker").start()
 
@@ -71,17 +74,13 @@ class _Worker:
         inbox.put(("died", self, code))
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def stop(self) -> None:
         """Ask an idle worker to exit (closing its pipe ends its loop)."""
-        try:
+        with contextlib.suppress(OSError):
             os.close(self._to_child)
-        except OSError:
-            pass
 
 
 @dataclass
@@ -129,10 +128,8 @@ class LocalBackend:
     def _loop(self) -> None:
         while True:
             messages = []
-            try:
+            with contextlib.suppress(queue.Empty):  # on Empty a deadline came due
                 messages.append(self._inbox.get(timeout=self._until_deadline()))
-            except queue.Empty:  # a deadline came due
-                pass
             while True:
                 try:
                     messages.append(self._inbox.get_nowait())
@@ -166,45 +163,55 @@ class LocalBackend:
                 for alloc in self._scheduler.handle(Submit(task)):
                     self._dispatch(alloc, events)
         elif kind == "cancel":
-            slot = self._slots.get(message[1])
-            if slot is None:
-                return
-            if slot.worker is None:  # still queued
-                self._scheduler.handle(Cancel(slot.spec.run_id))
-                self._end(slot, Outcome("cancelled", cause="cancelled before it started"), events)
-            else:
-                slot.stop_cause, slot.stop_status = "cancelled while running", "cancelled"
-                slot.worker.kill()
+            self._on_cancel(message[1], events)
         elif kind == "done":
-            worker, reply = message[1], message[2]
-            slot = self._slots.get(reply["run_id"])
-            worker.task = None
-            if slot is None or slot.stop_cause is None:
-                self._park(worker)  # a worker we are killing is not reused
-            if slot is not None:
-                outcome = Outcome(
-                    reply["status"],
-                    result=reply.get("result"),
-                    error=reply.get("error"),
-                    cause=reply.get("cause"),
-                    usage={**reply.get("usage", {}), "worker_pid": worker.pid},
-                    environment=reply.get("environment"),
-                )
-                self._end(slot, outcome, events)
+            self._on_done(message[1], message[2], events)
         elif kind == "died":
-            worker, code = message[1], message[2]
-            if worker in self._idle:
-                self._idle.remove(worker)
-            slot = self._slots.get(worker.task) if worker.task else None
-            if slot is not None:
-                cause = slot.stop_cause or (
-                    f"worker died: signal {-code}"
-                    if code < 0
-                    else f"worker exited with code {code}"
-                )
-                status = slot.stop_status if slot.stop_cause else "failed"
-                outcome = Outcome(status, cause=cause, usage={"worker_pid": worker.pid})
-                self._end(slot, outcome, events)
+            self._on_died(message[1], message[2], events)
+
+    def _on_cancel(self, run_id: str, events: list[TaskEvent]) -> None:
+        slot = self._slots.get(run_id)
+        if slot is None:
+            return
+        if slot.worker is None:  # still queued
+            self._scheduler.handle(Cancel(run_id))
+            self._end(slot, Outcome("cancelled", cause="cancelled before it started"), events)
+        else:
+            slot.stop_cause, slot.stop_status = "cancelled while running", "cancelled"
+            slot.worker.kill()
+
+    def _on_done(self, worker: _Worker, reply: dict[str, Any], events: list[TaskEvent]) -> None:
+        slot = self._slots.get(reply["run_id"])
+        worker.task = None
+        if "environment" in reply:
+            worker.environment = reply["environment"]
+        if slot is None or slot.stop_cause is None:
+            self._park(worker)  # a worker we are killing is not reused
+        if slot is not None:
+            outcome = Outcome(
+                reply["status"],
+                result=reply.get("result"),
+                error=reply.get("error"),
+                cause=reply.get("cause"),
+                usage={**reply.get("usage", {}), "worker_pid": worker.pid},
+                environment=worker.environment,
+            )
+            self._end(slot, outcome, events)
+
+    def _on_died(self, worker: _Worker, code: int, events: list[TaskEvent]) -> None:
+        if worker in self._idle:
+            self._idle.remove(worker)
+        slot = self._slots.get(worker.task) if worker.task else None
+        if slot is None:
+            return
+        if slot.stop_cause:
+            cause, status = slot.stop_cause, slot.stop_status
+        else:
+            cause = (
+                f"worker died: signal {-code}" if code < 0 else f"worker exited with code {code}"
+            )
+            status = "failed"
+        self._end(slot, Outcome(status, cause=cause, usage={"worker_pid": worker.pid}), events)
 
     def _dispatch(self, alloc: Allocation, events: list[TaskEvent]) -> None:
         slot = self._slots[alloc.task_id]
@@ -248,8 +255,8 @@ class LocalBackend:
             if slot.deadline is not None and now >= slot.deadline and slot.stop_cause is None:
                 slot.stop_cause = f"timed out after {slot.spec.timeout_s:g}s"
                 slot.deadline = None
-                assert slot.worker is not None
-                slot.worker.kill()
+                if slot.worker is not None:
+                    slot.worker.kill()
 
     def _shutdown(self, events: list[TaskEvent]) -> None:
         for slot in list(self._slots.values()):
