@@ -15,6 +15,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import cloudpickle
 
 from kiln._runner import RUNNER
-from kiln.compute.backends.base import Backend, Outcome, Started, TaskEvent, TaskSpec
+from kiln.compute.backends.base import Backend, Outcome, Report, Started, TaskEvent, TaskSpec
 from kiln.compute.resources import Inventory, detect_inventory
 from kiln.config import Settings
 from kiln.errors import ConfigError
@@ -53,12 +54,13 @@ class Call:
 class Engine:
     """One per process and store: the backend and the bookkeeping around it."""
 
-    def __init__(self, settings: Settings, *, backend: Backend | None = None) -> None:
+    def __init__(self, settings: Settings, *, backend: BackendFactory | None = None) -> None:
         self.settings = settings
         self.recorder: Recorder = recorder_for(settings)
         self._calls: dict[str, Call] = {}
         self._lock = threading.Lock()
-        self.backend = backend or _make_backend(settings, detect_inventory(), self.report)
+        make = backend or _make_backend(settings)
+        self.backend = make(detect_inventory(), self.report)
 
     @property
     def inventory(self) -> Inventory:
@@ -201,11 +203,14 @@ def _result_json(value: Any) -> Any:
         return {"type": f"{type(value).__module__}.{type(value).__qualname__}", "recorded": False}
 
 
-def _make_backend(settings: Settings, inventory: Inventory, report: Any) -> Backend:
+BackendFactory = Callable[[Inventory, Report], Backend]
+
+
+def _make_backend(settings: Settings) -> BackendFactory:
     if settings.backend == "local":
         from kiln.compute.backends.local import LocalBackend
 
-        return LocalBackend(inventory, report, RUNNER)
+        return lambda inventory, report: LocalBackend(inventory, report, RUNNER)
     raise ConfigError(
         "KILN_BACKEND",
         f"the {settings.backend} engine is not available in this version of Kiln; use local",
@@ -216,13 +221,14 @@ _engines: dict[tuple[str, str, str], Engine] = {}
 _engines_lock = threading.Lock()
 
 
-def engine_for(settings: Settings) -> Engine:
-    """The process's engine for these settings, started on first use."""
+def engine_for(settings: Settings, *, backend: BackendFactory | None = None) -> Engine:
+    """The process's engine for these settings, started on first use (with ``backend``
+    if given: ``kiln.testing.FakeBackend`` for tests of code built on functions)."""
     key = (settings.store_url, str(settings.home), settings.backend)
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = _engines[key] = Engine(settings)
+            engine = _engines[key] = Engine(settings, backend=backend)
         return engine
 
 

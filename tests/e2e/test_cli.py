@@ -129,8 +129,11 @@ def test_demo_records_a_real_experiment() -> None:
     proc = kiln_cmd("demo", "--epochs", "4")
     assert proc.returncode == 0, proc.stderr
     assert "6 runs recorded" in proc.stdout and "best run" in proc.stdout
-    records = kiln.runs(app="demo", order_by="-val_accuracy", limit=None)
+    (sweep,) = kiln.runs(app="demo", tags={"kind": "sweep"})
+    assert sweep.status is kiln.RunStatus.SUCCEEDED
+    records = kiln.runs(parent=sweep.id, order_by="-val_accuracy", limit=None)
     assert len(records) == 6
+    assert {r.engine for r in records} == {"local"}
     best = records[0]
     assert best.summary["val_accuracy"] == max(r.summary["val_accuracy"] for r in records)
     assert best.id in proc.stdout
@@ -139,3 +142,61 @@ def test_demo_records_a_real_experiment() -> None:
     assert best.datasets[0].sha256 == best.params["data"]["sha256"]
     model = best.load("model.pkl")["model"]
     assert model.predict(model.coef_[:1] * 0).shape == (1,)
+
+
+TRAIN_SCRIPT = """
+import kiln
+
+app = kiln.App("cli-run")
+
+
+@app.function(cpu=1)
+def train(lr: float, depth: int = 3, deep: bool = False, name: str = "m") -> dict:
+    kiln.log({"loss": lr * depth})
+    return {"score": lr * depth, "deep": deep, "name": name}
+
+
+def plain(x: int) -> int:
+    return x + 1
+"""
+
+
+def test_kiln_run_parses_arguments_by_annotation(tmp_path: Path) -> None:
+    (tmp_path / "jobs.py").write_text(TRAIN_SCRIPT)
+    target = f"{tmp_path / 'jobs.py'}::train"
+    proc = kiln_cmd("run", target, "--lr", "0.5", "--depth=4", "--deep", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["params"] == {"lr": 0.5, "depth": 4, "deep": True, "name": "m"}
+    assert data["value"] == {"score": 2.0, "deep": True, "name": "m"}
+    assert data["status"] == "succeeded" and data["summary"]["loss"] == 2.0
+    plain = kiln_cmd("run", f"{tmp_path / 'jobs.py'}::plain", "--x", "41")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.strip().endswith("42")
+
+
+def test_kiln_run_refuses_bad_arguments_before_running(tmp_path: Path) -> None:
+    (tmp_path / "jobs.py").write_text(TRAIN_SCRIPT)
+    target = f"{tmp_path / 'jobs.py'}::train"
+    one_error_line(kiln_cmd("run", target, "--lr", "fast"), "--lr", "is not a float")
+    one_error_line(kiln_cmd("run", target, "--depth", "2"), "--lr", "is required")
+    one_error_line(kiln_cmd("run", target, "--lr", "1", "--epochs", "2"), "--epochs", "--depth")
+    one_error_line(kiln_cmd("run", f"{tmp_path / 'jobs.py'}::nope"), "no 'nope'")
+    one_error_line(kiln_cmd("run", "jobs.py"), "FILE.py::FUNCTION")
+    assert not (Settings.from_env().home / "kiln.db").exists()
+
+
+def test_runs_ls_filters_by_sweep(three_runs: list[str]) -> None:
+    app = kiln.App("cli")
+
+    @app.function()
+    def square(x: int) -> dict:
+        return {"sq": x * x}
+
+    sweep = square.sweep([{"x": 2}, {"x": 3}])
+    sweep.wait()
+    result = CliRunner().invoke(cli, ["runs", "ls", "--sweep", sweep.id[:10], "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert sorted(r["params"]["x"] for r in listed) == [2, 3]
+    assert {r["parent_id"] for r in listed} == {sweep.id}

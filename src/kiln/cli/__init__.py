@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from kiln.cli import demo, runs
+from kiln.cli import demo, run, runs
 from kiln.errors import KilnError
 
 app = typer.Typer(
@@ -19,6 +19,9 @@ app = typer.Typer(
 )
 app.add_typer(runs.app, name="runs")
 app.command("demo")(demo.demo)
+app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+    run.run
+)
 
 
 def main() -> None:

@@ -1,14 +1,13 @@
 """``kiln demo``: record a small real experiment and show what was recorded.
 
 Six runs of a scikit-learn SGD classifier on the digits data set that scikit-learn
-ships, each with its params, per-epoch metrics, the data set's hash and the
-trained model as an artifact; then the runs table and the best run.
+ships, run as a parallel sweep on the local engine: each with its params,
+per-epoch metrics, the data set's hash and the trained model as an artifact;
+then the runs table and the best run.
 """
 
 from __future__ import annotations
 
-import itertools
-import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,36 +18,46 @@ from kiln._optional import require
 from kiln.app import App, runs
 from kiln.cli._render import console, fmt_value, runs_table
 from kiln.config import Settings
+from kiln.function import grid as kiln_grid
 from kiln.record.runs import Dataset, log, save
 
 LOSSES = ("log_loss", "hinge", "modified_huber")
 ALPHAS = (1e-4, 1e-2)
 
 
+demo_app = App("demo")
+
+
+@demo_app.function(cpu=1, memory="256Mi", timeout=600)
+def train(loss: str, alpha: float, epochs: int, data: Dataset) -> dict[str, Any]:
+    """Train one SGD classifier on the digits CSV, logging accuracy every epoch."""
+    return _train(data.path, loss=loss, alpha=alpha, epochs=epochs)
+
+
 def demo(
     epochs: Annotated[int, typer.Option(min=1, max=200, help="Training epochs per run.")] = 15,
 ) -> None:
-    """Train six classifiers, record each run, print the table and the best run."""
+    """Train six classifiers as a parallel sweep; print the runs table and the best run."""
     require("sklearn", extra="demo")
     out = console()
     settings = Settings.from_env()
-    data = _write_digits(settings.home / "demo" / "digits.csv")
-    app = App("demo", settings=settings)
-    batch = secrets.token_hex(4)
-    grid = list(itertools.product(LOSSES, ALPHAS))
-    for loss, alpha in track(grid, description="training", console=out, transient=True):
-        params = {"loss": loss, "alpha": alpha, "epochs": epochs, "data": Dataset(data)}
-        with app.run(params=params, tags={"batch": batch}) as run:
-            run.set_result(_train(data, loss=loss, alpha=alpha, epochs=epochs))
-    recorded = runs(app="demo", tags={"batch": batch}, order_by="-val_accuracy", settings=settings)
-    out.print(f"\n[bold]{len(recorded)} runs recorded[/] in {settings.store_url}\n")
+    data = Dataset(_write_digits(settings.home / "demo" / "digits.csv"))
+    grid = kiln_grid(loss=list(LOSSES), alpha=list(ALPHAS), epochs=[epochs], data=[data])
+    sweep = train.sweep(grid)
+    for run in track(sweep.runs, description="training", console=out, transient=True):
+        run.wait()
+    recorded = runs(parent=sweep.id, order_by="-val_accuracy", limit=None, settings=settings)
+    out.print(
+        f"\n[bold]sweep {sweep.id[:8]}: {len(recorded)} runs recorded[/] in {settings.store_url}\n"
+    )
     out.print(runs_table(recorded, metrics=["val_accuracy", "train_accuracy"]))
-    best = recorded[0]
+    best = sweep.best("val_accuracy")
     shown = ", ".join(f"{k}={fmt_value(v)}" for k, v in best.params.items() if k != "data")
     accuracy = fmt_value(best.summary["val_accuracy"])
     out.print(f"\n[bold green]best run[/] {best.id}  val_accuracy={accuracy}  ({shown})")
     out.print(f"details: kiln runs show {best.id[:8]}")
     out.print(f"compare: kiln runs compare {' '.join(r.id[:8] for r in recorded[:3])}")
+    out.print(f"the sweep: kiln runs ls --sweep {sweep.id[:8]}")
 
 
 def _write_digits(path: Path) -> Path:

@@ -48,10 +48,12 @@ def ls(
         str, typer.Option("--order-by", "-o", help="created, ended, or a metric; '-' descends.")
     ] = "-created",
     limit: Annotated[int, typer.Option("--limit", "-n", help="How many runs.")] = 20,
+    sweep: Annotated[str | None, typer.Option(help="Only the runs of this sweep.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List runs, newest first (or by a metric: -o -accuracy)."""
     records = runs(
+        parent=get_run(sweep).id if sweep else None,
         app=app_name,
         status=status,
         params=_pairs(param, "--param"),

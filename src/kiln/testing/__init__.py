@@ -1,0 +1,5 @@
+"""Fakes that implement Kiln's real interfaces, for testing code built on top of them."""
+
+from kiln.testing.backend import FakeBackend
+
+__all__ = ["FakeBackend"]
