@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +35,9 @@ from kiln.record.values import to_json
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
+# A run's "running" state reaches the store about this late (the engine's own handles
+# know at once); a run that ends sooner has it written together with its end.
+STARTED_DELAY_S = 0.05
 _log = logging.getLogger("kiln")
 
 
@@ -59,6 +63,10 @@ class Engine:
         self.recorder: Recorder = recorder_for(settings)
         self._calls: dict[str, Call] = {}
         self._lock = threading.Lock()
+        self._started: dict[str, dict[str, Any]] = {}  # "running" updates not yet written
+        self._events: queue.SimpleQueue[list[TaskEvent] | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="kiln-record", daemon=True)
+        self._writer.start()
         make = backend or _make_backend(settings)
         self.backend = make(detect_inventory(), self.report)
 
@@ -90,7 +98,35 @@ class Engine:
         return RunStatus.RUNNING if call.assigned else RunStatus.QUEUED
 
     def report(self, events: list[TaskEvent]) -> None:
-        """Called by the backend with a batch of events: record them, then resolve futures."""
+        """Called by the backend with a batch of events; the writer thread records them."""
+        self._events.put(events)
+
+    def _write_loop(self) -> None:
+        # Group commit: while one batch is written, the next events queue up behind
+        # it, so under load each transaction carries many runs' changes.
+        while True:
+            wait = STARTED_DELAY_S if self._started else None
+            events: list[TaskEvent] = []
+            stop = False
+            try:
+                first = self._events.get(timeout=wait)
+                while True:
+                    if first is None:
+                        stop = True
+                    else:
+                        events.extend(first)
+                    first = self._events.get_nowait()
+            except queue.Empty:
+                pass
+            self._report(events, flush_started=stop or self._started_due())
+            if stop:
+                return
+
+    def _started_due(self) -> bool:
+        oldest = min((u["started_at"] for u in self._started.values()), default=None)
+        return oldest is not None and time.time() - oldest >= STARTED_DELAY_S
+
+    def _report(self, events: list[TaskEvent], *, flush_started: bool) -> None:
         batch = WriteBatch()
         done: list[tuple[Call, Outcome]] = []
         retry: list[tuple[Call, float]] = []
@@ -102,17 +138,18 @@ class Engine:
                     continue
                 if isinstance(event, Started):
                     call.assigned = event.assigned
-                    batch.updates.append(
-                        {
-                            "id": event.run_id,
-                            "status": str(RunStatus.RUNNING),
-                            "started_at": now,
-                            "heartbeat_at": now,
-                            "attempt": event.attempt,
-                            "resources": self._resources(call),
-                        }
-                    )
+                    self._started[event.run_id] = {
+                        "id": event.run_id,
+                        "status": str(RunStatus.RUNNING),
+                        "started_at": now,
+                        "heartbeat_at": now,
+                        "attempt": event.attempt,
+                        "resources": self._resources(call),
+                    }
                     continue
+                started = self._started.pop(event.run_id, None)
+                if started is not None:
+                    batch.updates.append(started)
                 outcome = event.outcome
                 call.attempts.append(
                     {"attempt": event.attempt, "status": outcome.status, "cause": outcome.cause}
@@ -134,6 +171,9 @@ class Engine:
                 del self._calls[event.run_id]
                 self._finish(call, outcome, now, batch)
                 done.append((call, outcome))
+            if flush_started:
+                batch.updates.extend(self._started.values())
+                self._started.clear()
         try:
             self.recorder.store.write(batch)
         except Exception as exc:
@@ -194,6 +234,8 @@ class Engine:
     def close(self) -> None:
         """Stop the backend; whatever still runs or waits is recorded as cancelled."""
         self.backend.close()
+        self._events.put(None)
+        self._writer.join(timeout=30)
 
 
 def _result_json(value: Any) -> Any:

@@ -37,6 +37,7 @@ import cloudpickle
 from kiln._engine import Call, Engine, engine_for
 from kiln.compute.backends.base import Outcome, TaskSpec
 from kiln.compute.resources import Resources, detect_inventory
+from kiln.config import Settings
 from kiln.errors import NotFoundError, RunFailed, ValidationError
 from kiln.record.model import RunRecord, RunStatus
 from kiln.record.runs import ActiveRun, Dataset, new_run_id
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 CODE_SNAPSHOT_TTL_S = 2.0  # a call's code snapshot is at most this old
+_HOST = socket.gethostname()
 
 
 def grid(**axes: Iterable[Any]) -> list[dict[str, Any]]:
@@ -351,7 +353,7 @@ class Function(Generic[P, R]):
             if last:
                 self._finish_sweep(engine, sweep_id, len(spec), failed[0])
 
-        parent = self._row(sweep_id, {"runs": len(spec)}, None, time.time())
+        parent = self._row(self.app.settings, sweep_id, {"runs": len(spec)}, None, time.time())
         parent.update(
             status=str(RunStatus.RUNNING),
             started_at=parent["created_at"],
@@ -407,9 +409,13 @@ class Function(Generic[P, R]):
         return self._payload
 
     def _row(
-        self, run_id: str, params: dict[str, Any], parent_id: str | None, now: float
+        self,
+        settings: Settings,
+        run_id: str,
+        params: dict[str, Any],
+        parent_id: str | None,
+        now: float,
     ) -> dict[str, Any]:
-        settings = self.app.settings
         engine = engine_for(settings)
         return {
             "id": run_id,
@@ -417,7 +423,7 @@ class Function(Generic[P, R]):
             "function": self.name,
             "status": str(RunStatus.QUEUED),
             "actor": settings.actor,
-            "host": socket.gethostname(),
+            "host": _HOST,
             "pid": os.getpid(),
             "engine": settings.backend,
             "parent_id": parent_id,
@@ -470,7 +476,9 @@ class Function(Generic[P, R]):
                 sys_path=sys_path,
                 cwd=cwd,
             )
-            call = Call(self._row(run_id, params, parent_id, now), spec, retries=self.retries)
+            call = Call(
+                self._row(settings, run_id, params, parent_id, now), spec, retries=self.retries
+            )
             call.inputs = [
                 {
                     "run_id": run_id,

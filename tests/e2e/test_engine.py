@@ -295,23 +295,28 @@ def test_runs_of_a_driver_that_died_are_marked_lost(tmp_path: Path) -> None:
     script.write_text(
         textwrap.dedent(
             """
-            import time, kiln
+            import os, sys, time, kiln
+            from pathlib import Path
             app = kiln.App("orphans")
 
             @app.function()
-            def forever() -> None:
+            def forever(pid_file: str) -> None:
+                Path(pid_file).write_text(str(os.getpid()))
                 time.sleep(600)
 
             if __name__ == "__main__":
-                run = forever.spawn()
-                while run.status is not kiln.RunStatus.RUNNING:
+                run = forever.spawn(sys.argv[1])
+                while not Path(sys.argv[1]).exists():
                     time.sleep(0.05)
                 print(run.id, flush=True)
                 time.sleep(600)
             """
         )
     )
-    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True) as proc:
+    pid_file = tmp_path / "worker.pid"
+    with subprocess.Popen(
+        [sys.executable, str(script), str(pid_file)], stdout=subprocess.PIPE, text=True
+    ) as proc:
         assert proc.stdout is not None
         run_id = proc.stdout.readline().strip()
         proc.kill()
@@ -319,7 +324,7 @@ def test_runs_of_a_driver_that_died_are_marked_lost(tmp_path: Path) -> None:
     record = kiln.get_run(run_id)
     assert record.status is kiln.RunStatus.LOST
     assert record.error is not None and "ended without closing it" in record.error
-    worker = record.resources["assigned"]["worker_pid"]
+    worker = int(pid_file.read_text())
     deadline = time.time() + 10
     while _alive(worker) and time.time() < deadline:
         time.sleep(0.1)

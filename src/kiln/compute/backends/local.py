@@ -103,6 +103,7 @@ class LocalBackend:
     _inbox: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     _slots: dict[str, _Slot] = field(default_factory=dict)
     _idle: list[_Worker] = field(default_factory=list)
+    _timed: dict[str, _Slot] = field(default_factory=dict)  # running slots with a deadline
     _thread: threading.Thread | None = None
 
     def __post_init__(self) -> None:
@@ -151,7 +152,7 @@ class LocalBackend:
                 return
 
     def _until_deadline(self) -> float | None:
-        deadlines = [s.deadline for s in self._slots.values() if s.deadline is not None]
+        deadlines = [s.deadline for s in self._timed.values() if s.deadline is not None]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _handle(self, message: tuple[Any, ...], events: list[TaskEvent]) -> None:
@@ -221,6 +222,7 @@ class LocalBackend:
         slot.worker = worker
         if slot.spec.timeout_s is not None:
             slot.deadline = time.monotonic() + slot.spec.timeout_s
+            self._timed[slot.spec.run_id] = slot
         assigned: dict[str, Any] = {"worker_pid": worker.pid}
         if alloc.gpus:
             assigned["gpus"] = {str(i): share / 1000 for i, share in alloc.gpus}
@@ -244,6 +246,7 @@ class LocalBackend:
 
     def _end(self, slot: _Slot, outcome: Outcome, events: list[TaskEvent]) -> None:
         del self._slots[slot.spec.run_id]
+        self._timed.pop(slot.spec.run_id, None)
         events.append(Finished(slot.spec.run_id, slot.spec.attempt, outcome))
         if slot.worker is not None:
             for alloc in self._scheduler.handle(Release(slot.spec.run_id)):
@@ -251,7 +254,7 @@ class LocalBackend:
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
-        for slot in self._slots.values():
+        for slot in list(self._timed.values()):
             if slot.deadline is not None and now >= slot.deadline and slot.stop_cause is None:
                 slot.stop_cause = f"timed out after {slot.spec.timeout_s:g}s"
                 slot.deadline = None
