@@ -14,11 +14,18 @@ from pathlib import Path
 from _common import machine
 
 HERE = Path(__file__).parent
-BENCHES = ["bench_import.py", "bench_runs.py", "bench_query.py", "bench_ingest.py"]
+BENCHES = [
+    "bench_import.py",
+    "bench_runs.py",
+    "bench_query.py",
+    "bench_ingest.py",
+    "bench_scheduler.py",
+    "bench_engine.py",
+]
 
 
 def fmt(value: float, unit: str) -> str:
-    return f"{value:,.0f}" if unit == "points/s" else f"{value:.3g}"
+    return f"{value:,.0f}" if unit.endswith("/s") else f"{value:.3g}"
 
 
 def main() -> None:
@@ -65,6 +72,15 @@ NOTES = """
   snapshot adds git's own `status` (a process start, about 4 ms here); it runs on a
   helper thread beside the run's body, so a run that computes for longer than that
   does not wait for it.
+- **scheduler**: the pure admission core, no processes. The naive baseline is a
+  FIFO first-fit loop with none of the policy (priorities, GPU best fit, the
+  starvation guard), so the ratio is the price of the policy, not a goal.
+- **engine**: no-op functions, so the figures are Kiln's own overhead per run:
+  creating the run's record, scheduling, a warm worker's round trip over its pipe,
+  and recording the end (group-committed, one transaction for many runs under
+  load). `ProcessPoolExecutor` records nothing. The cold call is a new process's
+  first `f.remote()` against an existing store: engine start, worker interpreter
+  start and imports (kiln, cloudpickle), then the call.
 - **query**: 100,000 runs with two summary metrics each; ordering reads the
   `(key, value)` / `(app, key, value)` index of the summary table. The raw baseline
   returns bare rows; `kiln.runs` also fetches each run's summary and artifacts and

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import kiln
 from kiln.cli import app as cli
+from kiln.cli._render import STATUS_STYLE
 from kiln.config import Settings
 
 
@@ -200,3 +201,27 @@ def test_runs_ls_filters_by_sweep(three_runs: list[str]) -> None:
     listed = json.loads(result.output)
     assert sorted(r["params"]["x"] for r in listed) == [2, 3]
     assert {r["parent_id"] for r in listed} == {sweep.id}
+
+
+def test_the_table_shows_every_status() -> None:
+    from kiln.record.recorder import recorder_for
+    from kiln.record.store.base import WriteBatch
+
+    store = recorder_for(Settings.from_env()).store
+    rows = [
+        {
+            "id": f"{i:032x}",
+            "app": "st",
+            "status": str(status),
+            "created_at": float(i),
+            "params": {},
+            "tags": {},
+        }
+        for i, status in enumerate(kiln.RunStatus, start=1)
+    ]
+    store.write(WriteBatch(new_runs=rows))
+    result = CliRunner().invoke(cli, ["runs", "ls", "--app", "st"])
+    assert result.exit_code == 0, result.output
+    for status in kiln.RunStatus:
+        assert str(status) in result.output
+    assert set(kiln.RunStatus) == set(STATUS_STYLE)

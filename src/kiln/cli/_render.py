@@ -14,9 +14,12 @@ from rich.table import Table
 from kiln.record.model import RunRecord, RunStatus
 
 STATUS_STYLE = {
+    RunStatus.QUEUED: "dim",
     RunStatus.RUNNING: "cyan",
     RunStatus.SUCCEEDED: "green",
     RunStatus.FAILED: "red",
+    RunStatus.CANCELLED: "yellow",
+    RunStatus.LOST: "magenta",
 }
 
 

@@ -153,6 +153,8 @@ class Scheduler:
                 del self._queues[priority]
 
     def _admit(self) -> list[Allocation]:
+        if self.free_cpu <= 0 and not self._free_lunch():
+            return []
         admitted: list[Allocation] = []
         head: _Entry | None = None
         # Free capacity only shrinks during a pass: a shape that did not fit once will
