@@ -38,6 +38,9 @@ BACKOFF_MAX_S = 30.0
 # A run's "running" state reaches the store about this late (the engine's own handles
 # know at once); a run that ends sooner has it written together with its end.
 STARTED_DELAY_S = 0.05
+# Runs this engine owns get a fresh heartbeat this often, so that other hosts sharing
+# the store can tell them from runs whose driver died (see mark_lost_runs).
+HEARTBEAT_S = 10.0
 _log = logging.getLogger("kiln")
 
 
@@ -104,8 +107,9 @@ class Engine:
     def _write_loop(self) -> None:
         # Group commit: while one batch is written, the next events queue up behind
         # it, so under load each transaction carries many runs' changes.
+        last_beat = time.monotonic()
         while True:
-            wait = STARTED_DELAY_S if self._started else None
+            wait = STARTED_DELAY_S if self._started else HEARTBEAT_S
             events: list[TaskEvent] = []
             stop = False
             try:
@@ -121,6 +125,19 @@ class Engine:
             self._report(events, flush_started=stop or self._started_due())
             if stop:
                 return
+            if time.monotonic() - last_beat >= HEARTBEAT_S:
+                last_beat = time.monotonic()
+                self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        now = time.time()
+        with self._lock:
+            owned = [{"id": run_id, "heartbeat_at": now} for run_id in self._calls]
+        if owned:
+            try:
+                self.recorder.store.write(WriteBatch(updates=owned))
+            except Exception as exc:
+                _log.warning("kiln: heartbeat of %d runs failed: %s", len(owned), exc)
 
     def _started_due(self) -> bool:
         oldest = min((u["started_at"] for u in self._started.values()), default=None)

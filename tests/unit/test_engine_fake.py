@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 import kiln
@@ -61,3 +64,28 @@ def test_results_metrics_and_sweeps_are_recorded() -> None:
     assert sweep.best("double").params == {"x": 3}
     assert sweep.best("x", mode="min").params == {"x": 1}
     assert len(kiln.runs(parent=sweep.id)) == 3
+
+
+release = threading.Event()
+
+
+@app.function()
+def waits() -> None:
+    release.wait(30)  # the fake backend runs tasks in this process: the same event
+
+
+def test_owned_runs_get_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln import _engine
+
+    monkeypatch.setattr(_engine, "HEARTBEAT_S", 0.1)
+    engine = engine_for(Settings.from_env())
+    engine._events.put([])  # wake the writer so it picks up the shorter interval
+    run = waits.spawn()
+    first = run.record().heartbeat_at
+    deadline = time.time() + 10
+    while run.record().heartbeat_at == first and time.time() < deadline:
+        time.sleep(0.05)
+    beat = run.record().heartbeat_at
+    release.set()
+    run.result(timeout=30)
+    assert first is not None and beat is not None and beat > first

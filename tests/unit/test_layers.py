@@ -8,7 +8,16 @@ import kiln
 SRC = Path(kiln.__file__).parent
 FORBIDDEN = {
     "record": ("kiln.app", "kiln.cli", "kiln.compute", "kiln.registry", "kiln.serve"),
-    "compute": ("kiln.app", "kiln.cli", "kiln.registry", "kiln.serve", "kiln.function"),
+    "compute": (
+        "kiln.app",
+        "kiln.cli",
+        "kiln.registry",
+        "kiln.serve",
+        "kiln.function",
+        "kiln.record",
+        "kiln._engine",
+        "kiln._runner",
+    ),
     "config.py": ("kiln.record", "kiln.app", "kiln.cli"),
     "errors.py": ("kiln.",),
 }
