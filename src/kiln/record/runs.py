@@ -117,11 +117,31 @@ class ActiveRun:
         self._code = rec.capture_code(self.id, self._module_path)
         for dataset in self._inputs:
             self.use(dataset)
+        self._start_clock()
+        return self
+
+    def _start_clock(self) -> None:
+        """Become the current run and start measuring wall time, CPU time and memory."""
         self._maxrss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
+        self._peak_rss = 0
         self.sample_memory()
         self._token = _current.set(self)
-        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
-        return self
+        self._t0, self._cpu0 = time.perf_counter(), _cpu_seconds()
+
+    def _stop_clock(self) -> dict[str, Any]:
+        """Stop being the current run; return what it used."""
+        usage = {
+            "wall_s": time.perf_counter() - self._t0,
+            "cpu_s": _cpu_seconds() - self._cpu0,
+        }
+        self.sample_memory()
+        usage["peak_rss_bytes"] = self._peak_rss
+        if self._token is not None:
+            # closed from another context (atexit): there is nothing to restore
+            with contextlib.suppress(ValueError):
+                _current.reset(self._token)
+            self._token = None
+        return usage
 
     def __exit__(
         self,
@@ -144,20 +164,13 @@ class ActiveRun:
             self._finish(RunStatus.FAILED, reason)
 
     def _finish(self, status: RunStatus, error: str | None) -> None:
-        wall = time.perf_counter() - self._t0
-        cpu = time.process_time() - self._cpu0
-        self.sample_memory()
+        usage = self._stop_clock()
         self.status = status
         if isinstance(self.result, dict):
             for k, v in self.result.items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
                     self._last[k] = float(v)
                     self._logged = True
-        if self._token is not None:
-            # closed from another context (atexit): there is nothing to restore
-            with contextlib.suppress(ValueError):
-                _current.reset(self._token)
-            self._token = None
         if self._code is not None:
             self._code.result()
         self._rec().finish(
@@ -168,7 +181,7 @@ class ActiveRun:
                 "ended_at": time.time(),
                 "error": error,
                 "result": self.result,
-                "usage": {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": self._peak_rss},
+                "usage": usage,
             },
         )
 
@@ -288,15 +301,9 @@ class TaskRun(ActiveRun):
         super().__init__(settings, app=app)
         self.id = run_id
         self._usage: dict[str, Any] = {}
-        self._children0 = 0.0
 
     def __enter__(self) -> TaskRun:
-        self._maxrss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
-        self._peak_rss = 0
-        self.sample_memory()
-        self._children0 = _children_cpu()
-        self._token = _current.set(self)
-        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
+        self._start_clock()
         return self
 
     def __exit__(
@@ -305,13 +312,7 @@ class TaskRun(ActiveRun):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        wall = time.perf_counter() - self._t0
-        cpu = time.process_time() - self._cpu0 + _children_cpu() - self._children0
-        self.sample_memory()
-        if self._token is not None:
-            _current.reset(self._token)
-            self._token = None
-        self._usage = {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": self._peak_rss}
+        self._usage = self._stop_clock()
         if self._recorder is not None:  # it logged or saved: make that durable now
             self._recorder.finish(self, None)
 
@@ -327,9 +328,10 @@ class TaskRun(ActiveRun):
         return dict(self._usage)
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def _cpu_seconds() -> float:
+    """CPU time of this process and of the child processes it has waited for."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 class Dataset:
