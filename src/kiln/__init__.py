@@ -21,19 +21,21 @@ from kiln.record.model import Artifact, MetricPoint, RunRecord, RunStatus
 from kiln.record.runs import ActiveRun, Dataset, log, save
 
 if TYPE_CHECKING:
+    from kiln.envs.spec import Env
     from kiln.function import Function, MapResult, Run, Sweep, grid
 
 __version__ = "0.1.0"
 
 # The engine (and cloudpickle with it) loads when first used, so `import kiln` stays light.
-_LAZY = {"Function", "MapResult", "Run", "Sweep", "grid"}
+_LAZY = {"Function": "kiln.function", "MapResult": "kiln.function", "Run": "kiln.function",
+         "Sweep": "kiln.function", "grid": "kiln.function", "Env": "kiln.envs.spec"}  # fmt: skip
 
 
 def __getattr__(name: str) -> object:
     if name in _LAZY:
-        import kiln.function
+        import importlib
 
-        return getattr(kiln.function, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")
 
 
@@ -42,6 +44,7 @@ __all__ = [
     "App",
     "Artifact",
     "Dataset",
+    "Env",
     "Function",
     "KilnError",
     "MapResult",

@@ -56,6 +56,7 @@ class Call:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     assigned: dict[str, Any] = field(default_factory=dict)
     on_done: list[Any] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)  # env id and lock, if declared
 
 
 class Engine:
@@ -245,7 +246,7 @@ class Engine:
             "resources": self._resources(call),
         }
         if outcome.environment is not None:
-            update["environment"] = outcome.environment
+            update["environment"] = {**outcome.environment, **call.environment}
         batch.updates.append(update)
 
     def close(self) -> None:

@@ -117,6 +117,7 @@ def runs(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
     parent: str | None = None,
+    env_id: str | None = None,
     order_by: str = "-created",
     limit: int | None = 100,
     settings: Settings | None = None,
@@ -141,6 +142,7 @@ def runs(
         params=dict(params or {}),
         tags={k: str(v) for k, v in (tags or {}).items()},
         parent_id=parent,
+        env_id=env_id,
         order_by=order_by,
         limit=limit,
     )

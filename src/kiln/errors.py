@@ -11,6 +11,7 @@ The tree::
     ├── AmbiguousIdError       an id prefix matches more than one record
     ├── NoActiveRunError       kiln.log / kiln.save called outside a run
     ├── RunFailed              a run on an engine failed, timed out, was cancelled or lost
+    ├── EnvError               a declared environment cannot be resolved or built
     └── StoreError             the metadata store or blob store cannot be used
         ├── StoreUnavailableError  cannot connect (server down, wrong URL, missing file)
         └── StoreCorruptError      the store exists but is not a usable Kiln store
@@ -109,6 +110,18 @@ class RunFailed(KilnError):
         if self.traceback:
             text += "\n\nremote traceback:\n" + self.traceback.rstrip()
         return text
+
+
+class EnvError(KilnError):
+    """A declared environment could not be resolved or built; ``detail`` is uv's own account.
+
+    ``run_ids`` are the runs recorded as failed at the environment stage because of it.
+    """
+
+    def __init__(self, message: str, detail: str = "", run_ids: list[str] | None = None):
+        self.detail = detail.strip()
+        self.run_ids = run_ids or []
+        super().__init__(message + (f"\n{self.detail}" if self.detail else ""))
 
 
 class StoreError(KilnError):

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -38,7 +39,7 @@ from kiln._engine import Call, Engine, engine_for
 from kiln.compute.backends.base import Outcome, TaskSpec
 from kiln.compute.resources import Resources, detect_inventory
 from kiln.config import Settings
-from kiln.errors import NotFoundError, RunFailed, ValidationError
+from kiln.errors import EnvError, NotFoundError, RunFailed, ValidationError
 from kiln.record.model import RunRecord, RunStatus
 from kiln.record.runs import ActiveRun, Dataset, new_run_id
 from kiln.record.snapshot import capture_environment
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from kiln.app import App
+    from kiln.envs.manager import Materialized
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -280,9 +282,13 @@ class Function(Generic[P, R]):
             raise ValidationError("retries", f"{retries!r} is not a count", allowed="an int >= 0")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValidationError("priority", f"{priority!r} is not an int")
+        from kiln.envs.spec import Env
+
+        if env is not None and not isinstance(env, Env):
+            raise ValidationError("env", f"{env!r} is not a kiln.Env")
         self.timeout_s = None if timeout is None else float(timeout)
         self.retries = retries
-        self.env = env
+        self.env: Env | None = env
         self.priority = priority
         self.name = f"{fn.__module__}:{fn.__qualname__}"
         self._signature = inspect.signature(fn)
@@ -436,7 +442,7 @@ class Function(Generic[P, R]):
             "resources": {
                 "requested": self.resources.to_json(),
                 "limits": {"timeout_s": self.timeout_s, "retries": self.retries},
-                "env": None if self.env is None else repr(self.env),
+                "env": None if self.env is None else self.env.__kiln_json__(),
             },
         }
 
@@ -451,13 +457,14 @@ class Function(Generic[P, R]):
         settings = self.app.settings
         engine = engine_for(settings)
         engine.inventory.check(self.resources)
+        env = self._environment(engine, checked, parent)
         fn_key, fn_payload = self._function_payload()
         store = {
             "home": str(settings.home),
             "store_url": settings.store_url,
             "actor": settings.actor,
         }
-        sys_path, cwd = tuple(sys.path), str(Path.cwd())
+        sys_path, cwd = _code_paths(), str(Path.cwd())
         now = time.time()
         parent_id = parent["id"] if parent else None
         prepared = []
@@ -475,10 +482,14 @@ class Function(Generic[P, R]):
                 store=store,
                 sys_path=sys_path,
                 cwd=cwd,
+                python=str(env.python) if env else None,
+                env_lock=str(env.lock_file) if env else None,
             )
-            call = Call(
-                self._row(settings, run_id, params, parent_id, now), spec, retries=self.retries
-            )
+            row = self._row(settings, run_id, params, parent_id, now)
+            call = Call(row, spec, retries=self.retries)
+            if env is not None:
+                call.environment = {"env_id": env.env_id, "lock_sha256": env.lock_sha256}
+                row["environment"] = {**row["environment"], **call.environment}
             call.inputs = [
                 {
                     "run_id": run_id,
@@ -497,8 +508,69 @@ class Function(Generic[P, R]):
         engine.submit(prepared, parent=parent)
         return [Run(c.spec.run_id, engine, c.future) for c in prepared]
 
+    def _environment(
+        self, engine: Engine, checked: list[Any], parent: dict[str, Any] | None
+    ) -> Materialized | None:
+        """The built env for this function, or None; a failure is recorded, then raised."""
+        if self.env is None:
+            return None
+        from kiln.envs.manager import env_manager
+
+        manager = env_manager(engine.settings.home, engine.recorder.blobs)
+        try:
+            with _status(f"preparing environment ({len(self.env.packages)} packages)"):
+                return manager.ensure(self.env)
+        except EnvError as exc:
+            self._record_env_failure(engine, checked, parent, exc)
+            raise
+
+    def _record_env_failure(
+        self, engine: Engine, checked: list[Any], parent: dict[str, Any] | None, exc: EnvError
+    ) -> None:
+        from kiln.record.store.base import WriteBatch
+
+        now = time.time()
+        batch = WriteBatch(new_runs=[parent] if parent else [])
+        for _args, _kwargs, params, _datasets in checked:
+            parent_id = parent["id"] if parent else None
+            row = self._row(self.app.settings, new_run_id(), params, parent_id, now)
+            row.update(status=str(RunStatus.FAILED), ended_at=now, error=str(exc))
+            row["resources"] = {**row["resources"], "stage": "environment"}
+            batch.new_runs.append(row)
+            exc.run_ids.append(row["id"])
+        if parent:
+            parent.update(status=str(RunStatus.FAILED), ended_at=now, error=str(exc))
+        engine.recorder.store.write(batch)
+
     def __repr__(self) -> str:
         return f"<kiln.Function {self.name} app={self.app.name!r}>"
+
+
+@contextlib.contextmanager
+def _status(message: str) -> Iterator[None]:
+    """A spinner on a terminal while something slow happens; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(message):
+        yield
+
+
+def _code_paths() -> tuple[str, ...]:
+    """The caller's code folders: sys.path without the interpreter's own and installed
+    packages, which a worker in another environment must not see."""
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    out = []
+    for entry in sys.path:
+        path = entry or str(Path.cwd())
+        if "site-packages" in path or path.endswith(".zip"):
+            continue
+        if any(path == p or path.startswith(p + os.sep) for p in prefixes):
+            continue
+        out.append(path)
+    return tuple(out)
 
 
 def _result_record(value: Any) -> Any:

@@ -10,6 +10,7 @@ EXPECTED = {
     "App",
     "Artifact",
     "Dataset",
+    "Env",
     "Function",
     "KilnError",
     "MapResult",
@@ -46,7 +47,7 @@ def test_import_kiln_stays_light() -> None:
     """Heavy modules load on first use, not on import."""
     code = (
         "import sys, kiln; heavy = [m for m in ('sqlalchemy', 'alembic', 'typer', 'rich', "
-        "'psycopg', 'sklearn', 'numpy', 'cloudpickle') if m in sys.modules]; print(','.join(heavy))"
+        "'psycopg', 'sklearn', 'numpy', 'cloudpickle', 'packaging', 'uv') if m in sys.modules]; print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

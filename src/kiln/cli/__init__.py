@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from kiln.cli import demo, run, runs
+from kiln.cli import demo, envs, run, runs
 from kiln.errors import KilnError
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(runs.app, name="runs")
+app.add_typer(envs.app, name="envs")
 app.command("demo")(demo.demo)
 app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
     run.run

@@ -98,8 +98,17 @@ def main() -> None:
     init = recv(read_fd)
     if init is None:
         return
-    sys.path[:] = list(init["sys_path"])
+    # The caller's code folders go first; an env's own site-packages stay as they are.
+    for path in reversed(init["sys_path"]):
+        if path not in sys.path:
+            sys.path.insert(0, path)
     os.chdir(init["cwd"])
+    lock_path = os.environ.get("KILN_ENV_LOCK")
+    if lock_path:  # held (shared) for this worker's life, so the env is not pruned under it
+        import fcntl
+
+        env_lock = open(lock_path, "a")  # noqa: SIM115, PTH123  kept open on purpose
+        fcntl.flock(env_lock, fcntl.LOCK_SH)
     module, _, name = init["runner"].partition(":")
     runner = getattr(importlib.import_module(module), name)
     send(write_fd, {"ready": os.getpid()})

@@ -89,6 +89,8 @@ class EnvSnapshot:
     executable: str = ""
     packages_sha256: str | None = None
     package_count: int = 0
+    env_id: str | None = None  # a declared kiln.Env: its identity
+    lock_sha256: str | None = None  # ... and the blob of its lock
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,8 +29,10 @@ class TaskSpec:
     timeout_s: float | None = None
     attempt: int = 1
     store: dict[str, str] = field(default_factory=dict)  # home, store_url, actor
-    sys_path: tuple[str, ...] = ()
+    sys_path: tuple[str, ...] = ()  # the caller's code folders (not its site-packages)
     cwd: str = ""
+    python: str | None = None  # the env's interpreter; None: the caller's
+    env_lock: str | None = None  # held shared by workers of that env, so it is not pruned
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,12 @@ class _Worker:
     """One warm worker process and the thread that reads its replies."""
 
     def __init__(
-        self, key: tuple[str, str], inbox: queue.SimpleQueue[Any], env: dict[str, str], runner: str
+        self,
+        key: tuple[str, str],
+        inbox: queue.SimpleQueue[Any],
+        env: dict[str, str],
+        runner: str,
+        code_paths: list[str],
     ) -> None:
         self.key = key
         to_child_r, self._to_child = os.pipe()
@@ -54,7 +59,7 @@ class _Worker:
         self.pid = self.proc.pid
         self.task: str | None = None
         self.environment: dict[str, Any] | None = None  # sent with its first reply
-        init = {"sys_path": list(sys.path), "cwd": str(Path.cwd()), "runner": runner}
+        init = {"sys_path": code_paths, "cwd": str(Path.cwd()), "runner": runner}
         _worker.send(self._to_child, init)
         threading.Thread(target=self._read, args=(inbox,), daemon=True, name="kiln-worker").start()
 
@@ -217,7 +222,8 @@ class LocalBackend:
     def _dispatch(self, alloc: Allocation, events: list[TaskEvent]) -> None:
         slot = self._slots[alloc.task_id]
         cuda = alloc.cuda_visible_devices if self.inventory.gpus else None
-        worker = self._worker_for((self.python, cuda or ""), cuda)
+        spec = slot.spec
+        worker = self._worker_for((spec.python or self.python, cuda or ""), cuda, spec)
         worker.run(slot.spec)
         slot.worker = worker
         if slot.spec.timeout_s is not None:
@@ -230,14 +236,17 @@ class LocalBackend:
             assigned["cuda_visible_devices"] = cuda
         events.append(Started(slot.spec.run_id, slot.spec.attempt, assigned))
 
-    def _worker_for(self, key: tuple[str, str], cuda: str | None) -> _Worker:
+    def _worker_for(self, key: tuple[str, str], cuda: str | None, spec: TaskSpec) -> _Worker:
         for i, worker in enumerate(self._idle):
             if worker.key == key:
                 return self._idle.pop(i)
         env = dict(os.environ)
+        env.pop("VIRTUAL_ENV", None)
         if cuda is not None:
             env["CUDA_VISIBLE_DEVICES"] = cuda
-        return _Worker(key, self._inbox, env, self.runner)
+        if spec.env_lock:
+            env["KILN_ENV_LOCK"] = spec.env_lock
+        return _Worker(key, self._inbox, env, self.runner, list(spec.sys_path))
 
     def _park(self, worker: _Worker) -> None:
         self._idle.append(worker)

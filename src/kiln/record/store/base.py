@@ -51,6 +51,7 @@ class RunQuery:
     params: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     parent_id: str | None = None
+    env_id: str | None = None  # runs in this declared environment
     order_by: str = "-created"
     limit: int | None = 100
 

@@ -263,6 +263,8 @@ class SqlStore:
             where.append(runs.c.status.in_([str(s) for s in query.status]))
         if query.parent_id is not None:
             where.append(runs.c.parent_id == query.parent_id)
+        if query.env_id is not None:
+            where.append(_json_equals(runs.c.environment, "env_id", query.env_id, field="env_id"))
         for name, value in query.params.items():
             where.append(_json_equals(runs.c.params, name, value, field=f"params.{name}"))
         for name, value in query.tags.items():

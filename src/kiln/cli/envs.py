@@ -1,0 +1,123 @@
+"""``kiln envs ls|show|prune``: the cached environments."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from kiln.cli._render import console, fmt_time
+from kiln.config import Settings
+from kiln.envs.manager import EnvManager, env_manager
+from kiln.errors import ValidationError
+from kiln.record.blobs import BlobStore
+from kiln.record.model import RunStatus
+from kiln.record.store.base import RunQuery
+
+app = typer.Typer(help="List, show and prune cached environments.", no_args_is_help=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _manager() -> tuple[EnvManager, Settings]:
+    settings = Settings.from_env()
+    return env_manager(settings.home, BlobStore(settings.blob_dir)), settings
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@app.command("ls")
+def ls(as_json: JsonOpt = False) -> None:
+    """Cached environments, most recently used first."""
+    manager, _ = _manager()
+    infos = manager.installed()
+    if as_json:
+        typer.echo(json.dumps([i.to_dict() for i in infos], indent=2))
+        return
+    if not infos:
+        console().print("no environments yet")
+        return
+    table = Table(header_style="bold", show_edge=False)
+    for col in ("env", "python", "packages", "size", "created", "last used"):
+        table.add_column(col, no_wrap=True)
+    for i in infos:
+        table.add_row(
+            i.env_id[:12],
+            i.python,
+            str(i.packages),
+            _size(i.size_bytes),
+            fmt_time(i.created_at),
+            fmt_time(i.last_used_at),
+        )
+    console().print(table)
+
+
+@app.command("show")
+def show(
+    env_id: Annotated[str, typer.Argument(help="Env hash or a unique prefix of it.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """An environment's lock, size, last use, and the runs that used it."""
+    manager, settings = _manager()
+    info = manager.get(env_id)
+    from kiln.app import runs
+
+    used_by = [r.id for r in runs(env_id=info.env_id, limit=50, settings=settings)]
+    lock = manager.lock_text(info)
+    if as_json:
+        typer.echo(json.dumps({**info.to_dict(), "lock": lock, "runs": used_by}, indent=2))
+        return
+    out = console()
+    out.print(f"[bold]env[/] {info.env_id}\n[bold]path[/] {info.path}")
+    out.print(
+        f"[bold]python[/] {info.python}  [bold]size[/] {_size(info.size_bytes)}  "
+        f"[bold]last used[/] {fmt_time(info.last_used_at)}"
+    )
+    out.print(f"[bold]lock[/] (blob {info.lock_sha256[:16]})")
+    out.print(lock.rstrip(), highlight=False, markup=False)
+    out.print(f"[bold]runs[/] ({len(used_by)}): " + (" ".join(r[:8] for r in used_by) or "none"))
+
+
+@app.command("prune")
+def prune(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Unused for this long: 30m, 12h, 7d, 2w.")
+    ] = "7d",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove environments unused for a while; never one a queued or running task uses."""
+    match = _DURATION.match(older_than)
+    if match is None:
+        raise ValidationError(
+            "--older-than",
+            f"{older_than!r} is not a duration",
+            allowed="a number with s, m, h, d or w, e.g. 7d",
+        )
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    manager, settings = _manager()
+    in_use: set[str] = set()
+    if settings.home.joinpath("kiln.db").exists() or not settings.store_url.startswith("sqlite"):
+        from kiln.record.recorder import recorder_for
+
+        store = recorder_for(settings, create=False).store
+        active = store.query_runs(
+            RunQuery(status=(RunStatus.QUEUED, RunStatus.RUNNING), limit=None)
+        )
+        in_use = {r.environment.env_id for r in active if r.environment.env_id}
+    removed = manager.prune(seconds, in_use, dry_run=dry_run)
+    if as_json:
+        typer.echo(json.dumps({"removed": removed, "dry_run": dry_run}))
+        return
+    verb = "would remove" if dry_run else "removed"
+    console().print(f"{verb} {len(removed)} environment(s)" + "".join(f"\n  {r}" for r in removed))

@@ -1,0 +1,420 @@
+"""Resolve, lock, build and cache environments with uv.
+
+Layout under ``KILN_HOME/envs``::
+
+    <env-id>/                 a virtual environment, built from its lock; ready when
+                              .kiln-env.json exists (it is written last, then renamed in)
+    <env-id>.lock             file lock: builders hold it exclusively, workers shared
+    declarations/<key>.json   declaration key -> env id and lock blob (skips the resolver)
+    _kiln/<key>/              links to kiln and the few packages its worker needs
+    builds.log                one line per build
+
+An env's identity is the sha256 of its normalized lock and the interpreter, so the
+same packages on the same interpreter are one directory, however they were asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.envs.spec import Env
+from kiln.errors import EnvError, NotFoundError, ValidationError
+from kiln.record.blobs import BlobStore
+
+READY = ".kiln-env.json"
+LAST_USED = ".kiln-last-used"
+# What a worker inside an env needs of Kiln's own dependencies; everything else the
+# env must bring itself.
+WORKER_DISTRIBUTIONS = ("cloudpickle", "SQLAlchemy", "alembic", "psycopg", "psycopg-binary")
+_UV_TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True, slots=True)
+class Materialized:
+    """A built environment ready to run tasks."""
+
+    env_id: str
+    path: Path
+    python: Path
+    lock_sha256: str
+    resolved: bool  # the resolver ran for this request
+    built: bool  # the env was built for this request
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path.parent / f"{self.env_id}.lock"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvInfo:
+    """One cached environment, as ``kiln envs ls`` shows it."""
+
+    env_id: str
+    path: Path
+    python: str
+    packages: int
+    size_bytes: int
+    created_at: float
+    last_used_at: float
+    lock_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "env_id": self.env_id, "path": str(self.path), "python": self.python,
+            "packages": self.packages, "size_bytes": self.size_bytes,
+            "created_at": self.created_at, "last_used_at": self.last_used_at,
+            "lock_sha256": self.lock_sha256,
+        }  # fmt: skip
+
+
+class EnvManager:
+    """Environments of one ``KILN_HOME``."""
+
+    def __init__(self, home: Path, blobs: BlobStore) -> None:
+        self.root = home / "envs"
+        self.blobs = blobs
+        import uv
+
+        self.uv = uv.find_uv_bin()
+
+    # -- ensure ------------------------------------------------------------------------
+
+    def ensure(self, env: Env) -> Materialized:
+        """The built environment for ``env``: cached, or resolved and built now."""
+        interpreter, interpreter_id = self._interpreter(env.python)
+        key = env.declaration_key(interpreter_id)
+        declared = self.root / "declarations" / f"{key}.json"
+        resolved = False
+        if declared.is_file():
+            record = json.loads(declared.read_text())
+            env_id, lock_sha = record["env_id"], record["lock_sha256"]
+        else:
+            lock = self._resolve(env, interpreter)
+            resolved = True
+            env_id = hashlib.sha256(f"{lock}\n{interpreter_id}".encode()).hexdigest()
+            lock_sha = self.blobs.put_bytes(lock.encode())
+            _write_atomically(declared, json.dumps({"env_id": env_id, "lock_sha256": lock_sha}))
+        path = self.root / env_id
+        built = False
+        if not (path / READY).is_file():
+            lock_text = self.blobs.read(lock_sha).decode()
+            built = self._build(env_id, lock_text, lock_sha, interpreter, interpreter_id, env)
+        (path / LAST_USED).touch()
+        return Materialized(env_id, path, path / "bin" / "python", lock_sha, resolved, built)
+
+    def _interpreter(self, python: str | None) -> tuple[str, str]:
+        """The interpreter's path and an identity that names its version and platform."""
+        if python is None:
+            exe = sys.executable
+        else:
+            found = self._uv("python", "find", python, what=f"find Python {python}")
+            exe = found.strip().splitlines()[-1]
+        return exe, _interpreter_id(exe)
+
+    def _resolve(self, env: Env, interpreter: str) -> str:
+        with tempfile.TemporaryDirectory(prefix="kiln-resolve-") as tmp:
+            inputs = []
+            if env.packages:
+                source = Path(tmp) / "requirements.in"
+                source.write_text("\n".join(env.packages) + "\n")
+                inputs.append(str(source))
+            if env.requirements is not None:
+                if env.requirements.name == "uv.lock":
+                    exported = Path(tmp) / "uv-lock.txt"
+                    exported.write_text(
+                        self._uv(
+                            "export",
+                            "--frozen",
+                            "--format",
+                            "requirements-txt",
+                            "--no-emit-project",
+                            "--no-header",
+                            "--no-hashes",
+                            "--directory",
+                            str(env.requirements.parent),
+                            what=f"read {env.requirements}",
+                        )
+                    )
+                    inputs.append(str(exported))
+                else:
+                    inputs.append(str(env.requirements))
+            args = [
+                "pip",
+                "compile",
+                "--generate-hashes",
+                "--no-header",
+                "--no-annotate",
+                "--python",
+                interpreter,
+                "--quiet",
+                *inputs,
+            ]
+            if env.index:
+                args += ["--index-url", env.index]
+            return _normalize_lock(self._uv(*args, what="resolve the environment"))
+
+    def _build(
+        self,
+        env_id: str,
+        lock: str,
+        lock_sha: str,
+        interpreter: str,
+        interpreter_id: str,
+        env: Env,
+    ) -> bool:
+        self.root.mkdir(parents=True, exist_ok=True)
+        target = self.root / env_id
+        with _flock(self.root / f"{env_id}.lock", fcntl.LOCK_EX):
+            if (target / READY).is_file():  # another process built it while we waited
+                return False
+            tmp = self.root / f".tmp-{env_id[:16]}-{secrets.token_hex(4)}"
+            try:
+                self._uv(
+                    "venv",
+                    "--relocatable",
+                    "--quiet",
+                    "--python",
+                    interpreter,
+                    str(tmp),
+                    what="create the environment",
+                )
+                (tmp / "kiln.lock").write_text(lock)
+                args = [
+                    "pip",
+                    "sync",
+                    "--require-hashes",
+                    "--quiet",
+                    "--python",
+                    str(tmp / "bin" / "python"),
+                    str(tmp / "kiln.lock"),
+                ]
+                if env.index:
+                    args += ["--index-url", env.index]
+                self._uv(*args, what="install the environment")
+                site = _site_packages(tmp / "bin" / "python")
+                (site / "_kiln.pth").write_text(str(self._kiln_overlay()) + "\n")
+                (tmp / READY).write_text(json.dumps({
+                    "env_id": env_id, "lock_sha256": lock_sha, "interpreter": interpreter_id,
+                    "created_at": time.time(), "built_by_pid": os.getpid(),
+                }))  # fmt: skip
+                if target.exists():  # a leftover of a crashed build: never marked ready
+                    shutil.rmtree(target)
+                tmp.rename(target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            with (self.root / "builds.log").open("a") as log:
+                log.write(f"{time.time():.3f} {env_id} pid={os.getpid()}\n")
+        return True
+
+    def _kiln_overlay(self) -> Path:
+        """A directory of links to kiln and the packages its worker imports, appended to
+        the env's path after its own site-packages, so the env's versions win."""
+        roots: dict[str, Path] = {"kiln": Path(__file__).resolve().parent.parent}
+        for dist in _closure(WORKER_DISTRIBUTIONS):
+            for name, path in _import_roots(dist).items():
+                roots.setdefault(name, path)
+        key = hashlib.sha256(
+            json.dumps(sorted((n, str(p)) for n, p in roots.items())).encode()
+        ).hexdigest()[:16]
+        overlay = self.root / "_kiln" / key
+        if not overlay.is_dir():
+            tmp = overlay.with_name(f".tmp-{key}-{secrets.token_hex(4)}")
+            tmp.mkdir(parents=True)
+            for name, path in roots.items():
+                (tmp / name).symlink_to(path)
+            with contextlib.suppress(OSError):  # another process made it first
+                tmp.rename(overlay)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return overlay
+
+    def _uv(self, *args: str, what: str) -> str:
+        proc = subprocess.run(
+            [self.uv, *args],
+            capture_output=True,
+            text=True,
+            timeout=_UV_TIMEOUT_S,
+            env={**os.environ, "VIRTUAL_ENV": ""},
+        )
+        if proc.returncode != 0:
+            raise EnvError(f"environment: could not {what}", proc.stderr or proc.stdout)
+        return proc.stdout
+
+    # -- inventory -----------------------------------------------------------------------
+
+    def installed(self) -> list[EnvInfo]:
+        if not self.root.is_dir():
+            return []
+        infos = []
+        for path in sorted(self.root.iterdir()):
+            if (path / READY).is_file():
+                infos.append(self._info(path))
+        return sorted(infos, key=lambda i: i.last_used_at, reverse=True)
+
+    def get(self, prefix: str) -> EnvInfo:
+        matches = [i for i in self.installed() if i.env_id.startswith(prefix.lower())]
+        if not prefix or not matches:
+            raise NotFoundError(f"no environment {prefix!r}; `kiln envs ls` lists them")
+        if len(matches) > 1:
+            raise ValidationError(
+                "HASH", f"{prefix!r} matches {len(matches)} environments; give more"
+            )
+        return matches[0]
+
+    def lock_text(self, info: EnvInfo) -> str:
+        return (info.path / "kiln.lock").read_text()
+
+    def prune(self, older_than_s: float, in_use: set[str], *, dry_run: bool = False) -> list[str]:
+        """Remove envs unused for ``older_than_s``; never one in ``in_use`` or held by a worker."""
+        removed = []
+        cutoff = time.time() - older_than_s
+        for info in self.installed():
+            if info.last_used_at > cutoff or info.env_id in in_use:
+                continue
+            lock_path = self.root / f"{info.env_id}.lock"
+            with lock_path.open("a") as lock:
+                try:  # workers hold a shared lock on their env for as long as they live
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                if not dry_run:
+                    doomed = self.root / f".trash-{info.env_id[:16]}-{secrets.token_hex(4)}"
+                    info.path.rename(doomed)  # gone for readers at once, then deleted
+                    shutil.rmtree(doomed, ignore_errors=True)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+            removed.append(info.env_id)
+        return removed
+
+    def _info(self, path: Path) -> EnvInfo:
+        meta = json.loads((path / READY).read_text())
+        lock = path / "kiln.lock"
+        packages = sum(1 for line in lock.read_text().splitlines() if "==" in line)
+        last_used = path / LAST_USED
+        return EnvInfo(
+            env_id=path.name,
+            path=path,
+            python=meta.get("interpreter", ""),
+            packages=packages,
+            size_bytes=sum(p.lstat().st_size for p in path.rglob("*")),
+            created_at=meta.get("created_at", 0.0),
+            last_used_at=last_used.stat().st_mtime if last_used.exists() else meta["created_at"],
+            lock_sha256=meta.get("lock_sha256", ""),
+        )
+
+
+def _normalize_lock(text: str) -> str:
+    """The lock without comments or blank lines: the same resolution, the same bytes."""
+    lines = [line.rstrip() for line in text.splitlines()]
+    return "\n".join(line for line in lines if line and not line.lstrip().startswith("#")) + "\n"
+
+
+_interpreter_ids: dict[str, str] = {}
+
+
+def _interpreter_id(exe: str) -> str:
+    if exe not in _interpreter_ids:
+        if exe == sys.executable:
+            import platform
+
+            impl, version = platform.python_implementation(), platform.python_version()
+            out = f"{impl}-{version}-{sys.platform}-{platform.machine()}"
+        else:
+            code = (
+                "import platform, sys; print(f'{platform.python_implementation()}-"
+                "{platform.python_version()}-{sys.platform}-{platform.machine()}')"
+            )
+            out = subprocess.run(
+                [exe, "-c", code], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        _interpreter_ids[exe] = out
+    return _interpreter_ids[exe]
+
+
+def _site_packages(python: Path) -> Path:
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    return Path(
+        subprocess.run(
+            [str(python), "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+
+
+def _closure(names: tuple[str, ...]) -> list[importlib.metadata.Distribution]:
+    """The installed distributions among ``names`` and everything they require."""
+    from packaging.requirements import Requirement
+
+    seen: dict[str, importlib.metadata.Distribution] = {}
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        key = name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        seen[key] = dist
+        for text in dist.requires or ():
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return list(seen.values())
+
+
+def _import_roots(dist: importlib.metadata.Distribution) -> dict[str, Path]:
+    """Top-level modules and packages a distribution installed, by name."""
+    roots: dict[str, Path] = {}
+    for file in dist.files or ():
+        parts = file.parts
+        if not parts or parts[0].endswith((".dist-info", ".egg-info", ".pth")) or parts[0] == "..":
+            continue
+        if parts[0] == "__pycache__" or parts[0].endswith(".data"):
+            continue
+        located = Path(str(dist.locate_file(parts[0])))
+        if located.exists():  # linked under its own name: a module keeps its suffix
+            roots.setdefault(parts[0], located)
+    return roots
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    with path.open("a") as f:
+        fcntl.flock(f, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_managers: dict[str, EnvManager] = {}
+
+
+def env_manager(home: Path, blobs: BlobStore) -> EnvManager:
+    """The process's manager for this ``KILN_HOME``."""
+    key = str(home)
+    if key not in _managers:
+        _managers[key] = EnvManager(home, blobs)
+    return _managers[key]
