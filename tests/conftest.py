@@ -35,6 +35,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _uv_cache() -> None:
+    """Packages the env tests download are cached in a folder the tests own, across runs."""
+    os.environ.setdefault("UV_CACHE_DIR", str(Path(__file__).parent.parent / ".cache" / "uv"))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every test records into its own KILN_HOME; recorders are closed after it."""

@@ -213,6 +213,7 @@ class Engine:
     def _resources(self, call: Call) -> dict[str, Any]:
         spec = call.spec
         return {
+            **(call.row.get("resources") or {}),  # what the caller declared, e.g. its env
             "requested": spec.resources.to_json(),
             "limits": {"timeout_s": spec.timeout_s, "retries": call.retries},
             "assigned": call.assigned,

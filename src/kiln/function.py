@@ -407,10 +407,13 @@ class Function(Generic[P, R]):
     def _function_payload(self) -> tuple[str, bytes]:
         if self._payload is None:
             module, qualname = self.fn.__module__, self.fn.__qualname__
-            if module != "__main__" and "<locals>" not in qualname and _importable(module):
+            by_reference = self.env is None and module != "__main__" and "<locals>" not in qualname
+            if by_reference and _importable(module):
                 self._payload = (self.name, cloudpickle.dumps(("ref", module, qualname)))
-            else:  # __main__, a notebook or a closure: ship the function by value
-                data = cloudpickle.dumps(self.fn)
+            else:
+                # __main__, a notebook, a closure, or a function with its own env: by value.
+                # In an env, the function's module may import what the env does not have.
+                data = _by_value(self.fn)
                 self._payload = (hashlib.sha256(data).hexdigest(), data)
         return self._payload
 
@@ -578,6 +581,20 @@ def _result_record(value: Any) -> Any:
         return to_json(value, "result")
     except ValidationError:
         return {"type": f"{type(value).__module__}.{type(value).__qualname__}", "recorded": False}
+
+
+def _by_value(fn: Callable[..., Any]) -> bytes:
+    module = sys.modules.get(fn.__module__)
+    data: bytes
+    if module is None or module.__name__ in ("__main__", "builtins"):
+        data = cloudpickle.dumps(fn)
+        return data
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        data = cloudpickle.dumps(fn)
+        return data
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
 
 
 @functools.lru_cache(maxsize=256)

@@ -141,8 +141,9 @@ def test_demo_records_a_real_experiment() -> None:
     assert len(best.metric_history("val_accuracy")) == 4
     assert {a.name for a in best.artifacts} >= {"model.pkl"}
     assert best.datasets[0].sha256 == best.params["data"]["sha256"]
-    model = best.load("model.pkl")["model"]
-    assert model.predict(model.coef_[:1] * 0).shape == (1,)
+    model = best.artifact("model.pkl")
+    assert model.kind == "pickle" and model.size > 1000
+    assert best.environment.env_id and best.resources["env"]["packages"] == ["scikit-learn>=1.4"]
 
 
 TRAIN_SCRIPT = """

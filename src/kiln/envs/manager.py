@@ -40,7 +40,14 @@ READY = ".kiln-env.json"
 LAST_USED = ".kiln-last-used"
 # What a worker inside an env needs of Kiln's own dependencies; everything else the
 # env must bring itself.
-WORKER_DISTRIBUTIONS = ("cloudpickle", "SQLAlchemy", "alembic", "psycopg", "psycopg-binary")
+WORKER_DISTRIBUTIONS = (
+    "cloudpickle",
+    "SQLAlchemy",
+    "alembic",
+    "packaging",
+    "psycopg",
+    "psycopg-binary",
+)
 _UV_TIMEOUT_S = 1800
 
 
