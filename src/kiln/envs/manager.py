@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,23 +108,53 @@ class EnvManager:
         interpreter, interpreter_id = self._interpreter(env.python)
         key = env.declaration_key(interpreter_id)
         declared = self.root / "declarations" / f"{key}.json"
-        resolved = False
-        if declared.is_file():
-            record = json.loads(declared.read_text())
-            env_id, lock_sha = record["env_id"], record["lock_sha256"]
-        else:
-            lock = self._resolve(env, interpreter)
-            resolved = True
-            env_id = hashlib.sha256(f"{lock}\n{interpreter_id}".encode()).hexdigest()
-            lock_sha = self.blobs.put_bytes(lock.encode())
-            _write_atomically(declared, json.dumps({"env_id": env_id, "lock_sha256": lock_sha}))
+        resolved = built = False
+        if not declared.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            with _flock(self.root / f".declaration-{key[:16]}.lock", fcntl.LOCK_EX):
+                if not declared.is_file():  # nobody resolved it while we waited
+                    built = self._resolve_and_build(env, declared, interpreter, interpreter_id)
+                    resolved = True
+        record = json.loads(declared.read_text())
+        env_id, lock_sha = record["env_id"], record["lock_sha256"]
         path = self.root / env_id
-        built = False
-        if not (path / READY).is_file():
-            lock_text = self.blobs.read(lock_sha).decode()
-            built = self._build(env_id, lock_text, lock_sha, interpreter, interpreter_id, env)
+        if not (path / READY).is_file():  # pruned since: rebuilt from its lock, no resolver
+            built = self._build(env_id, lock_sha, interpreter_id, env, interpreter=interpreter)
         (path / LAST_USED).touch()
         return Materialized(env_id, path, path / "bin" / "python", lock_sha, resolved, built)
+
+    def _resolve_and_build(
+        self, env: Env, declared: Path, interpreter: str, interpreter_id: str
+    ) -> bool:
+        """Resolve the hashed lock while the empty venv is created beside it, then sync
+        the venv to the lock (from uv's cache, which the resolver has just filled)."""
+        prepared = self.root / f".tmp-{declared.stem[:16]}-{secrets.token_hex(4)}"
+        with tempfile.TemporaryDirectory(prefix="kiln-resolve-") as work:
+            inputs = self._inputs(env, Path(work))
+            with ThreadPoolExecutor(2, thread_name_prefix="kiln-env") as pool:
+                lock_job = pool.submit(self._compile, env, interpreter, inputs)
+                venv_job = pool.submit(self._venv, prepared, interpreter)
+                try:
+                    lock = lock_job.result()
+                except BaseException:
+                    venv_job.exception()  # wait for it, then throw it away
+                    shutil.rmtree(prepared, ignore_errors=True)
+                    raise
+                speculative = venv_job.exception() is None
+        if not speculative:
+            shutil.rmtree(prepared, ignore_errors=True)
+        env_id = hashlib.sha256(f"{lock}\n{interpreter_id}".encode()).hexdigest()
+        lock_sha = self.blobs.put_bytes(lock.encode())
+        built = self._build(
+            env_id,
+            lock_sha,
+            interpreter_id,
+            env,
+            prepared=prepared if speculative else None,
+            interpreter=interpreter,
+        )
+        _write_atomically(declared, json.dumps({"env_id": env_id, "lock_sha256": lock_sha}))
+        return built
 
     def _interpreter(self, python: str | None) -> tuple[str, str]:
         """The interpreter's path and an identity that names its version and platform."""
@@ -133,87 +165,78 @@ class EnvManager:
             exe = found.strip().splitlines()[-1]
         return exe, _interpreter_id(exe)
 
-    def _resolve(self, env: Env, interpreter: str) -> str:
-        with tempfile.TemporaryDirectory(prefix="kiln-resolve-") as tmp:
-            inputs = []
-            if env.packages:
-                source = Path(tmp) / "requirements.in"
-                source.write_text("\n".join(env.packages) + "\n")
-                inputs.append(str(source))
-            if env.requirements is not None:
-                if env.requirements.name == "uv.lock":
-                    exported = Path(tmp) / "uv-lock.txt"
-                    exported.write_text(
-                        self._uv(
-                            "export",
-                            "--frozen",
-                            "--format",
-                            "requirements-txt",
-                            "--no-emit-project",
-                            "--no-header",
-                            "--no-hashes",
-                            "--directory",
-                            str(env.requirements.parent),
-                            what=f"read {env.requirements}",
-                        )
+    def _inputs(self, env: Env, work: Path) -> list[str]:
+        """The declaration as files uv reads: requirements, a pyproject, an exported uv.lock."""
+        inputs = []
+        if env.packages:
+            source = work / "requirements.in"
+            source.write_text("\n".join(env.packages) + "\n")
+            inputs.append(str(source))
+        if env.requirements is not None:
+            if env.requirements.name == "uv.lock":
+                exported = work / "uv-lock.txt"
+                exported.write_text(
+                    self._uv(
+                        "export",
+                        "--frozen",
+                        "--format",
+                        "requirements-txt",
+                        "--no-emit-project",
+                        "--no-header",
+                        "--no-hashes",
+                        "--directory",
+                        str(env.requirements.parent),
+                        what=f"read {env.requirements}",
                     )
-                    inputs.append(str(exported))
-                else:
-                    inputs.append(str(env.requirements))
-            args = [
-                "pip",
-                "compile",
-                "--generate-hashes",
-                "--no-header",
-                "--no-annotate",
-                "--python",
-                interpreter,
-                "--quiet",
-                *inputs,
-            ]
-            if env.index:
-                args += ["--index-url", env.index]
-            return _normalize_lock(self._uv(*args, what="resolve the environment"))
+                )
+                inputs.append(str(exported))
+            else:
+                inputs.append(str(env.requirements))
+        return inputs
+
+    def _compile(self, env: Env, interpreter: str, inputs: list[str]) -> str:
+        args = ["pip", "compile", "--generate-hashes", "--no-header", "--no-annotate",
+                "--python", interpreter, "--quiet", *inputs]  # fmt: skip
+        if env.index:
+            args += ["--index-url", env.index]
+        return _normalize_lock(self._uv(*args, what="resolve the environment"))
+
+    def _venv(self, venv: Path, interpreter: str) -> None:
+        self._uv("venv", "--relocatable", "--quiet", "--python", interpreter, str(venv),
+                 what="create the environment")  # fmt: skip
 
     def _build(
         self,
         env_id: str,
-        lock: str,
         lock_sha: str,
-        interpreter: str,
         interpreter_id: str,
         env: Env,
+        *,
+        interpreter: str,
+        prepared: Path | None = None,
     ) -> bool:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Make ``root/env_id`` from its lock, atomically: built aside, renamed in last."""
+        lock = self.blobs.read(lock_sha).decode()
         target = self.root / env_id
         with _flock(self.root / f"{env_id}.lock", fcntl.LOCK_EX):
             if (target / READY).is_file():  # another process built it while we waited
+                if prepared is not None:
+                    shutil.rmtree(prepared, ignore_errors=True)
                 return False
-            tmp = self.root / f".tmp-{env_id[:16]}-{secrets.token_hex(4)}"
+            tmp = prepared or self.root / f".tmp-{env_id[:16]}-{secrets.token_hex(4)}"
             try:
-                self._uv(
-                    "venv",
-                    "--relocatable",
-                    "--quiet",
-                    "--python",
-                    interpreter,
-                    str(tmp),
-                    what="create the environment",
-                )
+                if prepared is None:
+                    self._venv(tmp, interpreter)
                 (tmp / "kiln.lock").write_text(lock)
-                args = [
-                    "pip",
-                    "sync",
-                    "--require-hashes",
-                    "--quiet",
-                    "--python",
-                    str(tmp / "bin" / "python"),
-                    str(tmp / "kiln.lock"),
-                ]
+                args = ["pip", "sync", "--require-hashes", "--quiet", "--python",
+                        str(tmp / "bin" / "python"), str(tmp / "kiln.lock")]  # fmt: skip
                 if env.index:
                     args += ["--index-url", env.index]
-                self._uv(*args, what="install the environment")
-                site = _site_packages(tmp / "bin" / "python")
+                try:  # the resolver has just fetched what the lock names: try uv's cache first
+                    self._uv(*args, "--offline", what="install the environment")
+                except EnvError:
+                    self._uv(*args, what="install the environment")
+                site = _site_packages(tmp)
                 (site / "_kiln.pth").write_text(str(self._kiln_overlay()) + "\n")
                 (tmp / READY).write_text(json.dumps({
                     "env_id": env_id, "lock_sha256": lock_sha, "interpreter": interpreter_id,
@@ -232,13 +255,7 @@ class EnvManager:
     def _kiln_overlay(self) -> Path:
         """A directory of links to kiln and the packages its worker imports, appended to
         the env's path after its own site-packages, so the env's versions win."""
-        roots: dict[str, Path] = {"kiln": Path(__file__).resolve().parent.parent}
-        for dist in _closure(WORKER_DISTRIBUTIONS):
-            for name, path in _import_roots(dist).items():
-                roots.setdefault(name, path)
-        key = hashlib.sha256(
-            json.dumps(sorted((n, str(p)) for n, p in roots.items())).encode()
-        ).hexdigest()[:16]
+        roots, key = _overlay_roots()
         overlay = self.root / "_kiln" / key
         if not overlay.is_dir():
             tmp = overlay.with_name(f".tmp-{key}-{secrets.token_hex(4)}")
@@ -352,13 +369,28 @@ def _interpreter_id(exe: str) -> str:
     return _interpreter_ids[exe]
 
 
-def _site_packages(python: Path) -> Path:
+def _site_packages(venv: Path) -> Path:
+    found = list(venv.glob("lib/python*/site-packages"))
+    if len(found) == 1:
+        return found[0]
+    python = venv / "bin" / "python"
     code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     return Path(
         subprocess.run(
             [str(python), "-c", code], capture_output=True, text=True, check=True
         ).stdout.strip()
     )
+
+
+@functools.cache
+def _overlay_roots() -> tuple[dict[str, Path], str]:
+    """What the overlay links to, and a key naming that set (computed once per process)."""
+    roots: dict[str, Path] = {"kiln": Path(__file__).resolve().parent.parent}
+    for dist in _closure(WORKER_DISTRIBUTIONS):
+        for name, path in _import_roots(dist).items():
+            roots.setdefault(name, path)
+    listing = json.dumps(sorted((n, str(p)) for n, p in roots.items()))
+    return roots, hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
 def _closure(names: tuple[str, ...]) -> list[importlib.metadata.Distribution]:
