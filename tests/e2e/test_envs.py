@@ -178,3 +178,14 @@ def test_envs_cli_lists_shows_and_prunes_but_not_what_is_in_use() -> None:
     assert CliRunner().invoke(cli, ["envs", "ls", "--json"]).output.strip() == "[]"
     bad = CliRunner().invoke(cli, ["envs", "prune", "--older-than", "soon"])
     assert bad.exit_code != 0
+
+
+def test_a_python_version_is_found_by_uv_and_a_missing_one_is_explained() -> None:
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    pinned = app.function(env=kiln.Env(packages=["six==1.16.0"], python=version))(outside.fn)
+    assert pinned.remote() != os.getpid()
+    record = kiln.runs(app="envs", limit=1)[0]
+    assert record.environment.python.startswith(version) and record.environment.env_id
+    ancient = app.function(env=kiln.Env(packages=["six"], python="2.6"))(outside.fn)
+    with pytest.raises(EnvError, match="could not find Python 2.6"):
+        ancient.remote()
