@@ -85,11 +85,11 @@ NOTES = """
 - **envs**: warm reuse is a no-op `f.remote()` whose env is built and whose worker
   is warm, against the same call without env. The cold build is a declaration
   Kiln has not seen, in an existing `KILN_HOME`: uv resolves it to a hashed lock
-  while the empty venv is made, then syncs the venv from the lock out of uv's
-  just-refreshed cache. uv's own baseline resolves and installs in one step; Kiln
-  pays for writing and hashing the lock. The margin under the 1.2x goal is thin
-  (1.17-1.18x in repeated runs). A brand-new `KILN_HOME` also pays, once, for
-  linking Kiln into its envs.
+  while, beside it, the venv is made and filled from uv's cache alone (no
+  network); then the venv is synced to the lock, which makes it exact. uv's own
+  baseline resolves and installs in one step. A brand-new `KILN_HOME` also pays,
+  once, for linking Kiln into its envs. With an empty uv cache both sides are
+  bound by the same downloads.
 - **query**: 100,000 runs with two summary metrics each; ordering reads the
   `(key, value)` / `(app, key, value)` index of the summary table. The raw baseline
   returns bare rows; `kiln.runs` also fetches each run's summary and artifacts and

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +133,7 @@ class EnvManager:
             inputs = self._inputs(env, Path(work))
             with ThreadPoolExecutor(2, thread_name_prefix="kiln-env") as pool:
                 lock_job = pool.submit(self._compile, env, interpreter, inputs)
-                venv_job = pool.submit(self._venv, prepared, interpreter)
+                venv_job = pool.submit(self._venv, prepared, interpreter, env, inputs)
                 try:
                     lock = lock_job.result()
                 except BaseException:
@@ -201,9 +201,23 @@ class EnvManager:
             args += ["--index-url", env.index]
         return _normalize_lock(self._uv(*args, what="resolve the environment"))
 
-    def _venv(self, venv: Path, interpreter: str) -> None:
+    def _venv(
+        self, venv: Path, interpreter: str, env: Env | None = None, inputs: Sequence[str] = ()
+    ) -> None:
+        """Create an empty venv; with ``inputs``, also install them from uv's cache alone.
+
+        That runs beside the resolver and needs no network: whatever it manages to
+        install, the sync to the lock that follows makes exact.
+        """
         self._uv("venv", "--relocatable", "--quiet", "--python", interpreter, str(venv),
                  what="create the environment")  # fmt: skip
+        if not inputs or env is None or env.index:
+            return
+        args = ["pip", "install", "--offline", "--quiet", "--python", str(venv / "bin" / "python")]
+        for source in inputs:
+            args += ["-r", source]
+        with contextlib.suppress(EnvError):  # not all in the cache: the sync will fetch it
+            self._uv(*args, what="prefill the environment")
 
     def _build(
         self,
