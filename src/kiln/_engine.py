@@ -199,12 +199,20 @@ class Engine:
             for call, _ in done:
                 call.future.set_exception(exc)
             return
+        self._after_write(done, retry)
+
+    def _after_write(
+        self, done: list[tuple[Call, Outcome]], retry: list[tuple[Call, float]]
+    ) -> None:
+        """Once recorded: queue retries, seal ended runs, resolve their futures."""
         for call, delay in retry:
             spec = replace(call.spec, attempt=len(call.attempts) + 1)
             call.spec = spec
             timer = threading.Timer(delay, self.backend.submit, args=([spec],))
             timer.daemon = True
             timer.start()
+        if done:
+            self.recorder.seal_later([call.spec.run_id for call, _ in done])
         for call, outcome in done:
             call.future.set_result(outcome)
             for callback in call.on_done:

@@ -44,12 +44,13 @@ class Recorder:
         self.blobs = BlobStore(settings.blob_dir)
         from kiln.record.store.sql import SqlStore  # SQLAlchemy loads on first use
 
-        self.store = SqlStore(settings.store_url, self.blobs, create=create)
+        self.store = SqlStore(settings.store_url, self.blobs, create=create, actor=settings.actor)
         mark_lost_runs(self.store)
         self.code = CodeCapture(self.blobs)
         self.active: dict[str, ActiveRun] = {}
         self._points: list[MetricRow] = []
         self._pending = WriteBatch()
+        self._to_seal: list[str] = []  # ended runs, sealed in the audit log off the hot path
         self._lock = threading.Lock()  # guards _points, _pending and active
         self._flush_lock = threading.Lock()  # one flush at a time
         self._wake = threading.Event()
@@ -112,15 +113,26 @@ class Recorder:
                 self._pending.updates.append(update)
             self._pending.summaries.extend(run.take_summary())
         self.flush()
+        if update is not None:  # the run has ended here (a worker's runs end in the engine)
+            self.seal_later([run.id])
+
+    def seal_later(self, run_ids: list[str]) -> None:
+        """Seal these ended runs in the audit log at the next background flush."""
+        with self._lock:
+            self._to_seal.extend(run_ids)
+        self._ensure_thread()
 
     # -- flushing ------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Make everything recorded so far durable. Raises if the store refuses it."""
+    def flush(self, *, seal: bool = False) -> None:
+        """Make everything recorded so far durable (and, with ``seal``, seal ended runs).
+        Raises if the store refuses it."""
         with self._flush_lock:
             with self._lock:
                 batch, self._pending = self._pending, WriteBatch()
                 batch.metrics, self._points = self._points, []
+                if seal:
+                    batch.seal, self._to_seal = self._to_seal, []
                 for run in self.active.values():
                     batch.summaries.extend(run.take_summary())
             try:
@@ -137,6 +149,7 @@ class Recorder:
             p = self._pending
             p.new_runs[:0], p.artifacts[:0] = batch.new_runs, batch.artifacts
             p.updates[:0], p.summaries[:0] = batch.updates, batch.summaries
+            self._to_seal[:0] = batch.seal
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -157,7 +170,7 @@ class Recorder:
             if runs:
                 self.enqueue(updates=[{"id": r.id, "heartbeat_at": now} for r in runs])
             try:
-                self.flush()
+                self.flush(seal=True)
             except Exception as exc:  # keep the points; the next flush retries
                 _log.warning("kiln: flushing to %s failed, will retry: %s", self.store.url, exc)
 
@@ -174,7 +187,7 @@ class Recorder:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         try:
-            self.flush()
+            self.flush(seal=True)
         finally:
             self.store.close()
 

@@ -70,6 +70,24 @@ summary = sa.Table(
     sa.Index("ix_summary_app_key_value", "app", "key", "value"),
 )
 
+# 0003: every mutating action, hash-chained (see kiln.record.audit).
+audit = sa.Table(
+    "audit",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("time", sa.Double, nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(200), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),  # canonical JSON, hashed as it is
+    sa.Column("payload_sha256", sa.String(64), nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Index("ix_audit_action", "action"),
+    sa.Index("ix_audit_target", "target"),
+    sa.Index("ix_audit_actor", "actor"),
+)
+
 artifacts = sa.Table(
     "artifacts",
     metadata,

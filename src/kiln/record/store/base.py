@@ -30,10 +30,16 @@ class WriteBatch:
     summaries: list[tuple[str, str, str, float]] = field(default_factory=list)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
+    seal: list[str] = field(default_factory=list)  # ended runs to seal in the audit log
 
     def __bool__(self) -> bool:
         return bool(
-            self.new_runs or self.metrics or self.summaries or self.artifacts or self.updates
+            self.new_runs
+            or self.metrics
+            or self.summaries
+            or self.artifacts
+            or self.updates
+            or self.seal
         )
 
 

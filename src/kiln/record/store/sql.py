@@ -7,6 +7,7 @@ as tuples, and a whole flush is one transaction.
 from __future__ import annotations
 
 import fcntl
+import json
 import math
 import time
 from collections import defaultdict
@@ -26,12 +27,14 @@ from kiln.errors import (
     StoreUnavailableError,
     ValidationError,
 )
+from kiln.record import audit
 from kiln.record.blobs import BlobStore
 from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
 from kiln.record.store._schema import artifacts, metrics, runs, summary
+from kiln.record.store._schema import audit as audit_log
 from kiln.record.store.base import RunQuery, WriteBatch
 
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,
@@ -53,8 +56,16 @@ class SqlStore:
     in which case a missing SQLite file is an error rather than a new empty store.
     """
 
-    def __init__(self, url: str, blobs: BlobStore | None = None, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        blobs: BlobStore | None = None,
+        *,
+        create: bool = True,
+        actor: str = "unknown",
+    ) -> None:
         parsed = make_url(url)
+        self.actor = actor  # recorded on audit events that carry no actor of their own
         self.url = parsed.render_as_string(hide_password=True)
         self.blobs = blobs
         self.dialect = parsed.get_backend_name()
@@ -129,6 +140,120 @@ class SqlStore:
                     {"_id": fields["id"], **{k: fields[k] for k in cols}}
                 )
             self._update(conn, pending)
+            events = audit.events_for_writes(
+                batch.new_runs, batch.updates, batch.artifacts, actor=self.actor, now=time.time()
+            )
+            if batch.seal:
+                events += self._seals(conn, batch.seal)
+            if events:
+                self._append(conn, events)
+
+    def _append(self, conn: Connection, events: list[audit.Event]) -> None:
+        if self.dialect == "postgresql":  # one appender at a time; SQLite's write lock does this
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7152)"))
+        last = conn.execute(
+            sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+        ).first()
+        seq, prev = (last[0], last[1]) if last else (0, audit.GENESIS)
+        conn.execute(audit_log.insert(), audit.chain(events, seq, prev))
+
+    def _seals(self, conn: Connection, run_ids: list[str]) -> list[audit.Event]:
+        now = time.time()
+        return [
+            audit.Event("run.seal", run_id, self._seal_payload(conn, run_id), now, self.actor)
+            for run_id in run_ids
+        ]
+
+    def _seal_payload(self, conn: Connection, run_id: str) -> dict[str, Any]:
+        points = conn.execute(
+            sa.select(metrics.c.key, metrics.c.step, metrics.c.time, metrics.c.value)
+            .where(metrics.c.run_id == run_id)
+            .order_by(metrics.c.key, metrics.c.step, metrics.c.time)
+        )
+        values = conn.execute(
+            sa.select(summary.c.key, summary.c.value).where(summary.c.run_id == run_id)
+        )
+        arts = conn.execute(
+            sa.select(
+                artifacts.c.name, artifacts.c.direction, artifacts.c.sha256, artifacts.c.size
+            ).where(artifacts.c.run_id == run_id)
+        )
+        return audit.seal_payload(
+            ((k, s, t, _nan_none(v)) for k, s, t, v in points),
+            {k: _nan_none(v) for k, v in values},
+            (tuple(a) for a in arts),
+        )
+
+    # -- the audit log ---------------------------------------------------------------
+
+    def audit_events(
+        self,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        target: str | None = None,
+        limit: int | None = 100,
+    ) -> list[dict[str, Any]]:
+        """Audit events, newest first, filtered by actor, action and target (prefix)."""
+        stmt = sa.select(audit_log).order_by(audit_log.c.seq.desc()).limit(limit)
+        if actor:
+            stmt = stmt.where(audit_log.c.actor == actor)
+        if action:
+            stmt = stmt.where(audit_log.c.action == action)
+        if target:
+            stmt = stmt.where(audit_log.c.target.startswith(target))
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    def verify(self) -> Iterator[audit.Problem]:
+        """Recompute the chain, every seal against the data, and every referenced blob."""
+        cols = [
+            audit_log.c[name]
+            for name in ("seq", "time", "actor", "action", "target", "payload",
+                         "payload_sha256", "prev_hash", "hash")
+        ]  # fmt: skip
+        with self._engine.connect() as conn:
+            rows = conn.execution_options(yield_per=10_000).execute(
+                sa.select(*cols).order_by(audit_log.c.seq)
+            )
+            problems = list(audit.verify_chain(iter(rows)))
+            yield from problems
+            if problems:
+                return
+            seals = conn.execute(
+                sa.select(audit_log.c.seq, audit_log.c.target, audit_log.c.payload)
+                .where(audit_log.c.action == "run.seal")
+                .order_by(audit_log.c.seq)
+            ).all()
+            latest = {target: (seq, payload) for seq, target, payload in seals}
+            for run_id, (seq, payload) in latest.items():
+                now = self._seal_payload(conn, run_id)
+                recorded = json.loads(payload)
+                for part in ("metrics", "summary", "artifacts"):
+                    if now[f"{part}_sha256"] != recorded[f"{part}_sha256"]:
+                        yield audit.Problem(
+                            seq, f"run {run_id}: its {part} changed after event {seq} sealed them"
+                        )
+            yield from self._verify_blobs(conn)
+
+    def _verify_blobs(self, conn: Connection) -> Iterator[audit.Problem]:
+        if self.blobs is None:
+            return
+        from kiln._hashing import sha256_file
+
+        referenced = {r[0] for r in conn.execute(sa.select(artifacts.c.sha256).distinct())}
+        for code, env in conn.execute(sa.select(runs.c.code, runs.c.environment)):
+            code, env = code or {}, env or {}
+            for blob in (code.get("patch_sha256"), code.get("source_blob"),
+                         env.get("packages_sha256"), env.get("lock_sha256")):  # fmt: skip
+                if blob:
+                    referenced.add(blob)
+        for sha in sorted(referenced):
+            path = self.blobs.path(sha)
+            if not path.is_file():
+                yield audit.Problem(None, f"blob {sha} is referenced but missing")
+            elif sha256_file(path)[0] != sha:
+                yield audit.Problem(None, f"blob {sha} does not hash to its name: it was changed")
 
     def _update(
         self, conn: Connection, groups: dict[tuple[str, ...], list[dict[str, Any]]]
@@ -437,3 +562,7 @@ def _json_equals(
             allowed=["str", "int", "float", "bool"],
         )
     return condition
+
+
+def _nan_none(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value

@@ -1,0 +1,159 @@
+"""The audit log: every mutating action, appended as a hash-chained event.
+
+An event is (seq, time, actor, action, target, payload, payload_sha256, prev_hash,
+hash) with ``hash = sha256(seq, time, actor, action, target, payload_sha256,
+prev_hash)``. Changing, removing or reordering any event breaks the chain from
+there on. The store appends events in the same transaction as the writes they
+describe, so nothing is written without its event.
+
+Actions: ``run.create``, ``run.end``, ``artifact.save`` (written with the data) and
+``run.seal``: after a run ends, a digest of its metric points, summary and
+artifacts, so that later edits to them are found by :func:`verify`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+GENESIS = "0" * 64
+TERMINAL = ("succeeded", "failed", "cancelled", "lost")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    action: str
+    target: str
+    payload: Mapping[str, Any]
+    time: float
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Where verification failed, and why."""
+
+    seq: int | None
+    message: str
+
+
+def canonical(payload: Any) -> str:
+    """JSON with sorted keys and no spaces; non-finite numbers as strings."""
+    return json.dumps(_finite(payload), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def chain_hash(
+    seq: int, time: float, actor: str, action: str, target: str, payload_sha: str, prev: str
+) -> str:
+    line = f"{seq}\n{time!r}\n{actor}\n{action}\n{target}\n{payload_sha}\n{prev}"
+    return hashlib.sha256(line.encode()).hexdigest()
+
+
+def chain(events: Iterable[Event], last_seq: int, last_hash: str) -> list[dict[str, Any]]:
+    """Rows for ``events``, numbered and chained after (last_seq, last_hash)."""
+    rows = []
+    seq, prev = last_seq, last_hash
+    for e in events:
+        seq += 1
+        text = canonical(e.payload)
+        payload_sha = sha256_text(text)
+        digest = chain_hash(seq, e.time, e.actor, e.action, e.target, payload_sha, prev)
+        rows.append({
+            "seq": seq, "time": e.time, "actor": e.actor, "action": e.action,
+            "target": e.target, "payload": text, "payload_sha256": payload_sha,
+            "prev_hash": prev, "hash": digest,
+        })  # fmt: skip
+        prev = digest
+    return rows
+
+
+def events_for_writes(
+    new_runs: list[dict[str, Any]],
+    updates: list[dict[str, Any]],
+    artifacts: list[dict[str, Any]],
+    *,
+    actor: str,
+    now: float,
+) -> list[Event]:
+    """The events a batch of writes implies: runs created, runs ended, artifacts saved."""
+    events = []
+    for row in new_runs:
+        payload = {k: row.get(k) for k in ("app", "function", "status", "params", "tags",
+                                            "parent_id", "engine", "code")}  # fmt: skip
+        events.append(Event("run.create", row["id"], payload, now, row.get("actor") or actor))
+        if row.get("status") in TERMINAL:  # created already ended (an env failure)
+            events.append(Event("run.end", row["id"], _end(row), now, row.get("actor") or actor))
+    for update in updates:
+        if update.get("status") in TERMINAL:
+            events.append(Event("run.end", update["id"], _end(update), now, actor))
+    for art in artifacts:
+        payload = {k: art[k] for k in ("name", "direction", "kind", "sha256", "size")}
+        events.append(Event("artifact.save", art["run_id"], payload, now, actor))
+    return events
+
+
+def _end(fields: Mapping[str, Any]) -> dict[str, Any]:
+    error = fields.get("error")
+    return {
+        "status": fields.get("status"),
+        "result": fields.get("result"),
+        "error_sha256": sha256_text(error) if error else None,
+    }
+
+
+def seal_payload(
+    metrics: Iterable[tuple[str, int, float, float | None]],
+    summary: Mapping[str, float | None],
+    artifacts: Iterable[tuple[str, str, str, int]],
+) -> dict[str, Any]:
+    """Digests of a run's data as stored: its metric points (by key, step, time),
+    its summary and its artifacts. Recomputed by :func:`verify` from the same rows."""
+    digest = hashlib.sha256()
+    count = 0
+    for key, step, t, value in metrics:
+        digest.update(f"{key}\t{step}\t{t!r}\t{value!r}\n".encode())
+        count += 1
+    return {
+        "metric_points": count,
+        "metrics_sha256": digest.hexdigest(),
+        "summary_sha256": sha256_text(canonical(dict(sorted(summary.items())))),
+        "artifacts_sha256": sha256_text(canonical(sorted(list(a) for a in artifacts))),
+    }
+
+
+def verify_chain(rows: Iterator[tuple[Any, ...]]) -> Iterator[Problem]:
+    """Check numbering, links, payload hashes and event hashes, in order."""
+    expected_seq, prev = 1, GENESIS
+    for seq, time, actor, action, target, payload, payload_sha, prev_hash, digest in rows:
+        if seq != expected_seq:
+            yield Problem(expected_seq, f"event {expected_seq} is missing (next is {seq})")
+            return
+        if prev_hash != prev:
+            yield Problem(seq, f"event {seq} does not follow event {seq - 1}: the chain is broken")
+            return
+        if sha256_text(payload) != payload_sha:
+            yield Problem(seq, f"event {seq} ({action} {target}): its payload was changed")
+            return
+        if chain_hash(seq, time, actor, action, target, payload_sha, prev_hash) != digest:
+            yield Problem(seq, f"event {seq} ({action} {target}) was changed")
+            return
+        prev = digest
+        expected_seq += 1
