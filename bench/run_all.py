@@ -22,6 +22,7 @@ BENCHES = [
     "bench_scheduler.py",
     "bench_engine.py",
     "bench_envs.py",
+    "bench_audit.py",
 ]
 
 
@@ -90,6 +91,10 @@ NOTES = """
   baseline resolves and installs in one step. A brand-new `KILN_HOME` also pays,
   once, for linking Kiln into its envs. With an empty uv cache both sides are
   bound by the same downloads.
+- **audit**: `SqlStore.verify()` (what `kiln audit verify` runs) over 1,000,000
+  chained events on SQLite: every event's payload hash and chain hash recomputed
+  in order. The baseline reads the same rows with sqlite3 and hashes one line per
+  event, the least any check of the chain can do.
 - **query**: 100,000 runs with two summary metrics each; ordering reads the
   `(key, value)` / `(app, key, value)` index of the summary table. The raw baseline
   returns bare rows; `kiln.runs` also fetches each run's summary and artifacts and
