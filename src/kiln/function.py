@@ -40,8 +40,8 @@ from kiln.compute.backends.base import Outcome, TaskSpec
 from kiln.compute.resources import Resources, detect_inventory
 from kiln.config import Settings
 from kiln.errors import EnvError, NotFoundError, RunFailed, ValidationError
-from kiln.record.model import RunRecord, RunStatus
-from kiln.record.runs import ActiveRun, Dataset, new_run_id
+from kiln.record.model import Artifact, RunRecord, RunStatus
+from kiln.record.runs import ActiveRun, Dataset, input_row, new_run_id
 from kiln.record.snapshot import capture_environment
 from kiln.record.values import to_json
 
@@ -385,16 +385,16 @@ class Function(Generic[P, R]):
 
     def _params(
         self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> tuple[dict[str, Any], list[Dataset]]:
+    ) -> tuple[dict[str, Any], list[Dataset | Artifact]]:
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise ValidationError("arguments", f"{self.name}: {exc}") from None
         bound.apply_defaults()
         params: dict[str, Any] = {}
-        datasets = []
+        datasets: list[Dataset | Artifact] = []
         for name, value in bound.arguments.items():
-            if isinstance(value, Dataset):
+            if isinstance(value, Dataset | Artifact):
                 datasets.append(value)
             try:
                 params[name] = to_json(value, f"params.{name}")
@@ -493,18 +493,7 @@ class Function(Generic[P, R]):
             if env is not None:
                 call.environment = {"env_id": env.env_id, "lock_sha256": env.lock_sha256}
                 row["environment"] = {**row["environment"], **call.environment}
-            call.inputs = [
-                {
-                    "run_id": run_id,
-                    "name": d.name,
-                    "direction": "in",
-                    "kind": "dataset",
-                    "sha256": d.sha256,
-                    "size": d.size,
-                    "uri": str(d.path),
-                }
-                for d in datasets
-            ]
+            call.inputs = [input_row(run_id, d) for d in datasets]
             if on_done is not None:
                 call.on_done.append(on_done)
             prepared.append(call)

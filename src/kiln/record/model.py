@@ -15,6 +15,7 @@ from kiln.errors import NotFoundError
 
 if TYPE_CHECKING:
     from kiln.record.blobs import BlobStore
+    from kiln.record.lineage import Lineage
     from kiln.record.store.base import Store
 
 
@@ -56,6 +57,10 @@ class Artifact:
     sha256: str
     size: int
     uri: str | None = None
+
+    def __kiln_json__(self) -> dict[str, Any]:
+        """As a param: what it is and its hash, so that lineage can follow it."""
+        return {"artifact": self.name, "sha256": self.sha256}
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +175,12 @@ class RunRecord:
         if self._store is None:
             raise NotFoundError("this record is detached from its store")
         return self._store.metric_history(self.id, key)
+
+    def lineage(self) -> Lineage:
+        """The runs and artifacts upstream and downstream of this run."""
+        if self._store is None:
+            raise NotFoundError("this record is detached from its store")
+        return self._store.lineage(self.id)  # type: ignore[attr-defined, no-any-return]
 
     def artifact(self, name: str) -> Artifact:
         """The output artifact called ``name``."""

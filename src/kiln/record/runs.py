@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from kiln._hashing import sha256_file, sha256_tree
 from kiln.config import Settings
 from kiln.errors import NoActiveRunError, ValidationError
-from kiln.record.model import RunStatus
+from kiln.record.model import Artifact, RunStatus
 from kiln.record.snapshot import capture_environment
 from kiln.record.store.base import MetricRow
 from kiln.record.values import check_params, check_tags, metric_step, metric_value, to_json
@@ -80,7 +80,7 @@ class ActiveRun:
         self._peak_rss = 0
         self._maxrss_at_start = 0
         self._t0 = self._cpu0 = 0.0
-        self._inputs = [v for v in (params or {}).values() if isinstance(v, Dataset)]
+        self._inputs = [v for v in (params or {}).values() if isinstance(v, Dataset | Artifact)]
         self._code: Future[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
@@ -269,21 +269,9 @@ class ActiveRun:
         self._rec().enqueue(artifacts=rows)
         return sha
 
-    def use(self, dataset: Dataset) -> None:
-        """Record ``dataset`` as an input of this run."""
-        self._rec().enqueue(
-            artifacts=[
-                _artifact_row(
-                    self.id,
-                    dataset.name,
-                    "in",
-                    "dataset",
-                    dataset.sha256,
-                    dataset.size,
-                    str(dataset.path),
-                )
-            ]
-        )
+    def use(self, item: Dataset | Artifact) -> None:
+        """Record a dataset, or another run's artifact, as an input of this run."""
+        self._rec().enqueue(artifacts=[input_row(self.id, item)])
 
     def __repr__(self) -> str:
         return f"<ActiveRun {self.id} app={self.app!r} status={self.status}>"
@@ -410,6 +398,15 @@ def caller_module() -> Path | None:
             return path if path.is_file() else None
         frame = frame.f_back  # type: ignore[assignment]
     return None
+
+
+def input_row(run_id: str, item: Dataset | Artifact) -> dict[str, Any]:
+    """The artifacts-table row recording ``item`` as an input of ``run_id``."""
+    if isinstance(item, Dataset):
+        return _artifact_row(
+            run_id, item.name, "in", "dataset", item.sha256, item.size, str(item.path)
+        )
+    return _artifact_row(run_id, item.name, "in", item.kind, item.sha256, item.size, item.uri)
 
 
 def _artifact_name(name: object) -> str:

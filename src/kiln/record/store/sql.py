@@ -29,6 +29,7 @@ from kiln.errors import (
 )
 from kiln.record import audit
 from kiln.record.blobs import BlobStore
+from kiln.record.lineage import Lineage
 from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
 from kiln.record.store._schema import artifacts, metrics, runs, summary
 from kiln.record.store._schema import audit as audit_log
@@ -183,6 +184,112 @@ class SqlStore:
             {k: _nan_none(v) for k, v in values},
             (tuple(a) for a in arts),
         )
+
+    # -- lineage ---------------------------------------------------------------------
+
+    def lineage(self, ref: str, *, depth: int = 20) -> Lineage:
+        """The graph upstream and downstream of a run (id or prefix) or an artifact (sha256
+        or prefix of at least 8 characters)."""
+        return self._guard(lambda: self._lineage(ref, depth))
+
+    def _lineage(self, ref: str, depth: int) -> Lineage:
+        with self._engine.connect() as conn:
+            try:
+                root = self._get_run(ref).id
+                start_runs, start_shas = {root}, set()
+            except RunNotFoundError:
+                found = (
+                    conn.execute(
+                        sa.select(artifacts.c.sha256)
+                        .distinct()
+                        .where(
+                            artifacts.c.sha256 >= ref.lower(),
+                            artifacts.c.sha256 < ref.lower() + "g",
+                        )
+                        .limit(2)
+                    )
+                    .scalars()
+                    .all()
+                )
+                if len(ref) < 8 or len(found) != 1:
+                    raise RunNotFoundError(ref) from None
+                root = found[0]
+                start_runs, start_shas = set(), {root}
+            graph = Lineage(root)
+            for direction in ("up", "down"):
+                self._walk(conn, graph, set(start_runs), set(start_shas), direction, depth)
+            for row in conn.execute(
+                sa.select(runs.c.id, runs.c.app, runs.c.name, runs.c.function, runs.c.status).where(
+                    runs.c.id.in_(list(graph.runs))
+                )
+            ):
+                graph.runs[row.id] = {
+                    "app": row.app,
+                    "name": row.name,
+                    "function": row.function,
+                    "status": row.status,
+                }
+        graph.edges = sorted(set(graph.edges))
+        return graph
+
+    def _walk(
+        self,
+        conn: Connection,
+        graph: Lineage,
+        run_ids: set[str],
+        shas: set[str],
+        direction: str,
+        depth: int,
+    ) -> None:
+        # Upstream: a run's inputs, then the runs that produced them. Downstream: a
+        # run's outputs, then the runs that consumed them. One query per hop.
+        mine, theirs = ("in", "out") if direction == "up" else ("out", "in")
+        seen_runs: set[str] = set()
+        for _ in range(depth):
+            run_ids -= seen_runs
+            seen_runs |= run_ids
+            if run_ids:
+                for a in conn.execute(
+                    sa.select(artifacts).where(
+                        artifacts.c.run_id.in_(list(run_ids)), artifacts.c.direction == mine
+                    )
+                ).mappings():
+                    graph.artifacts.setdefault(
+                        a["sha256"], {"name": a["name"], "kind": a["kind"], "size": a["size"]}
+                    )
+                    edge = (
+                        (a["sha256"], a["run_id"], "consumed")
+                        if mine == "in"
+                        else (a["run_id"], a["sha256"], "produced")
+                    )
+                    graph.edges.append(edge)  # type: ignore[arg-type]
+                    shas.add(a["sha256"])
+            if not shas:
+                break
+            next_runs = set()
+            for a in conn.execute(
+                sa.select(artifacts).where(
+                    artifacts.c.sha256.in_(list(shas)), artifacts.c.direction == theirs
+                )
+            ).mappings():
+                graph.artifacts.setdefault(
+                    a["sha256"], {"name": a["name"], "kind": a["kind"], "size": a["size"]}
+                )
+                edge = (
+                    (a["run_id"], a["sha256"], "produced")
+                    if theirs == "out"
+                    else (a["sha256"], a["run_id"], "consumed")
+                )
+                graph.edges.append(edge)  # type: ignore[arg-type]
+                next_runs.add(a["run_id"])
+            for run_id in run_ids | next_runs:
+                graph.runs.setdefault(run_id, {})
+            shas = set()
+            run_ids = next_runs
+            if not run_ids:
+                break
+        for run_id in seen_runs:
+            graph.runs.setdefault(run_id, {})
 
     # -- the audit log ---------------------------------------------------------------
 
