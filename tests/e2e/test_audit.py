@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -102,5 +103,15 @@ def test_engine_runs_are_audited_and_sealed() -> None:
         seals = [e["target"] for e in events]
         time.sleep(0.1)
     assert len(seals) == 3
+    code, out = verify()
+    assert code == 0, out
+
+
+def test_datasets_are_hashed_not_stored_and_verify_knows_it(tmp_path: Path) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("1\n")
+    with kiln.App("audited").run(params={"data": kiln.Dataset(data)}):
+        pass
+    recorder.close_all()
     code, out = verify()
     assert code == 0, out

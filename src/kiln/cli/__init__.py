@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from kiln.cli import audit, demo, envs, lineage, run, runs
+from kiln.cli import audit, bundle, demo, envs, lineage, run, runs
 from kiln.errors import KilnError
 
 app = typer.Typer(
@@ -22,6 +22,9 @@ app.add_typer(envs.app, name="envs")
 app.add_typer(audit.app, name="audit")
 app.command("demo")(demo.demo)
 app.command("lineage")(lineage.lineage)
+app.command("export")(bundle.export)
+app.command("verify")(bundle.verify)
+app.command("import")(bundle.import_)
 app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
     run.run
 )

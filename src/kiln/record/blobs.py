@@ -7,12 +7,13 @@ succeed. A blob that already exists is not written again.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from kiln._hashing import sha256_bytes, sha256_file
 from kiln.errors import NotFoundError
@@ -45,6 +46,21 @@ class BlobStore:
             with source.open("rb") as src:
                 self._write_atomically(sha, lambda f: shutil.copyfileobj(src, f, 1 << 20))
         return sha, size
+
+    def put_stream(self, source: IO[bytes], sha256: str) -> None:
+        """Store the bytes of ``source``, which must hash to ``sha256``; else ValueError."""
+        if self.exists(sha256):
+            return
+        digest = hashlib.sha256()
+
+        def copy(f: BinaryIO) -> None:
+            while chunk := source.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
+            if digest.hexdigest() != sha256:
+                raise ValueError(f"content does not hash to {sha256}")
+
+        self._write_atomically(sha256, copy)
 
     def read(self, sha256: str) -> bytes:
         """The blob's bytes; :class:`NotFoundError` if it is missing."""

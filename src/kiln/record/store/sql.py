@@ -185,6 +185,37 @@ class SqlStore:
             (tuple(a) for a in arts),
         )
 
+    def export_rows(self, run_id: str) -> dict[str, Any]:
+        """A run's rows as stored (for bundles): the run, its metric points in
+        (key, step, time) order, its summary and its artifacts."""
+
+        def read() -> dict[str, Any]:
+            with self._engine.connect() as conn:
+                row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).mappings().first()
+                if row is None:
+                    raise RunNotFoundError(run_id)
+                points = conn.execute(
+                    sa.select(metrics.c.key, metrics.c.step, metrics.c.time, metrics.c.value)
+                    .where(metrics.c.run_id == run_id)
+                    .order_by(metrics.c.key, metrics.c.step, metrics.c.time)
+                ).all()
+                values = conn.execute(
+                    sa.select(summary.c.key, summary.c.value).where(summary.c.run_id == run_id)
+                ).all()
+                arts = conn.execute(
+                    sa.select(artifacts)
+                    .where(artifacts.c.run_id == run_id)
+                    .order_by(artifacts.c.direction, artifacts.c.name)
+                ).mappings()
+                return {
+                    "run": dict(row),
+                    "metrics": [tuple(p) for p in points],
+                    "summary": {k: _nan_none(v) for k, v in values},
+                    "artifacts": [dict(a) for a in arts],
+                }
+
+        return self._guard(read)
+
     # -- lineage ---------------------------------------------------------------------
 
     def lineage(self, ref: str, *, depth: int = 20) -> Lineage:
@@ -348,7 +379,9 @@ class SqlStore:
             return
         from kiln._hashing import sha256_file
 
-        referenced = {r[0] for r in conn.execute(sa.select(artifacts.c.sha256).distinct())}
+        # Saved outputs are stored as blobs; inputs (datasets) are the user's files, hashed only.
+        saved = sa.select(artifacts.c.sha256).where(artifacts.c.direction == "out").distinct()
+        referenced = {r[0] for r in conn.execute(saved)}
         for code, env in conn.execute(sa.select(runs.c.code, runs.c.environment)):
             code, env = code or {}, env or {}
             for blob in (code.get("patch_sha256"), code.get("source_blob"),
