@@ -23,6 +23,7 @@ BENCHES = [
     "bench_engine.py",
     "bench_envs.py",
     "bench_audit.py",
+    "bench_bundle.py",
 ]
 
 
@@ -95,6 +96,9 @@ NOTES = """
   chained events on SQLite: every event's payload hash and chain hash recomputed
   in order. The baseline reads the same rows with sqlite3 and hashes one line per
   event, the least any check of the chain can do.
+- **bundle**: `kiln export` of one run with 100,000 metric points and ten 10 MB
+  artifacts: the manifest, the points as JSON, every blob, and the whole-file seal
+  (a second sha256 pass over the finished file). `tar` only copies the blobs.
 - **query**: 100,000 runs with two summary metrics each; ordering reads the
   `(key, value)` / `(app, key, value)` index of the summary table. The raw baseline
   returns bare rows; `kiln.runs` also fetches each run's summary and artifacts and
