@@ -20,7 +20,6 @@ import concurrent.futures
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import inspect
 import itertools
 import os
@@ -293,6 +292,7 @@ class Function(Generic[P, R]):
         self.name = f"{fn.__module__}:{fn.__qualname__}"
         self._signature = inspect.signature(fn)
         self._payload: tuple[str, bytes] | None = None
+        self._locked_env: Materialized | None = None  # set by kiln.reproduce: a built env
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -455,6 +455,7 @@ class Function(Generic[P, R]):
         *,
         parent: dict[str, Any] | None = None,
         on_done: Callable[[Call, Outcome], None] | None = None,
+        tags: dict[str, str] | None = None,
     ) -> list[Run[R]]:
         checked = [(args, kwargs, *self._params(args, kwargs)) for args, kwargs in calls]
         settings = self.app.settings
@@ -489,6 +490,7 @@ class Function(Generic[P, R]):
                 env_lock=str(env.lock_file) if env else None,
             )
             row = self._row(settings, run_id, params, parent_id, now)
+            row["tags"] = dict(tags or {})
             call = Call(row, spec, retries=self.retries)
             if env is not None:
                 call.environment = {"env_id": env.env_id, "lock_sha256": env.lock_sha256}
@@ -504,6 +506,8 @@ class Function(Generic[P, R]):
         self, engine: Engine, checked: list[Any], parent: dict[str, Any] | None
     ) -> Materialized | None:
         """The built env for this function, or None; a failure is recorded, then raised."""
+        if self._locked_env is not None:
+            return self._locked_env
         if self.env is None:
             return None
         from kiln.envs.manager import env_manager
@@ -588,8 +592,12 @@ def _by_value(fn: Callable[..., Any]) -> bytes:
 
 @functools.lru_cache(maxsize=256)
 def _importable(module: str) -> bool:
+    """Whether a worker can import ``module`` by name: its top-level package must be
+    found on sys.path (a module loaded from a file under a made-up name is not)."""
+    import importlib.machinery
+
     try:
-        return importlib.util.find_spec(module) is not None
+        return importlib.machinery.PathFinder.find_spec(module.partition(".")[0]) is not None
     except (ImportError, ValueError):
         return False
 

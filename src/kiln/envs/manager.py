@@ -119,9 +119,22 @@ class EnvManager:
         env_id, lock_sha = record["env_id"], record["lock_sha256"]
         path = self.root / env_id
         if not (path / READY).is_file():  # pruned since: rebuilt from its lock, no resolver
-            built = self._build(env_id, lock_sha, interpreter_id, env, interpreter=interpreter)
+            built = self._build(
+                env_id, lock_sha, interpreter_id, env.index, interpreter=interpreter
+            )
         (path / LAST_USED).touch()
         return Materialized(env_id, path, path / "bin" / "python", lock_sha, resolved, built)
+
+    def from_lock(self, env_id: str, lock_sha: str, python: str | None = None) -> Materialized:
+        """The env with this identity, rebuilt from its stored lock if it is gone
+        (``kiln reproduce``): no resolver, so the same pins and hashes."""
+        path = self.root / env_id
+        built = False
+        if not (path / READY).is_file():
+            interpreter, interpreter_id = self._interpreter(python)
+            built = self._build(env_id, lock_sha, interpreter_id, None, interpreter=interpreter)
+        (path / LAST_USED).touch()
+        return Materialized(env_id, path, path / "bin" / "python", lock_sha, False, built)
 
     def _resolve_and_build(
         self, env: Env, declared: Path, interpreter: str, interpreter_id: str
@@ -149,7 +162,7 @@ class EnvManager:
             env_id,
             lock_sha,
             interpreter_id,
-            env,
+            env.index,
             prepared=prepared if speculative else None,
             interpreter=interpreter,
         )
@@ -224,7 +237,7 @@ class EnvManager:
         env_id: str,
         lock_sha: str,
         interpreter_id: str,
-        env: Env,
+        index: str | None,
         *,
         interpreter: str,
         prepared: Path | None = None,
@@ -244,8 +257,8 @@ class EnvManager:
                 (tmp / "kiln.lock").write_text(lock)
                 args = ["pip", "sync", "--require-hashes", "--quiet", "--python",
                         str(tmp / "bin" / "python"), str(tmp / "kiln.lock")]  # fmt: skip
-                if env.index:
-                    args += ["--index-url", env.index]
+                if index:
+                    args += ["--index-url", index]
                 try:  # the resolver has just fetched what the lock names: try uv's cache first
                     self._uv(*args, "--offline", what="install the environment")
                 except EnvError:
