@@ -12,6 +12,7 @@ The tree::
     ├── NoActiveRunError       kiln.log / kiln.save called outside a run
     ├── RunFailed              a run on an engine failed, timed out, was cancelled or lost
     ├── EnvError               a declared environment cannot be resolved or built
+    ├── DependencyError        a record cannot be removed: others depend on it
     └── StoreError             the metadata store or blob store cannot be used
         ├── StoreUnavailableError  cannot connect (server down, wrong URL, missing file)
         └── StoreCorruptError      the store exists but is not a usable Kiln store
@@ -122,6 +123,15 @@ class EnvError(KilnError):
         self.detail = detail.strip()
         self.run_ids = run_ids or []
         super().__init__(message + (f"\n{self.detail}" if self.detail else ""))
+
+
+class DependencyError(KilnError):
+    """A record cannot be removed while others depend on it; ``dependants`` names them."""
+
+    def __init__(self, what: str, dependants: list[str]) -> None:
+        self.dependants = dependants
+        shown = "; ".join(dependants[:10]) + ("; …" if len(dependants) > 10 else "")
+        super().__init__(f"{what} cannot be removed: {shown}")
 
 
 class StoreError(KilnError):

@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from kiln.cli import audit, bundle, demo, envs, lineage, reproduce, run, runs
+from kiln.cli import audit, bundle, demo, envs, gc, lineage, reproduce, run, runs
 from kiln.errors import KilnError
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app.command("export")(bundle.export)
 app.command("verify")(bundle.verify)
 app.command("import")(bundle.import_)
 app.command("reproduce")(reproduce.reproduce)
+app.command("gc")(gc.gc)
 app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
     run.run
 )

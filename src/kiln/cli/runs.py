@@ -13,6 +13,7 @@ from rich.text import Text
 
 from kiln.app import get_run, runs
 from kiln.cli._render import console, fmt_duration, fmt_time, fmt_value, runs_table, status_text
+from kiln.config import Settings
 from kiln.errors import ValidationError
 from kiln.record.model import RunRecord, json_number
 
@@ -198,3 +199,20 @@ def compare(
             cells = ["-" if v is None else fmt_value(v) for v in values]
             table.add_row(f"  {name}", *cells, style=style)
     console().print(table)
+
+
+@app.command("rm")
+def rm(
+    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a run's record. Refused, naming them, while other runs depend on it."""
+    from kiln.record.recorder import recorder_for
+
+    store = recorder_for(Settings.from_env(), create=False).store
+    record = store.get_run(run_id)
+    store.delete_run(record.id)
+    if as_json:
+        _print_json({"removed": record.id})
+    else:
+        console().print(f"removed run {record.id} (its blobs stay until `kiln gc`)")

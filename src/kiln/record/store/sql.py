@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from kiln.errors import (
     AmbiguousIdError,
+    DependencyError,
     RunNotFoundError,
     StoreCorruptError,
     StoreUnavailableError,
@@ -216,6 +217,68 @@ class SqlStore:
 
         return self._guard(read)
 
+    def dependants(self, run_id: str) -> list[str]:
+        """What depends on a run: runs that used its outputs, its sweep's runs, its
+        reproductions. A run with dependants cannot be removed."""
+        with self._engine.connect() as conn:
+            produced = sa.select(artifacts.c.sha256).where(
+                artifacts.c.run_id == run_id, artifacts.c.direction == "out"
+            )
+            users = conn.execute(
+                sa.select(artifacts.c.run_id, artifacts.c.name)
+                .distinct()
+                .where(
+                    artifacts.c.sha256.in_(produced),
+                    artifacts.c.direction == "in",
+                    artifacts.c.run_id != run_id,
+                )
+            ).all()
+            children = conn.execute(sa.select(runs.c.id).where(runs.c.parent_id == run_id)).all()
+            copies = conn.execute(
+                sa.select(runs.c.id).where(
+                    _json_equals(runs.c.tags, "reproduced_from", run_id, field="tags")
+                )
+            ).all()
+        out = [f"run {u} uses its {name}" for u, name in users]
+        out += [f"run {c} belongs to it (a sweep)" for (c,) in children]
+        out += [f"run {c} reproduces it" for (c,) in copies]
+        return out
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove a run and its metrics, summary and artifact rows (not their blobs: see
+        ``kiln gc``), with an audit event. Refused while anything depends on it."""
+
+        def delete() -> None:
+            record = self._get_run(run_id)
+            dependants = self.dependants(record.id)
+            if dependants:
+                raise DependencyError(f"run {record.id}", dependants)
+            with self._engine.begin() as conn:
+                rows = self.export_rows(record.id)
+                for table in (metrics, summary, artifacts):
+                    conn.execute(table.delete().where(table.c.run_id == record.id))
+                conn.execute(runs.delete().where(runs.c.id == record.id))
+                payload = {"app": record.app, "status": str(record.status),
+                           "params": record.params, "artifacts": len(rows["artifacts"]),
+                           "metric_points": len(rows["metrics"])}  # fmt: skip
+                self._append(
+                    conn, [audit.Event("run.delete", record.id, payload, time.time(), self.actor)]
+                )
+
+        self._guard(lambda: self._retry_locked(delete))
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob sha256 a record names: artifacts, code, environment lists and locks."""
+        with self._engine.connect() as conn:
+            found = {r[0] for r in conn.execute(sa.select(artifacts.c.sha256).distinct())}
+            for code, env in conn.execute(sa.select(runs.c.code, runs.c.environment)):
+                code, env = code or {}, env or {}
+                for blob in (code.get("patch_sha256"), code.get("source_blob"),
+                             env.get("packages_sha256"), env.get("lock_sha256")):  # fmt: skip
+                    if blob:
+                        found.add(blob)
+        return found
+
     # -- lineage ---------------------------------------------------------------------
 
     def lineage(self, ref: str, *, depth: int = 20) -> Lineage:
@@ -364,7 +427,12 @@ class SqlStore:
                 .order_by(audit_log.c.seq)
             ).all()
             latest = {target: (seq, payload) for seq, target, payload in seals}
+            deleted = set(conn.execute(
+                sa.select(audit_log.c.target).where(audit_log.c.action == "run.delete")
+            ).scalars())  # fmt: skip
             for run_id, (seq, payload) in latest.items():
+                if run_id in deleted:  # removed, with its own event in the chain
+                    continue
                 now = self._seal_payload(conn, run_id)
                 recorded = json.loads(payload)
                 for part in ("metrics", "summary", "artifacts"):

@@ -1,0 +1,84 @@
+"""Removing runs and collecting blobs never breaks what depends on them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from typer.testing import CliRunner
+
+import kiln
+from kiln.cli import app as cli
+from kiln.config import Settings
+from kiln.errors import DependencyError
+from kiln.record import recorder
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    error = "" if result.exception is None else str(result.exception)
+    return result.exit_code, result.output + error
+
+
+def producer_and_consumer() -> tuple[str, str, kiln.Artifact]:
+    app = kiln.App("safe")
+    with app.run() as producer:
+        kiln.save("weights", b"w" * 100)
+    weights = kiln.get_run(producer.id).artifact("weights")
+    with app.run(params={"model": weights}) as consumer:
+        kiln.log({"score": 1.0})
+    return producer.id, consumer.id, weights
+
+
+def test_a_run_others_depend_on_is_not_removed_and_they_are_named() -> None:
+    producer, consumer, _ = producer_and_consumer()
+    code, out = invoke("runs", "rm", producer[:10])
+    assert code == 1 and f"run {consumer} uses its weights" in out
+    assert kiln.get_run(producer).id == producer  # still there
+    assert invoke("runs", "rm", consumer)[0] == 0
+    assert invoke("runs", "rm", producer, "--json")[0] == 0
+    assert kiln.runs(app="safe") == []
+    recorder.close_all()
+    assert invoke("audit", "verify")[0] == 0  # removal is an event; the chain holds
+    events = json.loads(invoke("audit", "ls", "--action", "run.delete", "--json")[1])
+    assert {e["target"] for e in events} == {producer, consumer}
+
+
+def test_a_sweep_is_not_removed_before_its_runs() -> None:
+    app = kiln.App("safe-sweep")
+
+    @app.function()
+    def one(x: int) -> int:
+        return x
+
+    sweep = one.sweep([{"x": 1}, {"x": 2}])
+    sweep.wait()
+    store = recorder.recorder_for(Settings.from_env()).store
+    try:
+        store.delete_run(sweep.id)
+    except DependencyError as exc:
+        assert len(exc.dependants) == 2 and "(a sweep)" in exc.dependants[0]
+    else:
+        raise AssertionError("a sweep with runs was removed")
+
+
+def test_gc_removes_only_unreferenced_blobs_old_enough() -> None:
+    producer, consumer, weights = producer_and_consumer()
+    rec = recorder.recorder_for(Settings.from_env())
+    orphan = rec.blobs.put_bytes(b"nobody names me")
+    fresh = rec.blobs.put_bytes(b"nobody names me yet")
+    old = time.time() - 7200
+    os.utime(rec.blobs.path(orphan), (old, old))
+    dry = json.loads(invoke("gc", "--dry-run", "--json")[1])
+    assert dry["removed"] == [orphan] and rec.blobs.exists(orphan)
+    done = json.loads(invoke("gc", "--json")[1])
+    assert done["removed"] == [orphan]
+    assert not rec.blobs.exists(orphan) and rec.blobs.exists(fresh)
+    assert rec.blobs.exists(weights.sha256)  # referenced: kept at any age
+    os.utime(rec.blobs.path(weights.sha256), (old, old))
+    assert json.loads(invoke("gc", "--json")[1])["removed"] == []
+    invoke("runs", "rm", consumer)
+    invoke("runs", "rm", producer)
+    assert json.loads(invoke("gc", "--json")[1])["removed"] == [weights.sha256]
+    assert invoke("gc", "--min-age", "soon")[0] != 0
