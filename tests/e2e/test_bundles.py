@@ -114,3 +114,15 @@ def test_no_blobs_keeps_hashes_and_a_conflicting_run_is_refused(
 
 def test_settings_home_is_isolated() -> None:
     assert Settings.from_env().home.name == "kiln-home"
+
+
+def test_every_single_byte_flip_is_reported_not_raised(tmp_path: Path) -> None:
+    run_id = record_one(tmp_path)
+    bundle = tmp_path / "run.kiln"
+    invoke("export", run_id, "-o", str(bundle))
+    original = bundle.read_bytes()
+    for offset in range(0, len(original), max(1, len(original) // 400)):
+        corrupt = bytearray(original)
+        corrupt[offset] ^= 0xFF
+        bundle.write_bytes(bytes(corrupt))
+        assert verify(bundle), f"a change at byte {offset} went unnoticed"
