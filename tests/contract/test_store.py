@@ -195,3 +195,35 @@ def test_a_failed_batch_leaves_nothing_behind(store: SqlStore) -> None:
     with pytest.raises(RunNotFoundError):
         store.get_run(hexid(5))
     assert store.metric_history(rid, "m") == []
+
+
+def test_concurrent_writers_keep_one_unbroken_audit_chain(settings: Settings) -> None:
+    import threading
+
+    from kiln.record.audit import verify_chain
+    from kiln.record.store._schema import audit
+
+    stores = [SqlStore(settings.store_url) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def writer(store: SqlStore, base: int) -> None:
+        try:
+            for i in range(30):
+                store.write(WriteBatch(new_runs=[run_row(hexid(base + i))]))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=writer, args=(s, 1000 * (n + 1))) for n, s in enumerate(stores)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with stores[0]._engine.connect() as conn:
+        rows = conn.execute(sa.select(*audit.c).order_by(audit.c.seq)).all()
+    assert len(rows) == 180  # each run is created already ended: run.create + run.end
+    assert list(verify_chain(iter(rows))) == []
+    for s in stores:
+        s.close()

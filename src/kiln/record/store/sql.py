@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -47,7 +48,7 @@ _RUN_FIELDS = {
     "app": runs.c.app,
 }
 _HEX = frozenset("0123456789abcdef")
-_LOCK_RETRIES = 8
+_LOCK_RETRIES = 12
 T = TypeVar("T")
 
 
@@ -68,6 +69,13 @@ class SqlStore:
     ) -> None:
         parsed = make_url(url)
         self.actor = actor  # recorded on audit events that carry no actor of their own
+        # Writers in this process take turns (the engine's and the recorder's threads);
+        # writers in other processes are handled by the retry in _retry_locked.
+        self._write_lock = threading.Lock()
+        # The chain's end as this process last wrote it. Appending after it is optimistic:
+        # if another process appended since, the primary key refuses our next number and
+        # the retry reads the end again. So the chain cannot fork either way.
+        self._chain_end: tuple[int, str] | None = None
         self.url = parsed.render_as_string(hide_password=True)
         self.blobs = blobs
         self.dialect = parsed.get_backend_name()
@@ -101,6 +109,17 @@ class SqlStore:
             self._guard(lambda: self._retry_locked(lambda: self._write(batch)))
 
     def _write(self, batch: WriteBatch) -> None:
+        with self._write_lock:
+            self._pending_end: tuple[int, str] | None = None
+            try:
+                self._write_transaction(batch)
+            except BaseException:
+                self._chain_end = None  # read the end again next time
+                raise
+            if self._pending_end is not None:
+                self._chain_end = self._pending_end
+
+    def _write_transaction(self, batch: WriteBatch) -> None:
         with self._engine.begin() as conn:
             groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
             for row in batch.new_runs:  # one executemany per set of columns
@@ -153,38 +172,49 @@ class SqlStore:
     def _append(self, conn: Connection, events: list[audit.Event]) -> None:
         if self.dialect == "postgresql":  # one appender at a time; SQLite's write lock does this
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(7152)"))
-        last = conn.execute(
-            sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
-        ).first()
-        seq, prev = (last[0], last[1]) if last else (0, audit.GENESIS)
-        conn.execute(audit_log.insert(), audit.chain(events, seq, prev))
+        end = self._chain_end
+        if end is None:
+            last = conn.execute(
+                sa.select(audit_log.c.seq, audit_log.c.hash)
+                .order_by(audit_log.c.seq.desc())
+                .limit(1)
+            ).first()
+            end = (last[0], last[1]) if last else (0, audit.GENESIS)
+        self._chain_end = None  # until this transaction commits
+        rows = audit.chain(events, *end)
+        conn.execute(audit_log.insert(), rows)
+        self._pending_end = (rows[-1]["seq"], rows[-1]["hash"])
 
     def _seals(self, conn: Connection, run_ids: list[str]) -> list[audit.Event]:
         now = time.time()
-        return [
-            audit.Event("run.seal", run_id, self._seal_payload(conn, run_id), now, self.actor)
-            for run_id in run_ids
-        ]
+        payloads = self._seal_payloads(conn, run_ids)
+        return [audit.Event("run.seal", r, payloads[r], now, self.actor) for r in run_ids]
 
-    def _seal_payload(self, conn: Connection, run_id: str) -> dict[str, Any]:
-        points = conn.execute(
-            sa.select(metrics.c.key, metrics.c.step, metrics.c.time, metrics.c.value)
-            .where(metrics.c.run_id == run_id)
-            .order_by(metrics.c.key, metrics.c.step, metrics.c.time)
-        )
-        values = conn.execute(
-            sa.select(summary.c.key, summary.c.value).where(summary.c.run_id == run_id)
-        )
-        arts = conn.execute(
-            sa.select(
-                artifacts.c.name, artifacts.c.direction, artifacts.c.sha256, artifacts.c.size
-            ).where(artifacts.c.run_id == run_id)
-        )
-        return audit.seal_payload(
-            ((k, s, t, _nan_none(v)) for k, s, t, v in points),
-            {k: _nan_none(v) for k, v in values},
-            (tuple(a) for a in arts),
-        )
+    def _seal_payloads(self, conn: Connection, run_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Seal digests for many runs, three queries in all (not three per run)."""
+        points: dict[str, list[tuple[str, int, float, float | None]]] = defaultdict(list)
+        values: dict[str, dict[str, float | None]] = defaultdict(dict)
+        arts: dict[str, list[tuple[str, str, str, int]]] = defaultdict(list)
+        for chunk in (run_ids[i : i + 500] for i in range(0, len(run_ids), 500)):
+            for r, k, st, t, v in conn.execute(
+                sa.select(metrics.c.run_id, metrics.c.key, metrics.c.step, metrics.c.time,
+                          metrics.c.value)
+                .where(metrics.c.run_id.in_(chunk))
+                .order_by(metrics.c.run_id, metrics.c.key, metrics.c.step, metrics.c.time)
+            ):  # fmt: skip
+                points[r].append((k, st, t, _nan_none(v)))
+            for r, k, v in conn.execute(
+                sa.select(summary.c.run_id, summary.c.key, summary.c.value)
+                .where(summary.c.run_id.in_(chunk))
+            ):  # fmt: skip
+                values[r][k] = _nan_none(v)
+            for r, name, direction, sha, size in conn.execute(
+                sa.select(artifacts.c.run_id, artifacts.c.name, artifacts.c.direction,
+                          artifacts.c.sha256, artifacts.c.size)
+                .where(artifacts.c.run_id.in_(chunk))
+            ):  # fmt: skip
+                arts[r].append((name, direction, sha, size))
+        return {r: audit.seal_payload(points[r], values[r], arts[r]) for r in run_ids}
 
     def export_rows(self, run_id: str) -> dict[str, Any]:
         """A run's rows as stored (for bundles): the run, its metric points in
@@ -430,10 +460,11 @@ class SqlStore:
             deleted = set(conn.execute(
                 sa.select(audit_log.c.target).where(audit_log.c.action == "run.delete")
             ).scalars())  # fmt: skip
-            for run_id, (seq, payload) in latest.items():
-                if run_id in deleted:  # removed, with its own event in the chain
-                    continue
-                now = self._seal_payload(conn, run_id)
+            check = [r for r in latest if r not in deleted]  # removed runs have their event
+            current = self._seal_payloads(conn, check)
+            for run_id in check:
+                seq, payload = latest[run_id]
+                now = current[run_id]
                 recorded = json.loads(payload)
                 for part in ("metrics", "summary", "artifacts"):
                     if now[f"{part}_sha256"] != recorded[f"{part}_sha256"]:
@@ -716,14 +747,24 @@ class SqlStore:
                     conn.commit()
 
     def _retry_locked(self, fn: Callable[[], T]) -> T:
-        """SQLite's busy timeout covers most contention; this covers the rest."""
+        """Retry a whole write transaction that lost a race, after a short backoff.
+
+        SQLite's busy timeout covers most contention; "locked" errors cover the rest.
+        Two writers can also compute the same next audit sequence number: the primary
+        key lets only one commit, so the chain never forks, and the other's whole
+        transaction (rolled back, nothing written) is retried against the new end.
+        """
         for attempt in range(_LOCK_RETRIES):
             try:
                 return fn()
-            except exc.OperationalError as e:
-                if "locked" not in str(e.orig) or attempt == _LOCK_RETRIES - 1:
+            except (exc.OperationalError, exc.IntegrityError) as e:
+                text = str(e.orig)
+                lost_race = "locked" in text or (
+                    isinstance(e, exc.IntegrityError) and "audit" in text
+                )
+                if not lost_race or attempt == _LOCK_RETRIES - 1:
                     raise
-                time.sleep(0.05 * 2**attempt)
+                time.sleep(0.01 * 2**attempt)
         raise AssertionError("unreachable")
 
     def _guard(self, fn: Callable[[], T]) -> T:
