@@ -39,7 +39,7 @@ from kiln.compute.backends.base import Outcome, TaskSpec
 from kiln.compute.resources import Resources, detect_inventory
 from kiln.config import Settings
 from kiln.errors import EnvError, NotFoundError, RunFailed, ValidationError
-from kiln.record.model import Artifact, RunRecord, RunStatus
+from kiln.record.model import Artifact, CodeSnapshot, RunRecord, RunStatus
 from kiln.record.runs import ActiveRun, Dataset, input_row, new_run_id
 from kiln.record.snapshot import capture_environment
 from kiln.record.values import to_json
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
-CODE_SNAPSHOT_TTL_S = 2.0  # a call's code snapshot is at most this old
 _HOST = socket.gethostname()
 
 
@@ -602,9 +601,6 @@ def _importable(module: str) -> bool:
         return False
 
 
-_code_cache: dict[str, tuple[float, dict[str, Any]]] = {}
-
-
 @functools.cache
 def _environment(engine: Engine) -> dict[str, Any]:
     """The driver's environment (a worker reports its own when the run ends)."""
@@ -612,16 +608,14 @@ def _environment(engine: Engine) -> dict[str, Any]:
 
 
 def _code_snapshot(engine: Engine, fn: Callable[..., Any]) -> dict[str, Any]:
-    """The code of ``fn``'s module, reused for calls within CODE_SNAPSHOT_TTL_S of each other."""
+    """The code of ``fn``'s module (CodeCapture reuses a snapshot for two seconds)."""
     try:
         source = inspect.getsourcefile(fn)
     except TypeError:
         source = None
-    key = source or ""
-    cached = _code_cache.get(key)
-    now = time.monotonic()
-    if cached is not None and now - cached[0] < CODE_SNAPSHOT_TTL_S:
-        return cached[1]
-    snapshot = asdict(engine.recorder.code.capture(Path(source) if source else None))
-    _code_cache[key] = (now, snapshot)
-    return snapshot
+    return _as_dict(engine.recorder.code.capture(Path(source) if source else None))
+
+
+@functools.lru_cache(maxsize=64)
+def _as_dict(snapshot: CodeSnapshot) -> dict[str, Any]:
+    return asdict(snapshot)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kiln._hashing import sha256_file
+from kiln.record import snapshot
 from kiln.record.blobs import BlobStore
 from kiln.record.snapshot import UNTRACKED_FILE_LIMIT, CodeCapture
 
@@ -78,13 +79,27 @@ def test_patch_recreates_tracked_and_untracked_changes(repo: Path, tmp_path: Pat
     assert tree(clone) == expected
 
 
-def test_unchanged_tree_reuses_the_stored_patch(repo: Path, tmp_path: Path) -> None:
+def test_unchanged_tree_reuses_the_stored_patch(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshot, "SNAPSHOT_TTL_S", 0.0)  # every capture looks at git
     (repo / "train.py").write_text("print('version 2')\n")
     capture = CodeCapture(BlobStore(tmp_path / "blobs"))
     first = capture.capture(repo / "train.py")
     assert capture.capture(repo / "train.py").patch_sha256 == first.patch_sha256
     (repo / "train.py").write_text("print('v3')\n")
     assert capture.capture(repo / "train.py").patch_sha256 != first.patch_sha256
+
+
+def test_runs_in_quick_succession_share_a_snapshot(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    capture = CodeCapture(BlobStore(tmp_path / "blobs"))
+    first = capture.capture(repo / "train.py")
+    (repo / "train.py").write_text("print('edited at once')\n")
+    assert capture.capture(repo / "train.py") is first  # within SNAPSHOT_TTL_S
+    monkeypatch.setattr(snapshot, "SNAPSHOT_TTL_S", 0.0)
+    assert capture.capture(repo / "train.py").dirty
 
 
 def test_a_repo_without_commits_patches_against_the_empty_tree(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from kiln.record.blobs import BlobStore
 from kiln.record.model import CodeSnapshot, EnvSnapshot
 
 UNTRACKED_FILE_LIMIT = 1 << 20  # bytes; larger untracked files are data, not code
+SNAPSHOT_TTL_S = 2.0  # runs started within this long of each other share a snapshot
 UNTRACKED_TOTAL_LIMIT = 16 << 20
 _EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 _GIT_TIMEOUT_S = 30
@@ -54,8 +56,23 @@ class CodeCapture:
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, ...], tuple[str | None, tuple[str, ...]]] = {}
         self._git = shutil.which("git")
+        self._recent: dict[str, tuple[float, CodeSnapshot]] = {}
 
     def capture(self, module_path: Path | None) -> CodeSnapshot:
+        """The code as it is now, or as it was at most SNAPSHOT_TTL_S ago: a loop of
+        runs pays for git once every two seconds, not once a run."""
+        key = str(module_path)
+        now = time.monotonic()
+        with self._lock:
+            recent = self._recent.get(key)
+        if recent is not None and now - recent[0] < SNAPSHOT_TTL_S:
+            return recent[1]
+        snapshot = self._capture(module_path)
+        with self._lock:
+            self._recent[key] = (now, snapshot)
+        return snapshot
+
+    def _capture(self, module_path: Path | None) -> CodeSnapshot:
         module = str(module_path) if module_path else None
         source_sha = None
         if module_path is not None and module_path.is_file():
