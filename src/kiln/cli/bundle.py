@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from kiln.cli._render import console
 from kiln.config import Settings
 
+if TYPE_CHECKING:
+    from kiln.record.recorder import Recorder
 
-def _recorder(*, create: bool):  # type: ignore[no-untyped-def]
+
+def _recorder(*, create: bool) -> Recorder:
     from kiln.record.recorder import recorder_for
 
     return recorder_for(Settings.from_env(), create=create)

@@ -378,15 +378,7 @@ class SqlStore:
                         artifacts.c.run_id.in_(list(run_ids)), artifacts.c.direction == mine
                     )
                 ).mappings():
-                    graph.artifacts.setdefault(
-                        a["sha256"], {"name": a["name"], "kind": a["kind"], "size": a["size"]}
-                    )
-                    edge = (
-                        (a["sha256"], a["run_id"], "consumed")
-                        if mine == "in"
-                        else (a["run_id"], a["sha256"], "produced")
-                    )
-                    graph.edges.append(edge)  # type: ignore[arg-type]
+                    _link(graph, a)
                     shas.add(a["sha256"])
             if not shas:
                 break
@@ -396,15 +388,7 @@ class SqlStore:
                     artifacts.c.sha256.in_(list(shas)), artifacts.c.direction == theirs
                 )
             ).mappings():
-                graph.artifacts.setdefault(
-                    a["sha256"], {"name": a["name"], "kind": a["kind"], "size": a["size"]}
-                )
-                edge = (
-                    (a["run_id"], a["sha256"], "produced")
-                    if theirs == "out"
-                    else (a["sha256"], a["run_id"], "consumed")
-                )
-                graph.edges.append(edge)  # type: ignore[arg-type]
+                _link(graph, a)
                 next_runs.add(a["run_id"])
             for run_id in run_ids | next_runs:
                 graph.runs.setdefault(run_id, {})
@@ -815,3 +799,13 @@ def _json_equals(
 
 def _nan_none(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else value
+
+
+def _link(graph: Lineage, row: sa.RowMapping) -> None:
+    """Add an artifacts row to the graph: its artifact, and the edge its direction means."""
+    sha, run_id = row["sha256"], row["run_id"]
+    graph.artifacts.setdefault(sha, {"name": row["name"], "kind": row["kind"], "size": row["size"]})
+    if row["direction"] == "in":
+        graph.edges.append((sha, run_id, "consumed"))
+    else:
+        graph.edges.append((run_id, sha, "produced"))
