@@ -22,8 +22,12 @@ env = Env(packages=["scikit-learn>=1.4"])
 
 @app.function(cpu=1, timeout=600, env=env)
 def prepare(path: str) -> str:
-    """Write scikit-learn's bundled digits data to ``path`` as CSV (once); return the path."""
-    return str(write_digits(Path(path)))
+    """Write scikit-learn's bundled digits data to ``path`` as CSV (once); return the path.
+
+    Saved as this run's artifact too, so lineage links it to every run that reads it."""
+    written = write_digits(Path(path))
+    save("digits.csv", written)
+    return str(written)
 
 
 @app.function(cpu=1, memory="256Mi", timeout=600, env=env)

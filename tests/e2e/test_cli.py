@@ -144,6 +144,8 @@ def test_demo_records_a_real_experiment() -> None:
     model = best.artifact("model.pkl")
     assert model.kind == "pickle" and model.size > 1000
     assert best.environment.env_id and best.resources["env"]["packages"] == ["scikit-learn>=1.4"]
+    (producer,) = best.lineage().upstream(best.datasets[0].sha256)
+    assert kiln.get_run(producer).function == "kiln._demo:prepare"
 
 
 TRAIN_SCRIPT = """
