@@ -15,6 +15,7 @@ from kiln.record.values import check_name
 if TYPE_CHECKING:
     from kiln.function import Function
     from kiln.record.recorder import Recorder
+    from kiln.registry.models import Models
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -101,6 +102,15 @@ class App:
             )
 
         return wrap
+
+    @property
+    def models(self) -> Models:
+        """The model registry: ``register``, ``get``, ``promote``, ``rollback``, ``history``."""
+        from kiln.record.recorder import recorder_for
+        from kiln.registry.models import Models
+
+        settings = self.settings
+        return Models(recorder_for(settings).store, app=self.name, actor=settings.actor)
 
     def runs(self, **filters: Any) -> list[RunRecord]:
         """This app's runs; takes the filters of :func:`kiln.runs`."""

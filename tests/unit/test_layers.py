@@ -18,6 +18,7 @@ FORBIDDEN = {
         "kiln._engine",
         "kiln._runner",
     ),
+    "registry": ("kiln.app", "kiln.cli", "kiln.compute", "kiln.serve", "kiln.function"),
     "config.py": ("kiln.record", "kiln.app", "kiln.cli"),
     "errors.py": ("kiln.",),
 }

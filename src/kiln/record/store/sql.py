@@ -37,7 +37,7 @@ from kiln.record.store._schema import artifacts, metrics, runs, summary
 from kiln.record.store._schema import audit as audit_log
 from kiln.record.store.base import RunQuery, WriteBatch
 
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,
@@ -308,6 +308,22 @@ class SqlStore:
                     if blob:
                         found.add(blob)
         return found
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction for the layers above the record (the registry), holding
+        the store's write lock from its first statement, so what it reads stays true
+        until it commits. Audit events go in with :meth:`append_events`."""
+        with self._write_lock, self._engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7153)"))
+            else:  # a write first: SQLite then holds its write lock for the whole transaction
+                conn.execute(sa.text("UPDATE models SET name = name WHERE 1 = 0"))
+            yield conn
+
+    def append_events(self, conn: Connection, events: list[audit.Event]) -> None:
+        """Append audit events inside a :meth:`transaction`."""
+        self._append(conn, events)
 
     # -- lineage ---------------------------------------------------------------------
 

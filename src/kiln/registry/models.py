@@ -1,0 +1,262 @@
+"""Models: versions registered from runs, aliases moved with a history, one-step rollback.
+
+A model name is global to the store. Versions count up from 1 per name. A reference
+is ``name:3`` (a version) or ``name@production`` (whatever the alias holds now).
+Every move of an alias is kept (who, when, from, to, why); ``rollback`` moves the
+alias back to the version it held before its current one. Register, promote and
+rollback are audit events.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from kiln.errors import NotFoundError, ValidationError
+from kiln.record import audit
+from kiln.record.model import RunRecord, RunStatus
+from kiln.record.store._schema import alias_moves, aliases, model_versions, models
+from kiln.record.values import check_name
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from kiln.record.store.sql import SqlStore
+
+_ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,99}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """One registered version: the run that made it and the artifact that is the model."""
+
+    name: str
+    version: int
+    run_id: str
+    artifact: str
+    artifact_sha256: str
+    metrics: dict[str, Any]
+    signature: Any
+    created_at: float
+    created_by: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class AliasMove:
+    """An alias moved from one version (None: it was new) to another."""
+
+    name: str
+    alias: str
+    from_version: int | None
+    to_version: int
+    reason: str | None
+    actor: str
+    at: float
+
+
+class Models:
+    """The registry of one store. ``app.models`` is one of these."""
+
+    def __init__(self, store: SqlStore, *, app: str, actor: str) -> None:
+        self._store = store
+        self._app = app
+        self._actor = actor
+
+    # -- writing -----------------------------------------------------------------------
+
+    def register(
+        self, name: str, run: RunRecord | str, *, artifact: str, signature: Any = None
+    ) -> ModelVersion:
+        """Register ``artifact`` of a succeeded run as the next version of model ``name``."""
+        check_name("name", name)
+        record = run if isinstance(run, RunRecord) else self._store.get_run(run)
+        if record.status is not RunStatus.SUCCEEDED:
+            raise ValidationError(
+                "run", f"run {record.id} {record.status}: only succeeded runs register"
+            )
+        art = record.artifact(artifact)  # NotFoundError names the artifacts it has
+        now = time.time()
+        metrics = {k: (v if math.isfinite(v) else repr(v)) for k, v in record.summary.items()}
+        with self._store.transaction() as conn:
+            if conn.execute(sa.select(models.c.name).where(models.c.name == name)).first() is None:
+                conn.execute(models.insert().values(name=name, app=self._app, created_at=now,
+                                                    created_by=self._actor))  # fmt: skip
+            latest = conn.execute(
+                sa.select(sa.func.max(model_versions.c.version)).where(
+                    model_versions.c.name == name
+                )
+            ).scalar()
+            row = {
+                "name": name, "version": (latest or 0) + 1, "run_id": record.id,
+                "artifact": art.name, "artifact_sha256": art.sha256, "metrics": metrics,
+                "signature": signature, "created_at": now, "created_by": self._actor,
+            }  # fmt: skip
+            conn.execute(model_versions.insert().values(**row))
+            payload = {"run_id": record.id, "artifact_sha256": art.sha256, "metrics": metrics}
+            self._event(conn, "model.register", f"{name}:{row['version']}", payload)
+        return ModelVersion(**row)
+
+    def promote(
+        self, name: str, version: int, *, alias: str = "production", reason: str | None = None
+    ) -> AliasMove:
+        """Point ``name@alias`` at ``version``; the move is kept in the history."""
+        _check_alias(alias)
+        with self._store.transaction() as conn:
+            self._version(conn, name, version)  # raises if unknown
+            return self._move(conn, name, alias, version, reason, "alias.promote")
+
+    def rollback(
+        self, name: str, alias: str = "production", *, reason: str | None = None
+    ) -> AliasMove:
+        """Move ``name@alias`` back to the version it held before its current one."""
+        _check_alias(alias)
+        with self._store.transaction() as conn:
+            current = self._holder(conn, name, alias)
+            if current is None:
+                raise NotFoundError(f"{name}@{alias} does not exist: nothing to roll back")
+            installed = conn.execute(
+                sa.select(alias_moves.c.from_version)
+                .where(alias_moves.c.name == name, alias_moves.c.alias == alias,
+                       alias_moves.c.to_version == current)
+                .order_by(alias_moves.c.id.desc()).limit(1)
+            ).scalar()  # fmt: skip
+            if installed is None:
+                raise NotFoundError(
+                    f"{name}@{alias} has held only version {current}: nothing to roll back to"
+                )
+            return self._move(conn, name, alias, installed, reason or "rollback", "alias.rollback")
+
+    def _move(
+        self,
+        conn: Connection,
+        name: str,
+        alias: str,
+        version: int,
+        reason: str | None,
+        action: str,
+    ) -> AliasMove:
+        now = time.time()
+        current = self._holder(conn, name, alias)
+        if current is None:
+            conn.execute(
+                aliases.insert().values(name=name, alias=alias, version=version, updated_at=now)
+            )
+        else:
+            conn.execute(
+                aliases.update().where(aliases.c.name == name, aliases.c.alias == alias)
+                .values(version=version, updated_at=now)
+            )  # fmt: skip
+        move = AliasMove(name, alias, current, version, reason, self._actor, now)
+        conn.execute(alias_moves.insert().values(
+            name=name, alias=alias, from_version=current, to_version=version, reason=reason,
+            actor=self._actor, at=now,
+        ))  # fmt: skip
+        payload = {"from": current, "to": version, "reason": reason}
+        self._event(conn, action, f"{name}@{alias}", payload)
+        return move
+
+    def _event(self, conn: Connection, action: str, target: str, payload: dict[str, Any]) -> None:
+        self._store.append_events(
+            conn, [audit.Event(action, target, payload, time.time(), self._actor)]
+        )
+
+    # -- reading -----------------------------------------------------------------------
+
+    def get(self, ref: str) -> ModelVersion:
+        """The version a reference points at now: ``name:3`` or ``name@alias``."""
+        name, version, alias = parse_ref(ref)
+        with self._store._engine.connect() as conn:
+            if alias is not None:
+                version = self._holder(conn, name, alias)
+            if version is None:
+                self._model(conn, name)
+                raise NotFoundError(f"{name} has no alias {alias!r}")
+            return self._version(conn, name, version)
+
+    def names(self) -> list[str]:
+        with self._store._engine.connect() as conn:
+            return list(conn.execute(sa.select(models.c.name).order_by(models.c.name)).scalars())
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        with self._store._engine.connect() as conn:
+            self._model(conn, name)
+            rows = conn.execute(
+                sa.select(model_versions).where(model_versions.c.name == name)
+                .order_by(model_versions.c.version)
+            ).mappings()  # fmt: skip
+            return [ModelVersion(**dict(r)) for r in rows]
+
+    def aliases(self, name: str) -> dict[str, int]:
+        with self._store._engine.connect() as conn:
+            self._model(conn, name)
+            rows = conn.execute(
+                sa.select(aliases.c.alias, aliases.c.version).where(aliases.c.name == name)
+            )
+            return dict(sorted((a, v) for a, v in rows))
+
+    def history(self, name: str, alias: str | None = None) -> list[AliasMove]:
+        """Every move of the model's aliases (or of one), oldest first."""
+        with self._store._engine.connect() as conn:
+            self._model(conn, name)
+            stmt = (
+                sa.select(alias_moves).where(alias_moves.c.name == name).order_by(alias_moves.c.id)
+            )
+            if alias is not None:
+                stmt = stmt.where(alias_moves.c.alias == alias)
+            return [
+                AliasMove(r["name"], r["alias"], r["from_version"], r["to_version"], r["reason"],
+                          r["actor"], r["at"])
+                for r in conn.execute(stmt).mappings()
+            ]  # fmt: skip
+
+    def _model(self, conn: Connection, name: str) -> None:
+        if conn.execute(sa.select(models.c.name).where(models.c.name == name)).first() is None:
+            raise NotFoundError(f"no model {name!r}; `kiln models ls` lists them")
+
+    def _version(self, conn: Connection, name: str, version: int) -> ModelVersion:
+        row = conn.execute(
+            sa.select(model_versions).where(model_versions.c.name == name,
+                                            model_versions.c.version == version)
+        ).mappings().first()  # fmt: skip
+        if row is None:
+            self._model(conn, name)
+            raise NotFoundError(f"model {name} has no version {version}")
+        return ModelVersion(**dict(row))
+
+    def _holder(self, conn: Connection, name: str, alias: str) -> int | None:
+        value = conn.execute(
+            sa.select(aliases.c.version).where(aliases.c.name == name, aliases.c.alias == alias)
+        ).scalar()
+        return None if value is None else int(value)
+
+
+def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
+    """``name:3`` -> (name, 3, None); ``name@alias`` -> (name, None, alias)."""
+    if "@" in ref:
+        name, _, alias = ref.partition("@")
+        _check_alias(alias)
+        return check_name("ref", name), None, alias
+    name, sep, number = ref.partition(":")
+    if not sep or not number.isdigit() or int(number) < 1:
+        raise ValidationError(
+            "ref", f"{ref!r} is not a model reference", allowed="NAME:VERSION or NAME@ALIAS"
+        )
+    return check_name("ref", name), int(number), None
+
+
+def _check_alias(alias: str) -> None:
+    if not isinstance(alias, str) or not _ALIAS.match(alias):
+        raise ValidationError(
+            "alias",
+            f"{alias!r} is not an alias name",
+            allowed="1-100 lowercase letters, digits, '_' or '-', starting with a letter",
+        )

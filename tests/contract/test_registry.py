@@ -1,0 +1,113 @@
+"""The model registry on every store: versions, references, aliases, history, rollback."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import kiln
+from kiln.config import Settings
+from kiln.errors import NotFoundError, ValidationError
+from kiln.record import recorder
+from kiln.registry.models import parse_ref
+
+
+def trained(app: kiln.App, accuracy: float, *, fail: bool = False) -> str:
+    try:
+        with app.run(params={"accuracy": accuracy}) as run:
+            kiln.log({"accuracy": accuracy})
+            kiln.save("model.pkl", {"acc": accuracy})
+            if fail:
+                raise RuntimeError("diverged")
+    except RuntimeError:
+        pass
+    return run.id
+
+
+def test_register_resolve_promote_rollback(settings: Settings) -> None:
+    app = kiln.App("fraud")
+    first, second = trained(app, 0.8), trained(app, 0.9)
+    v1 = app.models.register("fraud", first, artifact="model.pkl")
+    v2 = app.models.register("fraud", kiln.get_run(second), artifact="model.pkl")
+    assert (v1.version, v2.version) == (1, 2)
+    assert v2.run_id == second and v2.metrics == {"accuracy": 0.9}
+    assert v2.artifact_sha256 == kiln.get_run(second).artifact("model.pkl").sha256
+    assert app.models.get("fraud:1") == v1
+
+    app.models.promote("fraud", 1, alias="production", reason="first")
+    app.models.promote("fraud", 2, alias="production", reason="better")
+    assert app.models.get("fraud@production").version == 2
+    back = app.models.rollback("fraud", "production")
+    assert (back.from_version, back.to_version) == (2, 1)
+    assert app.models.get("fraud@production").version == 1
+    history = app.models.history("fraud", "production")
+    assert [(m.from_version, m.to_version, m.reason) for m in history] == [
+        (None, 1, "first"),
+        (1, 2, "better"),
+        (2, 1, "rollback"),
+    ]
+    assert {m.actor for m in history} == {"tester"}
+    assert app.models.aliases("fraud") == {"production": 1}
+    assert app.models.names() == ["fraud"]
+    events = recorder.recorder_for(Settings.from_env()).store.audit_events(limit=None)
+    actions = [e["action"] for e in reversed(events) if e["action"].startswith(("model", "alias"))]
+    assert actions == ["model.register", "model.register", "alias.promote", "alias.promote",
+                       "alias.rollback"]  # fmt: skip
+
+
+def test_bad_input_is_refused_and_changes_nothing(settings: Settings) -> None:
+    app = kiln.App("fraud")
+    good, bad = trained(app, 0.8), trained(app, 0.1, fail=True)
+    with pytest.raises(ValidationError, match="only succeeded runs"):
+        app.models.register("fraud", bad, artifact="model.pkl")
+    with pytest.raises(NotFoundError, match="no artifact 'weights'"):
+        app.models.register("fraud", good, artifact="weights")
+    with pytest.raises(NotFoundError, match="no model 'fraud'"):
+        app.models.get("fraud:1")
+    app.models.register("fraud", good, artifact="model.pkl")
+    for call, error in [
+        (lambda: app.models.promote("fraud", 7), "no version 7"),
+        (lambda: app.models.promote("fraud", 1, alias="Prod!"), "alias"),
+        (lambda: app.models.get("fraud@staging"), "no alias 'staging'"),
+        (lambda: app.models.rollback("fraud", "production"), "nothing to roll back"),
+        (lambda: app.models.get("nope:1"), "no model 'nope'"),
+    ]:
+        with pytest.raises((NotFoundError, ValidationError), match=error):
+            call()
+    app.models.promote("fraud", 1)
+    with pytest.raises(NotFoundError, match="only version 1"):
+        app.models.rollback("fraud")
+    assert [m.to_version for m in app.models.history("fraud")] == [1]
+    for ref in ("fraud", "fraud:0", "fraud:x", "fraud@"):
+        with pytest.raises(ValidationError):
+            parse_ref(ref)
+
+
+def test_concurrent_promotions_leave_one_consistent_history(settings: Settings) -> None:
+    app = kiln.App("race")
+    for accuracy in (0.1, 0.2, 0.3):
+        app.models.register("race", trained(app, accuracy), artifact="model.pkl")
+    recorder.close_all()
+    script = textwrap.dedent(
+        """
+        import sys, kiln
+        models = kiln.App("race").models
+        for i in range(15):
+            models.promote("race", (int(sys.argv[1]) + i) % 3 + 1, reason=sys.argv[1])
+        """
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(n)], stderr=subprocess.PIPE,
+                              text=True) for n in range(2)]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    history = app.models.history("race", "production")
+    assert len(history) == 30
+    assert history[0].from_version is None
+    for before, after in itertools.pairwise(history):
+        assert after.from_version == before.to_version  # no move was lost or interleaved
+    assert app.models.get("race@production").version == history[-1].to_version
