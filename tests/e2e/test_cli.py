@@ -144,6 +144,9 @@ def test_demo_records_a_real_experiment() -> None:
     model = best.artifact("model.pkl")
     assert model.kind == "pickle" and model.size > 1000
     assert best.environment.env_id and best.resources["env"]["packages"] == ["scikit-learn>=1.4"]
+    assert "registered digits:1" in proc.stdout
+    production = kiln.App("demo").models.get("digits@production")
+    assert production.run_id == best.id and production.artifact == "model.pkl"
     (producer,) = best.lineage().upstream(best.datasets[0].sha256)
     assert kiln.get_run(producer).function == "kiln._demo:prepare"
 
@@ -228,3 +231,25 @@ def test_the_table_shows_every_status() -> None:
     for status in kiln.RunStatus:
         assert str(status) in result.output
     assert set(kiln.RunStatus) == set(STATUS_STYLE)
+
+
+def test_models_commands(three_runs: list[str]) -> None:
+    models = kiln.App("cli").models
+    for run_id in three_runs:
+        models.register("churn", run_id, artifact="model.bin")
+    runner = CliRunner()
+    assert (
+        runner.invoke(cli, ["models", "promote", "churn", "2", "--reason", "better"]).exit_code == 0
+    )
+    assert runner.invoke(cli, ["models", "promote", "churn", "3"]).exit_code == 0
+    assert runner.invoke(cli, ["models", "rollback", "churn"]).exit_code == 0
+    listed = json.loads(runner.invoke(cli, ["models", "ls", "--json"]).output)
+    assert listed == [{"name": "churn", "versions": 3, "latest": 3, "aliases": {"production": 2}}]
+    shown = json.loads(runner.invoke(cli, ["models", "show", "churn@production", "--json"]).output)
+    assert shown["versions"][0]["run_id"] == three_runs[1]
+    history = json.loads(runner.invoke(cli, ["models", "history", "churn", "--json"]).output)
+    assert [(m["from_version"], m["to_version"]) for m in history] == [(None, 2), (2, 3), (3, 2)]
+    table = runner.invoke(cli, ["models", "show", "churn"])
+    assert table.exit_code == 0 and "production" in table.output
+    bad = runner.invoke(cli, ["models", "promote", "churn", "9"])
+    assert bad.exit_code != 0 and "no version 9" in str(bad.exception)

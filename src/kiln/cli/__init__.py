@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from kiln.cli import audit, bundle, demo, envs, gc, lineage, reproduce, run, runs
+from kiln.cli import audit, bundle, demo, envs, gc, lineage, models, reproduce, run, runs
 from kiln.errors import KilnError
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app = typer.Typer(
 app.add_typer(runs.app, name="runs")
 app.add_typer(envs.app, name="envs")
 app.add_typer(audit.app, name="audit")
+app.add_typer(models.app, name="models")
 app.command("demo")(demo.demo)
 app.command("lineage")(lineage.lineage)
 app.command("export")(bundle.export)

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.progress import track
 
-from kiln._demo import ALPHAS, LOSSES, prepare, train
+from kiln._demo import ALPHAS, LOSSES, app, prepare, train
 from kiln.app import runs
 from kiln.cli._render import console, fmt_value, runs_table
 from kiln.config import Settings
@@ -41,6 +41,15 @@ def demo(
     shown = ", ".join(f"{k}={fmt_value(v)}" for k, v in best.params.items() if k != "data")
     accuracy = fmt_value(best.summary["val_accuracy"])
     out.print(f"\n[bold green]best run[/] {best.id}  val_accuracy={accuracy}  ({shown})")
+    models = app.models
+    version = models.register("digits", best, artifact="model.pkl")
+    models.promote("digits", version.version, alias="production",
+                   reason=f"best val_accuracy of sweep {sweep.id[:8]}")  # fmt: skip
+    moves = models.history("digits", "production")
+    out.print(
+        f"registered [bold]{version.ref}[/] and promoted it to digits@production "
+        f"(moved {len(moves)} time(s) so far: kiln models history digits)"
+    )
     out.print(f"details: kiln runs show {best.id[:8]}")
     out.print(f"compare: kiln runs compare {' '.join(r.id[:8] for r in recorded[:3])}")
     out.print(f"the sweep: kiln runs ls --sweep {sweep.id[:8]}")
