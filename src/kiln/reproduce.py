@@ -98,7 +98,13 @@ def reproduce(
         run = function._submit([((), kwargs)], tags={"reproduced_from": original.id})[0]
         with contextlib.suppress(RunFailed):  # compared below: a failure is a result too
             run.result()
-    return compare(original, run.record(), rtol=rtol, drift=drift)
+    result = compare(original, run.record(), rtol=rtol, drift=drift)
+    # The verdict goes on the reproduction's record: promotion policies look for it.
+    from kiln.record.store.base import WriteBatch
+
+    tags = {**run.record().tags, "reproduce_verdict": result.verdict}
+    store.write(WriteBatch(updates=[{"id": run.id, "tags": tags}]))
+    return result
 
 
 def compare(

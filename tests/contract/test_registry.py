@@ -111,3 +111,45 @@ def test_concurrent_promotions_leave_one_consistent_history(settings: Settings) 
     for before, after in itertools.pairwise(history):
         assert after.from_version == before.to_version  # no move was lost or interleaved
     assert app.models.get("race@production").version == history[-1].to_version
+
+
+def test_policies_gate_promotion_and_a_refusal_changes_nothing(settings: Settings) -> None:
+    from kiln.registry.policy import PolicyError
+
+    app = kiln.App("gated")
+    for accuracy in (0.80, 0.95, 0.955):
+        app.models.register("gated", trained(app, accuracy), artifact="model.pkl")
+    policy = {"metrics": {"accuracy": ">= current + 0.01"}, "allow_dirty": True}
+    app.models.set_policy("gated", "production", policy)
+    assert app.models.policy("gated", "production") == {
+        "metrics": {"accuracy": ">= current + 0.01"}, "allow_dirty": True,
+    }  # fmt: skip
+    app.models.promote("gated", 1)  # no holder yet: nothing to beat
+    app.models.promote("gated", 2)  # 0.95 >= 0.80 + 0.01
+    with pytest.raises(PolicyError, match=r"accuracy: 0\.955 is not >= current \+ 0\.01") as info:
+        app.models.promote("gated", 3)
+    assert len(info.value.failures) == 1
+    assert app.models.get("gated@production").version == 2
+    assert [m.to_version for m in app.models.history("gated")] == [1, 2]
+    # a policy for one call replaces the stored one
+    with pytest.raises(PolicyError) as info:
+        strict = {"metrics": {"accuracy": ">= 0.99"}, "allow_dirty": True, "reproduced": True}
+        app.models.promote("gated", 3, policy=strict)
+    assert len(info.value.failures) == 2
+    app.models.promote("gated", 3, policy={"allow_dirty": True}, reason="override")
+    assert app.models.get("gated@production").version == 3
+
+
+def test_a_reproduced_run_passes_the_reproduction_gate(settings: Settings) -> None:
+    from kiln.registry.policy import PolicyError
+
+    app = kiln.App("gated")
+    original = trained(app, 0.9)
+    app.models.register("gated", original, artifact="model.pkl")
+    policy = {"allow_dirty": True, "reproduced": True}
+    with pytest.raises(PolicyError, match="no reproduction"):
+        app.models.promote("gated", 1, policy=policy)
+    with app.run(tags={"reproduced_from": original, "reproduce_verdict": "identical"}):
+        pass
+    app.models.promote("gated", 1, policy=policy)
+    assert app.models.get("gated@production").run_id == original

@@ -98,7 +98,7 @@ def test_pipeline_lineage_reproduce_and_bundle(
     assert result.params_identical and result.metrics["loss"][2] == 0.0
     assert all(old == new for old, new in result.artifacts.values())
     again = kiln.get_run(result.reproduction)
-    assert again.tags == {"reproduced_from": train1}
+    assert again.tags == {"reproduced_from": train1, "reproduce_verdict": "identical"}
     assert kiln.runs(tags={"reproduced_from": train1})[0].id == again.id
 
     # data drift is an error unless allowed, then reported

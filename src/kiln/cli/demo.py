@@ -43,11 +43,16 @@ def demo(
     out.print(f"\n[bold green]best run[/] {best.id}  val_accuracy={accuracy}  ({shown})")
     models = app.models
     version = models.register("digits", best, artifact="model.pkl")
+    # The gate: good enough, and no worse than what production holds now.
+    gate = {"metrics": {"val_accuracy": ">= 0.9", "train_accuracy": ">= current - 0.05"},
+            "allow_dirty": True}  # fmt: skip
+    models.set_policy("digits", "production", gate)
     models.promote("digits", version.version, alias="production",
                    reason=f"best val_accuracy of sweep {sweep.id[:8]}")  # fmt: skip
     moves = models.history("digits", "production")
     out.print(
-        f"registered [bold]{version.ref}[/] and promoted it to digits@production "
+        f"registered [bold]{version.ref}[/] and promoted it to digits@production through "
+        f"its gate (val_accuracy >= 0.9) "
         f"(moved {len(moves)} time(s) so far: kiln models history digits)"
     )
     out.print(f"details: kiln runs show {best.id[:8]}")

@@ -20,8 +20,10 @@ import sqlalchemy as sa
 from kiln.errors import NotFoundError, ValidationError
 from kiln.record import audit
 from kiln.record.model import RunRecord, RunStatus
-from kiln.record.store._schema import alias_moves, aliases, model_versions, models
+from kiln.record.store._schema import alias_moves, aliases, model_versions, models, policies
+from kiln.record.store.base import RunQuery
 from kiln.record.values import check_name
+from kiln.registry.policy import Policy, PolicyError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -106,13 +108,73 @@ class Models:
         return ModelVersion(**row)
 
     def promote(
-        self, name: str, version: int, *, alias: str = "production", reason: str | None = None
+        self,
+        name: str,
+        version: int,
+        *,
+        alias: str = "production",
+        reason: str | None = None,
+        policy: dict[str, Any] | None = None,
     ) -> AliasMove:
-        """Point ``name@alias`` at ``version``; the move is kept in the history."""
+        """Point ``name@alias`` at ``version``; the move is kept in the history.
+
+        ``policy`` (for this call) or the alias's stored policy (:meth:`set_policy`) is
+        checked first; :class:`kiln.registry.policy.PolicyError` names every failing gate.
+        """
         _check_alias(alias)
+        given = Policy.parse(policy) if policy is not None else None
         with self._store.transaction() as conn:
-            self._version(conn, name, version)  # raises if unknown
-            return self._move(conn, name, alias, version, reason, "alias.promote")
+            candidate = self._version(conn, name, version)  # raises if unknown
+            effective = given or self._policy(conn, name, alias)
+            if effective is not None:
+                failures = self._gates(conn, effective, candidate, alias)
+                if failures:
+                    raise PolicyError(f"{name}:{version} -> {name}@{alias}", failures)
+            spec = effective.spec if effective else None
+            return self._move(conn, name, alias, version, reason, "alias.promote", spec)
+
+    def set_policy(self, name: str, alias: str, policy: dict[str, Any] | None) -> None:
+        """The policy every promotion to ``name@alias`` must pass (None removes it)."""
+        _check_alias(alias)
+        parsed = Policy.parse(policy) if policy is not None else None
+        with self._store.transaction() as conn:
+            self._model(conn, name)
+            conn.execute(
+                policies.delete().where(policies.c.name == name, policies.c.alias == alias)
+            )
+            if parsed is not None:
+                row = {"name": name, "alias": alias, "policy": parsed.spec,
+                       "set_by": self._actor, "set_at": time.time()}  # fmt: skip
+                conn.execute(policies.insert().values(**row))
+            self._event(conn, "policy.set", f"{name}@{alias}", {"policy": policy})
+
+    def policy(self, name: str, alias: str) -> dict[str, Any] | None:
+        """The stored policy of ``name@alias``, if any."""
+        with self._store._engine.connect() as conn:
+            found = self._policy(conn, name, alias)
+        return found.spec if found else None
+
+    def _policy(self, conn: Connection, name: str, alias: str) -> Policy | None:
+        spec = conn.execute(
+            sa.select(policies.c.policy).where(policies.c.name == name, policies.c.alias == alias)
+        ).scalar()
+        return None if spec is None else Policy.parse(spec)
+
+    def _gates(
+        self, conn: Connection, policy: Policy, candidate: ModelVersion, alias: str
+    ) -> list[str]:
+        holder = self._holder(conn, candidate.name, alias)
+        current = self._version(conn, candidate.name, holder) if holder is not None else None
+        run = self._store.get_run(candidate.run_id)
+        copies = self._store.query_runs(RunQuery(tags={"reproduced_from": run.id}, limit=None))
+        return policy.check(
+            candidate.metrics,
+            current.metrics if current else None,
+            dirty=None if run.code.repo_root is None else run.code.dirty,
+            reproduced_verdicts=[
+                c.tags["reproduce_verdict"] for c in copies if "reproduce_verdict" in c.tags
+            ],
+        )
 
     def rollback(
         self, name: str, alias: str = "production", *, reason: str | None = None
@@ -143,6 +205,7 @@ class Models:
         version: int,
         reason: str | None,
         action: str,
+        policy: dict[str, Any] | None = None,
     ) -> AliasMove:
         now = time.time()
         current = self._holder(conn, name, alias)
@@ -160,7 +223,7 @@ class Models:
             name=name, alias=alias, from_version=current, to_version=version, reason=reason,
             actor=self._actor, at=now,
         ))  # fmt: skip
-        payload = {"from": current, "to": version, "reason": reason}
+        payload = {"from": current, "to": version, "reason": reason, "policy": policy}
         self._event(conn, action, f"{name}@{alias}", payload)
         return move
 

@@ -136,6 +136,17 @@ alias_moves = sa.Table(
     sa.Index("ix_alias_moves_name_alias", "name", "alias"),
 )
 
+# 0005: promotion policies (see kiln.registry.policy).
+policies = sa.Table(
+    "policies",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("alias", sa.String(100), primary_key=True),
+    sa.Column("policy", JSONType, nullable=False),
+    sa.Column("set_by", sa.String(200), nullable=False),
+    sa.Column("set_at", sa.Double, nullable=False),
+)
+
 artifacts = sa.Table(
     "artifacts",
     metadata,

@@ -1,0 +1,145 @@
+"""Promotion policies: gates a version must pass before an alias moves to it.
+
+A policy is a dict::
+
+    {
+        "metrics": {"accuracy": ">= 0.9", "latency_ms": "< 50",
+                    "f1": ">= current + 0.01"},   # better than the alias's holder by 0.01
+        "allow_dirty": False,   # default: the run's code must be committed, no changes
+        "reproduced": True,     # a reproduction with verdict identical or within tolerance
+    }
+
+Every failing gate is reported, with the values compared.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.errors import KilnError, ValidationError
+
+_GATE = re.compile(
+    r"^\s*(>=|<=|==|>|<)\s*(?:(current)\s*(?:([+-])\s*(\d+(?:\.\d+)?(?:e-?\d+)?))?|(-?\d+(?:\.\d+)?(?:e-?\d+)?))\s*$"
+)
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt,
+}  # fmt: skip
+_KEYS = ("metrics", "allow_dirty", "reproduced")
+GOOD_VERDICTS = ("identical", "within tolerance")
+
+
+class PolicyError(KilnError):
+    """A promotion failed its policy; ``failures`` names every failing gate."""
+
+    def __init__(self, target: str, failures: list[str]) -> None:
+        self.failures = failures
+        super().__init__(f"{target} is not promoted: " + "; ".join(failures))
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    metric: str
+    op: str
+    threshold: float | None  # a number, or None for "current ± offset"
+    offset: float = 0.0
+    text: str = ""
+
+    def check(self, value: float | None, current: float | None) -> str | None:
+        """None if it passes, else why not."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return f"{self.metric} is missing"
+        if self.threshold is None:
+            if current is None:
+                return None  # nothing holds the alias yet: nothing to be better than
+            target = current + self.offset
+            if not _OPS[self.op](value, target):
+                return (
+                    f"{self.metric}: {value:g} is not {self.text} (current holder has {current:g})"
+                )
+            return None
+        if not _OPS[self.op](value, self.threshold):
+            return f"{self.metric}: {value:g} is not {self.text}"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    gates: tuple[Gate, ...] = ()
+    allow_dirty: bool = False
+    reproduced: bool = False
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any]) -> Policy:
+        """Validate a policy dict; errors name the key and what is allowed."""
+        if not isinstance(spec, Mapping):
+            raise ValidationError("policy", "must be a dict", allowed=_KEYS)
+        unknown = set(spec) - set(_KEYS)
+        if unknown:
+            raise ValidationError(
+                f"policy.{sorted(unknown)[0]}", "is not a policy key", allowed=_KEYS
+            )
+        gates = []
+        for metric, text in dict(spec.get("metrics") or {}).items():
+            match = _GATE.match(str(text))
+            if match is None:
+                raise ValidationError(
+                    f"policy.metrics.{metric}",
+                    f"{text!r} is not a gate",
+                    allowed="'>= 0.9', '< 50', '> current', '>= current + 0.01'",
+                )
+            op, current, sign, offset, number = match.groups()
+            if current:
+                delta = float(offset or 0) * (-1 if sign == "-" else 1)
+                gates.append(Gate(metric, op, None, delta, str(text).strip()))
+            else:
+                gates.append(Gate(metric, op, float(number), 0.0, str(text).strip()))
+        for key in ("allow_dirty", "reproduced"):
+            if key in spec and not isinstance(spec[key], bool):
+                raise ValidationError(f"policy.{key}", f"{spec[key]!r} is not true or false")
+        return cls(tuple(gates), bool(spec.get("allow_dirty", False)),
+                   bool(spec.get("reproduced", False)), dict(spec))  # fmt: skip
+
+    def check(
+        self,
+        metrics: Mapping[str, Any],
+        current_metrics: Mapping[str, Any] | None,
+        *,
+        dirty: bool | None,
+        reproduced_verdicts: list[str],
+    ) -> list[str]:
+        """Every failing gate, or an empty list. ``dirty`` is None when the code is not in git."""
+        failures = []
+        for gate in self.gates:
+            current = None if current_metrics is None else _number(current_metrics.get(gate.metric))
+            problem = gate.check(_number(metrics.get(gate.metric)), current)
+            if problem:
+                failures.append(problem)
+        if not self.allow_dirty:
+            if dirty is None:
+                failures.append("the run's code is not in git, so it cannot be shown clean "
+                                "(allow_dirty permits it)")  # fmt: skip
+            elif dirty:
+                failures.append("the run had uncommitted changes (allow_dirty permits it)")
+        if self.reproduced and not any(v in GOOD_VERDICTS for v in reproduced_verdicts):
+            seen = ", ".join(reproduced_verdicts) or "none"
+            failures.append(
+                f"no reproduction with verdict identical or within tolerance (seen: {seen})"
+            )
+        return failures
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
