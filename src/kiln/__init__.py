@@ -23,12 +23,14 @@ from kiln.record.runs import ActiveRun, Dataset, log, save
 if TYPE_CHECKING:
     from kiln.envs.spec import Env
     from kiln.function import Function, MapResult, Run, Sweep, grid
+    from kiln.registry.selection import pareto
 
 __version__ = "0.1.0"
 
 # The engine (and cloudpickle with it) loads when first used, so `import kiln` stays light.
 _LAZY = {"Function": "kiln.function", "MapResult": "kiln.function", "Run": "kiln.function",
-         "Sweep": "kiln.function", "grid": "kiln.function", "Env": "kiln.envs.spec"}  # fmt: skip
+         "Sweep": "kiln.function", "grid": "kiln.function", "Env": "kiln.envs.spec",
+         "pareto": "kiln.registry.selection"}  # fmt: skip
 
 
 def __getattr__(name: str) -> object:
@@ -59,6 +61,7 @@ __all__ = [
     "get_run",
     "grid",
     "log",
+    "pareto",
     "runs",
     "save",
 ]

@@ -153,3 +153,33 @@ def test_a_reproduced_run_passes_the_reproduction_gate(settings: Settings) -> No
         pass
     app.models.promote("gated", 1, policy=policy)
     assert app.models.get("gated@production").run_id == original
+
+
+def test_pareto_front_and_best_across_apps(settings: Settings) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from kiln.cli import app as cli
+
+    points = {"a": (0.90, 30.0), "b": (0.95, 60.0), "c": (0.85, 40.0), "d": (0.95, 50.0)}
+    ids = {}
+    for name, (accuracy, latency) in points.items():
+        with kiln.App("front" if name != "d" else "other").run(name=name) as run:
+            kiln.log({"accuracy": accuracy, "latency_ms": latency})
+        ids[name] = run.id
+    everything = kiln.runs(limit=None)
+    front = kiln.pareto(everything, maximize=["accuracy"], minimize=["latency_ms"])
+    assert sorted(r.name for r in front) == ["a", "d"]  # b and c are dominated
+    assert [r.name for r in kiln.pareto(everything, maximize=["accuracy"])] in (
+        ["b", "d"],
+        ["d", "b"],
+    )
+    with pytest.raises(ValidationError):
+        kiln.pareto(everything)
+    result = CliRunner().invoke(cli, ["runs", "best", "--metric", "latency_ms", "--mode", "min",
+                                      "--json"])  # fmt: skip
+    assert json.loads(result.output)["id"] == ids["a"]
+    in_app = CliRunner().invoke(cli, ["runs", "best", "-m", "accuracy", "--app", "front", "--json"])
+    assert json.loads(in_app.output)["id"] == ids["b"]
+    assert CliRunner().invoke(cli, ["runs", "best", "-m", "nope"]).exit_code != 0

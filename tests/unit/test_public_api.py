@@ -24,6 +24,7 @@ EXPECTED = {
     "__version__",
     "get_run",
     "grid",
+    "pareto",
     "log",
     "runs",
     "save",

@@ -216,3 +216,26 @@ def rm(
         _print_json({"removed": record.id})
     else:
         console().print(f"removed run {record.id} (its blobs stay until `kiln gc`)")
+
+
+@app.command("best")
+def best(
+    metric: Annotated[str, typer.Option("--metric", "-m", help="The summary metric to rank by.")],
+    mode: Annotated[str, typer.Option(help="max or min.")] = "max",
+    app_name: Annotated[str | None, typer.Option("--app", "-a", help="Only this app.")] = None,
+    sweep: Annotated[str | None, typer.Option(help="Only the runs of this sweep.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The succeeded run with the best value of a metric, across apps unless one is named."""
+    if mode not in ("max", "min"):
+        raise ValidationError("--mode", f"{mode!r} is not a mode", allowed=["max", "min"])
+    found = runs(
+        app=app_name, status="succeeded", parent=get_run(sweep).id if sweep else None,
+        order_by=("-" if mode == "max" else "") + metric, limit=1,
+    )  # fmt: skip
+    if not found or metric not in found[0].summary:
+        raise ValidationError("--metric", f"no succeeded run has the metric {metric!r}")
+    if as_json:
+        _print_json(found[0].to_dict())
+        return
+    console().print(_run_panel(found[0]))
