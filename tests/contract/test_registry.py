@@ -6,6 +6,7 @@ import itertools
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -183,3 +184,59 @@ def test_pareto_front_and_best_across_apps(settings: Settings) -> None:
     in_app = CliRunner().invoke(cli, ["runs", "best", "-m", "accuracy", "--app", "front", "--json"])
     assert json.loads(in_app.output)["id"] == ids["b"]
     assert CliRunner().invoke(cli, ["runs", "best", "-m", "nope"]).exit_code != 0
+
+
+def test_promotions_that_need_approval(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.registry.models import AliasMove, PromotionRequest
+    from kiln.registry.policy import PolicyError
+
+    def as_(who: str) -> Any:
+        monkeypatch.setenv("KILN_ACTOR", who)
+        return kiln.App("approved").models
+
+    models = as_("tester")
+    for accuracy in (0.90, 0.95):
+        models.register("approved", trained(kiln.App("approved"), accuracy), artifact="model.pkl")
+    approvals = {"count": 2, "approvers": ["tester", "alice", "bob", "carol"]}
+    policy = {"metrics": {"accuracy": ">= current + 0.01"}, "allow_dirty": True,
+              "approvals": approvals}  # fmt: skip
+    models.set_policy("approved", "production", policy)
+    request = models.promote("approved", 1, reason="first")
+    assert isinstance(request, PromotionRequest) and request.status == "pending"
+    with pytest.raises(NotFoundError):
+        models.get("approved@production")  # nothing moved yet
+    with pytest.raises(ValidationError, match="its own request"):
+        models.approve(request.id)
+    with pytest.raises(ValidationError, match="may not approve"):
+        as_("mallory").approve(request.id)
+    assert as_("alice").approve(request.id).status == "pending"
+    with pytest.raises(ValidationError, match="already approved"):
+        as_("alice").approve(request.id)
+    done = as_("bob").approve(request.id)
+    assert done.status == "applied" and done.approvals == ("alice", "bob")
+    assert models.get("approved@production").version == 1
+    (move,) = models.history("approved")
+    assert move.actor == "bob" and f"request {request.id}" in (move.reason or "")
+    with pytest.raises(ValidationError, match="already applied"):
+        as_("carol").approve(request.id)
+
+    second = as_("tester").promote("approved", 2)
+    assert as_("carol").reject(second.id, reason="not now").status == "rejected"
+    assert [r.status for r in models.requests(status=None)] == ["applied", "rejected"]
+    assert models.requests() == []
+    with pytest.raises(NotFoundError, match="no promotion request"):
+        models.approve("0" * 16)
+
+    # gates are checked again when the last approval comes
+    third = as_("tester").promote("approved", 2)
+    overridden = as_("tester").promote("approved", 2, policy={"allow_dirty": True})
+    assert isinstance(overridden, AliasMove)  # a per-call policy without approvals
+    as_("alice").approve(third.id)
+    with pytest.raises(PolicyError, match="is not >= current"):
+        as_("bob").approve(third.id)
+    assert [r.status for r in models.requests(status=None)][-1] == "failed"
+    actions = {
+        e["action"]
+        for e in recorder.recorder_for(Settings.from_env()).store.audit_events(limit=None)
+    }
+    assert {"promotion.request", "promotion.approve", "promotion.reject", "policy.set"} <= actions

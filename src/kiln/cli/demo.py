@@ -16,6 +16,7 @@ from rich.progress import track
 from kiln._demo import ALPHAS, LOSSES, app, prepare, train
 from kiln.app import runs
 from kiln.cli._render import console, fmt_value, runs_table
+from kiln.cli.models import history_table
 from kiln.config import Settings
 from kiln.function import grid as kiln_grid
 from kiln.record.runs import Dataset
@@ -49,12 +50,11 @@ def demo(
     models.set_policy("digits", "production", gate)
     models.promote("digits", version.version, alias="production",
                    reason=f"best val_accuracy of sweep {sweep.id[:8]}")  # fmt: skip
-    moves = models.history("digits", "production")
     out.print(
-        f"registered [bold]{version.ref}[/] and promoted it to digits@production through "
-        f"its gate (val_accuracy >= 0.9) "
-        f"(moved {len(moves)} time(s) so far: kiln models history digits)"
+        f"\nregistered [bold]{version.ref}[/] and promoted it to digits@production through "
+        "its gate (val_accuracy >= 0.9); the alias's history:"
     )
+    out.print(history_table(models.history("digits", "production")[-5:]))
     out.print(f"details: kiln runs show {best.id[:8]}")
     out.print(f"compare: kiln runs compare {' '.join(r.id[:8] for r in recorded[:3])}")
     out.print(f"the sweep: kiln runs ls --sweep {sweep.id[:8]}")

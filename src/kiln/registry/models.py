@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,14 @@ import sqlalchemy as sa
 from kiln.errors import NotFoundError, ValidationError
 from kiln.record import audit
 from kiln.record.model import RunRecord, RunStatus
-from kiln.record.store._schema import alias_moves, aliases, model_versions, models, policies
+from kiln.record.store._schema import (
+    alias_moves,
+    aliases,
+    model_versions,
+    models,
+    policies,
+    promotion_requests,
+)
 from kiln.record.store.base import RunQuery
 from kiln.record.values import check_name
 from kiln.registry.policy import Policy, PolicyError
@@ -63,6 +71,24 @@ class AliasMove:
     reason: str | None
     actor: str
     at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PromotionRequest:
+    """A promotion waiting for approvals (``pending``), or how it ended: ``applied``,
+    ``rejected``, or ``failed`` (its gates no longer held when it was approved)."""
+
+    id: str
+    name: str
+    alias: str
+    version: int
+    reason: str | None
+    status: str
+    approvals: tuple[str, ...]
+    needed: int
+    requested_by: str
+    requested_at: float
+    decided_at: float | None
 
 
 class Models:
@@ -115,11 +141,13 @@ class Models:
         alias: str = "production",
         reason: str | None = None,
         policy: dict[str, Any] | None = None,
-    ) -> AliasMove:
+    ) -> AliasMove | PromotionRequest:
         """Point ``name@alias`` at ``version``; the move is kept in the history.
 
         ``policy`` (for this call) or the alias's stored policy (:meth:`set_policy`) is
         checked first; :class:`kiln.registry.policy.PolicyError` names every failing gate.
+        A policy that needs approvals turns the promotion into a pending
+        :class:`PromotionRequest` (see :meth:`approve`).
         """
         _check_alias(alias)
         given = Policy.parse(policy) if policy is not None else None
@@ -131,7 +159,106 @@ class Models:
                 if failures:
                     raise PolicyError(f"{name}:{version} -> {name}@{alias}", failures)
             spec = effective.spec if effective else None
+            if effective is not None and effective.approvals:
+                return self._request(conn, candidate, alias, reason, effective)
             return self._move(conn, name, alias, version, reason, "alias.promote", spec)
+
+    # -- approvals -----------------------------------------------------------------------
+
+    def _request(
+        self,
+        conn: Connection,
+        candidate: ModelVersion,
+        alias: str,
+        reason: str | None,
+        policy: Policy,
+    ) -> PromotionRequest:
+        row = {
+            "id": secrets.token_hex(8), "name": candidate.name, "alias": alias,
+            "version": candidate.version, "reason": reason, "policy": policy.spec,
+            "status": "pending", "approvals": [], "requested_by": self._actor,
+            "requested_at": time.time(), "decided_at": None,
+        }  # fmt: skip
+        conn.execute(promotion_requests.insert().values(**row))
+        payload = {"request": row["id"], "version": candidate.version, "needs": policy.approvals}
+        self._event(conn, "promotion.request", f"{candidate.name}@{alias}", payload)
+        return _request_of(row, policy.approvals)
+
+    def approve(self, request_id: str) -> PromotionRequest:
+        """Approve a pending request as this actor; the last approval needed moves the alias."""
+        failures: list[str] = []
+        with self._store.transaction() as conn:
+            row, policy = self._pending(conn, request_id)
+            if self._actor == row["requested_by"]:
+                raise ValidationError("approver", "the requester cannot approve its own request")
+            if self._actor not in policy.approvers:
+                raise ValidationError("approver", f"{self._actor} may not approve this request",
+                                      allowed=policy.approvers)  # fmt: skip
+            if self._actor in row["approvals"]:
+                raise ValidationError("approver", f"{self._actor} has already approved it")
+            row["approvals"] = [*row["approvals"], self._actor]
+            target = f"{row['name']}@{row['alias']}"
+            self._event(conn, "promotion.approve", target, {"request": request_id})
+            if len(row["approvals"]) >= policy.approvals:
+                candidate = self._version(conn, row["name"], row["version"])
+                failures = self._gates(conn, policy, candidate, row["alias"])
+                row["status"] = "failed" if failures else "applied"
+                row["decided_at"] = time.time()
+                if not failures:
+                    approvers = ", ".join(row["approvals"])
+                    why = f"{row['reason'] or 'approved'} (request {request_id}: {approvers})"
+                    self._move(conn, row["name"], row["alias"], row["version"], why,
+                               "alias.promote", policy.spec)  # fmt: skip
+            conn.execute(
+                promotion_requests.update()
+                .where(promotion_requests.c.id == request_id)
+                .values(
+                    approvals=row["approvals"], status=row["status"], decided_at=row["decided_at"]
+                )
+            )
+        if failures:
+            raise PolicyError(f"request {request_id}", failures)
+        return _request_of(row, policy.approvals)
+
+    def reject(self, request_id: str, *, reason: str | None = None) -> PromotionRequest:
+        """Turn a pending request down (an approver or its requester may)."""
+        with self._store.transaction() as conn:
+            row, policy = self._pending(conn, request_id)
+            if self._actor not in policy.approvers and self._actor != row["requested_by"]:
+                raise ValidationError("approver", f"{self._actor} may not reject this request",
+                                      allowed=policy.approvers)  # fmt: skip
+            row.update(status="rejected", decided_at=time.time())
+            conn.execute(
+                promotion_requests.update().where(promotion_requests.c.id == request_id)
+                .values(status="rejected", decided_at=row["decided_at"])
+            )  # fmt: skip
+            self._event(conn, "promotion.reject", f"{row['name']}@{row['alias']}",
+                        {"request": request_id, "reason": reason})  # fmt: skip
+        return _request_of(row, policy.approvals)
+
+    def requests(self, *, status: str | None = "pending") -> list[PromotionRequest]:
+        """Promotion requests, oldest first (``status=None`` for all)."""
+        stmt = sa.select(promotion_requests).order_by(promotion_requests.c.requested_at)
+        if status is not None:
+            stmt = stmt.where(promotion_requests.c.status == status)
+        with self._store._engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(stmt).mappings()]
+        return [_request_of(r, Policy.parse(r["policy"]).approvals) for r in rows]
+
+    def _pending(self, conn: Connection, request_id: str) -> tuple[dict[str, Any], Policy]:
+        found = (
+            conn.execute(sa.select(promotion_requests).where(promotion_requests.c.id == request_id))
+            .mappings()
+            .first()
+        )
+        if found is None:
+            raise NotFoundError(
+                f"no promotion request {request_id!r}; `kiln models requests` lists them"
+            )
+        row = dict(found)
+        if row["status"] != "pending":
+            raise ValidationError("request", f"request {request_id} is already {row['status']}")
+        return row, Policy.parse(row["policy"])
 
     def set_policy(self, name: str, alias: str, policy: dict[str, Any] | None) -> None:
         """The policy every promotion to ``name@alias`` must pass (None removes it)."""
@@ -300,6 +427,22 @@ class Models:
             sa.select(aliases.c.version).where(aliases.c.name == name, aliases.c.alias == alias)
         ).scalar()
         return None if value is None else int(value)
+
+
+def _request_of(row: dict[str, Any], needed: int) -> PromotionRequest:
+    return PromotionRequest(
+        id=row["id"],
+        name=row["name"],
+        alias=row["alias"],
+        version=row["version"],
+        reason=row["reason"],
+        status=row["status"],
+        approvals=tuple(row["approvals"]),
+        needed=needed,
+        requested_by=row["requested_by"],
+        requested_at=row["requested_at"],
+        decided_at=row["decided_at"],
+    )
 
 
 def parse_ref(ref: str) -> tuple[str, int | None, str | None]:

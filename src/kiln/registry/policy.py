@@ -29,7 +29,7 @@ _GATE = re.compile(
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt,
 }  # fmt: skip
-_KEYS = ("metrics", "allow_dirty", "reproduced")
+_KEYS = ("metrics", "allow_dirty", "reproduced", "approvals")
 GOOD_VERDICTS = ("identical", "within tolerance")
 
 
@@ -72,6 +72,8 @@ class Policy:
     gates: tuple[Gate, ...] = ()
     allow_dirty: bool = False
     reproduced: bool = False
+    approvals: int = 0  # how many approvals a promotion needs
+    approvers: tuple[str, ...] = ()  # who may give them (the team server will bring roles)
     spec: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -102,8 +104,9 @@ class Policy:
         for key in ("allow_dirty", "reproduced"):
             if key in spec and not isinstance(spec[key], bool):
                 raise ValidationError(f"policy.{key}", f"{spec[key]!r} is not true or false")
+        count, approvers = _approvals(spec.get("approvals"))
         return cls(tuple(gates), bool(spec.get("allow_dirty", False)),
-                   bool(spec.get("reproduced", False)), dict(spec))  # fmt: skip
+                   bool(spec.get("reproduced", False)), count, approvers, dict(spec))  # fmt: skip
 
     def check(
         self,
@@ -143,3 +146,24 @@ def _number(value: Any) -> float | None:
         except ValueError:
             return None
     return None
+
+
+def _approvals(spec: Any) -> tuple[int, tuple[str, ...]]:
+    if spec is None:
+        return 0, ()
+    allowed = "{'count': N, 'approvers': ['alice', 'bob']}"
+    if not isinstance(spec, Mapping) or set(spec) - {"count", "approvers"}:
+        raise ValidationError(
+            "policy.approvals", f"{spec!r} is not an approvals rule", allowed=allowed
+        )
+    count, approvers = spec.get("count", 1), spec.get("approvers", [])
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValidationError("policy.approvals.count", f"{count!r} is not a count >= 1")
+    if not isinstance(approvers, list) or not all(isinstance(a, str) and a for a in approvers):
+        raise ValidationError("policy.approvals.approvers", "must be a list of identities")
+    if len(set(approvers)) < count:
+        raise ValidationError(
+            "policy.approvals",
+            f"{count} approvals need at least {count} approvers, not {len(set(approvers))}",
+        )
+    return count, tuple(approvers)

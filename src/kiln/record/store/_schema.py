@@ -147,6 +147,24 @@ policies = sa.Table(
     sa.Column("set_at", sa.Double, nullable=False),
 )
 
+# 0006: promotions waiting for approval.
+promotion_requests = sa.Table(
+    "promotion_requests",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("alias", sa.String(100), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("policy", JSONType, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending, applied, rejected
+    sa.Column("approvals", JSONType, nullable=False),  # identities, in order
+    sa.Column("requested_by", sa.String(200), nullable=False),
+    sa.Column("requested_at", sa.Double, nullable=False),
+    sa.Column("decided_at", sa.Double),
+    sa.Index("ix_promotion_requests_status", "status"),
+)
+
 artifacts = sa.Table(
     "artifacts",
     metadata,
