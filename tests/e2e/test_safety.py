@@ -82,3 +82,13 @@ def test_gc_removes_only_unreferenced_blobs_old_enough() -> None:
     invoke("runs", "rm", producer)
     assert json.loads(invoke("gc", "--json")[1])["removed"] == [weights.sha256]
     assert invoke("gc", "--min-age", "soon")[0] != 0
+
+
+def test_a_run_a_model_was_made_from_is_not_removed() -> None:
+    app = kiln.App("safe-model")
+    with app.run() as run:
+        kiln.save("model.bin", b"m")
+    app.models.register("safe", run.id, artifact="model.bin")
+    code, out = invoke("runs", "rm", run.id)
+    assert code == 1 and "model safe:1 was made by it" in out
+    assert kiln.get_run(run.id).id == run.id

@@ -33,7 +33,7 @@ from kiln.record import audit
 from kiln.record.blobs import BlobStore
 from kiln.record.lineage import Lineage
 from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
-from kiln.record.store._schema import artifacts, metrics, runs, summary
+from kiln.record.store._schema import artifacts, metrics, model_versions, runs, summary
 from kiln.record.store._schema import audit as audit_log
 from kiln.record.store.base import RunQuery, WriteBatch
 
@@ -248,8 +248,9 @@ class SqlStore:
         return self._guard(read)
 
     def dependants(self, run_id: str) -> list[str]:
-        """What depends on a run: runs that used its outputs, its sweep's runs, its
-        reproductions. A run with dependants cannot be removed."""
+        """What depends on a run: model versions registered from it, runs that used its
+        outputs, its sweep's runs, its reproductions. A run with dependants cannot be
+        removed."""
         with self._engine.connect() as conn:
             produced = sa.select(artifacts.c.sha256).where(
                 artifacts.c.run_id == run_id, artifacts.c.direction == "out"
@@ -269,7 +270,13 @@ class SqlStore:
                     _json_equals(runs.c.tags, "reproduced_from", run_id, field="tags")
                 )
             ).all()
-        out = [f"run {u} uses its {name}" for u, name in users]
+            registered = conn.execute(
+                sa.select(model_versions.c.name, model_versions.c.version).where(
+                    model_versions.c.run_id == run_id
+                )
+            ).all()
+        out = [f"model {n}:{v} was made by it" for n, v in registered]
+        out += [f"run {u} uses its {name}" for u, name in users]
         out += [f"run {c} belongs to it (a sweep)" for (c,) in children]
         out += [f"run {c} reproduces it" for (c,) in copies]
         return out
