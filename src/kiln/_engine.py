@@ -44,6 +44,13 @@ HEARTBEAT_S = 10.0
 _log = logging.getLogger("kiln")
 
 
+@dataclass(frozen=True, slots=True)
+class _Created:
+    """Rows of runs submitted without waiting for them to be written."""
+
+    batch: WriteBatch
+
+
 @dataclass
 class Call:
     """One run to execute: its record row, its task and what to do when it ends."""
@@ -68,7 +75,7 @@ class Engine:
         self._calls: dict[str, Call] = {}
         self._lock = threading.Lock()
         self._started: dict[str, dict[str, Any]] = {}  # "running" updates not yet written
-        self._events: queue.SimpleQueue[list[TaskEvent] | None] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[list[TaskEvent | _Created] | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="kiln-record", daemon=True)
         self._writer.start()
         make = backend or _make_backend(settings)
@@ -78,16 +85,27 @@ class Engine:
     def inventory(self) -> Inventory:
         return self.backend.inventory
 
-    def submit(self, calls: list[Call], *, parent: dict[str, Any] | None = None) -> None:
-        """Record ``calls`` as queued (with ``parent`` first, if given), then run them."""
+    def submit(
+        self, calls: list[Call], *, parent: dict[str, Any] | None = None, wait: bool = True
+    ) -> None:
+        """Record ``calls`` as queued (with ``parent`` first, if given), then run them.
+
+        With ``wait=False`` the records are written by the writer thread while the
+        tasks already run (``remote()``, which waits for the result anyway, uses it):
+        the writer takes events in order, so a run's row is always written before, or
+        in the same transaction as, its end.
+        """
         batch = WriteBatch(new_runs=[parent] if parent else [])
         for call in calls:
             batch.new_runs.append(call.row)
             batch.artifacts.extend(call.inputs)
-        self.recorder.store.write(batch)
+        if wait:
+            self.recorder.store.write(batch)
         with self._lock:
             for call in calls:
                 self._calls[call.spec.run_id] = call
+        if not wait:
+            self._events.put([_Created(batch)])
         self.backend.submit([c.spec for c in calls])
 
     def cancel(self, run_id: str) -> None:
@@ -103,7 +121,7 @@ class Engine:
 
     def report(self, events: list[TaskEvent]) -> None:
         """Called by the backend with a batch of events; the writer thread records them."""
-        self._events.put(events)
+        self._events.put(list[TaskEvent | _Created](events))
 
     def _write_loop(self) -> None:
         # Group commit: while one batch is written, the next events queue up behind
@@ -111,7 +129,7 @@ class Engine:
         last_beat = time.monotonic()
         while True:
             wait = STARTED_DELAY_S if self._started else HEARTBEAT_S
-            events: list[TaskEvent] = []
+            events: list[TaskEvent | _Created] = []
             stop = False
             try:
                 first = self._events.get(timeout=wait)
@@ -144,13 +162,17 @@ class Engine:
         oldest = min((u["started_at"] for u in self._started.values()), default=None)
         return oldest is not None and time.time() - oldest >= STARTED_DELAY_S
 
-    def _report(self, events: list[TaskEvent], *, flush_started: bool) -> None:
+    def _report(self, events: list[TaskEvent | _Created], *, flush_started: bool) -> None:
         batch = WriteBatch()
         done: list[tuple[Call, Outcome]] = []
         retry: list[tuple[Call, float]] = []
         now = time.time()
         with self._lock:
             for event in events:
+                if isinstance(event, _Created):  # records of runs submitted without waiting
+                    batch.new_runs.extend(event.batch.new_runs)
+                    batch.artifacts.extend(event.batch.artifacts)
+                    continue
                 call = self._calls.get(event.run_id)
                 if call is None:
                     continue

@@ -316,7 +316,9 @@ class Function(Generic[P, R]):
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run on the engine, wait, and return the result (or raise RunFailed)."""
-        return self.spawn(*args, **kwargs).result()
+        # The run's record is written while it runs: the caller waits for the result
+        # (and so for the record) anyway.
+        return self._submit([(args, kwargs)], wait=False)[0].result()
 
     def spawn(self, *args: P.args, **kwargs: P.kwargs) -> Run[R]:
         """Start a run on the engine and return its handle at once."""
@@ -455,6 +457,7 @@ class Function(Generic[P, R]):
         parent: dict[str, Any] | None = None,
         on_done: Callable[[Call, Outcome], None] | None = None,
         tags: dict[str, str] | None = None,
+        wait: bool = True,
     ) -> list[Run[R]]:
         checked = [(args, kwargs, *self._params(args, kwargs)) for args, kwargs in calls]
         settings = self.app.settings
@@ -498,7 +501,7 @@ class Function(Generic[P, R]):
             if on_done is not None:
                 call.on_done.append(on_done)
             prepared.append(call)
-        engine.submit(prepared, parent=parent)
+        engine.submit(prepared, parent=parent, wait=wait)
         return [Run(c.spec.run_id, engine, c.future) for c in prepared]
 
     def _environment(
