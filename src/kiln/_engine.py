@@ -75,6 +75,8 @@ class Engine:
         self._calls: dict[str, Call] = {}
         self._lock = threading.Lock()
         self._started: dict[str, dict[str, Any]] = {}  # "running" updates not yet written
+        self._unwritten: set[str] = set()  # runs submitted without waiting, rows not yet in
+        self._written = threading.Condition(self._lock)
         self._events: queue.SimpleQueue[list[TaskEvent | _Created] | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="kiln-record", daemon=True)
         self._writer.start()
@@ -104,12 +106,19 @@ class Engine:
         with self._lock:
             for call in calls:
                 self._calls[call.spec.run_id] = call
+            if not wait:
+                self._unwritten.update(c.spec.run_id for c in calls)
         if not wait:
             self._events.put([_Created(batch)])
         self.backend.submit([c.spec for c in calls])
 
     def cancel(self, run_id: str) -> None:
         self.backend.cancel(run_id)
+
+    def wait_recorded(self, run_id: str, timeout: float = 30.0) -> None:
+        """Return once the run's row is in the store (at once for most runs)."""
+        with self._written:
+            self._written.wait_for(lambda: run_id not in self._unwritten, timeout)
 
     def status(self, run_id: str) -> RunStatus | None:
         """The live status of a run this engine owns, or None if it is not (or no longer) here."""
@@ -166,12 +175,14 @@ class Engine:
         batch = WriteBatch()
         done: list[tuple[Call, Outcome]] = []
         retry: list[tuple[Call, float]] = []
+        created: list[str] = []
         now = time.time()
         with self._lock:
             for event in events:
                 if isinstance(event, _Created):  # records of runs submitted without waiting
                     batch.new_runs.extend(event.batch.new_runs)
                     batch.artifacts.extend(event.batch.artifacts)
+                    created.extend(row["id"] for row in event.batch.new_runs)
                     continue
                 call = self._calls.get(event.run_id)
                 if call is None:
@@ -221,6 +232,10 @@ class Engine:
             for call, _ in done:
                 call.future.set_exception(exc)
             return
+        if created:
+            with self._written:
+                self._unwritten.difference_update(created)
+                self._written.notify_all()
         self._after_write(done, retry)
 
     def _after_write(

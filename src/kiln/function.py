@@ -110,6 +110,7 @@ class Run(Generic[R]):
 
     def record(self) -> RunRecord:
         """The run's record as stored now."""
+        self._engine.wait_recorded(self.id)
         return self._engine.recorder.store.get_run(self.id)
 
     def __repr__(self) -> str:
@@ -336,7 +337,8 @@ class Function(Generic[P, R]):
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
             (tuple(items), {}) for items in zip(*iterables, strict=False)
         ]
-        return MapResult(self._submit(calls), return_exceptions=return_exceptions)
+        # Records are written while the runs run; a handle's record() waits for its row.
+        return MapResult(self._submit(calls, wait=False), return_exceptions=return_exceptions)
 
     def sweep(self, spec: Sequence[Mapping[str, Any]]) -> Sweep:
         """Run once per dict of keyword arguments (``kiln.grid`` makes them), under one
