@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from kiln.record.recorder import Recorder
 
 from kiln.record.model import RunRecord, RunStatus
 
@@ -92,3 +96,26 @@ def console() -> Console:
     """A console for command output: on a terminal its width, piped a wide fixed one."""
     out = Console()
     return out if out.is_terminal else Console(width=160)
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str, option: str) -> float:
+    """``30m``, ``12h``, ``7d``, ``2w`` as seconds; a ValidationError naming ``option``."""
+    from kiln.errors import ValidationError
+
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValidationError(option, f"{text!r} is not a duration",
+                              allowed="a number with s, m, h, d or w, e.g. 7d")  # fmt: skip
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def reader() -> Recorder:
+    """This process's recorder for the configured store; a missing store is an error."""
+    from kiln.config import Settings
+    from kiln.record.recorder import recorder_for
+
+    return recorder_for(Settings.from_env(), create=False)

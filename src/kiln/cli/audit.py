@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kiln.cli._render import console, fmt_time
-from kiln.config import Settings
+from kiln.cli._render import console, fmt_time, reader
 from kiln.record.store.sql import SqlStore
 
 app = typer.Typer(help="Read and verify the audit log.", no_args_is_help=True)
@@ -18,9 +17,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts an
 
 
 def _store() -> SqlStore:
-    from kiln.record.recorder import recorder_for
-
-    return recorder_for(Settings.from_env(), create=False).store
+    return reader().store
 
 
 @app.command("ls")

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from kiln.cli._render import console, fmt_time
+from kiln.cli._render import console, fmt_time, parse_duration
 from kiln.config import Settings
 from kiln.envs.manager import EnvManager, env_manager
-from kiln.errors import ValidationError
 from kiln.record.blobs import BlobStore
 from kiln.record.model import RunStatus
 from kiln.record.store.base import RunQuery
 
 app = typer.Typer(help="List, show and prune cached environments.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def _manager() -> tuple[EnvManager, Settings]:
@@ -97,14 +93,7 @@ def prune(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove environments unused for a while; never one a queued or running task uses."""
-    match = _DURATION.match(older_than)
-    if match is None:
-        raise ValidationError(
-            "--older-than",
-            f"{older_than!r} is not a duration",
-            allowed="a number with s, m, h, d or w, e.g. 7d",
-        )
-    seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    seconds = parse_duration(older_than, "--older-than")
     manager, settings = _manager()
     in_use: set[str] = set()
     if settings.home.joinpath("kiln.db").exists() or not settings.store_url.startswith("sqlite"):

@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 from rich.tree import Tree
 
-from kiln.cli._render import console
-from kiln.config import Settings
+from kiln.cli._render import console, reader
 from kiln.record.lineage import Lineage
 
 
@@ -20,9 +19,7 @@ def lineage(
     as_dot: Annotated[bool, typer.Option("--dot", help="The graph for Graphviz.")] = False,
 ) -> None:
     """Print the upstream and downstream graph of a run or artifact as trees."""
-    from kiln.record.recorder import recorder_for
-
-    graph = recorder_for(Settings.from_env(), create=False).store.lineage(ref)
+    graph = reader().store.lineage(ref)
     if as_json:
         typer.echo(json.dumps(graph.to_dict(), indent=2))
         return

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from kiln.cli._render import console, fmt_time, fmt_value
+from kiln.cli._render import console, fmt_time, fmt_value, reader
 from kiln.config import Settings
 
 if TYPE_CHECKING:
@@ -68,9 +68,7 @@ def show(
     table = Table(header_style="bold", show_edge=False, title=name)
     for col in ("version", "aliases", "run", "artifact", "metrics", "made from", "registered"):
         table.add_column(col)
-    from kiln.record.recorder import recorder_for
-
-    store = recorder_for(Settings.from_env(), create=False).store
+    store = reader().store
     for v in versions:
         held = " ".join(a for a, n in aliases.items() if n == v.version)
         metrics = " ".join(f"{k}={fmt_value(x)}" for k, x in v.metrics.items())

@@ -12,8 +12,15 @@ from rich.table import Table
 from rich.text import Text
 
 from kiln.app import get_run, runs
-from kiln.cli._render import console, fmt_duration, fmt_time, fmt_value, runs_table, status_text
-from kiln.config import Settings
+from kiln.cli._render import (
+    console,
+    fmt_duration,
+    fmt_time,
+    fmt_value,
+    reader,
+    runs_table,
+    status_text,
+)
 from kiln.errors import ValidationError
 from kiln.record.model import RunRecord, json_number
 
@@ -207,9 +214,7 @@ def rm(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a run's record. Refused, naming them, while other runs depend on it."""
-    from kiln.record.recorder import recorder_for
-
-    store = recorder_for(Settings.from_env(), create=False).store
+    store = reader().store
     record = store.get_run(run_id)
     store.delete_run(record.id)
     if as_json:
