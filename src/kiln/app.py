@@ -16,9 +16,11 @@ if TYPE_CHECKING:
     from kiln.function import Function
     from kiln.record.recorder import Recorder
     from kiln.registry.models import Models
+    from kiln.serve.endpoint import Endpoint
 
 P = ParamSpec("P")
 R = TypeVar("R")
+C = TypeVar("C")
 
 
 class App:
@@ -102,6 +104,49 @@ class App:
             )
 
         return wrap
+
+    def endpoint(
+        self,
+        *,
+        model: str,
+        name: str | None = None,
+        cpu: float = 1.0,
+        memory: int | str = 0,
+        gpu: float = 0,
+        env: Any = None,
+        min_replicas: int = 1,
+        max_replicas: int = 1,
+        target_concurrency: int = 8,
+        idle_timeout: float = 60.0,
+        traffic: Mapping[str, float] | None = None,
+        kind: str = "chain",
+        tracing: bool = True,
+    ) -> Callable[[type[C]], Endpoint[C]]:
+        """Declare a class with ``load(self, model_path)`` and ``predict(self, ...)`` as an
+        endpoint serving ``model`` (``"name@alias"``, followed as it moves, or ``"name:3"``).
+
+        Each replica is a process with ``cpu``/``memory``/``gpu`` (admitted by the same
+        scheduler as functions) and ``env``. Replicas scale between ``min_replicas``
+        (0: scale to zero) and ``max_replicas`` to keep about ``target_concurrency``
+        requests in flight each, and shrink after ``idle_timeout`` seconds with less.
+        ``traffic={"name:7": 90, "name:8": 10}`` splits requests by weight. ``kind`` is
+        the OpenInference span kind of its traces (``"llm"`` adds ``llm.*`` attributes).
+
+        Example::
+
+            @app.endpoint(model="fraud@production", min_replicas=0, max_replicas=4)
+            class Fraud:
+                def load(self, model_path: str) -> None: ...
+                def predict(self, features: list[float]) -> dict: ...
+        """
+        from kiln.serve.endpoint import declare
+
+        return declare(
+            self, model=model, name=name, cpu=cpu, memory=memory, gpu=gpu, env=env,
+            min_replicas=min_replicas, max_replicas=max_replicas,
+            target_concurrency=target_concurrency, idle_timeout=idle_timeout,
+            traffic=traffic, kind=kind, tracing=tracing,
+        )  # fmt: skip
 
     @property
     def models(self) -> Models:

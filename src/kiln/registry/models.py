@@ -10,7 +10,6 @@ rollback are audit events.
 from __future__ import annotations
 
 import math
-import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -32,13 +31,13 @@ from kiln.record.store._schema import (
 from kiln.record.store.base import RunQuery
 from kiln.record.values import check_name
 from kiln.registry.policy import Policy, PolicyError
+from kiln.registry.refs import check_alias as _check_alias
+from kiln.registry.refs import parse_ref
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from kiln.record.store.sql import SqlStore
-
-_ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,99}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,26 +442,3 @@ def _request_of(row: dict[str, Any], needed: int) -> PromotionRequest:
         requested_at=row["requested_at"],
         decided_at=row["decided_at"],
     )
-
-
-def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
-    """``name:3`` -> (name, 3, None); ``name@alias`` -> (name, None, alias)."""
-    if "@" in ref:
-        name, _, alias = ref.partition("@")
-        _check_alias(alias)
-        return check_name("ref", name), None, alias
-    name, sep, number = ref.partition(":")
-    if not sep or not number.isdigit() or int(number) < 1:
-        raise ValidationError(
-            "ref", f"{ref!r} is not a model reference", allowed="NAME:VERSION or NAME@ALIAS"
-        )
-    return check_name("ref", name), int(number), None
-
-
-def _check_alias(alias: str) -> None:
-    if not isinstance(alias, str) or not _ALIAS.match(alias):
-        raise ValidationError(
-            "alias",
-            f"{alias!r} is not an alias name",
-            allowed="1-100 lowercase letters, digits, '_' or '-', starting with a letter",
-        )

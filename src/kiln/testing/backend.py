@@ -17,8 +17,9 @@ from typing import Any
 
 import cloudpickle
 
-from kiln.compute.backends.base import Finished, Outcome, Report, Started, TaskSpec
-from kiln.compute.resources import Inventory
+from kiln.compute.backends.base import Finished, Grant, Outcome, Report, Started, TaskSpec
+from kiln.compute.resources import Inventory, Resources
+from kiln.compute.scheduler import Allocation
 
 
 @dataclass
@@ -42,6 +43,13 @@ class FakeBackend:
     def cancel(self, run_id: str) -> None:
         with self._lock:
             self._cancelled.add(run_id)
+
+    def reserve(self, lease_id: str, resources: Resources, priority: int, granted: Grant) -> None:
+        """Granted at once, with no devices: this backend does not schedule."""
+        granted(Allocation(lease_id, round(resources.cpu * 1000), resources.memory_bytes))
+
+    def release(self, lease_id: str) -> None:
+        """Nothing is held."""
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from kiln.compute.resources import Inventory, Resources
+
+if TYPE_CHECKING:
+    from kiln.compute.scheduler import Allocation
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,8 @@ class Finished:
 
 TaskEvent = Started | Finished
 Report = Callable[[list[TaskEvent]], None]
+# Called with what the scheduler granted a reservation (see Backend.reserve).
+Grant = Callable[["Allocation"], None]
 
 
 class Backend(Protocol):
@@ -77,6 +82,13 @@ class Backend(Protocol):
 
     def cancel(self, run_id: str) -> None:
         """Stop a queued or running task; it is reported Finished as cancelled."""
+
+    def reserve(self, lease_id: str, resources: Resources, priority: int, granted: Grant) -> None:
+        """Queue a long-lived holder of resources (a serving replica) with the tasks;
+        ``granted`` gets its allocation once admitted. It holds it until :meth:`release`."""
+
+    def release(self, lease_id: str) -> None:
+        """Give back a reservation's resources, or withdraw it while still queued."""
 
     def close(self) -> None:
         """Stop everything still running and release workers."""

@@ -27,8 +27,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kiln.compute import _worker
-from kiln.compute.backends.base import Finished, Outcome, Report, Started, TaskEvent, TaskSpec
-from kiln.compute.resources import Inventory
+from kiln.compute.backends.base import (
+    Finished,
+    Grant,
+    Outcome,
+    Report,
+    Started,
+    TaskEvent,
+    TaskSpec,
+)
+from kiln.compute.resources import Inventory, Resources
 from kiln.compute.scheduler import Allocation, Cancel, Release, Scheduler, Submit, Task
 
 MAX_IDLE_WORKERS = 8
@@ -109,6 +117,7 @@ class LocalBackend:
     _slots: dict[str, _Slot] = field(default_factory=dict)
     _idle: list[_Worker] = field(default_factory=list)
     _timed: dict[str, _Slot] = field(default_factory=dict)  # running slots with a deadline
+    _leases: dict[str, Grant] = field(default_factory=dict)  # reservations not yet admitted
     _thread: threading.Thread | None = None
 
     def __post_init__(self) -> None:
@@ -123,6 +132,15 @@ class LocalBackend:
 
     def cancel(self, run_id: str) -> None:
         self._inbox.put(("cancel", run_id))
+
+    def reserve(self, lease_id: str, resources: Resources, priority: int, granted: Grant) -> None:
+        """Queue a long-lived holder (a serving replica) with the tasks: ``granted`` is
+        called with its allocation, from the loop thread, once the scheduler admits it."""
+        self._inbox.put(("reserve", Task(lease_id, resources, priority), granted))
+
+    def release(self, lease_id: str) -> None:
+        """Give back what ``lease_id`` holds, or withdraw it if it is still queued."""
+        self._inbox.put(("release", lease_id))
 
     def close(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -168,6 +186,15 @@ class LocalBackend:
                 task = Task(spec.run_id, spec.resources, spec.priority)
                 for alloc in self._scheduler.handle(Submit(task)):
                     self._dispatch(alloc, events)
+        elif kind == "reserve":
+            self._leases[message[1].id] = message[2]
+            for alloc in self._scheduler.handle(Submit(message[1])):
+                self._dispatch(alloc, events)
+        elif kind == "release":
+            if self._leases.pop(message[1], None) is not None:
+                self._scheduler.handle(Cancel(message[1]))
+            for alloc in self._scheduler.handle(Release(message[1])):
+                self._dispatch(alloc, events)
         elif kind == "cancel":
             self._on_cancel(message[1], events)
         elif kind == "done":
@@ -220,6 +247,10 @@ class LocalBackend:
         self._end(slot, Outcome(status, cause=cause, usage={"worker_pid": worker.pid}), events)
 
     def _dispatch(self, alloc: Allocation, events: list[TaskEvent]) -> None:
+        granted = self._leases.pop(alloc.task_id, None)
+        if granted is not None:
+            granted(alloc)
+            return
         slot = self._slots[alloc.task_id]
         cuda = alloc.cuda_visible_devices if self.inventory.gpus else None
         spec = slot.spec

@@ -177,3 +177,40 @@ artifacts = sa.Table(
     sa.Column("uri", sa.Text),
     sa.Index("ix_artifacts_sha256", "sha256"),
 )
+
+# 0007: endpoints and the spans of their inferences (see kiln.serve and kiln.observe).
+endpoints = sa.Table(
+    "endpoints",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("app", sa.String(200), nullable=False),
+    sa.Column("model", sa.String(300), nullable=False),  # the reference it serves
+    sa.Column("spec", JSONType, nullable=False),  # resources, replicas, target concurrency
+    sa.Column("traffic", JSONType),  # {"name:7": 90, "name:8": 10}, or null: follow the model
+    sa.Column("url", sa.String(500)),
+    sa.Column("host", sa.String(255)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("status", sa.String(16), nullable=False),  # serving, stopped
+    sa.Column("stats", JSONType),  # requests, errors, cpu/gpu seconds, replicas, by version
+    sa.Column("started_at", sa.Double),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+spans = sa.Table(
+    "spans",
+    metadata,
+    sa.Column("trace_id", sa.String(32), primary_key=True),
+    sa.Column("span_id", sa.String(16), primary_key=True),
+    sa.Column("parent_id", sa.String(16)),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("endpoint", sa.String(200)),
+    sa.Column("model_name", sa.String(200)),
+    sa.Column("model_version", sa.Integer),
+    sa.Column("run_id", sa.String(32)),
+    sa.Column("start_ns", sa.BigInteger, nullable=False),
+    sa.Column("duration_ns", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # ok, error
+    sa.Column("attributes", JSONType, nullable=False),
+    sa.Index("ix_spans_endpoint_start", "endpoint", "start_ns"),
+    sa.Index("ix_spans_run", "run_id"),
+)

@@ -33,11 +33,11 @@ from kiln.record import audit
 from kiln.record.blobs import BlobStore
 from kiln.record.lineage import Lineage
 from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
-from kiln.record.store._schema import artifacts, metrics, model_versions, runs, summary
+from kiln.record.store._schema import artifacts, metrics, model_versions, runs, spans, summary
 from kiln.record.store._schema import audit as audit_log
 from kiln.record.store.base import RunQuery, WriteBatch
 
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,
@@ -331,6 +331,21 @@ class SqlStore:
     def append_events(self, conn: Connection, events: list[audit.Event]) -> None:
         """Append audit events inside a :meth:`transaction`."""
         self._append(conn, events)
+
+    def connect(self) -> Connection:
+        """A connection for reads by the layers above the record (registry, serve);
+        use it as a context manager."""
+        return self._engine.connect()
+
+    def write_spans(self, rows: list[dict[str, Any]]) -> None:
+        """Insert finished spans (rows of the ``spans`` table; see kiln.observe)."""
+        if rows:
+
+            def insert() -> None:
+                with self._engine.begin() as conn:
+                    conn.execute(spans.insert(), rows)
+
+            self._guard(lambda: self._retry_locked(insert))
 
     # -- lineage ---------------------------------------------------------------------
 

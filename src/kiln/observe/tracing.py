@@ -1,0 +1,253 @@
+"""Traces of inferences: OpenTelemetry spans named in OpenInference's conventions.
+
+Each request an endpoint answers (and each shard of a batch job) becomes one span
+made by the OpenTelemetry SDK, with
+
+- OpenInference's attributes: ``openinference.span.kind``, ``input.value`` and
+  ``output.value`` with their mime types, and for ``kind="llm"`` endpoints the
+  ``llm.*`` attributes (model name, invocation parameters, messages, token counts);
+- Kiln's attributes, which name the immutable identity behind the answer, never an
+  alias: ``kiln.model.name``, ``kiln.model.version``, ``kiln.run.id``, ``kiln.endpoint``.
+
+Spans are exported by a batch processor to the store's ``spans`` table (so that
+``kiln why TRACE_ID`` can walk from an answer to the run, code, data and
+environment behind it) and, when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, over OTLP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from openinference.semconv.trace import (
+    MessageAttributes,
+    OpenInferenceMimeTypeValues,
+    OpenInferenceSpanKindValues,
+    SpanAttributes,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.trace import StatusCode
+
+MODEL_NAME = "kiln.model.name"
+MODEL_VERSION = "kiln.model.version"
+RUN_ID = "kiln.run.id"
+ENDPOINT = "kiln.endpoint"
+BATCH_RUN_ID = "kiln.batch.run_id"
+CPU_SECONDS = "kiln.cpu_seconds"
+
+SPAN_KINDS = tuple(k.value.lower() for k in OpenInferenceSpanKindValues)
+JSON_MIME = OpenInferenceMimeTypeValues.JSON.value
+MAX_VALUE_CHARS = 64 * 1024  # longer inputs and outputs are cut, and say so
+# How often the batch processor exports: short, so `kiln why` finds a span at once.
+EXPORT_DELAY_MS = 500
+
+_log = logging.getLogger("kiln")
+
+
+def identity_attributes(
+    *, endpoint: str, model_name: str, model_version: int, run_id: str, kind: str
+) -> dict[str, Any]:
+    """The attributes every span of one endpoint replica carries."""
+    return {
+        SpanAttributes.OPENINFERENCE_SPAN_KIND: kind.upper(),
+        ENDPOINT: endpoint,
+        MODEL_NAME: model_name,
+        MODEL_VERSION: model_version,
+        RUN_ID: run_id,
+    }
+
+
+def io_attributes(input_text: str, output_text: str | None) -> dict[str, Any]:
+    """``input.value`` / ``output.value`` (JSON text) with their mime types."""
+    attrs: dict[str, Any] = {
+        SpanAttributes.INPUT_VALUE: _cut(input_text),
+        SpanAttributes.INPUT_MIME_TYPE: JSON_MIME,
+    }
+    if output_text is not None:
+        attrs[SpanAttributes.OUTPUT_VALUE] = _cut(output_text)
+        attrs[SpanAttributes.OUTPUT_MIME_TYPE] = JSON_MIME
+    return attrs
+
+
+def llm_attributes(model: str, request: Mapping[str, Any], response: Any) -> dict[str, Any]:
+    """OpenInference's ``llm.*`` attributes for a chat-style request and response.
+
+    Understood shapes: ``messages`` (a list of ``{"role", "content"}``) or ``prompt`` in
+    the request, the other request fields as invocation parameters; in the response,
+    ``content`` or OpenAI-style ``choices[0].message``, and ``usage`` with
+    ``prompt_tokens`` / ``completion_tokens`` / ``total_tokens``.
+    """
+    attrs: dict[str, Any] = {SpanAttributes.LLM_MODEL_NAME: model}
+    params = {k: v for k, v in request.items() if k not in ("messages", "prompt")}
+    if params:
+        attrs[SpanAttributes.LLM_INVOCATION_PARAMETERS] = json.dumps(params, default=str)
+    messages = request.get("messages")
+    if isinstance(messages, list):
+        attrs.update(_messages(SpanAttributes.LLM_INPUT_MESSAGES, messages))
+    elif isinstance(request.get("prompt"), str):
+        attrs.update(_messages(SpanAttributes.LLM_INPUT_MESSAGES, [
+            {"role": "user", "content": request["prompt"]}]))  # fmt: skip
+    if isinstance(response, str):
+        attrs.update(_messages(SpanAttributes.LLM_OUTPUT_MESSAGES, [
+            {"role": "assistant", "content": response}]))  # fmt: skip
+    elif isinstance(response, Mapping):
+        message = _response_message(response)
+        if message is not None:
+            attrs.update(_messages(SpanAttributes.LLM_OUTPUT_MESSAGES, [message]))
+        usage = response.get("usage")
+        if isinstance(usage, Mapping):
+            for key, attr in (
+                ("prompt_tokens", SpanAttributes.LLM_TOKEN_COUNT_PROMPT),
+                ("completion_tokens", SpanAttributes.LLM_TOKEN_COUNT_COMPLETION),
+                ("total_tokens", SpanAttributes.LLM_TOKEN_COUNT_TOTAL),
+            ):
+                if isinstance(usage.get(key), int):
+                    attrs[attr] = usage[key]
+    return attrs
+
+
+def _response_message(response: Mapping[str, Any]) -> dict[str, Any] | None:
+    if isinstance(response.get("content"), str):
+        return {"role": response.get("role", "assistant"), "content": response["content"]}
+    choices = response.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
+        message = choices[0].get("message")
+        if isinstance(message, Mapping):
+            return dict(message)
+    return None
+
+
+def _messages(prefix: str, messages: Sequence[Any]) -> dict[str, Any]:
+    attrs: dict[str, Any] = {}
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            continue
+        for key, attr in (
+            ("role", MessageAttributes.MESSAGE_ROLE),
+            ("content", MessageAttributes.MESSAGE_CONTENT),
+        ):
+            if isinstance(message.get(key), str):
+                attrs[f"{prefix}.{i}.{attr}"] = message[key]
+    return attrs
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_VALUE_CHARS:
+        return text
+    return text[:MAX_VALUE_CHARS] + f"... [{len(text) - MAX_VALUE_CHARS} more characters]"
+
+
+class PresetIdGenerator(IdGenerator):
+    """Random ids, except that the next root span may be given its trace id, so a
+    span made in a replica joins the trace the front door announced."""
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+        self._local = threading.local()
+
+    def preset_trace_id(self, trace_id: int) -> None:
+        self._local.trace_id = trace_id
+
+    def generate_span_id(self) -> int:
+        return self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        preset = getattr(self._local, "trace_id", 0)
+        if preset:
+            self._local.trace_id = 0
+            return int(preset)
+        return self._random.generate_trace_id()
+
+
+def span_row(span: ReadableSpan) -> dict[str, Any]:
+    """A finished span as a row of the store's ``spans`` table."""
+    attrs = dict(span.attributes or {})
+    context = span.get_span_context()
+    trace_id, span_id = (context.trace_id, context.span_id) if context else (0, 0)
+    start = span.start_time or 0
+    version = attrs.get(MODEL_VERSION)
+    return {
+        "trace_id": f"{trace_id:032x}",
+        "span_id": f"{span_id:016x}",
+        "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
+        "name": span.name,
+        "endpoint": attrs.get(ENDPOINT),
+        "model_name": attrs.get(MODEL_NAME),
+        "model_version": int(version) if isinstance(version, int) else None,
+        "run_id": attrs.get(RUN_ID),
+        "start_ns": start,
+        "duration_ns": max(0, (span.end_time or start) - start),
+        "status": "error" if span.status.status_code is StatusCode.ERROR else "ok",
+        "attributes": {k: _plain(v) for k, v in attrs.items()},
+    }
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+class StoreSpanExporter(SpanExporter):
+    """Writes spans to the ``spans`` table of a store, opened on the first export (in
+    the batch processor's thread, so opening it costs a replica's start nothing)."""
+
+    def __init__(self, store_url: str) -> None:
+        self._url = store_url
+        self._store: Any = None
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            if self._store is None:
+                from kiln.record.store.sql import SqlStore
+
+                self._store = SqlStore(self._url, create=False)
+            self._store.write_spans([span_row(s) for s in spans])
+        except Exception as exc:  # an exporter must not take the server down
+            _log.warning("kiln: %d spans were not stored: %s", len(spans), exc)
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def tracer_provider(
+    service: str,
+    *,
+    store_url: str | None,
+    exporters: Sequence[SpanExporter] = (),
+    environ: Mapping[str, str] | None = None,
+) -> tuple[TracerProvider, PresetIdGenerator]:
+    """A provider exporting to the store (if ``store_url``), to each of ``exporters``,
+    and over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or its traces variant) is set."""
+    env = os.environ if environ is None else environ
+    ids = PresetIdGenerator()
+    provider = TracerProvider(resource=Resource({"service.name": service}), id_generator=ids)
+    targets = list(exporters)
+    if store_url:
+        targets.append(StoreSpanExporter(store_url))
+    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        from kiln._optional import require
+
+        require("opentelemetry.exporter.otlp.proto.http", extra="serve")
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        targets.append(OTLPSpanExporter())
+    for exporter in targets:
+        provider.add_span_processor(
+            BatchSpanProcessor(
+                exporter, max_queue_size=65536, schedule_delay_millis=EXPORT_DELAY_MS
+            )
+        )
+    return provider, ids

@@ -1,0 +1,1 @@
+"""Serving: real-time endpoints and batch inference on replicas of registered models."""

@@ -1,0 +1,299 @@
+"""A replica: one process that loads a model version and answers requests for it.
+
+Started as ``python -m kiln.serve._replica READ_FD WRITE_FD`` by the front door (the
+HTTP server, or a batch job). The first frame carries the setup as JSON; the
+replica imports the endpoint's class, calls ``load(model_path)`` and answers
+READY (or BROKEN with the traceback). Then it reads request frames in bulk,
+answers each, and writes the replies back in one write per bulk. It exits when
+the front door closes the pipe, after answering what it has already read.
+
+Frames are a fixed header and a body, so the front door never parses JSON to
+forward a request: validating the body against ``predict``'s annotations,
+calling it, writing the answer and making the request's span all happen here, on
+the replica's own core.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import struct
+import sys
+import time
+import traceback
+import typing
+from collections.abc import Callable
+from typing import Any
+
+# Request: body length, kind, request id, when the front door received it (ns),
+# trace id (16 bytes, zero: new trace), parent span id (8 bytes, zero: none).
+REQUEST = struct.Struct("!IBQQ16s8s")
+# Reply: body length, status, request id, CPU ns and wall ns spent on it, trace id.
+REPLY = struct.Struct("!IBQQQ16s")
+INIT, PREDICT, BATCH = 0, 1, 2
+OK, INVALID, FAILED, READY, BROKEN = 0, 1, 2, 3, 4
+NO_TRACE = bytes(16)
+NO_PARENT = bytes(8)
+
+
+def request_frame(kind: int, request_id: int, body: bytes, *, received_ns: int = 0,
+                  trace_id: bytes = NO_TRACE, parent_id: bytes = NO_PARENT) -> bytes:  # fmt: skip
+    return REQUEST.pack(len(body), kind, request_id, received_ns, trace_id, parent_id) + body
+
+
+class Handler:
+    """Validates a request, calls ``predict``, encodes its answer, records its span.
+
+    Built in the replica process; tests build one in-process to check its spans.
+    """
+
+    def __init__(
+        self,
+        instance: Any,
+        *,
+        tracer: Any = None,
+        ids: Any = None,
+        span_attributes: dict[str, Any] | None = None,
+        kind: str = "chain",
+        model_ref: str = "",
+    ) -> None:
+        from kiln.serve._validation import request_model
+
+        self._predict: Callable[..., Any] = instance.predict
+        self._model = request_model(type(instance))  # type: ignore[arg-type]
+        self._names = tuple(self._model.model_fields)
+        self._tracer = tracer
+        self._ids = ids
+        self._static = dict(span_attributes or {})
+        self._llm = kind == "llm"
+        self._model_ref = model_ref
+
+    def predict(
+        self, body: bytes, received_ns: int = 0, trace_id: bytes = NO_TRACE,
+        parent_id: bytes = NO_PARENT,
+    ) -> tuple[int, bytes, bytes]:  # fmt: skip
+        """(status, answer, trace id) for one request body."""
+        from pydantic import ValidationError as Invalid
+
+        span = self._start("predict", received_ns, trace_id, parent_id) if self._tracer else None
+        status, request, result, error = OK, None, None, None
+        try:
+            request = self._model.model_validate_json(body)
+            result = self._predict(**{n: getattr(request, n) for n in self._names})
+            answer = encode(result)
+        except Invalid as exc:
+            status, answer = INVALID, invalid_answer(exc)
+        except Exception as exc:
+            status, error = FAILED, exc
+            answer = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+        if span is None:
+            return status, answer, trace_id
+        self._finish(span, body, answer, status, error, request, result)
+        context = span.get_span_context()
+        return status, answer, context.trace_id.to_bytes(16, "big")
+
+    def batch(self, body: bytes, received_ns: int = 0, attributes: dict[str, Any] | None = None
+              ) -> tuple[int, bytes]:  # fmt: skip
+        """Answer every line of a JSONL body; one JSONL line out per line in, in order.
+        A row that fails is answered ``{"error": ...}`` and does not stop the others."""
+        from pydantic import ValidationError as Invalid
+
+        span = self._start("batch", received_ns, NO_TRACE, NO_PARENT) if self._tracer else None
+        out: list[bytes] = []
+        failed = 0
+        for line in body.split(b"\n"):
+            if not line:
+                continue
+            try:
+                request = self._model.model_validate_json(line)
+                out.append(encode(self._predict(**{n: getattr(request, n) for n in self._names})))
+            except Invalid as exc:
+                failed += 1
+                out.append(invalid_answer(exc))
+            except Exception as exc:
+                failed += 1
+                out.append(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
+        answer = b"\n".join(out) + b"\n"
+        if span is not None:
+            from kiln.observe.tracing import io_attributes
+
+            span.set_attributes({**io_attributes(body.decode(errors="replace"),
+                                                 answer.decode(errors="replace")),
+                                 **(attributes or {}), "kiln.batch.rows": len(out),
+                                 "kiln.batch.rows_failed": failed})  # fmt: skip
+            span.end()
+        return OK, answer
+
+    def _start(self, name: str, received_ns: int, trace_id: bytes, parent_id: bytes) -> Any:
+        from opentelemetry import trace
+
+        context = None
+        if parent_id != NO_PARENT:
+            parent = trace.SpanContext(
+                int.from_bytes(trace_id, "big"), int.from_bytes(parent_id, "big"),
+                is_remote=True, trace_flags=trace.TraceFlags(1),
+            )  # fmt: skip
+            context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
+        elif trace_id != NO_TRACE:
+            self._ids.preset_trace_id(int.from_bytes(trace_id, "big"))
+        return self._tracer.start_span(
+            name, context=context, start_time=received_ns or None, attributes=self._static
+        )
+
+    def _finish(self, span: Any, body: bytes, answer: bytes, status: int, error: Any,
+                request: Any, result: Any) -> None:  # fmt: skip
+        from opentelemetry.trace import StatusCode
+
+        from kiln.observe.tracing import io_attributes, llm_attributes
+
+        attrs = io_attributes(body.decode(errors="replace"), answer.decode(errors="replace"))
+        if self._llm and request is not None:
+            attrs.update(llm_attributes(self._model_ref, request.model_dump(), result))
+        if status != OK:
+            attrs["kiln.error"] = "invalid request" if status == INVALID else "predict raised"
+        span.set_attributes(attrs)
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
+        elif status == INVALID:
+            span.set_status(StatusCode.ERROR, "invalid request")
+        span.end()
+
+
+def encode(value: Any) -> bytes:
+    """JSON for an answer: what ``json`` takes, plus dataclasses, pydantic models and
+    numpy values."""
+    from pydantic_core import to_json
+
+    return to_json(value, fallback=_fallback)
+
+
+def _fallback(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()  # numpy arrays and scalars
+    raise TypeError(f"{type(value).__name__} is not JSON serializable; return JSON-like data")
+
+
+def invalid_answer(exc: Any) -> bytes:
+    """A 422 body in FastAPI's shape, plus one line naming the first bad field."""
+    errors = [
+        {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
+    first = errors[0] if errors else {"loc": ["body"], "msg": "invalid"}
+    where = ".".join(str(p) for p in first["loc"][1:]) or "body"
+    return json.dumps({"error": f"{where}: {first['msg']}", "detail": errors}).encode()
+
+
+def load_class(module: str, qualname: str, sys_path: list[str]) -> type[Any]:
+    for entry in reversed(sys_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    cls = getattr(obj, "cls", obj)  # the decorated Endpoint, or the class itself
+    return typing.cast(type[Any], cls)
+
+
+def _setup(init: dict[str, Any]) -> Handler:
+    cls = load_class(init["module"], init["qualname"], init["sys_path"])
+    instance = cls()
+    if hasattr(instance, "load"):
+        instance.load(init["model_path"])
+    tracer = ids = None
+    attrs: dict[str, Any] = {}
+    if init.get("tracing"):
+        from kiln.observe.tracing import identity_attributes, tracer_provider
+
+        provider, ids = tracer_provider(f"kiln.{init['endpoint']}", store_url=init["store_url"])
+        tracer = provider.get_tracer("kiln.serve")
+        attrs = identity_attributes(
+            endpoint=init["endpoint"], model_name=init["model_name"],
+            model_version=init["model_version"], run_id=init["run_id"], kind=init["kind"],
+        )  # fmt: skip
+        _provider.append(provider)
+    return Handler(instance, tracer=tracer, ids=ids, span_attributes=attrs, kind=init["kind"],
+                   model_ref=f"{init['model_name']}:{init['model_version']}")  # fmt: skip
+
+
+_provider: list[Any] = []
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _reply(status: int, request_id: int, body: bytes, cpu_ns: int = 0, wall_ns: int = 0,
+           trace_id: bytes = NO_TRACE) -> bytes:  # fmt: skip
+    return REPLY.pack(len(body), status, request_id, cpu_ns, wall_ns, trace_id) + body
+
+
+def _frames(fd: int) -> typing.Iterator[list[tuple[int, int, int, bytes, bytes, bytes]]]:
+    """Bulks of complete request frames, as they arrive; ends when the pipe closes."""
+    buffer = bytearray()
+    size = REQUEST.size
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return
+        buffer += chunk
+        bulk, offset = [], 0
+        while len(buffer) - offset >= size:
+            length, kind, rid, received, trace_id, parent = REQUEST.unpack_from(buffer, offset)
+            end = offset + size + length
+            if end > len(buffer):
+                break
+            bulk.append((kind, rid, received, trace_id, parent, bytes(buffer[offset + size : end])))
+            offset = end
+        del buffer[:offset]
+        if bulk:
+            yield bulk
+
+
+def _serve(rfd: int, wfd: int) -> None:
+    handler: Handler | None = None
+    thread_ns, wall_ns = time.thread_time_ns, time.perf_counter_ns
+    for bulk in _frames(rfd):
+        out = []
+        for kind, rid, received, trace_id, parent, body in bulk:
+            if kind == INIT:
+                started = time.perf_counter()
+                try:
+                    handler = _setup(json.loads(body))
+                except BaseException:
+                    out.append(_reply(BROKEN, rid, traceback.format_exc().encode()))
+                    _write(wfd, b"".join(out))
+                    return
+                ready = {"pid": os.getpid(), "load_s": time.perf_counter() - started}
+                out.append(_reply(READY, rid, json.dumps(ready).encode()))
+                continue
+            if handler is None:
+                raise RuntimeError("a request came before the replica's setup")
+            cpu, wall = thread_ns(), wall_ns()
+            if kind == PREDICT:
+                status, answer, trace_out = handler.predict(body, received, trace_id, parent)
+                out.append(
+                    _reply(status, rid, answer, thread_ns() - cpu, wall_ns() - wall, trace_out)
+                )
+            else:
+                header, _, rows = body.partition(b"\n")
+                status, answer = handler.batch(rows, received, json.loads(header))
+                out.append(_reply(status, rid, answer, thread_ns() - cpu, wall_ns() - wall))
+        _write(wfd, b"".join(out))
+
+
+def main() -> None:
+    rfd, wfd = int(sys.argv[1]), int(sys.argv[2])
+    try:
+        _serve(rfd, wfd)
+    finally:
+        for provider in _provider:
+            provider.shutdown()  # exports the spans still queued
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The request body of an endpoint: a pydantic model built from ``predict``'s annotations.
+
+``def predict(self, features: list[float], threshold: float = 0.5)`` takes the body
+``{"features": [...], "threshold": 0.7}``: each argument is a field, required unless
+it has a default, unannotated ones take any JSON, and unknown fields are refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+
+@functools.cache
+def request_model(cls: type[Any]) -> type[BaseModel]:
+    predict = cls.predict
+    try:
+        hints = typing.get_type_hints(predict)
+    except Exception:  # an annotation that names something not importable here
+        hints = {}
+    fields: dict[str, Any] = {}
+    for p in list(inspect.signature(predict).parameters.values())[1:]:
+        annotation = hints.get(p.name, Any)
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[p.name] = (annotation, default)
+    model: type[BaseModel] = create_model(
+        f"{cls.__name__}Request",
+        __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+        **fields,
+    )
+    return model

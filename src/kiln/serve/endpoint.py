@@ -1,0 +1,268 @@
+"""Endpoints declared in Python: a class with ``load`` and ``predict``, and what it needs.
+
+Example::
+
+    @app.endpoint(model="fraud@production", cpu=1, min_replicas=0, max_replicas=4,
+                  target_concurrency=8)
+    class Fraud:
+        def load(self, model_path: str) -> None:
+            self.model = pickle.loads(Path(model_path).read_bytes())
+
+        def predict(self, features: list[float]) -> dict:
+            return {"fraud": float(self.model.predict_proba([features])[0, 1])}
+
+``kiln serve app.py:Fraud`` serves it over HTTP; ``Fraud.batch(rows)`` and
+``kiln batch app.py:Fraud --input rows.jsonl --output out.jsonl`` run it over data.
+Every bad argument is refused here, at declaration.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from kiln.compute.resources import Resources
+from kiln.errors import ValidationError
+from kiln.record.values import check_name
+from kiln.registry.refs import parse_ref
+
+if TYPE_CHECKING:
+    from kiln.app import App
+    from kiln.envs.spec import Env
+    from kiln.serve.batch import BatchResult
+    from kiln.serve.server import ServerHandle
+
+C = TypeVar("C")
+KINDS = ("chain", "llm", "embedding", "retriever", "reranker", "tool", "agent", "unknown")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """What an endpoint serves and what each replica needs."""
+
+    name: str
+    app: str
+    model: str  # "name@alias" (followed) or "name:3" (pinned)
+    resources: Resources
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_concurrency: int = 8
+    idle_timeout: float = 60.0  # seconds under the target before scaling down
+    traffic: dict[str, float] | None = None  # {"name:7": 90, "name:8": 10}
+    kind: str = "chain"
+    env: Env | None = None
+    tracing: bool = True
+
+    @property
+    def model_name(self) -> str:
+        return parse_ref(self.model)[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "resources": self.resources.to_json(),
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_concurrency": self.target_concurrency,
+            "idle_timeout": self.idle_timeout,
+            "traffic": self.traffic,
+            "kind": self.kind,
+            "env": None if self.env is None else self.env.__kiln_json__(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a replica finds the class: a module importable from ``sys_path``."""
+
+    module: str
+    qualname: str
+    sys_path: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Endpoint(Generic[C]):
+    """A declared endpoint. Calling it makes a plain instance of the class (for tests)."""
+
+    def __init__(self, app: App, cls: type[C], spec: EndpointSpec) -> None:
+        self.app = app
+        self.cls = cls
+        self.spec = spec
+        self.name = spec.name
+        self.__doc__ = cls.__doc__
+        self.predict_signature = predict_signature(cls)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> C:
+        return self.cls(*args, **kwargs)
+
+    @property
+    def source(self) -> Source:
+        from kiln.function import _code_paths
+
+        module = self.cls.__module__
+        if module == "__main__":
+            main = sys.modules["__main__"]
+            path = getattr(main, "__file__", None)
+            if path is None:
+                raise ValidationError(
+                    "endpoint", f"{self.cls.__qualname__} is defined in an interactive session; "
+                    "define it in a module so replicas can import it",
+                )  # fmt: skip
+            folder = str(Path(path).resolve().parent)
+            return Source(Path(path).stem, self.cls.__qualname__, (folder, *_code_paths()))
+        return Source(module, self.cls.__qualname__, _code_paths())
+
+    def serve(
+        self, *, host: str = "127.0.0.1", port: int = 8000, block: bool = True
+    ) -> ServerHandle | None:
+        """Serve over HTTP. ``block=False`` starts it in a background thread and returns
+        a handle with ``url`` and ``stop()``."""
+        from kiln.serve.server import serve
+
+        return serve(self, host=host, port=port, block=block)
+
+    def batch(
+        self,
+        inputs: Sequence[Mapping[str, Any]] | str | Path,
+        *,
+        output: str | Path | None = None,
+        shard_size: int = 1000,
+        replicas: int | None = None,
+        progress: bool = False,
+    ) -> BatchResult:
+        """Run ``predict`` over ``inputs`` (rows, or a .jsonl/.csv/.parquet file) on
+        replicas, checkpointing each shard so that a killed job resumes where it was.
+        The job is recorded as a run linked to the model version."""
+        from kiln.serve.batch import run_batch
+
+        return run_batch(
+            self, inputs, output=output, shard_size=shard_size, replicas=replicas,
+            progress=progress,
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"<kiln.Endpoint {self.name} model={self.spec.model!r}>"
+
+
+def declare(
+    app: App,
+    *,
+    model: str,
+    name: str | None,
+    cpu: float,
+    memory: int | str,
+    gpu: float,
+    env: Any,
+    min_replicas: int,
+    max_replicas: int,
+    target_concurrency: int,
+    idle_timeout: float,
+    traffic: Mapping[str, float] | None,
+    kind: str,
+    tracing: bool,
+) -> Callable[[type[C]], Endpoint[C]]:
+    """Check every argument of ``app.endpoint(...)``; return the class decorator."""
+    from kiln.envs.spec import Env
+
+    if not isinstance(model, str):
+        raise ValidationError("model", f"{model!r} is not a model reference",
+                              allowed="'name@alias' or 'name:VERSION'")  # fmt: skip
+    model_name, _, _ = parse_ref(model)
+    resources = Resources.parse(cpu=cpu, memory=memory, gpu=gpu)
+    _count("min_replicas", min_replicas, low=0)
+    _count("max_replicas", max_replicas, low=1)
+    if max_replicas < min_replicas:
+        raise ValidationError(
+            "max_replicas", f"{max_replicas} is below min_replicas={min_replicas}"
+        )
+    _count("target_concurrency", target_concurrency, low=1)
+    if not isinstance(idle_timeout, int | float) or not idle_timeout > 0:
+        raise ValidationError("idle_timeout", f"{idle_timeout!r} is not a duration",
+                              allowed="seconds > 0")  # fmt: skip
+    if kind not in KINDS:
+        raise ValidationError("kind", f"{kind!r} is not an OpenInference span kind", allowed=KINDS)
+    if env is not None and not isinstance(env, Env):
+        raise ValidationError("env", f"{env!r} is not a kiln.Env")
+    split = None if traffic is None else parse_traffic(traffic, model_name)
+
+    def wrap(cls: type[C]) -> Endpoint[C]:
+        if not inspect.isclass(cls):
+            raise ValidationError("endpoint", f"{cls!r} is not a class; decorate a class "
+                                  "with load(self, model_path) and predict(self, ...)")  # fmt: skip
+        spec = EndpointSpec(
+            name=check_name("name", name or cls.__name__.lower()),
+            app=app.name,
+            model=model,
+            resources=resources,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            target_concurrency=target_concurrency,
+            idle_timeout=float(idle_timeout),
+            traffic=split,
+            kind=kind,
+            env=env,
+            tracing=tracing,
+        )
+        return Endpoint(app, cls, spec)
+
+    return wrap
+
+
+def parse_traffic(traffic: Mapping[str, Any], model_name: str) -> dict[str, float]:
+    """Check a split such as ``{"fraud:7": 90, "fraud:8": 10}``: pinned versions of the
+    endpoint's model and positive weights (they need not add up to 100)."""
+    if not isinstance(traffic, Mapping) or not traffic:
+        raise ValidationError("traffic", f"{traffic!r} is not a split",
+                              allowed="{'name:VERSION': weight, ...}")  # fmt: skip
+    out: dict[str, float] = {}
+    for ref, weight in traffic.items():
+        name, version, alias = parse_ref(str(ref))
+        if version is None or alias is not None:
+            raise ValidationError("traffic", f"{ref!r} does not pin a version",
+                                  allowed="'name:VERSION'")  # fmt: skip
+        if name != model_name:
+            raise ValidationError(
+                "traffic", f"{ref!r} is not a version of the endpoint's model {model_name!r}"
+            )
+        if (
+            not isinstance(weight, int | float)
+            or isinstance(weight, bool)
+            or not math.isfinite(weight)
+            or weight < 0
+        ):
+            raise ValidationError("traffic", f"weight {weight!r} of {ref!r} is not a weight",
+                                  allowed="a number >= 0")  # fmt: skip
+        out[f"{name}:{version}"] = float(weight)
+    if sum(out.values()) <= 0:
+        raise ValidationError("traffic", "every weight is 0: no version would get a request")
+    return out
+
+
+def predict_signature(cls: type[Any]) -> inspect.Signature:
+    """``predict``'s signature without ``self``; refuses a class that cannot serve."""
+    predict = getattr(cls, "predict", None)
+    if predict is None or not callable(predict):
+        raise ValidationError("endpoint", f"{cls.__qualname__} has no predict method")
+    load = getattr(cls, "load", None)
+    if load is not None and len(inspect.signature(load).parameters) != 2:
+        raise ValidationError("endpoint", f"{cls.__qualname__}.load must take (self, model_path)")
+    sig = inspect.signature(predict)
+    params = list(sig.parameters.values())[1:]
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+            raise ValidationError(
+                "endpoint", f"{cls.__qualname__}.predict takes *args, **kwargs or positional-"
+                f"only {p.name!r}; a request names each argument, so each must be a keyword",
+            )  # fmt: skip
+    if not params:
+        raise ValidationError("endpoint", f"{cls.__qualname__}.predict takes no arguments")
+    return sig.replace(parameters=params)
+
+
+def _count(field_name: str, value: Any, *, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValidationError(field_name, f"{value!r} is not a count", allowed=f"an int >= {low}")

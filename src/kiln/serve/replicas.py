@@ -1,0 +1,211 @@
+"""Replica processes seen from the front door: start one, send it requests, stop it.
+
+A replica's resources are reserved through the process's engine, so the scheduler
+that admits function calls admits replicas too and neither oversubscribes the
+machine. Requests go out as frames over a pipe, written together when several
+are ready in the same turn of the event loop; replies come back matched by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kiln.compute.scheduler import Allocation
+from kiln.serve._replica import (
+    BROKEN,
+    INIT,
+    NO_PARENT,
+    NO_TRACE,
+    READY,
+    REPLY,
+    request_frame,
+)
+
+_ids = itertools.count(1)
+
+
+class ReplicaDied(Exception):
+    """The replica process ended while requests were in flight."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int  # kiln.serve._replica.OK, INVALID or FAILED
+    body: bytes
+    cpu_ns: int
+    wall_ns: int
+    trace_id: bytes
+
+
+class _Replies(asyncio.Protocol):
+    def __init__(self, replica: Replica) -> None:
+        self._replica = replica
+        self._buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        size = REPLY.size
+        offset = 0
+        waiting = self._replica.waiting
+        while len(buffer) - offset >= size:
+            length, status, rid, cpu_ns, wall_ns, trace_id = REPLY.unpack_from(buffer, offset)
+            end = offset + size + length
+            if end > len(buffer):
+                break
+            future = waiting.pop(rid, None)
+            if future is not None and not future.done():
+                body = bytes(buffer[offset + size : end])
+                future.set_result(Answer(status, body, cpu_ns, wall_ns, trace_id))
+            offset = end
+        del buffer[:offset]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._replica.lost()
+
+
+class Replica:
+    """One running replica process of one model version."""
+
+    def __init__(self, lease_id: str, allocation: Allocation, gpu_share: float) -> None:
+        self.lease_id = lease_id
+        self.allocation = allocation
+        self.gpu_share = gpu_share
+        self.inflight = 0
+        self.waiting: dict[int, asyncio.Future[Answer]] = {}
+        self.pid = 0
+        self.load_s = 0.0
+        self.started_at = time.monotonic()
+        self.alive = True
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._writer: asyncio.WriteTransport | None = None
+        self._out: list[bytes] = []
+        self._flushing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self, init: dict[str, Any], *, python: str, env: dict[str, str]) -> None:
+        """Start the process and wait until it has loaded the model (or raise why not)."""
+        loop = self._loop = asyncio.get_running_loop()
+        child_read, our_write = os.pipe()
+        our_read, child_write = os.pipe()
+        try:
+            self._proc = subprocess.Popen(
+                [python, "-m", "kiln.serve._replica", str(child_read), str(child_write)],
+                pass_fds=(child_read, child_write),
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches the front door, which drains first
+            )
+        finally:
+            os.close(child_read)
+            os.close(child_write)
+        self.pid = self._proc.pid
+        self._writer, _ = await loop.connect_write_pipe(
+            asyncio.BaseProtocol, os.fdopen(our_write, "wb", buffering=0)
+        )
+        await loop.connect_read_pipe(lambda: _Replies(self), os.fdopen(our_read, "rb", buffering=0))
+        answer = await self.send(INIT, json.dumps(init).encode())
+        if answer.status == BROKEN:
+            await self.stop()
+            raise RuntimeError(answer.body.decode(errors="replace").rstrip())
+        if answer.status != READY:
+            raise RuntimeError(f"replica answered {answer.status} to its setup")
+        self.load_s = float(json.loads(answer.body)["load_s"])
+
+    def send(
+        self, kind: int, body: bytes, *, received_ns: int = 0, trace_id: bytes = NO_TRACE,
+        parent_id: bytes = NO_PARENT,
+    ) -> asyncio.Future[Answer]:  # fmt: skip
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[Answer] = loop.create_future()
+        if not self.alive:
+            future.set_exception(ReplicaDied(f"replica {self.pid} is not running"))
+            return future
+        rid = next(_ids)
+        self.waiting[rid] = future
+        self._out.append(request_frame(kind, rid, body, received_ns=received_ns,
+                                       trace_id=trace_id, parent_id=parent_id))  # fmt: skip
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flushing = False
+        if self._out and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(b"".join(self._out))
+        self._out.clear()
+
+    def lost(self) -> None:
+        self.alive = False
+        code = self._proc.poll() if self._proc else None
+        cause = f"exited with code {code}" if code is not None and code >= 0 else "died"
+        if code is not None and code < 0:
+            cause = f"died: signal {-code}"
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_exception(ReplicaDied(f"replica {self.pid} {cause}"))
+        self.waiting.clear()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Close its pipe: it answers what it has read, flushes its spans and exits."""
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+        proc = self._proc
+        if proc is None:
+            return
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            await asyncio.to_thread(proc.wait)
+        self.alive = False
+
+    def kill(self) -> None:
+        """Stop it at once (the front door is going away without a drain)."""
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, 9)
+
+
+def replica_env(allocation: Allocation, has_gpus: bool, env_lock: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("VIRTUAL_ENV", None)
+    if has_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = allocation.cuda_visible_devices
+    if env_lock:
+        env["KILN_ENV_LOCK"] = env_lock
+    return env
+
+
+async def reserve(
+    reserve_fn: Callable[[str, Any, int, Callable[[Allocation], None]], None],
+    resources: Any,
+    priority: int = 0,
+) -> tuple[str, Allocation]:
+    """Wait until the scheduler admits a replica with ``resources``."""
+    loop = asyncio.get_running_loop()
+    granted: asyncio.Future[Allocation] = loop.create_future()
+    lease_id = "replica-" + secrets.token_hex(8)
+
+    def grant(allocation: Allocation) -> None:  # called from the engine's loop thread
+        loop.call_soon_threadsafe(_settle, granted, allocation)
+
+    reserve_fn(lease_id, resources, priority, grant)
+    return lease_id, await granted
+
+
+def _settle(future: asyncio.Future[Allocation], allocation: Allocation) -> None:
+    if not future.done():
+        future.set_result(allocation)

@@ -1,0 +1,689 @@
+"""The front door of an endpoint: an ASGI app on uvicorn in front of replica processes.
+
+Routes: ``POST /predict`` (JSON in and out), ``GET /healthz``, ``GET /readyz`` (ready
+once the routed versions have a replica that finished ``load``, or, with
+``min_replicas=0``, once the model resolved), ``GET /metrics`` (Prometheus text)
+and ``GET /`` (what is served).
+
+The front door forwards request bodies untouched; validation, ``predict`` and the
+request's span happen in the replica. Around that it keeps
+
+- one pool of replicas per model version served, sized by :class:`Autoscaler`;
+- the traffic split between pools (:class:`Split`): the model reference's holder,
+  the declared ``traffic``, or a live split set with ``kiln endpoints set-traffic``;
+- a poll of the store: when the alias moves (promote, rollback) or the live split
+  changes, the new version's pool starts, traffic moves to it once it is ready,
+  and the old pool is drained (its in-flight requests finish) before it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kiln.config import Settings
+from kiln.errors import KilnError
+from kiln.observe.cost import Prices, Usage
+from kiln.serve import state
+from kiln.serve._replica import FAILED, INVALID, OK, PREDICT
+from kiln.serve.autoscale import Autoscaler
+from kiln.serve.replicas import Replica, ReplicaDied, replica_env, reserve
+from kiln.serve.traffic import Split
+
+if TYPE_CHECKING:
+    from kiln.registry.models import ModelVersion
+    from kiln.serve.endpoint import Endpoint
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+POLL_S = 0.5  # how often the store is asked whether the alias or the split moved
+TICK_S = 0.1  # how often the autoscaler decides
+REPORT_S = 2.0  # how often figures are written to the store
+MAX_BODY = 32 * 1024 * 1024
+_STATUS = {OK: 200, INVALID: 422, FAILED: 500}
+_JSON = (b"content-type", b"application/json")
+_log = logging.getLogger("kiln")
+
+
+def _say(message: str) -> None:
+    print(f"kiln: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Pool:
+    """The replicas of one model version."""
+
+    version: ModelVersion
+    model_path: str
+    autoscaler: Autoscaler
+    replicas: list[Replica] = field(default_factory=list)
+    starting: int = 0
+    inflight: int = 0
+    peak: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    error: str | None = None
+    requests: int = 0
+    errors: int = 0
+    cpu_ns: int = 0
+    busy_ns: int = 0
+    cold_starts: list[float] = field(default_factory=list)
+    replica_seconds: float = 0.0  # of replicas already stopped
+
+    @property
+    def size(self) -> int:
+        return len(self.replicas) + self.starting
+
+    def pick(self) -> Replica | None:
+        replicas = self.replicas
+        if len(replicas) == 1:
+            return replicas[0]
+        return min(replicas, key=_inflight) if replicas else None
+
+
+def _inflight(replica: Replica) -> int:
+    return replica.inflight
+
+
+class EndpointServer:
+    """The ASGI app serving one endpoint. See the module docstring."""
+
+    def __init__(self, endpoint: Endpoint[Any], settings: Settings | None = None) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.endpoint = endpoint
+        self.spec = endpoint.spec
+        self.settings = settings or endpoint.app.settings
+        self.url = ""
+        self.pools: dict[int, Pool] = {}
+        self.split: Split | None = None
+        self.weights: dict[int, float] = {}
+        self.inflight = 0
+        self.ready = False
+        self.prices = Prices.from_env()
+        self._latencies: deque[float] = deque(maxlen=4096)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._failed_targets: set[tuple[tuple[int, float], ...]] = set()
+        self._closing = False
+        self.registry = CollectorRegistry()
+        self._metrics = _Metrics(self.registry, self.spec.name)
+        self._python: str = sys.executable
+        self._env_lock: str | None = None
+        self._engine: Any = None
+        self._store: Any = None
+
+    # -- ASGI ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            if path == "/predict":
+                if scope["method"] == "POST":
+                    await self._predict(scope, receive, send)
+                else:
+                    await _respond(send, 405, {"error": "use POST /predict"})
+            elif path == "/healthz":
+                await _respond(send, 200, {"status": "ok"})
+            elif path == "/readyz":
+                ok = self.ready and not self._closing
+                await _respond(send, 200 if ok else 503, {"ready": ok})
+            elif path == "/metrics":
+                await self._prometheus(send)
+            elif path == "/":
+                await _respond(send, 200, self.describe())
+            else:
+                await _respond(send, 404, {"error": f"no route {path}",
+                                           "routes": ["/predict", "/healthz", "/readyz",
+                                                      "/metrics", "/"]})  # fmt: skip
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _predict(self, scope: Scope, receive: Receive, send: Send) -> None:
+        received = time.time_ns()
+        started = time.perf_counter()
+        message = await receive()
+        body: bytes = message.get("body", b"")
+        while message.get("more_body"):
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > MAX_BODY:
+                await _respond(send, 413, {"error": f"request body over {MAX_BODY} bytes"})
+                return
+        trace_id, parent = _traceparent(scope["headers"])
+        split = self.split
+        if split is None:
+            await _respond(send, 503, {"error": "the endpoint is starting"})
+            return
+        pool = self.pools[split.pick()]
+        pool.inflight += 1
+        if pool.inflight > pool.peak:
+            pool.peak = pool.inflight
+        self.inflight += 1
+        try:
+            answer = await self._forward(pool, body, received, trace_id, parent)
+        except (ReplicaDied, _Unavailable) as exc:
+            pool.errors += 1
+            self._metrics.count(pool.version.version, 503)
+            await _respond(send, 503, {"error": str(exc)})
+            return
+        finally:
+            pool.inflight -= 1
+            self.inflight -= 1
+        code = _STATUS[answer.status]
+        pool.requests += 1
+        pool.cpu_ns += answer.cpu_ns
+        pool.busy_ns += answer.wall_ns
+        if code != 200:
+            pool.errors += 1
+        headers = [_JSON, (b"content-length", str(len(answer.body)).encode()),
+                   (b"x-kiln-model", pool.version.ref.encode())]  # fmt: skip
+        if self.spec.tracing:
+            headers.append((b"x-kiln-trace-id", answer.trace_id.hex().encode()))
+        await send({"type": "http.response.start", "status": code, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.body})
+        elapsed = time.perf_counter() - started
+        self._latencies.append(elapsed)
+        self._metrics.observe(pool.version.version, code, elapsed)
+
+    async def _forward(
+        self, pool: Pool, body: bytes, received: int, trace_id: bytes, parent: bytes
+    ) -> Any:
+        for attempt in range(2):
+            replica = pool.pick()
+            if replica is None:
+                replica = await self._cold_start(pool)
+            replica.inflight += 1
+            try:
+                return await replica.send(
+                    PREDICT, body, received_ns=received, trace_id=trace_id, parent_id=parent
+                )
+            except ReplicaDied:
+                if attempt:
+                    raise
+                self._retire_dead(pool, replica)  # try once more on another replica
+            finally:
+                replica.inflight -= 1
+        raise AssertionError("unreachable")
+
+    async def _cold_start(self, pool: Pool) -> Replica:
+        """Wait for a replica, starting one if none is on its way (scale from zero)."""
+        spawned = False
+        while True:
+            replica = pool.pick()
+            if replica is not None:
+                return replica
+            if pool.starting == 0:
+                if spawned or self._closing:
+                    raise _Unavailable(f"{pool.version.ref} could not start: {pool.error}")
+                self._spawn(pool)
+                spawned = True
+            pool.ready.clear()
+            await pool.ready.wait()
+
+    # -- replicas -------------------------------------------------------------------
+
+    def _spawn(self, pool: Pool) -> None:
+        pool.starting += 1
+        self._tasks.append(asyncio.create_task(self._add_replica(pool)))
+
+    async def _add_replica(self, pool: Pool) -> None:
+        from_zero = not pool.replicas
+        began = time.perf_counter()
+        lease_id = ""
+        try:
+            lease_id, allocation = await reserve(self._engine.backend.reserve, self.spec.resources)
+            replica = Replica(lease_id, allocation, self.spec.resources.gpu)
+            init = self._init(pool)
+            env = replica_env(allocation, bool(self._engine.inventory.gpus), self._env_lock)
+            await replica.start(init, python=self._python, env=env)
+        except Exception as exc:
+            if lease_id:
+                self._engine.backend.release(lease_id)
+            pool.error = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+            _say(f"a replica of {pool.version.ref} failed to start: {exc}")
+            pool.starting -= 1
+            pool.ready.set()  # wake waiters, who see the error
+            return
+        pool.starting -= 1
+        pool.error = None
+        if self._closing or pool not in self.pools.values():
+            await self._stop_replica(pool, replica)
+            return
+        pool.replicas.append(replica)
+        pool.ready.set()
+        took = time.perf_counter() - began
+        if from_zero:
+            pool.cold_starts.append(took)
+            self._metrics.cold_start.observe(took)
+            _say(f"{self.spec.name}: {pool.version.ref} cold start {took:.2f}s "
+                 f"(load {replica.load_s:.2f}s), {len(pool.replicas)} replica(s)")  # fmt: skip
+
+    def _init(self, pool: Pool) -> dict[str, Any]:
+        source = self.endpoint.source
+        return {
+            "module": source.module,
+            "qualname": source.qualname,
+            "sys_path": list(source.sys_path),
+            "model_path": pool.model_path,
+            "endpoint": self.spec.name,
+            "model_name": pool.version.name,
+            "model_version": pool.version.version,
+            "run_id": pool.version.run_id,
+            "kind": self.spec.kind,
+            "tracing": self.spec.tracing,
+            "store_url": self.settings.store_url,
+        }
+
+    async def _retire(self, pool: Pool, replica: Replica) -> None:
+        """Take ``replica`` out of rotation, let its requests finish, stop it."""
+        if replica in pool.replicas:
+            pool.replicas.remove(replica)
+        while replica.inflight and replica.alive:
+            await asyncio.sleep(0.01)
+        await self._stop_replica(pool, replica)
+
+    def _retire_dead(self, pool: Pool, replica: Replica) -> None:
+        if replica in pool.replicas:
+            pool.replicas.remove(replica)
+            _say(f"a replica of {pool.version.ref} (pid {replica.pid}) died")
+            self._tasks.append(asyncio.create_task(self._stop_replica(pool, replica)))
+
+    async def _stop_replica(self, pool: Pool, replica: Replica) -> None:
+        await replica.stop()
+        pool.replica_seconds += time.monotonic() - replica.started_at
+        self._engine.backend.release(replica.lease_id)
+
+    # -- routing ----------------------------------------------------------------------
+
+    def _targets(self) -> dict[int, float]:
+        """Which versions get what share now: the live split, the declared split, or
+        the holder of the model reference."""
+        from kiln.registry.models import Models
+        from kiln.registry.refs import parse_ref
+
+        live = state.live_traffic(self._store, self.spec.name)
+        split = live or self.spec.traffic
+        if split:
+            return {parse_ref(ref)[1] or 0: w for ref, w in split.items()}
+        models = Models(self._store, app=self.spec.app, actor=self.settings.actor)
+        return {models.get(self.spec.model).version: 100.0}
+
+    async def _route(self, targets: dict[int, float]) -> None:
+        """Serve ``targets``: start pools for new versions, move traffic once they are
+        ready, drain the pools no longer routed."""
+        from kiln.registry.models import Models
+
+        models = Models(self._store, app=self.spec.app, actor=self.settings.actor)
+        warm = any(p.replicas for p in self.pools.values())
+        fresh: dict[int, Pool] = {}
+        for version, weight in targets.items():
+            if version in self.pools or weight <= 0:
+                continue
+            mv = await asyncio.to_thread(models.get, f"{self.spec.model_name}:{version}")
+            pool = self._pool(mv)
+            fresh[version] = pool
+            start = max(self.spec.min_replicas, 1 if warm else 0)
+            for _ in range(start):
+                self._spawn(pool)
+        pools = {**self.pools, **fresh}
+        for pool in fresh.values():
+            if pool.starting:
+                self.pools = pools  # visible to _add_replica, not yet routed
+                while pool.starting and not pool.replicas:
+                    pool.ready.clear()
+                    await pool.ready.wait()
+                if not pool.replicas:
+                    raise _Unavailable(f"{pool.version.ref} could not start: {pool.error}")
+        old = [v for v in pools if targets.get(v, 0) <= 0]
+        self.weights = {v: w for v, w in targets.items() if w > 0}
+        self.split = Split(self.weights)
+        self.pools = {v: p for v, p in pools.items() if v not in old}
+        self._metrics.routing(self.weights, self.pools)
+        for version in old:
+            self._tasks.append(asyncio.create_task(self._drain(pools[version])))
+        if fresh or old:
+            shares = ", ".join(
+                f"{self.pools[v].version.ref} {p:.0f}%" for v, p in self.split.percentages().items()
+            )
+            _say(f"{self.spec.name}: serving {shares}")
+
+    def _pool(self, mv: ModelVersion) -> Pool:
+        blobs = self._store.blobs
+        path = str(blobs.path(mv.artifact_sha256)) if blobs else ""
+        scaler = Autoscaler(
+            self.spec.min_replicas, self.spec.max_replicas, self.spec.target_concurrency,
+            self.spec.idle_timeout, since=time.monotonic(),
+        )  # fmt: skip
+        return Pool(mv, path, scaler)
+
+    async def _drain(self, pool: Pool) -> None:
+        while pool.inflight:
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*(self._retire(pool, r) for r in list(pool.replicas)))
+        self._metrics.forget(pool.version.version)
+
+    # -- background work --------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Follow the alias and the live split."""
+        while not self._closing:
+            await asyncio.sleep(POLL_S)
+            try:
+                targets = await asyncio.to_thread(self._targets)
+                key = tuple(sorted(targets.items()))
+                if targets != self.weights and key not in self._failed_targets:
+                    await self._route(targets)
+            except _Unavailable as exc:
+                self._failed_targets.add(key)
+                _say(f"{self.spec.name}: keeps serving what it served: {exc}")
+            except KilnError as exc:
+                _say(f"{self.spec.name}: cannot follow {self.spec.model}: {exc}")
+            except Exception as exc:  # the store may be briefly unavailable; try again
+                _log.warning("kiln: polling endpoint %s failed: %s", self.spec.name, exc)
+
+    async def _scale(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for pool in list(self.pools.values()):
+                current = pool.size
+                want = pool.autoscaler.desired(current=current, peak_inflight=pool.peak, now=now)
+                pool.peak = pool.inflight
+                if want > current and pool.error is None:
+                    for _ in range(want - current):
+                        self._spawn(pool)
+                elif want < current:
+                    surplus = sorted(pool.replicas, key=_inflight)[: current - want]
+                    for replica in surplus:
+                        self._tasks.append(asyncio.create_task(self._retire(pool, replica)))
+                self._metrics.replicas.labels(self.spec.name, str(pool.version.version)).set(
+                    len(pool.replicas)
+                )
+            self._metrics.inflight.set(self.inflight)
+            self._tasks = [t for t in self._tasks if not t.done()]
+
+    async def _report(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(REPORT_S)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(
+                    state.report, self._store, self.spec.name, self.stats(), url=self.url
+                )
+
+    def stats(self) -> dict[str, Any]:
+        """Figures for ``kiln endpoints show``: requests, errors, latency, replicas, and
+        resource-seconds and cost per request, by version and in all."""
+        latencies = sorted(self._latencies)
+        total = Usage()
+        versions: dict[str, Any] = {}
+        gpu_type = self._gpu_type()
+        memory_gb = self.spec.resources.memory_bytes / 2**30
+        for version, pool in self.pools.items():
+            busy_s = pool.busy_ns / 1e9
+            usage = Usage(pool.requests, pool.cpu_ns / 1e9, busy_s * self.spec.resources.gpu,
+                          busy_s * memory_gb)  # fmt: skip
+            total = total + usage
+            versions[str(version)] = {
+                "weight": self.weights.get(version, 0.0),
+                "replicas": len(pool.replicas),
+                "requests": pool.requests,
+                "errors": pool.errors,
+                "cold_starts_s": pool.cold_starts[-5:],
+                "usage": usage.per_request(),
+                "run_id": pool.version.run_id,
+            }
+        out: dict[str, Any] = {
+            "requests": total.requests,
+            "errors": sum(p.errors for p in self.pools.values()),
+            "inflight": self.inflight,
+            "replicas": sum(len(p.replicas) for p in self.pools.values()),
+            "latency_ms": {
+                "p50": _quantile(latencies, 0.5) * 1000,
+                "p99": _quantile(latencies, 0.99) * 1000,
+            },
+            "per_request": total.per_request(),
+            "versions": versions,
+            "gpu_type": gpu_type,
+        }
+        if self.prices is not None:
+            out["cost_per_1k_requests"] = self.prices.per_1k_requests(total, gpu_type)
+        return out
+
+    def _gpu_type(self) -> str | None:
+        names = self._engine.inventory.gpu_names if self._engine else ()
+        return names[0] if names and self.spec.resources.gpu else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.spec.name,
+            "model": self.spec.model,
+            "serving": {
+                self.pools[v].version.ref: w for v, w in self.weights.items() if v in self.pools
+            },
+            "ready": self.ready,
+            "routes": ["POST /predict", "GET /healthz", "GET /readyz", "GET /metrics"],
+        }
+
+    async def _prometheus(self, send: Send) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        self._metrics.inflight.set(self.inflight)
+        body = generate_latest(self.registry)
+        headers = [(b"content-type", CONTENT_TYPE_LATEST.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    # -- start and stop ------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        from kiln._engine import engine_for
+        from kiln.record.recorder import recorder_for
+
+        self._engine = await asyncio.to_thread(engine_for, self.settings)
+        self._engine.inventory.check(self.spec.resources)
+        self._store = recorder_for(self.settings).store
+        if self.spec.env is not None:
+            from kiln.envs.manager import env_manager
+
+            manager = env_manager(self.settings.home, self._store.blobs)
+            built = await asyncio.to_thread(manager.ensure, self.spec.env)
+            self._python, self._env_lock = str(built.python), str(built.lock_file)
+        targets = await asyncio.to_thread(self._targets)
+        await self._route(targets)
+        await asyncio.to_thread(state.announce, self._store, self.spec, self.url)
+        self.ready = True
+        self._background = [asyncio.create_task(c()) for c in (self._watch, self._scale,
+                                                               self._report)]  # fmt: skip
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        self.ready = False
+        for task in getattr(self, "_background", []):
+            task.cancel()
+        pools = list(self.pools.values())
+        for pool in pools:
+            while pool.inflight:
+                await asyncio.sleep(0.01)
+        await asyncio.gather(*(self._retire(p, r) for p in pools for r in list(p.replicas)))
+        for task in self._tasks:
+            task.cancel()
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(
+                    state.report, self._store, self.spec.name, self.stats(), status="stopped"
+                )
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except BaseException as exc:
+                    self.startup_error = exc
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    startup_error: BaseException | None = None
+
+
+class _Unavailable(Exception):
+    """No replica can answer (its version failed to start)."""
+
+
+class _Metrics:
+    """The Prometheus series of one endpoint."""
+
+    def __init__(self, registry: Any, endpoint: str) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.endpoint = endpoint
+        buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+        self.requests = Counter("kiln_requests", "Requests answered, by model version and "
+                                "HTTP status", ["endpoint", "version", "code"],
+                                registry=registry)  # fmt: skip
+        self.errors = Counter("kiln_request_errors", "Requests not answered 200",
+                              ["endpoint", "version", "code"], registry=registry)  # fmt: skip
+        self.latency = Histogram("kiln_request_duration_seconds", "Request latency at the "
+                                 "front door", ["endpoint"], buckets=buckets,
+                                 registry=registry).labels(endpoint)  # fmt: skip
+        self.inflight = Gauge("kiln_inflight_requests", "Requests in flight", ["endpoint"],
+                              registry=registry).labels(endpoint)  # fmt: skip
+        self.replicas = Gauge("kiln_replicas", "Ready replicas by model version",
+                              ["endpoint", "version"], registry=registry)  # fmt: skip
+        self.model = Gauge("kiln_model_version_weight", "Traffic share (%) of each model "
+                           "version served", ["endpoint", "model", "version"],
+                           registry=registry)  # fmt: skip
+        self.cold_start = Histogram("kiln_cold_start_seconds", "Time from a request finding "
+                                    "no replica to a replica ready", ["endpoint"],
+                                    buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60),
+                                    registry=registry).labels(endpoint)  # fmt: skip
+        self._counters: dict[tuple[int, int], Any] = {}
+
+    def observe(self, version: int, code: int, elapsed: float) -> None:
+        self.count(version, code)
+        self.latency.observe(elapsed)
+
+    def count(self, version: int, code: int) -> None:
+        counter = self._counters.get((version, code))
+        if counter is None:
+            counter = self.requests.labels(self.endpoint, str(version), str(code))
+            self._counters[(version, code)] = counter
+        counter.inc()
+        if code != 200:
+            self.errors.labels(self.endpoint, str(version), str(code)).inc()
+
+    def routing(self, weights: dict[int, float], pools: dict[int, Pool]) -> None:
+        total = sum(weights.values()) or 1.0
+        self.model.clear()
+        for version, weight in weights.items():
+            name = pools[version].version.name
+            self.model.labels(self.endpoint, name, str(version)).set(100.0 * weight / total)
+
+    def forget(self, version: int) -> None:
+        with contextlib.suppress(KeyError):
+            self.replicas.remove(self.endpoint, str(version))
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
+
+
+def _traceparent(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
+    """The W3C trace context a caller sent, if any: (trace id, parent span id)."""
+    for name, value in headers:
+        if name == b"traceparent":
+            parts = value.split(b"-")
+            if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
+                try:
+                    return bytes.fromhex(parts[1].decode()), bytes.fromhex(parts[2].decode())
+                except ValueError:
+                    break
+            break
+    return bytes(16), bytes(8)
+
+
+async def _respond(send: Send, status: int, payload: Any) -> None:
+    body = json.dumps(payload).encode()
+    headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@dataclass
+class ServerHandle:
+    """A server running in a background thread (``Endpoint.serve(block=False)``)."""
+
+    url: str
+    app: EndpointServer
+    _server: Any
+    _thread: threading.Thread
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain in-flight requests, stop the replicas, stop serving."""
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def serve(
+    endpoint: Endpoint[Any], *, host: str = "127.0.0.1", port: int = 8000, block: bool = True
+) -> ServerHandle | None:
+    """Serve ``endpoint`` on ``host:port`` (port 0: any free port)."""
+    from kiln._optional import require
+
+    require("uvicorn", extra="serve")
+    import uvicorn
+
+    app = EndpointServer(endpoint)
+    app.url = f"http://{host}:{port}"
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=30)  # fmt: skip
+    server = uvicorn.Server(config)
+    if block:
+        server.run()
+        if app.startup_error is not None:
+            raise app.startup_error
+        return None
+    ready = threading.Event()
+
+    def run() -> None:
+        try:
+            server.run()
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=run, name=f"kiln-serve-{endpoint.name}", daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.01)
+    if not server.started:
+        thread.join(5)
+        raise app.startup_error or RuntimeError(f"{endpoint.name} did not start serving")
+    bound = server.servers[0].sockets[0].getsockname()[1] if port == 0 else port
+    app.url = f"http://{host}:{bound}"
+    return ServerHandle(app.url, app, server, thread)
