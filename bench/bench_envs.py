@@ -6,7 +6,8 @@
   seen (resolve to a hashed lock, venv, sync from the lock) in an existing KILN_HOME
   (the env, its declaration and its lock blob are deleted before each build), against
   ``uv venv && uv pip install`` of the same set, alternating, both on the same warm uv
-  cache. Goal: at most 1.2x uv.
+  cache, both compiling bytecode (Kiln does, so workers and replicas start fast).
+  Goal: at most 1.2x uv.
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def uv_build(base: Path) -> float:
     exe = uv.find_uv_bin()
     t = time.perf_counter()
     subprocess.run([exe, "venv", "--quiet", "--python", sys.executable, str(target)], check=True)
+    python = str(target / "bin" / "python")
     subprocess.run(
-        [exe, "pip", "install", "--quiet", "--python", str(target / "bin" / "python"), *PACKAGES],
+        [exe, "pip", "install", "--quiet", "--compile-bytecode", "--python", python, *PACKAGES],
         check=True,
     )
     return time.perf_counter() - t

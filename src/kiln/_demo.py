@@ -6,6 +6,7 @@ environment it declares, which holds scikit-learn and nothing else.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,19 @@ def prepare(path: str) -> str:
 def train(loss: str, alpha: float, epochs: int, data: Dataset) -> dict[str, Any]:
     """Train one SGD classifier on the digits CSV, logging accuracy every epoch."""
     return _train(data.path, loss=loss, alpha=alpha, epochs=epochs)
+
+
+@app.endpoint(model="digits@production", env=env, min_replicas=0, max_replicas=2)
+class Digits:
+    """The promoted digits classifier behind HTTP: 64 pixel values in, a digit out."""
+
+    def load(self, model_path: str) -> None:
+        bundle = pickle.loads(Path(model_path).read_bytes())  # noqa: S301  our own artifact
+        self.scaler, self.model = bundle["scaler"], bundle["model"]
+
+    def predict(self, pixels: list[float]) -> dict[str, Any]:
+        x = self.scaler.transform([pixels])
+        return {"digit": int(self.model.predict(x)[0])}
 
 
 def write_digits(path: Path) -> Path:

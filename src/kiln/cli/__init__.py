@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from kiln.cli import audit, bundle, demo, envs, gc, lineage, models, reproduce, run, runs
+from kiln.cli import audit, bundle, demo, envs, gc, lineage, models, reproduce, run, runs, serve
 from kiln.errors import KilnError
 
 app = typer.Typer(
@@ -21,6 +21,11 @@ app.add_typer(runs.app, name="runs")
 app.add_typer(envs.app, name="envs")
 app.add_typer(audit.app, name="audit")
 app.add_typer(models.app, name="models")
+app.add_typer(serve.endpoints_app, name="endpoints")
+app.add_typer(serve.traces_app, name="traces")
+app.command("serve")(serve.serve)
+app.command("batch")(serve.batch)
+app.command("why")(serve.why)
 app.command("demo")(demo.demo)
 app.command("lineage")(lineage.lineage)
 app.command("export")(bundle.export)

@@ -49,6 +49,11 @@ WORKER_DISTRIBUTIONS = (
     "packaging",
     "psycopg",
     "psycopg-binary",
+    # what a serving replica needs (kiln[serve]), where installed
+    "pydantic",
+    "opentelemetry-sdk",
+    "openinference-semantic-conventions",
+    "opentelemetry-exporter-otlp-proto-http",
 )
 _UV_TIMEOUT_S = 1800
 
@@ -255,8 +260,10 @@ class EnvManager:
                 if prepared is None:
                     self._venv(tmp, interpreter)
                 (tmp / "kiln.lock").write_text(lock)
-                args = ["pip", "sync", "--require-hashes", "--quiet", "--python",
-                        str(tmp / "bin" / "python"), str(tmp / "kiln.lock")]  # fmt: skip
+                # Compiled once here, so that no worker or replica compiles at import.
+                python = str(tmp / "bin" / "python")
+                args = ["pip", "sync", "--require-hashes", "--quiet", "--compile-bytecode",
+                        "--python", python, str(tmp / "kiln.lock")]  # fmt: skip
                 if index:
                     args += ["--index-url", index]
                 try:  # the resolver has just fetched what the lock names: try uv's cache first

@@ -1,11 +1,18 @@
 """A replica: one process that loads a model version and answers requests for it.
 
 Started as ``python -m kiln.serve._replica READ_FD WRITE_FD`` by the front door (the
-HTTP server, or a batch job). The first frame carries the setup as JSON; the
+HTTP server, or a batch job). The INIT frame carries the setup as JSON; the
 replica imports the endpoint's class, calls ``load(model_path)`` and answers
-READY (or BROKEN with the traceback). Then it reads request frames in bulk,
-answers each, and writes the replies back in one write per bulk. It exits when
-the front door closes the pipe, after answering what it has already read.
+READY (or BROKEN with the traceback), listing the modules ``load`` imported.
+
+A standby is a replica process started ahead of need with a PRELOAD frame: it
+imports the class, the tracing stack and the modules an earlier ``load`` needed,
+then waits, holding no model and no reserved resources. A cold start hands it
+the INIT frame, so scaling from zero pays for ``load`` only, not for imports.
+
+Once set up, a replica reads request frames in bulk, answers each, and writes the
+replies back in one write per bulk. It exits when the front door closes the pipe,
+after answering what it has already read.
 
 Frames are a fixed header and a body, so the front door never parses JSON to
 forward a request: validating the body against ``predict``'s annotations,
@@ -31,7 +38,7 @@ from typing import Any
 REQUEST = struct.Struct("!IBQQ16s8s")
 # Reply: body length, status, request id, CPU ns and wall ns spent on it, trace id.
 REPLY = struct.Struct("!IBQQQ16s")
-INIT, PREDICT, BATCH = 0, 1, 2
+INIT, PREDICT, BATCH, PRELOAD = 0, 1, 2, 3
 OK, INVALID, FAILED, READY, BROKEN = 0, 1, 2, 3, 4
 NO_TRACE = bytes(16)
 NO_PARENT = bytes(8)
@@ -197,28 +204,54 @@ def load_class(module: str, qualname: str, sys_path: list[str]) -> type[Any]:
     return typing.cast(type[Any], cls)
 
 
-def _setup(init: dict[str, Any]) -> Handler:
-    cls = load_class(init["module"], init["qualname"], init["sys_path"])
-    instance = cls()
+_warm: dict[str, Any] = {}  # what PRELOAD (or INIT) prepared: class, tracer provider
+
+
+def _prepare(spec: dict[str, Any]) -> list[str]:
+    """Import the class, the tracing stack and ``spec["preload"]``; the modules that
+    could not be imported are returned (a stale list is harmless)."""
+    _warm["cls"] = load_class(spec["module"], spec["qualname"], spec["sys_path"])
+    if spec.get("tracing"):
+        from kiln.observe.tracing import tracer_provider
+
+        _warm["provider"], _warm["ids"] = tracer_provider(
+            f"kiln.{spec['endpoint']}", store_url=spec["store_url"]
+        )
+    import pydantic  # noqa: F401  the request model's, ahead of the first request
+
+    missing = []
+    for name in spec.get("preload", ()):
+        try:
+            importlib.import_module(name)
+        except Exception:
+            missing.append(name)
+    return missing
+
+
+def _setup(init: dict[str, Any]) -> tuple[Handler, list[str]]:
+    """Load the model; returns the handler and the modules loading it imported."""
+    if not _warm:
+        _prepare(init)
+    if init.get("cuda_visible_devices") is not None:  # before anything initializes CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = init["cuda_visible_devices"]
+    before = set(sys.modules)
+    instance = _warm["cls"]()
     if hasattr(instance, "load"):
         instance.load(init["model_path"])
+    learned = [m for m in sys.modules if m not in before and not m.startswith("__")]
     tracer = ids = None
     attrs: dict[str, Any] = {}
     if init.get("tracing"):
-        from kiln.observe.tracing import identity_attributes, tracer_provider
+        from kiln.observe.tracing import identity_attributes
 
-        provider, ids = tracer_provider(f"kiln.{init['endpoint']}", store_url=init["store_url"])
-        tracer = provider.get_tracer("kiln.serve")
+        tracer, ids = _warm["provider"].get_tracer("kiln.serve"), _warm["ids"]
         attrs = identity_attributes(
             endpoint=init["endpoint"], model_name=init["model_name"],
             model_version=init["model_version"], run_id=init["run_id"], kind=init["kind"],
         )  # fmt: skip
-        _provider.append(provider)
-    return Handler(instance, tracer=tracer, ids=ids, span_attributes=attrs, kind=init["kind"],
-                   model_ref=f"{init['model_name']}:{init['model_version']}")  # fmt: skip
-
-
-_provider: list[Any] = []
+    handler = Handler(instance, tracer=tracer, ids=ids, span_attributes=attrs, kind=init["kind"],
+                      model_ref=f"{init['model_name']}:{init['model_version']}")  # fmt: skip
+    return handler, learned
 
 
 def _write(fd: int, data: bytes) -> None:
@@ -260,15 +293,19 @@ def _serve(rfd: int, wfd: int) -> None:
     for bulk in _frames(rfd):
         out = []
         for kind, rid, received, trace_id, parent, body in bulk:
-            if kind == INIT:
+            if kind in (INIT, PRELOAD):
                 started = time.perf_counter()
                 try:
-                    handler = _setup(json.loads(body))
+                    if kind == PRELOAD:
+                        ready: dict[str, Any] = {"missing": _prepare(json.loads(body))}
+                    else:
+                        handler, learned = _setup(json.loads(body))
+                        ready = {"learned": learned}
                 except BaseException:
                     out.append(_reply(BROKEN, rid, traceback.format_exc().encode()))
                     _write(wfd, b"".join(out))
                     return
-                ready = {"pid": os.getpid(), "load_s": time.perf_counter() - started}
+                ready.update(pid=os.getpid(), load_s=time.perf_counter() - started)
                 out.append(_reply(READY, rid, json.dumps(ready).encode()))
                 continue
             if handler is None:
@@ -291,8 +328,8 @@ def main() -> None:
     try:
         _serve(rfd, wfd)
     finally:
-        for provider in _provider:
-            provider.shutdown()  # exports the spans still queued
+        if "provider" in _warm:
+            _warm["provider"].shutdown()  # exports the spans still queued
 
 
 if __name__ == "__main__":

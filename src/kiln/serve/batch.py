@@ -171,10 +171,11 @@ async def _compute(
         import sys
 
         lease_id, allocation = await reserve(engine.backend.reserve, spec.resources)
-        replica = Replica(lease_id, allocation, spec.resources.gpu)
+        replica = Replica()
         try:
-            env = replica_env(allocation, bool(engine.inventory.gpus), env_lock)
-            await replica.start(init, python=python or sys.executable, env=env)
+            await replica.spawn(python=python or sys.executable, env=replica_env(env_lock))
+            gpus = allocation.cuda_visible_devices if engine.inventory.gpus else None
+            await replica.start(lease_id, {**init, "cuda_visible_devices": gpus})
             while not queue.empty():
                 i = queue.get_nowait()
                 header = json.dumps({BATCH_RUN_ID: run_id, "kiln.batch.shard": i}).encode()

@@ -26,6 +26,7 @@ from kiln.serve._replica import (
     INIT,
     NO_PARENT,
     NO_TRACE,
+    PRELOAD,
     READY,
     REPLY,
     request_frame,
@@ -77,10 +78,8 @@ class _Replies(asyncio.Protocol):
 class Replica:
     """One running replica process of one model version."""
 
-    def __init__(self, lease_id: str, allocation: Allocation, gpu_share: float) -> None:
-        self.lease_id = lease_id
-        self.allocation = allocation
-        self.gpu_share = gpu_share
+    def __init__(self) -> None:
+        self.lease_id = ""  # its reservation with the scheduler (none while a standby)
         self.inflight = 0
         self.waiting: dict[int, asyncio.Future[Answer]] = {}
         self.pid = 0
@@ -93,8 +92,8 @@ class Replica:
         self._flushing = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self, init: dict[str, Any], *, python: str, env: dict[str, str]) -> None:
-        """Start the process and wait until it has loaded the model (or raise why not)."""
+    async def spawn(self, *, python: str, env: dict[str, str]) -> None:
+        """Start the process (it waits for PRELOAD or INIT)."""
         loop = self._loop = asyncio.get_running_loop()
         child_read, our_write = os.pipe()
         our_read, child_write = os.pipe()
@@ -113,13 +112,28 @@ class Replica:
             asyncio.BaseProtocol, os.fdopen(our_write, "wb", buffering=0)
         )
         await loop.connect_read_pipe(lambda: _Replies(self), os.fdopen(our_read, "rb", buffering=0))
-        answer = await self.send(INIT, json.dumps(init).encode())
+
+    async def preload(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Make it a standby: import the class and ``spec["preload"]``, load nothing."""
+        return await self._setup(PRELOAD, spec)
+
+    async def start(self, lease_id: str, init: dict[str, Any]) -> list[str]:
+        """Load the model (the process must be spawned); returns the modules it imported."""
+        self.lease_id = lease_id
+        self.started_at = time.monotonic()
+        ready = await self._setup(INIT, init)
+        self.load_s = float(ready["load_s"])
+        return list(ready.get("learned", ()))
+
+    async def _setup(self, kind: int, spec: dict[str, Any]) -> dict[str, Any]:
+        answer = await self.send(kind, json.dumps(spec).encode())
         if answer.status == BROKEN:
             await self.stop()
             raise RuntimeError(answer.body.decode(errors="replace").rstrip())
         if answer.status != READY:
             raise RuntimeError(f"replica answered {answer.status} to its setup")
-        self.load_s = float(json.loads(answer.body)["load_s"])
+        ready: dict[str, Any] = json.loads(answer.body)
+        return ready
 
     def send(
         self, kind: int, body: bytes, *, received_ns: int = 0, trace_id: bytes = NO_TRACE,
@@ -179,11 +193,10 @@ class Replica:
                 os.killpg(self._proc.pid, 9)
 
 
-def replica_env(allocation: Allocation, has_gpus: bool, env_lock: str | None) -> dict[str, str]:
+def replica_env(env_lock: str | None) -> dict[str, str]:
+    """A replica's environment variables (its GPUs come with INIT, set before ``load``)."""
     env = dict(os.environ)
     env.pop("VIRTUAL_ENV", None)
-    if has_gpus:
-        env["CUDA_VISIBLE_DEVICES"] = allocation.cuda_visible_devices
     if env_lock:
         env["KILN_ENV_LOCK"] = env_lock
     return env

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import Settings
@@ -41,6 +42,7 @@ from kiln.serve.replicas import Replica, ReplicaDied, replica_env, reserve
 from kiln.serve.traffic import Split
 
 if TYPE_CHECKING:
+    from kiln.compute.scheduler import Allocation
     from kiln.registry.models import ModelVersion
     from kiln.serve.endpoint import Endpoint
 
@@ -120,6 +122,8 @@ class EndpointServer:
         self._metrics = _Metrics(self.registry, self.spec.name)
         self._python: str = sys.executable
         self._env_lock: str | None = None
+        self._standby: asyncio.Task[Replica] | None = None
+        self._preload: list[str] = []
         self._engine: Any = None
         self._store: Any = None
 
@@ -244,10 +248,8 @@ class EndpointServer:
         lease_id = ""
         try:
             lease_id, allocation = await reserve(self._engine.backend.reserve, self.spec.resources)
-            replica = Replica(lease_id, allocation, self.spec.resources.gpu)
-            init = self._init(pool)
-            env = replica_env(allocation, bool(self._engine.inventory.gpus), self._env_lock)
-            await replica.start(init, python=self._python, env=env)
+            replica = await self._take_standby()
+            learned = await replica.start(lease_id, self._init(pool, allocation))
         except Exception as exc:
             if lease_id:
                 self._engine.backend.release(lease_id)
@@ -269,8 +271,59 @@ class EndpointServer:
             self._metrics.cold_start.observe(took)
             _say(f"{self.spec.name}: {pool.version.ref} cold start {took:.2f}s "
                  f"(load {replica.load_s:.2f}s), {len(pool.replicas)} replica(s)")  # fmt: skip
+        self._learn(learned)
 
-    def _init(self, pool: Pool) -> dict[str, Any]:
+    # A standby is a replica process that has imported what loading needs but loaded
+    # nothing and holds no reservation: the next replica starts from it.
+
+    async def _take_standby(self) -> Replica:
+        task, self._standby = self._standby, None
+        self._refill()
+        if task is not None:
+            try:
+                replica = await task
+                if replica.alive:
+                    return replica
+            except Exception as exc:
+                _log.warning("kiln: a standby replica failed: %s", exc)
+        return await self._new_standby()
+
+    def _refill(self) -> None:
+        if self._standby is None and not self._closing:
+            self._standby = asyncio.create_task(self._new_standby())
+
+    async def _new_standby(self) -> Replica:
+        replica = Replica()
+        await replica.spawn(python=self._python, env=replica_env(self._env_lock))
+        source = self.endpoint.source
+        await replica.preload({
+            "module": source.module, "qualname": source.qualname,
+            "sys_path": list(source.sys_path), "tracing": self.spec.tracing,
+            "store_url": self.settings.store_url, "endpoint": self.spec.name,
+            "preload": self._preload,
+        })  # fmt: skip
+        return replica
+
+    def _learn(self, learned: list[str]) -> None:
+        """Remember what ``load`` imported, so standbys import it ahead of time."""
+        known = set(self._preload)
+        new = [m for m in learned if m not in known]
+        if not new:
+            return
+        self._preload = self._preload + new
+        with contextlib.suppress(OSError):
+            self._preload_file.parent.mkdir(parents=True, exist_ok=True)
+            self._preload_file.write_text(json.dumps(self._preload))
+        stale, self._standby = self._standby, None
+        if stale is not None:
+            self._tasks.append(asyncio.create_task(_discard(stale)))
+        self._refill()
+
+    @property
+    def _preload_file(self) -> Path:
+        return self.settings.home / "serve" / f"{self.spec.name}.preload.json"
+
+    def _init(self, pool: Pool, allocation: Allocation) -> dict[str, Any]:
         source = self.endpoint.source
         return {
             "module": source.module,
@@ -284,6 +337,9 @@ class EndpointServer:
             "kind": self.spec.kind,
             "tracing": self.spec.tracing,
             "store_url": self.settings.store_url,
+            "cuda_visible_devices": (
+                allocation.cuda_visible_devices if self._engine.inventory.gpus else None
+            ),
         }
 
     async def _retire(self, pool: Pool, replica: Replica) -> None:
@@ -465,6 +521,10 @@ class EndpointServer:
         names = self._engine.inventory.gpu_names if self._engine else ()
         return names[0] if names and self.spec.resources.gpu else None
 
+    @property
+    def store(self) -> Any:
+        return self._store
+
     def describe(self) -> dict[str, Any]:
         return {
             "endpoint": self.spec.name,
@@ -500,6 +560,9 @@ class EndpointServer:
             manager = env_manager(self.settings.home, self._store.blobs)
             built = await asyncio.to_thread(manager.ensure, self.spec.env)
             self._python, self._env_lock = str(built.python), str(built.lock_file)
+        with contextlib.suppress(OSError, ValueError):
+            self._preload = list(json.loads(self._preload_file.read_text()))
+        self._refill()
         targets = await asyncio.to_thread(self._targets)
         await self._route(targets)
         await asyncio.to_thread(state.announce, self._store, self.spec, self.url)
@@ -517,12 +580,19 @@ class EndpointServer:
             while pool.inflight:
                 await asyncio.sleep(0.01)
         await asyncio.gather(*(self._retire(p, r) for p in pools for r in list(p.replicas)))
+        if self._standby is not None:
+            await _discard(self._standby)
         for task in self._tasks:
             task.cancel()
         if self._store is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
-                    state.report, self._store, self.spec.name, self.stats(), status="stopped"
+                    state.report,
+                    self._store,
+                    self.spec.name,
+                    self.stats(),
+                    status="stopped",
+                    url=self.url,
                 )
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -542,6 +612,11 @@ class EndpointServer:
                 return
 
     startup_error: BaseException | None = None
+
+
+async def _discard(task: asyncio.Task[Replica]) -> None:
+    with contextlib.suppress(Exception):
+        await (await task).stop()
 
 
 class _Unavailable(Exception):
@@ -686,4 +761,6 @@ def serve(
         raise app.startup_error or RuntimeError(f"{endpoint.name} did not start serving")
     bound = server.servers[0].sockets[0].getsockname()[1] if port == 0 else port
     app.url = f"http://{host}:{bound}"
+    if port == 0:
+        state.set_url(app.store, endpoint.name, app.url)
     return ServerHandle(app.url, app, server, thread)

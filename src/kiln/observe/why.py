@@ -1,0 +1,152 @@
+"""From one inference back to everything behind it: ``kiln why TRACE_ID``.
+
+A span names the immutable model version and run that answered. From there the
+store gives: the version (who registered it, its artifact), every promotion that
+put it under an alias (who, when, why, under which policy: the audit event of the
+move keeps the policy that was checked), and the run (params, metrics, code commit
+and patch, datasets with their hashes, environment and its lock).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+import sqlalchemy as sa
+
+from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
+from kiln.record.store._schema import alias_moves, spans
+from kiln.record.store.sql import SqlStore
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def list_spans(
+    store: SqlStore,
+    *,
+    endpoint: str | None = None,
+    run_id: str | None = None,
+    errors_only: bool = False,
+    limit: int | None = 50,
+) -> list[dict[str, Any]]:
+    """Recorded spans, newest first."""
+    stmt = sa.select(spans).order_by(spans.c.start_ns.desc()).limit(limit)
+    if endpoint:
+        stmt = stmt.where(spans.c.endpoint == endpoint)
+    if run_id:
+        stmt = stmt.where(spans.c.run_id.startswith(run_id))
+    if errors_only:
+        stmt = stmt.where(spans.c.status == "error")
+    with store.connect() as conn:
+        return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def find_trace(store: SqlStore, trace_id: str) -> list[dict[str, Any]]:
+    """The spans of one trace, by its id or a unique prefix of it (8 characters or more)."""
+    ref = trace_id.strip().lower()
+    if len(ref) < 8 or not set(ref) <= _HEX:
+        allowed = "32 hex characters, or a unique prefix of 8 or more"
+        raise ValidationError("TRACE_ID", f"{trace_id!r} is not a trace id", allowed=allowed)
+    with store.connect() as conn:
+        ids = list(
+            conn.execute(
+                sa.select(spans.c.trace_id).where(spans.c.trace_id.startswith(ref)).distinct()
+                .limit(5)
+            ).scalars()
+        )  # fmt: skip
+        if not ids:
+            raise NotFoundError(
+                f"no trace {trace_id!r} in the store (spans are written about a second after "
+                "the request); `kiln traces ls` lists recent ones"
+            )
+        if len(ids) > 1:
+            raise AmbiguousIdError(trace_id, ids)
+        rows = conn.execute(
+            sa.select(spans).where(spans.c.trace_id == ids[0]).order_by(spans.c.start_ns)
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+def explain(store: SqlStore, trace_id: str) -> dict[str, Any]:
+    """Everything behind one inference, as one JSON-able dict (see the module docstring)."""
+    from kiln.registry.models import Models
+
+    trace = find_trace(store, trace_id)
+    span = next((s for s in trace if s["model_name"]), trace[0])
+    attrs = span["attributes"]
+    out: dict[str, Any] = {
+        "trace_id": span["trace_id"],
+        "span": span["name"],
+        "endpoint": span["endpoint"],
+        "status": span["status"],
+        "at_ns": span["start_ns"],
+        "latency_ms": span["duration_ns"] / 1e6,
+        "input": attrs.get("input.value"),
+        "output": attrs.get("output.value"),
+        "kind": attrs.get("openinference.span.kind"),
+        "cpu_seconds": attrs.get("kiln.cpu_seconds"),
+        "llm": {k: v for k, v in attrs.items() if k.startswith("llm.")},
+    }
+    name, version = span["model_name"], span["model_version"]
+    if name is None or version is None:
+        return out
+    mv = Models(store, app="", actor="").get(f"{name}:{version}")
+    out["model"] = {
+        "ref": mv.ref, "artifact": mv.artifact, "artifact_sha256": mv.artifact_sha256,
+        "registered_by": mv.created_by, "registered_at": mv.created_at, "metrics": mv.metrics,
+    }  # fmt: skip
+    out["promotions"] = _promotions(store, name, version)
+    run = store.get_run(mv.run_id)
+    out["run"] = {
+        "id": run.id,
+        "app": run.app,
+        "function": run.function,
+        "status": str(run.status),
+        "actor": run.actor,
+        "created": run.created_at,
+        "params": run.params,
+        "metrics": run.summary,
+        "code": asdict(run.code),
+        "inputs": [
+            {"name": a.name, "kind": a.kind, "sha256": a.sha256, "size": a.size}
+            for a in run.artifacts
+            if a.direction == "in"
+        ],
+        "environment": {
+            "python": run.environment.python,
+            "env_id": run.environment.env_id,
+            "lock_sha256": run.environment.lock_sha256,
+            "packages_sha256": run.environment.packages_sha256,
+        },
+    }
+    return out
+
+
+def _promotions(store: SqlStore, name: str, version: int) -> list[dict[str, Any]]:
+    """Each move of an alias onto ``version``, with the policy its audit event recorded."""
+    with store.connect() as conn:
+        moves = conn.execute(
+            sa.select(alias_moves).where(alias_moves.c.name == name,
+                                         alias_moves.c.to_version == version)
+            .order_by(alias_moves.c.id)
+        ).mappings().all()  # fmt: skip
+    out = []
+    for move in moves:
+        target = f"{name}@{move['alias']}"
+        policy = None
+        for event in store.audit_events(target=target, limit=None):
+            payload = event["payload"] or {}
+            if isinstance(payload, str):
+                payload = json.loads(payload)
+            if payload.get("to") == version and abs(event["time"] - move["at"]) < 1.0:
+                policy = payload.get("policy")
+                action = event["action"]
+                break
+        else:
+            action = "alias.move"
+        out.append({
+            "alias": move["alias"], "from_version": move["from_version"], "by": move["actor"],
+            "at": move["at"], "reason": move["reason"], "action": action, "policy": policy,
+        })  # fmt: skip
+    return out
