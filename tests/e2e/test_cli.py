@@ -149,6 +149,11 @@ def test_demo_records_a_real_experiment() -> None:
     assert production.run_id == best.id and production.artifact == "model.pkl"
     (producer,) = best.lineage().upstream(best.datasets[0].sha256)
     assert kiln.get_run(producer).function == "kiln._demo:prepare"
+    # It ends by serving the promoted model and explaining one answer.
+    assert proc.stdout.count("POST /predict -> {'digit'") == 5
+    assert "kiln why " in proc.stdout and f"run {best.id}" in proc.stdout
+    assert "promoted to @production" in proc.stdout and "lock sha256:" in proc.stdout
+    assert "cold start" in proc.stderr
 
 
 TRAIN_SCRIPT = """

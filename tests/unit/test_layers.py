@@ -7,7 +7,14 @@ import kiln
 
 SRC = Path(kiln.__file__).parent
 FORBIDDEN = {
-    "record": ("kiln.app", "kiln.cli", "kiln.compute", "kiln.registry", "kiln.serve"),
+    "record": (
+        "kiln.app",
+        "kiln.cli",
+        "kiln.compute",
+        "kiln.registry",
+        "kiln.serve",
+        "kiln.observe",
+    ),
     "compute": (
         "kiln.app",
         "kiln.cli",
@@ -19,6 +26,8 @@ FORBIDDEN = {
         "kiln._runner",
     ),
     "registry": ("kiln.app", "kiln.cli", "kiln.compute", "kiln.serve", "kiln.function"),
+    "observe": ("kiln.app", "kiln.cli", "kiln.compute", "kiln.serve", "kiln.function"),
+    "serve": ("kiln.cli",),
     "config.py": ("kiln.record", "kiln.app", "kiln.cli"),
     "errors.py": ("kiln.",),
 }

@@ -70,6 +70,16 @@ def demo(
 def _serve_and_explain(settings: Settings, data: Path) -> None:
     """Serve digits@production (from zero replicas), send a few requests, then show
     everything behind one answer, as ``kiln why TRACE_ID`` does."""
+    from kiln._optional import require
+    from kiln.errors import MissingDependencyError
+
+    out = console()
+    try:
+        for module in ("uvicorn", "httpx", "pydantic", "prometheus_client", "opentelemetry.sdk"):
+            require(module, extra="serve")
+    except MissingDependencyError as exc:
+        out.print(f"\n[dim]serving skipped: {exc}[/]")
+        return
     import httpx
 
     from kiln._demo import Digits
@@ -79,7 +89,6 @@ def _serve_and_explain(settings: Settings, data: Path) -> None:
     from kiln.record.recorder import recorder_for
     from kiln.serve.endpoint import Endpoint
 
-    out = console()
     rows = [line.split(",") for line in data.read_text().splitlines()[:5]]
     endpoint: Endpoint[Any] = Digits  # type: ignore[assignment]  # mypy ignores class decorators
     handle = endpoint.serve(port=0, block=False)

@@ -58,8 +58,6 @@ def serve(
 ) -> None:
     """Serve an endpoint over HTTP: POST /predict, GET /healthz /readyz /metrics."""
     endpoint = load_endpoint(target)
-    out = console()
-    out.print(f"serving [bold]{endpoint.name}[/] ({endpoint.spec.model}) on http://{host}:{port}")
     endpoint.serve(host=host, port=port, block=True)
 
 

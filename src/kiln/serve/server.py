@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import socket
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import Settings
-from kiln.errors import KilnError
+from kiln.errors import KilnError, ValidationError
 from kiln.observe.cost import Prices, Usage
 from kiln.serve import state
 from kiln.serve._replica import FAILED, INVALID, OK, PREDICT
@@ -464,10 +465,7 @@ class EndpointServer:
                     surplus = sorted(pool.replicas, key=_inflight)[: current - want]
                     for replica in surplus:
                         self._tasks.append(asyncio.create_task(self._retire(pool, replica)))
-                self._metrics.replicas.labels(self.spec.name, str(pool.version.version)).set(
-                    len(pool.replicas)
-                )
-            self._metrics.inflight.set(self.inflight)
+            self._gauges()
             self._tasks = [t for t in self._tasks if not t.done()]
 
     async def _report(self) -> None:
@@ -477,6 +475,13 @@ class EndpointServer:
                 await asyncio.to_thread(
                     state.report, self._store, self.spec.name, self.stats(), url=self.url
                 )
+
+    def _gauges(self) -> None:
+        for pool in self.pools.values():
+            self._metrics.replicas.labels(self.spec.name, str(pool.version.version)).set(
+                len(pool.replicas)
+            )
+        self._metrics.inflight.set(self.inflight)
 
     def stats(self) -> dict[str, Any]:
         """Figures for ``kiln endpoints show``: requests, errors, latency, replicas, and
@@ -539,7 +544,7 @@ class EndpointServer:
     async def _prometheus(self, send: Send) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        self._metrics.inflight.set(self.inflight)
+        self._gauges()
         body = generate_latest(self.registry)
         headers = [(b"content-type", CONTENT_TYPE_LATEST.encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -603,6 +608,7 @@ class EndpointServer:
                     await self.startup()
                 except BaseException as exc:
                     self.startup_error = exc
+                    await self.shutdown()  # stop whatever started: standby, replicas
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
@@ -735,22 +741,32 @@ def serve(
     import uvicorn
 
     app = EndpointServer(endpoint)
-    app.url = f"http://{host}:{port}"
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=30)  # fmt: skip
+    # Bound here, before the app starts, so that the address it announces is the real
+    # one even for port 0.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValidationError("port", f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    bound = sock.getsockname()[1]
+    app.url = f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{bound}"
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=30)  # fmt: skip
     server = uvicorn.Server(config)
     if block:
-        server.run()
+        _say(f"{endpoint.name}: listening on {app.url}")
+        server.run(sockets=[sock])
         if app.startup_error is not None:
             raise app.startup_error
         return None
-    ready = threading.Event()
 
     def run() -> None:
-        try:
-            server.run()
-        finally:
-            ready.set()
+        # uvicorn exits when startup fails; app.startup_error says why
+        with contextlib.suppress(SystemExit):
+            server.run(sockets=[sock])
 
     thread = threading.Thread(target=run, name=f"kiln-serve-{endpoint.name}", daemon=True)
     thread.start()
@@ -759,8 +775,4 @@ def serve(
     if not server.started:
         thread.join(5)
         raise app.startup_error or RuntimeError(f"{endpoint.name} did not start serving")
-    bound = server.servers[0].sockets[0].getsockname()[1] if port == 0 else port
-    app.url = f"http://{host}:{bound}"
-    if port == 0:
-        state.set_url(app.store, endpoint.name, app.url)
     return ServerHandle(app.url, app, server, thread)

@@ -73,11 +73,6 @@ def report(
         conn.execute(endpoints.update().where(endpoints.c.name == name).values(**values))
 
 
-def set_url(store: SqlStore, name: str, url: str) -> None:
-    with store.transaction() as conn:
-        conn.execute(endpoints.update().where(endpoints.c.name == name).values(url=url))
-
-
 def live_traffic(store: SqlStore, name: str) -> dict[str, float] | None:
     with store.connect() as conn:
         value = conn.execute(

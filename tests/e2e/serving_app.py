@@ -1,0 +1,50 @@
+"""Endpoints the serving tests run in real replica processes (imported there by name)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import kiln
+
+app = kiln.App("serving")
+
+
+class Scorer:
+    """Answers which model version it is, so tests can tell the versions apart."""
+
+    def load(self, model_path: str) -> None:
+        self.model = pickle.loads(Path(model_path).read_bytes())
+
+    def predict(self, x: list[float], delay: float = 0.0) -> dict[str, Any]:
+        if delay:
+            time.sleep(delay)
+        return {"version": self.model["version"], "score": sum(x) * self.model["weight"],
+                "pid": os.getpid()}  # fmt: skip
+
+
+def row_echo(row: int, delay: float = 0.0) -> dict[str, Any]:
+    if delay:
+        time.sleep(delay)
+    return {"row": row, "pid": os.getpid()}
+
+
+class Echo:
+    def load(self, model_path: str) -> None:
+        self.loaded = model_path
+
+    def predict(self, row: int, delay: float = 0.0) -> dict[str, Any]:
+        return row_echo(row, delay)
+
+
+def register(version_weight: float) -> int:
+    """Record a run that saves a model, register it; returns the version number."""
+    with app.run(params={"weight": version_weight}) as run:
+        kiln.log({"accuracy": 0.9})
+        models = app.models
+        version = len(models.versions("scorer")) + 1 if "scorer" in models.names() else 1
+        kiln.save("model.pkl", {"version": version, "weight": version_weight})
+    return app.models.register("scorer", run.id, artifact="model.pkl").version

@@ -1,0 +1,259 @@
+"""Serving's pure parts: autoscaling, traffic split, declarations, prices, spans."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+import kiln
+from kiln.errors import ConfigError, ValidationError
+from kiln.observe.cost import Prices, Usage
+from kiln.observe.tracing import identity_attributes, span_row, tracer_provider
+from kiln.serve._replica import FAILED, INVALID, OK, Handler
+from kiln.serve.autoscale import Autoscaler
+from kiln.serve.server import _traceparent
+from kiln.serve.traffic import Split
+
+app = kiln.App("units")
+
+
+class Model:
+    def load(self, model_path: str) -> None:
+        self.path = model_path
+
+    def predict(self, features: list[float], scale: float = 1.0) -> dict[str, Any]:
+        if scale < 0:
+            raise ValueError("scale must be >= 0")
+        return {"score": sum(features) * scale}
+
+
+class Chat:
+    def predict(self, messages: list[dict[str, str]], temperature: float = 0.0) -> dict[str, Any]:
+        return {
+            "choices": [{"message": {"role": "assistant", "content": "hi there"}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        }
+
+
+# -- autoscaling ------------------------------------------------------------------------
+
+
+def test_autoscaler_scales_up_at_once_and_down_after_the_idle_window() -> None:
+    scaler = Autoscaler(min_replicas=0, max_replicas=4, target_concurrency=8, idle_timeout=10)
+    assert scaler.desired(current=0, peak_inflight=1, now=0.0) == 1  # a request wakes it
+    assert scaler.desired(current=1, peak_inflight=30, now=1.0) == 4  # ceil(30/8), in one step
+    assert scaler.desired(current=4, peak_inflight=100, now=2.0) == 4  # capped at max
+    assert scaler.desired(current=4, peak_inflight=3, now=5.0) == 4  # a lull is not idleness
+    assert scaler.desired(current=4, peak_inflight=3, now=12.5) == 1  # 10s since it needed 4
+    assert scaler.desired(current=1, peak_inflight=0, now=20.0) == 1  # still inside the window
+    assert scaler.desired(current=1, peak_inflight=0, now=23.0) == 0  # idle a whole window
+
+
+def test_autoscaler_keeps_min_replicas_and_waits_a_window_after_start() -> None:
+    scaler = Autoscaler(min_replicas=2, max_replicas=3, target_concurrency=1, idle_timeout=5,
+                        since=100.0)  # fmt: skip
+    assert scaler.desired(current=2, peak_inflight=0, now=101.0) == 2
+    started = Autoscaler(min_replicas=0, max_replicas=3, target_concurrency=1, idle_timeout=5,
+                         since=100.0)  # fmt: skip
+    assert started.desired(current=1, peak_inflight=0, now=101.0) == 1  # just started: keep
+    assert started.desired(current=1, peak_inflight=0, now=106.0) == 0
+
+
+# -- traffic ----------------------------------------------------------------------------
+
+
+def test_split_is_exact_over_every_window_and_interleaved() -> None:
+    split = Split({7: 90, 8: 10})
+    picks = [split.pick() for _ in range(2000)]
+    assert Counter(picks) == {7: 1800, 8: 200}
+    for start in range(0, 2000, 100):
+        assert Counter(picks[start : start + 100])[8] == 10  # no bursts to the canary
+    assert Split({1: 1, 2: 0}).percentages() == {1: 100.0}
+    with pytest.raises(ValueError):
+        Split({1: 0})
+
+
+@pytest.mark.parametrize(
+    ("traffic", "message"),
+    [
+        ({"fraud:1": 50, "other:2": 50}, "not a version of the endpoint's model 'fraud'"),
+        ({"fraud@production": 100}, "does not pin a version"),
+        ({"fraud:1": -1}, "weight -1 of 'fraud:1' is not a weight"),
+        ({"fraud:1": 0}, "every weight is 0"),
+        ({}, "is not a split"),
+    ],
+)
+def test_bad_traffic_is_refused_at_declaration(traffic: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match="traffic") as info:
+        app.endpoint(model="fraud@production", traffic=traffic)
+    assert message in str(info.value)
+
+
+# -- declarations -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"model": "fraud"}, "ref"),
+        ({"model": "fraud@Prod"}, "alias"),
+        ({"model": "fraud:1", "min_replicas": -1}, "min_replicas"),
+        ({"model": "fraud:1", "min_replicas": 3, "max_replicas": 2}, "max_replicas"),
+        ({"model": "fraud:1", "target_concurrency": 0}, "target_concurrency"),
+        ({"model": "fraud:1", "idle_timeout": 0}, "idle_timeout"),
+        ({"model": "fraud:1", "kind": "magic"}, "kind"),
+        ({"model": "fraud:1", "gpu": 1.5}, "gpu"),
+        ({"model": "fraud:1", "env": "scikit-learn"}, "env"),
+    ],
+)
+def test_bad_endpoint_arguments_name_the_field(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        app.endpoint(**kwargs)
+    assert info.value.field == field
+
+
+def test_a_class_that_cannot_serve_is_refused() -> None:
+    declare = app.endpoint(model="fraud:1")
+    with pytest.raises(ValidationError, match="has no predict method"):
+        declare(type("NoPredict", (), {}))
+    with pytest.raises(ValidationError, match="a request names each argument"):
+        declare(type("Star", (), {"predict": lambda self, *rows: rows}))
+    with pytest.raises(ValidationError, match="is not a class"):
+        declare(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_endpoint_keeps_the_class_usable_and_names_itself() -> None:
+    endpoint = app.endpoint(model="fraud@production", max_replicas=3)(Model)
+    assert endpoint.name == "model" and endpoint.spec.model_name == "fraud"
+    instance = endpoint()
+    assert isinstance(instance, Model) and instance.predict([1, 2]) == {"score": 3}
+    assert endpoint.source.module == __name__ and endpoint.source.qualname == "Model"
+
+
+# -- the request handler and its spans -----------------------------------------------------
+
+
+def _handler(cls: type[Any], kind: str = "chain") -> tuple[Handler, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider, ids = tracer_provider("kiln.test", store_url=None)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    attrs = identity_attributes(endpoint="fraud", model_name="fraud", model_version=3,
+                                run_id="r" * 32, kind=kind)  # fmt: skip
+    handler = Handler(cls(), tracer=provider.get_tracer("t"), ids=ids, span_attributes=attrs,
+                      kind=kind, model_ref="fraud:3")  # fmt: skip
+    return handler, exporter
+
+
+def test_a_request_is_validated_answered_and_traced_with_its_lineage() -> None:
+    handler, exporter = _handler(Model)
+    trace_id = bytes.fromhex("0af7651916cd43dd8448eb211c80319c")
+    status, answer, traced = handler.predict(b'{"features": [1, 2.5]}', trace_id=trace_id)
+    assert status == OK and json.loads(answer) == {"score": 3.5}
+    assert traced == trace_id  # the front door's trace id is the span's
+    (span,) = exporter.get_finished_spans()
+    attrs = dict(span.attributes or {})
+    assert attrs["openinference.span.kind"] == "CHAIN"
+    assert attrs["input.value"] == '{"features": [1, 2.5]}'
+    assert attrs["input.mime_type"] == attrs["output.mime_type"] == "application/json"
+    assert json.loads(str(attrs["output.value"])) == {"score": 3.5}
+    assert attrs["kiln.model.name"] == "fraud" and attrs["kiln.model.version"] == 3
+    assert attrs["kiln.run.id"] == "r" * 32 and attrs["kiln.endpoint"] == "fraud"
+    row = span_row(span)
+    assert row["trace_id"] == trace_id.hex() and row["model_version"] == 3
+    assert row["status"] == "ok" and row["run_id"] == "r" * 32
+
+
+def test_a_caller_trace_context_becomes_the_parent() -> None:
+    handler, exporter = _handler(Model)
+    trace_id, parent = _traceparent(
+        [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
+    )
+    handler.predict(b'{"features": [1]}', trace_id=trace_id, parent_id=parent)
+    (span,) = exporter.get_finished_spans()
+    assert span.context is not None and span.parent is not None
+    assert f"{span.context.trace_id:032x}" == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert f"{span.parent.span_id:016x}" == "00f067aa0ba902b7"
+    assert _traceparent([(b"traceparent", b"garbage")]) == (bytes(16), bytes(8))
+
+
+def test_bad_input_is_a_422_naming_the_field_and_an_error_span() -> None:
+    handler, exporter = _handler(Model)
+    status, answer, _ = handler.predict(b'{"features": [1, "x"]}')
+    assert status == INVALID
+    body = json.loads(answer)
+    assert body["error"].startswith("features.1: ")
+    assert body["detail"][0]["loc"] == ["body", "features", 1]
+    status, answer, _ = handler.predict(b'{"features": [1], "extra": 2}')
+    assert status == INVALID and json.loads(answer)["error"].startswith("extra: ")
+    status, answer, _ = handler.predict(b"not json")
+    assert status == INVALID
+    status, answer, _ = handler.predict(b'{"features": [1], "scale": -1}')
+    assert status == FAILED and "scale must be >= 0" in json.loads(answer)["error"]
+    spans = exporter.get_finished_spans()
+    assert [s.status.status_code for s in spans] == [StatusCode.ERROR] * 4
+    assert any(e.name == "exception" for e in spans[-1].events)
+
+
+def test_llm_endpoints_carry_openinference_llm_attributes() -> None:
+    handler, exporter = _handler(Chat, kind="llm")
+    body = b'{"messages": [{"role": "user", "content": "hello"}], "temperature": 0.2}'
+    status, _, _ = handler.predict(body)
+    assert status == OK
+    attrs = dict(exporter.get_finished_spans()[0].attributes or {})
+    assert attrs["openinference.span.kind"] == "LLM"
+    assert attrs["llm.model_name"] == "fraud:3"
+    assert json.loads(str(attrs["llm.invocation_parameters"])) == {"temperature": 0.2}
+    assert attrs["llm.input_messages.0.message.role"] == "user"
+    assert attrs["llm.input_messages.0.message.content"] == "hello"
+    assert attrs["llm.output_messages.0.message.content"] == "hi there"
+    assert attrs["llm.token_count.prompt"] == 5 and attrs["llm.token_count.total"] == 7
+
+
+def test_a_batch_answers_every_row_in_order_and_isolates_failures() -> None:
+    handler, exporter = _handler(Model)
+    rows = b'{"features": [1]}\n{"features": "bad"}\n{"features": [2], "scale": 2}\n'
+    status, answer = handler.batch(rows, attributes={"kiln.batch.shard": 4})
+    lines = [json.loads(x) for x in answer.splitlines()]
+    assert status == OK and lines[0] == {"score": 1} and lines[2] == {"score": 4}
+    assert lines[1]["error"].startswith("features: ")
+    attrs = dict(exporter.get_finished_spans()[0].attributes or {})
+    assert attrs["kiln.batch.rows"] == 3 and attrs["kiln.batch.rows_failed"] == 1
+    assert attrs["kiln.batch.shard"] == 4
+
+
+# -- prices -----------------------------------------------------------------------------
+
+
+def test_prices_from_inline_json_or_a_file(tmp_path: Any) -> None:
+    prices = Prices.from_env({"KILN_PRICES": '{"cpu_hour": 3.6, "gpu_hour": {"H100": 36}}'})
+    assert prices is not None
+    usage = Usage(requests=1000, cpu_seconds=10.0, gpu_seconds=1.0)
+    # 10 CPU-s at $3.6/h = $0.01, 1 GPU-s at $36/h = $0.01: $0.02 per 1,000 requests
+    assert prices.per_1k_requests(usage, "H100") == pytest.approx(0.02)
+    assert prices.per_1k_requests(usage, "other") == pytest.approx(0.01)  # no default price
+    path = tmp_path / "prices.toml"
+    path.write_text("cpu_hour = 0.5\nmemory_gb_hour = 0.1\ngpu_hour = 2.0\n")
+    from_file = Prices.from_env({"KILN_PRICES": str(path)})
+    assert from_file == Prices(0.5, 0.1, {"default": 2.0})
+    assert Prices.from_env({}) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('{"cpu_hour": -1}', "cpu_hour is -1"),
+        ('{"cpu": 1}', "unknown ['cpu']"),
+        ("{nope", "not valid JSON"),
+        ("/no/such/prices.json", "cannot be read"),
+    ],
+)
+def test_bad_prices_are_a_config_error(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match="KILN_PRICES") as info:
+        Prices.from_env({"KILN_PRICES": value})
+    assert message in str(info.value)
