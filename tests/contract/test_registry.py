@@ -240,3 +240,18 @@ def test_promotions_that_need_approval(settings: Settings, monkeypatch: pytest.M
         for e in recorder.recorder_for(Settings.from_env()).store.audit_events(limit=None)
     }
     assert {"promotion.request", "promotion.approve", "promotion.reject", "policy.set"} <= actions
+
+
+def test_registry_writes_after_another_process_appended_to_the_audit_log(
+    settings: Settings,
+) -> None:
+    app = kiln.App("chain")
+    app.models.register("chain", trained(app, 0.5), artifact="model.pkl")  # this process writes
+    other = subprocess.run(
+        [sys.executable, "-c", "import kiln; kiln.App('chain').models.promote('chain', 1)"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert other.returncode == 0, other.stderr
+    # The audit chain's end moved under this process: its next append must follow it.
+    app.models.promote("chain", 1, alias="staging")
+    assert list(recorder.recorder_for(settings).store.verify()) == []

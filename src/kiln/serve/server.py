@@ -758,14 +758,15 @@ def serve(
     server = uvicorn.Server(config)
     if block:
         _say(f"{endpoint.name}: listening on {app.url}")
-        server.run(sockets=[sock])
+        with sock:
+            server.run(sockets=[sock])
         if app.startup_error is not None:
             raise app.startup_error
         return None
 
     def run() -> None:
         # uvicorn exits when startup fails; app.startup_error says why
-        with contextlib.suppress(SystemExit):
+        with sock, contextlib.suppress(SystemExit):
             server.run(sockets=[sock])
 
     thread = threading.Thread(target=run, name=f"kiln-serve-{endpoint.name}", daemon=True)

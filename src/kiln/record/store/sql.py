@@ -329,7 +329,10 @@ class SqlStore:
             yield conn
 
     def append_events(self, conn: Connection, events: list[audit.Event]) -> None:
-        """Append audit events inside a :meth:`transaction`."""
+        """Append audit events inside a :meth:`transaction`. The chain's end is read in
+        the transaction, which holds the write lock, so another process's appends since
+        this one last wrote cannot make it fork (nothing retries these transactions)."""
+        self._chain_end = None
         self._append(conn, events)
 
     def connect(self) -> Connection:
