@@ -24,6 +24,7 @@ BENCHES = [
     "bench_envs.py",
     "bench_audit.py",
     "bench_bundle.py",
+    "bench_serve.py",
 ]
 
 

@@ -48,3 +48,15 @@ def register(version_weight: float) -> int:
         version = len(models.versions("scorer")) + 1 if "scorer" in models.names() else 1
         kiln.save("model.pkl", {"version": version, "weight": version_weight})
     return app.models.register("scorer", run.id, artifact="model.pkl").version
+
+
+class Devices:
+    """Says which GPUs its replica was given."""
+
+    def load(self, model_path: str) -> None:
+        self.devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    def predict(self, delay: float = 0.0) -> dict[str, Any]:
+        if delay:
+            time.sleep(delay)
+        return {"devices": self.devices, "pid": os.getpid()}

@@ -11,12 +11,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from serving_app import Echo, Scorer, app, register
+from serving_app import Devices, Echo, Scorer, app, register
 from typer.testing import CliRunner
 
 import kiln
@@ -142,6 +143,80 @@ def test_autoscales_up_under_load_and_down_to_zero_then_cold_starts(
         again = client.post("/predict", json={"x": [3]})
         assert again.status_code == 200 and again.json()["score"] == 3.0
     assert len(server.stats()["versions"]["1"]["cold_starts_s"]) == 2
+
+
+def test_replicas_are_admitted_by_the_scheduler_with_their_gpu_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KILN_GPUS", "1")
+    promoted()
+    whole = app.endpoint(model="scorer@production", name="whole", cpu=0, gpu=1,
+                         max_replicas=3, target_concurrency=1)(Devices)  # fmt: skip
+    handle = whole.serve(port=0, block=False)
+    assert handle is not None
+    try:
+        pids: set[int] = set()
+
+        def load() -> None:
+            with httpx.Client(base_url=handle.url, timeout=60) as c:
+                for _ in range(5):
+                    answer = c.post("/predict", json={"delay": 0.1}).json()
+                    assert answer["devices"] == "0"
+                    pids.add(answer["pid"])
+
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(pids) == 1  # the autoscaler asked for 3; one GPU admits one replica
+    finally:
+        handle.stop()
+    halves = app.endpoint(model="scorer@production", name="halves", cpu=0, gpu=0.5,
+                          min_replicas=2, max_replicas=2)(Devices)  # fmt: skip
+    handle = halves.serve(port=0, block=False)
+    assert handle is not None
+    try:
+        with httpx.Client(base_url=handle.url, timeout=60) as c:
+            answers = [c.post("/predict", json={}).json() for _ in range(10)]
+        assert len({a["pid"] for a in answers}) == 2  # two replicas share GPU 0
+        assert {a["devices"] for a in answers} == {"0"}
+    finally:
+        handle.stop()
+
+
+def test_spans_are_also_exported_over_otlp(
+    serve: Callable[..., ServerHandle], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT",
+                           f"http://127.0.0.1:{collector.server_address[1]}")  # fmt: skip
+        version = promoted()
+        handle = serve()
+        response = httpx.post(f"{handle.url}/predict", json={"x": [1]})
+        trace_id = bytes.fromhex(response.headers["x-kiln-trace-id"])
+        wait_for(lambda: any(trace_id in body for _, body in received), what="an OTLP export")
+    finally:
+        collector.shutdown()
+        collector.server_close()
+    path, body = next((p, b) for p, b in received if trace_id in b)
+    assert path == "/v1/traces"
+    assert b"kiln.model.version" in body and b"openinference.span.kind" in body
+    assert b"kiln.run.id" in body and app.models.get(f"scorer:{version}").run_id.encode() in body
 
 
 def test_alias_moves_under_load_drop_no_request(serve: Callable[..., ServerHandle]) -> None:

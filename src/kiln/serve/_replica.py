@@ -327,6 +327,8 @@ def main() -> None:
     rfd, wfd = int(sys.argv[1]), int(sys.argv[2])
     try:
         _serve(rfd, wfd)
+    except BrokenPipeError:
+        pass  # the front door went away first: nobody is left to answer
     finally:
         if "provider" in _warm:
             _warm["provider"].shutdown()  # exports the spans still queued

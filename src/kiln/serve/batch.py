@@ -170,7 +170,7 @@ async def _compute(
     async def work() -> None:
         import sys
 
-        lease_id, allocation = await reserve(engine.backend.reserve, spec.resources)
+        lease_id, allocation = await reserve(engine.backend, spec.resources)
         replica = Replica()
         try:
             await replica.spawn(python=python or sys.executable, env=replica_env(env_lock))

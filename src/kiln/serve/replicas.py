@@ -16,7 +16,6 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +87,7 @@ class Replica:
         self.alive = True
         self._proc: subprocess.Popen[bytes] | None = None
         self._writer: asyncio.WriteTransport | None = None
+        self._reader: asyncio.ReadTransport | None = None
         self._out: list[bytes] = []
         self._flushing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -111,7 +111,9 @@ class Replica:
         self._writer, _ = await loop.connect_write_pipe(
             asyncio.BaseProtocol, os.fdopen(our_write, "wb", buffering=0)
         )
-        await loop.connect_read_pipe(lambda: _Replies(self), os.fdopen(our_read, "rb", buffering=0))
+        self._reader, _ = await loop.connect_read_pipe(
+            lambda: _Replies(self), os.fdopen(our_read, "rb", buffering=0)
+        )
 
     async def preload(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Make it a standby: import the class and ``spec["preload"]``, load nothing."""
@@ -186,11 +188,16 @@ class Replica:
             await asyncio.to_thread(proc.wait)
         self.alive = False
 
-    def kill(self) -> None:
-        """Stop it at once (the front door is going away without a drain)."""
+    def close(self) -> None:
+        """Stop it at once and close its pipes (for the front door's last cleanup)."""
         if self._proc is not None and self._proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, 9)
+            self._proc.wait()
+        for transport in (self._writer, self._reader):
+            if transport is not None and not transport.is_closing():
+                transport.close()
+        self.alive = False
 
 
 def replica_env(env_lock: str | None) -> dict[str, str]:
@@ -203,22 +210,34 @@ def replica_env(env_lock: str | None) -> dict[str, str]:
 
 
 async def reserve(
-    reserve_fn: Callable[[str, Any, int, Callable[[Allocation], None]], None],
-    resources: Any,
-    priority: int = 0,
+    backend: Any, resources: Any, priority: int = 0, *, held: set[str] | None = None
 ) -> tuple[str, Allocation]:
-    """Wait until the scheduler admits a replica with ``resources``."""
+    """Wait until the scheduler admits a replica with ``resources``. A wait that is
+    cancelled withdraws its reservation, or gives back what was granted meanwhile.
+    ``held`` collects the lease ids its caller must release (all of them, at its end)."""
     loop = asyncio.get_running_loop()
     granted: asyncio.Future[Allocation] = loop.create_future()
     lease_id = "replica-" + secrets.token_hex(8)
 
+    def settle(allocation: Allocation) -> None:
+        if granted.done():  # the wait was cancelled: give it back
+            backend.release(lease_id)
+        else:
+            granted.set_result(allocation)
+
     def grant(allocation: Allocation) -> None:  # called from the engine's loop thread
-        loop.call_soon_threadsafe(_settle, granted, allocation)
+        try:
+            loop.call_soon_threadsafe(settle, allocation)
+        except RuntimeError:  # the event loop is gone: nobody will use it
+            backend.release(lease_id)
 
-    reserve_fn(lease_id, resources, priority, grant)
-    return lease_id, await granted
-
-
-def _settle(future: asyncio.Future[Allocation], allocation: Allocation) -> None:
-    if not future.done():
-        future.set_result(allocation)
+    if held is not None:
+        held.add(lease_id)
+    backend.reserve(lease_id, resources, priority, grant)
+    try:
+        return lease_id, await granted
+    except BaseException:
+        backend.release(lease_id)
+        if held is not None:
+            held.discard(lease_id)
+        raise

@@ -83,16 +83,27 @@ class Pool:
     busy_ns: int = 0
     cold_starts: list[float] = field(default_factory=list)
     replica_seconds: float = 0.0  # of replicas already stopped
+    turn: int = 0
 
     @property
     def size(self) -> int:
         return len(self.replicas) + self.starting
 
     def pick(self) -> Replica | None:
+        """The replica with the fewest requests in flight; ties go round robin."""
         replicas = self.replicas
-        if len(replicas) == 1:
+        n = len(replicas)
+        if n == 1:
             return replicas[0]
-        return min(replicas, key=_inflight) if replicas else None
+        if not n:
+            return None
+        self.turn += 1
+        best = replicas[self.turn % n]
+        for i in range(1, n):
+            replica = replicas[(self.turn + i) % n]
+            if replica.inflight < best.inflight:
+                best = replica
+        return best
 
 
 def _inflight(replica: Replica) -> int:
@@ -124,6 +135,8 @@ class EndpointServer:
         self._python: str = sys.executable
         self._env_lock: str | None = None
         self._standby: asyncio.Task[Replica] | None = None
+        self._leases: set[str] = set()  # reservations not yet given back
+        self._spawned: set[Replica] = set()  # every process started, for the last cleanup
         self._preload: list[str] = []
         self._engine: Any = None
         self._store: Any = None
@@ -248,12 +261,14 @@ class EndpointServer:
         began = time.perf_counter()
         lease_id = ""
         try:
-            lease_id, allocation = await reserve(self._engine.backend.reserve, self.spec.resources)
+            lease_id, allocation = await reserve(
+                self._engine.backend, self.spec.resources, held=self._leases
+            )
             replica = await self._take_standby()
             learned = await replica.start(lease_id, self._init(pool, allocation))
         except Exception as exc:
             if lease_id:
-                self._engine.backend.release(lease_id)
+                self._release(lease_id)
             pool.error = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
             _say(f"a replica of {pool.version.ref} failed to start: {exc}")
             pool.starting -= 1
@@ -295,6 +310,7 @@ class EndpointServer:
 
     async def _new_standby(self) -> Replica:
         replica = Replica()
+        self._spawned.add(replica)
         await replica.spawn(python=self._python, env=replica_env(self._env_lock))
         source = self.endpoint.source
         await replica.preload({
@@ -359,8 +375,13 @@ class EndpointServer:
 
     async def _stop_replica(self, pool: Pool, replica: Replica) -> None:
         await replica.stop()
+        self._spawned.discard(replica)
         pool.replica_seconds += time.monotonic() - replica.started_at
-        self._engine.backend.release(replica.lease_id)
+        self._release(replica.lease_id)
+
+    def _release(self, lease_id: str) -> None:
+        self._leases.discard(lease_id)
+        self._engine.backend.release(lease_id)
 
     # -- routing ----------------------------------------------------------------------
 
@@ -589,6 +610,11 @@ class EndpointServer:
             await _discard(self._standby)
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for lease_id in list(self._leases):  # whatever a cancelled start still held
+            self._release(lease_id)
+        for replica in self._spawned:
+            replica.close()
         if self._store is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(

@@ -249,7 +249,11 @@ class LocalBackend:
     def _dispatch(self, alloc: Allocation, events: list[TaskEvent]) -> None:
         granted = self._leases.pop(alloc.task_id, None)
         if granted is not None:
-            granted(alloc)
+            try:
+                granted(alloc)
+            except Exception:  # its holder is gone: the resources are free again
+                for follow in self._scheduler.handle(Release(alloc.task_id)):
+                    self._dispatch(follow, events)
             return
         slot = self._slots[alloc.task_id]
         cuda = alloc.cuda_visible_devices if self.inventory.gpus else None
