@@ -177,6 +177,7 @@ def test_replicas_are_admitted_by_the_scheduler_with_their_gpu_share(
     handle = halves.serve(port=0, block=False)
     assert handle is not None
     try:
+        wait_for(lambda: handle.app.stats()["replicas"] == 2, what="min_replicas up")
         with httpx.Client(base_url=handle.url, timeout=60) as c:
             answers = [c.post("/predict", json={}).json() for _ in range(10)]
         assert len({a["pid"] for a in answers}) == 2  # two replicas share GPU 0

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import secrets
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -86,34 +87,38 @@ class Replica:
         self.started_at = time.monotonic()
         self.alive = True
         self._proc: subprocess.Popen[bytes] | None = None
-        self._writer: asyncio.WriteTransport | None = None
-        self._reader: asyncio.ReadTransport | None = None
+        self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
         self._flushing = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def spawn(self, *, python: str, env: dict[str, str]) -> None:
-        """Start the process (it waits for PRELOAD or INIT)."""
+        """Start the process (it waits for PRELOAD or INIT). It talks over one end of a
+        socket pair; the event loop owns the other, so closing it leaves nothing open."""
         loop = self._loop = asyncio.get_running_loop()
-        child_read, our_write = os.pipe()
-        our_read, child_write = os.pipe()
+        ours, theirs = socket.socketpair()
         try:
+            fd = str(theirs.fileno())
             self._proc = subprocess.Popen(
-                [python, "-m", "kiln.serve._replica", str(child_read), str(child_write)],
-                pass_fds=(child_read, child_write),
+                [python, "-m", "kiln.serve._replica", fd, fd],
+                pass_fds=(theirs.fileno(),),
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches the front door, which drains first
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
-            os.close(child_read)
-            os.close(child_write)
+            theirs.close()
         self.pid = self._proc.pid
-        self._writer, _ = await loop.connect_write_pipe(
-            asyncio.BaseProtocol, os.fdopen(our_write, "wb", buffering=0)
-        )
-        self._reader, _ = await loop.connect_read_pipe(
-            lambda: _Replies(self), os.fdopen(our_read, "rb", buffering=0)
-        )
+        try:
+            self._transport, _ = await loop.create_unix_connection(
+                lambda: _Replies(self), sock=ours
+            )
+        except BaseException:  # cancelled half way: leave nothing running or open
+            ours.close()
+            self.close()
+            raise
 
     async def preload(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Make it a standby: import the class and ``spec["preload"]``, load nothing."""
@@ -157,8 +162,8 @@ class Replica:
 
     def _flush(self) -> None:
         self._flushing = False
-        if self._out and self._writer is not None and not self._writer.is_closing():
-            self._writer.write(b"".join(self._out))
+        if self._out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(self._out))
         self._out.clear()
 
     def lost(self) -> None:
@@ -175,8 +180,8 @@ class Replica:
     async def stop(self, timeout: float = 10.0) -> None:
         """Close its pipe: it answers what it has read, flushes its spans and exits."""
         self._flush()
-        if self._writer is not None:
-            self._writer.close()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write_eof()  # it answers what it has read, then exits
         proc = self._proc
         if proc is None:
             return
@@ -186,6 +191,14 @@ class Replica:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
             await asyncio.to_thread(proc.wait)
+        # Its last replies and the end of its pipe are read by the loop; then the pipe
+        # closes itself. Closed here if that has not happened soon after it exited.
+        deadline = time.monotonic() + 1.0
+        while self.alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+            await asyncio.sleep(0)  # its close callback closes the socket
         self.alive = False
 
     def close(self) -> None:
@@ -194,9 +207,8 @@ class Replica:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, 9)
             self._proc.wait()
-        for transport in (self._writer, self._reader):
-            if transport is not None and not transport.is_closing():
-                transport.close()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
         self.alive = False
 
 

@@ -270,7 +270,8 @@ class EndpointServer:
             if lease_id:
                 self._release(lease_id)
             pool.error = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-            _say(f"a replica of {pool.version.ref} failed to start: {exc}")
+            if not self._closing:
+                _say(f"a replica of {pool.version.ref} failed to start: {exc}")
             pool.starting -= 1
             pool.ready.set()  # wake waiters, who see the error
             return
@@ -615,6 +616,7 @@ class EndpointServer:
             self._release(lease_id)
         for replica in self._spawned:
             replica.close()
+        await asyncio.sleep(0.05)  # the pipes' close callbacks run on the next turns
         if self._store is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
