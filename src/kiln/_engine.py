@@ -317,6 +317,11 @@ def _make_backend(settings: Settings) -> BackendFactory:
         from kiln.compute.backends.local import LocalBackend
 
         return lambda inventory, report: LocalBackend(inventory, report, RUNNER)
+    if settings.backend == "ray":
+        from kiln.compute.backends.ray import RayBackend
+
+        # The cluster's resources are the inventory, not this machine's.
+        return lambda _inventory, report: RayBackend(report, RUNNER, settings.ray_address)
     raise ConfigError(
         "KILN_BACKEND",
         f"the {settings.backend} engine is not available in this version of Kiln; use local",

@@ -33,6 +33,7 @@ class Settings:
     store_url: str
     backend: Backend = "local"
     actor: str = "unknown"
+    ray_address: str | None = None  # KILN_RAY_ADDRESS; unset: this machine's Ray
 
     @property
     def blob_dir(self) -> Path:
@@ -56,7 +57,10 @@ class Settings:
         if backend not in _BACKENDS:
             raise ConfigError("KILN_BACKEND", f"{backend!r} is not one of {', '.join(_BACKENDS)}")
         actor = env.get("KILN_ACTOR") or _os_user()
-        return cls(home=home, store_url=store_url, backend=cast(Backend, backend), actor=actor)
+        return cls(
+            home=home, store_url=store_url, backend=cast(Backend, backend), actor=actor,
+            ray_address=env.get("KILN_RAY_ADDRESS") or None,
+        )  # fmt: skip
 
 
 @functools.cache

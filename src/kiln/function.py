@@ -272,7 +272,12 @@ class Function(Generic[P, R]):
         self.app = app
         self.fn = fn
         self.resources = Resources.parse(cpu=cpu, memory=memory, gpu=gpu)
-        detect_inventory().check(self.resources)
+        # This machine's inventory; a cluster's is checked at submit. (Read lightly: a
+        # bad setting is reported when the function is called, not at import.)
+        given = app._settings
+        backend = given.backend if given else os.environ.get("KILN_BACKEND") or "local"
+        if backend == "local":
+            detect_inventory().check(self.resources)
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
         ):

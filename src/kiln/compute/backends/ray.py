@@ -1,0 +1,251 @@
+"""The Ray engine: the same tasks as the local engine, as Ray tasks on a Ray cluster.
+
+``KILN_BACKEND=ray`` selects it; ``KILN_RAY_ADDRESS`` names the cluster (unset: join
+the one this machine runs, or start a local one). Each task becomes a Ray task with
+its ``num_cpus``, ``num_gpus`` (fractions are Ray's fractional GPUs) and ``memory``;
+Kiln's engine keeps doing retries, so Ray's own are off. Timeouts and ``cancel`` are
+``ray.cancel(force=True)``. A thread waits on the tasks' results and reports them
+as the same Started/Finished events the local engine reports.
+
+A task runs the same runner as a local worker, in a Ray worker process: it records
+its run (metrics, artifacts, end) into the store named in the task, directly. On one
+machine that is the shared SQLite file; a cluster of machines needs a store every
+node reaches (PostgreSQL). Started is reported when Ray accepts the task, so a run
+queued inside Ray shows as running.
+
+The cluster's resources are the engine's inventory, so a request the cluster can
+never satisfy is refused before it is submitted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.compute.backends.base import (
+    Finished,
+    Grant,
+    Outcome,
+    Report,
+    Started,
+    TaskEvent,
+    TaskSpec,
+)
+from kiln.compute.resources import Inventory, Resources
+from kiln.errors import ConfigError
+
+_POLL_S = 0.05
+
+
+@dataclass
+class _Slot:
+    spec: TaskSpec
+    ref: Any
+    deadline: float | None = None
+    stop_cause: str | None = None
+    stop_status: str = "failed"
+
+
+@dataclass
+class RayBackend:
+    """Runs tasks as Ray tasks. See the module docstring."""
+
+    report: Report
+    runner: str
+    address: str | None = None
+    inventory: Inventory = field(init=False)
+    _slots: dict[str, _Slot] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _closing: bool = False
+    _started_ray: bool = False
+
+    def __post_init__(self) -> None:
+        from kiln._optional import require
+
+        ray = require("ray", extra="ray")
+        if not ray.is_initialized():
+            if self.address:
+                _probe(self.address)
+            try:
+                ray.init(
+                    address=self.address or None, include_dashboard=False,
+                    log_to_driver=True, configure_logging=False,
+                )  # fmt: skip
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = self.address or "this machine"
+                raise ConfigError(
+                    "KILN_RAY_ADDRESS", f"cannot reach Ray at {where}: {exc}"
+                ) from None
+            self._started_ray = True
+        self._ray = ray
+        self._execute = ray.remote(_execute)
+        self.inventory = _cluster_inventory(ray.cluster_resources())
+        self._thread = threading.Thread(target=self._loop, name="kiln-ray", daemon=True)
+        self._thread.start()
+
+    # -- the interface ---------------------------------------------------------------
+
+    def submit(self, tasks: Sequence[TaskSpec]) -> None:
+        events: list[TaskEvent] = []
+        for spec in tasks:
+            r = spec.resources
+            options: dict[str, Any] = {"num_cpus": r.cpu, "num_gpus": r.gpu, "max_retries": 0}
+            if r.memory_bytes:
+                options["memory"] = r.memory_bytes
+            if spec.python:  # a kiln.Env: its interpreter, built from the lock
+                options["runtime_env"] = {"py_executable": spec.python}
+            ref = self._execute.options(**options).remote(self.runner, spec)
+            deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
+            with self._lock:
+                self._slots[spec.run_id] = _Slot(spec, ref, deadline)
+            events.append(Started(spec.run_id, spec.attempt, {"ray_task_id": ref.task_id().hex()}))
+        self.report(events)
+
+    def cancel(self, run_id: str) -> None:
+        with self._lock:
+            slot = self._slots.get(run_id)
+            if slot is None or slot.stop_cause:
+                return
+            slot.stop_cause, slot.stop_status = "cancelled", "cancelled"
+        self._ray.cancel(slot.ref, force=True)
+
+    def reserve(self, lease_id: str, resources: Resources, priority: int, granted: Grant) -> None:
+        raise ConfigError(
+            "KILN_BACKEND", "serving on the Ray engine is not available yet; serve with local"
+        )
+
+    def release(self, lease_id: str) -> None:
+        """Nothing is reserved on this engine."""
+
+    def close(self) -> None:
+        self._closing = True
+        with self._lock:
+            slots = list(self._slots.values())
+            self._slots.clear()
+        for slot in slots:
+            self._ray.cancel(slot.ref, force=True)
+        if slots:
+            self.report([
+                Finished(s.spec.run_id, s.spec.attempt,
+                         Outcome("cancelled", cause="the engine shut down"))
+                for s in slots
+            ])  # fmt: skip
+        self._thread.join(timeout=5)
+        if self._started_ray:
+            self._ray.shutdown()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        ray = self._ray
+        while not self._closing:
+            with self._lock:
+                by_ref = {s.ref: s for s in self._slots.values()}
+            if not by_ref:
+                time.sleep(_POLL_S)
+                continue
+            refs = list(by_ref)
+            ready, rest = ray.wait(refs, num_returns=1, timeout=_POLL_S, fetch_local=False)
+            if ready and rest:
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)
+                ready += more
+            events: list[TaskEvent] = [self._finish(by_ref[ref]) for ref in ready]
+            self._enforce_deadlines()
+            events = [e for e in events if e is not None]
+            if events:
+                self.report(events)
+
+    def _finish(self, slot: _Slot) -> TaskEvent:
+        ray = self._ray
+        with self._lock:
+            self._slots.pop(slot.spec.run_id, None)
+        try:
+            reply = ray.get(slot.ref)
+        except ray.exceptions.TaskCancelledError:
+            outcome = Outcome(
+                "cancelled" if slot.stop_status == "cancelled" else "failed",
+                cause=slot.stop_cause or "cancelled by Ray",
+            )  # fmt: skip
+        except ray.exceptions.RayError as exc:
+            cause = slot.stop_cause or _cause(exc)
+            status = "cancelled" if slot.stop_status == "cancelled" else "failed"
+            outcome = Outcome(status, error=str(exc), cause=cause)  # type: ignore[arg-type]
+        else:
+            outcome = Outcome(
+                reply["status"], result=reply.get("result"), error=reply.get("error"),
+                cause=reply.get("cause"), usage=reply.get("usage", {}),
+                environment=reply.get("environment"),
+            )  # fmt: skip
+        return Finished(slot.spec.run_id, slot.spec.attempt, outcome)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [
+                s for s in self._slots.values()
+                if s.deadline is not None and now >= s.deadline and not s.stop_cause
+            ]  # fmt: skip
+            for slot in due:
+                slot.stop_cause = f"timed out after {slot.spec.timeout_s:g}s"
+        for slot in due:
+            self._ray.cancel(slot.ref, force=True)
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on an address nothing listens on: Ray itself retries for minutes."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(
+            "KILN_RAY_ADDRESS", f"cannot reach Ray at {address}: {exc.strerror or exc}"
+        ) from None
+
+
+def _cause(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if name in ("WorkerCrashedError", "NodeDiedError", "OwnerDiedError"):
+        return f"Ray worker died: {name}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+    text = str(exc).strip().splitlines()
+    return f"{name}: {text[0] if text else ''}"
+
+
+def _cluster_inventory(resources: dict[str, float]) -> Inventory:
+    gpus = int(resources.get("GPU", 0))
+    return Inventory(
+        cpu=float(resources.get("CPU", 0)),
+        memory_bytes=int(resources.get("memory", 0)),
+        gpus=tuple(range(gpus)),
+        gpu_names=tuple(f"ray-{i}" for i in range(gpus)),
+    )
+
+
+_loaded: dict[str, Any] = {}
+
+
+def _execute(runner: str, task: TaskSpec) -> dict[str, Any]:
+    """Runs in a Ray worker: load the function (once per worker), run it as the local
+    engine's workers do, return the reply."""
+    from kiln.compute._worker import _Functions, _load_failure
+
+    for path in reversed(task.sys_path):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    functions = _loaded.setdefault("functions", _Functions())
+    try:
+        fn = functions.get(task.fn_key, task.fn_payload)
+    except BaseException as exc:
+        return _load_failure(task, exc)
+    module, _, name = runner.partition(":")
+    run = getattr(importlib.import_module(module), name)
+    reply: dict[str, Any] = run(task, fn)
+    return reply

@@ -1,0 +1,29 @@
+"""Functions the Ray engine tests run on a real Ray cluster (imported there by name)."""
+
+from __future__ import annotations
+
+import time
+
+import kiln
+
+app = kiln.App("on-ray")
+
+
+@app.function(cpu=1)
+def where(x: int) -> dict[str, object]:
+    import ray
+
+    kiln.log({"x": x})
+    time.sleep(0.5)
+    return {"x": x, "node": ray.get_runtime_context().get_node_id()}
+
+
+@app.function(cpu=1)
+def boom() -> None:
+    raise ValueError("bad input on the cluster")
+
+
+@app.function(cpu=1, timeout=1.0)
+def sleepy(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
