@@ -25,6 +25,7 @@ BENCHES = [
     "bench_audit.py",
     "bench_bundle.py",
     "bench_serve.py",
+    "bench_ray.py",
 ]
 
 

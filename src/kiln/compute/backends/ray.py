@@ -4,8 +4,8 @@
 the one this machine runs, or start a local one). Each task becomes a Ray task with
 its ``num_cpus``, ``num_gpus`` (fractions are Ray's fractional GPUs) and ``memory``;
 Kiln's engine keeps doing retries, so Ray's own are off. Timeouts and ``cancel`` are
-``ray.cancel(force=True)``. A thread waits on the tasks' results and reports them
-as the same Started/Finished events the local engine reports.
+``ray.cancel(force=True)``. Each task's end is reported when Ray
+resolves its result, as the same Started/Finished events the local engine reports.
 
 A task runs the same runner as a local worker, in a Ray worker process: it records
 its run (metrics, artifacts, end) into the store named in the task, directly. On one
@@ -40,8 +40,6 @@ from kiln.compute.backends.base import (
 from kiln.compute.resources import Inventory, Resources
 from kiln.errors import ConfigError
 
-_POLL_S = 0.05
-
 
 @dataclass
 class _Slot:
@@ -64,6 +62,7 @@ class RayBackend:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closing: bool = False
     _started_ray: bool = False
+    _wake: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         from kiln._optional import require
@@ -102,10 +101,15 @@ class RayBackend:
                 options["runtime_env"] = {"py_executable": spec.python}
             ref = self._execute.options(**options).remote(self.runner, spec)
             deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
+            slot = _Slot(spec, ref, deadline)
             with self._lock:
-                self._slots[spec.run_id] = _Slot(spec, ref, deadline)
+                self._slots[spec.run_id] = slot
             events.append(Started(spec.run_id, spec.attempt, {"ray_task_id": ref.task_id().hex()}))
+            # Ray resolves the future when the task ends: no polling between tasks.
+            ref.future().add_done_callback(lambda _f, slot=slot: self._done(slot))
         self.report(events)
+        if any(s.timeout_s for s in tasks):
+            self._wake.set()
 
     def cancel(self, run_id: str) -> None:
         with self._lock:
@@ -136,35 +140,31 @@ class RayBackend:
                          Outcome("cancelled", cause="the engine shut down"))
                 for s in slots
             ])  # fmt: skip
+        self._wake.set()
         self._thread.join(timeout=5)
         if self._started_ray:
             self._ray.shutdown()
 
-    # -- the loop ----------------------------------------------------------------------
+    # -- endings ---------------------------------------------------------------------
+
+    def _done(self, slot: _Slot) -> None:
+        with self._lock:
+            if self._slots.pop(slot.spec.run_id, None) is None:
+                return  # already reported (the engine shut down)
+        self.report([self._finish(slot)])
 
     def _loop(self) -> None:
-        ray = self._ray
+        """Enforce timeouts: sleep until the next deadline, or until a task with one comes."""
         while not self._closing:
             with self._lock:
-                by_ref = {s.ref: s for s in self._slots.values()}
-            if not by_ref:
-                time.sleep(_POLL_S)
-                continue
-            refs = list(by_ref)
-            ready, rest = ray.wait(refs, num_returns=1, timeout=_POLL_S, fetch_local=False)
-            if ready and rest:
-                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)
-                ready += more
-            events: list[TaskEvent] = [self._finish(by_ref[ref]) for ref in ready]
+                deadlines = [s.deadline for s in self._slots.values() if s.deadline is not None]
+            wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            self._wake.wait(wait)
+            self._wake.clear()
             self._enforce_deadlines()
-            events = [e for e in events if e is not None]
-            if events:
-                self.report(events)
 
     def _finish(self, slot: _Slot) -> TaskEvent:
         ray = self._ray
-        with self._lock:
-            self._slots.pop(slot.spec.run_id, None)
         try:
             reply = ray.get(slot.ref)
         except ray.exceptions.TaskCancelledError:
