@@ -8,6 +8,7 @@ import json
 import sys
 import typing
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any
 
 import typer
@@ -36,18 +37,23 @@ def run(
     typer.echo(json.dumps(_jsonable(result), indent=2))
 
 
+def import_file(path: Path) -> ModuleType:
+    """Import FILE.py by name from its own folder, so that workers and replicas can
+    import it the same way."""
+    if not path.is_file():
+        raise ValidationError("TARGET", f"no file {str(path)!r}")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(path.stem)
+
+
 def load_function(target: str) -> Function[..., Any]:
     path_text, sep, name = target.partition("::")
     path = Path(path_text)
     if not sep or not name or path.suffix != ".py":
         raise ValidationError("TARGET", f"{target!r} is not FILE.py::FUNCTION")
-    if not path.is_file():
-        raise ValidationError("TARGET", f"no file {path_text!r}")
-    # Imported by name from its own folder, so workers can import it the same way.
-    folder = str(path.resolve().parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    module = importlib.import_module(path.stem)
+    module = import_file(path)
     obj = getattr(module, name, None)
     if obj is None:
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]

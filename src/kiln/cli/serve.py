@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from kiln.cli._render import console, fmt_time, fmt_value, reader
+from kiln.cli.run import import_file
 from kiln.errors import ValidationError
 
 if TYPE_CHECKING:
@@ -30,17 +31,7 @@ def load_endpoint(target: str) -> Endpoint[Any]:
     where, _, name = target.replace("::", ":").rpartition(":")
     if not where or not name:
         raise ValidationError("TARGET", f"{target!r} is not FILE.py:CLASS")
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise ValidationError("TARGET", f"no file {where!r}")
-        # Imported by name from its own folder, so replicas can import it the same way.
-        folder = str(path.resolve().parent)
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-        module = importlib.import_module(path.stem)
-    else:
-        module = importlib.import_module(where)
+    module = import_file(Path(where)) if where.endswith(".py") else importlib.import_module(where)
     obj = getattr(module, name, None)
     if not isinstance(obj, Endpoint):
         found = [n for n, v in vars(module).items() if isinstance(v, Endpoint)]

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from kiln.errors import ValidationError
 from kiln.observe.tracing import BATCH_RUN_ID
 from kiln.serve._replica import BATCH
-from kiln.serve.replicas import Replica, replica_env, reserve
+from kiln.serve.replicas import Replica, replica_env, reserve, setup
 
 if TYPE_CHECKING:
     from kiln.registry.models import ModelVersion
@@ -158,13 +158,8 @@ async def _compute(
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in todo:
         queue.put_nowait(i)
-    source = endpoint.source
-    init = {
-        "module": source.module, "qualname": source.qualname, "sys_path": list(source.sys_path),
-        "model_path": str(store.blobs.path(version.artifact_sha256)), "endpoint": spec.name,
-        "model_name": version.name, "model_version": version.version, "run_id": version.run_id,
-        "kind": spec.kind, "tracing": spec.tracing, "store_url": endpoint.app.settings.store_url,
-    }  # fmt: skip
+    model_path = str(store.blobs.path(version.artifact_sha256))
+    init = setup(endpoint, endpoint.app.settings.store_url, version, model_path)
     bar = _Progress(sum(len(shards[i]) for i in todo), progress)
 
     async def work() -> None:

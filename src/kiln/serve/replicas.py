@@ -18,9 +18,13 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.compute.scheduler import Allocation
+
+if TYPE_CHECKING:
+    from kiln.registry.models import ModelVersion
+    from kiln.serve.endpoint import Endpoint
 from kiln.serve._replica import (
     BROKEN,
     INIT,
@@ -253,3 +257,19 @@ async def reserve(
         if held is not None:
             held.discard(lease_id)
         raise
+
+
+def setup(
+    endpoint: Endpoint[Any], store_url: str, version: ModelVersion | None = None,
+    model_path: str = "",
+) -> dict[str, Any]:  # fmt: skip
+    """A replica's PRELOAD setup (no ``version``) or INIT setup (with the version to load)."""
+    source, spec = endpoint.source, endpoint.spec
+    out: dict[str, Any] = {
+        "module": source.module, "qualname": source.qualname, "sys_path": list(source.sys_path),
+        "endpoint": spec.name, "kind": spec.kind, "tracing": spec.tracing, "store_url": store_url,
+    }  # fmt: skip
+    if version is not None:
+        out.update(model_path=model_path, model_name=version.name,
+                   model_version=version.version, run_id=version.run_id)  # fmt: skip
+    return out

@@ -39,7 +39,7 @@ from kiln.observe.cost import Prices, Usage
 from kiln.serve import state
 from kiln.serve._replica import FAILED, INVALID, OK, PREDICT
 from kiln.serve.autoscale import Autoscaler
-from kiln.serve.replicas import Replica, ReplicaDied, replica_env, reserve
+from kiln.serve.replicas import Replica, ReplicaDied, replica_env, reserve, setup
 from kiln.serve.traffic import Split
 
 if TYPE_CHECKING:
@@ -313,13 +313,8 @@ class EndpointServer:
         replica = Replica()
         self._spawned.add(replica)
         await replica.spawn(python=self._python, env=replica_env(self._env_lock))
-        source = self.endpoint.source
-        await replica.preload({
-            "module": source.module, "qualname": source.qualname,
-            "sys_path": list(source.sys_path), "tracing": self.spec.tracing,
-            "store_url": self.settings.store_url, "endpoint": self.spec.name,
-            "preload": self._preload,
-        })  # fmt: skip
+        preload = setup(self.endpoint, self.settings.store_url)
+        await replica.preload({**preload, "preload": self._preload})
         return replica
 
     def _learn(self, learned: list[str]) -> None:
@@ -342,23 +337,9 @@ class EndpointServer:
         return self.settings.home / "serve" / f"{self.spec.name}.preload.json"
 
     def _init(self, pool: Pool, allocation: Allocation) -> dict[str, Any]:
-        source = self.endpoint.source
-        return {
-            "module": source.module,
-            "qualname": source.qualname,
-            "sys_path": list(source.sys_path),
-            "model_path": pool.model_path,
-            "endpoint": self.spec.name,
-            "model_name": pool.version.name,
-            "model_version": pool.version.version,
-            "run_id": pool.version.run_id,
-            "kind": self.spec.kind,
-            "tracing": self.spec.tracing,
-            "store_url": self.settings.store_url,
-            "cuda_visible_devices": (
-                allocation.cuda_visible_devices if self._engine.inventory.gpus else None
-            ),
-        }
+        gpus = allocation.cuda_visible_devices if self._engine.inventory.gpus else None
+        init = setup(self.endpoint, self.settings.store_url, pool.version, pool.model_path)
+        return {**init, "cuda_visible_devices": gpus}
 
     async def _retire(self, pool: Pool, replica: Replica) -> None:
         """Take ``replica`` out of rotation, let its requests finish, stop it."""
