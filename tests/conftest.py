@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +54,51 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     yield
     close_engines()
     recorder.close_all()
+
+
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def ray_start(*args: str) -> None:
+    """``ray start`` a node of one CPU on this machine (no token authentication: Ray
+    2.5x turns it on for ``ray start``, and a local test cluster does not need it)."""
+    ray = Path(sys.executable).with_name("ray")
+    subprocess.run(
+        [str(ray), "start", "--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats", *args],
+        check=True, capture_output=True, env={**os.environ, **RAY_ENV}, timeout=180,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """A real Ray cluster, started once for the session: a head and a worker node."""
+    port = "6399"  # below the range Ray gives its workers (10002-19999)
+    ray_start("--head", "--port", port, "--include-dashboard", "false")
+    try:
+        ray_start("--address", f"127.0.0.1:{port}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        ray = Path(sys.executable).with_name("ray")
+        subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree("/tmp/ray/session_latest", ignore_errors=True)
+
+
+@pytest.fixture
+def on_ray(ray_cluster: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Functions of this test run on the Ray cluster."""
+    monkeypatch.setenv("KILN_BACKEND", "ray")
+    monkeypatch.setenv("KILN_RAY_ADDRESS", ray_cluster)
+    for name, value in RAY_ENV.items():
+        monkeypatch.setenv(name, value)
+    return ray_cluster
+
+
+@pytest.fixture(params=["local", "ray"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """The backend contract: a test taking this runs on the local engine and on Ray."""
+    if request.param == "ray":
+        request.getfixturevalue("on_ray")
+    return str(request.param)
 
 
 @pytest.fixture

@@ -1,4 +1,8 @@
-"""Functions on the local engine: real worker processes, real store, real signals."""
+"""Functions on the engines: real worker processes, real store, real signals.
+
+Tests that take the ``engine`` fixture are the backend contract: each runs on the
+local engine and on a real two-node Ray cluster (one CPU per node).
+"""
 
 from __future__ import annotations
 
@@ -63,12 +67,6 @@ def sleep_for(seconds: float) -> float:
     return seconds
 
 
-@app.function(cpu=2)
-def whole_machine(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
-
-
 @app.function(retries=2)
 def flaky(marker: str) -> str:
     path = Path(marker)
@@ -85,7 +83,7 @@ def interval(i: int) -> tuple[float, float]:
     return start, time.time()
 
 
-def test_remote_returns_the_result_and_records_the_run() -> None:
+def test_remote_returns_the_result_and_records_the_run(engine: str) -> None:
     assert train.remote(0.5) == {"accuracy": 0.5, "depth": 3}
     (record,) = kiln.runs(app="engine")
     assert record.status is kiln.RunStatus.SUCCEEDED
@@ -94,7 +92,7 @@ def test_remote_returns_the_result_and_records_the_run() -> None:
     assert record.summary == {"accuracy": 0.5, "depth": 3.0, "loss": 0.5 / 3}
     assert [p.value for p in record.metric_history("loss")] == [0.5, 0.25, 0.5 / 3]
     assert record.load("weights.bin") == b"www"
-    assert record.attempt == 1 and record.engine == "local"
+    assert record.attempt == 1 and record.engine == engine
     assert record.resources["requested"] == {"cpu": 1.0, "memory_bytes": 64 * 2**20, "gpu": 0.0}
     assert record.resources["assigned"]["worker_pid"] != os.getpid()
     assert record.usage.cpu_s is not None and record.usage.wall_s is not None
@@ -111,7 +109,7 @@ def test_spawn_gives_a_handle_and_workers_stay_warm() -> None:
     assert run.record().status is kiln.RunStatus.SUCCEEDED
 
 
-def test_map_keeps_input_order_and_names_the_failed_run() -> None:
+def test_map_keeps_input_order_and_names_the_failed_run(engine: str) -> None:
     assert list(echo.map(range(20))) == list(range(20))
     results = list(boom.map([1, 2, 3], return_exceptions=True))
     assert results[0] == 10 and results[2] == 30
@@ -123,7 +121,7 @@ def test_map_keeps_input_order_and_names_the_failed_run() -> None:
         list(boom.map([1, 2, 3]))
 
 
-def test_an_exception_in_the_task_reaches_the_caller_with_its_run() -> None:
+def test_an_exception_in_the_task_reaches_the_caller_with_its_run(engine: str) -> None:
     with pytest.raises(RunFailed) as info:
         boom.remote(2)
     err = info.value
@@ -132,7 +130,7 @@ def test_an_exception_in_the_task_reaches_the_caller_with_its_run() -> None:
     assert record.error is not None and "bad item 2" in record.error
 
 
-def test_sweep_groups_runs_and_finds_the_best() -> None:
+def test_sweep_groups_runs_and_finds_the_best(engine: str) -> None:
     sweep = train.sweep(kiln.grid(lr=[0.1, 0.3, 0.2], depth=[2]))
     assert sweep.results()[0] == {"accuracy": 0.9, "depth": 2}
     best = sweep.best("accuracy")
@@ -154,7 +152,7 @@ def test_sweep_groups_runs_and_finds_the_best() -> None:
         sweep.best("accuracy", mode="highest")
 
 
-def test_timeout_kills_the_whole_process_tree(tmp_path: Path) -> None:
+def test_timeout_kills_the_whole_process_tree(engine: str, tmp_path: Path) -> None:
     pid_file = tmp_path / "child.pid"
     with pytest.raises(RunFailed, match="timed out after 1s") as info:
         hang_with_child.remote(str(pid_file))
@@ -166,15 +164,16 @@ def test_timeout_kills_the_whole_process_tree(tmp_path: Path) -> None:
     assert kiln.get_run(info.value.run_id).status is kiln.RunStatus.FAILED
 
 
-def test_a_worker_killed_by_a_signal_fails_the_run_and_the_next_call_works() -> None:
-    with pytest.raises(RunFailed, match="worker died: signal 9") as info:
+def test_a_worker_killed_by_a_signal_fails_the_run_and_the_next_call_works(engine: str) -> None:
+    cause = "worker died: signal 9" if engine == "local" else "Ray worker died"
+    with pytest.raises(RunFailed, match=cause) as info:
         die.remote(signal.SIGKILL)
     record = kiln.get_run(info.value.run_id)
-    assert record.status is kiln.RunStatus.FAILED and "signal 9" in (record.error or "")
+    assert record.status is kiln.RunStatus.FAILED and cause in (record.error or "")
     assert echo.remote("still alive") == "still alive"
 
 
-def test_retries_rerun_with_the_attempt_recorded(tmp_path: Path) -> None:
+def test_retries_rerun_with_the_attempt_recorded(engine: str, tmp_path: Path) -> None:
     assert flaky.remote(str(tmp_path / "marker")) == "ok"
     (record,) = kiln.runs(app="engine", limit=1)
     assert record.attempt == 2
@@ -183,22 +182,27 @@ def test_retries_rerun_with_the_attempt_recorded(tmp_path: Path) -> None:
     assert "first attempt fails" in attempts[0]["cause"]
 
 
-def test_cancel_a_running_and_a_queued_run() -> None:
-    running = whole_machine.spawn(30)
-    queued = whole_machine.spawn(30)  # the first holds both cores
-    deadline = time.time() + 30
-    while running.status is not kiln.RunStatus.RUNNING and time.time() < deadline:
+def test_cancel_a_running_and_a_queued_run(engine: str) -> None:
+    running = [sleep_for.spawn(30) for _ in range(2)]  # both cores (both nodes on Ray)
+    queued = sleep_for.spawn(30)
+    deadline = time.time() + 60
+    while time.time() < deadline and any(
+        r.status is not kiln.RunStatus.RUNNING for r in running
+    ):  # fmt: skip
         time.sleep(0.05)
+    assert [r.status for r in running] == [kiln.RunStatus.RUNNING] * 2
     assert queued.status is kiln.RunStatus.QUEUED
+    assert kiln.get_run(queued.id).status is kiln.RunStatus.QUEUED
     queued.cancel()
-    running.cancel()
-    for run in (queued, running):
+    for run in running:
+        run.cancel()
+    for run in (queued, *running):
         with pytest.raises(RunFailed, match="cancel"):
             run.result(timeout=30)
         assert run.record().status is kiln.RunStatus.CANCELLED
 
 
-def test_never_more_at_once_than_the_cpus_allow() -> None:
+def test_never_more_at_once_than_the_cpus_allow(engine: str) -> None:
     cpus = int(detect_inventory().cpu)
     spans = list(interval.map(range(2 * cpus + 2)))
     events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])

@@ -146,3 +146,16 @@ def test_never_oversubscribed_never_twice_and_everything_ends(script: list) -> N
     assert len(ids) == len(set(ids)), "a task was admitted twice"
     assert set(ids) == submitted - cancelled
     assert s.queued == 0 and s.free_cpu == MACHINE.cpu * MILLI
+
+
+def test_a_cluster_request_must_fit_one_node() -> None:
+    gpu_node = Inventory(cpu=2, memory_bytes=8 * 2**30, gpus=(0,))
+    cpu_node = Inventory(cpu=8, memory_bytes=32 * 2**30)
+    cluster = Inventory(cpu=10, memory_bytes=40 * 2**30, gpus=(0,), nodes=(gpu_node, cpu_node))
+    cluster.check(Resources(cpu=8))
+    cluster.check(Resources(cpu=2, gpu=1))
+    with pytest.raises(ValidationError, match="cpu: 9 cores requested, the largest node has 8"):
+        cluster.check(Resources(cpu=9))  # the totals have 10
+    with pytest.raises(ValidationError, match="no single node has all") as info:
+        cluster.check(Resources(cpu=4, gpu=1))  # each fits a node, not both together
+    assert info.value.field == "cpu"

@@ -72,29 +72,58 @@ class Resources:
 
 @dataclass(frozen=True, slots=True)
 class Inventory:
-    """What the machine has: cores, memory and GPUs (by index)."""
+    """What the machine has: cores, memory and GPUs (by index).
+
+    A cluster's inventory is its totals plus its ``nodes``: a task runs on one node,
+    so a request must fit one of them.
+    """
 
     cpu: float
     memory_bytes: int
     gpus: tuple[int, ...] = field(default=())
     gpu_names: tuple[str, ...] = field(default=())
+    nodes: tuple[Inventory, ...] = field(default=())
 
     def check(self, request: Resources) -> None:
-        """Raise if ``request`` could never fit this machine, naming the field."""
+        """Raise if ``request`` could never fit this machine (or any one node), naming the field."""
+        if not self.nodes:
+            self._check(request, "the machine has")
+            return
+        errors = []
+        for node in self.nodes:
+            try:
+                node._check(request, "the largest node has")
+            except ValidationError as exc:
+                errors.append(exc)
+            else:
+                return
+        largest = Inventory(
+            cpu=max(n.cpu for n in self.nodes),
+            memory_bytes=max(n.memory_bytes for n in self.nodes),
+            gpus=max((n.gpus for n in self.nodes), key=len),
+        )
+        largest._check(request, "the largest node has")
+        raise ValidationError(
+            errors[0].field, f"no single node has all that is requested: {errors[0]}"
+        )
+
+    def _check(self, request: Resources, has: str) -> None:
         if request.cpu > self.cpu + _EPS:
-            raise ValidationError(
-                "cpu", f"{request.cpu:g} cores requested, the machine has {self.cpu:g}"
-            )
+            raise ValidationError("cpu", f"{request.cpu:g} cores requested, {has} {self.cpu:g}")
         if request.memory_bytes > self.memory_bytes:
             raise ValidationError(
                 "memory",
                 f"{request.memory_bytes / 2**30:.1f} GiB requested, "
-                f"the machine has {self.memory_bytes / 2**30:.1f} GiB",
+                f"{has} {self.memory_bytes / 2**30:.1f} GiB",
             )
         if request.gpu > len(self.gpus) + _EPS:
-            hint = " (set KILN_GPUS=N to declare virtual GPUs)" if not self.gpus else ""
+            hint = (
+                " (set KILN_GPUS=N to declare virtual GPUs)"
+                if not self.gpus and has == "the machine has"
+                else ""
+            )
             raise ValidationError(
-                "gpu", f"{request.gpu:g} GPUs requested, the machine has {len(self.gpus)}{hint}"
+                "gpu", f"{request.gpu:g} GPUs requested, {has} {len(self.gpus)}{hint}"
             )
 
 

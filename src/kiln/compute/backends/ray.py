@@ -19,14 +19,19 @@ never satisfy is refused before it is submitted.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import os
+import secrets
+import selectors
 import socket
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from kiln.compute.backends.base import (
     Finished,
@@ -48,6 +53,7 @@ class _Slot:
     deadline: float | None = None
     stop_cause: str | None = None
     stop_status: str = "failed"
+    started: bool = False
 
 
 @dataclass
@@ -62,7 +68,6 @@ class RayBackend:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closing: bool = False
     _started_ray: bool = False
-    _wake: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         from kiln._optional import require
@@ -84,14 +89,24 @@ class RayBackend:
             self._started_ray = True
         self._ray = ray
         self._execute = ray.remote(_execute)
-        self.inventory = _cluster_inventory(ray.cluster_resources())
+        self.inventory = _cluster_inventory(ray.nodes())
+        # Workers say when a task starts over a socket of ours: Ray tells its owner
+        # only when a task ends. The token keeps other senders out.
+        self._selector = selectors.DefaultSelector()
+        self._listener = socket.create_server((ray.util.get_node_ip_address(), 0))
+        self._wake_r, self._wake_w = socket.socketpair()
+        for sock, role in ((self._listener, "accept"), (self._wake_r, "wake")):
+            sock.setblocking(False)
+            self._selector.register(sock, selectors.EVENT_READ, role)
+        self._wake_w.setblocking(False)
+        host, port = self._listener.getsockname()[:2]
+        self._back = (host, port, secrets.token_hex(8))
         self._thread = threading.Thread(target=self._loop, name="kiln-ray", daemon=True)
         self._thread.start()
 
     # -- the interface ---------------------------------------------------------------
 
     def submit(self, tasks: Sequence[TaskSpec]) -> None:
-        events: list[TaskEvent] = []
         for spec in tasks:
             r = spec.resources
             options: dict[str, Any] = {"num_cpus": r.cpu, "num_gpus": r.gpu, "max_retries": 0}
@@ -99,17 +114,15 @@ class RayBackend:
                 options["memory"] = r.memory_bytes
             if spec.python:  # a kiln.Env: its interpreter, built from the lock
                 options["runtime_env"] = {"py_executable": spec.python}
-            ref = self._execute.options(**options).remote(self.runner, spec)
+            ref = self._execute.options(**options).remote(self.runner, spec, self._back)
             deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
             slot = _Slot(spec, ref, deadline)
             with self._lock:
                 self._slots[spec.run_id] = slot
-            events.append(Started(spec.run_id, spec.attempt, {"ray_task_id": ref.task_id().hex()}))
             # Ray resolves the future when the task ends: no polling between tasks.
             ref.future().add_done_callback(lambda _f, slot=slot: self._done(slot))
-        self.report(events)
         if any(s.timeout_s for s in tasks):
-            self._wake.set()
+            self._wake()
 
     def cancel(self, run_id: str) -> None:
         with self._lock:
@@ -134,14 +147,14 @@ class RayBackend:
             self._slots.clear()
         for slot in slots:
             self._ray.cancel(slot.ref, force=True)
+        self._wake()
+        self._thread.join(timeout=5)
         if slots:
             self.report([
                 Finished(s.spec.run_id, s.spec.attempt,
                          Outcome("cancelled", cause="the engine shut down"))
                 for s in slots
             ])  # fmt: skip
-        self._wake.set()
-        self._thread.join(timeout=5)
         if self._started_ray:
             self._ray.shutdown()
 
@@ -151,20 +164,71 @@ class RayBackend:
         with self._lock:
             if self._slots.pop(slot.spec.run_id, None) is None:
                 return  # already reported (the engine shut down)
-        self.report([self._finish(slot)])
+        self.report(self._finish(slot))
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: already awake
+            self._wake_w.send(b"!")
 
     def _loop(self) -> None:
-        """Enforce timeouts: sleep until the next deadline, or until a task with one comes."""
+        """Take workers' start notices; enforce timeouts, sleeping until the next deadline."""
+        pending: dict[socket.socket, bytes] = {}
         while not self._closing:
             with self._lock:
                 deadlines = [s.deadline for s in self._slots.values() if s.deadline is not None]
             wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            self._wake.wait(wait)
-            self._wake.clear()
+            lines: list[bytes] = []
+            for key, _ in self._selector.select(wait):
+                sock = cast(socket.socket, key.fileobj)
+                if key.data == "accept":
+                    with contextlib.suppress(BlockingIOError):
+                        conn, _ = sock.accept()
+                        conn.setblocking(False)
+                        self._selector.register(conn, selectors.EVENT_READ, "worker")
+                    continue
+                try:
+                    chunk = sock.recv(1 << 16)
+                except (BlockingIOError, ConnectionError):
+                    chunk = b"" if key.data == "worker" else b"!"
+                if key.data == "wake":
+                    continue
+                if not chunk:
+                    self._selector.unregister(sock)
+                    sock.close()
+                    pending.pop(sock, None)
+                    continue
+                *complete, pending[sock] = (pending.get(sock, b"") + chunk).split(b"\n")
+                lines.extend(complete)
+            if lines:
+                self._notices(lines)
             self._enforce_deadlines()
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        self._selector.close()
+        self._wake_w.close()
 
-    def _finish(self, slot: _Slot) -> TaskEvent:
+    def _notices(self, lines: list[bytes]) -> None:
+        events: list[TaskEvent] = []
+        with self._lock:
+            for line in lines:
+                notice = json.loads(line)
+                slot = self._slots.get(notice.pop("run"))
+                if (
+                    notice.pop("token") != self._back[2]
+                    or slot is None
+                    or slot.spec.attempt != notice.pop("attempt")
+                    or slot.started
+                ):
+                    continue
+                slot.started = True
+                notice["ray_task_id"] = slot.ref.task_id().hex()
+                events.append(Started(slot.spec.run_id, slot.spec.attempt, notice))
+        if events:
+            self.report(events)
+
+    def _finish(self, slot: _Slot) -> list[TaskEvent]:
         ray = self._ray
+        events: list[TaskEvent] = []
         try:
             reply = ray.get(slot.ref)
         except ray.exceptions.TaskCancelledError:
@@ -175,14 +239,19 @@ class RayBackend:
         except ray.exceptions.RayError as exc:
             cause = slot.stop_cause or _cause(exc)
             status = "cancelled" if slot.stop_status == "cancelled" else "failed"
-            outcome = Outcome(status, error=str(exc), cause=cause)  # type: ignore[arg-type]
+            error = f"{cause}\n{exc}"
+            outcome = Outcome(status, error=error, cause=cause)  # type: ignore[arg-type]
         else:
+            if not slot.started:  # its notice was lost or is late: it did start
+                assigned = {**reply["assigned"], "ray_task_id": slot.ref.task_id().hex()}
+                events.append(Started(slot.spec.run_id, slot.spec.attempt, assigned))
             outcome = Outcome(
                 reply["status"], result=reply.get("result"), error=reply.get("error"),
                 cause=reply.get("cause"), usage=reply.get("usage", {}),
                 environment=reply.get("environment"),
             )  # fmt: skip
-        return Finished(slot.spec.run_id, slot.spec.attempt, outcome)
+        events.append(Finished(slot.spec.run_id, slot.spec.attempt, outcome))
+        return events
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
@@ -219,23 +288,46 @@ def _cause(exc: BaseException) -> str:
     return f"{name}: {text[0] if text else ''}"
 
 
-def _cluster_inventory(resources: dict[str, float]) -> Inventory:
-    gpus = int(resources.get("GPU", 0))
+def _cluster_inventory(nodes: list[dict[str, Any]]) -> Inventory:
+    """Totals over the live nodes, and each node: a task must fit on one of them."""
+    each = []
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        res, gpus = node.get("Resources", {}), int(node.get("Resources", {}).get("GPU", 0))
+        each.append(
+            Inventory(
+                cpu=float(res.get("CPU", 0)),
+                memory_bytes=int(res.get("memory", 0)),
+                gpus=tuple(range(gpus)),
+                gpu_names=tuple(f"ray-{i}" for i in range(gpus)),
+            )
+        )
+    gpus = sum(len(n.gpus) for n in each)
     return Inventory(
-        cpu=float(resources.get("CPU", 0)),
-        memory_bytes=int(resources.get("memory", 0)),
+        cpu=sum(n.cpu for n in each),
+        memory_bytes=sum(n.memory_bytes for n in each),
         gpus=tuple(range(gpus)),
         gpu_names=tuple(f"ray-{i}" for i in range(gpus)),
+        nodes=tuple(each),
     )
 
 
 _loaded: dict[str, Any] = {}
 
 
-def _execute(runner: str, task: TaskSpec) -> dict[str, Any]:
-    """Runs in a Ray worker: load the function (once per worker), run it as the local
-    engine's workers do, return the reply."""
+def _execute(runner: str, task: TaskSpec, back: tuple[str, int, str]) -> dict[str, Any]:
+    """Runs in a Ray worker: say it started, load the function (once per worker), run
+    it as the local engine's workers do, return the reply."""
     from kiln.compute._worker import _Functions, _load_failure
+
+    assigned = _loaded.get("assigned")
+    if assigned is None:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        assigned = _loaded["assigned"] = {"node_id": node, "worker_pid": os.getpid()}
+    _notify(back, {"run": task.run_id, "attempt": task.attempt, "token": back[2], **assigned})
 
     for path in reversed(task.sys_path):
         if path not in sys.path:
@@ -248,4 +340,20 @@ def _execute(runner: str, task: TaskSpec) -> dict[str, Any]:
     module, _, name = runner.partition(":")
     run = getattr(importlib.import_module(module), name)
     reply: dict[str, Any] = run(task, fn)
+    reply["assigned"] = assigned
     return reply
+
+
+def _notify(back: tuple[str, int, str], notice: dict[str, Any]) -> None:
+    """Send a start notice to the driver; a lost one only delays Started to the end."""
+    line = json.dumps(notice).encode() + b"\n"
+    cached = _loaded.get("back")
+    if cached is not None and cached[0] != back:
+        cached[1].close()  # a driver that has gone: one connection per worker at a time
+        cached = None
+    try:
+        if cached is None:
+            cached = _loaded["back"] = (back, socket.create_connection(back[:2], timeout=2))
+        cached[1].sendall(line)
+    except OSError:
+        _loaded.pop("back", None)
