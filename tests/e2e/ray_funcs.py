@@ -27,3 +27,9 @@ def boom() -> None:
 def sleepy(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+@app.function(cpu=1, retries=1)
+def four_seconds(i: int) -> int:
+    time.sleep(4)
+    return i

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import time
+
 import pytest
-from ray_funcs import app, boom, sleepy, where
+from ray_funcs import app, boom, four_seconds, sleepy, where
 
 import kiln
+from conftest import ray_start
 from kiln.errors import ConfigError, ValidationError
 
 
@@ -42,3 +49,38 @@ def test_an_unreachable_cluster_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("KILN_RAY_ADDRESS", "127.0.0.1:1")
     with pytest.raises(ConfigError, match=r"KILN_RAY_ADDRESS: cannot reach Ray at 127\.0\.0\.1:1"):
         where.remote(1)
+
+
+def test_a_lost_node_fails_its_runs_with_the_cause_and_they_are_retried(on_ray: str) -> None:
+    before = _raylets()
+    ray_start("--address", on_ray)  # a third node, to lose
+    (doomed,) = _raylets() - before
+    try:
+        sweep = four_seconds.sweep(kiln.grid(i=range(6)))  # retries=1
+        deadline = time.time() + 60
+        while sum(r.status is kiln.RunStatus.RUNNING for r in sweep.runs) < 3:
+            assert time.time() < deadline, "three runs never started on three nodes"
+            time.sleep(0.05)
+        _kill_tree(doomed)
+        assert sorted(r.result(timeout=120) for r in sweep.runs) == list(range(6))
+    finally:
+        _kill_tree(doomed)
+    attempts = [r.record().resources["attempts"] for r in sweep.runs]
+    lost = [a for a in attempts if len(a) == 2]
+    assert lost, "no run was running on the lost node"
+    for first, second in lost:
+        assert first["status"] == "failed" and "NodeDiedError" in first["cause"]
+        assert second["status"] == "succeeded"
+
+
+def _raylets() -> set[int]:
+    found = subprocess.run(["pgrep", "-x", "raylet"], capture_output=True, text=True)
+    return {int(pid) for pid in found.stdout.split()}
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a node's raylet and its children (workers, agents): the node is lost."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    for victim in (pid, *map(int, found.stdout.split())):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
