@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -471,6 +471,7 @@ class Function(Generic[P, R]):
         engine = engine_for(settings)
         engine.inventory.check(self.resources)
         env = self._environment(engine, checked, parent)
+        built = env if env is not None and not isinstance(env, Locked) else None
         fn_key, fn_payload = self._function_payload()
         store = {
             "home": str(settings.home),
@@ -495,8 +496,9 @@ class Function(Generic[P, R]):
                 store=store,
                 sys_path=sys_path,
                 cwd=cwd,
-                python=str(env.python) if env else None,
-                env_lock=str(env.lock_file) if env else None,
+                python=str(built.python) if built else None,
+                env_lock=str(built.lock_file) if built else None,
+                requirements=env.requirements if isinstance(env, Locked) else None,
             )
             row = self._row(settings, run_id, params, parent_id, now)
             row["tags"] = dict(tags or {})
@@ -513,10 +515,19 @@ class Function(Generic[P, R]):
 
     def _environment(
         self, engine: Engine, checked: list[Any], parent: dict[str, Any] | None
-    ) -> Materialized | None:
-        """The built env for this function, or None; a failure is recorded, then raised."""
+    ) -> Materialized | Locked | None:
+        """The env for this function, or None; a failure is recorded, then raised.
+
+        The local engine runs a built env; Ray builds its own on each node from the
+        same lock, so only the lock is made here.
+        """
+        on_ray = engine.settings.backend == "ray"
         if self._locked_env is not None:
-            return self._locked_env
+            locked = self._locked_env
+            if on_ray:
+                lock = engine.recorder.blobs.read(locked.lock_sha256).decode()
+                return Locked(locked.env_id, locked.lock_sha256, lock)
+            return locked
         if self.env is None:
             return None
         from kiln.envs.manager import env_manager
@@ -524,7 +535,13 @@ class Function(Generic[P, R]):
         manager = env_manager(engine.settings.home, engine.recorder.blobs)
         try:
             with _status(f"preparing environment ({len(self.env.packages)} packages)"):
-                return manager.ensure(self.env)
+                if not on_ray:
+                    return manager.ensure(self.env)
+                env_id, lock_sha = manager.lock(self.env)
+                lock = engine.recorder.blobs.read(lock_sha).decode()
+                if self.env.index:
+                    lock += f"--index-url {self.env.index}\n"
+                return Locked(env_id, lock_sha, lock)
         except EnvError as exc:
             self._record_env_failure(engine, checked, parent, exc)
             raise
@@ -549,6 +566,15 @@ class Function(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<kiln.Function {self.name} app={self.app.name!r}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Locked:
+    """An env as its lock alone, for an engine that builds it on each node (Ray)."""
+
+    env_id: str
+    lock_sha256: str
+    requirements: str  # the lock's lines, and ``--index-url`` if the env names an index
 
 
 @contextlib.contextmanager

@@ -33,3 +33,12 @@ def sleepy(seconds: float) -> float:
 def four_seconds(i: int) -> int:
     time.sleep(4)
     return i
+
+
+@app.function(cpu=1, env=kiln.Env(packages=["six==1.16.0"]))
+def six_version() -> dict[str, str]:
+    import sys
+
+    import six
+
+    return {"six": six.__version__, "prefix": sys.prefix}

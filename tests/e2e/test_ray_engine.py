@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from ray_funcs import app, boom, four_seconds, sleepy, where
+from ray_funcs import app, boom, four_seconds, six_version, sleepy, where
 
 import kiln
 from conftest import ray_start
@@ -84,3 +84,20 @@ def _kill_tree(pid: int) -> None:
     for victim in (pid, *map(int, found.stdout.split())):
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
+
+
+def test_an_env_runs_under_a_runtime_env_built_from_the_same_lock(
+    on_ray: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_ray_result = six_version.remote()  # six is not installed here: only in the env
+    assert on_ray_result["six"] == "1.16.0"
+    assert "runtime_resources" in on_ray_result["prefix"]  # Ray's env, built on the node
+    monkeypatch.setenv("KILN_BACKEND", "local")
+    local_result = six_version.remote()
+    assert local_result["six"] == "1.16.0" and local_result["prefix"] != on_ray_result["prefix"]
+    ray_run, local_run = kiln.runs(app="on-ray", limit=2)[::-1]
+    assert (ray_run.engine, local_run.engine) == ("ray", "local")
+    for key in ("env_id", "lock_sha256"):  # one lock, one identity, on both engines
+        assert ray_run.environment.env_id and getattr(ray_run.environment, key) == getattr(
+            local_run.environment, key
+        )

@@ -130,6 +130,24 @@ class EnvManager:
         (path / LAST_USED).touch()
         return Materialized(env_id, path, path / "bin" / "python", lock_sha, resolved, built)
 
+    def lock(self, env: Env) -> tuple[str, str]:
+        """The env's id and lock blob, resolved if need be, but not built here: for an
+        engine that builds its own copy from the lock on each node (Ray's runtime_env)."""
+        interpreter, interpreter_id = self._interpreter(env.python)
+        declared = self.root / "declarations" / f"{env.declaration_key(interpreter_id)}.json"
+        if not declared.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            with _flock(self.root / f".declaration-{declared.stem[:16]}.lock", fcntl.LOCK_EX):
+                if not declared.is_file():
+                    with tempfile.TemporaryDirectory(prefix="kiln-resolve-") as work:
+                        lock = self._compile(env, interpreter, self._inputs(env, Path(work)))
+                    env_id = hashlib.sha256(f"{lock}\n{interpreter_id}".encode()).hexdigest()
+                    lock_sha = self.blobs.put_bytes(lock.encode())
+                    record = {"env_id": env_id, "lock_sha256": lock_sha}
+                    _write_atomically(declared, json.dumps(record))
+        record = json.loads(declared.read_text())
+        return record["env_id"], record["lock_sha256"]
+
     def from_lock(self, env_id: str, lock_sha: str, python: str | None = None) -> Materialized:
         """The env with this identity, rebuilt from its stored lock if it is gone
         (``kiln reproduce``): no resolver, so the same pins and hashes."""

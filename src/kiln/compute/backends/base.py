@@ -36,6 +36,9 @@ class TaskSpec:
     cwd: str = ""
     python: str | None = None  # the env's interpreter; None: the caller's
     env_lock: str | None = None  # held shared by workers of that env, so it is not pruned
+    # An env for engines that build it themselves on each node (Ray): the lock's pins
+    # and hashes as requirements lines, and the index, if it names one.
+    requirements: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

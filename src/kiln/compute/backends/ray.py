@@ -23,6 +23,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import secrets
 import selectors
 import socket
@@ -112,8 +113,8 @@ class RayBackend:
             options: dict[str, Any] = {"num_cpus": r.cpu, "num_gpus": r.gpu, "max_retries": 0}
             if r.memory_bytes:
                 options["memory"] = r.memory_bytes
-            if spec.python:  # a kiln.Env: its interpreter, built from the lock
-                options["runtime_env"] = {"py_executable": spec.python}
+            if spec.requirements:  # a kiln.Env
+                options["runtime_env"] = _uv_runtime_env(spec.requirements)
             ref = self._execute.options(**options).remote(self.runner, spec, self._back)
             deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
             slot = _Slot(spec, ref, deadline)
@@ -286,6 +287,19 @@ def _cause(exc: BaseException) -> str:
         return f"Ray worker died: {name}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
     text = str(exc).strip().splitlines()
     return f"{name}: {text[0] if text else ''}"
+
+
+def _uv_runtime_env(requirements: str) -> dict[str, Any]:
+    """A kiln.Env as Ray's ``uv`` runtime_env: on each node Ray copies its Python
+    environment once per lock and installs the lock over it with uv (exact pins, hashes
+    checked, nothing else resolved), so the env is the same lock on every node."""
+    lines = re.sub(r"\s*\\\n\s*", " ", requirements).splitlines()
+    return {
+        "uv": {
+            "packages": [line for line in lines if line.strip()],
+            "uv_pip_install_options": ["--no-deps", "--require-hashes"],
+        }
+    }
 
 
 def _cluster_inventory(nodes: list[dict[str, Any]]) -> Inventory:
