@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from kiln.app import App
-    from kiln.envs.manager import Materialized
+    from kiln.envs.manager import Locked, Materialized
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -471,7 +471,7 @@ class Function(Generic[P, R]):
         engine = engine_for(settings)
         engine.inventory.check(self.resources)
         env = self._environment(engine, checked, parent)
-        built = env if env is not None and not isinstance(env, Locked) else None
+        built = env if env is not None and not hasattr(env, "requirements") else None
         fn_key, fn_payload = self._function_payload()
         store = {
             "home": str(settings.home),
@@ -498,7 +498,7 @@ class Function(Generic[P, R]):
                 cwd=cwd,
                 python=str(built.python) if built else None,
                 env_lock=str(built.lock_file) if built else None,
-                requirements=env.requirements if isinstance(env, Locked) else None,
+                requirements=getattr(env, "requirements", None),
             )
             row = self._row(settings, run_id, params, parent_id, now)
             row["tags"] = dict(tags or {})
@@ -523,11 +523,13 @@ class Function(Generic[P, R]):
         """
         on_ray = engine.settings.backend == "ray"
         if self._locked_env is not None:
-            locked = self._locked_env
+            built = self._locked_env
             if on_ray:
-                lock = engine.recorder.blobs.read(locked.lock_sha256).decode()
-                return Locked(locked.env_id, locked.lock_sha256, lock)
-            return locked
+                from kiln.envs.manager import Locked
+
+                lock = engine.recorder.blobs.read(built.lock_sha256).decode()
+                return Locked(built.env_id, built.lock_sha256, lock)
+            return built
         if self.env is None:
             return None
         from kiln.envs.manager import env_manager
@@ -537,11 +539,7 @@ class Function(Generic[P, R]):
             with _status(f"preparing environment ({len(self.env.packages)} packages)"):
                 if not on_ray:
                     return manager.ensure(self.env)
-                env_id, lock_sha = manager.lock(self.env)
-                lock = engine.recorder.blobs.read(lock_sha).decode()
-                if self.env.index:
-                    lock += f"--index-url {self.env.index}\n"
-                return Locked(env_id, lock_sha, lock)
+                return manager.lock(self.env)
         except EnvError as exc:
             self._record_env_failure(engine, checked, parent, exc)
             raise
@@ -566,15 +564,6 @@ class Function(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<kiln.Function {self.name} app={self.app.name!r}>"
-
-
-@dataclass(frozen=True, slots=True)
-class Locked:
-    """An env as its lock alone, for an engine that builds it on each node (Ray)."""
-
-    env_id: str
-    lock_sha256: str
-    requirements: str  # the lock's lines, and ``--index-url`` if the env names an index
 
 
 @contextlib.contextmanager

@@ -46,10 +46,18 @@ def serve(
     target: Annotated[str, typer.Argument(help="FILE.py:CLASS, a class declared @app.endpoint")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="local (replica processes) or ray (Ray Serve); default: KILN_BACKEND."),
+    ] = None,
 ) -> None:
-    """Serve an endpoint over HTTP: POST /predict, GET /healthz /readyz /metrics."""
+    """Serve an endpoint over HTTP: POST /predict, GET /healthz /readyz /metrics.
+
+    With ``--backend ray`` it is deployed on Ray Serve (KILN_RAY_ADDRESS), served
+    at http://HOST:PORT/ENDPOINT (POST .../predict) by Ray Serve's proxy.
+    """
     endpoint = load_endpoint(target)
-    endpoint.serve(host=host, port=port, block=True)
+    endpoint.serve(host=host, port=port, block=True, backend=backend)
 
 
 def batch(

@@ -75,6 +75,15 @@ class Materialized:
 
 
 @dataclass(frozen=True, slots=True)
+class Locked:
+    """An env as its lock alone, for an engine that builds it on each node (Ray)."""
+
+    env_id: str
+    lock_sha256: str
+    requirements: str  # the lock's lines, and ``--index-url`` if the env names an index
+
+
+@dataclass(frozen=True, slots=True)
 class EnvInfo:
     """One cached environment, as ``kiln envs ls`` shows it."""
 
@@ -130,8 +139,8 @@ class EnvManager:
         (path / LAST_USED).touch()
         return Materialized(env_id, path, path / "bin" / "python", lock_sha, resolved, built)
 
-    def lock(self, env: Env) -> tuple[str, str]:
-        """The env's id and lock blob, resolved if need be, but not built here: for an
+    def lock(self, env: Env) -> Locked:
+        """The env's identity and lock, resolved if need be, but not built here: for an
         engine that builds its own copy from the lock on each node (Ray's runtime_env)."""
         interpreter, interpreter_id = self._interpreter(env.python)
         declared = self.root / "declarations" / f"{env.declaration_key(interpreter_id)}.json"
@@ -146,7 +155,10 @@ class EnvManager:
                     record = {"env_id": env_id, "lock_sha256": lock_sha}
                     _write_atomically(declared, json.dumps(record))
         record = json.loads(declared.read_text())
-        return record["env_id"], record["lock_sha256"]
+        requirements = self.blobs.read(record["lock_sha256"]).decode()
+        if env.index:
+            requirements += f"--index-url {env.index}\n"
+        return Locked(record["env_id"], record["lock_sha256"], requirements)
 
     def from_lock(self, env_id: str, lock_sha: str, python: str | None = None) -> Materialized:
         """The env with this identity, rebuilt from its stored lock if it is gone

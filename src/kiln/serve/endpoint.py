@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from kiln.app import App
     from kiln.envs.spec import Env
     from kiln.serve.batch import BatchResult
+    from kiln.serve.on_ray import RayEndpoint
     from kiln.serve.server import ServerHandle
 
 C = TypeVar("C")
@@ -117,10 +118,21 @@ class Endpoint(Generic[C]):
         return Source(module, self.cls.__qualname__, _code_paths())
 
     def serve(
-        self, *, host: str = "127.0.0.1", port: int = 8000, block: bool = True
-    ) -> ServerHandle | None:
+        self, *, host: str = "127.0.0.1", port: int = 8000, block: bool = True,
+        backend: str | None = None,
+    ) -> ServerHandle | RayEndpoint | None:  # fmt: skip
         """Serve over HTTP. ``block=False`` starts it in a background thread and returns
-        a handle with ``url`` and ``stop()``."""
+        a handle with ``url`` and ``stop()``. ``backend="ray"`` (default: ``KILN_BACKEND``)
+        deploys it on Ray Serve instead of local replica processes."""
+        from kiln.config import Settings
+
+        engine = backend or Settings.from_env().backend
+        if engine == "ray":
+            from kiln.serve.on_ray import serve_on_ray
+
+            return serve_on_ray(self, host=host, port=port, block=block)
+        if engine != "local":
+            raise ValidationError("backend", f"{engine!r} cannot serve", allowed="local, ray")
         from kiln.serve.server import serve
 
         return serve(self, host=host, port=port, block=block)

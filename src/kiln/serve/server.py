@@ -368,17 +368,7 @@ class EndpointServer:
     # -- routing ----------------------------------------------------------------------
 
     def _targets(self) -> dict[int, float]:
-        """Which versions get what share now: the live split, the declared split, or
-        the holder of the model reference."""
-        from kiln.registry.models import Models
-        from kiln.registry.refs import parse_ref
-
-        live = state.live_traffic(self._store, self.spec.name)
-        split = live or self.spec.traffic
-        if split:
-            return {parse_ref(ref)[1] or 0: w for ref, w in split.items()}
-        models = Models(self._store, app=self.spec.app, actor=self.settings.actor)
-        return {models.get(self.spec.model).version: 100.0}
+        return state.targets(self._store, self.spec, self.settings.actor)
 
     async def _route(self, targets: dict[int, float]) -> None:
         """Serve ``targets``: start pools for new versions, move traffic once they are

@@ -41,6 +41,18 @@ class EndpointInfo:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
+def targets(store: SqlStore, spec: EndpointSpec, actor: str) -> dict[int, float]:
+    """Which versions get what share now: the live split, the declared split, or the
+    holder of the model reference."""
+    from kiln.registry.models import Models
+    from kiln.registry.refs import parse_ref
+
+    split = live_traffic(store, spec.name) or spec.traffic
+    if split:
+        return {parse_ref(ref)[1] or 0: w for ref, w in split.items()}
+    return {Models(store, app=spec.app, actor=actor).get(spec.model).version: 100.0}
+
+
 def announce(store: SqlStore, spec: EndpointSpec, url: str) -> None:
     """Record that this process serves ``spec`` at ``url`` (a live split set earlier is kept)."""
     now = time.time()

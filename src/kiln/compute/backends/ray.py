@@ -71,23 +71,7 @@ class RayBackend:
     _started_ray: bool = False
 
     def __post_init__(self) -> None:
-        from kiln._optional import require
-
-        ray = require("ray", extra="ray")
-        if not ray.is_initialized():
-            if self.address:
-                _probe(self.address)
-            try:
-                ray.init(
-                    address=self.address or None, include_dashboard=False,
-                    log_to_driver=True, configure_logging=False,
-                )  # fmt: skip
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = self.address or "this machine"
-                raise ConfigError(
-                    "KILN_RAY_ADDRESS", f"cannot reach Ray at {where}: {exc}"
-                ) from None
-            self._started_ray = True
+        ray, self._started_ray = connect(self.address)
         self._ray = ray
         self._execute = ray.remote(_execute)
         self.inventory = _cluster_inventory(ray.nodes())
@@ -114,7 +98,7 @@ class RayBackend:
             if r.memory_bytes:
                 options["memory"] = r.memory_bytes
             if spec.requirements:  # a kiln.Env
-                options["runtime_env"] = _uv_runtime_env(spec.requirements)
+                options["runtime_env"] = uv_runtime_env(spec.requirements)
             ref = self._execute.options(**options).remote(self.runner, spec, self._back)
             deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
             slot = _Slot(spec, ref, deadline)
@@ -267,6 +251,27 @@ class RayBackend:
             self._ray.cancel(slot.ref, force=True)
 
 
+def connect(address: str | None) -> tuple[Any, bool]:
+    """The ``ray`` module, connected to the cluster at ``address`` (None: this machine's,
+    or a new local one), and whether this call connected it."""
+    from kiln._optional import require
+
+    ray = require("ray", extra="ray")
+    if ray.is_initialized():
+        return ray, False
+    if address:
+        _probe(address)
+    try:
+        ray.init(
+            address=address or None, include_dashboard=False, log_to_driver=True,
+            configure_logging=False,
+        )  # fmt: skip
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or "this machine"
+        raise ConfigError("KILN_RAY_ADDRESS", f"cannot reach Ray at {where}: {exc}") from None
+    return ray, True
+
+
 def _probe(address: str, timeout: float = 5.0) -> None:
     """Fail fast on an address nothing listens on: Ray itself retries for minutes."""
     target = address.removeprefix("ray://")
@@ -289,7 +294,7 @@ def _cause(exc: BaseException) -> str:
     return f"{name}: {text[0] if text else ''}"
 
 
-def _uv_runtime_env(requirements: str) -> dict[str, Any]:
+def uv_runtime_env(requirements: str) -> dict[str, Any]:
     """A kiln.Env as Ray's ``uv`` runtime_env: on each node Ray copies its Python
     environment once per lock and installs the lock over it with uv (exact pins, hashes
     checked, nothing else resolved), so the env is the same lock on every node."""

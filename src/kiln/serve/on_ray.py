@@ -1,0 +1,286 @@
+"""Endpoints on Ray Serve: ``kiln serve --backend ray`` (or ``KILN_BACKEND=ray``).
+
+Each model version the endpoint routes to is a Ray Serve application of its own,
+``<endpoint>-v<N>``. Its replicas load that version with the same code as a local
+replica (validation, ``predict``, the span with its OpenInference and ``kiln.*``
+attributes), and Ray Serve scales them between ``min_replicas`` and
+``max_replicas``, aiming at ``target_concurrency`` requests in flight per replica
+and scaling down after ``idle_timeout``. Each replica reserves the endpoint's
+``cpu``, ``gpu`` (fractions are Ray's) and ``memory``; a ``kiln.Env`` is Ray's
+``uv`` runtime_env, built from the same lock as on the local engine.
+
+A router application, ``<endpoint>``, takes HTTP on Ray Serve's proxy at
+``/<endpoint>`` (``POST /<endpoint>/predict``, ``GET /<endpoint>/healthz``) and
+splits requests between versions by weight (smooth weighted round robin, as the
+local front door does). The process that ran ``kiln serve`` follows the alias and
+the live split: a new version's application is deployed and ready before the
+router moves to it, and the old one is deleted only after the router has moved,
+so a promotion or rollback drops no request.
+
+Replicas load the model from the store's blob folder and write spans to the
+store, so every node must reach both (one machine, or a shared filesystem and
+PostgreSQL; see :mod:`kiln.compute.backends.ray`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kiln.config import Settings
+from kiln.errors import KilnError
+from kiln.serve import state
+from kiln.serve.replicas import setup
+
+if TYPE_CHECKING:
+    from kiln.serve.endpoint import Endpoint
+
+_log = logging.getLogger("kiln")
+POLL_S = 0.5
+REPORT_S = 5.0
+STATUS = {0: 200, 1: 422, 2: 500}  # the replica's OK, INVALID, FAILED
+
+
+class Replica:
+    """A Ray Serve replica of one model version."""
+
+    def __init__(self, init: dict[str, Any]) -> None:
+        from kiln.serve._replica import _setup
+
+        self._handler, _ = _setup(init)
+
+    def predict(
+        self, body: bytes, received_ns: int, trace_id: bytes, parent_id: bytes
+    ) -> tuple[int, bytes, bytes]:
+        return self._handler.predict(body, received_ns, trace_id, parent_id)
+
+    def __del__(self) -> None:  # Ray Serve's graceful stop: export the queued spans
+        from kiln.serve._replica import _warm
+
+        if "provider" in _warm:
+            _warm["provider"].shutdown()
+
+
+class Router:
+    """The endpoint's HTTP entry on Ray Serve: picks a version, forwards the body."""
+
+    def __init__(self, weights: dict[int, float], apps: dict[int, str], refs: dict[int, str]):
+        from ray import serve
+
+        from kiln.serve.traffic import Split
+
+        self._split = Split(weights)
+        self._handles = {v: serve.get_app_handle(app) for v, app in apps.items()}
+        self._refs = refs
+
+    async def __call__(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse, Response
+
+        from kiln.serve.server import _traceparent
+
+        path = request.url.path.rstrip("/")
+        if path.endswith("/healthz") or path.endswith("/readyz"):
+            return JSONResponse({"status": "ok"})
+        if not path.endswith("/predict"):
+            return JSONResponse({"error": f"no route {path}; POST .../predict"}, 404)
+        if request.method != "POST":
+            return JSONResponse({"error": "use POST"}, 405)
+        body = await request.body()
+        trace_id, parent_id = _traceparent(request.scope["headers"])
+        version = self._split.pick()
+        status, answer, trace_out = await self._handles[version].predict.remote(
+            body, time.time_ns(), trace_id, parent_id
+        )
+        headers = {"x-kiln-trace-id": trace_out.hex(), "x-kiln-model": self._refs[version]}
+        return Response(answer, STATUS[status], headers, media_type="application/json")
+
+
+@dataclass
+class RayEndpoint:
+    """Deploys an endpoint on Ray Serve and keeps it on its alias or live split."""
+
+    endpoint: Endpoint[Any]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    settings: Settings = field(default_factory=Settings.from_env)
+    url: str = ""
+    weights: dict[int, float] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _started_ray: bool = False
+
+    def start(self) -> None:
+        from kiln.compute.backends.ray import _cluster_inventory, connect
+        from kiln.record.recorder import recorder_for
+
+        ray, self._started_ray = connect(self.settings.ray_address)
+        from ray import serve
+
+        self._serve = serve
+        recorder = recorder_for(self.settings)
+        self._store, self._blobs = recorder.store, recorder.blobs
+        _cluster_inventory(ray.nodes()).check(self.spec.resources)
+        self._requirements = None
+        if self.spec.env is not None:
+            from kiln.envs.manager import env_manager
+
+            manager = env_manager(self.settings.home, self._blobs)
+            self._requirements = manager.lock(self.spec.env).requirements
+        self._serve.start(http_options={"host": self.host, "port": self.port})
+        self.url = f"http://{self.host}:{self.port}/{self.spec.name}"
+        self._route(state.targets(self._store, self.spec, self.settings.actor))
+        state.announce(self._store, self.spec, self.url)
+        self._thread = threading.Thread(target=self._follow, name="kiln-serve-ray", daemon=True)
+        self._thread.start()
+
+    @property
+    def spec(self) -> Any:
+        return self.endpoint.spec
+
+    def app_name(self, version: int) -> str:
+        return f"{self.spec.name}-v{version}"
+
+    def _route(self, targets: dict[int, float]) -> None:
+        """Deploy new versions, move the router, then delete versions no longer routed."""
+        from kiln.registry.models import Models
+
+        serve = self._serve
+        models = Models(self._store, app=self.spec.app, actor=self.settings.actor)
+        routed = {v: w for v, w in targets.items() if w > 0}
+        refs = {}
+        for version in routed:
+            mv = models.get(f"{self.spec.model_name}:{version}")
+            refs[version] = mv.ref
+            if version not in self.weights:
+                path = str(self._blobs.path(mv.artifact_sha256))
+                init = setup(self.endpoint, self.settings.store_url, mv, path)
+                serve.run(self._replica().bind(init), name=self.app_name(version),
+                          route_prefix=None)  # fmt: skip
+        apps = {v: self.app_name(v) for v in routed}
+        router = serve.deployment(Router, name="router", ray_actor_options={"num_cpus": 0})
+        serve.run(router.bind(routed, apps, refs), name=self.spec.name,
+                  route_prefix=f"/{self.spec.name}")  # fmt: skip
+        for version in self.weights:
+            if version not in routed:
+                serve.delete(self.app_name(version))
+        self.weights = routed
+        shares = ", ".join(f"{refs[v]} {w:g}" for v, w in routed.items())
+        print(f"{self.spec.name}: serving {shares} on Ray at {self.url}", flush=True)
+
+    def _replica(self) -> Any:
+        from kiln.compute.backends.ray import uv_runtime_env
+
+        spec, r = self.spec, self.spec.resources
+        actor: dict[str, Any] = {"num_cpus": r.cpu, "num_gpus": r.gpu}
+        if r.memory_bytes:
+            actor["memory"] = r.memory_bytes
+        if self._requirements:
+            actor["runtime_env"] = uv_runtime_env(self._requirements)
+        return self._serve.deployment(
+            Replica, name="replica", ray_actor_options=actor,
+            max_ongoing_requests=max(2 * spec.target_concurrency, 5),
+            autoscaling_config={
+                "min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
+                "target_ongoing_requests": spec.target_concurrency,
+                "downscale_delay_s": spec.idle_timeout, "upscale_delay_s": 0.0,
+            },
+        )  # fmt: skip
+
+    def _follow(self) -> None:
+        last_report = 0.0
+        failed: set[tuple[tuple[int, float], ...]] = set()
+        while not self._stop.wait(POLL_S):
+            try:
+                targets = state.targets(self._store, self.spec, self.settings.actor)
+                key = tuple(sorted(targets.items()))
+                if targets != self.weights and key not in failed:
+                    try:
+                        self._route(targets)
+                    except Exception as exc:  # a version that cannot start: keep the old
+                        failed.add(key)
+                        print(f"{self.spec.name}: keeps serving what it served: {exc}")
+                if time.monotonic() - last_report >= REPORT_S:
+                    last_report = time.monotonic()
+                    state.report(self._store, self.spec.name, self.stats(), url=self.url)
+            except KilnError as exc:
+                print(f"{self.spec.name}: cannot follow {self.spec.model}: {exc}")
+            except Exception as exc:  # the store or the cluster may be briefly unavailable
+                _log.warning("kiln: following endpoint %s failed: %s", self.spec.name, exc)
+
+    def stats(self) -> dict[str, Any]:
+        """Replicas per version, as Ray Serve reports them."""
+        status = self._serve.status().applications
+        versions = {}
+        for version in self.weights:
+            app = status.get(self.app_name(version))
+            replicas = 0
+            if app is not None:
+                deployment = app.deployments.get("replica")
+                if deployment is not None:
+                    replicas = sum(
+                        n
+                        for s, n in deployment.replica_states.items()
+                        if str(getattr(s, "value", s)) == "RUNNING"
+                    )
+            versions[str(version)] = {"replicas": replicas, "weight": self.weights[version]}
+        return {
+            "engine": "ray",
+            "replicas": sum(v["replicas"] for v in versions.values()),
+            "versions": versions,
+        }
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop following, delete the endpoint's Ray Serve applications."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with contextlib.suppress(Exception):
+            self._serve.delete(self.spec.name)
+            for version in self.weights:
+                self._serve.delete(self.app_name(version))
+        with contextlib.suppress(Exception):
+            state.report(self._store, self.spec.name, {"engine": "ray"}, status="stopped",
+                         url=self.url)  # fmt: skip
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+
+    def __enter__(self) -> RayEndpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def serve_on_ray(
+    endpoint: Endpoint[Any], *, host: str = "127.0.0.1", port: int = 8000, block: bool = True
+) -> RayEndpoint | None:
+    """Deploy ``endpoint`` on Ray Serve, its HTTP proxy on ``host:port``."""
+    handle = RayEndpoint(endpoint, host, port)
+    if not block:
+        handle.start()
+        return handle
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM stops it as Ctrl-C does, deleting its applications (set after connecting:
+    # ray.init sets its own; and Ray's failure handler in the driver would abort).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    try:
+        handle.start()
+        signal.signal(signal.SIGTERM, interrupt)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        handle.stop()
+    return None

@@ -1,0 +1,91 @@
+"""Endpoints on Ray Serve, on the real two-node Ray cluster, over real HTTP."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from serving_app import Scorer, app, register
+from test_serving import _explained, promoted, store, wait_for
+
+from kiln.serve import state
+from kiln.serve.on_ray import RayEndpoint
+
+
+@pytest.fixture
+def serve_on_ray(on_ray: str) -> Iterator[Callable[..., RayEndpoint]]:
+    handles: list[RayEndpoint] = []
+
+    def start(**spec: Any) -> RayEndpoint:
+        endpoint = app.endpoint(**{"model": "scorer@production", "cpu": 0.5, **spec})(Scorer)
+        with socket.socket() as probe:  # a free port for Ray Serve's proxy
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        handle = endpoint.serve(port=port, block=False, backend="ray")
+        assert isinstance(handle, RayEndpoint)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        handle.stop()
+
+
+def test_an_endpoint_on_ray_serve_answers_traces_and_follows_its_alias(
+    serve_on_ray: Callable[..., RayEndpoint],
+) -> None:
+    first = promoted(2.0)
+    handle = serve_on_ray(min_replicas=0, max_replicas=2, target_concurrency=1)
+    assert handle.stats()["replicas"] == 0  # scaled to zero until a request comes
+    with httpx.Client(base_url=handle.url, timeout=60) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        response = client.post("/predict", json={"x": [1, 2]})  # a cold start on Ray
+        assert response.status_code == 200, response.text
+        assert response.json()["score"] == 6.0 and response.json()["version"] == first
+        assert response.headers["x-kiln-model"] == f"scorer:{first}"
+        bad = client.post("/predict", json={"x": [1, "two"]})
+        assert bad.status_code == 422 and bad.json()["error"].startswith("x.1: ")
+        assert handle.stats()["replicas"] >= 1
+        # The same span as on the local engine, and `kiln why` walks it to the run.
+        info = wait_for(lambda: _explained(response.headers["x-kiln-trace-id"]), what="span")
+        assert info["model"]["ref"] == f"scorer:{first}"
+        assert info["run"]["id"] == app.models.get("scorer@production").run_id
+        assert info["endpoint"] == "scorer" and info["kind"] == "CHAIN"
+        # Promote under load: the new version's app is ready before the router moves.
+        failures: list[int] = []
+        seen: set[int] = set()
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(base_url=handle.url, timeout=60) as c:
+                while not stop.is_set():
+                    r = c.post("/predict", json={"x": [1]})
+                    if r.status_code != 200:
+                        failures.append(r.status_code)
+                    else:
+                        seen.add(r.json()["version"])
+
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        second = register(3.0)
+        app.models.promote("scorer", second, alias="production", reason="on ray")
+        try:
+            wait_for(lambda: second in seen, timeout=120, what="the promoted version")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert failures == [] and seen == {first, second}
+        assert client.post("/predict", json={"x": [1]}).json()["version"] == second
+    row = state.get(store(), "scorer")
+    assert row.status == "serving" and row.url == handle.url
+    handle.stop()
+    assert state.get(store(), "scorer").status == "stopped"
+    from ray import serve
+
+    assert not any(name.startswith("scorer") for name in serve.status().applications)
