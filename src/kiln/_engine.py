@@ -24,7 +24,15 @@ from typing import Any
 import cloudpickle
 
 from kiln._runner import RUNNER
-from kiln.compute.backends.base import Backend, Outcome, Report, Started, TaskEvent, TaskSpec
+from kiln.compute.backends.base import (
+    Backend,
+    Finished,
+    Outcome,
+    Report,
+    Started,
+    TaskEvent,
+    TaskSpec,
+)
 from kiln.compute.resources import Inventory, detect_inventory
 from kiln.config import Settings
 from kiln.errors import ConfigError
@@ -79,9 +87,9 @@ class Engine:
         self._written = threading.Condition(self._lock)
         self._events: queue.SimpleQueue[list[TaskEvent | _Created] | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="kiln-record", daemon=True)
-        self._writer.start()
         make = backend or _make_backend(settings)
-        self.backend = make(detect_inventory(), self.report)
+        self.backend = make(detect_inventory(), self.report)  # may refuse the settings
+        self._writer.start()
 
     @property
     def inventory(self) -> Inventory:
@@ -172,6 +180,7 @@ class Engine:
         return oldest is not None and time.time() - oldest >= STARTED_DELAY_S
 
     def _report(self, events: list[TaskEvent | _Created], *, flush_started: bool) -> None:
+        self._store_blobs(events)
         batch = WriteBatch()
         done: list[tuple[Call, Outcome]] = []
         retry: list[tuple[Call, float]] = []
@@ -237,6 +246,13 @@ class Engine:
                 self._unwritten.difference_update(created)
                 self._written.notify_all()
         self._after_write(done, retry)
+
+    def _store_blobs(self, events: list[TaskEvent | _Created]) -> None:
+        """Blobs of runs on a node without this KILN_HOME, before their ends are recorded."""
+        for event in events:
+            if isinstance(event, Finished):
+                for data in event.outcome.blobs.values():
+                    self.recorder.blobs.put_bytes(data)
 
     def _after_write(
         self, done: list[tuple[Call, Outcome]], retry: list[tuple[Call, float]]
@@ -320,8 +336,13 @@ def _make_backend(settings: Settings) -> BackendFactory:
     if settings.backend == "ray":
         from kiln.compute.backends.ray import RayBackend
 
-        # The cluster's resources are the inventory, not this machine's.
-        return lambda _inventory, report: RayBackend(report, RUNNER, settings.ray_address)
+        def ray(_inventory: Inventory, report: Report) -> Backend:
+            # The cluster's resources are the inventory, not this machine's.
+            backend = RayBackend(report, RUNNER, settings.ray_address, settings.ray_shared_home)
+            backend.check_store(settings.store_url)
+            return backend
+
+        return ray
     raise ConfigError(
         "KILN_BACKEND",
         f"the {settings.backend} engine is not available in this version of Kiln; use local",

@@ -6,6 +6,9 @@
 | KILN_STORE    | sqlite:///$KILN_HOME/kiln.db     | metadata store URL (SQLite or PostgreSQL)|
 | KILN_BACKEND  | local                            | engine: local, ray, kubernetes           |
 | KILN_ACTOR    | the OS user                      | who is recorded as running things        |
+| KILN_RAY_ADDRESS | this machine's Ray            | the Ray cluster of KILN_BACKEND=ray      |
+| KILN_RAY_SHARED_HOME | nodes on this machine only | 1: every Ray node sees KILN_HOME (shared |
+|               |                                  | disk); 0: none does, artifacts travel back |
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Settings:
     backend: Backend = "local"
     actor: str = "unknown"
     ray_address: str | None = None  # KILN_RAY_ADDRESS; unset: this machine's Ray
+    ray_shared_home: bool | None = None  # KILN_RAY_SHARED_HOME; None: nodes on this machine
 
     @property
     def blob_dir(self) -> Path:
@@ -57,9 +61,13 @@ class Settings:
         if backend not in _BACKENDS:
             raise ConfigError("KILN_BACKEND", f"{backend!r} is not one of {', '.join(_BACKENDS)}")
         actor = env.get("KILN_ACTOR") or _os_user()
+        shared = env.get("KILN_RAY_SHARED_HOME") or None
+        if shared not in (None, "0", "1"):
+            raise ConfigError("KILN_RAY_SHARED_HOME", f"{shared!r} is not 0 or 1")
         return cls(
             home=home, store_url=store_url, backend=cast(Backend, backend), actor=actor,
             ray_address=env.get("KILN_RAY_ADDRESS") or None,
+            ray_shared_home=None if shared is None else shared == "1",
         )  # fmt: skip
 
 

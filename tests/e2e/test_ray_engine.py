@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import time
 
 import pytest
-from ray_funcs import app, boom, four_seconds, six_version, sleepy, where
+from ray_funcs import app, boom, four_seconds, saves, six_version, sleepy, where
 
 import kiln
 from conftest import ray_start
+from kiln.config import Settings
 from kiln.errors import ConfigError, ValidationError
 
 
@@ -101,3 +103,21 @@ def test_an_env_runs_under_a_runtime_env_built_from_the_same_lock(
         assert ray_run.environment.env_id and getattr(ray_run.environment, key) == getattr(
             local_run.environment, key
         )
+
+
+@pytest.mark.postgres
+def test_nodes_without_the_shared_home_send_artifacts_back_with_results(
+    on_ray: str, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KILN_RAY_SHARED_HOME", "0")  # as if every node were another machine
+    with pytest.raises(ConfigError, match="KILN_STORE: the store is a SQLite file"):
+        saves.remote(b"x", "")  # records would go to a file the nodes cannot reach
+    monkeypatch.setenv("KILN_STORE", pg_url)
+    data = secrets.token_bytes(4096)
+    driver_blobs = Settings.from_env().blob_dir
+    run = saves.spawn(data, str(driver_blobs))
+    assert run.result() is False  # written on the node, not in this KILN_HOME
+    record = run.record()
+    assert record.load("weights.bin") == data  # it came back with the result
+    assert record.summary["size"] == 4096.0 and record.engine == "ray"
+    assert record.environment.python  # the environment's capture came back too

@@ -53,6 +53,9 @@ class Outcome:
     )
     usage: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] | None = None
+    # Blobs (sha256 -> bytes) written where the driver cannot read them (a Ray node
+    # without the shared KILN_HOME); the engine stores them before recording the end.
+    blobs: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

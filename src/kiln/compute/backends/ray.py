@@ -4,22 +4,40 @@
 the one this machine runs, or start a local one). Each task becomes a Ray task with
 its ``num_cpus``, ``num_gpus`` (fractions are Ray's fractional GPUs) and ``memory``;
 Kiln's engine keeps doing retries, so Ray's own are off. Timeouts and ``cancel`` are
-``ray.cancel(force=True)``. Each task's end is reported when Ray
-resolves its result, as the same Started/Finished events the local engine reports.
+``ray.cancel(force=True)``. A request must fit one node (Ray would queue it for ever
+otherwise), so it is checked against each live node before anything is submitted.
 
-A task runs the same runner as a local worker, in a Ray worker process: it records
-its run (metrics, artifacts, end) into the store named in the task, directly. On one
-machine that is the shared SQLite file; a cluster of machines needs a store every
-node reaches (PostgreSQL). Started is reported when Ray accepts the task, so a run
-queued inside Ray shows as running.
+Started and Finished: the worker sends a one-line notice over a socket of the
+driver's when the task starts (Ray tells a task's owner only when it ends), so a run
+queued inside Ray stays queued in the record. Its end comes from Ray's result future:
+no polling. A worker or node that dies fails the attempt with Ray's error as the
+cause (``Ray worker died: NodeDiedError: ...``), and the engine's retries run again.
 
-The cluster's resources are the engine's inventory, so a request the cluster can
-never satisfy is refused before it is submitted.
+Envs: a ``kiln.Env`` is resolved to its hashed lock on the driver (never built
+there) and runs under Ray's ``uv`` runtime_env made from that lock: each node builds
+it once, with uv, and caches it. The run records the same env id and lock as on the
+local engine.
+
+Recording: a task runs the same runner as a local worker, in a Ray worker process,
+and writes its run, metrics and artifact rows to the store named in the task,
+directly and batched as locally. Where the blobs go depends on the node:
+
+* a node that sees the driver's ``KILN_HOME`` (the nodes on the driver's machine;
+  every node with ``KILN_RAY_SHARED_HOME=1``, for a shared filesystem) writes blobs
+  there, as a local worker does;
+* any other node writes them to a scratch home of its worker, and they travel back
+  with the task's result through Ray's object store; the driver's engine stores
+  them before it records the run's end, so a finished run's artifacts are there.
+
+So a cluster of several machines needs a store every node reaches: PostgreSQL (or,
+later, the team server). A SQLite store with nodes that cannot see it is refused
+before anything is recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -28,10 +46,12 @@ import secrets
 import selectors
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from kiln.compute.backends.base import (
@@ -64,6 +84,7 @@ class RayBackend:
     report: Report
     runner: str
     address: str | None = None
+    shared_home: bool | None = None  # None: the nodes on this machine share it, no other
     inventory: Inventory = field(init=False)
     _slots: dict[str, _Slot] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -74,7 +95,8 @@ class RayBackend:
         ray, self._started_ray = connect(self.address)
         self._ray = ray
         self._execute = ray.remote(_execute)
-        self.inventory = _cluster_inventory(ray.nodes())
+        nodes = ray.nodes()
+        self.inventory = _cluster_inventory(nodes)
         # Workers say when a task starts over a socket of ours: Ray tells its owner
         # only when a task ends. The token keeps other senders out.
         self._selector = selectors.DefaultSelector()
@@ -86,10 +108,23 @@ class RayBackend:
         self._wake_w.setblocking(False)
         host, port = self._listener.getsockname()[:2]
         self._back = (host, port, secrets.token_hex(8))
+        others = {n["NodeManagerAddress"] for n in nodes if n.get("Alive")} - {host}
+        self._all_share = self.shared_home or (self.shared_home is None and not others)
         self._thread = threading.Thread(target=self._loop, name="kiln-ray", daemon=True)
         self._thread.start()
 
     # -- the interface ---------------------------------------------------------------
+
+    def check_store(self, store_url: str) -> None:
+        """Refuse a store that some node cannot write (before anything is recorded)."""
+        if not self._all_share and store_url.startswith("sqlite"):
+            self.close()
+            raise ConfigError(
+                "KILN_STORE",
+                "the store is a SQLite file on this machine, which Ray nodes on other "
+                "machines cannot write; use PostgreSQL (postgresql+psycopg://...) "
+                "or KILN_RAY_SHARED_HOME=1 if every node sees this KILN_HOME",
+            )
 
     def submit(self, tasks: Sequence[TaskSpec]) -> None:
         for spec in tasks:
@@ -99,7 +134,9 @@ class RayBackend:
                 options["memory"] = r.memory_bytes
             if spec.requirements:  # a kiln.Env
                 options["runtime_env"] = uv_runtime_env(spec.requirements)
-            ref = self._execute.options(**options).remote(self.runner, spec, self._back)
+            ref = self._execute.options(**options).remote(
+                self.runner, spec, self._back, self.shared_home
+            )
             deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
             slot = _Slot(spec, ref, deadline)
             with self._lock:
@@ -233,7 +270,7 @@ class RayBackend:
             outcome = Outcome(
                 reply["status"], result=reply.get("result"), error=reply.get("error"),
                 cause=reply.get("cause"), usage=reply.get("usage", {}),
-                environment=reply.get("environment"),
+                environment=reply.get("environment"), blobs=reply.get("blobs", {}),
             )  # fmt: skip
         events.append(Finished(slot.spec.run_id, slot.spec.attempt, outcome))
         return events
@@ -335,9 +372,16 @@ def _cluster_inventory(nodes: list[dict[str, Any]]) -> Inventory:
 _loaded: dict[str, Any] = {}
 
 
-def _execute(runner: str, task: TaskSpec, back: tuple[str, int, str]) -> dict[str, Any]:
+def _execute(
+    runner: str, task: TaskSpec, back: tuple[str, int, str], shared_home: bool | None
+) -> dict[str, Any]:
     """Runs in a Ray worker: say it started, load the function (once per worker), run
-    it as the local engine's workers do, return the reply."""
+    it as the local engine's workers do, return the reply.
+
+    On a node that does not see the driver's KILN_HOME, blobs (artifacts, the
+    environment's lock) are written to a scratch home of this worker and travel back
+    with the reply; records go to the store directly, as everywhere.
+    """
     from kiln.compute._worker import _Functions, _load_failure
 
     assigned = _loaded.get("assigned")
@@ -345,8 +389,16 @@ def _execute(runner: str, task: TaskSpec, back: tuple[str, int, str]) -> dict[st
         import ray
 
         node = ray.get_runtime_context().get_node_id()
-        assigned = _loaded["assigned"] = {"node_id": node, "worker_pid": os.getpid()}
+        assigned = _loaded["assigned"] = {
+            "node_id": node, "node_ip": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+            "worker_pid": os.getpid(),
+        }  # fmt: skip
     _notify(back, {"run": task.run_id, "attempt": task.attempt, "token": back[2], **assigned})
+    shared = shared_home if shared_home is not None else assigned["node_ip"] == back[0]
+    scratch: Path | None = None
+    if not shared:
+        scratch = _loaded.setdefault("scratch", Path(tempfile.mkdtemp(prefix="kiln-ray-home-")))
+        task = dataclasses.replace(task, store={**task.store, "home": str(scratch)})
 
     for path in reversed(task.sys_path):
         if path not in sys.path:
@@ -360,7 +412,19 @@ def _execute(runner: str, task: TaskSpec, back: tuple[str, int, str]) -> dict[st
     run = getattr(importlib.import_module(module), name)
     reply: dict[str, Any] = run(task, fn)
     reply["assigned"] = assigned
+    if scratch is not None:
+        reply["blobs"] = _take_blobs(scratch / "blobs")
     return reply
+
+
+def _take_blobs(root: Path) -> dict[str, bytes]:
+    """Every blob under ``root`` (sha256 -> bytes), removed from it."""
+    out = {}
+    for path in root.glob("??/*"):
+        if path.is_file() and not path.name.startswith("."):
+            out[path.parent.name + path.name] = path.read_bytes()
+            path.unlink()
+    return out
 
 
 def _notify(back: tuple[str, int, str], notice: dict[str, Any]) -> None:
