@@ -46,6 +46,9 @@ BACKOFF_MAX_S = 30.0
 # A run's "running" state reaches the store about this late (the engine's own handles
 # know at once); a run that ends sooner has it written together with its end.
 STARTED_DELAY_S = 0.05
+# Rows of runs submitted without waiting (``remote()``, ``map``) linger this long
+# before they are written, so that a fast run's row and its end are one transaction.
+CREATED_DELAY_S = 0.01
 # Runs this engine owns get a fresh heartbeat this often, so that other hosts sharing
 # the store can tell them from runs whose driver died (see mark_lost_runs).
 HEARTBEAT_S = 10.0
@@ -158,12 +161,30 @@ class Engine:
                     first = self._events.get_nowait()
             except queue.Empty:
                 pass
+            if not stop and any(isinstance(e, _Created) for e in events):
+                stop = self._linger(events)
             self._report(events, flush_started=stop or self._started_due())
             if stop:
                 return
             if time.monotonic() - last_beat >= HEARTBEAT_S:
                 last_beat = time.monotonic()
                 self._heartbeat()
+
+    def _linger(self, events: list[TaskEvent | _Created]) -> bool:
+        """Gather events for up to CREATED_DELAY_S, or until a run ends; True on stop."""
+        deadline = time.monotonic() + CREATED_DELAY_S
+        while not any(isinstance(e, Finished) for e in events):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                more = self._events.get(timeout=left)
+            except queue.Empty:
+                return False
+            if more is None:
+                return True
+            events.extend(more)
+        return False
 
     def _heartbeat(self) -> None:
         now = time.time()
@@ -207,9 +228,8 @@ class Engine:
                         "resources": self._resources(call),
                     }
                     continue
-                started = self._started.pop(event.run_id, None)
-                if started is not None:
-                    batch.updates.append(started)
+                # Its "running" update, if not yet written, goes in the same UPDATE.
+                started = self._started.pop(event.run_id, None) or {}
                 outcome = event.outcome
                 call.attempts.append(
                     {"attempt": event.attempt, "status": outcome.status, "cause": outcome.cause}
@@ -220,6 +240,7 @@ class Engine:
                     call.assigned = {}
                     batch.updates.append(
                         {
+                            **started,
                             "id": event.run_id,
                             "status": str(RunStatus.QUEUED),
                             "error": f"attempt {event.attempt} failed: {outcome.cause}; "
@@ -229,7 +250,7 @@ class Engine:
                     )
                     continue
                 del self._calls[event.run_id]
-                self._finish(call, outcome, now, batch)
+                self._finish(call, outcome, now, batch, started)
                 done.append((call, outcome))
             if flush_started:
                 batch.updates.extend(self._started.values())
@@ -281,7 +302,9 @@ class Engine:
             "attempts": call.attempts,
         }
 
-    def _finish(self, call: Call, outcome: Outcome, now: float, batch: WriteBatch) -> None:
+    def _finish(
+        self, call: Call, outcome: Outcome, now: float, batch: WriteBatch, started: dict[str, Any]
+    ) -> None:
         run_id, app = call.spec.run_id, call.spec.app
         result: Any = None
         if outcome.result is not None:
@@ -309,7 +332,7 @@ class Engine:
         }
         if outcome.environment is not None:
             update["environment"] = {**outcome.environment, **call.environment}
-        batch.updates.append(update)
+        batch.updates.append({**started, **update})
 
     def close(self) -> None:
         """Stop the backend; whatever still runs or waits is recorded as cancelled."""

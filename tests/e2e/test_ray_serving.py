@@ -86,6 +86,17 @@ def test_an_endpoint_on_ray_serve_answers_traces_and_follows_its_alias(
     assert row.status == "serving" and row.url == handle.url
     handle.stop()
     assert state.get(store(), "scorer").status == "stopped"
+    import ray
     from ray import serve
 
-    assert not any(name.startswith("scorer") for name in serve.status().applications)
+    ray.init(address=on_ray_address(), log_to_driver=False)  # stop() disconnected
+    try:
+        assert not any(name.startswith("scorer") for name in serve.status().applications)
+    finally:
+        ray.shutdown()
+
+
+def on_ray_address() -> str:
+    import os
+
+    return os.environ["KILN_RAY_ADDRESS"]

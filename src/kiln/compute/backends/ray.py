@@ -36,6 +36,7 @@ before anything is recorded.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import importlib
@@ -87,6 +88,7 @@ class RayBackend:
     shared_home: bool | None = None  # None: the nodes on this machine share it, no other
     inventory: Inventory = field(init=False)
     _slots: dict[str, _Slot] = field(default_factory=dict)
+    _remotes: dict[tuple[Resources, str | None], Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closing: bool = False
     _started_ray: bool = False
@@ -128,13 +130,7 @@ class RayBackend:
 
     def submit(self, tasks: Sequence[TaskSpec]) -> None:
         for spec in tasks:
-            r = spec.resources
-            options: dict[str, Any] = {"num_cpus": r.cpu, "num_gpus": r.gpu, "max_retries": 0}
-            if r.memory_bytes:
-                options["memory"] = r.memory_bytes
-            if spec.requirements:  # a kiln.Env
-                options["runtime_env"] = uv_runtime_env(spec.requirements)
-            ref = self._execute.options(**options).remote(
+            ref = self._remote(spec.resources, spec.requirements).remote(
                 self.runner, spec, self._back, self.shared_home
             )
             deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
@@ -142,7 +138,7 @@ class RayBackend:
             with self._lock:
                 self._slots[spec.run_id] = slot
             # Ray resolves the future when the task ends: no polling between tasks.
-            ref.future().add_done_callback(lambda _f, slot=slot: self._done(slot))
+            ref.future().add_done_callback(lambda f, slot=slot: self._done(slot, f))
         if any(s.timeout_s for s in tasks):
             self._wake()
 
@@ -167,29 +163,44 @@ class RayBackend:
         with self._lock:
             slots = list(self._slots.values())
             self._slots.clear()
-        for slot in slots:
-            self._ray.cancel(slot.ref, force=True)
-        self._wake()
-        self._thread.join(timeout=5)
-        if slots:
-            self.report([
-                Finished(s.spec.run_id, s.spec.attempt,
-                         Outcome("cancelled", cause="the engine shut down"))
-                for s in slots
-            ])  # fmt: skip
-        if self._started_ray:
-            self._ray.shutdown()
+        try:
+            for slot in slots:
+                with contextlib.suppress(Exception):  # it may have ended meanwhile
+                    self._ray.cancel(slot.ref, force=True)
+            self._wake()
+            self._thread.join(timeout=5)
+            if slots:
+                self.report([
+                    Finished(s.spec.run_id, s.spec.attempt,
+                             Outcome("cancelled", cause="the engine shut down"))
+                    for s in slots
+                ])  # fmt: skip
+        finally:
+            if self._started_ray:  # whatever happened above: no Ray left connected
+                self._ray.shutdown()
 
     # -- endings ---------------------------------------------------------------------
 
-    def _done(self, slot: _Slot) -> None:
+    def _remote(self, r: Resources, requirements: str | None) -> Any:
+        """The Ray task with these options (made once: Ray builds a class per call)."""
+        remote = self._remotes.get((r, requirements))
+        if remote is None:
+            options: dict[str, Any] = {"num_cpus": r.cpu, "num_gpus": r.gpu, "max_retries": 0}
+            if r.memory_bytes:
+                options["memory"] = r.memory_bytes
+            if requirements:  # a kiln.Env
+                options["runtime_env"] = uv_runtime_env(requirements)
+            remote = self._remotes[(r, requirements)] = self._execute.options(**options)
+        return remote
+
+    def _done(self, slot: _Slot, future: concurrent.futures.Future[Any]) -> None:
         with self._lock:
             if self._slots.pop(slot.spec.run_id, None) is None:
                 return  # already reported (the engine shut down)
-        self.report(self._finish(slot))
+        self.report(self._finish(slot, future))
 
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # full: already awake
+        with contextlib.suppress(OSError):  # full: already awake; closed: stopped
             self._wake_w.send(b"!")
 
     def _loop(self) -> None:
@@ -248,11 +259,11 @@ class RayBackend:
         if events:
             self.report(events)
 
-    def _finish(self, slot: _Slot) -> list[TaskEvent]:
+    def _finish(self, slot: _Slot, future: concurrent.futures.Future[Any]) -> list[TaskEvent]:
         ray = self._ray
         events: list[TaskEvent] = []
         try:
-            reply = ray.get(slot.ref)
+            reply = future.result()
         except ray.exceptions.TaskCancelledError:
             outcome = Outcome(
                 "cancelled" if slot.stop_status == "cancelled" else "failed",
@@ -295,6 +306,13 @@ def connect(address: str | None) -> tuple[Any, bool]:
 
     ray = require("ray", extra="ray")
     if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        wanted = (address or "auto").removeprefix("ray://")
+        if wanted != "auto" and wanted.rpartition(":")[2] != current.rpartition(":")[2]:
+            raise ConfigError(
+                "KILN_RAY_ADDRESS",
+                f"this process is already connected to Ray at {current}, not {address}",
+            )
         return ray, False
     if address:
         _probe(address)
