@@ -82,6 +82,14 @@ def test_an_endpoint_on_ray_serve_answers_traces_and_follows_its_alias(
                 t.join()
         assert failures == [] and seen == {first, second}
         assert client.post("/predict", json={"x": [1]}).json()["version"] == second
+        # A live canary split: the router sends every other request to each version.
+        split = {f"scorer:{first}": 50, f"scorer:{second}": 50}
+        state.set_traffic(store(), "scorer", split, actor="tester")
+        wait_for(lambda: len(handle.weights) == 2, timeout=120, what="the split")
+        wait_for(lambda: len({client.post("/predict", json={"x": [1]}).json()["version"]
+                              for _ in range(2)}) == 2, what="the new router")  # fmt: skip
+        versions = [client.post("/predict", json={"x": [1]}).json()["version"] for _ in range(8)]
+        assert sorted(versions) == [first] * 4 + [second] * 4
     row = state.get(store(), "scorer")
     assert row.status == "serving" and row.url == handle.url
     handle.stop()
