@@ -11,7 +11,9 @@ import httpx
 import pytest
 from serving_app import Scorer, app, register
 from test_serving import _explained, promoted, store, wait_for
+from typer.testing import CliRunner
 
+from kiln.cli import app as cli
 from kiln.serve import state
 from kiln.serve.on_ray import RayEndpoint
 
@@ -90,8 +92,12 @@ def test_an_endpoint_on_ray_serve_answers_traces_and_follows_its_alias(
                               for _ in range(2)}) == 2, what="the new router")  # fmt: skip
         versions = [client.post("/predict", json={"x": [1]}).json()["version"] for _ in range(8)]
         assert sorted(versions) == [first] * 4 + [second] * 4
-    row = state.get(store(), "scorer")
+    # Its figures reach the store, from Ray Serve and the router, for `kiln endpoints`.
+    row = wait_for(lambda: _reported(state.get(store(), "scorer")), timeout=30, what="figures")
     assert row.status == "serving" and row.url == handle.url
+    assert row.stats["versions"][str(second)]["usage"]["cpu_seconds"] > 0
+    shown = CliRunner().invoke(cli, ["endpoints", "show", "scorer"])
+    assert shown.exit_code == 0 and "on Ray Serve" in shown.output, shown.output
     handle.stop()
     assert state.get(store(), "scorer").status == "stopped"
     import ray
@@ -102,6 +108,11 @@ def test_an_endpoint_on_ray_serve_answers_traces_and_follows_its_alias(
         assert not any(name.startswith("scorer") for name in serve.status().applications)
     finally:
         ray.shutdown()
+
+
+def _reported(row: state.EndpointInfo) -> state.EndpointInfo | None:
+    """The row once its figures count the requests sent, on both versions."""
+    return row if row.stats.get("requests", 0) >= 8 and len(row.stats["versions"]) == 2 else None
 
 
 def on_ray_address() -> str:

@@ -134,7 +134,8 @@ def endpoints_show(
     stats = info.stats
     spec = info.spec
     res = spec.get("resources", {})
-    out.print(f"[bold]{info.name}[/]  app {info.app}  model {info.model}  [{info.status}]  "
+    where = " on Ray Serve" if stats.get("engine") == "ray" else ""
+    out.print(f"[bold]{info.name}[/]  app {info.app}  model {info.model}  [{info.status}]{where}  "
               f"{info.url or ''}")  # fmt: skip
     out.print(f"replicas {spec.get('min_replicas')}..{spec.get('max_replicas')}, target "
               f"{spec.get('target_concurrency')} in flight each, idle {spec.get('idle_timeout')}s;"

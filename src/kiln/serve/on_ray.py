@@ -24,6 +24,7 @@ PostgreSQL; see :mod:`kiln.compute.backends.ray`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -57,8 +58,11 @@ class Replica:
 
     def predict(
         self, body: bytes, received_ns: int, trace_id: bytes, parent_id: bytes
-    ) -> tuple[int, bytes, bytes]:
-        return self._handler.predict(body, received_ns, trace_id, parent_id)
+    ) -> tuple[int, bytes, bytes, int, int]:
+        """(status, answer, trace id, CPU ns, wall ns) for one request body."""
+        cpu, wall = time.thread_time_ns(), time.perf_counter_ns()
+        status, answer, trace_out = self._handler.predict(body, received_ns, trace_id, parent_id)
+        return status, answer, trace_out, time.thread_time_ns() - cpu, time.perf_counter_ns() - wall
 
     def __del__(self) -> None:  # Ray Serve's graceful stop: export the queued spans
         from kiln.serve._replica import _warm
@@ -78,6 +82,9 @@ class Router:
         self._split = Split(weights)
         self._handles = {v: serve.get_app_handle(app) for v, app in apps.items()}
         self._refs = refs
+        self._figures = {v: dict.fromkeys(("requests", "errors", "cpu_ns", "busy_ns"), 0)
+                         for v in weights}  # fmt: skip
+        self._latencies: collections.deque[float] = collections.deque(maxlen=4096)
 
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, Response
@@ -91,14 +98,32 @@ class Router:
             return JSONResponse({"error": f"no route {path}; POST .../predict"}, 404)
         if request.method != "POST":
             return JSONResponse({"error": "use POST"}, 405)
+        started = time.perf_counter()
         body = await request.body()
         trace_id, parent_id = _traceparent(request.scope["headers"])
         version = self._split.pick()
-        status, answer, trace_out = await self._handles[version].predict.remote(
+        status, answer, trace_out, cpu_ns, wall_ns = await self._handles[version].predict.remote(
             body, time.time_ns(), trace_id, parent_id
         )
+        figures = self._figures[version]
+        figures["requests"] += 1
+        figures["errors"] += status != 0
+        figures["cpu_ns"] += cpu_ns
+        figures["busy_ns"] += wall_ns
+        self._latencies.append(time.perf_counter() - started)
         headers = {"x-kiln-trace-id": trace_out.hex(), "x-kiln-model": self._refs[version]}
         return Response(answer, STATUS[status], headers, media_type="application/json")
+
+    def stats(self) -> dict[str, Any]:
+        """Requests, errors, CPU and busy time by version, and latency, since it started."""
+        from kiln.serve.server import _quantile
+
+        latencies = sorted(self._latencies)
+        return {
+            "latency_ms": {"p50": _quantile(latencies, 0.5) * 1000,
+                           "p99": _quantile(latencies, 0.99) * 1000},
+            "versions": {v: dict(f) for v, f in self._figures.items()},
+        }  # fmt: skip
 
 
 @dataclass
@@ -214,26 +239,33 @@ class RayEndpoint:
                 _log.warning("kiln: following endpoint %s failed: %s", self.spec.name, exc)
 
     def stats(self) -> dict[str, Any]:
-        """Replicas per version, as Ray Serve reports them."""
+        """Figures for ``kiln endpoints show``: replicas as Ray Serve reports them;
+        requests, errors, latency and resource-seconds per request from the router
+        (since it last changed)."""
+        from kiln.observe.cost import Usage
+
         status = self._serve.status().applications
-        versions = {}
-        for version in self.weights:
-            app = status.get(self.app_name(version))
-            replicas = 0
-            if app is not None:
-                deployment = app.deployments.get("replica")
-                if deployment is not None:
-                    replicas = sum(
-                        n
-                        for s, n in deployment.replica_states.items()
-                        if str(getattr(s, "value", s)) == "RUNNING"
-                    )
-            versions[str(version)] = {"replicas": replicas, "weight": self.weights[version]}
+        router = self._serve.get_app_handle(self.spec.name).stats.remote().result(timeout_s=10)
+        r, gpu_type = self.spec.resources, None
+        total, versions = Usage(), {}
+        for version, weight in self.weights.items():
+            figures = router["versions"].get(version, {})
+            busy_s = figures.get("busy_ns", 0) / 1e9
+            usage = Usage(figures.get("requests", 0), figures.get("cpu_ns", 0) / 1e9,
+                          busy_s * r.gpu, busy_s * r.memory_bytes / 2**30)  # fmt: skip
+            total = total + usage
+            versions[str(version)] = {
+                "weight": weight, "replicas": _running(status.get(self.app_name(version))),
+                "requests": usage.requests, "errors": figures.get("errors", 0),
+                "usage": usage.per_request(),
+            }  # fmt: skip
         return {
-            "engine": "ray",
+            "engine": "ray", "requests": total.requests,
+            "errors": sum(v["errors"] for v in versions.values()),
             "replicas": sum(v["replicas"] for v in versions.values()),
-            "versions": versions,
-        }
+            "latency_ms": router["latency_ms"], "per_request": total.per_request(),
+            "versions": versions, "gpu_type": gpu_type,
+        }  # fmt: skip
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop following, delete the endpoint's Ray Serve applications."""
@@ -257,6 +289,15 @@ class RayEndpoint:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _running(app: Any) -> int:
+    """Running replicas of a version's application, as Ray Serve reports them."""
+    deployment = None if app is None else app.deployments.get("replica")
+    if deployment is None:
+        return 0
+    states = deployment.replica_states.items()
+    return sum(n for s, n in states if str(getattr(s, "value", s)) == "RUNNING")
 
 
 def serve_on_ray(
