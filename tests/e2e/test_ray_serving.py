@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -13,7 +14,9 @@ from serving_app import Scorer, app, register
 from test_serving import _explained, promoted, store, wait_for
 from typer.testing import CliRunner
 
+import kiln
 from kiln.cli import app as cli
+from kiln.observe.why import list_spans
 from kiln.serve import state
 from kiln.serve.on_ray import RayEndpoint
 
@@ -119,3 +122,22 @@ def on_ray_address() -> str:
     import os
 
     return os.environ["KILN_RAY_ADDRESS"]
+
+
+def test_a_batch_job_on_ray_runs_on_ray_actors_and_is_recorded(on_ray: str) -> None:
+    version = promoted(2.0)
+    endpoint = app.endpoint(model="scorer@production", cpu=0.5, max_replicas=2)(Scorer)
+    rows = [{"x": [i]} for i in range(50)] + [{"x": ["bad"]}]
+    result = endpoint.batch(rows, shard_size=10)
+    assert result.rows == 51 and result.rows_failed == 1 and result.shards == 6
+    outputs = result.outputs or []
+    assert [o["score"] for o in outputs[:50]] == [2.0 * i for i in range(50)]  # in order
+    assert outputs[50]["error"].startswith("x.0: ")
+    assert {o["version"] for o in outputs[:50]} == {version}
+    pids = {o["pid"] for o in outputs[:50]}
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids  # Ray actors answered, not us
+    record = kiln.get_run(result.run_id)
+    assert record.status is kiln.RunStatus.SUCCEEDED and record.result["rows"] == 51
+    spans = list_spans(store(), endpoint="scorer", limit=None)  # flushed as each actor stops
+    mine = [s for s in spans if s["attributes"].get("kiln.batch.run_id") == result.run_id]
+    assert len(mine) == 6 and {s["model_version"] for s in mine} == {version}

@@ -144,6 +144,63 @@ async def _compute(
     """Answer the ``todo`` shards on ``n_replicas`` replicas, checkpointing each."""
     if not todo:
         return
+    bar = _Progress(sum(len(shards[i]) for i in todo), progress)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in todo:
+        queue.put_nowait(i)
+    model_path = str(store.blobs.path(version.artifact_sha256))
+    init = setup(endpoint, endpoint.app.settings.store_url, version, model_path)
+
+    async def shard(i: int, answer: Any) -> None:
+        body = await answer
+        answered = body.count(b"\n")
+        if answered != len(shards[i]):
+            raise RuntimeError(f"shard {i}: {len(shards[i])} rows in, {answered} out")
+        await asyncio.to_thread(_write_atomically, job_dir / _part(i), body)
+        bar.advance(len(shards[i]))
+
+    try:
+        if endpoint.app.settings.backend == "ray":
+            await _on_ray(endpoint, init, shards, queue, n_replicas, run_id, shard)
+        else:
+            await _local(endpoint, store, init, shards, queue, n_replicas, run_id, shard)
+    finally:
+        bar.close()
+
+
+async def _on_ray(
+    endpoint: Endpoint[Any], init: dict[str, Any], shards: list[list[bytes]],
+    queue: asyncio.Queue[int], n_replicas: int, run_id: str, shard: Any,
+) -> None:  # fmt: skip
+    """Shards answered by Ray actors of the endpoint's replica."""
+    import ray
+
+    from kiln.serve.on_ray import batch_replicas
+
+    actors, connected = await asyncio.to_thread(batch_replicas, endpoint, init, max(1, n_replicas))
+
+    async def work(actor: Any) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            attributes = {BATCH_RUN_ID: run_id, "kiln.batch.shard": i}
+            rows = b"\n".join(shards[i])
+            await shard(i, actor.batch.remote(rows, time.time_ns(), attributes))
+
+    try:
+        await asyncio.gather(*(work(a) for a in actors))
+    finally:
+        await asyncio.gather(*(a.close.remote() for a in actors), return_exceptions=True)
+        for actor in actors:
+            ray.kill(actor)
+        if connected:
+            ray.shutdown()
+
+
+async def _local(
+    endpoint: Endpoint[Any], store: Any, init: dict[str, Any], shards: list[list[bytes]],
+    queue: asyncio.Queue[int], n_replicas: int, run_id: str, shard: Any,
+) -> None:  # fmt: skip
+    """Shards answered by replica processes, admitted by the local engine's scheduler."""
     from kiln._engine import engine_for
 
     engine = await asyncio.to_thread(engine_for, endpoint.app.settings)
@@ -155,12 +212,6 @@ async def _compute(
         built = await asyncio.to_thread(env_manager(endpoint.app.settings.home, store.blobs).ensure,
                                         spec.env)  # fmt: skip
         python, env_lock = str(built.python), str(built.lock_file)
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in todo:
-        queue.put_nowait(i)
-    model_path = str(store.blobs.path(version.artifact_sha256))
-    init = setup(endpoint, endpoint.app.settings.store_url, version, model_path)
-    bar = _Progress(sum(len(shards[i]) for i in todo), progress)
 
     async def work() -> None:
         import sys
@@ -175,20 +226,16 @@ async def _compute(
                 i = queue.get_nowait()
                 header = json.dumps({BATCH_RUN_ID: run_id, "kiln.batch.shard": i}).encode()
                 body = header + b"\n" + b"\n".join(shards[i])
-                answer = await replica.send(BATCH, body, received_ns=time.time_ns())
-                answered = answer.body.count(b"\n")
-                if answered != len(shards[i]):
-                    raise RuntimeError(f"shard {i}: {len(shards[i])} rows in, {answered} out")
-                await asyncio.to_thread(_write_atomically, job_dir / _part(i), answer.body)
-                bar.advance(len(shards[i]))
+                await shard(i, _body(replica.send(BATCH, body, received_ns=time.time_ns())))
         finally:
             await replica.stop()
             engine.backend.release(lease_id)
 
-    try:
-        await asyncio.gather(*(work() for _ in range(max(1, n_replicas))))
-    finally:
-        bar.close()
+    await asyncio.gather(*(work() for _ in range(max(1, n_replicas))))
+
+
+async def _body(answer: Any) -> bytes:
+    return bytes((await answer).body)
 
 
 class _Progress:

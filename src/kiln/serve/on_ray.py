@@ -64,11 +64,20 @@ class Replica:
         status, answer, trace_out = self._handler.predict(body, received_ns, trace_id, parent_id)
         return status, answer, trace_out, time.thread_time_ns() - cpu, time.perf_counter_ns() - wall
 
-    def __del__(self) -> None:  # Ray Serve's graceful stop: export the queued spans
+    def batch(self, rows: bytes, received_ns: int, attributes: dict[str, Any]) -> bytes:
+        """JSONL answers for JSONL rows, in order (a batch job's shard)."""
+        return self._handler.batch(rows, received_ns, attributes)[1]
+
+    def close(self) -> None:
+        """Export the spans still queued (Ray Serve calls it on a graceful stop)."""
         from kiln.serve._replica import _warm
 
         if "provider" in _warm:
             _warm["provider"].shutdown()
+            del _warm["provider"]
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class Router:
@@ -199,16 +208,10 @@ class RayEndpoint:
         print(f"{self.spec.name}: serving {shares} on Ray at {self.url}", flush=True)
 
     def _replica(self) -> Any:
-        from kiln.compute.backends.ray import uv_runtime_env
-
-        spec, r = self.spec, self.spec.resources
-        actor: dict[str, Any] = {"num_cpus": r.cpu, "num_gpus": r.gpu}
-        if r.memory_bytes:
-            actor["memory"] = r.memory_bytes
-        if self._requirements:
-            actor["runtime_env"] = uv_runtime_env(self._requirements)
+        spec = self.spec
         return self._serve.deployment(
-            Replica, name="replica", ray_actor_options=actor,
+            Replica, name="replica",
+            ray_actor_options=replica_options(self.endpoint, self._requirements),
             max_ongoing_requests=max(2 * spec.target_concurrency, 5),
             autoscaling_config={
                 "min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
@@ -289,6 +292,38 @@ class RayEndpoint:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def replica_options(endpoint: Endpoint[Any], requirements: str | None) -> dict[str, Any]:
+    """A replica's Ray actor options: the endpoint's resources, its env as a runtime_env."""
+    from kiln.compute.backends.ray import uv_runtime_env
+
+    r = endpoint.spec.resources
+    actor: dict[str, Any] = {"num_cpus": r.cpu, "num_gpus": r.gpu}
+    if r.memory_bytes:
+        actor["memory"] = r.memory_bytes
+    if requirements:
+        actor["runtime_env"] = uv_runtime_env(requirements)
+    return actor
+
+
+def batch_replicas(endpoint: Endpoint[Any], init: dict[str, Any], n: int) -> tuple[list[Any], bool]:
+    """``n`` replicas of ``endpoint`` as Ray actors, for a batch job on the Ray engine,
+    and whether this connected to Ray (the job then disconnects when done)."""
+    from kiln.compute.backends.ray import _cluster_inventory, connect
+
+    settings = endpoint.app.settings
+    ray, connected = connect(settings.ray_address)
+    _cluster_inventory(ray.nodes()).check(endpoint.spec.resources)
+    requirements = None
+    if endpoint.spec.env is not None:
+        from kiln.envs.manager import env_manager
+        from kiln.record.recorder import recorder_for
+
+        blobs = recorder_for(settings).blobs
+        requirements = env_manager(settings.home, blobs).lock(endpoint.spec.env).requirements
+    actor = ray.remote(Replica).options(**replica_options(endpoint, requirements))
+    return [actor.remote(init) for _ in range(n)], connected
 
 
 def _running(app: Any) -> int:

@@ -152,7 +152,9 @@ class RayBackend:
 
     def reserve(self, lease_id: str, resources: Resources, priority: int, granted: Grant) -> None:
         raise ConfigError(
-            "KILN_BACKEND", "serving on the Ray engine is not available yet; serve with local"
+            "KILN_BACKEND",
+            "replica processes run on the local engine only: endpoints on Ray are served "
+            "by Ray Serve (kiln serve --backend ray); run batch jobs with KILN_BACKEND=local",
         )
 
     def release(self, lease_id: str) -> None:
