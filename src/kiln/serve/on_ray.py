@@ -38,6 +38,7 @@ from kiln.config import Settings
 from kiln.errors import KilnError
 from kiln.serve import state
 from kiln.serve.replicas import setup
+from kiln.serve.server import _say
 
 if TYPE_CHECKING:
     from kiln.serve.endpoint import Endpoint
@@ -205,7 +206,7 @@ class RayEndpoint:
                 serve.delete(self.app_name(version))
         self.weights = routed
         shares = ", ".join(f"{refs[v]} {w:g}" for v, w in routed.items())
-        print(f"{self.spec.name}: serving {shares} on Ray at {self.url}", flush=True)
+        _say(f"{self.spec.name}: serving {shares} on Ray Serve at {self.url}")
 
     def _replica(self) -> Any:
         spec = self.spec
@@ -232,12 +233,12 @@ class RayEndpoint:
                         self._route(targets)
                     except Exception as exc:  # a version that cannot start: keep the old
                         failed.add(key)
-                        print(f"{self.spec.name}: keeps serving what it served: {exc}")
+                        _say(f"{self.spec.name}: keeps serving what it served: {exc}")
                 if time.monotonic() - last_report >= REPORT_S:
                     last_report = time.monotonic()
                     state.report(self._store, self.spec.name, self.stats(), url=self.url)
             except KilnError as exc:
-                print(f"{self.spec.name}: cannot follow {self.spec.model}: {exc}")
+                _say(f"{self.spec.name}: cannot follow {self.spec.model}: {exc}")
             except Exception as exc:  # the store or the cluster may be briefly unavailable
                 _log.warning("kiln: following endpoint %s failed: %s", self.spec.name, exc)
 
@@ -339,9 +340,13 @@ def serve_on_ray(
     endpoint: Endpoint[Any], *, host: str = "127.0.0.1", port: int = 8000, block: bool = True
 ) -> RayEndpoint | None:
     """Deploy ``endpoint`` on Ray Serve, its HTTP proxy on ``host:port``."""
-    handle = RayEndpoint(endpoint, host, port)
+    handle = RayEndpoint(endpoint, host, port, settings=endpoint.app.settings)
     if not block:
-        handle.start()
+        try:
+            handle.start()
+        except BaseException:
+            handle.stop()  # whatever it deployed before it failed
+            raise
         return handle
 
     def interrupt(*_: object) -> None:
