@@ -227,3 +227,24 @@ def test_concurrent_writers_keep_one_unbroken_audit_chain(settings: Settings) ->
     assert list(verify_chain(iter(rows))) == []
     for s in stores:
         s.close()
+
+
+def test_spans_are_stored_and_read_back_with_their_attributes(store: SqlStore) -> None:
+    from kiln.observe.tracing import compact_row
+    from kiln.observe.why import list_spans
+
+    attrs = {"kiln.endpoint": "fraud", "kiln.model.name": "fraud", "kiln.model.version": 3,
+             "input.value": '{"x": [1, 2]}', "llm.token_count.total": 12,
+             "tags": ("a", "b")}  # fmt: skip
+    now = time.time_ns()
+    store.write_spans([
+        compact_row((7, 1, None, "predict", now, now + 2_000, False, attrs)),
+        compact_row((7, 2, 1, "predict", now + 10, now + 20, True, {"kiln.endpoint": "fraud"})),
+    ])  # fmt: skip
+    spans = {s["span_id"]: s for s in list_spans(store, endpoint="fraud")}
+    first, second = spans[f"{1:016x}"], spans[f"{2:016x}"]
+    assert first["trace_id"] == f"{7:032x}" and first["model_version"] == 3
+    assert first["duration_ns"] == 2_000 and first["status"] == "ok"
+    assert first["attributes"]["tags"] == ["a", "b"]
+    assert first["attributes"]["input.value"] == '{"x": [1, 2]}'
+    assert second["parent_id"] == f"{1:016x}" and second["status"] == "error"

@@ -16,9 +16,14 @@ environment behind it) and, when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, over OT
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
+import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -170,27 +175,44 @@ class PresetIdGenerator(IdGenerator):
         return self._random.generate_trace_id()
 
 
-def span_row(span: ReadableSpan) -> dict[str, Any]:
-    """A finished span as a row of the store's ``spans`` table."""
-    attrs = dict(span.attributes or {})
+Compact = tuple[int, int, int | None, str, int, int, bool, dict[str, Any]]
+
+
+def compact(span: ReadableSpan) -> Compact:
+    """A finished span as a small tuple (cheap to make and to pickle)."""
     context = span.get_span_context()
     trace_id, span_id = (context.trace_id, context.span_id) if context else (0, 0)
     start = span.start_time or 0
+    return (
+        trace_id, span_id, span.parent.span_id if span.parent else None, span.name, start,
+        span.end_time or start, span.status.status_code is StatusCode.ERROR,
+        dict(span.attributes or {}),
+    )  # fmt: skip
+
+
+def compact_row(c: Compact) -> dict[str, Any]:
+    """A compact span as a row of the store's ``spans`` table."""
+    trace_id, span_id, parent_id, name, start, end, error, attrs = c
     version = attrs.get(MODEL_VERSION)
     return {
         "trace_id": f"{trace_id:032x}",
         "span_id": f"{span_id:016x}",
-        "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
-        "name": span.name,
+        "parent_id": None if parent_id is None else f"{parent_id:016x}",
+        "name": name,
         "endpoint": attrs.get(ENDPOINT),
         "model_name": attrs.get(MODEL_NAME),
         "model_version": int(version) if isinstance(version, int) else None,
         "run_id": attrs.get(RUN_ID),
         "start_ns": start,
-        "duration_ns": max(0, (span.end_time or start) - start),
-        "status": "error" if span.status.status_code is StatusCode.ERROR else "ok",
+        "duration_ns": max(0, end - start),
+        "status": "error" if error else "ok",
         "attributes": {k: _plain(v) for k, v in attrs.items()},
     }
+
+
+def span_row(span: ReadableSpan) -> dict[str, Any]:
+    """A finished span as a row of the store's ``spans`` table."""
+    return compact_row(compact(span))
 
 
 def _plain(value: Any) -> Any:
@@ -198,28 +220,40 @@ def _plain(value: Any) -> Any:
 
 
 class StoreSpanExporter(SpanExporter):
-    """Writes spans to the ``spans`` table of a store, opened on the first export (in
-    the batch processor's thread, so opening it costs a replica's start nothing)."""
+    """Sends spans to a writer process of its own (:mod:`kiln.observe._span_writer`),
+    which stores them in the ``spans`` table. Started on the first export, in the
+    batch processor's thread, so it costs a replica's start nothing."""
 
     def __init__(self, store_url: str) -> None:
         self._url = store_url
-        self._store: Any = None
+        self._writer: subprocess.Popen[bytes] | None = None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
-            if self._store is None:
-                from kiln.record.store.sql import SqlStore
-
-                self._store = SqlStore(self._url, create=False)
-            self._store.write_spans([span_row(s) for s in spans])
+            if self._writer is None or self._writer.poll() is not None:
+                self._writer = subprocess.Popen(
+                    [sys.executable, "-m", "kiln.observe._span_writer", self._url],
+                    stdin=subprocess.PIPE,
+                )
+            data = pickle.dumps([compact(s) for s in spans], protocol=5)
+            assert self._writer.stdin is not None  # noqa: S101  made with stdin=PIPE
+            self._writer.stdin.write(struct.pack("!Q", len(data)) + data)
+            self._writer.stdin.flush()
         except Exception as exc:  # an exporter must not take the server down
             _log.warning("kiln: %d spans were not stored: %s", len(spans), exc)
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
-        if self._store is not None:
-            self._store.close()
+        """Close the pipe; the writer stores what it holds, then exits."""
+        if self._writer is not None:
+            with contextlib.suppress(OSError):
+                self._writer.stdin.close()  # type: ignore[union-attr]
+            try:
+                self._writer.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._writer.kill()
+                self._writer.wait()
 
 
 def tracer_provider(
