@@ -59,12 +59,13 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
-def ray_start(*args: str) -> None:
-    """``ray start`` a node of one CPU on this machine (no token authentication: Ray
+def ray_start(*args: str, cpus: int = 1) -> None:
+    """``ray start`` a node of ``cpus`` CPUs on this machine (no token authentication: Ray
     2.5x turns it on for ``ray start``, and a local test cluster does not need it)."""
     ray = Path(sys.executable).with_name("ray")
     subprocess.run(
-        [str(ray), "start", "--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats", *args],
+        [str(ray), "start", "--num-cpus", str(cpus), "--num-gpus", "0", "--disable-usage-stats",
+         *args],
         check=True, capture_output=True, env={**os.environ, **RAY_ENV}, timeout=180,
     )  # fmt: skip
 

@@ -55,16 +55,20 @@ def test_an_unreachable_cluster_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
 
 def test_a_lost_node_fails_its_runs_with_the_cause_and_they_are_retried(on_ray: str) -> None:
     before = _raylets()
-    ray_start("--address", on_ray)  # a third node, to lose
+    ray_start("--address", on_ray, cpus=2)  # a third node, to lose: the only one with 2 CPUs
     (doomed,) = _raylets() - before
     try:
         sweep = four_seconds.sweep(kiln.grid(i=range(6)))  # retries=1
         deadline = time.time() + 60
-        while sum(r.status is kiln.RunStatus.RUNNING for r in sweep.runs) < 3:
-            assert time.time() < deadline, "three runs never started on three nodes"
+        while sum(r.status is kiln.RunStatus.RUNNING for r in sweep.runs) < 4:
+            assert time.time() < deadline, "four runs never started on three nodes"
             time.sleep(0.05)
+        # Only the doomed node could ever hold this one; it waits there, behind the sweep.
+        wide = app.function(cpu=2)(four_seconds.fn).spawn(99)
         _kill_tree(doomed)
         assert sorted(r.result(timeout=120) for r in sweep.runs) == list(range(6))
+        with pytest.raises(kiln.RunFailed, match="no node left in the Ray cluster can hold it"):
+            wide.result(timeout=60)  # not a hang
     finally:
         _kill_tree(doomed)
     attempts = [r.record().resources["attempts"] for r in sweep.runs]

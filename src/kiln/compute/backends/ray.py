@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -65,7 +66,10 @@ from kiln.compute.backends.base import (
     TaskSpec,
 )
 from kiln.compute.resources import Inventory, Resources
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, ValidationError
+
+INVENTORY_S = 5.0  # how often the nodes are listed again while tasks wait
+_log = logging.getLogger("kiln")
 
 
 @dataclass
@@ -206,11 +210,15 @@ class RayBackend:
             self._wake_w.send(b"!")
 
     def _loop(self) -> None:
-        """Take workers' start notices; enforce timeouts, sleeping until the next deadline."""
+        """Take workers' start notices; enforce timeouts, sleeping until the next deadline;
+        follow the cluster's nodes every INVENTORY_S while tasks wait."""
         pending: dict[socket.socket, bytes] = {}
+        next_look = time.monotonic() + INVENTORY_S
         while not self._closing:
             with self._lock:
                 deadlines = [s.deadline for s in self._slots.values() if s.deadline is not None]
+                if self._slots:
+                    deadlines.append(next_look)
             wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             lines: list[bytes] = []
             for key, _ in self._selector.select(wait):
@@ -237,10 +245,34 @@ class RayBackend:
             if lines:
                 self._notices(lines)
             self._enforce_deadlines()
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + INVENTORY_S
+                self._look_at_nodes()
         for key in list(self._selector.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]
         self._selector.close()
         self._wake_w.close()
+
+    def _look_at_nodes(self) -> None:
+        """Take the live nodes as the inventory; fail waiting tasks that no node left
+        can hold (after a node was lost, Ray would keep them waiting for ever)."""
+        try:
+            self.inventory = _cluster_inventory(self._ray.nodes())
+        except Exception as exc:  # the GCS may be briefly unreachable; look again later
+            _log.warning("kiln: could not list the Ray cluster's nodes: %s", exc)
+            return
+        stuck: list[_Slot] = []
+        with self._lock:
+            for slot in self._slots.values():
+                if slot.started or slot.stop_cause:
+                    continue
+                try:
+                    self.inventory.check(slot.spec.resources)
+                except ValidationError as exc:
+                    slot.stop_cause = f"no node left in the Ray cluster can hold it: {exc}"
+                    stuck.append(slot)
+        for slot in stuck:
+            self._ray.cancel(slot.ref, force=True)
 
     def _notices(self, lines: list[bytes]) -> None:
         events: list[TaskEvent] = []
