@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import kiln
 from kiln.cli import app as cli
+from kiln.errors import ValidationError
 from kiln.observe.why import list_spans
 from kiln.serve import state
 from kiln.serve.on_ray import RayEndpoint
@@ -141,3 +142,11 @@ def test_a_batch_job_on_ray_runs_on_ray_actors_and_is_recorded(on_ray: str) -> N
     spans = list_spans(store(), endpoint="scorer", limit=None)  # flushed as each actor stops
     mine = [s for s in spans if s["attributes"].get("kiln.batch.run_id") == result.run_id]
     assert len(mine) == 6 and {s["model_version"] for s in mine} == {version}
+
+
+def test_serving_on_ray_refuses_bad_input_before_deploying() -> None:
+    endpoint = app.endpoint(model="scorer@production", cpu=0.5)(Scorer)
+    with pytest.raises(ValidationError, match="port: Ray Serve's proxy needs a fixed port"):
+        endpoint.serve(port=0, block=False, backend="ray")
+    with pytest.raises(ValidationError, match="backend: 'k8s' cannot serve"):
+        endpoint.serve(port=0, block=False, backend="k8s")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import Settings
-from kiln.errors import KilnError
+from kiln.errors import KilnError, ValidationError
 from kiln.serve import state
 from kiln.serve.replicas import setup
 from kiln.serve.server import _say
@@ -340,6 +340,8 @@ def serve_on_ray(
     endpoint: Endpoint[Any], *, host: str = "127.0.0.1", port: int = 8000, block: bool = True
 ) -> RayEndpoint | None:
     """Deploy ``endpoint`` on Ray Serve, its HTTP proxy on ``host:port``."""
+    if not port:
+        raise ValidationError("port", "Ray Serve's proxy needs a fixed port", allowed="1-65535")
     handle = RayEndpoint(endpoint, host, port, settings=endpoint.app.settings)
     if not block:
         try:
