@@ -230,15 +230,18 @@ class StoreSpanProcessor(SpanProcessor):
     a quiet endpoint has gathered. A batch processor would instead convert
     thousands of spans in bursts on a thread of its own, holding the GIL that
     ``predict`` needs: at a few thousand requests a second that made the tail
-    latency five times worse. The writer process is started on the first send.
+    latency five times worse. The writer process is started by the first full
+    batch; until then (a quiet endpoint, a batch job's few shard spans) the sender
+    thread stores the little there is itself.
     """
 
     def __init__(self, store_url: str) -> None:
         self._url = store_url
         self._pending: list[Compact] = []
         self._lock = threading.Lock()
-        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[bytes | list[Compact] | None] = queue.SimpleQueue()
         self._writer: subprocess.Popen[bytes] | None = None
+        self._store: Any = None  # for the few spans of a quiet spell, before any writer
         self._sender = threading.Thread(target=self._send, name="kiln-spans", daemon=True)
         self._sender.start()
 
@@ -248,29 +251,40 @@ class StoreSpanProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         with self._lock:
             self._pending.append(compact(span))
-            full = len(self._pending) >= FLUSH_SPANS
-            batch = self._take() if full else None
-        if batch is not None:
-            self._outbox.put(batch)
+            if len(self._pending) < FLUSH_SPANS:
+                return
+            batch, self._pending = self._pending, []
+        self._outbox.put(pickle.dumps(batch, protocol=5))
 
-    def _take(self) -> bytes | None:
-        if not self._pending:
-            return None
-        batch, self._pending = self._pending, []
-        return pickle.dumps(batch, protocol=5)
+    def _take(self) -> list[Compact] | None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        return batch or None
 
     def _send(self) -> None:
         while True:
             try:
                 data = self._outbox.get(timeout=EXPORT_DELAY_MS / 1000)
             except queue.Empty:  # a quiet spell: send what has gathered
-                with self._lock:
-                    data = self._take()
+                data = self._take()
                 if data is None:
                     continue
             if data is None:  # shutdown
                 return
-            self._write(data)
+            if isinstance(data, list) and self._writer is None:
+                self._store_here(data)
+            else:
+                self._write(data if isinstance(data, bytes) else pickle.dumps(data, protocol=5))
+
+    def _store_here(self, batch: list[Compact]) -> None:
+        try:
+            if self._store is None:
+                from kiln.record.store.sql import SqlStore
+
+                self._store = SqlStore(self._url, create=False)
+            self._store.write_spans([compact_row(c) for c in batch])
+        except Exception as exc:  # spans must not take the server down
+            _log.warning("kiln: %d spans were not stored: %s", len(batch), exc)
 
     def _write(self, data: bytes) -> None:
         try:
@@ -287,8 +301,7 @@ class StoreSpanProcessor(SpanProcessor):
             _log.warning("kiln: spans were not stored: %s", exc)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        with self._lock:
-            data = self._take()
+        data = self._take()
         if data is not None:
             self._outbox.put(data)
         return True
@@ -298,6 +311,8 @@ class StoreSpanProcessor(SpanProcessor):
         self.force_flush()
         self._outbox.put(None)
         self._sender.join(timeout=30)
+        if self._store is not None:
+            self._store.close()
         if self._writer is not None:
             with contextlib.suppress(OSError):
                 self._writer.stdin.close()  # type: ignore[union-attr]
