@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,16 +120,8 @@ class EnvManager:
     def ensure(self, env: Env) -> Materialized:
         """The built environment for ``env``: cached, or resolved and built now."""
         interpreter, interpreter_id = self._interpreter(env.python)
-        key = env.declaration_key(interpreter_id)
-        declared = self.root / "declarations" / f"{key}.json"
-        resolved = built = False
-        if not declared.is_file():
-            self.root.mkdir(parents=True, exist_ok=True)
-            with _flock(self.root / f".declaration-{key[:16]}.lock", fcntl.LOCK_EX):
-                if not declared.is_file():  # nobody resolved it while we waited
-                    built = self._resolve_and_build(env, declared, interpreter, interpreter_id)
-                    resolved = True
-        record = json.loads(declared.read_text())
+        record, ran = self._declared(env, interpreter, interpreter_id, self._resolve_and_build)
+        resolved, built = ran is not None, bool(ran)
         env_id, lock_sha = record["env_id"], record["lock_sha256"]
         path = self.root / env_id
         if not (path / READY).is_file():  # pruned since: rebuilt from its lock, no resolver
@@ -143,18 +135,7 @@ class EnvManager:
         """The env's identity and lock, resolved if need be, but not built here: for an
         engine that builds its own copy from the lock on each node (Ray's runtime_env)."""
         interpreter, interpreter_id = self._interpreter(env.python)
-        declared = self.root / "declarations" / f"{env.declaration_key(interpreter_id)}.json"
-        if not declared.is_file():
-            self.root.mkdir(parents=True, exist_ok=True)
-            with _flock(self.root / f".declaration-{declared.stem[:16]}.lock", fcntl.LOCK_EX):
-                if not declared.is_file():
-                    with tempfile.TemporaryDirectory(prefix="kiln-resolve-") as work:
-                        lock = self._compile(env, interpreter, self._inputs(env, Path(work)))
-                    env_id = hashlib.sha256(f"{lock}\n{interpreter_id}".encode()).hexdigest()
-                    lock_sha = self.blobs.put_bytes(lock.encode())
-                    record = {"env_id": env_id, "lock_sha256": lock_sha}
-                    _write_atomically(declared, json.dumps(record))
-        record = json.loads(declared.read_text())
+        record, _ = self._declared(env, interpreter, interpreter_id, self._resolve)
         requirements = self.blobs.read(record["lock_sha256"]).decode()
         if env.index:
             requirements += f"--index-url {env.index}\n"
@@ -170,6 +151,34 @@ class EnvManager:
             built = self._build(env_id, lock_sha, interpreter_id, None, interpreter=interpreter)
         (path / LAST_USED).touch()
         return Materialized(env_id, path, path / "bin" / "python", lock_sha, False, built)
+
+    def _declared(
+        self, env: Env, interpreter: str, interpreter_id: str,
+        resolve: Callable[[Env, Path, str, str], bool],
+    ) -> tuple[dict[str, str], bool | None]:  # fmt: skip
+        """The declaration's record (env id, lock blob), made by ``resolve`` if there is
+        none yet, and what ``resolve`` returned (None: it did not run)."""
+        declared = self.root / "declarations" / f"{env.declaration_key(interpreter_id)}.json"
+        ran: bool | None = None
+        if not declared.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            with _flock(self.root / f".declaration-{declared.stem[:16]}.lock", fcntl.LOCK_EX):
+                if not declared.is_file():  # nobody resolved it while we waited
+                    ran = resolve(env, declared, interpreter, interpreter_id)
+        return json.loads(declared.read_text()), ran
+
+    def _resolve(self, env: Env, declared: Path, interpreter: str, interpreter_id: str) -> bool:
+        """Resolve the hashed lock and declare it; nothing is built."""
+        with tempfile.TemporaryDirectory(prefix="kiln-resolve-") as work:
+            lock = self._compile(env, interpreter, self._inputs(env, Path(work)))
+        env_id, lock_sha = self._identity(lock, interpreter_id)
+        _write_atomically(declared, json.dumps({"env_id": env_id, "lock_sha256": lock_sha}))
+        return False
+
+    def _identity(self, lock: str, interpreter_id: str) -> tuple[str, str]:
+        """An env's id (its lock and interpreter) and its lock, stored as a blob."""
+        env_id = hashlib.sha256(f"{lock}\n{interpreter_id}".encode()).hexdigest()
+        return env_id, self.blobs.put_bytes(lock.encode())
 
     def _resolve_and_build(
         self, env: Env, declared: Path, interpreter: str, interpreter_id: str
@@ -191,8 +200,7 @@ class EnvManager:
                 speculative = venv_job.exception() is None
         if not speculative:
             shutil.rmtree(prepared, ignore_errors=True)
-        env_id = hashlib.sha256(f"{lock}\n{interpreter_id}".encode()).hexdigest()
-        lock_sha = self.blobs.put_bytes(lock.encode())
+        env_id, lock_sha = self._identity(lock, interpreter_id)
         built = self._build(
             env_id,
             lock_sha,

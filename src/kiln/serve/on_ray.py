@@ -143,7 +143,6 @@ class RayEndpoint:
     endpoint: Endpoint[Any]
     host: str = "127.0.0.1"
     port: int = 8000
-    settings: Settings = field(default_factory=Settings.from_env)
     url: str = ""
     weights: dict[int, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -151,22 +150,14 @@ class RayEndpoint:
     _started_ray: bool = False
 
     def start(self) -> None:
-        from kiln.compute.backends.ray import _cluster_inventory, connect
         from kiln.record.recorder import recorder_for
 
-        ray, self._started_ray = connect(self.settings.ray_address)
+        self._started_ray, self._options = _on_cluster(self.endpoint)  # Ray is there
         from ray import serve
 
         self._serve = serve
         recorder = recorder_for(self.settings)
         self._store, self._blobs = recorder.store, recorder.blobs
-        _cluster_inventory(ray.nodes()).check(self.spec.resources)
-        self._requirements = None
-        if self.spec.env is not None:
-            from kiln.envs.manager import env_manager
-
-            manager = env_manager(self.settings.home, self._blobs)
-            self._requirements = manager.lock(self.spec.env).requirements
         self._serve.start(http_options={"host": self.host, "port": self.port})
         self.url = f"http://{self.host}:{self.port}/{self.spec.name}"
         self._route(state.targets(self._store, self.spec, self.settings.actor))
@@ -177,6 +168,10 @@ class RayEndpoint:
     @property
     def spec(self) -> Any:
         return self.endpoint.spec
+
+    @property
+    def settings(self) -> Settings:
+        return self.endpoint.app.settings
 
     def app_name(self, version: int) -> str:
         return f"{self.spec.name}-v{version}"
@@ -212,7 +207,7 @@ class RayEndpoint:
         spec = self.spec
         return self._serve.deployment(
             Replica, name="replica",
-            ray_actor_options=replica_options(self.endpoint, self._requirements),
+            ray_actor_options=self._options,
             max_ongoing_requests=max(2 * spec.target_concurrency, 5),
             autoscaling_config={
                 "min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
@@ -295,35 +290,36 @@ class RayEndpoint:
         self.stop()
 
 
-def replica_options(endpoint: Endpoint[Any], requirements: str | None) -> dict[str, Any]:
-    """A replica's Ray actor options: the endpoint's resources, its env as a runtime_env."""
-    from kiln.compute.backends.ray import uv_runtime_env
+def _on_cluster(endpoint: Endpoint[Any]) -> tuple[bool, dict[str, Any]]:
+    """Connect to the endpoint's Ray cluster and check that a node can hold a replica;
+    whether this connected, and a replica's actor options: the endpoint's resources,
+    its env as a uv runtime_env."""
+    from kiln.compute.backends.ray import _cluster_inventory, connect, uv_runtime_env
 
-    r = endpoint.spec.resources
-    actor: dict[str, Any] = {"num_cpus": r.cpu, "num_gpus": r.gpu}
+    settings, spec = endpoint.app.settings, endpoint.spec
+    ray, connected = connect(settings.ray_address)
+    _cluster_inventory(ray.nodes()).check(spec.resources)
+    r = spec.resources
+    options: dict[str, Any] = {"num_cpus": r.cpu, "num_gpus": r.gpu}
     if r.memory_bytes:
-        actor["memory"] = r.memory_bytes
-    if requirements:
-        actor["runtime_env"] = uv_runtime_env(requirements)
-    return actor
+        options["memory"] = r.memory_bytes
+    if spec.env is not None:
+        from kiln.envs.manager import env_manager
+        from kiln.record.recorder import recorder_for
+
+        blobs = recorder_for(settings).blobs
+        requirements = env_manager(settings.home, blobs).lock(spec.env).requirements
+        options["runtime_env"] = uv_runtime_env(requirements)
+    return connected, options
 
 
 def batch_replicas(endpoint: Endpoint[Any], init: dict[str, Any], n: int) -> tuple[list[Any], bool]:
     """``n`` replicas of ``endpoint`` as Ray actors, for a batch job on the Ray engine,
     and whether this connected to Ray (the job then disconnects when done)."""
-    from kiln.compute.backends.ray import _cluster_inventory, connect
+    import ray
 
-    settings = endpoint.app.settings
-    ray, connected = connect(settings.ray_address)
-    _cluster_inventory(ray.nodes()).check(endpoint.spec.resources)
-    requirements = None
-    if endpoint.spec.env is not None:
-        from kiln.envs.manager import env_manager
-        from kiln.record.recorder import recorder_for
-
-        blobs = recorder_for(settings).blobs
-        requirements = env_manager(settings.home, blobs).lock(endpoint.spec.env).requirements
-    actor = ray.remote(Replica).options(**replica_options(endpoint, requirements))
+    connected, options = _on_cluster(endpoint)
+    actor = ray.remote(Replica).options(**options)
     return [actor.remote(init) for _ in range(n)], connected
 
 
@@ -342,7 +338,7 @@ def serve_on_ray(
     """Deploy ``endpoint`` on Ray Serve, its HTTP proxy on ``host:port``."""
     if not port:
         raise ValidationError("port", "Ray Serve's proxy needs a fixed port", allowed="1-65535")
-    handle = RayEndpoint(endpoint, host, port, settings=endpoint.app.settings)
+    handle = RayEndpoint(endpoint, host, port)
     if not block:
         try:
             handle.start()

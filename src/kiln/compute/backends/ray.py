@@ -398,27 +398,22 @@ def uv_runtime_env(requirements: str) -> dict[str, Any]:
 
 def _cluster_inventory(nodes: list[dict[str, Any]]) -> Inventory:
     """Totals over the live nodes, and each node: a task must fit on one of them."""
-    each = []
-    for node in nodes:
-        if not node.get("Alive"):
-            continue
-        res, gpus = node.get("Resources", {}), int(node.get("Resources", {}).get("GPU", 0))
-        each.append(
-            Inventory(
-                cpu=float(res.get("CPU", 0)),
-                memory_bytes=int(res.get("memory", 0)),
-                gpus=tuple(range(gpus)),
-                gpu_names=tuple(f"ray-{i}" for i in range(gpus)),
-            )
-        )
-    gpus = sum(len(n.gpus) for n in each)
-    return Inventory(
-        cpu=sum(n.cpu for n in each),
-        memory_bytes=sum(n.memory_bytes for n in each),
-        gpus=tuple(range(gpus)),
-        gpu_names=tuple(f"ray-{i}" for i in range(gpus)),
-        nodes=tuple(each),
+
+    def inventory(
+        cpu: float, memory: float, gpus: int, nodes: tuple[Inventory, ...] = ()
+    ) -> Inventory:
+        devices = tuple(range(gpus))
+        return Inventory(float(cpu), int(memory), devices, tuple(f"ray-{i}" for i in devices),
+                         nodes)  # fmt: skip
+
+    each = tuple(
+        inventory(r.get("CPU", 0), r.get("memory", 0), int(r.get("GPU", 0)))
+        for r in (n.get("Resources", {}) for n in nodes if n.get("Alive"))
     )
+    return inventory(
+        sum(n.cpu for n in each), sum(n.memory_bytes for n in each),
+        sum(len(n.gpus) for n in each), nodes=each,
+    )  # fmt: skip
 
 
 _loaded: dict[str, Any] = {}
@@ -449,20 +444,23 @@ def _execute(
     shared = shared_home if shared_home is not None else assigned["node_ip"] == back[0]
     scratch: Path | None = None
     if not shared:
-        scratch = _loaded.setdefault("scratch", Path(tempfile.mkdtemp(prefix="kiln-ray-home-")))
+        scratch = _loaded.get("scratch")
+        if scratch is None:
+            scratch = _loaded["scratch"] = Path(tempfile.mkdtemp(prefix="kiln-ray-home-"))
         task = dataclasses.replace(task, store={**task.store, "home": str(scratch)})
 
     for path in reversed(task.sys_path):
         if path not in sys.path:
             sys.path.insert(0, path)
-    functions = _loaded.setdefault("functions", _Functions())
+    if "functions" not in _loaded:  # once per worker: the loaded functions, the runner
+        module, _, name = runner.partition(":")
+        _loaded["functions"] = _Functions()
+        _loaded["runner"] = getattr(importlib.import_module(module), name)
     try:
-        fn = functions.get(task.fn_key, task.fn_payload)
+        fn = _loaded["functions"].get(task.fn_key, task.fn_payload)
     except BaseException as exc:
         return _load_failure(task, exc)
-    module, _, name = runner.partition(":")
-    run = getattr(importlib.import_module(module), name)
-    reply: dict[str, Any] = run(task, fn)
+    reply: dict[str, Any] = _loaded["runner"](task, fn)
     reply["assigned"] = assigned
     if scratch is not None:
         reply["blobs"] = _take_blobs(scratch / "blobs")
