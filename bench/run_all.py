@@ -37,9 +37,10 @@ def main() -> None:
     rows = []
     for bench in BENCHES:
         print(f"running {bench} ...", file=sys.stderr, flush=True)
-        out = subprocess.run(
-            [sys.executable, str(HERE / bench)], capture_output=True, text=True, check=True
-        ).stdout
+        done = subprocess.run([sys.executable, str(HERE / bench)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{bench} failed:\n{done.stderr[-4000:]}")
+        out = done.stdout
         rows += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
