@@ -40,6 +40,13 @@ class Echo:
         return row_echo(row, delay)
 
 
+class BatchEcho(Echo):
+    """Answers a batch job's shard in one call; each answer says how big its call was."""
+
+    def predict_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**row_echo(r["row"]), "call_rows": len(rows)} for r in rows]
+
+
 def register(version_weight: float) -> int:
     """Record a run that saves a model, register it; returns the version number."""
     with app.run(params={"weight": version_weight}) as run:

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from serving_app import Devices, Echo, Scorer, app, register
+from serving_app import BatchEcho, Devices, Echo, Scorer, app, register
 from typer.testing import CliRunner
 
 import kiln
@@ -429,3 +429,17 @@ def test_batch_reads_csv_parquet_and_rows(tmp_path: Path) -> None:
         job.batch(tmp_path / "rows.txt")
     with pytest.raises(kiln.KilnError, match="shard_size"):
         job.batch([{"row": 1}], shard_size=0)
+
+
+def test_batch_calls_predict_batch_once_per_shard(tmp_path: Path) -> None:
+    _echo_model()
+    job = app.endpoint(model="echo@production", name="vjob", cpu=0.5, max_replicas=2)(BatchEcho)
+    rows = [{"row": i} for i in range(25)]
+    rows[3] = {"row": "three"}
+    result = job.batch(rows, shard_size=10)
+    assert result.outputs is not None and result.rows == 25 and result.rows_failed == 1
+    assert [a.get("row") for a in result.outputs] == [*range(3), None, *range(4, 25)]
+    assert result.outputs[3]["error"].startswith("row: ")
+    # one call per shard, of its valid rows: 9 (one refused by validation), 10, 5
+    sizes = [a.get("call_rows") for a in result.outputs]
+    assert sizes == [9] * 3 + [None] + [9] * 6 + [10] * 10 + [5] * 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -15,7 +15,7 @@ import kiln
 from kiln.errors import ConfigError, ValidationError
 from kiln.observe.cost import Prices, Usage
 from kiln.observe.tracing import identity_attributes, span_row, tracer_provider
-from kiln.serve._replica import FAILED, INVALID, OK, Handler
+from kiln.serve._replica import FAILED, INVALID, OK, Handler, batch_answers
 from kiln.serve.autoscale import Autoscaler
 from kiln.serve.server import _traceparent
 from kiln.serve.traffic import Split
@@ -225,6 +225,62 @@ def test_a_batch_answers_every_row_in_order_and_isolates_failures() -> None:
     attrs = dict(exporter.get_finished_spans()[0].attributes or {})
     assert attrs["kiln.batch.rows"] == 3 and attrs["kiln.batch.rows_failed"] == 1
     assert attrs["kiln.batch.shard"] == 4
+
+
+class Vectorized(Model):
+    """Answers a whole shard in one call, and says how many rows that call had."""
+
+    calls: ClassVar[list[int]] = []
+
+    def predict_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.calls.append(len(rows))
+        if any(r["scale"] < 0 for r in rows):
+            raise ValueError("scale must be >= 0")
+        return [{"score": sum(r["features"]) * r["scale"], "of": len(rows)} for r in rows]
+
+
+class Short(Model):
+    def predict_batch(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"score": 0}] * (len(rows) - 1)
+
+
+def test_predict_batch_answers_the_valid_rows_of_a_shard_in_one_call() -> None:
+    handler, exporter = _handler(Vectorized)
+    Vectorized.calls.clear()
+    rows = b'{"features": [1]}\n{"features": "bad"}\n{"features": [2], "scale": 2}\n'
+    status, answer = handler.batch(rows)
+    lines = [json.loads(x) for x in answer.splitlines()]
+    assert status == OK and Vectorized.calls == [2]  # validated first, defaults filled in
+    assert lines[0] == {"score": 1, "of": 2} and lines[2] == {"score": 4, "of": 2}
+    assert lines[1]["error"].startswith("features: ")
+    attrs = dict(exporter.get_finished_spans()[0].attributes or {})
+    assert attrs["kiln.batch.rows"] == 3 and attrs["kiln.batch.rows_failed"] == 1
+    # it raised: every row it was given says why, the invalid one keeps its own error
+    status, answer = handler.batch(b'{"features": [1], "scale": -1}\n{"features": 1}\n')
+    lines = [json.loads(x) for x in answer.splitlines()]
+    assert status == OK and lines[0]["error"] == "ValueError: scale must be >= 0"
+    assert lines[1]["error"].startswith("features: ")
+
+
+def test_predict_batch_with_a_wrong_number_of_answers_is_a_clear_error() -> None:
+    handler, exporter = _handler(Short)
+    status, answer = handler.batch(b'{"features": [1]}\n{"features": [2]}\n')
+    assert status == FAILED
+    error = json.loads(answer)["error"]
+    assert error == ("Short.predict_batch returned 1 answers for 2 rows; it must return one "
+                     "answer per row, in order")  # fmt: skip
+    assert exporter.get_finished_spans()[0].status.status_code == StatusCode.ERROR
+    with pytest.raises(ValidationError, match=r"predict_batch: Short.predict_batch returned 1"):
+        batch_answers(status, answer)
+
+
+def test_a_predict_batch_that_cannot_take_rows_is_refused_at_declaration() -> None:
+    class NoRows(Model):
+        def predict_batch(self) -> list[Any]:
+            return []
+
+    with pytest.raises(ValidationError, match=r"NoRows.predict_batch must take \(self, rows\)"):
+        app.endpoint(model="fraud@production")(NoRows)
 
 
 # -- prices -----------------------------------------------------------------------------

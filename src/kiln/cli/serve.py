@@ -265,9 +265,13 @@ def print_why(info: dict[str, Any]) -> None:
     model = info.get("model")
     if model is None:
         return
-    out.print(f"[bold]model[/] {model['ref']}  artifact {model['artifact']} "
+    via = f"  via {info['routed_by']}" if info.get("routed_by") else ""
+    out.print(f"[bold]model[/] {model['ref']}{via}  artifact {model['artifact']} "
               f"sha256:{model['artifact_sha256'][:12]}  registered by "
               f"{model['registered_by']} {fmt_time(model['registered_at'])}")  # fmt: skip
+    routed_by = info.get("routed_by")
+    if routed_by and "@" in routed_by and not info["promotions"]:
+        out.print(f"  served through {routed_by} by a traffic split; never promoted to it")
     for p in info["promotions"]:
         moved = f"from {p['from_version']}" if p["from_version"] else "(new alias)"
         policy = json.dumps(p["policy"]) if p["policy"] else "no policy"

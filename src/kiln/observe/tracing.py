@@ -48,6 +48,7 @@ MODEL_NAME = "kiln.model.name"
 MODEL_VERSION = "kiln.model.version"
 RUN_ID = "kiln.run.id"
 ENDPOINT = "kiln.endpoint"
+ROUTED_BY = "kiln.endpoint.model"  # the reference the endpoint serves (its alias)
 BATCH_RUN_ID = "kiln.batch.run_id"
 CPU_SECONDS = "kiln.cpu_seconds"
 

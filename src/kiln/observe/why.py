@@ -2,22 +2,34 @@
 
 A span names the immutable model version and run that answered. From there the
 store gives: the version (who registered it, its artifact), every promotion that
-put it under an alias (who, when, why, under which policy: the audit event of the
-move keeps the policy that was checked), and the run (params, metrics, code commit
-and patch, datasets with their hashes, environment and its lock).
+put it under the alias that routed the answer (who, when, why, under which policy:
+the audit event of the move keeps the policy that was checked), and the run
+(params, metrics, code commit and patch, datasets with their hashes, environment
+and its lock).
+
+The alias that routed the answer is the one of the reference its endpoint served
+(``fraud@production``, kept on the span as ``kiln.endpoint.model``). Promotions of
+the same version to other aliases (``staging``, ``shadow``) did not put it behind
+this answer and are left out. An endpoint pinned to a version (``fraud:3``) was
+routed by no alias: the promotions shown are those to the aliases it holds now.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
-from kiln.record.store._schema import alias_moves, spans
+from kiln.observe.tracing import ROUTED_BY
+from kiln.record.store._schema import alias_moves, aliases, endpoints, spans
 from kiln.record.store.sql import SqlStore
+from kiln.registry.refs import parse_ref
+
+if TYPE_CHECKING:
+    from kiln.registry.models import ModelVersion
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -96,7 +108,9 @@ def explain(store: SqlStore, trace_id: str) -> dict[str, Any]:
         "ref": mv.ref, "artifact": mv.artifact, "artifact_sha256": mv.artifact_sha256,
         "registered_by": mv.created_by, "registered_at": mv.created_at, "metrics": mv.metrics,
     }  # fmt: skip
-    out["promotions"] = _promotions(store, name, version)
+    routed_by = attrs.get(ROUTED_BY) or _endpoint_model(store, span["endpoint"])
+    out["routed_by"] = routed_by
+    out["promotions"] = _promotions(store, name, version, _aliases(store, routed_by, mv))
     run = store.get_run(mv.run_id)
     out["run"] = {
         "id": run.id,
@@ -123,12 +137,42 @@ def explain(store: SqlStore, trace_id: str) -> dict[str, Any]:
     return out
 
 
-def _promotions(store: SqlStore, name: str, version: int) -> list[dict[str, Any]]:
-    """Each move of an alias onto ``version``, with the policy its audit event recorded."""
+def _endpoint_model(store: SqlStore, endpoint: str | None) -> str | None:
+    """The reference ``endpoint`` serves (for spans older than ``kiln.endpoint.model``)."""
+    if not endpoint:
+        return None
+    with store.connect() as conn:
+        found = conn.execute(
+            sa.select(endpoints.c.model).where(endpoints.c.name == endpoint)
+        ).scalar()
+    return None if found is None else str(found)
+
+
+def _aliases(store: SqlStore, routed_by: str | None, mv: ModelVersion) -> set[str]:
+    """The aliases whose promotions explain an answer of ``mv``: the one that routed
+    it, or, when no alias did, those that hold ``mv`` now."""
+    if routed_by:
+        name, _, alias = parse_ref(routed_by)
+        if alias is not None and name == mv.name:
+            return {alias}
+    with store.connect() as conn:
+        held = conn.execute(
+            sa.select(aliases.c.alias).where(aliases.c.name == mv.name,
+                                             aliases.c.version == mv.version)
+        ).scalars()  # fmt: skip
+        return set(held)
+
+
+def _promotions(
+    store: SqlStore, name: str, version: int, relevant: set[str]
+) -> list[dict[str, Any]]:
+    """Each move of a ``relevant`` alias onto ``version``, with the policy its audit
+    event recorded."""
     with store.connect() as conn:
         moves = conn.execute(
             sa.select(alias_moves).where(alias_moves.c.name == name,
-                                         alias_moves.c.to_version == version)
+                                         alias_moves.c.to_version == version,
+                                         alias_moves.c.alias.in_(sorted(relevant)))
             .order_by(alias_moves.c.id)
         ).mappings().all()  # fmt: skip
     out = []

@@ -41,6 +41,7 @@ REPLY = struct.Struct("!IBQQQ16s")
 INIT, PREDICT, BATCH, PRELOAD = 0, 1, 2, 3
 OK, INVALID, FAILED, READY, BROKEN = 0, 1, 2, 3, 4
 NO_TRACE = bytes(16)
+BatchPredict = Callable[[list[dict[str, Any]]], Any]
 NO_PARENT = bytes(8)
 
 
@@ -68,6 +69,7 @@ class Handler:
         from kiln.serve._validation import request_model
 
         self._predict: Callable[..., Any] = instance.predict
+        self._predict_batch: BatchPredict | None = getattr(instance, "predict_batch", None)
         self._model = request_model(type(instance))  # type: ignore[arg-type]
         self._names = tuple(self._model.model_fields)
         self._tracer = tracer
@@ -75,6 +77,7 @@ class Handler:
         self._static = dict(span_attributes or {})
         self._llm = kind == "llm"
         self._model_ref = model_ref
+        self._owner = type(instance).__qualname__
 
     def predict(
         self, body: bytes, received_ns: int = 0, trace_id: bytes = NO_TRACE,
@@ -103,24 +106,26 @@ class Handler:
     def batch(self, body: bytes, received_ns: int = 0, attributes: dict[str, Any] | None = None
               ) -> tuple[int, bytes]:  # fmt: skip
         """Answer every line of a JSONL body; one JSONL line out per line in, in order.
-        A row that fails is answered ``{"error": ...}`` and does not stop the others."""
-        from pydantic import ValidationError as Invalid
+        A row that fails is answered ``{"error": ...}`` and does not stop the others.
 
+        With a ``predict_batch(rows)`` on the class, the valid rows go to it in one
+        call (each row a dict of ``predict``'s arguments); if it raises, each of those
+        rows is answered with the error. Answers that are not one per row are the
+        class's bug, not the data's: the status is FAILED and nothing is answered.
+        """
         span = self._start("batch", received_ns, NO_TRACE, NO_PARENT) if self._tracer else None
-        out: list[bytes] = []
-        failed = 0
-        for line in body.split(b"\n"):
-            if not line:
-                continue
-            try:
-                request = self._model.model_validate_json(line)
-                out.append(encode(self._predict(**{n: getattr(request, n) for n in self._names})))
-            except Invalid as exc:
-                failed += 1
-                out.append(invalid_answer(exc))
-            except Exception as exc:
-                failed += 1
-                out.append(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
+        rows = [line for line in body.split(b"\n") if line]
+        try:
+            if self._predict_batch is None:
+                out = [self._answer_row(line) for line in rows]
+            else:
+                out = self._answer_together(self._predict_batch, rows)
+        except BatchContractError as exc:
+            if span is not None:
+                span.set_status(_error_status(), str(exc))
+                span.end()
+            return FAILED, json.dumps({"error": str(exc)}).encode()
+        failed = sum(1 for line in out if line.startswith(b'{"error":'))
         answer = b"\n".join(out) + b"\n"
         if span is not None:
             from kiln.observe.tracing import io_attributes
@@ -131,6 +136,53 @@ class Handler:
                                  "kiln.batch.rows_failed": failed})  # fmt: skip
             span.end()
         return OK, answer
+
+    def _answer_row(self, line: bytes) -> bytes:
+        from pydantic import ValidationError as Invalid
+
+        try:
+            request = self._model.model_validate_json(line)
+            return encode(self._predict(**{n: getattr(request, n) for n in self._names}))
+        except Invalid as exc:
+            return invalid_answer(exc)
+        except Exception as exc:
+            return _error_answer(exc)
+
+    def _answer_together(self, predict_batch: BatchPredict, rows: list[bytes]) -> list[bytes]:
+        """Validate each row, answer the valid ones with one ``predict_batch`` call."""
+        from pydantic import ValidationError as Invalid
+
+        out: list[bytes | None] = []
+        valid: list[dict[str, Any]] = []
+        for line in rows:
+            try:
+                request = self._model.model_validate_json(line)
+            except Invalid as exc:
+                out.append(invalid_answer(exc))
+                continue
+            out.append(None)
+            valid.append({n: getattr(request, n) for n in self._names})
+        answers = self._call_batch(predict_batch, valid) if valid else []
+        found = iter(answers)
+        return [line if line is not None else next(found) for line in out]
+
+    def _call_batch(self, predict_batch: BatchPredict, valid: list[dict[str, Any]]) -> list[bytes]:
+        try:
+            result = predict_batch(valid)
+        except Exception as exc:  # which row made it fail is unknown: each says why
+            return [_error_answer(exc)] * len(valid)
+        where = f"{self._owner}.predict_batch"
+        if isinstance(result, str | bytes | dict) or not hasattr(result, "__len__"):
+            raise BatchContractError(
+                f"{where} returned a {type(result).__name__}; it must return a list with "
+                f"one answer per row, in order ({len(valid)} rows)"
+            )
+        if len(result) != len(valid):
+            raise BatchContractError(
+                f"{where} returned {len(result)} answers for {len(valid)} rows; it must "
+                "return one answer per row, in order"
+            )
+        return [encode(answer) for answer in result]
 
     def _start(self, name: str, received_ns: int, trace_id: bytes, parent_id: bytes) -> Any:
         from opentelemetry import trace
@@ -166,6 +218,29 @@ class Handler:
         elif status == INVALID:
             span.set_status(StatusCode.ERROR, "invalid request")
         span.end()
+
+
+class BatchContractError(Exception):
+    """``predict_batch`` answered something other than one answer per row."""
+
+
+def batch_answers(status: int, body: bytes) -> bytes:
+    """The JSONL answers of a shard, or the error that stopped the replica answering it."""
+    if status != OK:
+        from kiln.errors import ValidationError
+
+        raise ValidationError("predict_batch", json.loads(body)["error"])
+    return body
+
+
+def _error_answer(exc: BaseException) -> bytes:
+    return json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+
+
+def _error_status() -> Any:
+    from opentelemetry.trace import StatusCode
+
+    return StatusCode.ERROR
 
 
 def encode(value: Any) -> bytes:
@@ -242,13 +317,15 @@ def _setup(init: dict[str, Any]) -> tuple[Handler, list[str]]:
     tracer = ids = None
     attrs: dict[str, Any] = {}
     if init.get("tracing"):
-        from kiln.observe.tracing import identity_attributes
+        from kiln.observe.tracing import ROUTED_BY, identity_attributes
 
         tracer, ids = _warm["provider"].get_tracer("kiln.serve"), _warm["ids"]
         attrs = identity_attributes(
             endpoint=init["endpoint"], model_name=init["model_name"],
             model_version=init["model_version"], run_id=init["run_id"], kind=init["kind"],
         )  # fmt: skip
+        if init.get("reference"):  # the alias that routed it, for `kiln why`
+            attrs[ROUTED_BY] = init["reference"]
     handler = Handler(instance, tracer=tracer, ids=ids, span_attributes=attrs, kind=init["kind"],
                       model_ref=f"{init['model_name']}:{init['model_version']}")  # fmt: skip
     return handler, learned

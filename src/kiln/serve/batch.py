@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.errors import ValidationError
 from kiln.observe.tracing import BATCH_RUN_ID
-from kiln.serve._replica import BATCH
+from kiln.serve._replica import BATCH, batch_answers
 from kiln.serve.replicas import Replica, replica_env, reserve, setup
 
 if TYPE_CHECKING:
@@ -235,7 +235,8 @@ async def _local(
 
 
 async def _body(answer: Any) -> bytes:
-    return bytes((await answer).body)
+    reply = await answer
+    return batch_answers(reply.status, bytes(reply.body))
 
 
 class _Progress:

@@ -13,6 +13,10 @@ Example::
 
 ``kiln serve app.py:Fraud`` serves it over HTTP; ``Fraud.batch(rows)`` and
 ``kiln batch app.py:Fraud --input rows.jsonl --output out.jsonl`` run it over data.
+A class that can answer many rows at once (a vectorized model, a GPU batch) adds
+``predict_batch(self, rows: list[dict]) -> list``: batch jobs then call it once per
+shard with every valid row (``predict``'s arguments, validated as for ``predict``)
+and expect one answer per row, in order.
 Every bad argument is refused here, at declaration.
 """
 
@@ -272,7 +276,23 @@ def predict_signature(cls: type[Any]) -> inspect.Signature:
             )  # fmt: skip
     if not params:
         raise ValidationError("endpoint", f"{cls.__qualname__}.predict takes no arguments")
+    _check_predict_batch(cls)
     return sig.replace(parameters=params)
+
+
+def _check_predict_batch(cls: type[Any]) -> None:
+    """An optional ``predict_batch(self, rows)``: batch jobs call it once per shard with
+    a list of ``predict``'s arguments (one dict per row) and take a list of answers."""
+    batch = getattr(cls, "predict_batch", None)
+    if batch is None:
+        return
+    params = list(inspect.signature(batch).parameters.values()) if callable(batch) else []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(params) != 2 or any(p.kind not in positional for p in params):
+        raise ValidationError(
+            "endpoint", f"{cls.__qualname__}.predict_batch must take (self, rows): a list of "
+            "dicts of predict's arguments, and return one answer per row, in order",
+        )  # fmt: skip
 
 
 def _count(field_name: str, value: Any, *, low: int) -> None:

@@ -67,7 +67,9 @@ class Replica:
 
     def batch(self, rows: bytes, received_ns: int, attributes: dict[str, Any]) -> bytes:
         """JSONL answers for JSONL rows, in order (a batch job's shard)."""
-        return self._handler.batch(rows, received_ns, attributes)[1]
+        from kiln.serve._replica import batch_answers
+
+        return batch_answers(*self._handler.batch(rows, received_ns, attributes))
 
     def close(self) -> None:
         """Export the spans still queued (Ray Serve calls it on a graceful stop)."""

@@ -268,6 +268,7 @@ def setup(
     out: dict[str, Any] = {
         "module": source.module, "qualname": source.qualname, "sys_path": list(source.sys_path),
         "endpoint": spec.name, "kind": spec.kind, "tracing": spec.tracing, "store_url": store_url,
+        "reference": spec.model,
     }  # fmt: skip
     if version is not None:
         out.update(model_path=model_path, model_name=version.name,
