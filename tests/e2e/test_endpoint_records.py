@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from serving_app import Scorer, app, register
@@ -14,6 +16,8 @@ from kiln.config import Settings
 from kiln.observe.tracing import ROUTED_BY, identity_attributes, span_row, tracer_provider
 from kiln.observe.why import explain
 from kiln.record.recorder import recorder_for
+from kiln.registry.policy import PolicyError
+from kiln.serve import state
 from kiln.serve._replica import Handler
 
 
@@ -60,3 +64,67 @@ def test_why_lists_only_the_promotions_of_the_alias_that_routed_the_answer() -> 
     # pinned (no alias routed it): the aliases the version holds now
     pinned = explain(store(), answered(first, "scorer:1"))
     assert [p["alias"] for p in pinned["promotions"]] == ["production", "shadow"]
+
+
+# -- a split is held to the promotion policy of the alias it goes through ---------------
+
+
+def test_traffic_to_a_version_failing_the_alias_gate_is_refused_unless_overridden() -> None:
+    first, second = register(1.0), register(2.0)
+    app.models.promote("scorer", first, alias="production")
+    app.models.set_policy("scorer", "production",
+                          {"metrics": {"accuracy": ">= 0.95"}, "allow_dirty": True,
+                           "reproduced": True})  # fmt: skip
+    endpoint = app.endpoint(model="scorer@production", name="scorer")(Scorer)
+    state.announce(store(), endpoint.spec, "http://127.0.0.1:1")
+    split = ["endpoints", "set-traffic", "scorer", f"scorer:{first}=90", f"scorer:{second}=10"]
+    refused = CliRunner().invoke(cli, split)
+    assert refused.exit_code == 1
+    message = str(refused.exception)
+    assert f"scorer:{second}: accuracy: 0.9 is not >= 0.95" in message
+    assert f"scorer:{second}: no reproduction with verdict identical" in message
+    assert f"scorer:{first}:" not in message  # the holder passes
+    assert state.live_traffic(store(), "scorer") is None
+    no_reason = CliRunner().invoke(cli, [*split, "--override-policy"])
+    assert no_reason.exit_code == 1 and "reason: --override-policy needs" in str(
+        no_reason.exception
+    )
+    done = CliRunner().invoke(cli, [*split, "--override-policy", "--reason", "risk signed off"])
+    assert done.exit_code == 0, done.output
+    assert state.live_traffic(store(), "scorer") == {f"scorer:{first}": 90, f"scorer:{second}": 10}
+    (event,) = store().audit_events(action="endpoint.traffic")
+    override = json.loads(event["payload"])["override_policy"]
+    assert event["actor"] == "tester" and override["reason"] == "risk signed off"
+    assert f"scorer:{second}: accuracy: 0.9 is not >= 0.95" in override["failures"]
+    # dropping the split is checked the same way; a version the alias holds passes
+    follow = CliRunner().invoke(cli, ["endpoints", "set-traffic", "scorer", "--follow"])
+    assert follow.exit_code == 0, follow.output
+    app.models.set_policy("scorer", "production", {"metrics": {"accuracy": ">= 0.5"},
+                                                   "allow_dirty": True})  # fmt: skip
+    passed = CliRunner().invoke(cli, split)
+    assert passed.exit_code == 0, passed.output
+
+
+def test_an_approvals_rule_is_met_by_an_approved_request_only() -> None:
+    first, second = register(1.0), register(2.0)
+    app.models.promote("scorer", first, alias="production")
+    app.models.set_policy("scorer", "production", {
+        "allow_dirty": True, "approvals": {"count": 1, "approvers": ["alice", "bob"]},
+    })  # fmt: skip
+    failures = app.models.gate_failures("scorer", second, "production")
+    assert failures == [
+        f"needs 1 approval(s) from alice, bob: no approved promotion request of scorer:{second} "
+        "to @production"
+    ]
+    assert app.models.gate_failures("scorer", first, "production") == []
+
+
+def test_a_declared_split_failing_the_gate_does_not_start() -> None:
+    first, second = register(1.0), register(2.0)
+    app.models.promote("scorer", first, alias="production")
+    app.models.set_policy("scorer", "production", {"metrics": {"accuracy": ">= 0.95"},
+                                                   "allow_dirty": True})  # fmt: skip
+    split = {f"scorer:{first}": 90, f"scorer:{second}": 10}
+    canary = app.endpoint(model="scorer@production", name="canary", cpu=0.5, traffic=split)(Scorer)
+    with pytest.raises(PolicyError, match=f"scorer:{second}: accuracy: 0.9 is not >= 0.95"):
+        canary.serve(port=0, block=False)

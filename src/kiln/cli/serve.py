@@ -180,13 +180,31 @@ def set_traffic(
     follow: Annotated[
         bool, typer.Option("--follow", help="Drop the live split: follow the declared model.")
     ] = False,
+    override_policy: Annotated[
+        bool,
+        typer.Option(
+            "--override-policy",
+            help="Send traffic to versions that fail the followed alias's promotion gates "
+            "(needs --reason; audited).",
+        ),
+    ] = False,
+    reason: Annotated[str | None, typer.Option(help="Why the policy is overridden.")] = None,
 ) -> None:
-    """Change a served endpoint's traffic split live, e.g. digits:3=90 digits:4=10."""
+    """Change a served endpoint's traffic split live, e.g. digits:3=90 digits:4=10.
+
+    For an endpoint that follows an alias (``digits@production``), every version given
+    traffic must pass the gates a promotion to that alias would pass; the refusal
+    names each failing gate.
+    """
     from kiln.config import Settings
     from kiln.serve import state
 
     if follow == bool(split):
         raise ValidationError("split", "give NAME:VERSION=WEIGHT pairs, or --follow")
+    if override_policy and not (reason and reason.strip()):
+        raise ValidationError("reason", "--override-policy needs --reason saying why")
+    if reason is not None and not override_policy:
+        raise ValidationError("reason", "only an --override-policy takes a reason")
     traffic: dict[str, Any] | None = None
     if split:
         traffic = {}
@@ -198,7 +216,10 @@ def set_traffic(
                 raise ValidationError("split", f"{item!r} is not NAME:VERSION=WEIGHT") from None
             if not sep:
                 raise ValidationError("split", f"{item!r} is not NAME:VERSION=WEIGHT")
-    done = state.set_traffic(reader().store, name, traffic, actor=Settings.from_env().actor)
+    done = state.set_traffic(
+        reader().store, name, traffic, actor=Settings.from_env().actor,
+        override_reason=reason.strip() if override_policy and reason else None,
+    )  # fmt: skip
     if done is None:
         console().print(f"{name} follows its declared model again")
     else:

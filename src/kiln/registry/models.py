@@ -280,6 +280,32 @@ class Models:
             found = self._policy(conn, name, alias)
         return found.spec if found else None
 
+    def gate_failures(self, name: str, version: int, alias: str) -> list[str]:
+        """Every gate of ``name@alias``'s stored policy that ``version`` fails, as a
+        promotion would check it, moving nothing (an endpoint's traffic split is held to
+        them). The alias's holder passes; so does every version when there is no policy.
+        An approvals rule is met by an approved promotion request of this version."""
+        _check_alias(alias)
+        with self._store._engine.connect() as conn:
+            candidate = self._version(conn, name, version)  # raises if unknown
+            policy = self._policy(conn, name, alias)
+            if policy is None or self._holder(conn, name, alias) == version:
+                return []
+            failures = self._gates(conn, policy, candidate, alias)
+            approved = conn.execute(
+                sa.select(promotion_requests.c.id).where(
+                    promotion_requests.c.name == name, promotion_requests.c.alias == alias,
+                    promotion_requests.c.version == version,
+                    promotion_requests.c.status == "applied",
+                )
+            ).first()  # fmt: skip
+        if policy.approvals and approved is None:
+            failures.append(
+                f"needs {policy.approvals} approval(s) from {', '.join(policy.approvers)}: "
+                f"no approved promotion request of {name}:{version} to @{alias}"
+            )
+        return failures
+
     def _policy(self, conn: Connection, name: str, alias: str) -> Policy | None:
         spec = conn.execute(
             sa.select(policies.c.policy).where(policies.c.name == name, policies.c.alias == alias)

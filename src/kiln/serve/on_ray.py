@@ -160,6 +160,7 @@ class RayEndpoint:
         self._serve = serve
         recorder = recorder_for(self.settings)
         self._store, self._blobs = recorder.store, recorder.blobs
+        state.check_declared_traffic(self._store, self.spec, self.settings.actor)
         self._serve.start(http_options={"host": self.host, "port": self.port})
         self.url = f"http://{self.host}:{self.port}/{self.spec.name}"
         self._route(state.targets(self._store, self.spec, self.settings.actor))

@@ -560,6 +560,9 @@ class EndpointServer:
             self._python, self._env_lock = str(built.python), str(built.lock_file)
         with contextlib.suppress(OSError, ValueError):
             self._preload = list(json.loads(self._preload_file.read_text()))
+        await asyncio.to_thread(
+            state.check_declared_traffic, self._store, self.spec, self.settings.actor
+        )
         self._refill()
         targets = await asyncio.to_thread(self._targets)
         await self._route(targets)

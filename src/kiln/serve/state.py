@@ -15,10 +15,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from kiln.errors import NotFoundError
+from kiln.errors import KilnError, NotFoundError
 from kiln.record import audit
 from kiln.record.store._schema import endpoints
 from kiln.record.store.sql import SqlStore
+from kiln.registry.policy import PolicyError
+from kiln.registry.refs import parse_ref
 from kiln.serve.endpoint import EndpointSpec, parse_traffic
 
 
@@ -94,25 +96,83 @@ def live_traffic(store: SqlStore, name: str) -> dict[str, float] | None:
 
 
 def set_traffic(
-    store: SqlStore, name: str, traffic: dict[str, Any] | None, *, actor: str
+    store: SqlStore,
+    name: str,
+    traffic: dict[str, Any] | None,
+    *,
+    actor: str,
+    override_reason: str | None = None,
 ) -> dict[str, float] | None:
     """Set a live split for endpoint ``name`` (None: follow its declared model again).
-    Every version named must be registered. Audited as ``endpoint.traffic``."""
+
+    Every version named must be registered, and when the endpoint follows an alias,
+    every version given traffic must pass the gates a promotion to that alias would
+    (:class:`TrafficRefused` names each failure). ``override_reason`` sends it anyway;
+    the override, who made it and why are kept in the ``endpoint.traffic`` audit event.
+    """
     from kiln.registry.models import Models
 
     info = get(store, name)
-    model_name = info.model.partition("@")[0].partition(":")[0]
+    model_name = parse_ref(info.model)[0]
     split = None if traffic is None else parse_traffic(traffic, model_name)
-    if split:
-        models = Models(store, app=info.app, actor=actor)
-        for ref in split:
-            models.get(ref)  # NotFoundError names the missing version
+    models = Models(store, app=info.app, actor=actor)
+    for ref in split or {}:
+        models.get(ref)  # NotFoundError names the missing version
+    payload: dict[str, Any] = {"traffic": split}
+    failures = gate_failures(store, info.model, split or info.spec.get("traffic"), actor=actor)
+    if failures:
+        if override_reason is None:
+            raise TrafficRefused(name, info.model, failures)
+        payload["override_policy"] = {"reason": override_reason, "failures": failures}
     with store.transaction() as conn:
         conn.execute(endpoints.update().where(endpoints.c.name == name).values(traffic=split))
         store.append_events(
-            conn, [audit.Event("endpoint.traffic", name, {"traffic": split}, time.time(), actor)]
+            conn, [audit.Event("endpoint.traffic", name, payload, time.time(), actor)]
         )
     return split
+
+
+class TrafficRefused(PolicyError):
+    """A split would send requests to versions that fail the promotion gates of the
+    alias the endpoint follows; ``failures`` names each, prefixed by its version."""
+
+    def __init__(self, endpoint: str, model: str, failures: list[str]) -> None:
+        self.failures = failures
+        KilnError.__init__(
+            self,
+            f"endpoint {endpoint}: a split through {model} may only send traffic to versions "
+            f"that pass its promotion policy: {'; '.join(failures)}. Promote them first, or "
+            "override with `kiln endpoints set-traffic ... --override-policy --reason TEXT` "
+            "(audited)",
+        )
+
+
+def gate_failures(
+    store: SqlStore, model: str, split: dict[str, float] | None, *, actor: str
+) -> list[str]:
+    """What each version given traffic by ``split`` fails of the promotion gates of the
+    alias ``model`` follows (``name@alias``); nothing for a pinned model or no split."""
+    from kiln.registry.models import Models
+
+    name, _, alias = parse_ref(model)
+    if alias is None or not split:
+        return []
+    models = Models(store, app="", actor=actor)
+    failures = []
+    for ref, weight in split.items():
+        version = parse_ref(ref)[1]
+        if weight > 0 and version is not None:
+            failures += [f"{ref}: {f}" for f in models.gate_failures(name, version, alias)]
+    return failures
+
+
+def check_declared_traffic(store: SqlStore, spec: EndpointSpec, actor: str) -> None:
+    """Refuse to start serving a declared ``traffic=`` split that fails the gates of the
+    alias the endpoint follows (a live split, set and checked by ``set_traffic``, wins)."""
+    if spec.traffic and live_traffic(store, spec.name) is None:
+        failures = gate_failures(store, spec.model, spec.traffic, actor=actor)
+        if failures:
+            raise TrafficRefused(spec.name, spec.model, failures)
 
 
 def get(store: SqlStore, name: str) -> EndpointInfo:
