@@ -252,8 +252,9 @@ def test_alias_moves_under_load_drop_no_request(serve: Callable[..., ServerHandl
         for t in threads:
             t.join()
     assert failures == []
-    stats = handle.app.stats()
-    assert list(stats["versions"]) == [str(first)]  # the rolled-back version was drained
+    stats = wait_for(lambda: _drained(handle.app.stats(), second), what="the version drained")
+    assert stats["versions"][str(second)]["weight"] == 0.0  # rolled back, and still counted
+    assert stats["versions"][str(second)]["requests"] == seen[second]
 
 
 def test_canary_split_by_weight_and_set_live(serve: Callable[..., ServerHandle]) -> None:
@@ -295,7 +296,8 @@ def test_endpoint_figures_and_cost_per_request(
     assert stats["cost_per_1k_requests"] == pytest.approx(
         stats["per_request"]["cpu_seconds"] * 0.01 * 1000
     )
-    state.report(store(), "scorer", stats)
+    assert handle.app._server_id is not None
+    state.report(store(), handle.app._server_id, stats)
     shown = CliRunner().invoke(cli, ["endpoints", "show", "scorer"])
     assert shown.exit_code == 0 and "cost per 1,000 requests: $" in shown.output
     listed = json.loads(CliRunner().invoke(cli, ["endpoints", "ls", "--json"]).output)
@@ -443,3 +445,78 @@ def test_batch_calls_predict_batch_once_per_shard(tmp_path: Path) -> None:
     # one call per shard, of its valid rows: 9 (one refused by validation), 10, 5
     sizes = [a.get("call_rows") for a in result.outputs]
     assert sizes == [9] * 3 + [None] + [9] * 6 + [10] * 10 + [5] * 5
+
+
+# -- several servers of one endpoint; figures of every version ---------------------------
+
+SERVER_APP = """
+import sys
+sys.path.insert(0, {here!r})
+from serving_app import Scorer, app
+Svc = app.endpoint(model="scorer@production", name="scorer", cpu=0.5)(Scorer)
+"""
+
+
+def test_a_dead_server_does_not_hide_a_live_one_and_figures_add_up(
+    serve: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    promoted()
+    live = serve()
+    (tmp_path / "svc.py").write_text(SERVER_APP.format(here=str(HERE)))
+    other = subprocess.Popen(
+        [sys.executable, "-m", "kiln", "serve", f"{tmp_path / 'svc.py'}:Svc", "--port", "0"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        row = wait_for(lambda: _listed(lambda r: len(r["servers"]) == 2), what="two servers")
+        urls = {s["url"] for s in row["servers"]}
+        for url, n in ((live.url, 3), (next(iter(urls - {live.url})), 2)):
+            for _ in range(n):
+                assert httpx.post(f"{url}/predict", json={"x": [1]}).status_code == 200
+        row = wait_for(lambda: _listed(lambda r: r["stats"].get("requests") == 5),
+                       what="both servers' requests")  # fmt: skip
+        assert row["status"] == "serving"
+        shown = CliRunner().invoke(cli, ["endpoints", "ls"])
+        assert "serving (2 servers)" in shown.output, shown.output
+    finally:
+        os.killpg(other.pid, signal.SIGKILL)  # dies without a word, as a crash would
+        other.wait()
+    row = _listed(lambda r: True)
+    assert row is not None and row["status"] == "serving" and row["url"] == live.url
+    assert row["stats"]["requests"] == 3  # the live server's
+    assert sorted(s["status"] for s in row["servers"]) == ["gone", "serving"]
+
+
+def _listed(check: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    listed = CliRunner().invoke(cli, ["endpoints", "ls", "--json"])
+    rows = [r for r in json.loads(listed.output) if r["name"] == "scorer"]
+    return rows[0] if rows and check(rows[0]) else None
+
+
+def test_request_counts_include_a_canary_after_its_split_ends(
+    serve: Callable[..., ServerHandle],
+) -> None:
+    first = promoted(1.0)
+    second = register(2.0)
+    handle = serve()
+    set_split = ["endpoints", "set-traffic", "scorer", f"scorer:{first}=50", f"scorer:{second}=50"]
+    assert CliRunner().invoke(cli, set_split).exit_code == 0
+    wait_for(lambda: len(handle.app.weights) == 2, what="the split")
+    with httpx.Client(base_url=handle.url) as client:
+        seen = Counter(client.post("/predict", json={"x": [1]}).json()["version"]
+                       for _ in range(10))  # fmt: skip
+    assert seen == {first: 5, second: 5}
+    follow = CliRunner().invoke(cli, ["endpoints", "set-traffic", "scorer", "--follow"])
+    assert follow.exit_code == 0, follow.output
+    wait_for(lambda: list(handle.app.weights) == [first], what="the canary's end")
+    stats = wait_for(lambda: _drained(handle.app.stats(), second), what="the canary drained")
+    assert stats["requests"] == 10
+    assert stats["versions"][str(second)]["requests"] == 5
+    assert stats["versions"][str(second)]["weight"] == 0.0
+    row = wait_for(lambda: _listed(lambda r: r["stats"].get("requests") == 10),
+                   what="the figures in the store")  # fmt: skip
+    assert row["stats"]["versions"][str(second)]["requests"] == 5
+
+
+def _drained(stats: dict[str, Any], version: int) -> dict[str, Any] | None:
+    return stats if stats["versions"][str(version)]["replicas"] == 0 else None

@@ -110,8 +110,10 @@ def endpoints_ls(as_json: JsonOpt = False) -> None:
         table.add_column(col)
     for info in infos:
         stats = info.stats
+        live = sum(1 for s in info.servers if s.status == "serving")
         table.add_row(
-            info.name, info.model + (" (split)" if info.traffic else ""), info.status,
+            info.name, info.model + (" (split)" if info.traffic else ""),
+            info.status + (f" ({live} servers)" if live > 1 else ""),
             info.url or "", str(stats.get("replicas", "")), str(stats.get("requests", "")),
             fmt_value(stats.get("latency_ms", {}).get("p99", "")), fmt_time(info.updated_at),
         )  # fmt: skip
@@ -143,6 +145,10 @@ def endpoints_show(
               f"{res.get('memory_bytes', 0) / 2**20:.0f} MiB")  # fmt: skip
     if info.traffic:
         out.print("live split: " + ", ".join(f"{k} {v:g}" for k, v in info.traffic.items()))
+    for server in info.servers:
+        out.print(f"server {server.id[:8]}  {server.status}  {server.url or ''}  pid "
+                  f"{server.pid} on {server.host}  since {fmt_time(server.started_at)}  "
+                  f"requests {server.stats.get('requests', 0)}", highlight=False)  # fmt: skip
     lat = stats.get("latency_ms", {})
     out.print(f"requests {stats.get('requests', 0)}  errors {stats.get('errors', 0)}  "
               f"in flight {stats.get('inflight', 0)}  p50 {lat.get('p50', 0):.2f} ms  "

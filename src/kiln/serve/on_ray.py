@@ -47,6 +47,7 @@ _log = logging.getLogger("kiln")
 POLL_S = 0.5
 REPORT_S = 5.0
 STATUS = {0: 200, 1: 422, 2: 500}  # the replica's OK, INVALID, FAILED
+_COUNTS = ("requests", "errors", "cpu_ns", "busy_ns")  # a router's figures of a version
 
 
 class Replica:
@@ -94,8 +95,7 @@ class Router:
         self._split = Split(weights)
         self._handles = {v: serve.get_app_handle(app) for v, app in apps.items()}
         self._refs = refs
-        self._figures = {v: dict.fromkeys(("requests", "errors", "cpu_ns", "busy_ns"), 0)
-                         for v in weights}  # fmt: skip
+        self._figures = {v: dict.fromkeys(_COUNTS, 0) for v in weights}
         self._latencies: collections.deque[float] = collections.deque(maxlen=4096)
 
     async def __call__(self, request: Any) -> Any:
@@ -150,6 +150,8 @@ class RayEndpoint:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _started_ray: bool = False
+    _server_id: str | None = None  # its row among the endpoint's servers, once announced
+    _past: dict[int, dict[str, int]] = field(default_factory=dict)  # of replaced routers
 
     def start(self) -> None:
         from kiln.record.recorder import recorder_for
@@ -164,7 +166,7 @@ class RayEndpoint:
         self._serve.start(http_options={"host": self.host, "port": self.port})
         self.url = f"http://{self.host}:{self.port}/{self.spec.name}"
         self._route(state.targets(self._store, self.spec, self.settings.actor))
-        state.announce(self._store, self.spec, self.url)
+        self._server_id = state.announce(self._store, self.spec, self.url)
         self._thread = threading.Thread(target=self._follow, name="kiln-serve-ray", daemon=True)
         self._thread.start()
 
@@ -196,6 +198,7 @@ class RayEndpoint:
                 serve.run(self._replica().bind(init), name=self.app_name(version),
                           route_prefix=None)  # fmt: skip
         apps = {v: self.app_name(v) for v in routed}
+        self._carry_figures()
         router = serve.deployment(Router, name="router", ray_actor_options={"num_cpus": 0})
         serve.run(router.bind(routed, apps, refs), name=self.spec.name,
                   route_prefix=f"/{self.spec.name}")  # fmt: skip
@@ -232,32 +235,56 @@ class RayEndpoint:
                     except Exception as exc:  # a version that cannot start: keep the old
                         failed.add(key)
                         _say(f"{self.spec.name}: keeps serving what it served: {exc}")
-                if time.monotonic() - last_report >= REPORT_S:
+                if self._server_id and time.monotonic() - last_report >= REPORT_S:
                     last_report = time.monotonic()
-                    state.report(self._store, self.spec.name, self.stats(), url=self.url)
+                    state.report(self._store, self._server_id, self.stats(), url=self.url)
             except KilnError as exc:
                 _say(f"{self.spec.name}: cannot follow {self.spec.model}: {exc}")
             except Exception as exc:  # the store or the cluster may be briefly unavailable
                 _log.warning("kiln: following endpoint %s failed: %s", self.spec.name, exc)
 
+    def _router_figures(self) -> dict[str, Any]:
+        handle = self._serve.get_app_handle(self.spec.name)
+        figures: dict[str, Any] = handle.stats.remote().result(timeout_s=10)
+        return figures
+
+    def _carry_figures(self) -> None:
+        """Keep the counts of the router about to be replaced, so that the endpoint's
+        figures count every version's requests since it started (a canary's too, after
+        its split ends). Requests answered between this and the swap are not counted."""
+        if not self.weights:
+            return
+        try:
+            router = self._router_figures()
+        except Exception as exc:  # the old router is gone: its counts with it
+            _log.warning("kiln: %s: the router's figures were lost: %s", self.spec.name, exc)
+            return
+        for version, figures in router["versions"].items():
+            past = self._past.setdefault(version, dict.fromkeys(_COUNTS, 0))
+            for key in _COUNTS:
+                past[key] += figures.get(key, 0)
+
     def stats(self) -> dict[str, Any]:
         """Figures for ``kiln endpoints show``: replicas as Ray Serve reports them;
-        requests, errors, latency and resource-seconds per request from the router
-        (since it last changed)."""
+        requests, errors and resource-seconds per request of every version routed since
+        it started (from the routers), latency from the current router."""
         from kiln.observe.cost import Usage
 
         status = self._serve.status().applications
-        router = self._serve.get_app_handle(self.spec.name).stats.remote().result(timeout_s=10)
+        router = self._router_figures()
         r, gpu_type = self.spec.resources, None
         total, versions = Usage(), {}
-        for version, weight in self.weights.items():
-            figures = router["versions"].get(version, {})
+        for version in sorted({*self.weights, *router["versions"], *self._past}):
+            now, past = router["versions"].get(version, {}), self._past.get(version, {})
+            figures = {k: now.get(k, 0) + past.get(k, 0) for k in _COUNTS}
+            weight = self.weights.get(version, 0.0)
             busy_s = figures.get("busy_ns", 0) / 1e9
             usage = Usage(figures.get("requests", 0), figures.get("cpu_ns", 0) / 1e9,
                           busy_s * r.gpu, busy_s * r.memory_bytes / 2**30)  # fmt: skip
             total = total + usage
             versions[str(version)] = {
-                "weight": weight, "replicas": _running(status.get(self.app_name(version))),
+                "weight": weight,
+                "replicas": _running(status.get(self.app_name(version))) if weight else 0,
                 "requests": usage.requests, "errors": figures.get("errors", 0),
                 "usage": usage.per_request(),
             }  # fmt: skip
@@ -278,9 +305,9 @@ class RayEndpoint:
             self._serve.delete(self.spec.name)
             for version in self.weights:
                 self._serve.delete(self.app_name(version))
-        with contextlib.suppress(Exception):
-            state.report(self._store, self.spec.name, {"engine": "ray"}, status="stopped",
-                         url=self.url)  # fmt: skip
+        if self._server_id is not None:
+            with contextlib.suppress(Exception):
+                state.report(self._store, self._server_id, None, status="stopped", url=self.url)
         if self._started_ray:
             import ray
 

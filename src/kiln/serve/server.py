@@ -140,6 +140,8 @@ class EndpointServer:
         self._preload: list[str] = []
         self._engine: Any = None
         self._store: Any = None
+        self._server_id: str | None = None  # its row among the endpoint's servers
+        self._retired: list[Pool] = []  # pools of versions no longer routed (a canary's)
 
     # -- ASGI ---------------------------------------------------------------------------
 
@@ -192,6 +194,7 @@ class EndpointServer:
         try:
             answer = await self._forward(pool, body, received, trace_id, parent)
         except (ReplicaDied, _Unavailable) as exc:
+            pool.requests += 1
             pool.errors += 1
             self._metrics.count(pool.version.version, 503)
             await _respond(send, 503, {"error": str(exc)})
@@ -402,6 +405,7 @@ class EndpointServer:
         self.pools = {v: p for v, p in pools.items() if v not in old}
         self._metrics.routing(self.weights, self.pools)
         for version in old:
+            self._retired.append(pools[version])  # its requests still count
             self._tasks.append(asyncio.create_task(self._drain(pools[version])))
         if fresh or old:
             shares = ", ".join(
@@ -462,11 +466,12 @@ class EndpointServer:
             self._tasks = [t for t in self._tasks if not t.done()]
 
     async def _report(self) -> None:
-        while not self._closing:
+        server_id = self._server_id
+        while not self._closing and server_id is not None:
             await asyncio.sleep(REPORT_S)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
-                    state.report, self._store, self.spec.name, self.stats(), url=self.url
+                    state.report, self._store, server_id, self.stats(), url=self.url
                 )
 
     def _gauges(self) -> None:
@@ -478,31 +483,32 @@ class EndpointServer:
 
     def stats(self) -> dict[str, Any]:
         """Figures for ``kiln endpoints show``: requests, errors, latency, replicas, and
-        resource-seconds and cost per request, by version and in all."""
+        resource-seconds and cost per request, by version and in all. Every version
+        served since it started counts, also one no longer routed (a canary's)."""
         latencies = sorted(self._latencies)
         total = Usage()
         versions: dict[str, Any] = {}
         gpu_type = self._gpu_type()
-        memory_gb = self.spec.resources.memory_bytes / 2**30
-        for version, pool in self.pools.items():
-            busy_s = pool.busy_ns / 1e9
-            usage = Usage(pool.requests, pool.cpu_ns / 1e9, busy_s * self.spec.resources.gpu,
-                          busy_s * memory_gb)  # fmt: skip
+        by_version: dict[int, list[Pool]] = {}
+        for pool in [*self._retired, *self.pools.values()]:
+            by_version.setdefault(pool.version.version, []).append(pool)
+        for version, pools in sorted(by_version.items()):
+            usage = self._usage(pools)
             total = total + usage
             versions[str(version)] = {
                 "weight": self.weights.get(version, 0.0),
-                "replicas": len(pool.replicas),
-                "requests": pool.requests,
-                "errors": pool.errors,
-                "cold_starts_s": pool.cold_starts[-5:],
+                "replicas": sum(len(p.replicas) for p in pools),
+                "requests": usage.requests,
+                "errors": sum(p.errors for p in pools),
+                "cold_starts_s": [c for p in pools for c in p.cold_starts][-5:],
                 "usage": usage.per_request(),
-                "run_id": pool.version.run_id,
+                "run_id": pools[0].version.run_id,
             }
         out: dict[str, Any] = {
             "requests": total.requests,
-            "errors": sum(p.errors for p in self.pools.values()),
+            "errors": sum(v["errors"] for v in versions.values()),
             "inflight": self.inflight,
-            "replicas": sum(len(p.replicas) for p in self.pools.values()),
+            "replicas": sum(v["replicas"] for v in versions.values()),
             "latency_ms": {
                 "p50": _quantile(latencies, 0.5) * 1000,
                 "p99": _quantile(latencies, 0.99) * 1000,
@@ -514,6 +520,16 @@ class EndpointServer:
         if self.prices is not None:
             out["cost_per_1k_requests"] = self.prices.per_1k_requests(total, gpu_type)
         return out
+
+    def _usage(self, pools: list[Pool]) -> Usage:
+        """What the requests of ``pools`` (one version's) used."""
+        memory_gb = self.spec.resources.memory_bytes / 2**30
+        total = Usage()
+        for pool in pools:
+            busy_s = pool.busy_ns / 1e9
+            total = total + Usage(pool.requests, pool.cpu_ns / 1e9,
+                                  busy_s * self.spec.resources.gpu, busy_s * memory_gb)  # fmt: skip
+        return total
 
     def _gpu_type(self) -> str | None:
         names = self._engine.inventory.gpu_names if self._engine else ()
@@ -566,7 +582,7 @@ class EndpointServer:
         self._refill()
         targets = await asyncio.to_thread(self._targets)
         await self._route(targets)
-        await asyncio.to_thread(state.announce, self._store, self.spec, self.url)
+        self._server_id = await asyncio.to_thread(state.announce, self._store, self.spec, self.url)
         self.ready = True
         self._background = [asyncio.create_task(c()) for c in (self._watch, self._scale,
                                                                self._report)]  # fmt: skip
@@ -591,12 +607,12 @@ class EndpointServer:
         for replica in self._spawned:
             replica.close()
         await asyncio.sleep(0.05)  # the pipes' close callbacks run on the next turns
-        if self._store is not None:
+        if self._server_id is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
                     state.report,
                     self._store,
-                    self.spec.name,
+                    self._server_id,
                     self.stats(),
                     status="stopped",
                     url=self.url,

@@ -1,13 +1,19 @@
 """Endpoints in the store: what is served where, its live traffic split and its figures.
 
-A serving process writes its row when it starts, its figures every few seconds and
-``stopped`` when it ends; ``kiln endpoints ls|show`` read them. ``set_traffic`` is
-how another process changes a live split: the server polls its row and follows.
+An endpoint's row holds what is declared (model, spec) and its live split. Each
+process serving it has a row of its own in ``endpoint_servers``: written when it
+starts, its figures every few seconds (its heartbeat) and ``stopped`` when it ends.
+Several processes may serve one endpoint (on other ports or machines), so one of
+them stopping or dying says nothing of the others: ``kiln endpoints ls|show`` show
+the endpoint serving while any of them is, with their figures added up.
+``set_traffic`` is how another process changes a live split: servers poll the
+endpoint's row and follow.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -17,15 +23,43 @@ import sqlalchemy as sa
 
 from kiln.errors import KilnError, NotFoundError
 from kiln.record import audit
-from kiln.record.store._schema import endpoints
+from kiln.record.store._schema import endpoint_servers, endpoints
 from kiln.record.store.sql import SqlStore
 from kiln.registry.policy import PolicyError
 from kiln.registry.refs import parse_ref
 from kiln.serve.endpoint import EndpointSpec, parse_traffic
 
+# A server reports every few seconds (2 s locally, 5 s on Ray); one silent this long
+# is gone, whatever its pid says (the pid may since belong to another process).
+STALE_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """One process serving an endpoint: ``serving``, ``stopped``, or ``gone`` (it ended
+    without saying so: its pid is no more, or its reports stopped)."""
+
+    id: str
+    url: str | None
+    host: str | None
+    pid: int | None
+    status: str
+    stats: dict[str, Any]
+    started_at: float
+    updated_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
 
 @dataclass(frozen=True, slots=True)
 class EndpointInfo:
+    """An endpoint as ``kiln endpoints`` shows it: what is declared, and its servers.
+
+    ``status`` is ``serving`` while any server is; ``url``, ``host``, ``pid`` and
+    ``started_at`` are those of the newest live server (or the newest one); ``stats``
+    add up the live servers' figures (or, when none is live, the last ones')."""
+
     name: str
     app: str
     model: str
@@ -38,16 +72,18 @@ class EndpointInfo:
     stats: dict[str, Any]
     started_at: float | None
     updated_at: float
+    servers: tuple[ServerInfo, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        out["servers"] = [s.to_dict() for s in self.servers]
+        return out
 
 
 def targets(store: SqlStore, spec: EndpointSpec, actor: str) -> dict[int, float]:
     """Which versions get what share now: the live split, the declared split, or the
     holder of the model reference."""
     from kiln.registry.models import Models
-    from kiln.registry.refs import parse_ref
 
     split = live_traffic(store, spec.name) or spec.traffic
     if split:
@@ -55,36 +91,53 @@ def targets(store: SqlStore, spec: EndpointSpec, actor: str) -> dict[int, float]
     return {Models(store, app=spec.app, actor=actor).get(spec.model).version: 100.0}
 
 
-def announce(store: SqlStore, spec: EndpointSpec, url: str) -> None:
-    """Record that this process serves ``spec`` at ``url`` (a live split set earlier is kept)."""
+def announce(store: SqlStore, spec: EndpointSpec, url: str) -> str:
+    """Record that this process serves ``spec`` at ``url``; returns its server id, which
+    its reports name. A live split set earlier is kept; rows of servers of this endpoint
+    that are no longer live are cleared."""
     now = time.time()
-    values = {
-        "app": spec.app, "model": spec.model, "spec": spec.to_json(), "url": url,
-        "host": socket.gethostname(), "pid": os.getpid(), "status": "serving", "stats": {},
-        "started_at": now, "updated_at": now,
-    }  # fmt: skip
+    server_id = secrets.token_hex(8)
+    declared = {"app": spec.app, "model": spec.model, "spec": spec.to_json(), "updated_at": now}
     with store.transaction() as conn:
         exists = conn.execute(
             sa.select(endpoints.c.name).where(endpoints.c.name == spec.name)
         ).first()
         if exists is None:
-            conn.execute(endpoints.insert().values(name=spec.name, traffic=None, **values))
+            conn.execute(endpoints.insert().values(name=spec.name, traffic=None, **declared))
         else:
-            conn.execute(endpoints.update().where(endpoints.c.name == spec.name).values(**values))
-        store.append_events(conn, [audit.Event("endpoint.serve", spec.name,
-                                               {"model": spec.model, "url": url}, now,
-                                               store.actor)])  # fmt: skip
+            conn.execute(endpoints.update().where(endpoints.c.name == spec.name).values(**declared))
+        rows = conn.execute(
+            sa.select(endpoint_servers).where(endpoint_servers.c.endpoint == spec.name)
+        ).mappings()
+        ended = [r["id"] for r in rows if _server(dict(r)).status != "serving"]
+        if ended:
+            conn.execute(endpoint_servers.delete().where(endpoint_servers.c.id.in_(ended)))
+        conn.execute(endpoint_servers.insert().values(
+            id=server_id, endpoint=spec.name, url=url, host=socket.gethostname(), pid=os.getpid(),
+            status="serving", stats={}, started_at=now, updated_at=now,
+        ))  # fmt: skip
+        payload = {"model": spec.model, "url": url, "server": server_id, "pid": os.getpid()}
+        store.append_events(
+            conn, [audit.Event("endpoint.serve", spec.name, payload, now, store.actor)]
+        )
+    return server_id
 
 
 def report(
-    store: SqlStore, name: str, stats: dict[str, Any], *, status: str = "serving",
+    store: SqlStore, server_id: str, stats: dict[str, Any] | None, *, status: str = "serving",
     url: str | None = None,
 ) -> None:  # fmt: skip
-    values: dict[str, Any] = {"stats": stats, "status": status, "updated_at": time.time()}
+    """The figures of one server (its heartbeat), or its ``stopped`` as it ends
+    (``stats=None`` keeps the figures it reported last)."""
+    values: dict[str, Any] = {"status": status, "updated_at": time.time()}
+    if stats is not None:
+        values["stats"] = stats
     if url:
         values["url"] = url
     with store.transaction() as conn:
-        conn.execute(endpoints.update().where(endpoints.c.name == name).values(**values))
+        conn.execute(
+            endpoint_servers.update().where(endpoint_servers.c.id == server_id).values(**values)
+        )
 
 
 def live_traffic(store: SqlStore, name: str) -> dict[str, float] | None:
@@ -178,27 +231,68 @@ def check_declared_traffic(store: SqlStore, spec: EndpointSpec, actor: str) -> N
 def get(store: SqlStore, name: str) -> EndpointInfo:
     with store.connect() as conn:
         row = conn.execute(sa.select(endpoints).where(endpoints.c.name == name)).mappings().first()
-    if row is None:
-        raise NotFoundError(f"no endpoint {name!r}; `kiln endpoints ls` lists them")
-    return _info(dict(row))
+        if row is None:
+            raise NotFoundError(f"no endpoint {name!r}; `kiln endpoints ls` lists them")
+        servers = _servers(conn, [name])
+    return _info(dict(row), servers.get(name, []))
 
 
 def all_endpoints(store: SqlStore) -> list[EndpointInfo]:
     with store.connect() as conn:
-        rows = conn.execute(sa.select(endpoints).order_by(endpoints.c.name)).mappings()
-        return [_info(dict(r)) for r in rows]
+        rows = [dict(r) for r in conn.execute(sa.select(endpoints).order_by(endpoints.c.name))
+                .mappings()]  # fmt: skip
+        servers = _servers(conn, [r["name"] for r in rows])
+    return [_info(r, servers.get(r["name"], [])) for r in rows]
 
 
-def _info(row: dict[str, Any]) -> EndpointInfo:
+def _servers(conn: Any, names: list[str]) -> dict[str, list[ServerInfo]]:
+    """The servers of the endpoints ``names``, newest first."""
+    out: dict[str, list[ServerInfo]] = {}
+    rows = conn.execute(
+        sa.select(endpoint_servers).where(endpoint_servers.c.endpoint.in_(names))
+        .order_by(endpoint_servers.c.started_at.desc())
+    ).mappings()  # fmt: skip
+    for row in rows:
+        out.setdefault(row["endpoint"], []).append(_server(dict(row)))
+    return out
+
+
+def _server(row: dict[str, Any]) -> ServerInfo:
+    row.pop("endpoint", None)
     row["stats"] = row["stats"] or {}
     if row["status"] == "serving" and not _alive(row):
         row["status"] = "gone"  # its process ended without saying so
-    return EndpointInfo(**row)
+    return ServerInfo(**row)
+
+
+def _info(row: dict[str, Any], servers: list[ServerInfo]) -> EndpointInfo:
+    live = [s for s in servers if s.status == "serving"]
+    counted = live or servers
+    if live:
+        status = "serving"
+    elif any(s.status == "gone" for s in servers):
+        status = "gone"
+    else:
+        status = "stopped"
+    shown = counted[0] if counted else None
+    return EndpointInfo(
+        name=row["name"], app=row["app"], model=row["model"], spec=row["spec"],
+        traffic=row["traffic"], url=shown.url if shown else None,
+        host=shown.host if shown else None, pid=shown.pid if shown else None,
+        status=status, stats=combine([s.stats for s in counted]),
+        started_at=shown.started_at if shown else None,
+        updated_at=max([row["updated_at"], *(s.updated_at for s in servers)]),
+        servers=tuple(servers),
+    )  # fmt: skip
 
 
 def _alive(row: dict[str, Any]) -> bool:
+    """Whether a server that said it serves still does: its reports keep coming (every
+    few seconds), and on this machine its process still exists."""
+    if time.time() - row["updated_at"] > STALE_S:
+        return False
     if row["host"] != socket.gethostname() or not row["pid"]:
-        return True  # another machine's process: trust its last report
+        return True  # another machine's process: its reports are all we can see
     try:
         os.kill(int(row["pid"]), 0)
     except ProcessLookupError:
@@ -206,3 +300,50 @@ def _alive(row: dict[str, Any]) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# -- figures of several servers added up ---------------------------------------------------
+
+_SUMMED = ("requests", "errors", "inflight", "replicas")
+
+
+def combine(figures: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of several servers of one endpoint as one: counts added up, per
+    request costs weighted by requests, latency quantiles the worst server's (quantiles
+    cannot be added; the worst is an upper bound)."""
+    figures = [f for f in figures if f]
+    if len(figures) <= 1:
+        return dict(figures[0]) if figures else {}
+    out = {k: v for f in reversed(figures) for k, v in f.items()}  # the newest's wins
+    for key in _SUMMED:
+        out[key] = sum(f.get(key, 0) for f in figures)
+    quantiles = {q for f in figures for q in f.get("latency_ms", {})}
+    out["latency_ms"] = {q: max(f.get("latency_ms", {}).get(q, 0.0) for f in figures)
+                         for q in sorted(quantiles)}  # fmt: skip
+    out["per_request"] = _weighted([(f.get("requests", 0), f.get("per_request", {}))
+                                    for f in figures])  # fmt: skip
+    if any("cost_per_1k_requests" in f for f in figures):
+        out["cost_per_1k_requests"] = _weighted(
+            [(f.get("requests", 0), {"c": f.get("cost_per_1k_requests", 0.0)}) for f in figures]
+        )["c"]
+    versions: dict[str, list[dict[str, Any]]] = {}
+    for f in figures:
+        for version, v in f.get("versions", {}).items():
+            versions.setdefault(str(version), []).append(v)
+    out["versions"] = {k: _combine_version(vs) for k, vs in versions.items()}
+    return out
+
+
+def _combine_version(figures: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {k: v for f in reversed(figures) for k, v in f.items()}
+    for key in ("requests", "errors", "replicas"):
+        out[key] = sum(f.get(key, 0) for f in figures)
+    out["usage"] = _weighted([(f.get("requests", 0), f.get("usage", {})) for f in figures])
+    out["cold_starts_s"] = [c for f in figures for c in f.get("cold_starts_s", [])][-5:]
+    return out
+
+
+def _weighted(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    total = sum(n for n, _ in parts)
+    keys = {k for _, values in parts for k in values}
+    return {k: sum(n * v.get(k, 0.0) for n, v in parts) / max(total, 1) for k in sorted(keys)}

@@ -187,13 +187,23 @@ endpoints = sa.Table(
     sa.Column("model", sa.String(300), nullable=False),  # the reference it serves
     sa.Column("spec", JSONType, nullable=False),  # resources, replicas, target concurrency
     sa.Column("traffic", JSONType),  # {"name:7": 90, "name:8": 10}, or null: follow the model
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+# 0008: each process serving an endpoint (several may serve one), its liveness and figures.
+endpoint_servers = sa.Table(
+    "endpoint_servers",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("endpoint", sa.String(200), nullable=False),
     sa.Column("url", sa.String(500)),
     sa.Column("host", sa.String(255)),
     sa.Column("pid", sa.Integer),
     sa.Column("status", sa.String(16), nullable=False),  # serving, stopped
     sa.Column("stats", JSONType),  # requests, errors, cpu/gpu seconds, replicas, by version
-    sa.Column("started_at", sa.Double),
-    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),  # its heartbeat: every report
+    sa.Index("ix_endpoint_servers_endpoint", "endpoint"),
 )
 
 spans = sa.Table(
