@@ -18,6 +18,7 @@ from kiln.observe.tracing import identity_attributes, span_row, tracer_provider
 from kiln.serve._replica import FAILED, INVALID, OK, Handler, batch_answers
 from kiln.serve.autoscale import Autoscaler
 from kiln.serve.server import _traceparent
+from kiln.serve.state import combine
 from kiln.serve.traffic import Split
 
 app = kiln.App("units")
@@ -281,6 +282,27 @@ def test_a_predict_batch_that_cannot_take_rows_is_refused_at_declaration() -> No
 
     with pytest.raises(ValidationError, match=r"NoRows.predict_batch must take \(self, rows\)"):
         app.endpoint(model="fraud@production")(NoRows)
+
+
+def test_the_figures_of_several_servers_add_up() -> None:
+    a = {"requests": 30, "errors": 1, "inflight": 2, "replicas": 1,
+         "latency_ms": {"p50": 1.0, "p99": 9.0}, "per_request": {"cpu_seconds": 0.01},
+         "versions": {"1": {"weight": 90, "replicas": 1, "requests": 27, "errors": 1,
+                            "usage": {"cpu_seconds": 0.01}, "cold_starts_s": [0.5]},
+                      "2": {"weight": 10, "replicas": 0, "requests": 3, "errors": 0,
+                            "usage": {"cpu_seconds": 0.01}, "cold_starts_s": []}}}  # fmt: skip
+    b = {"requests": 10, "errors": 0, "inflight": 0, "replicas": 2,
+         "latency_ms": {"p50": 2.0, "p99": 4.0}, "per_request": {"cpu_seconds": 0.03},
+         "versions": {"2": {"weight": 10, "replicas": 2, "requests": 10, "errors": 0,
+                            "usage": {"cpu_seconds": 0.03}, "cold_starts_s": [0.7]}}}  # fmt: skip
+    both = combine([a, b])
+    assert (both["requests"], both["errors"], both["inflight"], both["replicas"]) == (40, 1, 2, 3)
+    assert both["latency_ms"] == {"p50": 2.0, "p99": 9.0}  # the worst server's
+    assert both["per_request"]["cpu_seconds"] == pytest.approx((30 * 0.01 + 10 * 0.03) / 40)
+    canary = both["versions"]["2"]
+    assert canary["requests"] == 13 and canary["replicas"] == 2
+    assert canary["usage"]["cpu_seconds"] == pytest.approx((3 * 0.01 + 10 * 0.03) / 13)
+    assert combine([a]) == a and combine([]) == {}
 
 
 # -- prices -----------------------------------------------------------------------------

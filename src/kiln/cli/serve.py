@@ -230,7 +230,9 @@ def set_traffic(
         console().print(f"{name} follows its declared model again")
     else:
         shares = ", ".join(f"{k} {100 * v / sum(done.values()):.0f}%" for k, v in done.items())
-        console().print(f"{name}: {shares} (a serving process follows within a second)")
+        overridden = " (policy override recorded in the audit log)" if override_policy else ""
+        console().print(f"{name}: {shares}{overridden} (a serving process follows within a "
+                        "second)")  # fmt: skip
 
 
 # -- traces ---------------------------------------------------------------------------

@@ -262,19 +262,29 @@ def _server(row: dict[str, Any]) -> ServerInfo:
     row["stats"] = row["stats"] or {}
     if row["status"] == "serving" and not _alive(row):
         row["status"] = "gone"  # its process ended without saying so
+    if row["status"] != "serving":
+        row["stats"] = _ended(row["stats"])
     return ServerInfo(**row)
+
+
+def _ended(stats: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a server that ended: its counts stay, its replicas are no more."""
+    if not stats:
+        return stats
+    versions = {k: {**v, "replicas": 0} for k, v in stats.get("versions", {}).items()}
+    return {**stats, "replicas": 0, "inflight": 0, "versions": versions}
 
 
 def _info(row: dict[str, Any], servers: list[ServerInfo]) -> EndpointInfo:
     live = [s for s in servers if s.status == "serving"]
     counted = live or servers
+    shown = counted[0] if counted else None
     if live:
         status = "serving"
-    elif any(s.status == "gone" for s in servers):
-        status = "gone"
+    elif servers:  # what the last one to say anything said: stopped, or gone silent
+        status = max(servers, key=_last_word).status
     else:
         status = "stopped"
-    shown = counted[0] if counted else None
     return EndpointInfo(
         name=row["name"], app=row["app"], model=row["model"], spec=row["spec"],
         traffic=row["traffic"], url=shown.url if shown else None,
@@ -284,6 +294,10 @@ def _info(row: dict[str, Any], servers: list[ServerInfo]) -> EndpointInfo:
         updated_at=max([row["updated_at"], *(s.updated_at for s in servers)]),
         servers=tuple(servers),
     )  # fmt: skip
+
+
+def _last_word(server: ServerInfo) -> float:
+    return server.updated_at
 
 
 def _alive(row: dict[str, Any]) -> bool:
