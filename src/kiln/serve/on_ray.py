@@ -198,10 +198,11 @@ class RayEndpoint:
                 serve.run(self._replica().bind(init), name=self.app_name(version),
                           route_prefix=None)  # fmt: skip
         apps = {v: self.app_name(v) for v in routed}
-        self._carry_figures()
+        carried = self._carried_figures()
         router = serve.deployment(Router, name="router", ray_actor_options={"num_cpus": 0})
         serve.run(router.bind(routed, apps, refs), name=self.spec.name,
                   route_prefix=f"/{self.spec.name}")  # fmt: skip
+        self._past = carried  # only once the old router is replaced: no double count
         for version in self.weights:
             if version not in routed:
                 serve.delete(self.app_name(version))
@@ -248,21 +249,24 @@ class RayEndpoint:
         figures: dict[str, Any] = handle.stats.remote().result(timeout_s=10)
         return figures
 
-    def _carry_figures(self) -> None:
-        """Keep the counts of the router about to be replaced, so that the endpoint's
-        figures count every version's requests since it started (a canary's too, after
-        its split ends). Requests answered between this and the swap are not counted."""
+    def _carried_figures(self) -> dict[int, dict[str, int]]:
+        """The counts of the routers so far, the one about to be replaced included, so
+        that the endpoint's figures count every version's requests since it started (a
+        canary's too, after its split ends). Requests answered between this and the
+        swap are not counted."""
+        past = {v: dict(f) for v, f in self._past.items()}
         if not self.weights:
-            return
+            return past
         try:
             router = self._router_figures()
         except Exception as exc:  # the old router is gone: its counts with it
             _log.warning("kiln: %s: the router's figures were lost: %s", self.spec.name, exc)
-            return
+            return past
         for version, figures in router["versions"].items():
-            past = self._past.setdefault(version, dict.fromkeys(_COUNTS, 0))
+            counts = past.setdefault(version, dict.fromkeys(_COUNTS, 0))
             for key in _COUNTS:
-                past[key] += figures.get(key, 0)
+                counts[key] += figures.get(key, 0)
+        return past
 
     def stats(self) -> dict[str, Any]:
         """Figures for ``kiln endpoints show``: replicas as Ray Serve reports them;
