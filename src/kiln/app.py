@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from kiln.config import Settings
 from kiln.errors import ValidationError
 from kiln.record.model import RunRecord, RunStatus
+from kiln.record.resolve import RunLike, resolve_run
 from kiln.record.runs import ActiveRun, caller_module
 from kiln.record.store.base import RunQuery
 from kiln.record.values import check_name
@@ -171,17 +172,22 @@ def runs(
     status: str | RunStatus | Iterable[str | RunStatus] | None = None,
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
-    parent: str | None = None,
+    parent: RunLike | None = None,
     env_id: str | None = None,
     order_by: str = "-created",
     limit: int | None = 100,
+    reproductions: bool = False,
     settings: Settings | None = None,
 ) -> list[RunRecord]:
     """Query recorded runs.
 
     ``order_by`` is ``created``, ``started``, ``ended``, ``name`` or ``status``, or the
     name of a summary metric; prefix ``-`` for descending. Runs without the metric
-    come last. ``params`` and ``tags`` filter on equality.
+    come last; ties go to the run created first. ``params`` and ``tags`` filter on
+    equality. ``parent`` is a sweep (its handle, record or id): a live ``kiln.Sweep``
+    is waited for first, so its runs are listed with their results. Reproductions of
+    other runs (``kiln reproduce``) are left out unless ``reproductions=True`` (or a
+    ``reproduced_from`` tag is asked for).
 
     Example::
 
@@ -191,22 +197,30 @@ def runs(
         raise ValidationError("limit", f"{limit!r} is not a count", allowed="an int >= 0 or None")
     if not isinstance(order_by, str) or not order_by.lstrip("-+"):
         raise ValidationError("order_by", f"{order_by!r} names no field or metric")
+    store = _reader(settings).store
+    tag_filter = {k: str(v) for k, v in (tags or {}).items()}
+    sweep = None if parent is None else resolve_run(parent, store, field="parent", ended=True)
     query = RunQuery(
         app=app,
         status=_statuses(status),
         params=dict(params or {}),
-        tags={k: str(v) for k, v in (tags or {}).items()},
-        parent_id=parent,
+        tags=tag_filter,
+        parent_id=None if sweep is None else sweep.id,
         env_id=env_id,
         order_by=order_by,
         limit=limit,
+        reproductions=reproductions or "reproduced_from" in tag_filter,
     )
-    return _reader(settings).store.query_runs(query)
+    return store.query_runs(query)
 
 
-def get_run(run_id: str, *, settings: Settings | None = None) -> RunRecord:
-    """The run with this id, or a unique prefix of it."""
-    return _reader(settings).store.get_run(run_id)
+def get_run(run: RunLike, *, settings: Settings | None = None) -> RunRecord:
+    """The record of a run: given its id or a unique prefix of it, its ``kiln.Run``
+    handle (once its row is written) or a record (read again, as stored now)."""
+    store = _reader(settings).store
+    if isinstance(run, RunRecord):
+        return store.get_run(run.id)
+    return resolve_run(run, store, field="run")
 
 
 def _reader(settings: Settings | None) -> Recorder:

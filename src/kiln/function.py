@@ -16,39 +16,42 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import functools
 import hashlib
 import inspect
+import io
 import itertools
 import os
+import pickle
 import socket
 import sys
-import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, ParamSpec, TypeVar
 
 import cloudpickle
 
 from kiln._engine import Call, Engine, engine_for
+from kiln._sweep import Sweep, _Tally, check_spec
 from kiln.compute.backends.base import Outcome, TaskSpec
 from kiln.compute.resources import Resources, detect_inventory
 from kiln.config import Settings
-from kiln.errors import EnvError, NotFoundError, RunFailed, ValidationError
+from kiln.errors import EnvError, RunFailed, ValidationError
 from kiln.record.model import Artifact, CodeSnapshot, RunRecord, RunStatus
 from kiln.record.runs import ActiveRun, Dataset, input_row, new_run_id
 from kiln.record.snapshot import capture_environment
 from kiln.record.values import to_json
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
-
     from kiln.app import App
     from kiln.envs.manager import Locked, Materialized
+    from kiln.record.lineage import Lineage
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -113,95 +116,12 @@ class Run(Generic[R]):
         self._engine.wait_recorded(self.id)
         return self._engine.recorder.store.get_run(self.id)
 
+    def lineage(self) -> Lineage:
+        """The runs and artifacts upstream and downstream of this run, as recorded now."""
+        return self.record().lineage()
+
     def __repr__(self) -> str:
         return f"<Run {self.id[:8]} {self.status}>"
-
-
-class Sweep:
-    """A group of runs under one parent record: what ``Function.sweep`` returns."""
-
-    def __init__(self, sweep_id: str, runs: list[Run[Any]], engine: Engine) -> None:
-        self.id = sweep_id
-        self.runs = runs
-        self._engine = engine
-
-    def wait(self, timeout: float | None = None) -> Sweep:
-        concurrent.futures.wait([r._future for r in self.runs], timeout)
-        return self
-
-    def results(self, *, return_exceptions: bool = False) -> list[Any]:
-        """Every run's result, in order. A failure raises, unless ``return_exceptions``."""
-        out = []
-        for run in self.runs:
-            try:
-                out.append(run.result())
-            except RunFailed as exc:
-                if not return_exceptions:
-                    raise
-                out.append(exc)
-        return out
-
-    def best(self, metric: str, mode: str = "max") -> RunRecord:
-        """The succeeded run with the highest (``mode="max"``) or lowest summary ``metric``."""
-        if mode not in ("max", "min"):
-            raise ValidationError("mode", f"{mode!r} is not a mode", allowed=["max", "min"])
-        self.wait()
-        order = f"-{metric}" if mode == "max" else metric
-        query = _runs_query(self.id, order, limit=1)
-        found = self._engine.recorder.store.query_runs(query)
-        if not found or metric not in found[0].summary:
-            raise NotFoundError(f"no succeeded run of sweep {self.id} has the metric {metric!r}")
-        return found[0]
-
-    def table(self) -> list[dict[str, Any]]:
-        """One row per run (id, status, params, summary metrics), in submission order.
-        ``pandas.DataFrame(sweep.table())`` makes a frame of it."""
-        self.wait()
-        records = {
-            r.id: r
-            for r in self._engine.recorder.store.query_runs(_runs_query(self.id, "created", None))
-        }
-        rows = []
-        for run in self.runs:
-            rec = records[run.id]
-            rows.append({"id": rec.id, "status": str(rec.status), **rec.params, **rec.summary})
-        return rows
-
-    def __rich__(self) -> RenderableType:
-        from rich.table import Table
-
-        rows = self.table()
-        table = Table(title=f"sweep {self.id[:8]}", header_style="bold")
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        for col in columns:
-            table.add_column(col, justify="left" if col in ("id", "status") else "right")
-        for row in rows:
-            table.add_row(*(_cell(row.get(c)) for c in columns))
-        return table
-
-    def __repr__(self) -> str:
-        return f"<Sweep {self.id[:8]} of {len(self.runs)} runs>"
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, str) and len(value) == 32:
-        return value[:8]
-    return str(value)
-
-
-def _runs_query(parent: str, order_by: str, limit: int | None) -> Any:
-    from kiln.record.store.base import RunQuery
-
-    return RunQuery(
-        parent_id=parent,
-        status=(RunStatus.SUCCEEDED,) if limit else (),
-        order_by=order_by,
-        limit=limit,
-    )
 
 
 class MapResult(Iterator[Any]):
@@ -345,51 +265,33 @@ class Function(Generic[P, R]):
         # Records are written while the runs run; a handle's record() waits for its row.
         return MapResult(self._submit(calls, wait=False), return_exceptions=return_exceptions)
 
-    def sweep(self, spec: Sequence[Mapping[str, Any]]) -> Sweep:
+    def sweep(self, spec: Sequence[Mapping[str, Any]], /, **fixed: Any) -> Sweep:
         """Run once per dict of keyword arguments (``kiln.grid`` makes them), under one
-        parent record. Returns at once; the :class:`Sweep` waits when asked for results."""
-        if isinstance(spec, Mapping) or not isinstance(spec, Sequence) or not spec:
-            raise ValidationError("spec", "must be a non-empty list of dicts (see kiln.grid)")
-        for i, item in enumerate(spec):
-            if not isinstance(item, Mapping):
-                raise ValidationError(f"spec[{i}]", f"{item!r} is not a dict of arguments")
+        parent record; ``fixed`` keyword arguments go to every run (a dataset, say).
+
+        Returns at once, while the runs queue and run; ``sweep.wait()`` blocks until
+        they end, and ``best``, ``table``, ``results`` and ``records`` wait first.
+
+        Example::
+
+            sweep = train.sweep(kiln.grid(lr=[0.1, 0.01], depth=[3, 5]), data=ds)
+            best = sweep.wait().best("accuracy")
+        """
+        calls = check_spec(spec, fixed)
         sweep_id = new_run_id()
         engine = engine_for(self.app.settings)
-        remaining = [len(spec)]
-        failed = [0]
-        lock = threading.Lock()
-
-        def child_done(call: Call, outcome: Outcome) -> None:
-            with lock:
-                remaining[0] -= 1
-                failed[0] += outcome.status != "succeeded"
-                last = remaining[0] == 0
-            if last:
-                self._finish_sweep(engine, sweep_id, len(spec), failed[0])
-
-        parent = self._row(self.app.settings, sweep_id, {"runs": len(spec)}, None, time.time())
+        tally = _Tally(engine, sweep_id, len(calls))
+        parent = self._row(self.app.settings, sweep_id, {"runs": len(calls)}, None, time.time())
         parent.update(
             status=str(RunStatus.RUNNING),
             started_at=parent["created_at"],
             tags={"kind": "sweep"},
             resources=None,
         )
-        runs = self._submit([((), dict(item)) for item in spec], parent=parent, on_done=child_done)
-        return Sweep(sweep_id, runs, engine)
+        runs = self._submit([((), kw) for kw in calls], parent=parent, on_done=tally.run_done)
+        return Sweep(sweep_id, runs, engine, function=self, calls=calls, tally=tally)
 
     # -- internals -------------------------------------------------------------------
-
-    def _finish_sweep(self, engine: Engine, sweep_id: str, total: int, failed: int) -> None:
-        from kiln.record.store.base import WriteBatch
-
-        update = {
-            "id": sweep_id,
-            "status": str(RunStatus.FAILED if failed else RunStatus.SUCCEEDED),
-            "ended_at": time.time(),
-            "result": {"runs": total, "succeeded": total - failed, "failed": failed},
-            "error": f"{failed} of {total} runs did not succeed" if failed else None,
-        }
-        engine.recorder.store.write(WriteBatch(updates=[update]))
 
     def _params(
         self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
@@ -463,10 +365,14 @@ class Function(Generic[P, R]):
         *,
         parent: dict[str, Any] | None = None,
         on_done: Callable[[Call, Outcome], None] | None = None,
+        parent_id: str | None = None,
         tags: dict[str, str] | None = None,
         wait: bool = True,
+        each_tags: Sequence[Mapping[str, str]] | None = None,
     ) -> list[Run[R]]:
         checked = [(args, kwargs, *self._params(args, kwargs)) for args, kwargs in calls]
+        """Record and start one run per call: under ``parent`` (a new sweep row, written
+        first) or ``parent_id`` (an existing one), tagged ``tags`` plus its ``each_tags``."""
         settings = self.app.settings
         engine = engine_for(settings)
         engine.inventory.check(self.resources)
@@ -480,9 +386,10 @@ class Function(Generic[P, R]):
         }
         sys_path, cwd = _code_paths(), str(Path.cwd())
         now = time.time()
-        parent_id = parent["id"] if parent else None
+        parent_id = parent["id"] if parent else parent_id
+        own_tags = list(each_tags) if each_tags is not None else [{}] * len(checked)
         prepared = []
-        for args, kwargs, params, datasets in checked:
+        for i, (args, kwargs, params, datasets) in enumerate(checked):
             run_id = new_run_id()
             spec = TaskSpec(
                 run_id=run_id,
@@ -500,8 +407,10 @@ class Function(Generic[P, R]):
                 env_lock=str(built.lock_file) if built else None,
                 requirements=getattr(env, "requirements", None),
             )
-            row = self._row(settings, run_id, params, parent_id, now)
-            row["tags"] = dict(tags or {})
+            # Created a microsecond apart, in call order: "created first" is a stable
+            # tie-break (Sweep.best) and lists show a sweep in grid order.
+            row = self._row(settings, run_id, params, parent_id, now + i * 1e-6)
+            row["tags"] = {**(tags or {}), **own_tags[i]}
             call = Call(row, spec, retries=self.retries)
             if env is not None:
                 call.environment = {"env_id": env.env_id, "lock_sha256": env.lock_sha256}
@@ -602,14 +511,38 @@ def _result_record(value: Any) -> Any:
 
 def _by_value(fn: Callable[..., Any]) -> bytes:
     module = sys.modules.get(fn.__module__)
-    data: bytes
     if module is None or module.__name__ in ("__main__", "builtins"):
-        data = cloudpickle.dumps(fn)
-        return data
+        return _dumps_keeping_files(fn)
     cloudpickle.register_pickle_by_value(module)
+def _dumps_keeping_files(fn: Callable[..., Any]) -> bytes:
+    """cloudpickle, but code objects keep their file name.
+
+    cloudpickle names the file of every function it ships by value
+    ``<dynamic-code>`` (for payloads that do not depend on where the code lives),
+    so a remote traceback could not say where the error is. A run's payload is
+    keyed by its own hash anyway; the real file name costs nothing here.
+    """
+    buffer = io.BytesIO()
+    _FilePickler(buffer, protocol=pickle.DEFAULT_PROTOCOL).dump(fn)
+    return buffer.getvalue()
+
+
+def _code_reduce(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
+    rebuild, args = _CLOUDPICKLE_CODE_REDUCE(code)
+    return rebuild, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+_CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+class _FilePickler(cloudpickle.Pickler):  # type: ignore[misc]
+    dispatch_table: ClassVar[Mapping[type, Any]] = collections.ChainMap(
+        {types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table
+    )
+
+
     try:
-        data = cloudpickle.dumps(fn)
-        return data
+        return _dumps_keeping_files(fn)
     finally:
         cloudpickle.unregister_pickle_by_value(module)
 

@@ -25,6 +25,7 @@ from kiln.config import Settings
 from kiln.errors import KilnError, RunFailed, ValidationError
 from kiln.function import Function
 from kiln.record.model import Artifact, RunRecord
+from kiln.record.resolve import RunLike, resolve_run
 from kiln.record.runs import Dataset
 
 Verdict = Literal["identical", "within tolerance", "different", "failed"]
@@ -72,7 +73,7 @@ def _j(value: float | None) -> float | str | None:
 
 
 def reproduce(
-    run_id: str,
+    run_id: RunLike,
     *,
     settings: Settings | None = None,
     allow_data_drift: bool = False,
@@ -85,7 +86,7 @@ def reproduce(
     from kiln.record.recorder import recorder_for
 
     store = recorder_for(settings, create=False).store
-    original = store.get_run(run_id)
+    original = resolve_run(run_id, store, field="run_id", ended=True)  # a handle, record or id
     if not original.function:
         raise ReproduceError(
             f"run {original.id} was recorded by hand (app.run), not by a function: "

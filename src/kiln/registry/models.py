@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from kiln.errors import NotFoundError, ValidationError
 from kiln.record import audit
 from kiln.record.model import RunRecord, RunStatus
+from kiln.record.resolve import RunLike, resolve_run
 from kiln.record.store._schema import (
     alias_moves,
     aliases,
@@ -101,11 +102,17 @@ class Models:
     # -- writing -----------------------------------------------------------------------
 
     def register(
-        self, name: str, run: RunRecord | str, *, artifact: str, signature: Any = None
+        self, name: str, run: RunLike, *, artifact: str, signature: Any = None
     ) -> ModelVersion:
-        """Register ``artifact`` of a succeeded run as the next version of model ``name``."""
+        """Register ``artifact`` of a succeeded run as the next version of model ``name``.
+
+        ``run`` is any run: its ``kiln.Run`` handle (``spawn()``, ``sweep.runs``; waited
+        for until it ends), its record (read again, as stored now), or its id or a
+        unique prefix of it.
+        """
         check_name("name", name)
-        record = run if isinstance(run, RunRecord) else self._store.get_run(run)
+        # A record may have been read while its run was still going: the store's is the truth.
+        record = resolve_run(run.id if isinstance(run, RunRecord) else run, self._store, ended=True)
         if record.status is not RunStatus.SUCCEEDED:
             raise ValidationError(
                 "run", f"run {record.id} {record.status}: only succeeded runs register"

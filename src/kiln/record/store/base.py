@@ -60,6 +60,7 @@ class RunQuery:
     env_id: str | None = None  # runs in this declared environment
     order_by: str = "-created"
     limit: int | None = 100
+    reproductions: bool = True  # False: leave out reproductions (tagged reproduced_from)
 
 
 class Store(Protocol):

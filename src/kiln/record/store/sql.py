@@ -642,7 +642,7 @@ class SqlStore:
             sa.select(runs)
             .select_from(summary.join(runs, runs.c.id == summary.c.run_id))
             .where(has_value, *where)
-            .order_by(order, summary.c.run_id)
+            .order_by(order, runs.c.created_at, summary.c.run_id)  # ties: the first created
             .limit(query.limit)
         )
         rows = list(conn.execute(stmt).mappings().all())
@@ -678,6 +678,8 @@ class SqlStore:
             where.append(_json_equals(runs.c.params, name, value, field=f"params.{name}"))
         for name, value in query.tags.items():
             where.append(_json_equals(runs.c.tags, name, value, field=f"tags.{name}"))
+        if not query.reproductions:
+            where.append(_json_equals(runs.c.tags, "reproduced_from", None, field="tags"))
         return where
 
     def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
