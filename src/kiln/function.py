@@ -218,6 +218,7 @@ class Function(Generic[P, R]):
         self._signature = inspect.signature(fn)
         self._payload: tuple[str, bytes] | None = None
         self._locked_env: Materialized | None = None  # set by kiln.reproduce: a built env
+        self._threads: dict[str, str] = {}  # set by kiln.reproduce: the recorded threads
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -364,15 +365,15 @@ class Function(Generic[P, R]):
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
         *,
         parent: dict[str, Any] | None = None,
-        on_done: Callable[[Call, Outcome], None] | None = None,
         parent_id: str | None = None,
+        on_done: Callable[[Call, Outcome], None] | None = None,
         tags: dict[str, str] | None = None,
-        wait: bool = True,
         each_tags: Sequence[Mapping[str, str]] | None = None,
+        wait: bool = True,
     ) -> list[Run[R]]:
-        checked = [(args, kwargs, *self._params(args, kwargs)) for args, kwargs in calls]
         """Record and start one run per call: under ``parent`` (a new sweep row, written
         first) or ``parent_id`` (an existing one), tagged ``tags`` plus its ``each_tags``."""
+        checked = [(args, kwargs, *self._params(args, kwargs)) for args, kwargs in calls]
         settings = self.app.settings
         engine = engine_for(settings)
         engine.inventory.check(self.resources)
@@ -406,6 +407,7 @@ class Function(Generic[P, R]):
                 python=str(built.python) if built else None,
                 env_lock=str(built.lock_file) if built else None,
                 requirements=getattr(env, "requirements", None),
+                threads=self._threads,
             )
             # Created a microsecond apart, in call order: "created first" is a stable
             # tie-break (Sweep.best) and lists show a sweep in grid order.
@@ -514,6 +516,12 @@ def _by_value(fn: Callable[..., Any]) -> bytes:
     if module is None or module.__name__ in ("__main__", "builtins"):
         return _dumps_keeping_files(fn)
     cloudpickle.register_pickle_by_value(module)
+    try:
+        return _dumps_keeping_files(fn)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+
+
 def _dumps_keeping_files(fn: Callable[..., Any]) -> bytes:
     """cloudpickle, but code objects keep their file name.
 
@@ -539,12 +547,6 @@ class _FilePickler(cloudpickle.Pickler):  # type: ignore[misc]
     dispatch_table: ClassVar[Mapping[type, Any]] = collections.ChainMap(
         {types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table
     )
-
-
-    try:
-        return _dumps_keeping_files(fn)
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
 
 
 @functools.lru_cache(maxsize=256)
