@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import queue
 import threading
 import time
@@ -39,7 +38,7 @@ from kiln.errors import ConfigError
 from kiln.record.model import RunStatus
 from kiln.record.recorder import Recorder, recorder_for
 from kiln.record.store.base import WriteBatch
-from kiln.record.values import to_json
+from kiln.record.values import result_json, summary_of
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -308,16 +307,9 @@ class Engine:
         run_id, app = call.spec.run_id, call.spec.app
         result: Any = None
         if outcome.result is not None:
-            value = cloudpickle.loads(outcome.result)
-            result = _result_json(value)
-            if isinstance(value, dict):
-                batch.summaries.extend(
-                    (run_id, app, str(k), float(v))
-                    for k, v in value.items()
-                    if isinstance(v, int | float)
-                    and not isinstance(v, bool)
-                    and not math.isnan(float(v))
-                )
+            # What cannot be recorded is left out here; Run.result() warns the caller.
+            result = result_json(cloudpickle.loads(outcome.result))[0]
+            batch.summaries.extend((run_id, app, k, v) for k, v in summary_of(result).items())
         error = outcome.error or outcome.cause
         if error and len(call.attempts) > 1:
             error = f"{error}\n(after {len(call.attempts)} attempts)"
@@ -339,13 +331,6 @@ class Engine:
         self.backend.close()
         self._events.put(None)
         self._writer.join(timeout=30)
-
-
-def _result_json(value: Any) -> Any:
-    try:
-        return to_json(value, "result")
-    except Exception:  # the caller still gets the object; the record says what it was
-        return {"type": f"{type(value).__module__}.{type(value).__qualname__}", "recorded": False}
 
 
 BackendFactory = Callable[[Inventory, Report], Backend]

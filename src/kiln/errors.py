@@ -17,6 +17,9 @@ The tree::
         ├── StoreUnavailableError  cannot connect (server down, wrong URL, missing file)
         └── StoreCorruptError      the store exists but is not a usable Kiln store
 
+One warning, :class:`RecordingWarning`, says that part of a value (an entry of a
+run's result) was left out of the record; the caller still gets the value.
+
 Each error carries the context needed to act on it as attributes (``field``,
 ``allowed``, ``run_id``, ``url``) and a message that says what to do.
 """
@@ -148,3 +151,11 @@ class StoreUnavailableError(StoreError):
 
 class StoreCorruptError(StoreError):
     """The store exists but is not a usable Kiln store."""
+
+
+class RecordingWarning(UserWarning):
+    """Part of a run's result cannot be recorded (say, a tensor with many elements).
+
+    Issued at the call that gives back the result; the entry is left out of the
+    record (its place holds ``"<type, not recorded>"``) and the caller still gets it.
+    """

@@ -46,7 +46,7 @@ from kiln.errors import EnvError, RunFailed, ValidationError
 from kiln.record.model import Artifact, CodeSnapshot, RunRecord, RunStatus
 from kiln.record.runs import ActiveRun, Dataset, input_row, new_run_id
 from kiln.record.snapshot import capture_environment
-from kiln.record.values import to_json
+from kiln.record.values import result_json, to_json, warn_unrecorded
 
 if TYPE_CHECKING:
     from kiln.app import App
@@ -100,6 +100,7 @@ class Run(Generic[R]):
         if outcome.status != "succeeded" or outcome.result is None:
             raise RunFailed(self.id, outcome.status, outcome.cause or "failed", outcome.error)
         value: R = cloudpickle.loads(outcome.result)
+        warn_unrecorded(result_json(value)[1])  # what the engine left out of the record
         return value
 
     def wait(self, timeout: float | None = None) -> RunStatus:
@@ -238,7 +239,7 @@ class Function(Generic[P, R]):
             module_path=Path(module) if module else None,
         ) as run:
             result = self.fn(*args, **kwargs)
-            run.result = _result_record(result)
+            run.set_result(result)
         return result
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -502,13 +503,6 @@ def _code_paths() -> tuple[str, ...]:
             continue
         out.append(path)
     return tuple(out)
-
-
-def _result_record(value: Any) -> Any:
-    try:
-        return to_json(value, "result")
-    except ValidationError:
-        return {"type": f"{type(value).__module__}.{type(value).__qualname__}", "recorded": False}
 
 
 def _by_value(fn: Callable[..., Any]) -> bytes:

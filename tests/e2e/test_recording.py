@@ -6,12 +6,15 @@ import math
 import pickle
 import threading
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 import kiln
 from kiln.config import Settings
-from kiln.errors import NoActiveRunError, ValidationError
+from kiln.errors import NoActiveRunError, RecordingWarning, ValidationError
 
 
 class Model:
@@ -186,3 +189,46 @@ def test_saved_objects_round_trip_through_pickle(settings: Settings) -> None:
         kiln.save("obj", {"k": [1, 2]})
     path = kiln.get_run(run.id).artifact_path("obj")
     assert pickle.loads(path.read_bytes()) == {"k": [1, 2]}
+
+
+tensors = kiln.App("tensors")
+
+
+@tensors.function()
+def scores(acc: float) -> dict[str, Any]:
+    """Returns what a torch training loop returns: tensors and numpy scalars."""
+    kiln.log({"loss": torch.tensor(1.0 - acc)})
+    return {"acc": torch.tensor(acc), "f1": np.float32(0.5), "hist": torch.zeros(3)}
+
+
+def test_tensor_and_numpy_results_become_summary_metrics(settings: Settings) -> None:
+    # the engine: the caller is warned about the one entry that cannot be recorded
+    with pytest.warns(RecordingWarning, match=r"result\['hist'\] \(torch.Tensor of shape \(3,\)\)"):
+        value = scores.remote(0.75)
+    assert isinstance(value["hist"], torch.Tensor)  # the caller still gets everything
+    sweep = scores.sweep(kiln.grid(acc=[0.25, 0.5])).wait()
+    best = sweep.best("acc")
+    assert best.summary == {"acc": 0.5, "f1": 0.5, "loss": 0.5}
+    assert best.result == {"acc": 0.5, "f1": 0.5, "hist": "<torch.Tensor, not recorded>"}
+    # in this process: .local() and a run by hand, warned at the caller's line
+    with pytest.warns(RecordingWarning, match=r"result\['hist'\]") as caught:
+        scores.local(0.25)
+    assert caught[0].filename == __file__
+    grid = r"result\['grid'\] \(numpy.ndarray"
+    with tensors.run() as run, pytest.warns(RecordingWarning, match=grid):
+        run.set_result({"acc": np.float64(0.5), "n": np.int64(3), "grid": np.ones((2, 2))})
+    assert kiln.get_run(run.id).summary == {"acc": 0.5, "n": 3.0}
+
+
+def test_volatile_metrics_are_recorded_and_marked(settings: Settings) -> None:
+    with kiln.App("a").run() as run:
+        kiln.log({"loss": 0.5, "epoch_s": 1.5}, step=0)
+        kiln.log({"epoch_s": 1.25, "throughput": torch.tensor(10.0)}, volatile=True)
+        kiln.log({"loss": 0.25}, volatile=False)
+        with pytest.raises(ValidationError, match="volatile"):
+            kiln.log({"x": 1.0}, volatile="yes")  # type: ignore[arg-type]
+        run.set_result({"loss": 0.25, "throughput": 11.0})
+    record = kiln.get_run(run.id)
+    assert record.volatile_metrics == ("epoch_s", "throughput")
+    assert record.summary == {"loss": 0.25, "epoch_s": 1.25, "throughput": 11.0}
+    assert record.to_dict()["volatile_metrics"] == ["epoch_s", "throughput"]

@@ -1,12 +1,23 @@
 import enum
 import math
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from kiln.errors import ValidationError
-from kiln.record.values import check_params, check_tags, metric_step, metric_value
+from kiln.errors import RecordingWarning, ValidationError
+from kiln.record.values import (
+    check_params,
+    check_tags,
+    metric_step,
+    metric_value,
+    result_json,
+    scalar,
+    summary_of,
+    warn_unrecorded,
+)
 
 
 class Color(enum.Enum):
@@ -73,3 +84,44 @@ def test_steps_are_integers() -> None:
     for bad in (1.0, "1", True, None):
         with pytest.raises(ValidationError, match="step"):
             metric_step(bad)
+
+
+def test_zero_d_numbers_become_python_numbers() -> None:
+    assert scalar(np.float32(0.25)) == 0.25 and type(scalar(np.float32(0.25))) is float
+    assert scalar(np.int64(3)) == 3 and type(scalar(np.int64(3))) is int
+    assert scalar(np.bool_(True)) is True
+    assert scalar(np.array(0.5)) == 0.5  # a 0-d array
+    assert scalar(torch.tensor(0.5)) == 0.5
+    assert scalar(torch.tensor(0.5, requires_grad=True)) == 0.5
+    assert scalar(torch.tensor(7)) == 7 and scalar(torch.tensor(False)) is False
+    assert scalar(Decimal("1.5")) == 1.5
+    # values with a length, and complex numbers, are not 0-d numbers
+    for other in (np.array([0.5]), torch.tensor([0.5]), np.complex64(1j), "1.0", None, [1.0]):
+        assert scalar(other) is None, other
+    assert metric_value("m", torch.tensor(2.0)) == 2.0
+
+
+def test_results_keep_what_can_be_recorded_and_name_what_cannot() -> None:
+    result, problems = result_json(
+        {"acc": torch.tensor(0.75), "f1": np.float32(0.5), "n": np.int64(3),
+         "hist": torch.zeros(2, 3), "ok": True, "nested": {"loss": math.nan}}
+    )  # fmt: skip
+    assert result == {
+        "acc": 0.75, "f1": 0.5, "n": 3, "hist": "<torch.Tensor, not recorded>", "ok": True,
+        "nested": {"loss": "<float, not recorded>"},
+    }  # fmt: skip
+    assert problems == [
+        "result['hist'] (torch.Tensor of shape (2, 3))",
+        "result['nested']['loss'] (nan)",
+    ]
+    assert summary_of(result) == {"acc": 0.75, "f1": 0.5, "n": 3.0}  # no bools, no nesting
+    assert result_json(torch.tensor(0.5)) == (0.5, [])
+    # returning an object is a normal use: recorded by type, no problem to warn about
+    assert result_json(object()) == ({"type": "object", "recorded": False}, [])
+
+
+def test_what_cannot_be_recorded_is_warned_about_at_the_callers_line() -> None:
+    with pytest.warns(RecordingWarning, match=r"result\['hist'\]") as caught:
+        warn_unrecorded(["result['hist'] (torch.Tensor of shape (2, 3))"])
+    assert caught[0].filename == __file__
+    warn_unrecorded([])  # nothing to say: no warning (pytest makes warnings errors)

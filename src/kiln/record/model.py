@@ -148,6 +148,8 @@ class RunRecord:
     usage: Usage = field(default_factory=Usage)
     attempt: int | None = None
     resources: dict[str, Any] = field(default_factory=dict)
+    # Metrics logged with volatile=True (timings): shown by reproduce, not in its verdict.
+    volatile_metrics: tuple[str, ...] = ()
     _store: Store | None = field(default=None, repr=False, compare=False)
     _blobs: BlobStore | None = field(default=None, repr=False, compare=False)
 
@@ -233,6 +235,7 @@ class RunRecord:
             "usage": asdict(self.usage),
             "attempt": self.attempt,
             "resources": self.resources,
+            "volatile_metrics": list(self.volatile_metrics),
         }
         return out
 
@@ -287,6 +290,7 @@ def record_from_row(
         usage=Usage(**(row["usage"] or {})),
         attempt=row["attempt"],
         resources=row["resources"] or {},
+        volatile_metrics=tuple(row.get("volatile_metrics") or ()),
         _store=store,
         _blobs=blobs,
     )

@@ -25,7 +25,15 @@ from kiln.errors import NoActiveRunError, ValidationError
 from kiln.record.model import Artifact, RunStatus
 from kiln.record.snapshot import capture_environment
 from kiln.record.store.base import MetricRow
-from kiln.record.values import check_params, check_tags, metric_step, metric_value, to_json
+from kiln.record.values import (
+    check_params,
+    check_tags,
+    metric_step,
+    metric_value,
+    result_json,
+    summary_of,
+    warn_unrecorded,
+)
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -74,6 +82,7 @@ class ActiveRun:
         self._parent_id = parent_id
         self._module_path = module_path
         self._last: dict[str, float] = {}
+        self._volatile: set[str] = set()
         self._logged = False
         self._step = 0
         self._token: contextvars.Token[ActiveRun | None] | None = None
@@ -155,8 +164,11 @@ class ActiveRun:
             self._finish(RunStatus.FAILED, "".join(traceback.format_exception(exc)))
 
     def set_result(self, result: Any) -> None:
-        """The run's result. In a dict, int and float entries become summary metrics."""
-        self.result = to_json(result, "result")
+        """The run's result. In a dict, numbers (0-d numpy and torch values included)
+        become summary metrics. An entry that cannot be recorded is left out of the
+        record with a :class:`kiln.errors.RecordingWarning` naming it."""
+        self.result, problems = result_json(result)
+        warn_unrecorded(problems)
 
     def abandon(self, reason: str) -> None:
         """Close a run that its code never closed, as failed with ``reason``."""
@@ -166,11 +178,10 @@ class ActiveRun:
     def _finish(self, status: RunStatus, error: str | None) -> None:
         usage = self._stop_clock()
         self.status = status
-        if isinstance(self.result, dict):
-            for k, v in self.result.items():
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    self._last[k] = float(v)
-                    self._logged = True
+        returned = summary_of(self.result)
+        if returned:
+            self._last.update(returned)
+            self._logged = True
         if self._code is not None:
             self._code.result()
         self._rec().finish(
@@ -208,11 +219,15 @@ class ActiveRun:
 
     # -- recording -----------------------------------------------------------------
 
-    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+    def log(
+        self, metrics: Mapping[str, Any], step: int | None = None, *, volatile: bool = False
+    ) -> None:
         """Record metric values; see :func:`kiln.log`."""
         # The hot path of training loops: exact-type checks first, full checks after.
         if type(metrics) is not dict and not isinstance(metrics, Mapping):
             raise ValidationError("metrics", f"must be a dict, got {type(metrics).__name__}")
+        if volatile is not False:
+            self._declare_volatile(metrics, volatile)
         if step is None:
             step = self._step
         elif type(step) is not int:
@@ -230,6 +245,19 @@ class ActiveRun:
             last[row[1]] = row[4]  # type: ignore[assignment]
         self._logged = True
         self._rec().add_points(rows)
+
+    def _declare_volatile(self, metrics: Mapping[str, Any], volatile: object) -> None:
+        """Remember these keys as volatile for the run (on its record at the next flush)."""
+        if volatile is not True:
+            raise ValidationError(
+                "volatile", f"{volatile!r} is not true or false", allowed="True, False"
+            )
+        new = {k for k in metrics if isinstance(k, str)} - self._volatile
+        if new:  # written once per new key, not per call: log() is the hot path
+            self._volatile |= new
+            self._rec().enqueue(
+                updates=[{"id": self.id, "volatile_metrics": sorted(self._volatile)}]
+            )
 
     def save(self, name: str, obj: Any) -> str:
         """Store an artifact; see :func:`kiln.save`. Returns its sha256."""
@@ -364,19 +392,26 @@ def current_run(call: str) -> ActiveRun:
     raise NoActiveRunError(call)
 
 
-def log(metrics: Mapping[str, Any], step: int | None = None) -> None:
+def log(metrics: Mapping[str, Any], step: int | None = None, *, volatile: bool = False) -> None:
     """Record metrics of the current run.
 
-    ``step`` defaults to one past the previous call's step. Values are numbers;
-    NaN and infinities are kept as such. The call only appends to a buffer: a
-    background writer makes it durable within about a second.
+    ``step`` defaults to one past the previous call's step. Values are numbers
+    (numpy and torch 0-d values and one-element arrays included); NaN and
+    infinities are kept as such. The call only appends to a buffer: a background
+    writer makes it durable within about a second.
+
+    ``volatile=True`` says these metrics are not part of the result (a timing, a
+    throughput): they are recorded as usual, and ``kiln reproduce`` shows them but
+    leaves them out of its verdict. The mark holds for the run, also for a key of
+    the same name in the returned result.
 
     Example::
 
         for epoch in range(10):
             kiln.log({"loss": loss, "accuracy": acc}, step=epoch)
+        kiln.log({"train_time_s": time.perf_counter() - t0}, volatile=True)
     """
-    (_current.get() or current_run("kiln.log")).log(metrics, step)
+    (_current.get() or current_run("kiln.log")).log(metrics, step, volatile=volatile)
 
 
 def save(name: str, obj: Any) -> str:

@@ -6,14 +6,17 @@ import enum
 import math
 import numbers
 import re
+import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
-from kiln.errors import ValidationError
+from kiln.errors import RecordingWarning, ValidationError
 
 _JSON_ALLOWED = "str, int, float, bool, None, pathlib.Path, kiln.Dataset, lists and dicts of these"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_KILN_DIR = str(PurePath(__file__).parent.parent)  # frames here are Kiln's, not the caller's
 
 
 def check_name(field: str, value: object) -> str:
@@ -48,11 +51,52 @@ def to_json(value: object, field: str) -> Any:
     as_json = getattr(value, "__kiln_json__", None)
     if callable(as_json):
         return as_json()
-    if isinstance(value, numbers.Number) and hasattr(value, "item"):  # numpy scalars
-        return to_json(value.item(), field)
+    number = scalar(value)  # numpy scalars, 0-d arrays and tensors
+    if number is not None:
+        return to_json(number, field)
     raise ValidationError(
-        field, f"a {type(value).__name__} cannot be stored as JSON", allowed=_JSON_ALLOWED
+        field, f"a {_describe(value)} cannot be stored as JSON", allowed=_JSON_ALLOWED
     )
+
+
+def scalar(value: object) -> bool | int | float | None:
+    """A 0-d number as a Python bool, int or float; None if ``value`` is not one.
+
+    A 0-d number is anything with ``__float__`` and no length: numpy scalars and
+    0-d arrays, 0-d torch tensors, ``decimal.Decimal``. Its ``item()``, where it has
+    one, keeps ints as ints and bools as bools; complex numbers are not accepted.
+    """
+    if isinstance(value, bool | int | float):
+        return value if type(value) in (bool, int, float) else _plain(value)
+    if not hasattr(value, "__float__"):
+        return None
+    if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
+        return None  # numpy complex: float() would drop the imaginary part
+    try:
+        len(value)  # type: ignore[arg-type]
+    except TypeError:  # unsized: numpy and torch say so for 0-d values
+        pass
+    else:
+        return None
+    item = getattr(value, "item", None)
+    try:
+        number = item() if callable(item) else float(value)
+    except (TypeError, ValueError, RuntimeError):  # complex tensors, say
+        return None
+    return _plain(number) if isinstance(number, bool | int | float) else None
+
+
+def _plain(value: bool | int | float) -> bool | int | float:
+    if isinstance(value, bool):
+        return bool(value)
+    return int(value) if isinstance(value, int) else float(value)
+
+
+def _describe(value: object) -> str:
+    """``value``'s type for a message: ``torch.Tensor of shape (2, 3)``, ``list``."""
+    name = _type_name(value)
+    shape = getattr(value, "shape", None)  # torch.Size is a tuple
+    return f"{name} of shape {tuple(shape)}" if isinstance(shape, tuple) else name
 
 
 def _container_to_json(value: Mapping[Any, Any] | list[Any] | tuple[Any, ...], field: str) -> Any:
@@ -64,6 +108,84 @@ def _container_to_json(value: Mapping[Any, Any] | list[Any] | tuple[Any, ...], f
             out[k] = to_json(v, f"{field}.{k}")
         return out
     return [to_json(v, f"{field}[{i}]") for i, v in enumerate(value)]
+
+
+def result_json(value: object) -> tuple[Any, list[str]]:
+    """A run's result as JSON, and what was left out of it.
+
+    Unlike :func:`to_json` this never fails: an entry of a dict or list that cannot
+    be stored is replaced by ``"<type, not recorded>"`` and named in the returned
+    problems (for a warning at the call). A whole result that is not JSON data (a
+    model, say) becomes ``{"type": ..., "recorded": False}``; returning an object is
+    a normal use, so that is not a problem.
+    """
+    if not isinstance(value, Mapping | list | tuple):
+        try:
+            return to_json(value, "result"), []
+        except ValidationError:
+            return {"type": _type_name(value), "recorded": False}, []
+    problems: list[str] = []
+    return _lenient(value, "result", problems), problems
+
+
+def _lenient(value: object, field: str, problems: list[str]) -> Any:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if isinstance(k, str):
+                out[k] = _lenient(v, f"{field}[{k!r}]", problems)
+            else:
+                problems.append(f"{field}[{k!r}] (its key is not a string)")
+        return out
+    if isinstance(value, list | tuple):
+        return [_lenient(v, f"{field}[{i}]", problems) for i, v in enumerate(value)]
+    try:
+        return to_json(value, field)
+    except ValidationError:
+        what = repr(value) if isinstance(value, float) else _describe(value)
+        problems.append(f"{field} ({what})")
+        return f"<{_type_name(value)}, not recorded>"
+
+
+def _type_name(value: object) -> str:
+    kind = type(value)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+def summary_of(result: Any) -> dict[str, float]:
+    """The summary metrics of a recorded result: its top-level numbers (not bools)."""
+    if not isinstance(result, dict):
+        return {}
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def warn_unrecorded(problems: list[str]) -> None:
+    """Warn, at the first caller outside Kiln, that these parts of a result were left out."""
+    if not problems:
+        return
+    warnings.warn(
+        "kiln: cannot record " + ", ".join(problems) + ": left out of the run's record "
+        "(the caller still gets the value). Return numbers (float(x) or x.item()), strings, "
+        "lists or dicts with string keys.",
+        RecordingWarning,
+        stacklevel=_outside_kiln(),
+    )
+
+
+def _outside_kiln() -> int:
+    """The ``stacklevel`` of the nearest frame outside the kiln package (for warnings)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_KILN_DIR):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
 
 
 def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -99,25 +221,30 @@ def _str_keys(mapping: Mapping[Any, Any], field: str) -> dict[str, Any]:
 
 
 def metric_value(key: object, value: object) -> float:
-    """A metric as a float. Numbers, numpy scalars and one-element tensors are accepted."""
+    """A metric as a float: numbers, 0-d numbers (see :func:`scalar`) and one-element
+    arrays and tensors are accepted."""
     if not isinstance(key, str) or not key:
         raise ValidationError("metrics", f"metric names must be non-empty strings, got {key!r}")
     if type(value) is float:
         return value
     if isinstance(value, numbers.Real):
         return float(value)
+    number = scalar(value)
+    if number is not None:
+        return float(number)
     item = getattr(value, "item", None)  # one-element arrays and tensors
     if callable(item):
         try:
-            scalar = item()
+            number = item()
         except (TypeError, ValueError, RuntimeError):
-            scalar = None
-        if isinstance(scalar, numbers.Real):
-            return float(scalar)
+            number = None
+        if isinstance(number, numbers.Real):
+            return float(number)
     raise ValidationError(
         f"metrics.{key}",
         f"{value!r} ({type(value).__name__}) is not a number",
-        allowed="int, float, numpy scalars, one-element tensors",
+        allowed="int, float, 0-d numbers (numpy scalars, 0-d arrays and tensors), "
+        "one-element arrays and tensors",
     )
 
 

@@ -40,6 +40,7 @@ runs = sa.Table(
     sa.Column("usage", JSONType),
     sa.Column("attempt", sa.Integer),  # 0002: which try this is, from 1
     sa.Column("resources", JSONType),  # 0002: requested, assigned, limits
+    sa.Column("volatile_metrics", JSONType),  # 0009: metric names left out of reproduce verdicts
     sa.Index("ix_runs_app_created", "app", "created_at"),
     sa.Index("ix_runs_created", "created_at"),
     sa.Index("ix_runs_parent", "parent_id"),

@@ -37,7 +37,7 @@ from kiln.record.store._schema import artifacts, metrics, model_versions, runs, 
 from kiln.record.store._schema import audit as audit_log
 from kiln.record.store.base import RunQuery, WriteBatch
 
-SCHEMA_HEAD = "0008"
+SCHEMA_HEAD = "0009"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,
