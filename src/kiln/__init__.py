@@ -14,21 +14,27 @@ Example::
 
 from typing import TYPE_CHECKING
 
-from kiln.app import App, get_run, runs
-from kiln.config import Settings
-from kiln.errors import KilnError, RunFailed
-from kiln.record.model import Artifact, MetricPoint, RunRecord, RunStatus
-from kiln.record.runs import ActiveRun, Dataset, log, save
-
 if TYPE_CHECKING:
+    from kiln.app import App, get_run, runs
+    from kiln.config import Settings
     from kiln.envs.spec import Env
+    from kiln.errors import KilnError, RunFailed
     from kiln.function import Function, MapResult, Run, Sweep, grid
+    from kiln.record.model import Artifact, MetricPoint, RunRecord, RunStatus
+    from kiln.record.runs import ActiveRun, Dataset, log, save
     from kiln.registry.selection import pareto
 
 __version__ = "0.1.0"
 
-# The engine (and cloudpickle with it) loads when first used, so `import kiln` stays light.
-_LAZY = {"Function": "kiln.function", "MapResult": "kiln.function", "Run": "kiln.function",
+# Every name loads when first used, so that `import kiln` (and with it every start of
+# the `kiln` CLI, whose modules live in this package) costs next to nothing.
+_LAZY = {"App": "kiln.app", "get_run": "kiln.app", "runs": "kiln.app",
+         "Settings": "kiln.config", "KilnError": "kiln.errors", "RunFailed": "kiln.errors",
+         "Artifact": "kiln.record.model", "MetricPoint": "kiln.record.model",
+         "RunRecord": "kiln.record.model", "RunStatus": "kiln.record.model",
+         "ActiveRun": "kiln.record.runs", "Dataset": "kiln.record.runs",
+         "log": "kiln.record.runs", "save": "kiln.record.runs",
+         "Function": "kiln.function", "MapResult": "kiln.function", "Run": "kiln.function",
          "Sweep": "kiln.function", "grid": "kiln.function", "Env": "kiln.envs.spec",
          "pareto": "kiln.registry.selection"}  # fmt: skip
 
@@ -37,7 +43,9 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups (kiln.log in a training loop) skip this hook
+        return value
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")
 
 

@@ -1,41 +1,170 @@
-"""The ``kiln`` command line: one module per command group."""
+"""The ``kiln`` command line: one module per command group, imported on first use.
+
+``kiln --help`` lists every command from :data:`COMMANDS` without importing a
+single command module: those pull in SQLAlchemy, the engine and the registry,
+which made every start of the CLI cost over a second. A command's module is
+imported when that command runs (``kiln runs ls`` imports ``kiln.cli.runs``
+only). A test checks that each entry's one-line help is the one its module
+declares, so the listing cannot drift from the commands.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
-from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
-from kiln.cli import audit, bundle, demo, envs, gc, lineage, models, reproduce, run, runs, serve
 from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from typer._click import Context, HelpFormatter  # typer's own copy of click
+
+
+@dataclass(frozen=True)
+class LazyCommand:
+    """A command of ``kiln``: where it lives and the line ``kiln --help`` shows for it.
+
+    ``target`` is ``module:attribute``, a ``typer.Typer`` (a command group) or a
+    function (a single command). ``extra_args`` passes unknown ``--name value``
+    pairs through to the command (``kiln run FILE::FUNC --lr 0.1``).
+    """
+
+    target: str
+    help: str
+    extra_args: bool = False
+
+
+# In the order `kiln --help` lists them: record, then registry and serving, then upkeep.
+COMMANDS: dict[str, LazyCommand] = {
+    "demo": LazyCommand(
+        "kiln.cli.demo:demo",
+        "Train six classifiers as a parallel sweep, promote the best, serve it, trace it.",
+    ),
+    "run": LazyCommand(
+        "kiln.cli.run:run",
+        "Run FUNCTION from FILE on the engine; --name value pairs are its arguments.",
+        extra_args=True,
+    ),
+    "runs": LazyCommand("kiln.cli.runs:app", "List, show and compare recorded runs."),
+    "lineage": LazyCommand(
+        "kiln.cli.lineage:lineage",
+        "Print the upstream and downstream graph of a run or artifact as trees.",
+    ),
+    "reproduce": LazyCommand(
+        "kiln.cli.reproduce:reproduce",
+        "Re-run a run with its recorded code, params, data and environment lock; compare.",
+    ),
+    "export": LazyCommand(
+        "kiln.cli.bundle:export",
+        "Write a run, its metrics, code patch, env lock and artifacts to one file.",
+    ),
+    "verify": LazyCommand(
+        "kiln.cli.bundle:verify",
+        "Check every hash in a bundle, offline. Exits 1 if anything does not match.",
+    ),
+    "import": LazyCommand(
+        "kiln.cli.bundle:import_",
+        "Add a bundle's run to this store, identical (same ids and hashes). Twice is a no-op.",
+    ),
+    "models": LazyCommand("kiln.cli.models:app", "Registered models, their versions and aliases."),
+    "serve": LazyCommand(
+        "kiln.cli.serve:serve",
+        "Serve an endpoint over HTTP: POST /predict, GET /healthz /readyz /metrics.",
+    ),
+    "batch": LazyCommand(
+        "kiln.cli.serve:batch",
+        "Run predict over a file on replicas; a killed job resumes where it stopped.",
+    ),
+    "endpoints": LazyCommand("kiln.cli.serve:endpoints_app", "Endpoints served from this store."),
+    "traces": LazyCommand("kiln.cli.serve:traces_app", "Traces of inferences."),
+    "why": LazyCommand(
+        "kiln.cli.serve:why",
+        "Everything behind one inference: model version, promotion, run, code, data, env.",
+    ),
+    "envs": LazyCommand("kiln.cli.envs:app", "List, show and prune cached environments."),
+    "audit": LazyCommand("kiln.cli.audit:app", "Read and verify the audit log."),
+    "gc": LazyCommand(
+        "kiln.cli.gc:gc",
+        "Remove blobs no run, artifact or environment references; never a referenced one.",
+    ),
+}
+
+
+def load_command(name: str) -> TyperCommand | TyperGroup:
+    """Import the module of ``kiln NAME`` and build its click command."""
+    lazy = COMMANDS[name]
+    module_name, _, attribute = lazy.target.partition(":")
+    target = getattr(importlib.import_module(module_name), attribute)
+    if isinstance(target, typer.Typer):
+        group = typer.main.get_group(target)
+        group.name = name
+        return group
+    single = typer.Typer(add_completion=False)
+    settings = {"allow_extra_args": True, "ignore_unknown_options": True}
+    single.command(name, context_settings=settings if lazy.extra_args else None)(target)
+    # One command and no callback: typer returns the command itself, never a group.
+    return cast(TyperCommand, typer.main.get_command(single))
+
+
+class LazyGroup(TyperGroup):
+    """The ``kiln`` group: lists :data:`COMMANDS` by their help line, imports one on use.
+
+    Until a command runs it is a stand-in carrying only its name and help, which
+    is all that ``kiln --help`` and "No such command ... Did you mean" read.
+    """
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        self._loaded: set[str] = set()
+        for name, lazy in COMMANDS.items():
+            self.commands.setdefault(name, TyperCommand(name, help=lazy.help))
+
+    def resolve_command(self, ctx: Context, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        if name in COMMANDS and name not in self._loaded:
+            command = self.commands[name] = load_command(name)
+            self._loaded.add(name)
+        return name, command, rest
+
+    def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
+        from kiln.cli._help import print_group_help
+
+        print_group_help(self, ctx)
+
 
 app = typer.Typer(
     name="kiln",
+    cls=LazyGroup,
     help="Run experiments, record every run, promote and serve the best.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(runs.app, name="runs")
-app.add_typer(envs.app, name="envs")
-app.add_typer(audit.app, name="audit")
-app.add_typer(models.app, name="models")
-app.add_typer(serve.endpoints_app, name="endpoints")
-app.add_typer(serve.traces_app, name="traces")
-app.command("serve")(serve.serve)
-app.command("batch")(serve.batch)
-app.command("why")(serve.why)
-app.command("demo")(demo.demo)
-app.command("lineage")(lineage.lineage)
-app.command("export")(bundle.export)
-app.command("verify")(bundle.verify)
-app.command("import")(bundle.import_)
-app.command("reproduce")(reproduce.reproduce)
-app.command("gc")(gc.gc)
-app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-    run.run
-)
+
+
+def _print_version(requested: bool) -> None:
+    if requested:
+        from importlib.metadata import version
+
+        typer.echo(f"kiln {version('kiln')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print Kiln's version and exit.", is_eager=True,
+            callback=_print_version,
+        ),
+    ] = False,
+) -> None:  # fmt: skip
+    """Run experiments, record every run, promote and serve the best."""
 
 
 def main() -> None:
@@ -43,5 +172,10 @@ def main() -> None:
     try:
         app()
     except KilnError as exc:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        from rich.console import Console
+        from rich.text import Text
+
+        # A Text, not markup: "pip install 'kiln[parquet]'" must keep its [parquet].
+        line = Text.assemble(("error:", "bold red"), " ", str(exc))
+        Console(stderr=True, soft_wrap=True, highlight=False).print(line)
         sys.exit(1)
