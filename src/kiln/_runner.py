@@ -14,6 +14,7 @@ from typing import Any
 
 import cloudpickle
 
+from kiln.compute import _threads
 from kiln.compute.backends.base import TaskSpec
 from kiln.config import Settings
 from kiln.record.blobs import BlobStore
@@ -21,20 +22,27 @@ from kiln.record.runs import TaskRun
 from kiln.record.snapshot import capture_environment
 
 RUNNER = "kiln._runner:run_task"
-_environment_sent = False  # a worker's environment does not change: it is sent once
+_environment: dict[str, Any] | None = None  # the worker's interpreter: captured once
 
 
-def run_task(task: TaskSpec, fn: Callable[..., Any]) -> dict[str, Any]:
+def run_task(
+    task: TaskSpec, fn: Callable[..., Any], on_start: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Run ``fn`` with the task's arguments as the task's run; the reply says how it
+    ended. ``on_start`` is called just before ``fn``: a timeout counts from there."""
     settings = Settings(
         home=Path(task.store["home"]),
         store_url=task.store["store_url"],
         actor=task.store.get("actor", "unknown"),
     )
     reply: dict[str, Any] = {"run_id": task.run_id, "attempt": task.attempt}
+    threads = _threads.in_effect()  # as the task starts (its code may change them)
     run = TaskRun(settings, run_id=task.run_id, app=task.app)
     try:
         args, kwargs = cloudpickle.loads(task.args_payload)
         with run:
+            if on_start is not None:
+                on_start()
             result = fn(*args, **kwargs)
         reply["result"] = cloudpickle.dumps(result)
         reply["status"] = "succeeded"
@@ -43,8 +51,9 @@ def run_task(task: TaskSpec, fn: Callable[..., Any]) -> dict[str, Any]:
         reply["error"] = "".join(traceback.format_exception(exc))
         reply["cause"] = "".join(traceback.format_exception_only(exc)).strip()
     reply["usage"] = run.usage_json()
-    global _environment_sent
-    if not _environment_sent:
-        reply["environment"] = asdict(capture_environment(BlobStore(settings.blob_dir)))
-        _environment_sent = True
+    global _environment
+    if _environment is None:
+        _environment = asdict(capture_environment(BlobStore(settings.blob_dir)))
+    # Sent with every reply: the thread settings are the task's own.
+    reply["environment"] = {**_environment, "threads": threads}
     return reply

@@ -96,6 +96,9 @@ def reproduce(
     with _source(original) as module_file:
         function = _load(original, module_file)
         function._locked_env = _environment(original, settings)
+        # The same OMP_NUM_THREADS & co. as the original: thread counts change the
+        # order of floating-point sums, so results too.
+        function._threads = dict(original.environment.threads)
         run = function._submit([((), kwargs)], tags={"reproduced_from": original.id})[0]
         with contextlib.suppress(RunFailed):  # compared below: a failure is a result too
             run.result()

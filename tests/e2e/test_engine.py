@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 
 import kiln
+from kiln._engine import engine_for
+from kiln.compute._threads import THREAD_VARS
 from kiln.compute.resources import detect_inventory
 from kiln.config import Settings
 from kiln.errors import RunFailed, ValidationError
+from kiln.reproduce import reproduce
 
 app = kiln.App("engine")
 
@@ -74,6 +77,37 @@ def flaky(marker: str) -> str:
         path.write_text("failed once")
         raise RuntimeError("first attempt fails")
     return "ok"
+
+
+@app.function()
+def wait_for(gate: str) -> None:
+    while not Path(gate).exists():
+        time.sleep(0.02)
+
+
+@app.function(timeout=2)
+def quick_with_a_timeout(i: int) -> int:
+    return i
+
+
+def _torch_threads(set_to: int) -> tuple[int, int, dict[str, str]]:
+    import torch
+
+    count = torch.get_num_threads()
+    if set_to:
+        torch.set_num_threads(set_to)  # left so for the worker's next task
+    variables = {k: v for k, v in os.environ.items() if k.endswith("_THREADS")}
+    return count, os.getpid(), variables
+
+
+@app.function(cpu=1)
+def torch_threads(set_to: int = 0) -> tuple[int, int, dict[str, str]]:
+    return _torch_threads(set_to)
+
+
+@app.function(cpu=2)
+def torch_threads_on_two() -> tuple[int, int, dict[str, str]]:
+    return _torch_threads(0)
 
 
 @app.function()
@@ -229,6 +263,82 @@ def test_gpus_are_assigned_and_fractions_share_a_device(monkeypatch: pytest.Monk
     assigned = [r.resources["assigned"] for r in records]
     assert {a["cuda_visible_devices"] for a in assigned} <= {"0", "1", "0,1"}
     assert any(a.get("gpus") == {"0": 1.0, "1": 1.0} for a in assigned)
+
+
+def test_waiting_in_the_queue_does_not_count_against_the_timeout(
+    engine: str, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    cpus = int(engine_for(Settings.from_env()).inventory.cpu)
+    blockers = [wait_for.spawn(str(gate)) for _ in range(cpus)]  # every core is taken
+    _wait_until_running(blockers)
+    queued = [quick_with_a_timeout.spawn(i) for i in range(2)]
+    time.sleep(2.5)  # longer than their timeout, all of it in the queue
+    assert [run.status for run in queued] == [kiln.RunStatus.QUEUED] * 2
+    gate.touch()
+    assert [run.result(timeout=60) for run in queued] == [0, 1]
+    assert all(run.result(timeout=60) is None for run in blockers)
+
+
+def test_cpu_bounds_the_threads_of_torch_and_blas(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = torch_threads.spawn(set_to=2)
+    count, pid, variables = first.result(timeout=120)
+    assert count == 1
+    assert {variables[name] for name in THREAD_VARS} == {"1"}
+    assert first.record().environment.threads == dict.fromkeys(THREAD_VARS, "1")
+    count, other_pid, variables = torch_threads_on_two.remote()
+    assert count == 2 and variables["OMP_NUM_THREADS"] == "2" and other_pid != pid
+    # The same warm worker again, its torch set back to the task's count.
+    assert torch_threads.remote()[:2] == (1, pid)
+    # What the user set in the driver's environment wins; their OMP_NUM_THREADS is the
+    # count for the others too (as MKL, OpenBLAS and torch take it).
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    run = torch_threads.spawn()
+    count, _, variables = run.result(timeout=120)
+    assert count == 2 and variables["OMP_NUM_THREADS"] == variables["MKL_NUM_THREADS"] == "2"
+    assert variables["OPENBLAS_NUM_THREADS"] == "3"
+    assert run.record().environment.threads["OMP_NUM_THREADS"] == "2"
+
+
+def test_reproduce_runs_with_the_recorded_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, kiln
+            app = kiln.App("threads")
+
+            @app.function()
+            def threads() -> str:
+                return os.environ["OMP_NUM_THREADS"] + "," + os.environ["MKL_NUM_THREADS"]
+
+            if __name__ == "__main__":
+                run = threads.spawn()
+                print(run.id, run.result())
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "3"},
+    )  # fmt: skip
+    run_id, result = out.stdout.split()
+    assert result == "3,1"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    comparison = reproduce(run_id)
+    again = kiln.get_run(comparison.reproduction)
+    assert again.result == "3,1"
+    assert again.environment.threads == kiln.get_run(run_id).environment.threads
+
+
+def _wait_until_running(runs: list[kiln.Run]) -> None:
+    deadline = time.time() + 60
+    while time.time() < deadline and any(r.status is not kiln.RunStatus.RUNNING for r in runs):
+        time.sleep(0.05)
+    assert [r.status for r in runs] == [kiln.RunStatus.RUNNING] * len(runs)
 
 
 @pytest.mark.parametrize(

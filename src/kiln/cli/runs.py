@@ -152,6 +152,8 @@ def _run_panel(r: RunRecord) -> Group:
         ("platform", e.platform),
         ("packages", f"{e.package_count} installed, list {(e.packages_sha256 or '-')[:16]}"),
     ]
+    if e.threads:
+        env_rows.append(("threads", ", ".join(f"{k}={v}" for k, v in e.threads.items())))
     parts.append(Panel(_kv_table(env_rows), title="environment", title_align="left"))
     if r.error:
         parts.append(Panel(Text(r.error), title="error", title_align="left", border_style="red"))

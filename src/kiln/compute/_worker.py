@@ -6,6 +6,10 @@ arrive as length-prefixed pickled frames on READ_FD; replies go back on WRITE_FD
 The first message names the runner (``module:function``) that executes a task
 with its loaded function; it is the SDK's, so this layer knows nothing of records.
 stdin, stdout and stderr stay the user's, so prints show up where they belong.
+
+Replies are dicts: ``{"ready": pid}`` once started, ``{"clock": run_id}`` when a task
+with a timeout calls its function (its timeout counts from there, not from when it
+was queued or handed to a worker still starting), and the runner's reply at its end.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
+
+from kiln.compute import _threads
 
 _HEADER = struct.Struct("!Q")
 
@@ -118,7 +125,14 @@ def main() -> None:
         except BaseException as exc:
             send(write_fd, _load_failure(task, exc))
             continue
-        send(write_fd, runner(task, fn))
+        _threads.apply(task.threads)
+        on_start = _clock(write_fd, task.run_id) if task.timeout_s is not None else None
+        send(write_fd, runner(task, fn, on_start))
+
+
+def _clock(write_fd: int, run_id: str) -> Callable[[], None]:
+    """Tells the engine the task's function is being called: its timeout starts now."""
+    return lambda: send(write_fd, {"clock": run_id})
 
 
 if __name__ == "__main__":

@@ -96,6 +96,9 @@ class EnvSnapshot:
     package_count: int = 0
     env_id: str | None = None  # a declared kiln.Env: its identity
     lock_sha256: str | None = None  # ... and the blob of its lock
+    # The thread variables the run had (OMP_NUM_THREADS, ...), from its CPU request
+    # or the user's environment; kiln reproduce runs with the same.
+    threads: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ class TaskSpec:
     args_payload: bytes  # cloudpickle of (args, kwargs)
     resources: Resources = field(default_factory=Resources)
     priority: int = 0
-    timeout_s: float | None = None
+    timeout_s: float | None = None  # counted from the call of the function, not from submit
     attempt: int = 1
     store: dict[str, str] = field(default_factory=dict)  # home, store_url, actor
     sys_path: tuple[str, ...] = ()  # the caller's code folders (not its site-packages)
@@ -39,6 +39,9 @@ class TaskSpec:
     # An env for engines that build it themselves on each node (Ray): the lock's pins
     # and hashes as requirements lines, and the index, if it names one.
     requirements: str | None = None
+    # The thread variables (OMP_NUM_THREADS, ...) to run with; empty: the backend sets
+    # them from the CPU request and the driver's environment (see compute/_threads.py).
+    threads: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,15 @@ from workers) reaches it as messages on one queue, so no state is shared
 between threads. Each iteration drains the queue, carries out the scheduler's
 decisions and reports the resulting events in one batch.
 
-Workers are kept warm between tasks, keyed by interpreter and GPU assignment
-(``CUDA_VISIBLE_DEVICES``), so a repeated small call pays no interpreter start.
-Each worker leads its own process group: a timeout or a cancel kills the whole
-tree, and the next task gets a fresh worker.
+Workers are kept warm between tasks, keyed by interpreter, GPU assignment
+(``CUDA_VISIBLE_DEVICES``) and thread settings (``OMP_NUM_THREADS`` and the like,
+from the CPU request: libraries read them once, when they load), so a repeated
+small call pays no interpreter start. Each worker leads its own process group: a
+timeout or a cancel kills the whole tree, and the next task gets a fresh worker.
+
+A timeout counts from the moment the worker calls the task's function (it says so
+on its pipe), so time spent queued, or waiting for a fresh worker to start, never
+counts against it.
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from kiln.compute import _worker
+from kiln.compute import _threads, _worker
 from kiln.compute.backends.base import (
     Finished,
     Grant,
@@ -40,6 +45,9 @@ from kiln.compute.resources import Inventory, Resources
 from kiln.compute.scheduler import Allocation, Cancel, Release, Scheduler, Submit, Task
 
 MAX_IDLE_WORKERS = 8
+# What a warm worker is kept for: its interpreter, its CUDA_VISIBLE_DEVICES and its
+# thread variables.
+WorkerKey = tuple[str, str, tuple[tuple[str, str], ...]]
 
 
 class _Worker:
@@ -47,7 +55,7 @@ class _Worker:
 
     def __init__(
         self,
-        key: tuple[str, str],
+        key: WorkerKey,
         inbox: queue.SimpleQueue[Any],
         env: dict[str, str],
         runner: str,
@@ -78,7 +86,9 @@ class _Worker:
     def _read(self, inbox: queue.SimpleQueue[Any]) -> None:
         try:
             while (message := _worker.recv(self._from_child)) is not None:
-                if "ready" not in message:
+                if "clock" in message:
+                    inbox.put(("clock", self, message["clock"]))
+                elif "ready" not in message:
                     inbox.put(("done", self, message))
         except OSError:
             pass
@@ -197,10 +207,18 @@ class LocalBackend:
                 self._dispatch(alloc, events)
         elif kind == "cancel":
             self._on_cancel(message[1], events)
+        else:
+            self._from_worker(kind, message[1], message[2], events)
+
+    def _from_worker(
+        self, kind: str, worker: _Worker, payload: Any, events: list[TaskEvent]
+    ) -> None:
+        if kind == "clock":
+            self._on_clock(worker, payload)
         elif kind == "done":
-            self._on_done(message[1], message[2], events)
+            self._on_done(worker, payload, events)
         elif kind == "died":
-            self._on_died(message[1], message[2], events)
+            self._on_died(worker, payload, events)
 
     def _on_cancel(self, run_id: str, events: list[TaskEvent]) -> None:
         slot = self._slots.get(run_id)
@@ -212,6 +230,14 @@ class LocalBackend:
         else:
             slot.stop_cause, slot.stop_status = "cancelled while running", "cancelled"
             slot.worker.kill()
+
+    def _on_clock(self, worker: _Worker, run_id: str) -> None:
+        """The task's function was called: its timeout runs from now."""
+        slot = self._slots.get(run_id)
+        if slot is None or slot.worker is not worker or slot.spec.timeout_s is None:
+            return  # it ended (or was killed) meanwhile
+        slot.deadline = time.monotonic() + slot.spec.timeout_s
+        self._timed[run_id] = slot
 
     def _on_done(self, worker: _Worker, reply: dict[str, Any], events: list[TaskEvent]) -> None:
         slot = self._slots.get(reply["run_id"])
@@ -258,12 +284,12 @@ class LocalBackend:
         slot = self._slots[alloc.task_id]
         cuda = alloc.cuda_visible_devices if self.inventory.gpus else None
         spec = slot.spec
-        worker = self._worker_for((spec.python or self.python, cuda or ""), cuda, spec)
-        worker.run(slot.spec)
+        if not spec.threads:  # from the request, unless the user set them here
+            spec = replace(spec, threads=_threads.thread_env(spec.resources.cpu))
+        key = (spec.python or self.python, cuda or "", tuple(spec.threads.items()))
+        worker = self._worker_for(key, cuda, spec)
+        worker.run(spec)
         slot.worker = worker
-        if slot.spec.timeout_s is not None:
-            slot.deadline = time.monotonic() + slot.spec.timeout_s
-            self._timed[slot.spec.run_id] = slot
         assigned: dict[str, Any] = {"worker_pid": worker.pid}
         if alloc.gpus:
             assigned["gpus"] = {str(i): share / 1000 for i, share in alloc.gpus}
@@ -271,12 +297,13 @@ class LocalBackend:
             assigned["cuda_visible_devices"] = cuda
         events.append(Started(slot.spec.run_id, slot.spec.attempt, assigned))
 
-    def _worker_for(self, key: tuple[str, str], cuda: str | None, spec: TaskSpec) -> _Worker:
+    def _worker_for(self, key: WorkerKey, cuda: str | None, spec: TaskSpec) -> _Worker:
         for i, worker in enumerate(self._idle):
             if worker.key == key:
                 return self._idle.pop(i)
         env = dict(os.environ)
         env.pop("VIRTUAL_ENV", None)
+        env.update(spec.threads)  # read by OpenMP, BLAS and torch as they load
         if cuda is not None:
             env["CUDA_VISIBLE_DEVICES"] = cuda
         if spec.env_lock:

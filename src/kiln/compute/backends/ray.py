@@ -4,8 +4,17 @@
 the one this machine runs, or start a local one). Each task becomes a Ray task with
 its ``num_cpus``, ``num_gpus`` (fractions are Ray's fractional GPUs) and ``memory``;
 Kiln's engine keeps doing retries, so Ray's own are off. Timeouts and ``cancel`` are
-``ray.cancel(force=True)``. A request must fit one node (Ray would queue it for ever
-otherwise), so it is checked against each live node before anything is submitted.
+``ray.cancel(force=True)``; a timeout counts from the moment the worker calls the
+function (it sends a second notice then), never from submit, so waiting in Ray's queue
+or for a worker to start never times a task out. A request must fit one node (Ray
+would queue it for ever otherwise), so it is checked against each live node before
+anything is submitted.
+
+Threads: a task's thread variables (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ...; see
+``kiln.compute._threads``) go in its runtime_env's ``env_vars``, as on the local
+engine: Ray keeps workers per runtime_env, so a worker's libraries load with the
+task's count (Ray's own default sets only ``OMP_NUM_THREADS``, to the CPUs rounded
+down, and only in a worker that does not have it yet).
 
 Started and Finished: the worker sends a one-line notice over a socket of the
 driver's when the task starts (Ray tells a task's owner only when it ends), so a run
@@ -39,6 +48,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -56,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from kiln.compute import _threads
 from kiln.compute.backends.base import (
     Finished,
     Grant,
@@ -92,7 +103,9 @@ class RayBackend:
     shared_home: bool | None = None  # None: the nodes on this machine share it, no other
     inventory: Inventory = field(init=False)
     _slots: dict[str, _Slot] = field(default_factory=dict)
-    _remotes: dict[tuple[Resources, str | None], Any] = field(default_factory=dict)
+    _remotes: dict[tuple[Resources, str | None, tuple[tuple[str, str], ...]], Any] = field(
+        default_factory=dict
+    )
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closing: bool = False
     _started_ray: bool = False
@@ -133,18 +146,19 @@ class RayBackend:
             )
 
     def submit(self, tasks: Sequence[TaskSpec]) -> None:
+        threads: dict[float, dict[str, str]] = {}  # by CPU request, from this environment
         for spec in tasks:
-            ref = self._remote(spec.resources, spec.requirements).remote(
-                self.runner, spec, self._back, self.shared_home
-            )
-            deadline = time.monotonic() + spec.timeout_s if spec.timeout_s else None
-            slot = _Slot(spec, ref, deadline)
+            if not spec.threads:
+                cpu = spec.resources.cpu
+                if cpu not in threads:
+                    threads[cpu] = _threads.thread_env(cpu)
+                spec = dataclasses.replace(spec, threads=threads[cpu])
+            ref = self._remote(spec).remote(self.runner, spec, self._back, self.shared_home)
+            slot = _Slot(spec, ref)  # its deadline is set when its function is called
             with self._lock:
                 self._slots[spec.run_id] = slot
             # Ray resolves the future when the task ends: no polling between tasks.
             ref.future().add_done_callback(lambda f, slot=slot: self._done(slot, f))
-        if any(s.timeout_s for s in tasks):
-            self._wake()
 
     def cancel(self, run_id: str) -> None:
         with self._lock:
@@ -187,16 +201,21 @@ class RayBackend:
 
     # -- endings ---------------------------------------------------------------------
 
-    def _remote(self, r: Resources, requirements: str | None) -> Any:
-        """The Ray task with these options (made once: Ray builds a class per call)."""
-        remote = self._remotes.get((r, requirements))
+    def _remote(self, spec: TaskSpec) -> Any:
+        """The Ray task with the options of ``spec`` (made once per distinct options: Ray
+        builds a class per call)."""
+        r, requirements = spec.resources, spec.requirements
+        key = (r, requirements, tuple(spec.threads.items()))
+        remote = self._remotes.get(key)
         if remote is None:
             options: dict[str, Any] = {"num_cpus": r.cpu, "num_gpus": r.gpu, "max_retries": 0}
             if r.memory_bytes:
                 options["memory"] = r.memory_bytes
+            runtime_env: dict[str, Any] = {"env_vars": dict(spec.threads)}
             if requirements:  # a kiln.Env
-                options["runtime_env"] = uv_runtime_env(requirements)
-            remote = self._remotes[(r, requirements)] = self._execute.options(**options)
+                runtime_env.update(uv_runtime_env(requirements))
+            options["runtime_env"] = runtime_env
+            remote = self._remotes[key] = self._execute.options(**options)
         return remote
 
     def _done(self, slot: _Slot, future: concurrent.futures.Future[Any]) -> None:
@@ -284,10 +303,13 @@ class RayBackend:
                     notice.pop("token") != self._back[2]
                     or slot is None
                     or slot.spec.attempt != notice.pop("attempt")
-                    or slot.started
                 ):
                     continue
-                slot.started = True
+                if notice.pop("clock", False) and slot.spec.timeout_s and not slot.stop_cause:
+                    slot.deadline = time.monotonic() + slot.spec.timeout_s  # the call began
+                if slot.started:
+                    continue
+                slot.started = True  # (from a clock notice too, if the first was lost)
                 notice["ray_task_id"] = slot.ref.task_id().hex()
                 events.append(Started(slot.spec.run_id, slot.spec.attempt, notice))
         if events:
@@ -440,7 +462,9 @@ def _execute(
             "node_id": node, "node_ip": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
             "worker_pid": os.getpid(),
         }  # fmt: skip
-    _notify(back, {"run": task.run_id, "attempt": task.attempt, "token": back[2], **assigned})
+    notice = {"run": task.run_id, "attempt": task.attempt, "token": back[2], **assigned}
+    _notify(back, notice)
+    _threads.apply(task.threads)  # set for this worker by its runtime_env; torch's again
     shared = shared_home if shared_home is not None else assigned["node_ip"] == back[0]
     scratch: Path | None = None
     if not shared:
@@ -460,7 +484,10 @@ def _execute(
         fn = _loaded["functions"].get(task.fn_key, task.fn_payload)
     except BaseException as exc:
         return _load_failure(task, exc)
-    reply: dict[str, Any] = _loaded["runner"](task, fn)
+    on_start = None
+    if task.timeout_s is not None:  # the timeout counts from the call: tell the driver
+        on_start = functools.partial(_notify, back, {**notice, "clock": True})
+    reply: dict[str, Any] = _loaded["runner"](task, fn, on_start)
     reply["assigned"] = assigned
     if scratch is not None:
         reply["blobs"] = _take_blobs(scratch / "blobs")
@@ -478,15 +505,23 @@ def _take_blobs(root: Path) -> dict[str, bytes]:
 
 
 def _notify(back: tuple[str, int, str], notice: dict[str, Any]) -> None:
-    """Send a start notice to the driver; a lost one only delays Started to the end."""
+    """Send a notice to the driver. A lost start notice only delays Started to the end;
+    a lost clock notice leaves the task without its timeout, so a send that fails on a
+    connection kept from an earlier task is tried once more on a new one."""
     line = json.dumps(notice).encode() + b"\n"
-    cached = _loaded.get("back")
-    if cached is not None and cached[0] != back:
-        cached[1].close()  # a driver that has gone: one connection per worker at a time
-        cached = None
-    try:
-        if cached is None:
-            cached = _loaded["back"] = (back, socket.create_connection(back[:2], timeout=2))
-        cached[1].sendall(line)
-    except OSError:
-        _loaded.pop("back", None)
+    for _ in range(2):
+        cached = _loaded.get("back")
+        if cached is not None and cached[0] != back:
+            cached[1].close()  # a driver that has gone: one connection per worker at a time
+            cached = None
+        fresh = cached is None
+        try:
+            if cached is None:
+                cached = _loaded["back"] = (back, socket.create_connection(back[:2], timeout=2))
+            cached[1].sendall(line)
+            return
+        except OSError:
+            with contextlib.suppress(KeyError, OSError):
+                _loaded.pop("back")[1].close()
+            if fresh:
+                return  # the driver cannot be reached: no point in trying again
