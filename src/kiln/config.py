@@ -2,13 +2,20 @@
 
 | variable      | default                          | meaning                                  |
 |---------------|----------------------------------|------------------------------------------|
-| KILN_HOME     | ./.kiln                          | embedded store and blobs                 |
+| KILN_HOME     | the nearest .kiln (see below)    | embedded store and blobs                 |
 | KILN_STORE    | sqlite:///$KILN_HOME/kiln.db     | metadata store URL (SQLite or PostgreSQL)|
 | KILN_BACKEND  | local                            | engine: local, ray, kubernetes           |
 | KILN_ACTOR    | the OS user                      | who is recorded as running things        |
 | KILN_RAY_ADDRESS | this machine's Ray            | the Ray cluster of KILN_BACKEND=ray      |
 | KILN_RAY_SHARED_HOME | nodes on this machine only | 1: every Ray node sees KILN_HOME (shared |
 |               |                                  | disk); 0: none does, artifacts travel back |
+| KILN_CACHE    | $XDG_CACHE_HOME/kiln or          | built envs, shared by every KILN_HOME on |
+|               | ~/.cache/kiln                    | the machine: one lock is built once      |
+
+Without ``KILN_HOME``, Kiln finds its home the way git finds ``.git``: the nearest
+existing ``.kiln`` folder at or above the current directory; if there is none, the
+``.kiln`` at the root of the git work tree the current directory is in; outside a
+work tree, ``./.kiln``. :attr:`Settings.home_origin` says which, for error messages.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from __future__ import annotations
 import functools
 import getpass
 import os
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast, get_args
 
@@ -38,6 +46,8 @@ class Settings:
     actor: str = "unknown"
     ray_address: str | None = None  # KILN_RAY_ADDRESS; unset: this machine's Ray
     ray_shared_home: bool | None = None  # KILN_RAY_SHARED_HOME; None: nodes on this machine
+    cache: Path = field(default_factory=lambda: cache_dir(os.environ))  # KILN_CACHE
+    home_origin: str = ""  # how ``home`` was found, for "not found" messages
 
     @property
     def blob_dir(self) -> Path:
@@ -48,7 +58,11 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read the ``KILN_*`` variables; raise :class:`ConfigError` naming a bad one."""
         env = os.environ if environ is None else environ
-        home = Path(env.get("KILN_HOME") or ".kiln").expanduser().absolute()
+        if env.get("KILN_HOME"):
+            home = Path(env["KILN_HOME"]).expanduser().absolute()
+            origin = f"KILN_HOME is set to {home}"
+        else:
+            home, origin = find_home(Path.cwd())
         store_url = env.get("KILN_STORE") or f"sqlite:///{home / 'kiln.db'}"
         scheme = store_url.split(":", 1)[0].split("+", 1)[0]
         if scheme not in _STORE_SCHEMES:
@@ -68,7 +82,51 @@ class Settings:
             home=home, store_url=store_url, backend=cast(Backend, backend), actor=actor,
             ray_address=env.get("KILN_RAY_ADDRESS") or None,
             ray_shared_home=None if shared is None else shared == "1",
+            cache=cache_dir(env), home_origin=origin,
         )  # fmt: skip
+
+
+def find_home(start: Path) -> tuple[Path, str]:
+    """The ``KILN_HOME`` for a process started in ``start``, and how it was found.
+
+    Like git's search for ``.git``: the nearest existing ``.kiln`` folder at or above
+    ``start``, so a run from a subfolder records into the project's store; else the
+    ``.kiln`` at the root of the git work tree (where the first run of a project should
+    put it); else ``start/.kiln``.
+    """
+    start = start.absolute()
+    for directory in (start, *start.parents):
+        if (directory / ".kiln").is_dir():
+            home = directory / ".kiln"
+            return home, f"the nearest .kiln folder at or above {start} is {home}"
+    looked = f"there is no .kiln folder in {start} or any folder above it"
+    for directory in (start, *start.parents):
+        if (directory / ".git").exists():  # a folder, or a file in a worktree or submodule
+            return directory / ".kiln", f"{looked}, so it goes at the work tree's root {directory}"
+    return start / ".kiln", f"{looked}, and it is not in a git work tree"
+
+
+def make_home(home: Path) -> None:
+    """Create ``home`` if it does not exist, with a ``.gitignore`` that ignores all of it:
+    a store inside a work tree must never show up as a change (or in a code snapshot)."""
+    if home.is_dir():
+        return  # the user's own folder (or one made before): not ours to add files to
+    home.mkdir(parents=True, exist_ok=True)
+    gitignore = home / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text("# Kiln's store: records, blobs and env links, never code.\n*\n")
+
+
+def cache_dir(environ: Mapping[str, str]) -> Path:
+    """``KILN_CACHE``, else the user's cache folder: built envs shared by every home."""
+    if environ.get("KILN_CACHE"):
+        return Path(environ["KILN_CACHE"]).expanduser().absolute()
+    xdg = environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():  # the XDG spec says to ignore a relative one
+        return Path(xdg) / "kiln"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "kiln"
+    return Path.home() / ".cache" / "kiln"
 
 
 @functools.cache

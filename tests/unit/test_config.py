@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from kiln._optional import require
-from kiln.config import Settings
+from kiln.config import Settings, cache_dir, make_home
 from kiln.errors import ConfigError, MissingDependencyError
 
 
@@ -36,3 +36,60 @@ def test_a_missing_extra_names_the_extra_to_install() -> None:
     with pytest.raises(MissingDependencyError, match=r"pip install 'kiln\[ray\]'"):
         require("kiln_no_such_module_xyz", extra="ray")
     assert require("json", extra="none").dumps([]) == "[]"
+
+
+def test_without_kiln_home_the_nearest_kiln_folder_above_is_the_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "project" / ".kiln").mkdir(parents=True)
+    deep = tmp_path / "project" / "src" / "models"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    s = Settings.from_env({})
+    assert s.home == tmp_path / "project" / ".kiln"
+    assert s.store_url == f"sqlite:///{tmp_path / 'project' / '.kiln' / 'kiln.db'}"
+    assert str(deep) in s.home_origin
+
+
+def test_without_a_kiln_folder_the_home_is_at_the_work_tree_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    sub = tmp_path / "repo" / "notebooks"
+    sub.mkdir()
+    monkeypatch.chdir(sub)
+    s = Settings.from_env({})
+    assert s.home == tmp_path / "repo" / ".kiln"
+    assert "work tree" in s.home_origin and str(sub) in s.home_origin
+
+
+def test_outside_a_work_tree_the_home_is_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = Settings.from_env({})
+    assert s.home == tmp_path / ".kiln"
+    assert "not in a git work tree" in s.home_origin
+
+
+def test_kiln_home_wins_over_any_kiln_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".kiln").mkdir()
+    monkeypatch.chdir(tmp_path)
+    s = Settings.from_env({"KILN_HOME": str(tmp_path / "elsewhere")})
+    assert s.home == tmp_path / "elsewhere" and "KILN_HOME" in s.home_origin
+
+
+def test_the_env_cache_is_kiln_cache_else_the_users_cache_dir(tmp_path: Path) -> None:
+    assert Settings.from_env({"KILN_CACHE": str(tmp_path / "c")}).cache == tmp_path / "c"
+    assert cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "kiln"
+    assert cache_dir({"XDG_CACHE_HOME": "relative"}) == Path.home() / ".cache" / "kiln"
+
+
+def test_a_home_kiln_creates_ignores_itself(tmp_path: Path) -> None:
+    make_home(tmp_path / "new" / ".kiln")
+    assert (tmp_path / "new" / ".kiln" / ".gitignore").read_text().splitlines()[-1] == "*"
+    (tmp_path / "mine").mkdir()
+    make_home(tmp_path / "mine")  # a folder the user made: nothing is added to it
+    assert not (tmp_path / "mine" / ".gitignore").exists()

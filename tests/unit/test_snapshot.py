@@ -66,7 +66,10 @@ def test_patch_recreates_tracked_and_untracked_changes(repo: Path, tmp_path: Pat
     blobs = BlobStore(tmp_path / "blobs")
     snap = CodeCapture(blobs).capture(repo / "train.py")
     assert snap.dirty and snap.patch_sha256 is not None
-    assert snap.untracked_skipped == ("big.dat",)
+    assert snap.untracked_skipped == ("assets/blob.bin", "big.dat")
+    blob_sha = sha256_file(repo / "assets" / "blob.bin")[0]
+    assert snap.left_out[0] == f"assets/blob.bin: binary; 256 bytes, sha256 {blob_sha}"
+    assert snap.left_out[1].startswith("big.dat: larger than the 1 MiB limit per file;")
     assert (repo / ".git" / "index").read_bytes() == index_before, "user's index was touched"
 
     clone = tmp_path / "clone"
@@ -75,7 +78,8 @@ def test_patch_recreates_tracked_and_untracked_changes(repo: Path, tmp_path: Pat
     patch = tmp_path / "p.diff"
     patch.write_bytes(blobs.read(snap.patch_sha256))
     git(clone, "apply", "--binary", str(patch))
-    expected = {k: v for k, v in tree(repo).items() if k not in ("run.log", "big.dat")}
+    left_out = ("run.log", "big.dat", "assets/blob.bin")
+    expected = {k: v for k, v in tree(repo).items() if k not in left_out}
     assert tree(clone) == expected
 
 
@@ -136,3 +140,46 @@ def test_a_broken_repo_is_reported_and_the_source_kept(
     assert snap.repo_root == str(root) and snap.commit is None
     assert blobs.read(snap.source_blob or "") == b"Z = 3\n"
     assert "git could not snapshot" in caplog.text
+
+
+def test_kilns_own_folders_are_never_code(repo: Path, tmp_path: Path) -> None:
+    # A store the repository does not ignore: the default .kiln, a nested one, and a
+    # KILN_HOME of another name (passed as excluded, as the recorder does).
+    for home in (repo / ".kiln", repo / "lib" / ".kiln", repo / "records"):
+        (home / "blobs").mkdir(parents=True)
+        (home / "kiln.db").write_bytes(b"SQLite format 3\0" + b"x" * 4096)
+        (home / "blobs" / "ab").write_text("a blob\n")
+    blobs = BlobStore(tmp_path / "blobs")
+    capture = CodeCapture(blobs, exclude=(repo / "records",))
+    snap = capture.capture(repo / "train.py")
+    assert not snap.dirty and snap.patch_sha256 is None and snap.left_out == ()
+
+    (repo / "train.py").write_text("print('version 2')\n")
+    (repo / "notes.md").write_text("a note\n")
+    edited = CodeCapture(blobs, exclude=(repo / "records",)).capture(repo / "train.py")
+    patch = blobs.read(edited.patch_sha256 or "")
+    assert b"notes.md" in patch and b"train.py" in patch
+    assert b"kiln.db" not in patch and b"a blob" not in patch
+
+
+def test_untracked_files_past_the_total_limit_are_left_out(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshot, "UNTRACKED_TOTAL_LIMIT", 100)
+    (repo / "a.txt").write_text("a" * 60)
+    (repo / "b.txt").write_text("b" * 60)
+    blobs = BlobStore(tmp_path / "blobs")
+    snap = CodeCapture(blobs).capture(repo / "train.py")
+    assert snap.untracked_skipped == ("b.txt",)
+    assert "past the" in snap.left_out[0] and "limit for all untracked files" in snap.left_out[0]
+    assert b"a" * 60 in blobs.read(snap.patch_sha256 or "")
+
+
+def test_a_repo_without_commits_keeps_the_module_source(tmp_path: Path) -> None:
+    root = tmp_path / "fresh"
+    root.mkdir()
+    git(root, "init", "-q")
+    (root / "a.py").write_text("A = 1\n")
+    blobs = BlobStore(tmp_path / "blobs")
+    snap = CodeCapture(blobs).capture(root / "a.py")
+    assert snap.commit is None and blobs.read(snap.source_blob or "") == b"A = 1\n"

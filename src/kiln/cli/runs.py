@@ -144,8 +144,10 @@ def _run_panel(r: RunRecord) -> Group:
         ("module", f"{c.module_path or '-'}"),
         ("source sha256", c.source_sha256 or "-"),
     ]
-    if c.untracked_skipped:
-        code_rows.append(("not in patch", ", ".join(c.untracked_skipped)))
+    if c.left_out:  # what the run saw but the patch does not hold: named, sized, hashed
+        code_rows.append(("left out of patch", "\n".join(c.left_out)))
+    elif c.untracked_skipped:  # recorded before notes were kept
+        code_rows.append(("left out of patch", ", ".join(c.untracked_skipped)))
     parts.append(Panel(_kv_table(code_rows), title="code", title_align="left"))
     env_rows = [
         ("python", f"{e.implementation} {e.python} ({e.executable})"),

@@ -69,8 +69,8 @@ class CodeSnapshot:
 
     With git: ``commit``, ``branch`` and, when the tree has uncommitted or untracked
     changes, ``patch_sha256`` naming a blob that recreates them on top of the commit.
-    Always: the calling module's path and the sha256 of its source; without git the
-    source itself is stored as the blob ``source_blob``.
+    Always: the calling module's path, the sha256 of its source and the source itself
+    as the blob ``source_blob`` (what a run without a commit is reproduced from).
     """
 
     module_path: str | None = None
@@ -82,6 +82,9 @@ class CodeSnapshot:
     dirty: bool = False
     patch_sha256: str | None = None
     untracked_skipped: tuple[str, ...] = ()
+    # One line per untracked file left out of the patch: why (binary, too large), its
+    # size and its sha256, so what the run saw is still known.
+    left_out: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +259,7 @@ def json_number(value: float) -> float | str:
 def _code(data: dict[str, Any] | None) -> CodeSnapshot:
     data = dict(data or {})
     data["untracked_skipped"] = tuple(data.get("untracked_skipped", ()))
+    data["left_out"] = tuple(data.get("left_out", ()))
     return CodeSnapshot(**data)
 
 

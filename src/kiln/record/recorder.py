@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.config import Settings
+from kiln.config import Settings, make_home
 from kiln.record.blobs import BlobStore
 from kiln.record.model import RunStatus
 from kiln.record.snapshot import CodeCapture
@@ -44,9 +44,14 @@ class Recorder:
         self.blobs = BlobStore(settings.blob_dir)
         from kiln.record.store.sql import SqlStore  # SQLAlchemy loads on first use
 
-        self.store = SqlStore(settings.store_url, self.blobs, create=create, actor=settings.actor)
+        if create:
+            make_home(settings.home)
+        self.store = SqlStore(
+            settings.store_url, self.blobs, create=create, actor=settings.actor,
+            home_origin=settings.home_origin,
+        )  # fmt: skip
         mark_lost_runs(self.store)
-        self.code = CodeCapture(self.blobs)
+        self.code = CodeCapture(self.blobs, exclude=(settings.home, settings.cache))
         self.active: dict[str, ActiveRun] = {}
         self._points: list[MetricRow] = []
         self._pending = WriteBatch()

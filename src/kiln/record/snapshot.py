@@ -1,8 +1,13 @@
 """What a run executed: its code (git state and module source) and its environment.
 
 The code snapshot is exact: ``git apply`` of the stored patch on top of the stored
-commit recreates the working tree, untracked files included (up to a size limit,
-past which they are named in ``CodeSnapshot.untracked_skipped`` instead).
+commit recreates the working tree, untracked files included, except Kiln's own
+folders (``KILN_HOME``, ``KILN_CACHE`` and any ``.kiln`` inside the tree: they are
+records, not code) and untracked files that are binary, over a size limit per file
+or past a total: those are named in ``CodeSnapshot.untracked_skipped`` and described
+(size and sha256) in ``CodeSnapshot.left_out``. The module's source is always stored
+too, so a run in a repository with no commits (or one that is gone) can still be
+re-run from it.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +32,9 @@ from kiln.record.model import CodeSnapshot, EnvSnapshot
 
 UNTRACKED_FILE_LIMIT = 1 << 20  # bytes; larger untracked files are data, not code
 SNAPSHOT_TTL_S = 2.0  # runs started within this long of each other share a snapshot
-UNTRACKED_TOTAL_LIMIT = 16 << 20
+UNTRACKED_TOTAL_LIMIT = 16 << 20  # bytes of untracked files in one patch, all together
+HASH_LIMIT = 256 << 20  # a left-out file larger than this is described by its size alone
+_BINARY_SNIFF_BYTES = 8000  # git's test: a NUL byte in the first 8000 bytes means binary
 _EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 _GIT_TIMEOUT_S = 30
 _log = logging.getLogger("kiln")
@@ -48,13 +57,20 @@ class _GitState:
     status_text: str = ""
 
 
+# A patch's blob (None: nothing to patch), the untracked files it leaves out, a note on each.
+_Patch = tuple[str | None, tuple[str, ...], tuple[str, ...]]
+
+
 class CodeCapture:
     """Takes code snapshots, reusing the last patch while the working tree is unchanged."""
 
-    def __init__(self, blobs: BlobStore) -> None:
+    def __init__(self, blobs: BlobStore, *, exclude: Sequence[Path] = ()) -> None:
+        """``exclude``: folders that are never code wherever they are (Kiln's home and
+        cache); any folder named ``.kiln`` is left out as well."""
         self._blobs = blobs
+        self._exclude = tuple(path.absolute() for path in exclude)
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, ...], tuple[str | None, tuple[str, ...]]] = {}
+        self._cache: dict[tuple[str, ...], _Patch] = {}
         self._git = shutil.which("git")
         self._recent: dict[str, tuple[float, CodeSnapshot]] = {}
 
@@ -78,9 +94,11 @@ class CodeCapture:
         if module_path is not None and module_path.is_file():
             source_sha, _ = sha256_file(module_path)
 
+        # Kept with git too: without a commit (a fresh `git init`) or once the repository
+        # is gone, the module source is what `kiln reproduce` can still run.
+        blob = self._blobs.put_file(module_path)[0] if module_path and source_sha else None
+
         def source_only(root: Path | None) -> CodeSnapshot:
-            # Without git the module source itself is the record of the code.
-            blob = self._blobs.put_file(module_path)[0] if module_path and source_sha else None
             return CodeSnapshot(
                 module_path=module,
                 source_sha256=source_sha,
@@ -95,8 +113,9 @@ class CodeCapture:
             state = self._status(root)
             patch_sha: str | None = None
             skipped: tuple[str, ...] = ()
+            left_out: tuple[str, ...] = ()
             if state.changed or state.untracked:
-                patch_sha, skipped = self._patch(root, state)
+                patch_sha, skipped, left_out = self._patch(root, state)
         except (subprocess.SubprocessError, OSError) as exc:
             _log.warning(
                 "kiln: git could not snapshot %s (%s); storing the module source", root, exc
@@ -105,13 +124,30 @@ class CodeCapture:
         return CodeSnapshot(
             module_path=module,
             source_sha256=source_sha,
+            source_blob=blob,
             repo_root=str(root),
             commit=state.commit,
             branch=state.branch,
             dirty=bool(state.changed or state.untracked),
             patch_sha256=patch_sha,
             untracked_skipped=skipped,
+            left_out=left_out,
         )
+
+    def _pathspec(self, root: Path) -> tuple[str, ...]:
+        """The whole tree but Kiln's own folders: a store inside the tree is records, not
+        code, whether or not the repository ignores it (else every run's patch carries
+        the database of the runs before it, and no run is ever clean)."""
+        specs = ["--", ".", ":(exclude,glob)**/.kiln/**"]
+        real_root = root.resolve()
+        for path in self._exclude:
+            try:
+                rel = path.resolve().relative_to(real_root)
+            except ValueError:
+                continue  # outside the tree: nothing to leave out
+            if rel.parts:
+                specs.append(f":(exclude,literal){rel.as_posix()}")
+        return tuple(specs)
 
     def _run_git(self, root: Path, *args: str, env: dict[str, str] | None = None) -> bytes:
         return subprocess.run(
@@ -131,6 +167,7 @@ class CodeCapture:
             "--branch",
             "-z",
             "--untracked-files=all",
+            *self._pathspec(root),
         ).decode("utf-8", "surrogateescape")
         state = _GitState(commit=None, branch=None, status_text=out)
         entries = iter(out.split("\0"))
@@ -150,8 +187,9 @@ class CodeCapture:
                 next(entries, None)  # a rename's second path: the original name
         return state
 
-    def _patch(self, root: Path, state: _GitState) -> tuple[str | None, tuple[str, ...]]:
-        """Store a binary patch of every change against HEAD, untracked files included."""
+    def _patch(self, root: Path, state: _GitState) -> _Patch:
+        """Store a binary patch of every change against HEAD, untracked files included
+        (within limits); return it, the untracked files left out, and why each was."""
         # Keyed by content, not mtime: an edit within one filesystem timestamp tick
         # keeps the mtime and often the size.
         stamp = [state.status_text]
@@ -168,17 +206,7 @@ class CodeCapture:
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
-        included, skipped, total = [], [], 0
-        for rel in state.untracked:
-            try:
-                size = (root / rel).stat().st_size
-            except OSError:
-                continue
-            if size > UNTRACKED_FILE_LIMIT or total + size > UNTRACKED_TOTAL_LIMIT:
-                skipped.append(rel)
-            else:
-                included.append(rel)
-                total += size
+        included, skipped, left_out = _select_untracked(root, state.untracked)
         # Untracked files enter the diff through a throwaway copy of the index marked
         # intent-to-add: nothing is written to the user's index or object store.
         with tempfile.TemporaryDirectory(prefix="kiln-index-") as tmp:
@@ -192,11 +220,61 @@ class CodeCapture:
             if included:
                 self._run_git(root, "add", "--intent-to-add", "--", *included, env=env)
             base = state.commit or _EMPTY_TREE
-            patch = self._run_git(root, "diff", "--binary", base, env=env)
-        result = (self._blobs.put_bytes(patch) if patch else None, tuple(skipped))
+            patch = self._run_git(root, "diff", "--binary", base, *self._pathspec(root), env=env)
+        result = (
+            self._blobs.put_bytes(patch) if patch else None,
+            tuple(skipped),
+            tuple(left_out),
+        )
         with self._lock:
             self._cache = {key: result}  # only the latest state is worth keeping
         return result
+
+
+def _select_untracked(root: Path, untracked: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Which untracked files go into the patch; the others, and a note on each of those."""
+    included: list[str] = []
+    skipped: list[str] = []
+    notes: list[str] = []
+    total = 0
+    for rel in untracked:
+        path = root / rel
+        try:
+            st = path.lstat()
+            why = _left_out_because(path, st, total)
+            if why is not None:
+                notes.append(_describe(path, rel, st.st_size, why))
+        except OSError:
+            continue  # gone since git listed it
+        if why is None:
+            included.append(rel)
+            total += st.st_size
+        else:
+            skipped.append(rel)
+    return included, skipped, notes
+
+
+def _left_out_because(path: Path, st: os.stat_result, total: int) -> str | None:
+    """Why an untracked file stays out of the patch, or None if it goes in."""
+    if stat.S_ISLNK(st.st_mode):
+        return None  # a link is stored as its target's name: small, and code's business
+    if st.st_size > UNTRACKED_FILE_LIMIT:
+        return f"larger than the {_mib(UNTRACKED_FILE_LIMIT)} limit per file"
+    with path.open("rb") as f:
+        if b"\0" in f.read(_BINARY_SNIFF_BYTES):
+            return "binary"
+    if total + st.st_size > UNTRACKED_TOTAL_LIMIT:
+        return f"past the {_mib(UNTRACKED_TOTAL_LIMIT)} limit for all untracked files"
+    return None
+
+
+def _describe(path: Path, rel: str, size: int, why: str) -> str:
+    digest = f"sha256 {sha256_file(path)[0]}" if size <= HASH_LIMIT else "not hashed"
+    return f"{rel}: {why}; {size:,} bytes, {digest}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
 
 
 _env_lock = threading.Lock()

@@ -66,8 +66,10 @@ class SqlStore:
         *,
         create: bool = True,
         actor: str = "unknown",
+        home_origin: str | None = None,
     ) -> None:
         parsed = make_url(url)
+        self._home_origin = home_origin  # how KILN_HOME was found: said when there is no store
         self.actor = actor  # recorded on audit events that carry no actor of their own
         # Writers in this process take turns (the engine's and the recorder's threads);
         # writers in other processes are handled by the retry in _retry_locked.
@@ -727,8 +729,11 @@ class SqlStore:
         path = Path(database)
         if not path.exists():
             if not create:
+                looked = f" ({self._home_origin})" if self._home_origin else ""
                 raise StoreUnavailableError(
-                    self.url, "no store here yet; record a run first, or set KILN_HOME/KILN_STORE"
+                    self.url,
+                    f"no store here yet: there is no {path}{looked}; record a run first, "
+                    "or set KILN_HOME/KILN_STORE",
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_path = path.with_name(path.name + ".lock")
