@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, ParamSpec, TypeVar
 import cloudpickle
 
 from kiln._engine import Call, Engine, engine_for
-from kiln._sweep import Sweep, _Tally, check_spec
+from kiln._sweep import Sweep as Sweep  # re-exported: kiln.Sweep
+from kiln._sweep import _Tally, check_spec
 from kiln.compute.backends.base import Outcome, TaskSpec
 from kiln.compute.resources import Resources, detect_inventory
 from kiln.config import Settings

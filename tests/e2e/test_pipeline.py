@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -100,6 +101,13 @@ def test_pipeline_lineage_reproduce_and_bundle(
     again = kiln.get_run(result.reproduction)
     assert again.tags == {"reproduced_from": train1, "reproduce_verdict": "identical"}
     assert kiln.runs(tags={"reproduced_from": train1})[0].id == again.id
+    # reproductions are left out of listings unless asked for
+    assert again.id not in {r.id for r in kiln.runs(app="pipeline", limit=None)}
+    assert again.id in {r.id for r in kiln.runs(app="pipeline", limit=None, reproductions=True)}
+    listed = CliRunner().invoke(cli, ["runs", "ls", "--json", "-n", "50"])
+    assert again.id not in {r["id"] for r in json.loads(listed.output)}
+    listed = CliRunner().invoke(cli, ["runs", "ls", "--json", "-n", "50", "--reproductions"])
+    assert again.id in {r["id"] for r in json.loads(listed.output)}
 
     # data drift is an error unless allowed, then reported
     (repo / "data-10.txt").write_text("1\n2\n3")
@@ -107,6 +115,10 @@ def test_pipeline_lineage_reproduce_and_bundle(
         reproduce(train1)
     drifted = reproduce(train1, allow_data_drift=True)
     assert drifted.data_drift == ["data"] and drifted.verdict == "different"
+    best = ["runs", "best", "-m", "loss", "--mode", "min", "--json"]
+    assert json.loads(CliRunner().invoke(cli, best).output)["id"] == train1
+    shown = CliRunner().invoke(cli, [*best, "--reproductions"]).output
+    assert json.loads(shown)["id"] == drifted.reproduction  # less loss: on less data
 
     # bundle: export, import into a fresh store, verify; any flipped byte fails
     bundle = tmp_path / "train.kiln"

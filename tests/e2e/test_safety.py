@@ -33,11 +33,11 @@ def producer_and_consumer() -> tuple[str, str, kiln.Artifact]:
 
 def test_a_run_others_depend_on_is_not_removed_and_they_are_named() -> None:
     producer, consumer, _ = producer_and_consumer()
-    code, out = invoke("runs", "rm", producer[:10])
+    code, out = invoke("runs", "rm", producer[:10], "--yes")
     assert code == 1 and f"run {consumer} uses its weights" in out
     assert kiln.get_run(producer).id == producer  # still there
-    assert invoke("runs", "rm", consumer)[0] == 0
-    assert invoke("runs", "rm", producer, "--json")[0] == 0
+    assert invoke("runs", "rm", consumer, "--yes")[0] == 0
+    assert invoke("runs", "rm", producer, "--json", "--yes")[0] == 0
     assert kiln.runs(app="safe") == []
     recorder.close_all()
     assert invoke("audit", "verify")[0] == 0  # removal is an event; the chain holds
@@ -78,8 +78,8 @@ def test_gc_removes_only_unreferenced_blobs_old_enough() -> None:
     assert rec.blobs.exists(weights.sha256)  # referenced: kept at any age
     os.utime(rec.blobs.path(weights.sha256), (old, old))
     assert json.loads(invoke("gc", "--json")[1])["removed"] == []
-    invoke("runs", "rm", consumer)
-    invoke("runs", "rm", producer)
+    invoke("runs", "rm", consumer, "--yes")
+    invoke("runs", "rm", producer, "--yes")
     assert json.loads(invoke("gc", "--json")[1])["removed"] == [weights.sha256]
     assert invoke("gc", "--min-age", "soon")[0] != 0
 
@@ -89,6 +89,6 @@ def test_a_run_a_model_was_made_from_is_not_removed() -> None:
     with app.run() as run:
         kiln.save("model.bin", b"m")
     app.models.register("safe", run.id, artifact="model.bin")
-    code, out = invoke("runs", "rm", run.id)
+    code, out = invoke("runs", "rm", run.id, "--yes")
     assert code == 1 and "model safe:1 was made by it" in out
     assert kiln.get_run(run.id).id == run.id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -22,10 +23,14 @@ from kiln.cli._render import (
     status_text,
 )
 from kiln.errors import ValidationError
-from kiln.record.model import RunRecord, json_number
+from kiln.record.model import RunRecord, RunStatus, json_number
 
 app = typer.Typer(help="List, show and compare recorded runs.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
+ReproductionsOpt = Annotated[
+    bool,
+    typer.Option("--reproductions", help="Include reproductions of other runs (`kiln reproduce`)."),
+]
 
 
 def _print_json(data: Any) -> None:
@@ -57,17 +62,19 @@ def ls(
     ] = "-created",
     limit: Annotated[int, typer.Option("--limit", "-n", help="How many runs.")] = 20,
     sweep: Annotated[str | None, typer.Option(help="Only the runs of this sweep.")] = None,
+    reproductions: ReproductionsOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """List runs, newest first (or by a metric: -o -accuracy)."""
     records = runs(
-        parent=get_run(sweep).id if sweep else None,
+        parent=sweep,
         app=app_name,
         status=status,
         params=_pairs(param, "--param"),
         tags=_pairs(tag, "--tag"),
         order_by=order_by,
         limit=limit,
+        reproductions=reproductions,
     )
     if as_json:
         _print_json([r.to_dict() for r in records])
@@ -214,17 +221,80 @@ def compare(
 
 @app.command("rm")
 def rm(
-    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    run_id: Annotated[str, typer.Argument(help="Run or sweep id, or a unique prefix of it.")],
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask (needed when not on a terminal).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove a run's record. Refused, naming them, while other runs depend on it."""
+    """Remove a run's record (a sweep with its runs). Refused, naming them, while other
+    runs or models depend on it. Asks first on a terminal."""
     store = reader().store
     record = store.get_run(run_id)
-    store.delete_run(record.id)
+    sweep = record.tags.get("kind") == "sweep"
+    what = f"run {record.id}"
+    if sweep:
+        count = len(runs(parent=record.id, limit=None, reproductions=True))
+        what = f"sweep {record.id} with its {count} runs"
+    _confirm(f"Remove {what}?", yes)
+    removed = store.delete_run(record.id, with_runs=sweep)
     if as_json:
-        _print_json({"removed": record.id})
+        _print_json({"removed": removed})
     else:
-        console().print(f"removed run {record.id} (its blobs stay until `kiln gc`)")
+        console().print(f"removed {what} (their blobs stay until `kiln gc`)")
+
+
+def _confirm(question: str, yes: bool) -> None:
+    """Ask on a terminal; elsewhere only ``--yes`` goes ahead (nothing is removed unasked)."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise ValidationError("--yes", "not on a terminal, so nothing was asked: pass --yes")
+    if not typer.confirm(question, default=False):
+        raise typer.Exit(1)
+
+
+@app.command("resume")
+def resume(
+    sweep_id: Annotated[str, typer.Argument(help="Sweep id, or a unique prefix of it.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-run the runs of a sweep that did not succeed, with the same arguments, and wait.
+
+    The function is imported from its recorded module (as its code is now) from the
+    folder it was recorded in; a function defined in a script is loaded from that file.
+    """
+    from kiln._sweep import resume_sweep
+    from kiln.config import Settings
+
+    sweep, total = resume_sweep(sweep_id, Settings.from_env())
+    if sweep is None:
+        _report_resume(get_run(sweep_id), [], total, as_json)
+        return
+    try:
+        sweep.wait()
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: sweep {sweep.id} cancelled; `kiln runs resume {sweep.id[:8]}` "
+                   "re-runs what did not succeed", err=True)  # fmt: skip
+        raise typer.Exit(130) from None
+    _report_resume(sweep.record(), sweep.records(), total, as_json)
+
+
+def _report_resume(sweep: RunRecord, rerun: list[RunRecord], total: int, as_json: bool) -> None:
+    if as_json:
+        _print_json({"sweep": sweep.id, "status": str(sweep.status), "runs": total,
+                     "resumed": [r.id for r in rerun], "result": sweep.result})  # fmt: skip
+        return
+    out = console()
+    if not rerun:
+        out.print(f"every one of the {total} runs of sweep {sweep.id[:8]} succeeded: nothing to do")
+        return
+    out.print(runs_table(rerun))
+    failed = sum(r.status is not RunStatus.SUCCEEDED for r in rerun)
+    out.print(
+        f"sweep {sweep.id[:8]}: re-ran {len(rerun)} of {total} runs "
+        f"({failed} did not succeed); the sweep {status_text(sweep.status)}"
+    )
 
 
 @app.command("best")
@@ -233,14 +303,16 @@ def best(
     mode: Annotated[str, typer.Option(help="max or min.")] = "max",
     app_name: Annotated[str | None, typer.Option("--app", "-a", help="Only this app.")] = None,
     sweep: Annotated[str | None, typer.Option(help="Only the runs of this sweep.")] = None,
+    reproductions: ReproductionsOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """The succeeded run with the best value of a metric, across apps unless one is named."""
+    """The succeeded run with the best value of a metric, across apps unless one is named.
+    Ties go to the run created first."""
     if mode not in ("max", "min"):
         raise ValidationError("--mode", f"{mode!r} is not a mode", allowed=["max", "min"])
     found = runs(
-        app=app_name, status="succeeded", parent=get_run(sweep).id if sweep else None,
-        order_by=("-" if mode == "max" else "") + metric, limit=1,
+        app=app_name, status="succeeded", parent=sweep,
+        order_by=("-" if mode == "max" else "") + metric, limit=1, reproductions=reproductions,
     )  # fmt: skip
     if not found or metric not in found[0].summary:
         raise ValidationError("--metric", f"no succeeded run has the metric {metric!r}")

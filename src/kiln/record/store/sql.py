@@ -254,6 +254,10 @@ class SqlStore:
         """What depends on a run: model versions registered from it, runs that used its
         outputs, its sweep's runs, its reproductions. A run with dependants cannot be
         removed."""
+        return [what for _, what in self._dependants(run_id)]
+
+    def _dependants(self, run_id: str) -> list[tuple[str | None, str]]:
+        """(the dependent run's id, or None for a model version; what it is) pairs."""
         with self._engine.connect() as conn:
             produced = sa.select(artifacts.c.sha256).where(
                 artifacts.c.run_id == run_id, artifacts.c.direction == "out"
@@ -278,34 +282,62 @@ class SqlStore:
                     model_versions.c.run_id == run_id
                 )
             ).all()
-        out = [f"model {n}:{v} was made by it" for n, v in registered]
-        out += [f"run {u} uses its {name}" for u, name in users]
-        out += [f"run {c} belongs to it (a sweep)" for (c,) in children]
-        out += [f"run {c} reproduces it" for (c,) in copies]
+        out: list[tuple[str | None, str]] = [
+            (None, f"model {n}:{v} was made by it") for n, v in registered
+        ]
+        out += [(u, f"run {u} uses its {name}") for u, name in users]
+        out += [(c, f"run {c} belongs to it (a sweep)") for (c,) in children]
+        out += [(c, f"run {c} reproduces it") for (c,) in copies]
         return out
 
-    def delete_run(self, run_id: str) -> None:
+    def delete_run(self, run_id: str, *, with_runs: bool = False) -> list[str]:
         """Remove a run and its metrics, summary and artifact rows (not their blobs: see
-        ``kiln gc``), with an audit event. Refused while anything depends on it."""
+        ``kiln gc``), with an audit event. Refused while anything depends on it.
 
-        def delete() -> None:
+        With ``with_runs``, a sweep goes together with its runs, in one transaction;
+        refused, naming them, while anything outside the sweep depends on any of them.
+        Returns the ids removed, the sweep's runs first.
+        """
+
+        def delete() -> list[str]:
             record = self._get_run(run_id)
-            dependants = self.dependants(record.id)
-            if dependants:
-                raise DependencyError(f"run {record.id}", dependants)
+            doomed = [*self._children(record.id), record.id] if with_runs else [record.id]
+            blocking = [
+                what if rid == record.id else f"its run {rid}: {what}"
+                for rid in doomed
+                for other, what in self._dependants(rid)
+                if other not in doomed
+            ]
+            if blocking:
+                raise DependencyError(f"run {record.id}", blocking)
             with self._engine.begin() as conn:
-                rows = self.export_rows(record.id)
-                for table in (metrics, summary, artifacts):
-                    conn.execute(table.delete().where(table.c.run_id == record.id))
-                conn.execute(runs.delete().where(runs.c.id == record.id))
-                payload = {"app": record.app, "status": str(record.status),
-                           "params": record.params, "artifacts": len(rows["artifacts"]),
-                           "metric_points": len(rows["metrics"])}  # fmt: skip
-                self._append(
-                    conn, [audit.Event("run.delete", record.id, payload, time.time(), self.actor)]
-                )
+                events = [self._delete_one(conn, rid) for rid in doomed]
+                self._append(conn, events)
+            return doomed
 
-        self._guard(lambda: self._retry_locked(delete))
+        return self._guard(lambda: self._retry_locked(delete))
+
+    def _children(self, run_id: str) -> list[str]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(runs.c.id).where(runs.c.parent_id == run_id).order_by(runs.c.created_at)
+            ).all()
+        return [rid for (rid,) in rows]
+
+    def _delete_one(self, conn: Connection, run_id: str) -> audit.Event:
+        record = self._get_run(run_id)
+        rows = self.export_rows(run_id)
+        for table in (metrics, summary, artifacts):
+            conn.execute(table.delete().where(table.c.run_id == run_id))
+        conn.execute(runs.delete().where(runs.c.id == run_id))
+        payload = {
+            "app": record.app,
+            "status": str(record.status),
+            "params": record.params,
+            "artifacts": len(rows["artifacts"]),
+            "metric_points": len(rows["metrics"]),
+        }
+        return audit.Event("run.delete", run_id, payload, time.time(), self.actor)
 
     def referenced_blobs(self) -> set[str]:
         """Every blob sha256 a record names: artifacts, code, environment lists and locks."""
