@@ -16,6 +16,7 @@ from _common import machine
 HERE = Path(__file__).parent
 BENCHES = [
     "bench_import.py",
+    "bench_cli.py",
     "bench_runs.py",
     "bench_query.py",
     "bench_ingest.py",

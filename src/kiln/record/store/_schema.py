@@ -7,12 +7,33 @@ hot path, and every child row is written after its run row by the same writer.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 
 metadata = sa.MetaData()
 
-JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+class _JSON(sa.types.TypeDecorator[Any]):
+    """JSON, stored as JSONB on PostgreSQL.
+
+    The JSONB type is imported only once a PostgreSQL engine asks for it: importing
+    ``sqlalchemy.dialects.postgresql`` loads every PostgreSQL driver's module, which
+    every process opening a SQLite store (each start of the CLI, each worker) paid.
+    """
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            return dialect.type_descriptor(JSONB())
+        return dialect.type_descriptor(sa.JSON())
+
+
+JSONType = _JSON()
 
 runs = sa.Table(
     "runs",
