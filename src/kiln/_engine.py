@@ -252,7 +252,9 @@ class Engine:
                 self._finish(call, outcome, now, batch, started)
                 done.append((call, outcome))
             if flush_started:
-                batch.updates.extend(self._started.values())
+                # Their heartbeat is now: a heartbeat written while they waited is not
+                # put back by this older one.
+                batch.updates.extend({**u, "heartbeat_at": now} for u in self._started.values())
                 self._started.clear()
         try:
             self.recorder.store.write(batch)
