@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import math
 import subprocess
 import sys
@@ -33,6 +34,9 @@ Verdict = Literal["identical", "within tolerance", "different", "failed"]
 
 class ReproduceError(KilnError):
     """A run cannot be reproduced; the message says what is missing or changed."""
+
+
+_log = logging.getLogger("kiln")
 
 
 @dataclass
@@ -196,8 +200,9 @@ def _artifact(store: Any, name: str, sha256: str) -> Artifact:
 
 @contextlib.contextmanager
 def _source(record: RunRecord) -> Iterator[Path]:
-    """The recorded module file: in a temporary git worktree at the recorded commit with
-    the stored patch applied, or written from the stored module source."""
+    """The recorded module file, from the fullest record of the code there is: a temporary
+    git worktree at the recorded commit with the patch applied; in a repository with no
+    commits, the patch alone (it holds the whole tree); else the stored module source."""
     code = record.code
     blobs = record._blobs
     if blobs is None or code.module_path is None:
@@ -214,15 +219,54 @@ def _source(record: RunRecord) -> Iterator[Path]:
                 yield worktree / Path(code.module_path).relative_to(code.repo_root)
             finally:
                 _git(code.repo_root, "worktree", "remove", "--force", str(worktree))
+        elif tree := _tree_without_commits(record, Path(tmp)):
+            yield tree
         elif code.source_blob:
+            _log.warning("kiln: %s; reproducing from its recorded module source", _why(record))
             module = Path(tmp) / Path(code.module_path).name
             module.write_bytes(blobs.read(code.source_blob))
             yield module
         else:
             raise ReproduceError(
-                f"run {record.id}'s code cannot be recovered: its repository "
-                f"{code.repo_root} is gone and no module source was stored"
+                f"run {record.id}'s code cannot be recovered: {_why(record)}, "
+                "and its module source was not stored"
             )
+
+
+def _tree_without_commits(record: RunRecord, tmp: Path) -> Path | None:
+    """The module in the tree as it was, rebuilt from the patch of a repository that had
+    no commits (a patch against the empty tree); None if there is no such patch."""
+    code, blobs = record.code, record._blobs
+    if code.commit or not code.patch_sha256 or not code.repo_root or blobs is None:
+        return None
+    tree = tmp / "code"
+    tree.mkdir()
+    patch = tmp / "changes.patch"
+    patch.write_bytes(blobs.read(code.patch_sha256))
+    try:
+        _git(str(tree), "init", "-q")
+        _git(str(tree), "apply", "--binary", str(patch))
+    except (ReproduceError, OSError) as exc:
+        _log.warning("kiln: the patch of run %s does not apply (%s)", record.id, exc)
+        return None
+    module = tree / Path(code.module_path or "").relative_to(code.repo_root)
+    if not module.is_file():
+        return None
+    _log.warning(
+        "kiln: %s; reproducing from its recorded patch (the whole tree as it was, "
+        "untracked files left out of the patch excepted)", _why(record)
+    )  # fmt: skip
+    return module
+
+
+def _why(record: RunRecord) -> str:
+    """What is missing to check out a run's code at its commit."""
+    code = record.code
+    if code.repo_root is None:
+        return f"run {record.id} was recorded outside a git repository"
+    if code.commit is None:
+        return f"run {record.id} was recorded in a repository with no commits ({code.repo_root})"
+    return f"run {record.id}'s repository {code.repo_root} is gone"
 
 
 def _git(cwd: str, *args: str) -> None:

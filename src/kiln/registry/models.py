@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from kiln.errors import NotFoundError, ValidationError
+from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
 from kiln.record import audit
 from kiln.record.model import RunRecord, RunStatus
 from kiln.record.resolve import RunLike, resolve_run
@@ -195,6 +195,7 @@ class Models:
         failures: list[str] = []
         with self._store.transaction() as conn:
             row, policy = self._pending(conn, request_id)
+            request_id = row["id"]  # the whole id, where a prefix was given
             if self._actor == row["requested_by"]:
                 raise ValidationError("approver", "the requester cannot approve its own request")
             if self._actor not in policy.approvers:
@@ -230,6 +231,7 @@ class Models:
         """Turn a pending request down (an approver or its requester may)."""
         with self._store.transaction() as conn:
             row, policy = self._pending(conn, request_id)
+            request_id = row["id"]  # the whole id, where a prefix was given
             if self._actor not in policy.approvers and self._actor != row["requested_by"]:
                 raise ValidationError("approver", f"{self._actor} may not reject this request",
                                       allowed=policy.approvers)  # fmt: skip
@@ -252,18 +254,21 @@ class Models:
         return [_request_of(r, Policy.parse(r["policy"]).approvals) for r in rows]
 
     def _pending(self, conn: Connection, request_id: str) -> tuple[dict[str, Any], Policy]:
-        found = (
-            conn.execute(sa.select(promotion_requests).where(promotion_requests.c.id == request_id))
-            .mappings()
-            .first()
-        )
-        if found is None:
+        """The request whose id is or starts with ``request_id`` (like a run id prefix)."""
+        matches = conn.execute(
+            sa.select(promotion_requests)
+            .where(promotion_requests.c.id.startswith(request_id, autoescape=True))
+            .limit(6)
+        ).mappings().all()  # fmt: skip
+        if not matches or not request_id:
             raise NotFoundError(
                 f"no promotion request {request_id!r}; `kiln models requests` lists them"
             )
-        row = dict(found)
+        if len(matches) > 1:
+            raise AmbiguousIdError(request_id, [m["id"] for m in matches], kind="requests")
+        row = dict(matches[0])
         if row["status"] != "pending":
-            raise ValidationError("request", f"request {request_id} is already {row['status']}")
+            raise ValidationError("request", f"request {row['id']} is already {row['status']}")
         return row, Policy.parse(row["policy"])
 
     def set_policy(self, name: str, alias: str, policy: dict[str, Any] | None) -> None:
