@@ -52,3 +52,12 @@ def saves(data: bytes, driver_blobs: str) -> bool:
     kiln.log({"size": len(data)})
     sha = kiln.save("weights.bin", data)
     return Path(driver_blobs, sha[:2], sha[2:]).exists()
+
+
+@app.function(cpu=1)
+def torch_threads() -> tuple[int, dict[str, str]]:
+    import os
+
+    import torch
+
+    return torch.get_num_threads(), {k: v for k, v in os.environ.items() if k.endswith("_THREADS")}

@@ -10,10 +10,11 @@ import subprocess
 import time
 
 import pytest
-from ray_funcs import app, boom, four_seconds, saves, six_version, sleepy, where
+from ray_funcs import app, boom, four_seconds, saves, six_version, sleepy, torch_threads, where
 
 import kiln
 from conftest import ray_start
+from kiln.compute._threads import THREAD_VARS
 from kiln.config import Settings
 from kiln.errors import ConfigError, ValidationError
 
@@ -44,6 +45,19 @@ def test_failures_timeouts_and_impossible_requests(on_ray: str) -> None:
     wants_both = app.function(cpu=2)(lambda: None)
     with pytest.raises(ValidationError, match=r"cpu: 2 cores requested, the largest node has 1"):
         wants_both.remote()
+
+
+def test_cpu_bounds_the_threads_on_ray_as_locally(
+    on_ray: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = torch_threads.spawn()
+    count, variables = run.result(timeout=120)
+    assert count == 1 and {variables[name] for name in THREAD_VARS} == {"1"}
+    assert run.record().environment.threads == dict.fromkeys(THREAD_VARS, "1")
+    # The driver's own setting reaches the Ray worker, and is the count for the others.
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    count, variables = torch_threads.remote()
+    assert count == 2 and variables["OMP_NUM_THREADS"] == variables["OPENBLAS_NUM_THREADS"] == "2"
 
 
 def test_an_unreachable_cluster_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
