@@ -4,7 +4,9 @@ The code comes from the recorded commit plus the stored patch (a temporary git
 worktree) or, without git, from the stored module source. Datasets are hashed
 again and must match, unless data drift is allowed. The new run is tagged
 ``reproduced_from`` and compared with the original: params, each summary metric,
-each artifact's hash, and a verdict. Nondeterminism is reported, not hidden.
+each artifact's hash, and a verdict (:mod:`kiln.record.compare`). Nondeterminism is
+reported, not hidden; metrics that are not part of the result (declared volatile,
+or named in ``ignore_metrics``) are shown but left out of the verdict.
 """
 
 from __future__ import annotations
@@ -12,24 +14,23 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import math
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from kiln.app import App
 from kiln.config import Settings
-from kiln.errors import KilnError, RunFailed, ValidationError
+from kiln.errors import KilnError, RunFailed
 from kiln.function import Function
+from kiln.record.compare import Comparison, Verdict, check_metric_names, check_rtol, compare
 from kiln.record.model import Artifact, RunRecord
 from kiln.record.resolve import RunLike, resolve_run
 from kiln.record.runs import Dataset
 
-Verdict = Literal["identical", "within tolerance", "different", "failed"]
+__all__ = ["Comparison", "ReproduceError", "Verdict", "compare", "reproduce"]
 
 
 class ReproduceError(KilnError):
@@ -39,53 +40,21 @@ class ReproduceError(KilnError):
 _log = logging.getLogger("kiln")
 
 
-@dataclass
-class Comparison:
-    """How a reproduction compares with its original."""
-
-    original: str
-    reproduction: str
-    params_identical: bool
-    metrics: dict[str, tuple[float | None, float | None, float | None]]  # old, new, delta
-    artifacts: dict[str, tuple[str | None, str | None]]  # name -> old sha, new sha
-    data_drift: list[str] = field(default_factory=list)
-    environment_differs: bool = False
-    verdict: Verdict = "identical"
-    rtol: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "original": self.original,
-            "reproduction": self.reproduction,
-            "params_identical": self.params_identical,
-            "metrics": {
-                k: {"old": _j(o), "new": _j(n), "delta": _j(d)}
-                for k, (o, n, d) in self.metrics.items()
-            },
-            "artifacts": {
-                k: {"old": o, "new": n, "equal": o == n} for k, (o, n) in self.artifacts.items()
-            },
-            "data_drift": self.data_drift,
-            "environment_differs": self.environment_differs,
-            "rtol": self.rtol,
-            "verdict": self.verdict,
-        }
-
-
-def _j(value: float | None) -> float | str | None:
-    return value if value is None or math.isfinite(value) else repr(value)
-
-
 def reproduce(
     run_id: RunLike,
     *,
     settings: Settings | None = None,
     allow_data_drift: bool = False,
     rtol: float = 0.0,
+    ignore_metrics: Iterable[str] = (),
 ) -> Comparison:
-    """Re-run ``run_id`` and compare. Raises :class:`ReproduceError` if it cannot be re-run."""
-    if not rtol >= 0:
-        raise ValidationError("rtol", f"{rtol!r} is not a tolerance", allowed="a number >= 0")
+    """Re-run ``run_id`` and compare. Raises :class:`ReproduceError` if it cannot be re-run.
+
+    Metrics in ``ignore_metrics``, and those the run declared volatile, are shown in
+    the comparison but left out of its verdict.
+    """
+    rtol = check_rtol(rtol)
+    ignore = check_metric_names(ignore_metrics, "ignore_metrics")
     settings = settings or Settings.from_env()
     from kiln.record.recorder import recorder_for
 
@@ -106,57 +75,18 @@ def reproduce(
         run = function._submit([((), kwargs)], tags={"reproduced_from": original.id})[0]
         with contextlib.suppress(RunFailed):  # compared below: a failure is a result too
             run.result()
-    result = compare(original, run.record(), rtol=rtol, drift=drift)
-    # The verdict goes on the reproduction's record: promotion policies look for it.
+    result = compare(original, run.record(), rtol=rtol, drift=drift, ignore=ignore)
+    # The verdict goes on the reproduction's record: promotion policies look for it,
+    # with what it was reached under (a policy may insist on its own terms).
     from kiln.record.store.base import WriteBatch
 
     tags = {**run.record().tags, "reproduce_verdict": result.verdict}
+    if ignore:
+        tags["reproduce_ignored"] = ",".join(sorted(set(ignore)))
+    if rtol:
+        tags["reproduce_rtol"] = repr(rtol)
     store.write(WriteBatch(updates=[{"id": run.id, "tags": tags}]))
     return result
-
-
-def compare(
-    original: RunRecord, new: RunRecord, *, rtol: float = 0.0, drift: list[str] | None = None
-) -> Comparison:
-    """Params, summary metrics and artifact hashes of two runs, with a verdict."""
-    metrics: dict[str, tuple[float | None, float | None, float | None]] = {}
-    close = exact = True
-    for key in sorted(set(original.summary) | set(new.summary)):
-        old, now = original.summary.get(key), new.summary.get(key)
-        delta = None if old is None or now is None else now - old
-        metrics[key] = (old, now, delta)
-        same = old == now or (
-            old is not None and now is not None and math.isnan(old) and math.isnan(now)
-        )
-        exact &= same
-        close &= same or (
-            old is not None and now is not None and math.isclose(old, now, rel_tol=rtol)
-        )
-    outputs = {a.name: a.sha256 for a in original.artifacts if a.direction == "out"}
-    new_outputs = {a.name: a.sha256 for a in new.artifacts if a.direction == "out"}
-    artifacts = {n: (outputs.get(n), new_outputs.get(n)) for n in sorted(outputs | new_outputs)}
-    hashes_equal = all(o == n for o, n in artifacts.values())
-    params_identical = original.params == new.params
-    verdict: Verdict
-    if str(new.status) != "succeeded" and str(original.status) == "succeeded":
-        verdict = "failed"
-    elif exact and hashes_equal and params_identical:
-        verdict = "identical"
-    elif close and params_identical and rtol > 0:
-        verdict = "within tolerance"
-    else:
-        verdict = "different"
-    return Comparison(
-        original=original.id,
-        reproduction=new.id,
-        params_identical=params_identical,
-        metrics=metrics,
-        artifacts=artifacts,
-        data_drift=drift or [],
-        environment_differs=original.environment.packages_sha256 != new.environment.packages_sha256,
-        verdict=verdict,
-        rtol=rtol,
-    )
 
 
 def _arguments(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kiln.errors import ValidationError
+from kiln.record.model import RunRecord, RunStatus
 from kiln.registry.policy import Policy
 
 
@@ -56,9 +57,61 @@ def test_gates_combine_and_every_failure_is_named() -> None:
         ({"approve": 2}, "policy.approve"),
         ({"allow_dirty": "yes"}, "policy.allow_dirty"),
         ("accuracy >= 0.9", "policy"),
+        ({"reproduced": "yes"}, "policy.reproduced"),
+        ({"reproduced": {"rtol": -1}}, "policy.reproduced.rtol"),
+        ({"reproduced": {"rtol": True}}, "policy.reproduced.rtol"),
+        ({"reproduced": {"rtol": "1e-6"}}, "policy.reproduced.rtol"),
+        ({"reproduced": {"ignore_metrics": "time_s"}}, "policy.reproduced.ignore_metrics"),
+        ({"reproduced": {"ignore_metrics": [""]}}, "policy.reproduced.ignore_metrics"),
+        ({"reproduced": {"ignore": ["time_s"]}}, "policy.reproduced.ignore"),
     ],
 )
 def test_bad_policies_name_the_key(spec: object, field: str) -> None:
     with pytest.raises(ValidationError) as info:
         Policy.parse(spec)  # type: ignore[arg-type]
     assert info.value.field == field
+
+
+def run(
+    run_id: str, summary: dict[str, float], *, volatile: tuple[str, ...] = (), verdict: str = ""
+) -> RunRecord:
+    tags = {"reproduced_from": "orig", "reproduce_verdict": verdict} if verdict else {}
+    return RunRecord(
+        id=run_id,
+        app="a",
+        status=RunStatus.SUCCEEDED,
+        created_at=0.0,
+        summary=summary,
+        tags=tags,
+        volatile_metrics=volatile,
+    )
+
+
+def test_a_reproduced_rule_compares_each_reproduction_on_its_own_terms() -> None:
+    original = run("orig", {"acc": 0.9, "time_s": 1.0})
+    running = run("running", {"acc": 0.1})  # no verdict yet: not counted
+    copies = [run("copy", {"acc": 0.9, "time_s": 2.5}, verdict="different"), running]
+
+    def gate(rule: object) -> list[str]:
+        policy = Policy.parse({"allow_dirty": True, "reproduced": rule})
+        verdicts = policy.reproduction_verdicts(original, copies)
+        return policy.check({}, None, dirty=False, reproduced_verdicts=verdicts)
+
+    # True takes the verdict kiln reproduce recorded: the timing made it "different"
+    (failure,) = gate(True)
+    assert failure == "no reproduction with verdict identical or within tolerance (seen: different)"
+    assert gate({"ignore_metrics": ["time_s"]}) == []
+    (failure,) = gate({"rtol": 0.01})
+    assert failure == (
+        "no reproduction with verdict identical or within tolerance (rtol 0.01) (seen: different)"
+    )
+    assert gate({"rtol": 2.0}) == []  # 2.5 is within 200% of 1.0
+    assert Policy.parse({"reproduced": False}).reproduction_verdicts(original, copies) == []
+    # a metric the run declared volatile is left out on any terms
+    original = run("orig", {"acc": 0.9, "time_s": 1.0}, volatile=("time_s",))
+    assert gate({}) == []
+    copies = [run("copy", {"acc": 0.8, "time_s": 1.0}, verdict="different")]
+    assert gate({"ignore_metrics": ["time_s"]}) == [
+        "no reproduction with verdict identical or within tolerance (ignoring time_s) "
+        "(seen: different)"
+    ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import pickle
 import resource
 import secrets
 import socket
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from kiln._hashing import sha256_file, sha256_tree
 from kiln.config import Settings
 from kiln.errors import NoActiveRunError, ValidationError
+from kiln.record._pickling import dumps
 from kiln.record.model import Artifact, RunStatus
 from kiln.record.snapshot import capture_environment
 from kiln.record.store.base import MetricRow
@@ -287,7 +287,7 @@ class ActiveRun:
                 data, kind = bytes(obj), "file"
             else:
                 try:
-                    data, kind = pickle.dumps(obj, protocol=5), "pickle"
+                    data, kind = dumps(obj), "pickle"  # equal objects, equal bytes (tensors too)
                 except Exception as exc:
                     raise ValidationError(
                         "obj", f"a {type(obj).__name__} cannot be pickled: {exc}"

@@ -335,9 +335,7 @@ class Models:
             candidate.metrics,
             current.metrics if current else None,
             dirty=None if run.code.repo_root is None else run.code.dirty,
-            reproduced_verdicts=[
-                c.tags["reproduce_verdict"] for c in copies if "reproduce_verdict" in c.tags
-            ],
+            reproduced_verdicts=policy.reproduction_verdicts(run, copies),
         )
 
     def rollback(

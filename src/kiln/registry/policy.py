@@ -9,6 +9,12 @@ A policy is a dict::
         "reproduced": True,     # a reproduction with verdict identical or within tolerance
     }
 
+``reproduced`` is ``True`` (a reproduction that ``kiln reproduce`` judged identical
+or within tolerance, on the terms it was run with) or a dict that sets the terms
+itself: ``{"rtol": 1e-6, "ignore_metrics": ["time_s"]}``. Then each reproduction
+is compared with the original again under those terms; metrics the run declared
+volatile are always left out.
+
 Every failing gate is reported, with the values compared.
 """
 
@@ -17,11 +23,13 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.errors import KilnError, ValidationError
+from kiln.record.compare import GOOD_VERDICTS, check_metric_names, check_rtol, compare
+from kiln.record.model import RunRecord
 
 _GATE = re.compile(
     r"^\s*(>=|<=|==|>|<)\s*(?:(current)\s*(?:([+-])\s*(\d+(?:\.\d+)?(?:e-?\d+)?))?|(-?\d+(?:\.\d+)?(?:e-?\d+)?))\s*$"
@@ -30,7 +38,7 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt,
 }  # fmt: skip
 _KEYS = ("metrics", "allow_dirty", "reproduced", "approvals")
-GOOD_VERDICTS = ("identical", "within tolerance")
+_REPRODUCED_KEYS = ("rtol", "ignore_metrics")
 
 
 class PolicyError(KilnError):
@@ -68,10 +76,59 @@ class Gate:
 
 
 @dataclass(frozen=True, slots=True)
+class Reproduced:
+    """The ``reproduced`` gate. ``terms`` False: the verdict ``kiln reproduce`` recorded
+    counts; True: each reproduction is compared again with ``rtol`` and ``ignore_metrics``."""
+
+    terms: bool = False
+    rtol: float = 0.0
+    ignore_metrics: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: object) -> Reproduced | None:
+        """``True``, ``False`` or ``{"rtol": ..., "ignore_metrics": [...]}``."""
+        if isinstance(spec, bool):
+            return cls() if spec else None
+        allowed = "true, false, or {'rtol': 1e-6, 'ignore_metrics': ['time_s']}"
+        if not isinstance(spec, Mapping):
+            raise ValidationError("policy.reproduced", f"{spec!r} is not a rule", allowed=allowed)
+        for key in spec:
+            if key not in _REPRODUCED_KEYS:
+                raise ValidationError(
+                    f"policy.reproduced.{key}", "is not a reproduced key", allowed=_REPRODUCED_KEYS
+                )
+        rtol = check_rtol(spec.get("rtol", 0.0), "policy.reproduced.rtol")
+        names = spec.get("ignore_metrics", [])
+        if not isinstance(names, list | tuple):
+            raise ValidationError(
+                "policy.reproduced.ignore_metrics", f"{names!r} is not a list of metric names"
+            )
+        ignore = check_metric_names(names, "policy.reproduced.ignore_metrics")
+        return cls(True, rtol, ignore)
+
+    def verdicts(self, original: RunRecord, copies: Sequence[RunRecord]) -> list[str]:
+        """The verdict of each finished reproduction of ``original``, on this gate's terms."""
+        done = [c for c in copies if "reproduce_verdict" in c.tags]  # its comparison ended
+        if not self.terms:
+            return [c.tags["reproduce_verdict"] for c in done]
+        return [
+            compare(original, c, rtol=self.rtol, ignore=self.ignore_metrics).verdict for c in done
+        ]
+
+    def describe(self) -> str:
+        if not self.terms:
+            return "identical or within tolerance"
+        terms = [f"rtol {self.rtol:g}"] if self.rtol else []
+        if self.ignore_metrics:
+            terms.append(f"ignoring {', '.join(self.ignore_metrics)}")
+        return "identical or within tolerance" + (f" ({'; '.join(terms)})" if terms else "")
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     gates: tuple[Gate, ...] = ()
     allow_dirty: bool = False
-    reproduced: bool = False
+    reproduced: Reproduced | None = None  # None: no reproduction needed
     approvals: int = 0  # how many approvals a promotion needs
     approvers: tuple[str, ...] = ()  # who may give them (the team server will bring roles)
     spec: dict[str, Any] = field(default_factory=dict)
@@ -101,12 +158,14 @@ class Policy:
                 gates.append(Gate(metric, op, None, delta, str(text).strip()))
             else:
                 gates.append(Gate(metric, op, float(number), 0.0, str(text).strip()))
-        for key in ("allow_dirty", "reproduced"):
-            if key in spec and not isinstance(spec[key], bool):
-                raise ValidationError(f"policy.{key}", f"{spec[key]!r} is not true or false")
+        if "allow_dirty" in spec and not isinstance(spec["allow_dirty"], bool):
+            raise ValidationError(
+                "policy.allow_dirty", f"{spec['allow_dirty']!r} is not true or false"
+            )
+        reproduced = Reproduced.parse(spec.get("reproduced", False))
         count, approvers = _approvals(spec.get("approvals"))
         return cls(tuple(gates), bool(spec.get("allow_dirty", False)),
-                   bool(spec.get("reproduced", False)), count, approvers, dict(spec))  # fmt: skip
+                   reproduced, count, approvers, dict(spec))  # fmt: skip
 
     def check(
         self,
@@ -132,9 +191,14 @@ class Policy:
         if self.reproduced and not any(v in GOOD_VERDICTS for v in reproduced_verdicts):
             seen = ", ".join(reproduced_verdicts) or "none"
             failures.append(
-                f"no reproduction with verdict identical or within tolerance (seen: {seen})"
+                f"no reproduction with verdict {self.reproduced.describe()} (seen: {seen})"
             )
         return failures
+
+    def reproduction_verdicts(self, original: RunRecord, copies: Sequence[RunRecord]) -> list[str]:
+        """What :meth:`check` takes as ``reproduced_verdicts``: the verdicts of the
+        reproductions of ``original``, on the terms of this policy's ``reproduced``."""
+        return [] if self.reproduced is None else self.reproduced.verdicts(original, copies)
 
 
 def _number(value: Any) -> float | None:
