@@ -69,14 +69,14 @@ def outside() -> int:
 
 def manager() -> EnvManager:
     settings = Settings.from_env()
-    return EnvManager(settings.home, BlobStore(settings.blob_dir))
+    return EnvManager(settings.home, BlobStore(settings.blob_dir), settings.cache)
 
 
 def test_a_function_runs_in_its_env_and_the_record_names_the_lock() -> None:
     result = inside.remote()
     assert result["six"] == "1.16.0" and result["leaked"] is None
     env_dir = Path(result["prefix"])
-    assert env_dir.parent == Settings.from_env().home / "envs"
+    assert env_dir.parent == Settings.from_env().cache / "envs"
     (record,) = kiln.runs(app="envs")
     assert record.environment.env_id == env_dir.name
     lock = kiln.get_run(record.id)._blobs.read(record.environment.lock_sha256)  # type: ignore[union-attr]
@@ -147,7 +147,7 @@ def test_two_processes_asking_for_one_new_env_build_it_once() -> None:
         from kiln.envs.spec import Env
         from kiln.record.blobs import BlobStore
         s = Settings.from_env()
-        m = EnvManager(s.home, BlobStore(s.blob_dir))
+        m = EnvManager(s.home, BlobStore(s.blob_dir), s.cache)
         print(m.ensure(Env(packages=["six==1.16.0", "idna==3.7"])).path)
         """
     )
@@ -158,7 +158,7 @@ def test_two_processes_asking_for_one_new_env_build_it_once() -> None:
     paths = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert paths[0] == paths[1]
-    log = (Settings.from_env().home / "envs" / "builds.log").read_text().splitlines()
+    log = (Settings.from_env().cache / "envs" / "builds.log").read_text().splitlines()
     assert len([line for line in log if Path(paths[0]).name in line]) == 1
 
 
@@ -189,3 +189,25 @@ def test_a_python_version_is_found_by_uv_and_a_missing_one_is_explained() -> Non
     ancient = app.function(env=kiln.Env(packages=["six"], python="2.6"))(outside.fn)
     with pytest.raises(EnvError, match=r"could not find Python 2\.6"):
         ancient.remote()
+
+
+def test_two_homes_share_one_built_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = inside.remote()
+    close_engines()
+    second_home = tmp_path / "other-project" / ".kiln"
+    monkeypatch.setenv("KILN_HOME", str(second_home))
+
+    def no_uv(*args: str, what: str) -> str:
+        raise AssertionError(f"uv was called to {what}: the env is built already")
+
+    monkeypatch.setattr(EnvManager, "_uv", lambda self, *a, what: no_uv(*a, what=what))
+    again = inside.remote()  # the same lock from another home: a cache hit
+    assert again["prefix"] == first["prefix"] and again["six"] == "1.16.0"
+    (record,) = kiln.runs(app="envs")  # the second home's record, with its own lock blob
+    lock = BlobStore(second_home / "blobs").read(record.environment.lock_sha256 or "")
+    assert b"six==1.16.0" in lock
+
+    (info,) = manager().installed()
+    assert info.homes == (str(second_home), str(tmp_path / "kiln-home"))
+    # the other home used it a moment ago: a week's prune from here keeps it
+    assert manager().prune(7 * 86400, set()) == []

@@ -21,7 +21,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts an
 
 def _manager() -> tuple[EnvManager, Settings]:
     settings = Settings.from_env()
-    return env_manager(settings.home, BlobStore(settings.blob_dir)), settings
+    return env_manager(settings.home, BlobStore(settings.blob_dir), settings.cache), settings
 
 
 def _size(n: int) -> str:
@@ -34,7 +34,7 @@ def _size(n: int) -> str:
 
 @app.command("ls")
 def ls(as_json: JsonOpt = False) -> None:
-    """Cached environments, most recently used first."""
+    """Cached environments (shared by every KILN_HOME here), most recently used first."""
     manager, _ = _manager()
     infos = manager.installed()
     if as_json:
@@ -44,7 +44,7 @@ def ls(as_json: JsonOpt = False) -> None:
         console().print("no environments yet")
         return
     table = Table(header_style="bold", show_edge=False)
-    for col in ("env", "python", "packages", "size", "created", "last used"):
+    for col in ("env", "python", "packages", "size", "created", "last used", "homes"):
         table.add_column(col, no_wrap=True)
     for i in infos:
         table.add_row(
@@ -54,6 +54,7 @@ def ls(as_json: JsonOpt = False) -> None:
             _size(i.size_bytes),
             fmt_time(i.created_at),
             fmt_time(i.last_used_at),
+            str(len(i.homes)),
         )
     console().print(table)
 

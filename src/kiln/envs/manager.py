@@ -1,16 +1,27 @@
 """Resolve, lock, build and cache environments with uv.
 
-Layout under ``KILN_HOME/envs``::
+Built envs live in the machine's cache (``KILN_CACHE``, see :mod:`kiln.config`), shared
+by every ``KILN_HOME``: the same lock is resolved and built once per machine, whichever
+project asks for it. Layout under ``KILN_CACHE/envs``::
 
     <env-id>/                 a virtual environment, built from its lock; ready when
-                              .kiln-env.json exists (it is written last, then renamed in)
+                              .kiln-env.json exists (it is written last, then renamed in);
+                              .kiln-last-used is touched by every use, from any home
     <env-id>.lock             file lock: builders hold it exclusively, workers shared
-    declarations/<key>.json   declaration key -> env id and lock blob (skips the resolver)
+    declarations/<key>.json   declaration key -> env id, lock blob and the lock itself
+                              (skips the resolver; needs no home's blob store)
+    homes/<env-id>/<key>      one file per KILN_HOME that used the env: its path, and
+                              its last use from there as the file's mtime
     _kiln/<key>/              links to kiln and the few packages its worker needs
     builds.log                one line per build
 
 An env's identity is the sha256 of its normalized lock and the interpreter, so the
 same packages on the same interpreter are one directory, however they were asked for.
+Each home still keeps the lock as a blob of its own: its runs name it.
+
+Pruning goes by the env's last use from any home, and never removes an env a worker
+of any home on this machine holds (its shared file lock): one home's ``kiln envs
+prune`` cannot pull an env from under another home's warm workers.
 """
 
 from __future__ import annotations
@@ -34,12 +45,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kiln.config import cache_dir
 from kiln.envs.spec import Env
 from kiln.errors import EnvError, NotFoundError, ValidationError
 from kiln.record.blobs import BlobStore
 
 READY = ".kiln-env.json"
 LAST_USED = ".kiln-last-used"
+# Names the driver's overlay (its own kiln) to the env's workers: an env built by one
+# project's kiln may be used by another project's, whose workers must run its kiln.
+OVERLAY_VARIABLE = "KILN_ENV_OVERLAY"
 # What a worker inside an env needs of Kiln's own dependencies; everything else the
 # env must bring itself.
 WORKER_DISTRIBUTIONS = (
@@ -95,21 +110,24 @@ class EnvInfo:
     created_at: float
     last_used_at: float
     lock_sha256: str
+    homes: tuple[str, ...] = ()  # the KILN_HOMEs that used it (those still there)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "env_id": self.env_id, "path": str(self.path), "python": self.python,
             "packages": self.packages, "size_bytes": self.size_bytes,
             "created_at": self.created_at, "last_used_at": self.last_used_at,
-            "lock_sha256": self.lock_sha256,
+            "lock_sha256": self.lock_sha256, "homes": list(self.homes),
         }  # fmt: skip
 
 
 class EnvManager:
-    """Environments of one ``KILN_HOME``."""
+    """Environments as one ``KILN_HOME`` sees them, built into the machine's shared cache."""
 
-    def __init__(self, home: Path, blobs: BlobStore) -> None:
-        self.root = home / "envs"
+    def __init__(self, home: Path, blobs: BlobStore, cache: Path | None = None) -> None:
+        """``cache``: ``KILN_CACHE``; None reads it (or its default) from the environment."""
+        self.home = home
+        self.root = (cache or cache_dir(os.environ)) / "envs"
         self.blobs = blobs
         import uv
 
@@ -128,7 +146,7 @@ class EnvManager:
             built = self._build(
                 env_id, lock_sha, interpreter_id, env.index, interpreter=interpreter
             )
-        (path / LAST_USED).touch()
+        self._used(env_id)
         return Materialized(env_id, path, path / "bin" / "python", lock_sha, resolved, built)
 
     def lock(self, env: Env) -> Locked:
@@ -149,8 +167,19 @@ class EnvManager:
         if not (path / READY).is_file():
             interpreter, interpreter_id = self._interpreter(python)
             built = self._build(env_id, lock_sha, interpreter_id, None, interpreter=interpreter)
-        (path / LAST_USED).touch()
+        self._used(env_id)
         return Materialized(env_id, path, path / "bin" / "python", lock_sha, False, built)
+
+    def _used(self, env_id: str) -> None:
+        """Note a use: the env's last use (any home's), this home's reference to it, and
+        the overlay this process's workers in it are to import kiln from."""
+        (self.root / env_id / LAST_USED).touch()
+        ref = self.root / "homes" / env_id / _home_key(self.home)
+        if not ref.is_file():
+            _write_atomically(ref, str(self.home))
+        ref.touch()
+        # Inherited by every worker this process starts (they copy its environment).
+        os.environ[OVERLAY_VARIABLE] = str(self._kiln_overlay())
 
     def _declared(
         self, env: Env, interpreter: str, interpreter_id: str,
@@ -165,14 +194,17 @@ class EnvManager:
             with _flock(self.root / f".declaration-{declared.stem[:16]}.lock", fcntl.LOCK_EX):
                 if not declared.is_file():  # nobody resolved it while we waited
                     ran = resolve(env, declared, interpreter, interpreter_id)
-        return json.loads(declared.read_text()), ran
+        record: dict[str, str] = json.loads(declared.read_text())
+        if "lock" in record and not self.blobs.exists(record["lock_sha256"]):
+            self.blobs.put_bytes(record["lock"].encode())  # declared by another home
+        return record, ran
 
     def _resolve(self, env: Env, declared: Path, interpreter: str, interpreter_id: str) -> bool:
         """Resolve the hashed lock and declare it; nothing is built."""
         with tempfile.TemporaryDirectory(prefix="kiln-resolve-") as work:
             lock = self._compile(env, interpreter, self._inputs(env, Path(work)))
         env_id, lock_sha = self._identity(lock, interpreter_id)
-        _write_atomically(declared, json.dumps({"env_id": env_id, "lock_sha256": lock_sha}))
+        _declare(declared, env_id, lock_sha, lock)
         return False
 
     def _identity(self, lock: str, interpreter_id: str) -> tuple[str, str]:
@@ -209,7 +241,7 @@ class EnvManager:
             prepared=prepared if speculative else None,
             interpreter=interpreter,
         )
-        _write_atomically(declared, json.dumps({"env_id": env_id, "lock_sha256": lock_sha}))
+        _declare(declared, env_id, lock_sha, lock)
         return built
 
     def _interpreter(self, python: str | None) -> tuple[str, str]:
@@ -309,7 +341,7 @@ class EnvManager:
                 except EnvError:
                     self._uv(*args, what="install the environment")
                 site = _site_packages(tmp)
-                (site / "_kiln.pth").write_text(str(self._kiln_overlay()) + "\n")
+                (site / "_kiln.pth").write_text(_overlay_pth(self._kiln_overlay()))
                 (tmp / READY).write_text(json.dumps({
                     "env_id": env_id, "lock_sha256": lock_sha, "interpreter": interpreter_id,
                     "created_at": time.time(), "built_by_pid": os.getpid(),
@@ -392,6 +424,7 @@ class EnvManager:
                     doomed = self.root / f".trash-{info.env_id[:16]}-{secrets.token_hex(4)}"
                     info.path.rename(doomed)  # gone for readers at once, then deleted
                     shutil.rmtree(doomed, ignore_errors=True)
+                    shutil.rmtree(self.root / "homes" / info.env_id, ignore_errors=True)
                 fcntl.flock(lock, fcntl.LOCK_UN)
             removed.append(info.env_id)
         return removed
@@ -410,7 +443,19 @@ class EnvManager:
             created_at=meta.get("created_at", 0.0),
             last_used_at=last_used.stat().st_mtime if last_used.exists() else meta["created_at"],
             lock_sha256=meta.get("lock_sha256", ""),
+            homes=self._homes(path.name),
         )
+
+    def _homes(self, env_id: str) -> tuple[str, ...]:
+        """The homes that used an env and are still there, most recent use first."""
+        refs = self.root / "homes" / env_id
+        found = []
+        for ref in refs.iterdir() if refs.is_dir() else ():
+            with contextlib.suppress(OSError):
+                home = ref.read_text()
+                if Path(home).is_dir():
+                    found.append((ref.stat().st_mtime, home))
+        return tuple(home for _, home in sorted(found, reverse=True))
 
 
 def _normalize_lock(text: str) -> str:
@@ -503,6 +548,25 @@ def _import_roots(dist: importlib.metadata.Distribution) -> dict[str, Path]:
     return roots
 
 
+def _declare(declared: Path, env_id: str, lock_sha: str, lock: str) -> None:
+    """Write a declaration; the lock goes in too, so any home can rebuild the env."""
+    record = {"env_id": env_id, "lock_sha256": lock_sha, "lock": lock}
+    _write_atomically(declared, json.dumps(record))
+
+
+def _home_key(home: Path) -> str:
+    return hashlib.sha256(str(home).encode()).hexdigest()[:16]
+
+
+def _overlay_pth(builder_overlay: Path) -> str:
+    """The env's ``_kiln.pth``: the overlay of the kiln that starts the worker (named by
+    its environment), else that of the kiln that built the env."""
+    return (
+        f"import os, sys; p = os.environ.get({OVERLAY_VARIABLE!r}) or {str(builder_overlay)!r}; "
+        "p in sys.path or sys.path.append(p)\n"
+    )
+
+
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
@@ -523,9 +587,11 @@ def _flock(path: Path, mode: int) -> Iterator[None]:
 _managers: dict[str, EnvManager] = {}
 
 
-def env_manager(home: Path, blobs: BlobStore) -> EnvManager:
-    """The process's manager for this ``KILN_HOME``."""
-    key = str(home)
+def env_manager(home: Path, blobs: BlobStore, cache: Path | None = None) -> EnvManager:
+    """The process's manager for this ``KILN_HOME`` and env cache (``KILN_CACHE``; None:
+    as the environment says now)."""
+    cache = cache or cache_dir(os.environ)
+    key = f"{home}\0{cache}"
     if key not in _managers:
-        _managers[key] = EnvManager(home, blobs)
+        _managers[key] = EnvManager(home, blobs, cache)
     return _managers[key]
