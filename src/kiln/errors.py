@@ -82,11 +82,11 @@ class RunNotFoundError(NotFoundError):
 class AmbiguousIdError(KilnError, LookupError):
     """An id prefix matches more than one record."""
 
-    def __init__(self, prefix: str, matches: list[str]) -> None:
+    def __init__(self, prefix: str, matches: list[str], *, kind: str = "runs") -> None:
         self.prefix = prefix
         self.matches = matches
         shown = ", ".join(matches[:5])
-        super().__init__(f"id prefix {prefix!r} matches several runs ({shown}); give more of it")
+        super().__init__(f"id prefix {prefix!r} matches several {kind} ({shown}); give more of it")
 
 
 class NoActiveRunError(KilnError, RuntimeError):

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from kiln.cli._render import console, fmt_time, reader
+from kiln.cli._render import console, fmt_time, plain, reader
 from kiln.record.store.sql import SqlStore
 
 app = typer.Typer(help="Read and verify the audit log.", no_args_is_help=True)
@@ -36,11 +37,14 @@ def ls(
         typer.echo(json.dumps(events, indent=2))
         return
     table = Table(header_style="bold", show_edge=False)
-    for col in ("seq", "time", "actor", "action", "target", "hash"):
+    for col in ("seq", "time", "actor", "action"):
         table.add_column(col, no_wrap=True)
+    # A target is whole (a run id, fraud@production, a blob): it wraps, never cut short.
+    table.add_column("target", overflow="fold", ratio=1)
+    table.add_column("hash", no_wrap=True)
     for e in events:
-        table.add_row(str(e["seq"]), fmt_time(e["time"]), e["actor"], e["action"],
-                      e["target"][:12], e["hash"][:12])  # fmt: skip
+        table.add_row(str(e["seq"]), fmt_time(e["time"]), plain(e["actor"]), plain(e["action"]),
+                      plain(e["target"]), e["hash"][:12])  # fmt: skip
     console().print(table)
 
 
@@ -60,7 +64,7 @@ def verify(as_json: JsonOpt = False) -> None:
         )
     elif problems:
         for p in problems:
-            console().print(f"[bold red]broken[/] {p.message}", highlight=False)
+            console().print(Text.assemble(("broken", "bold red"), " ", p.message))
     else:
         console().print("[green]audit log verified[/]: chain, sealed runs and blobs intact")
     if problems:

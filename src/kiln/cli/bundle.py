@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.text import Text
 
-from kiln.cli._render import console
+from kiln.cli._render import console, plain
 from kiln.config import Settings
 
 if TYPE_CHECKING:
@@ -35,10 +36,12 @@ def export(
     rec = _recorder(create=False)
     manifest = export_bundle(rec.store, rec.blobs, run_id, out, include_artifacts=not no_blobs)
     blobs = manifest["blobs"]
-    console().print(
+    left_out = [f"{b['what']} {b['sha256'][:12]} ({b['why']})" for b in blobs["left_out"]]
+    console().print(plain(
         f"run {manifest['run']['id']} -> {out} ({out.stat().st_size:,} bytes; "
-        f"{len(blobs['included'])} blobs in, {len(blobs['omitted'])} left out)"
-    )
+        f"{len(blobs['included'])} blobs in, {len(left_out)} left out"
+        + (": " + ", ".join(left_out) if left_out else "") + ")"
+    ))  # fmt: skip
 
 
 def verify(
@@ -53,9 +56,9 @@ def verify(
         typer.echo(json.dumps({"ok": not problems, "problems": problems}))
     elif problems:
         for p in problems:
-            console().print(f"[bold red]bad[/] {p}", highlight=False)
+            console().print(Text.assemble(("bad", "bold red"), " ", p))
     else:
-        console().print(f"[green]{bundle} verified[/]: every hash matches")
+        console().print(Text.assemble((f"{bundle} verified", "green"), ": every hash matches"))
     if problems:
         sys.exit(1)
 
@@ -69,5 +72,5 @@ def import_(
     rec = _recorder(create=True)
     run_id, written = import_bundle(rec.store, rec.blobs, bundle)
     console().print(
-        f"run {run_id} " + ("imported" if written else "was already here: nothing to do")
+        plain(f"run {run_id} " + ("imported" if written else "was already here: nothing to do"))
     )

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import track
+from rich.text import Text
 
 from kiln._demo import ALPHAS, LOSSES, app, prepare, train
 from kiln.app import runs
@@ -78,7 +79,7 @@ def _serve_and_explain(settings: Settings, data: Path) -> None:
         for module in ("uvicorn", "httpx", "pydantic", "prometheus_client", "opentelemetry.sdk"):
             require(module, extra="serve")
     except MissingDependencyError as exc:
-        out.print(f"\n[dim]serving skipped: {exc}[/]")
+        out.print(Text(f"\nserving skipped: {exc}", style="dim"))  # keeps "kiln[serve]" whole
         return
     import httpx
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kiln.cli._render import console, fmt_time, parse_duration
+from kiln.cli._render import console, fmt_time, parse_duration, plain
 from kiln.config import Settings
 from kiln.envs.manager import EnvManager, env_manager
 from kiln.record.blobs import BlobStore
@@ -62,27 +62,51 @@ def ls(as_json: JsonOpt = False) -> None:
 @app.command("show")
 def show(
     env_id: Annotated[str, typer.Argument(help="Env hash or a unique prefix of it.")],
+    lock: Annotated[
+        bool, typer.Option("--lock", help="Print the whole lock file, every hash included.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """An environment's lock, size, last use, and the runs that used it."""
+    """An environment's packages, size, last use and the runs that used it (--lock: its lock)."""
     manager, settings = _manager()
     info = manager.get(env_id)
+    lock_text = manager.lock_text(info)
+    if lock:
+        typer.echo(lock_text, nl=False)
+        return
     from kiln.app import runs
 
     used_by = [r.id for r in runs(env_id=info.env_id, limit=50, settings=settings)]
-    lock = manager.lock_text(info)
+    pins = pinned(lock_text)
     if as_json:
-        typer.echo(json.dumps({**info.to_dict(), "lock": lock, "runs": used_by}, indent=2))
+        typer.echo(json.dumps({**info.to_dict(), "packages": pins, "lock": lock_text,
+                               "runs": used_by}, indent=2))  # fmt: skip
         return
-    out = console()
-    out.print(f"[bold]env[/] {info.env_id}\n[bold]path[/] {info.path}")
-    out.print(
-        f"[bold]python[/] {info.python}  [bold]size[/] {_size(info.size_bytes)}  "
-        f"[bold]last used[/] {fmt_time(info.last_used_at)}"
-    )
-    out.print(f"[bold]lock[/] (blob {info.lock_sha256[:16]})")
-    out.print(lock.rstrip(), highlight=False, markup=False)
-    out.print(f"[bold]runs[/] ({len(used_by)}): " + (" ".join(r[:8] for r in used_by) or "none"))
+    rows = [
+        ("env", info.env_id),
+        ("path", str(info.path)),
+        ("python", info.python),
+        ("size", _size(info.size_bytes)),
+        ("last used", fmt_time(info.last_used_at)),
+        ("packages", f"{len(pins)}: " + "  ".join(pins)),
+        ("lock", f"blob {info.lock_sha256[:16]}, with hashes: kiln envs show {env_id} --lock"),
+        ("runs", f"{len(used_by)}: " + (" ".join(r[:8] for r in used_by) or "none")),
+    ]
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for name, value in rows:
+        table.add_row(name, plain(value))
+    console().print(table)
+
+
+def pinned(lock_text: str) -> list[str]:
+    """The ``name==version`` lines of a lock, without its hashes and comments."""
+    return [
+        line.split(";")[0].strip().removesuffix("\\").strip()
+        for line in lock_text.splitlines()
+        if line.strip() and not line[0].isspace() and not line.startswith(("#", "-"))
+    ]
 
 
 @app.command("prune")

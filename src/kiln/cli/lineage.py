@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 import typer
+from rich.text import Text
 from rich.tree import Tree
 
 from kiln.cli._render import console, reader
@@ -33,11 +34,11 @@ def lineage(
 
 def _tree(graph: Lineage, title: str, step: Callable[[str], list[str]]) -> Tree:
     root = Tree(f"[bold]{title}[/]")
-    node = root.add(graph.label(graph.root))
+    node = root.add(Text(graph.label(graph.root)))
 
     def grow(branch: Tree, at: str, seen: frozenset[str]) -> None:
         for nxt in step(at):
-            child = branch.add(graph.label(nxt))
+            child = branch.add(Text(graph.label(nxt)))  # names are the user's: never markup
             if nxt not in seen:
                 grow(child, nxt, seen | {nxt})
 

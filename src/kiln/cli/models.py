@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from kiln.cli._render import console, fmt_time, fmt_value, reader
+from kiln.cli._render import console, fmt_time, fmt_value, plain, reader
 from kiln.config import Settings
+from kiln.errors import ValidationError
 
 if TYPE_CHECKING:
     from kiln.registry.models import AliasMove, Models
@@ -19,12 +21,32 @@ app = typer.Typer(help="Registered models, their versions and aliases.", no_args
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
 
 
-def _models() -> Models:
+def _models(app_name: str = "cli") -> Models:
     from kiln.record.recorder import recorder_for
     from kiln.registry.models import Models
 
     settings = Settings.from_env()
-    return Models(recorder_for(settings, create=False).store, app="cli", actor=settings.actor)
+    return Models(recorder_for(settings, create=False).store, app=app_name, actor=settings.actor)
+
+
+@app.command("register")
+def register(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    run_id: Annotated[str, typer.Argument(help="The run: its id or a unique prefix of it.")],
+    artifact: Annotated[
+        str, typer.Option("--artifact", "-a", help="The run's artifact to register: model.pkl.")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a succeeded run's artifact as the next version of model NAME."""
+    record = reader().store.get_run(run_id)
+    # The model belongs to the run's app, as app.models.register in that app would make it.
+    version = _models(record.app).register(name, record.id, artifact=artifact)
+    if as_json:
+        typer.echo(json.dumps(asdict(version), indent=2))
+        return
+    made_from = f"run {record.id[:8]} ({version.artifact}, sha256 {version.artifact_sha256[:16]})"
+    console().print(plain(f"registered {version.ref} from {made_from}"))
 
 
 @app.command("ls")
@@ -44,7 +66,7 @@ def ls(as_json: JsonOpt = False) -> None:
         table.add_column(col)
     for r in rows:
         aliases = " ".join(f"{a}->{v}" for a, v in r["aliases"].items())
-        table.add_row(str(r["name"]), str(r["versions"]), str(r["latest"]), aliases)
+        table.add_row(plain(r["name"]), str(r["versions"]), str(r["latest"]), plain(aliases))
     console().print(table)
 
 
@@ -65,7 +87,7 @@ def show(
         typer.echo(json.dumps({"name": name, "aliases": aliases,
                                "versions": [asdict(v) for v in versions]}, indent=2))  # fmt: skip
         return
-    table = Table(header_style="bold", show_edge=False, title=name)
+    table = Table(header_style="bold", show_edge=False, title=plain(name))
     for col in ("version", "aliases", "run", "artifact", "metrics", "made from", "registered"):
         table.add_column(col)
     store = reader().store
@@ -74,11 +96,14 @@ def show(
         metrics = " ".join(f"{k}={fmt_value(x)}" for k, x in v.metrics.items())
         graph = store.lineage(v.run_id)  # what the version's run read, and who made that
         inputs = [graph.label(sha) for sha in graph.upstream(v.run_id)]
-        table.add_row(str(v.version), held, v.run_id[:8], f"{v.artifact} {v.artifact_sha256[:12]}",
-                      metrics, "\n".join(inputs) or "-",
+        table.add_row(str(v.version), plain(held), v.run_id[:8],
+                      plain(f"{v.artifact} {v.artifact_sha256[:12]}"),
+                      plain(metrics), plain("\n".join(inputs) or "-"),
                       f"{fmt_time(v.created_at)} by {v.created_by}")  # fmt: skip
     console().print(table)
-    console().print(f"the whole lineage of a version: kiln lineage {versions[-1].run_id[:8]}")
+    console().print(
+        plain(f"the whole lineage of a version: kiln lineage {versions[-1].run_id[:8]}")
+    )
 
 
 @app.command("history")
@@ -101,7 +126,8 @@ def history_table(moves: list[AliasMove]) -> Table:
         table.add_column(col)
     for m in moves:
         before = "-" if m.from_version is None else str(m.from_version)
-        table.add_row(fmt_time(m.at), m.alias, before, str(m.to_version), m.actor, m.reason or "")
+        cells = (m.alias, before, str(m.to_version), m.actor, m.reason or "")
+        table.add_row(fmt_time(m.at), *map(plain, cells))
     return table
 
 
@@ -117,10 +143,10 @@ def promote(
 
     done = _models().promote(name, version, alias=alias, reason=reason)
     if isinstance(done, AliasMove):
-        console().print(f"{name}@{alias}: {done.from_version or '-'} -> {done.to_version}")
+        console().print(plain(f"{name}@{alias}: {done.from_version or '-'} -> {done.to_version}"))
     else:
-        console().print(f"request {done.id}: {name}:{version} -> {name}@{alias} waits for "
-                        f"{done.needed} approval(s): kiln models approve {done.id}")  # fmt: skip
+        waits = f"waits for {done.needed} approval(s): kiln models approve {done.id[:8]}"
+        console().print(plain(f"request {done.id}: {name}:{version} -> {name}@{alias} {waits}"))
 
 
 @app.command("rollback")
@@ -131,7 +157,9 @@ def rollback(
 ) -> None:
     """Move NAME@ALIAS back to the version it held before its current one."""
     move = _models().rollback(name, alias, reason=reason)
-    console().print(f"{name}@{alias}: {move.from_version} -> {move.to_version} (rolled back)")
+    console().print(
+        plain(f"{name}@{alias}: {move.from_version} -> {move.to_version} (rolled back)")
+    )
 
 
 @app.command("requests")
@@ -148,24 +176,93 @@ def requests(
     for col in ("request", "promotion", "status", "approvals", "requested"):
         table.add_column(col)
     for r in found:
-        table.add_row(r.id, f"{r.name}:{r.version} -> @{r.alias}", r.status,
-                      f"{len(r.approvals)}/{r.needed} {' '.join(r.approvals)}",
-                      f"{fmt_time(r.requested_at)} by {r.requested_by}")  # fmt: skip
+        table.add_row(r.id, plain(f"{r.name}:{r.version} -> @{r.alias}"), r.status,
+                      plain(f"{len(r.approvals)}/{r.needed} {' '.join(r.approvals)}"),
+                      plain(f"{fmt_time(r.requested_at)} by {r.requested_by}"))  # fmt: skip
     console().print(table)
 
 
 @app.command("approve")
-def approve(request_id: Annotated[str, typer.Argument(help="The request's id.")]) -> None:
+def approve(
+    request_id: Annotated[str, typer.Argument(help="The request's id or a unique prefix of it.")],
+) -> None:
     """Approve a request as KILN_ACTOR; the last approval needed moves the alias."""
     done = _models().approve(request_id)
-    console().print(f"request {done.id}: {done.status} ({len(done.approvals)}/{done.needed})")
+    console().print(
+        plain(f"request {done.id}: {done.status} ({len(done.approvals)}/{done.needed})")
+    )
 
 
 @app.command("reject")
 def reject(
-    request_id: Annotated[str, typer.Argument(help="The request's id.")],
+    request_id: Annotated[str, typer.Argument(help="The request's id or a unique prefix of it.")],
     reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
 ) -> None:
     """Turn a pending request down."""
     done = _models().reject(request_id, reason=reason)
-    console().print(f"request {done.id}: {done.status}")
+    console().print(plain(f"request {done.id}: {done.status}"))
+
+
+policy_app = typer.Typer(help="Show or set the promotion policy of an alias.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("show")
+def policy_show(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: Annotated[str, typer.Argument(help="The alias, e.g. production.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """The gates every promotion to NAME@ALIAS must pass (JSON null: none)."""
+    policy = _models().policy(name, alias)
+    if as_json:
+        typer.echo(json.dumps(policy, indent=2))
+    elif policy is None:
+        console().print(plain(f"{name}@{alias} has no policy: any version may be promoted"))
+    else:
+        console().print(plain(f"{name}@{alias} promotion policy:"))
+        console().print(plain(json.dumps(policy, indent=2)))
+
+
+@policy_app.command("set")
+def policy_set(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: Annotated[str, typer.Argument(help="The alias, e.g. production.")],
+    policy: Annotated[
+        str | None, typer.Argument(help='The policy as JSON: \'{"metrics": {"acc": ">= 0.9"}}\'.')
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Read the policy from this JSON file.")
+    ] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove the alias's policy.")] = False,
+) -> None:
+    """Set the policy of NAME@ALIAS (checked, then audited as policy.set), or --clear it."""
+    given = [label for label, value in (("POLICY", policy), ("--file", file), ("--clear", clear))
+             if value]  # fmt: skip
+    if len(given) != 1:
+        raise ValidationError("POLICY", "give exactly one of POLICY (inline JSON), --file or "
+                              f"--clear; got {' and '.join(given) or 'none'}")  # fmt: skip
+    spec = None if clear else _read_policy(policy, file)
+    _models().set_policy(name, alias, spec)
+    done = "removed" if spec is None else "set"
+    console().print(
+        plain(f"{name}@{alias}: policy {done} (kiln models policy show {name} {alias})")
+    )
+
+
+def _read_policy(inline: str | None, file: Path | None) -> dict[str, Any]:
+    field, text = ("POLICY", inline) if file is None else ("--file", _read_text(file))
+    try:
+        spec = json.loads(text or "")
+    except json.JSONDecodeError as exc:
+        raise ValidationError(field, f"is not JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ValidationError(field, 'must be a JSON object: {"metrics": {"acc": ">= 0.9"}}')
+    return spec
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text()
+    except OSError as exc:
+        raise ValidationError("--file", f"cannot read {str(file)!r}: {exc.strerror}") from None

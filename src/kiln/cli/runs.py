@@ -18,12 +18,14 @@ from kiln.cli._render import (
     fmt_duration,
     fmt_time,
     fmt_value,
+    metrics_view,
+    plain,
     reader,
     runs_table,
     status_text,
 )
 from kiln.errors import ValidationError
-from kiln.record.model import RunRecord, RunStatus, json_number
+from kiln.record.model import CodeSnapshot, MetricPoint, RunRecord, RunStatus, json_number
 
 app = typer.Typer(help="List, show and compare recorded runs.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
@@ -54,7 +56,9 @@ def _pairs(items: list[str], option: str) -> dict[str, Any]:
 @app.command("ls")
 def ls(
     app_name: Annotated[str | None, typer.Option("--app", "-a", help="Only this app.")] = None,
-    status: Annotated[str | None, typer.Option(help="running, succeeded or failed.")] = None,
+    status: Annotated[
+        str | None, typer.Option(help=f"Only runs in this status: {', '.join(RunStatus)}.")
+    ] = None,
     param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE filter.")] = [],  # noqa: B006
     tag: Annotated[list[str], typer.Option("--tag", "-t", help="KEY=VALUE filter.")] = [],  # noqa: B006
     order_by: Annotated[
@@ -94,31 +98,98 @@ def ls(
 @app.command("show")
 def show(
     run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    metrics: Annotated[
+        bool, typer.Option("--metrics", "-m", help="Each metric's values step by step.")
+    ] = False,
+    packages: Annotated[
+        bool, typer.Option("--packages", help="The installed packages, name==version.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Everything recorded about one run."""
     record = get_run(run_id)
     if as_json:
-        _print_json(record.to_dict())
+        data = record.to_dict()
+        if metrics:
+            data["metric_history"] = {
+                key: [{"step": p.step, "time": p.time, "value": json_number(p.value)}
+                      for p in points]
+                for key, points in _histories(record).items()
+            }  # fmt: skip
+        if packages:
+            data["packages"] = _packages(record)
+        _print_json(data)
         return
-    console().print(_run_panel(record))
+    out = console()
+    if metrics or packages:
+        if metrics:
+            out.print(metrics_view(record.id, _histories(record)))
+        if packages:
+            out.print(plain("\n".join(_packages(record)) or "no package list was recorded"))
+        return
+    out.print(_run_panel(record))
 
 
-def _kv_table(rows: list[tuple[str, str]]) -> Table:
+def _histories(record: RunRecord) -> dict[str, list[MetricPoint]]:
+    """Every point of each of the run's metrics that has any, by name."""
+    store = reader().store
+    found = {key: store.metric_history(record.id, key) for key in sorted(record.summary)}
+    return {key: points for key, points in found.items() if points}
+
+
+def _packages(record: RunRecord) -> list[str]:
+    """The run's interpreter's distributions as ``name==version``, from their blob."""
+    sha = record.environment.packages_sha256
+    if sha is None:
+        return []
+    return reader().blobs.read(sha).decode().split()
+
+
+# Shown by name in `kiln runs show`: the versions a result most often depends on.
+NOTABLE_PACKAGES = ("torch", "jax", "tensorflow", "numpy", "scikit-learn", "transformers",
+                    "pandas", "xgboost", "lightgbm", "kiln")  # fmt: skip
+
+
+def _packages_line(r: RunRecord) -> str:
+    e = r.environment
+    if e.packages_sha256 is None:
+        return "not recorded"
+    versions = dict(p.partition("==")[::2] for p in _packages(r))
+    notable = [f"{n}=={versions[n]}" for n in NOTABLE_PACKAGES if n in versions]
+    return (", ".join(notable) + "; " if notable else "") + (
+        f"{e.package_count} in all: kiln runs show {r.id[:8]} --packages"
+    )
+
+
+def _code_panel(c: CodeSnapshot) -> Panel:
+    code_rows: list[tuple[str, str | Text]] = [
+        ("commit", f"{c.commit or '-'} ({c.branch or 'detached'})" if c.repo_root else "no git"),
+        ("changes", f"patch {c.patch_sha256[:16]}" if c.patch_sha256 else "none"),
+        ("module", f"{c.module_path or '-'}"),
+        ("source sha256", c.source_sha256 or "-"),
+    ]
+    if c.left_out:  # what the run saw but the patch does not hold: named, sized, hashed
+        code_rows.append(("left out of patch", "\n".join(c.left_out)))
+    elif c.untracked_skipped:  # recorded before notes were kept
+        code_rows.append(("left out of patch", ", ".join(c.untracked_skipped)))
+    return Panel(_kv_table(code_rows), title="code", title_align="left")
+
+
+def _kv_table(rows: list[tuple[str, str | Text]]) -> Table:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    for k, v in rows:
-        table.add_row(k, v)
+    for k, v in rows:  # names and values are the user's: shown as they are, never markup
+        table.add_row(plain(k), v if isinstance(v, Text) else plain(v))
     return table
 
 
 def _run_panel(r: RunRecord) -> Group:
     u, c, e = r.usage, r.code, r.environment
-    overview = [
+    overview: list[tuple[str, str | Text]] = [
         ("id", r.id),
         ("app", r.app + (f"  name: {r.name}" if r.name else "")),
-        ("status", status_text(r.status)),
+        ("status", Text.from_markup(status_text(r.status))),
         ("who", f"{r.actor} on {r.host} (pid {r.pid}, {r.engine})"),
         ("created", fmt_time(r.created_at)),
         ("ended", fmt_time(r.ended_at) if r.ended_at else "-"),
@@ -130,7 +201,7 @@ def _run_panel(r: RunRecord) -> Group:
         overview.append(("parent", r.parent_id))
     parts: list[Any] = [Panel(_kv_table(overview), title="run", title_align="left")]
     if r.params or r.tags:
-        rows = [(k, fmt_value(v)) for k, v in r.params.items()]
+        rows: list[tuple[str, str | Text]] = [(k, fmt_value(v)) for k, v in r.params.items()]
         rows += [(f"tag {k}", v) for k, v in r.tags.items()]
         parts.append(Panel(_kv_table(rows), title="params", title_align="left"))
     if r.summary or r.result is not None:
@@ -143,27 +214,19 @@ def _run_panel(r: RunRecord) -> Group:
         for col in ("name", "dir", "kind", "size", "sha256"):
             t.add_column(col)
         for a in r.artifacts:
-            t.add_row(a.name, a.direction, a.kind, f"{a.size:,}", a.sha256[:16])
+            t.add_row(plain(a.name), a.direction, a.kind, f"{a.size:,}", a.sha256[:16])
         parts.append(Panel(t, title="artifacts and datasets", title_align="left"))
-    code_rows = [
-        ("commit", f"{c.commit or '-'} ({c.branch or 'detached'})" if c.repo_root else "no git"),
-        ("changes", f"patch {c.patch_sha256[:16]}" if c.patch_sha256 else "none"),
-        ("module", f"{c.module_path or '-'}"),
-        ("source sha256", c.source_sha256 or "-"),
-    ]
-    if c.left_out:  # what the run saw but the patch does not hold: named, sized, hashed
-        code_rows.append(("left out of patch", "\n".join(c.left_out)))
-    elif c.untracked_skipped:  # recorded before notes were kept
-        code_rows.append(("left out of patch", ", ".join(c.untracked_skipped)))
-    parts.append(Panel(_kv_table(code_rows), title="code", title_align="left"))
-    env_rows = [
+    parts.append(_code_panel(c))
+    env_rows: list[tuple[str, str | Text]] = [
         ("python", f"{e.implementation} {e.python} ({e.executable})"),
         ("platform", e.platform),
-        ("packages", f"{e.package_count} installed, list {(e.packages_sha256 or '-')[:16]}"),
+        ("packages", _packages_line(r)),
     ]
     if e.threads:
         env_rows.append(("threads", ", ".join(f"{k}={v}" for k, v in e.threads.items())))
     parts.append(Panel(_kv_table(env_rows), title="environment", title_align="left"))
+    if r.summary:
+        parts.append(Text(f"step by step: kiln runs show {r.id[:8]} --metrics", style="dim"))
     if r.error:
         parts.append(Panel(Text(r.error), title="error", title_align="left", border_style="red"))
     return Group(*parts)
@@ -214,8 +277,8 @@ def compare(
         table.add_row(f"[dim]{section}[/]", *[""] * len(records))
         for name, values in rows.items():
             style = "bold yellow" if differs(values) else ""
-            cells = ["-" if v is None else fmt_value(v) for v in values]
-            table.add_row(f"  {name}", *cells, style=style)
+            cells = [plain("-" if v is None else fmt_value(v)) for v in values]
+            table.add_row(plain(f"  {name}"), *cells, style=style)
     console().print(table)
 
 

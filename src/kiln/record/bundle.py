@@ -35,6 +35,11 @@ _SEAL = b"kiln-sha256:"
 _SEAL_LEN = len(_SEAL) + 64
 
 
+# What each blob a run's record points at is, as `kiln export` names one it left out.
+_BLOB_NAMES = {"patch_sha256": "code patch", "source_blob": "module source",
+               "packages_sha256": "package list", "lock_sha256": "environment lock"}  # fmt: skip
+
+
 class BundleError(KilnError):
     """A bundle is corrupt, incomplete or conflicts with the store; the message says how."""
 
@@ -45,26 +50,29 @@ def export_bundle(
     """Write run ``run_id`` as a bundle at ``out``; return its manifest."""
     rows = store.export_rows(store.get_run(run_id).id)
     run = rows["run"]
-    wanted: dict[str, str] = {}  # sha -> why it is needed
+    wanted: dict[str, str] = {}  # sha -> what it is, as the export names it
     for a in rows["artifacts"]:
-        wanted.setdefault(a["sha256"], "artifact")
+        wanted.setdefault(a["sha256"], f"artifact {a['name']}")
     code, env = run.get("code") or {}, run.get("environment") or {}
     for key, owner in (("patch_sha256", code), ("source_blob", code),
                        ("packages_sha256", env), ("lock_sha256", env)):  # fmt: skip
         if owner.get(key):
-            wanted[owner[key]] = key
+            wanted[owner[key]] = _BLOB_NAMES[key]
     metrics_json = json.dumps(
         [[k, s, t, _encode(v)] for k, s, t, v in rows["metrics"]], separators=(",", ":")
     ).encode()
     files = {"metrics.json": sha256_bytes(metrics_json)}
-    included, omitted = [], []
+    included, omitted, left_out = [], [], []
     tmp = out.with_name(f".{out.name}.tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
         zf.writestr("metrics.json", metrics_json, compress_type=zipfile.ZIP_DEFLATED)
         for sha, why in sorted(wanted.items()):
             path = blobs.path(sha)
-            if (why == "artifact" and not include_artifacts) or not path.is_file():
+            skipped = why.startswith("artifact ") and not include_artifacts
+            if skipped or not path.is_file():
                 omitted.append(sha)
+                reason = "--no-blobs" if skipped else "not in this store's blobs"
+                left_out.append({"sha256": sha, "what": why, "why": reason})
                 continue
             zf.write(path, f"blobs/{sha}")
             files[f"blobs/{sha}"] = sha  # a blob's name is its hash
@@ -74,7 +82,7 @@ def export_bundle(
             "run": run,
             "summary": rows["summary"],
             "artifacts": rows["artifacts"],
-            "blobs": {"included": included, "omitted": omitted},
+            "blobs": {"included": included, "omitted": omitted, "left_out": left_out},
             "files": files,
         }
         manifest_bytes = json.dumps(manifest, sort_keys=True, indent=1).encode()
