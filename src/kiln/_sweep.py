@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 # How long an interrupted wait gives the cancelled runs to be recorded as such.
 CANCEL_GRACE_S = 10.0
+# How long wait() waits, once every run has ended, for the sweep's own end to be written.
+RECORD_WAIT_S = 30.0
 # The tag a resumed run carries: the id of the run it takes the place of.
 RESUMES = "resumes"
 _OUTCOMES = ("succeeded", "failed", "cancelled")
@@ -137,7 +139,10 @@ class Sweep:
             with _progress(self.id, futures):
                 done, _ = concurrent.futures.wait(futures, timeout)
                 if len(done) == len(futures) and self._tally is not None:
-                    self._tally.ended.wait(timeout)
+                    # Bounded: if the store refused a run's end, nobody writes the sweep's.
+                    self._tally.ended.wait(
+                        RECORD_WAIT_S if timeout is None else min(timeout, RECORD_WAIT_S)
+                    )
         except KeyboardInterrupt:
             self._interrupted()
             raise
