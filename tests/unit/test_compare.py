@@ -30,7 +30,8 @@ def run(
 def test_ignored_and_volatile_metrics_are_shown_but_do_not_change_the_verdict() -> None:
     old = run({"acc": 0.9, "time_s": 1.0, "epoch_s": 0.1}, volatile=("epoch_s",))
     new = run({"acc": 0.9, "time_s": 2.0, "epoch_s": 0.3}, volatile=("epoch_s",))
-    assert compare(old, new).verdict == "different"  # time_s differs
+    assert compare(old, new).verdict == "different"
+    assert compare(old, new).differences() == ["time_s"]
     result = compare(old, new, ignore=["time_s"])
     assert result.verdict == "identical" and result.reproduced
     assert result.ignored == ("epoch_s", "time_s")
@@ -42,6 +43,7 @@ def test_ignored_and_volatile_metrics_are_shown_but_do_not_change_the_verdict() 
 def test_verdicts() -> None:
     old = run({"acc": 0.9})
     assert compare(old, run({"acc": 0.9}, model="bb")).verdict == "different"
+    assert compare(old, run({"acc": 0.9}, model="bb")).differences() == ["artifact model.pt"]
     assert compare(old, run({"acc": 0.9000001}), rtol=1e-3).verdict == "within tolerance"
     # within tolerance, a model has other bytes
     assert compare(old, run({"acc": 0.9000001}, model="bb"), rtol=1e-3).verdict == (

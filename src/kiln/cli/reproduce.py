@@ -91,3 +91,9 @@ def _print(result: Comparison, asked: list[str]) -> None:
         )
     style = {"identical": "green", "within tolerance": "yellow"}.get(result.verdict, "red")
     out.print(f"verdict: [bold {style}]{result.verdict}[/]")
+    if result.verdict == "different":
+        out.print(
+            f"differs in: {escape(', '.join(result.differences()))} (a metric that is not part "
+            "of the result, a timing say, can be left out: --ignore-metric NAME, or "
+            "kiln.log(..., volatile=True) in the code)"
+        )

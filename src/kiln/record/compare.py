@@ -46,6 +46,14 @@ class Comparison:
         """Whether the verdict is identical or within tolerance."""
         return self.verdict in GOOD_VERDICTS
 
+    def differences(self) -> list[str]:
+        """What differs, besides ignored metrics: ``params``, metric names, ``artifact NAME``."""
+        out = [] if self.params_identical else ["params"]
+        out += [
+            k for k, (o, n, _) in self.metrics.items() if k not in self.ignored and not _same(o, n)
+        ]
+        return out + [f"artifact {k}" for k, (o, n) in self.artifacts.items() if o != n]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "original": self.original,
@@ -62,6 +70,7 @@ class Comparison:
             "environment_differs": self.environment_differs,
             "rtol": self.rtol,
             "ignored_metrics": list(self.ignored),
+            "differences": self.differences(),
             "verdict": self.verdict,
         }
 
