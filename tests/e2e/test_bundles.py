@@ -91,7 +91,8 @@ def test_no_blobs_keeps_hashes_and_a_conflicting_run_is_refused(
 ) -> None:
     run_id = record_one(tmp_path)
     bundle = tmp_path / "slim.kiln"
-    invoke("export", run_id, "-o", str(bundle), "--no-blobs")
+    code, said = invoke("export", run_id, "-o", str(bundle), "--no-blobs")
+    assert code == 0 and "2 left out: artifact" in said  # the model and the data set
     assert verify(bundle) == []
     import zipfile
 
@@ -99,6 +100,9 @@ def test_no_blobs_keeps_hashes_and_a_conflicting_run_is_refused(
         manifest = json.loads(zf.read("manifest.json"))
         model_sha = next(a["sha256"] for a in manifest["artifacts"] if a["name"] == "model.bin")
         assert model_sha in manifest["blobs"]["omitted"]
+        left_out = {"sha256": model_sha, "what": "artifact model.bin", "why": "--no-blobs"}
+        assert left_out in manifest["blobs"]["left_out"]
+        assert f"artifact model.bin {model_sha[:12]} (--no-blobs)" in said
         assert f"blobs/{model_sha}" not in zf.namelist()
     recorder.close_all()
     monkeypatch.setenv("KILN_HOME", str(tmp_path / "other"))

@@ -41,7 +41,7 @@ def export(
         f"run {manifest['run']['id']} -> {out} ({out.stat().st_size:,} bytes; "
         f"{len(blobs['included'])} blobs in, {len(left_out)} left out"
         + (": " + ", ".join(left_out) if left_out else "") + ")"
-    ))  # fmt: skip
+    ), soft_wrap=True)  # fmt: skip
 
 
 def verify(
