@@ -232,3 +232,27 @@ def test_volatile_metrics_are_recorded_and_marked(settings: Settings) -> None:
     assert record.volatile_metrics == ("epoch_s", "throughput")
     assert record.summary == {"loss": 0.25, "epoch_s": 1.25, "throughput": 11.0}
     assert record.to_dict()["volatile_metrics"] == ["epoch_s", "throughput"]
+
+
+def test_volatile_marks_travel_in_bundles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.record import recorder
+    from kiln.record.bundle import export_bundle, import_bundle
+
+    with kiln.App("a").run() as marked:
+        kiln.log({"time_s": 1.0}, volatile=True)
+    with kiln.App("a").run() as plain:  # as every run recorded before volatile marks
+        kiln.log({"loss": 1.0})
+    rec = recorder.recorder_for(Settings.from_env())
+    assert "volatile_metrics" not in rec.store.export_rows(plain.id)["run"]
+    bundles = {run.id: tmp_path / f"{run.id}.kiln" for run in (marked, plain)}
+    for run_id, path in bundles.items():
+        export_bundle(rec.store, rec.blobs, run_id, path)
+    recorder.close_all()
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "elsewhere"))
+    rec = recorder.recorder_for(Settings.from_env())
+    for path in bundles.values():
+        assert import_bundle(rec.store, rec.blobs, path)[1]
+        assert not import_bundle(rec.store, rec.blobs, path)[1]  # twice: nothing to do
+    assert kiln.get_run(marked.id).volatile_metrics == ("time_s",)
+    assert kiln.get_run(plain.id).volatile_metrics == ()

@@ -241,8 +241,11 @@ class SqlStore:
                     .where(artifacts.c.run_id == run_id)
                     .order_by(artifacts.c.direction, artifacts.c.name)
                 ).mappings()
+                run = dict(row)
+                if run.get("volatile_metrics") is None:  # as bundles from before 0009 have it
+                    del run["volatile_metrics"]
                 return {
-                    "run": dict(row),
+                    "run": run,
                     "metrics": [tuple(p) for p in points],
                     "summary": {k: _nan_none(v) for k, v in values},
                     "artifacts": [dict(a) for a in arts],
