@@ -156,3 +156,13 @@ def test_envs_show_summarizes_and_lock_prints_the_lock(monkeypatch: pytest.Monke
     assert invoke("envs", "show", "eeee", "--lock")[1] == LOCK
     data: dict[str, Any] = json.loads(invoke("envs", "show", "eeee", "--json")[1])
     assert data["packages"] == ["numpy==2.1.0", "six==1.16.0"] and data["lock"] == LOCK
+
+
+def test_hashes_and_numbers_are_not_highlighted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.cli._render import console, plain
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # as on a terminal, where colours would show
+    out = console()
+    with out.capture() as captured:
+        out.print(plain("sha256 9a129038d9a00aed, 42 runs, kiln[parquet]"))
+    assert captured.get() == "sha256 9a129038d9a00aed, 42 runs, kiln[parquet]\n"
