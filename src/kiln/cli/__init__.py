@@ -168,7 +168,8 @@ def _root(
 
 
 def main() -> None:
-    """Entry point: Kiln's own errors become one red line and exit code 1."""
+    """Entry point of the ``kiln`` script: Kiln's own errors become one red line and exit
+    code 1. It ends the process (see :func:`_exit`); in-process callers use ``app``."""
     try:
         app()
     except KilnError as exc:
