@@ -22,7 +22,7 @@ from kiln.record.runs import TaskRun
 from kiln.record.snapshot import capture_environment
 
 RUNNER = "kiln._runner:run_task"
-_environment: dict[str, Any] | None = None  # the worker's interpreter: captured once
+_environment: dict[str, Any] | None = None  # the last environment sent back
 
 
 def run_task(
@@ -51,9 +51,9 @@ def run_task(
         reply["error"] = "".join(traceback.format_exception(exc))
         reply["cause"] = "".join(traceback.format_exception_only(exc)).strip()
     reply["usage"] = run.usage_json()
+    # Sent with the worker's first reply and when it changes (engines keep the last).
     global _environment
-    if _environment is None:
-        _environment = asdict(capture_environment(BlobStore(settings.blob_dir)))
-    # Sent with every reply: the thread settings are the task's own.
-    reply["environment"] = {**_environment, "threads": threads}
+    if _environment is None or _environment["threads"] != threads:
+        environment = asdict(capture_environment(BlobStore(settings.blob_dir)))
+        _environment = reply["environment"] = {**environment, "threads": threads}
     return reply

@@ -119,13 +119,14 @@ def main() -> None:
     module, _, name = init["runner"].partition(":")
     runner = getattr(importlib.import_module(module), name)
     send(write_fd, {"ready": os.getpid()})
+    threads = _threads.in_effect()  # this worker's, from its task's CPU request
     while (task := recv(read_fd)) is not None:
         try:
             fn = functions.get(task.fn_key, task.fn_payload)
         except BaseException as exc:
             send(write_fd, _load_failure(task, exc))
             continue
-        _threads.apply(task.threads)
+        _threads.apply(threads)  # again: an earlier task may have changed torch's
         on_start = _clock(write_fd, task.run_id) if task.timeout_s is not None else None
         send(write_fd, runner(task, fn, on_start))
 

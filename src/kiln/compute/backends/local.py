@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,6 +109,7 @@ class _Worker:
 @dataclass
 class _Slot:
     spec: TaskSpec
+    threads: dict[str, str]  # its thread variables: its worker is started with them
     worker: _Worker | None = None
     deadline: float | None = None
     stop_cause: str | None = None  # why we killed it, if we did
@@ -191,8 +192,15 @@ class LocalBackend:
     def _handle(self, message: tuple[Any, ...], events: list[TaskEvent]) -> None:
         kind = message[0]
         if kind == "submit":
+            threads: dict[float, dict[str, str]] = {}  # by CPU request, for this batch
             for spec in message[1]:
-                self._slots[spec.run_id] = _Slot(spec)
+                if spec.threads:  # as recorded (kiln reproduce)
+                    self._slots[spec.run_id] = _Slot(spec, spec.threads)
+                else:  # from the request, unless the user set them in this environment
+                    cpu = spec.resources.cpu
+                    if cpu not in threads:
+                        threads[cpu] = _threads.thread_env(cpu)
+                    self._slots[spec.run_id] = _Slot(spec, threads[cpu])
                 task = Task(spec.run_id, spec.resources, spec.priority)
                 for alloc in self._scheduler.handle(Submit(task)):
                     self._dispatch(alloc, events)
@@ -284,10 +292,8 @@ class LocalBackend:
         slot = self._slots[alloc.task_id]
         cuda = alloc.cuda_visible_devices if self.inventory.gpus else None
         spec = slot.spec
-        if not spec.threads:  # from the request, unless the user set them here
-            spec = replace(spec, threads=_threads.thread_env(spec.resources.cpu))
-        key = (spec.python or self.python, cuda or "", tuple(spec.threads.items()))
-        worker = self._worker_for(key, cuda, spec)
+        key = (spec.python or self.python, cuda or "", tuple(slot.threads.items()))
+        worker = self._worker_for(key, cuda, spec, slot.threads)
         worker.run(spec)
         slot.worker = worker
         assigned: dict[str, Any] = {"worker_pid": worker.pid}
@@ -297,13 +303,15 @@ class LocalBackend:
             assigned["cuda_visible_devices"] = cuda
         events.append(Started(slot.spec.run_id, slot.spec.attempt, assigned))
 
-    def _worker_for(self, key: WorkerKey, cuda: str | None, spec: TaskSpec) -> _Worker:
+    def _worker_for(
+        self, key: WorkerKey, cuda: str | None, spec: TaskSpec, threads: dict[str, str]
+    ) -> _Worker:
         for i, worker in enumerate(self._idle):
             if worker.key == key:
                 return self._idle.pop(i)
         env = dict(os.environ)
         env.pop("VIRTUAL_ENV", None)
-        env.update(spec.threads)  # read by OpenMP, BLAS and torch as they load
+        env.update(threads)  # read by OpenMP, BLAS and torch as they load; kept for its life
         if cuda is not None:
             env["CUDA_VISIBLE_DEVICES"] = cuda
         if spec.env_lock:

@@ -489,6 +489,10 @@ def _execute(
         on_start = functools.partial(_notify, back, {**notice, "clock": True})
     reply: dict[str, Any] = _loaded["runner"](task, fn, on_start)
     reply["assigned"] = assigned
+    # The runner sends the environment when it changes; this worker's every reply has it.
+    reply["environment"] = _loaded["environment"] = reply.get("environment") or _loaded.get(
+        "environment"
+    )
     if scratch is not None:
         reply["blobs"] = _take_blobs(scratch / "blobs")
     return reply
