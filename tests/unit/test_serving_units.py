@@ -335,3 +335,23 @@ def test_bad_prices_are_a_config_error(value: str, message: str) -> None:
     with pytest.raises(ConfigError, match="KILN_PRICES") as info:
         Prices.from_env({"KILN_PRICES": value})
     assert message in str(info.value)
+
+
+def test_why_prints_inputs_and_reasons_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.cli.serve import print_why
+
+    print_why({
+        "trace_id": "ab" * 16, "endpoint": "fraud", "at_ns": 0, "latency_ms": 1.0,
+        "status": "OK", "input": '{"pkg": "kiln[parquet]"}', "output": '{"label": "[bold]x"}',
+        "model": {"ref": "fraud:1", "artifact": "model.pkl", "artifact_sha256": "0" * 64,
+                  "registered_by": "alice", "registered_at": 0.0},
+        "routed_by": "fraud@production",
+        "promotions": [{"alias": "production", "from_version": None, "by": "bob", "at": 0.0,
+                        "action": "promote", "reason": "beats [v1]", "policy": None}],
+        "run": {"id": "r" * 32, "app": "fraud", "function": "m:f", "status": "succeeded",
+                "actor": "alice", "created": 0.0, "params": {"opt": "[adam]"}, "metrics": {},
+                "code": {}, "inputs": [], "environment": {"python": "3.11"}},
+    })  # fmt: skip
+    shown = capsys.readouterr().out
+    for text in ('"kiln[parquet]"', '"[bold]x"', "beats [v1]", "opt=[adam]"):
+        assert text in shown

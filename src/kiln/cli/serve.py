@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kiln.cli._render import console, fmt_time, fmt_value, reader
@@ -24,6 +25,11 @@ endpoints_app = typer.Typer(help="Endpoints served from this store.", no_args_is
 traces_app = typer.Typer(help="Traces of inferences.", no_args_is_help=True)
 
 
+def _esc(value: object) -> str:
+    """``value`` as literal text inside markup: names, inputs and reasons may hold brackets."""
+    return escape(str(value))
+
+
 def load_endpoint(target: str) -> Endpoint[Any]:
     """``FILE.py:CLASS`` (or ``FILE.py::CLASS``, or ``module:CLASS``) to its endpoint."""
     from kiln.serve.endpoint import Endpoint
@@ -36,9 +42,10 @@ def load_endpoint(target: str) -> Endpoint[Any]:
     if not isinstance(obj, Endpoint):
         found = [n for n, v in vars(module).items() if isinstance(v, Endpoint)]
         raise ValidationError(
-            "TARGET", f"{where} has no endpoint {name!r} (declare it with @app.endpoint)",
+            "TARGET",
+            f"{where} has no endpoint {name!r} (declare it with @app.endpoint)",
             allowed=found or None,
-        )  # fmt: skip
+        )
     return obj
 
 
@@ -73,23 +80,32 @@ def batch(
     """Run predict over a file on replicas; a killed job resumes where it stopped."""
     endpoint = load_endpoint(target)
     result = endpoint.batch(
-        input_path, output=output, shard_size=shard_size, replicas=replicas,
+        input_path,
+        output=output,
+        shard_size=shard_size,
+        replicas=replicas,
         progress=sys.stderr.isatty() and not as_json,
-    )  # fmt: skip
+    )
     summary = {
-        "run_id": result.run_id, "model": result.model, "rows": result.rows,
-        "rows_failed": result.rows_failed, "shards": result.shards,
-        "shards_resumed": result.shards_resumed, "output": result.output,
-        "seconds": result.seconds, "rows_per_s": result.rows_per_s,
-    }  # fmt: skip
+        "run_id": result.run_id,
+        "model": result.model,
+        "rows": result.rows,
+        "rows_failed": result.rows_failed,
+        "shards": result.shards,
+        "shards_resumed": result.shards_resumed,
+        "output": result.output,
+        "seconds": result.seconds,
+        "rows_per_s": result.rows_per_s,
+    }
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     resumed = f", {result.shards_resumed} shards resumed" if result.shards_resumed else ""
     failed = f", [red]{result.rows_failed} rows failed[/]" if result.rows_failed else ""
     console().print(
-        f"run {result.run_id[:8]}: {result.rows} rows through {result.model} in "
-        f"{result.seconds:.2f}s ({result.rows_per_s:,.0f} rows/s){resumed}{failed} -> {output}"
+        f"run {result.run_id[:8]}: {result.rows} rows through {_esc(result.model)} in "
+        f"{result.seconds:.2f}s ({result.rows_per_s:,.0f} rows/s){_esc(resumed)}{_esc(failed)}"
+        f" -> {_esc(output)}"
     )
 
 
@@ -112,11 +128,15 @@ def endpoints_ls(as_json: JsonOpt = False) -> None:
         stats = info.stats
         live = sum(1 for s in info.servers if s.status == "serving")
         table.add_row(
-            info.name, info.model + (" (split)" if info.traffic else ""),
+            info.name,
+            info.model + (" (split)" if info.traffic else ""),
             info.status + (f" ({live} servers)" if live > 1 else ""),
-            info.url or "", str(stats.get("replicas", "")), str(stats.get("requests", "")),
-            fmt_value(stats.get("latency_ms", {}).get("p99", "")), fmt_time(info.updated_at),
-        )  # fmt: skip
+            info.url or "",
+            str(stats.get("replicas", "")),
+            str(stats.get("requests", "")),
+            fmt_value(stats.get("latency_ms", {}).get("p99", "")),
+            fmt_time(info.updated_at),
+        )
     console().print(table)
 
 
@@ -137,40 +157,70 @@ def endpoints_show(
     spec = info.spec
     res = spec.get("resources", {})
     where = " on Ray Serve" if stats.get("engine") == "ray" else ""
-    out.print(f"[bold]{info.name}[/]  app {info.app}  model {info.model}  [{info.status}]{where}  "
-              f"{info.url or ''}")  # fmt: skip
-    out.print(f"replicas {spec.get('min_replicas')}..{spec.get('max_replicas')}, target "
-              f"{spec.get('target_concurrency')} in flight each, idle {spec.get('idle_timeout')}s;"
-              f" each cpu {res.get('cpu')} gpu {res.get('gpu')} memory "
-              f"{res.get('memory_bytes', 0) / 2**20:.0f} MiB")  # fmt: skip
+    out.print(
+        f"[bold]{_esc(info.name)}[/]  app {_esc(info.app)}  model {_esc(info.model)}  "
+        f"\\[{_esc(info.status)}]{where}  "
+        f"{_esc(info.url or '')}"
+    )
+    out.print(
+        f"replicas {spec.get('min_replicas')}..{spec.get('max_replicas')}, target "
+        f"{spec.get('target_concurrency')} in flight each, idle {spec.get('idle_timeout')}s;"
+        f" each cpu {res.get('cpu')} gpu {res.get('gpu')} memory "
+        f"{res.get('memory_bytes', 0) / 2**20:.0f} MiB"
+    )
     if info.traffic:
-        out.print("live split: " + ", ".join(f"{k} {v:g}" for k, v in info.traffic.items()))
+        out.print("live split: " + ", ".join(f"{_esc(k)} {v:g}" for k, v in info.traffic.items()))
     for server in info.servers:
-        out.print(f"server {server.id[:8]}  {server.status}  {server.url or ''}  pid "
-                  f"{server.pid} on {server.host}  since {fmt_time(server.started_at)}  "
-                  f"requests {server.stats.get('requests', 0)}", highlight=False)  # fmt: skip
+        out.print(
+            f"server {server.id[:8]}  {_esc(server.status)}  {_esc(server.url or '')}  pid "
+            f"{server.pid} on {_esc(server.host)}  since {fmt_time(server.started_at)}  "
+            f"requests {server.stats.get('requests', 0)}",
+            highlight=False,
+        )
     lat = stats.get("latency_ms", {})
-    out.print(f"requests {stats.get('requests', 0)}  errors {stats.get('errors', 0)}  "
-              f"in flight {stats.get('inflight', 0)}  p50 {lat.get('p50', 0):.2f} ms  "
-              f"p99 {lat.get('p99', 0):.2f} ms")  # fmt: skip
+    out.print(
+        f"requests {stats.get('requests', 0)}  errors {stats.get('errors', 0)}  "
+        f"in flight {stats.get('inflight', 0)}  p50 {lat.get('p50', 0):.2f} ms  "
+        f"p99 {lat.get('p99', 0):.2f} ms"
+    )
     table = Table(header_style="bold", show_edge=False)
-    for col in ("version", "weight", "replicas", "requests", "errors", "cpu s/req",
-                "gpu s/req", "cold starts", "run"):  # fmt: skip
+    for col in (
+        "version",
+        "weight",
+        "replicas",
+        "requests",
+        "errors",
+        "cpu s/req",
+        "gpu s/req",
+        "cold starts",
+        "run",
+    ):
         table.add_column(col)
     for version, v in stats.get("versions", {}).items():
         usage = v.get("usage", {})
         colds = ", ".join(f"{c:.2f}s" for c in v.get("cold_starts_s", []))
-        table.add_row(version, fmt_value(v.get("weight")), str(v.get("replicas")),
-                      str(v.get("requests")), str(v.get("errors")),
-                      f"{usage.get('cpu_seconds', 0):.6f}", f"{usage.get('gpu_seconds', 0):.6f}",
-                      colds, str(v.get("run_id", ""))[:8])  # fmt: skip
+        table.add_row(
+            version,
+            fmt_value(v.get("weight")),
+            str(v.get("replicas")),
+            str(v.get("requests")),
+            str(v.get("errors")),
+            f"{usage.get('cpu_seconds', 0):.6f}",
+            f"{usage.get('gpu_seconds', 0):.6f}",
+            colds,
+            str(v.get("run_id", ""))[:8],
+        )
     out.print(table)
     per = stats.get("per_request", {})
     prices = Prices.from_env()
     if prices is not None and stats.get("requests"):
         n = int(stats["requests"])
-        usage = Usage(n, per.get("cpu_seconds", 0) * n, per.get("gpu_seconds", 0) * n,
-                      per.get("memory_gb_seconds", 0) * n)  # fmt: skip
+        usage = Usage(
+            n,
+            per.get("cpu_seconds", 0) * n,
+            per.get("gpu_seconds", 0) * n,
+            per.get("memory_gb_seconds", 0) * n,
+        )
         cost = prices.per_1k_requests(usage, stats.get("gpu_type"))
         out.print(f"cost per 1,000 requests: ${cost:.6f} (KILN_PRICES)")
     elif "cost_per_1k_requests" in stats:
@@ -223,16 +273,21 @@ def set_traffic(
             if not sep:
                 raise ValidationError("split", f"{item!r} is not NAME:VERSION=WEIGHT")
     done = state.set_traffic(
-        reader().store, name, traffic, actor=Settings.from_env().actor,
+        reader().store,
+        name,
+        traffic,
+        actor=Settings.from_env().actor,
         override_reason=reason.strip() if override_policy and reason else None,
-    )  # fmt: skip
+    )
     if done is None:
-        console().print(f"{name} follows its declared model again")
+        console().print(f"{_esc(name)} follows its declared model again")
     else:
         shares = ", ".join(f"{k} {100 * v / sum(done.values()):.0f}%" for k, v in done.items())
         overridden = " (policy override recorded in the audit log)" if override_policy else ""
-        console().print(f"{name}: {shares}{overridden} (a serving process follows within a "
-                        "second)")  # fmt: skip
+        console().print(
+            f"{_esc(name)}: {_esc(shares)}{_esc(overridden)} (a serving process follows within a "
+            "second)"
+        )
 
 
 # -- traces ---------------------------------------------------------------------------
@@ -249,8 +304,9 @@ def traces_ls(
     """Recent inferences: trace id, endpoint, model version, latency, status."""
     from kiln.observe.why import list_spans
 
-    rows = list_spans(reader().store, endpoint=endpoint, run_id=run, errors_only=errors,
-                      limit=limit)  # fmt: skip
+    rows = list_spans(
+        reader().store, endpoint=endpoint, run_id=run, errors_only=errors, limit=limit
+    )
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -261,10 +317,15 @@ def traces_ls(
         model = f"{r['model_name']}:{r['model_version']}" if r["model_name"] else ""
         text = str(r["attributes"].get("input.value", "")).partition("\n")[0]
         table.add_row(
-            r["trace_id"], fmt_time(r["start_ns"] / 1e9), r["endpoint"] or "", r["name"], model,
-            f"{r['duration_ns'] / 1e6:.2f}", r["status"],
+            r["trace_id"],
+            fmt_time(r["start_ns"] / 1e9),
+            r["endpoint"] or "",
+            r["name"],
+            model,
+            f"{r['duration_ns'] / 1e6:.2f}",
+            r["status"],
             text[:40] + ("..." if len(text) > 40 else ""),
-        )  # fmt: skip
+        )
     console().print(table)
 
 
@@ -285,48 +346,67 @@ def why(
 def print_why(info: dict[str, Any]) -> None:
     out = console()
     when = datetime.fromtimestamp(info["at_ns"] / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    out.print(f"[bold]trace {info['trace_id']}[/]  {info['endpoint']}  {when}  "
-              f"{info['latency_ms']:.2f} ms  {info['status']}")  # fmt: skip
-    out.print(f"  input   {_short(info['input'])}")
-    out.print(f"  output  {_short(info['output'])}")
+    out.print(
+        f"[bold]trace {_esc(info['trace_id'])}[/]  {_esc(info['endpoint'])}  {_esc(when)}  "
+        f"{info['latency_ms']:.2f} ms  {_esc(info['status'])}"
+    )
+    out.print(f"  input   {_esc(_short(info['input']))}")
+    out.print(f"  output  {_esc(_short(info['output']))}")
     for key, value in info.get("llm", {}).items():
-        out.print(f"  {key} {_short(value)}")
+        out.print(f"  {_esc(key)} {_esc(_short(value))}")
     model = info.get("model")
     if model is None:
         return
     via = f"  via {info['routed_by']}" if info.get("routed_by") else ""
-    out.print(f"[bold]model[/] {model['ref']}{via}  artifact {model['artifact']} "
-              f"sha256:{model['artifact_sha256'][:12]}  registered by "
-              f"{model['registered_by']} {fmt_time(model['registered_at'])}")  # fmt: skip
+    out.print(
+        f"[bold]model[/] {_esc(model['ref'])}{_esc(via)}  artifact {_esc(model['artifact'])} "
+        f"sha256:{model['artifact_sha256'][:12]}  registered by "
+        f"{_esc(model['registered_by'])} {fmt_time(model['registered_at'])}"
+    )
     routed_by = info.get("routed_by")
     if routed_by and "@" in routed_by and not info["promotions"]:
-        out.print(f"  served through {routed_by} by a traffic split; never promoted to it")
+        out.print(f"  served through {_esc(routed_by)} by a traffic split; never promoted to it")
     for p in info["promotions"]:
         moved = f"from {p['from_version']}" if p["from_version"] else "(new alias)"
         policy = json.dumps(p["policy"]) if p["policy"] else "no policy"
-        out.print(f"  promoted to @{p['alias']} {moved} by [bold]{p['by']}[/] "
-                  f"{fmt_time(p['at'])} ({p['action']}): {p['reason'] or ''}")  # fmt: skip
-        out.print(f"    under {policy}")
+        out.print(
+            f"  promoted to @{_esc(p['alias'])} {_esc(moved)} by [bold]{_esc(p['by'])}[/] "
+            f"{fmt_time(p['at'])} ({_esc(p['action'])}): {_esc(p['reason'] or '')}"
+        )
+        out.print(f"    under {_esc(policy)}")
     run = info["run"]
-    out.print(f"[bold]run[/] {run['id']}  {run['app']} {run['function'] or ''}  "
-              f"{run['status']}  by {run['actor']}  {fmt_time(run['created'])}")  # fmt: skip
+    out.print(
+        f"[bold]run[/] {_esc(run['id'])}  {_esc(run['app'])} {_esc(run['function'] or '')}  "
+        f"{_esc(run['status'])}  by {_esc(run['actor'])}  {fmt_time(run['created'])}"
+    )
     params = {k: v for k, v in run["params"].items() if not isinstance(v, dict)}
-    out.print("  params  " + ", ".join(f"{k}={fmt_value(v)}" for k, v in params.items()))
-    out.print("  metrics " + ", ".join(f"{k}={fmt_value(v)}" for k, v in run["metrics"].items()))
+    out.print(
+        "  params  " + ", ".join(f"{_esc(k)}={_esc(fmt_value(v))}" for k, v in params.items())
+    )
+    out.print(
+        "  metrics "
+        + ", ".join(f"{_esc(k)}={_esc(fmt_value(v))}" for k, v in run["metrics"].items())
+    )
     code = run["code"]
     if code.get("commit"):
         patch = f" + patch sha256:{code['patch_sha256'][:12]}" if code.get("patch_sha256") else ""
-        out.print(f"  code    {code.get('branch')}@{code['commit'][:12]}{patch}  "
-                  f"{code.get('module_path') or ''}")  # fmt: skip
+        out.print(
+            f"  code    {_esc(code.get('branch'))}@{code['commit'][:12]}{_esc(patch)}  "
+            f"{_esc(code.get('module_path') or '')}"
+        )
     else:
-        out.print(f"  code    {code.get('module_path')} (not in git) source sha256:"
-                  f"{(code.get('source_sha256') or '')[:12]}")  # fmt: skip
+        out.print(
+            f"  code    {_esc(code.get('module_path'))} (not in git) source sha256:"
+            f"{_esc((code.get('source_sha256') or '')[:12])}"
+        )
     for item in run["inputs"]:
-        out.print(f"  data    {item['name']}  sha256:{item['sha256'][:12]}  {item['size']} bytes")
+        out.print(
+            f"  data    {_esc(item['name'])}  sha256:{item['sha256'][:12]}  {item['size']} bytes"
+        )
     env = run["environment"]
     lock = f"  lock sha256:{env['lock_sha256'][:12]}" if env.get("lock_sha256") else ""
     env_id = f"  env {env['env_id'][:12]}" if env.get("env_id") else ""
-    out.print(f"  env     python {env['python']}{env_id}{lock}")
+    out.print(f"  env     python {_esc(env['python'])}{_esc(env_id)}{_esc(lock)}")
 
 
 def _short(value: Any, limit: int = 300) -> str:
