@@ -58,7 +58,7 @@ def register(version_weight: float) -> int:
 
 
 class Devices:
-    """Says which GPUs its replica was given."""
+    """Says which GPUs and how many numeric-library threads its replica was given."""
 
     def load(self, model_path: str) -> None:
         self.devices = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -66,4 +66,5 @@ class Devices:
     def predict(self, delay: float = 0.0) -> dict[str, Any]:
         if delay:
             time.sleep(delay)
-        return {"devices": self.devices, "pid": os.getpid()}
+        threads = os.environ.get("OMP_NUM_THREADS"), os.environ.get("OPENBLAS_NUM_THREADS")
+        return {"devices": self.devices, "pid": os.getpid(), "threads": threads}

@@ -149,6 +149,8 @@ def test_replicas_are_admitted_by_the_scheduler_with_their_gpu_share(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("KILN_GPUS", "1")
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
     promoted()
     whole = app.endpoint(model="scorer@production", name="whole", cpu=0, gpu=1,
                          max_replicas=3, target_concurrency=1)(Devices)  # fmt: skip
@@ -162,6 +164,7 @@ def test_replicas_are_admitted_by_the_scheduler_with_their_gpu_share(
                 for _ in range(5):
                     answer = c.post("/predict", json={"delay": 0.1}).json()
                     assert answer["devices"] == "0"
+                    assert answer["threads"] == ["1", "1"]  # cpu=0: one thread, as for a task
                     pids.add(answer["pid"])
 
         threads = [threading.Thread(target=load) for _ in range(3)]

@@ -219,7 +219,9 @@ async def _local(
         lease_id, allocation = await reserve(engine.backend, spec.resources)
         replica = Replica()
         try:
-            await replica.spawn(python=python or sys.executable, env=replica_env(env_lock))
+            await replica.spawn(
+                python=python or sys.executable, env=replica_env(env_lock, spec.resources.cpu)
+            )
             gpus = allocation.cuda_visible_devices if engine.inventory.gpus else None
             await replica.start(lease_id, {**init, "cuda_visible_devices": gpus})
             while not queue.empty():

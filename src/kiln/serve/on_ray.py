@@ -328,6 +328,7 @@ def _on_cluster(endpoint: Endpoint[Any]) -> tuple[bool, dict[str, Any]]:
     """Connect to the endpoint's Ray cluster and check that a node can hold a replica;
     whether this connected, and a replica's actor options: the endpoint's resources,
     its env as a uv runtime_env."""
+    from kiln.compute._threads import thread_env
     from kiln.compute.backends.ray import _cluster_inventory, connect, uv_runtime_env
 
     settings, spec = endpoint.app.settings, endpoint.spec
@@ -337,13 +338,15 @@ def _on_cluster(endpoint: Endpoint[Any]) -> tuple[bool, dict[str, Any]]:
     options: dict[str, Any] = {"num_cpus": r.cpu, "num_gpus": r.gpu}
     if r.memory_bytes:
         options["memory"] = r.memory_bytes
+    runtime_env: dict[str, Any] = {"env_vars": thread_env(r.cpu)}  # as for a function's task
     if spec.env is not None:
         from kiln.envs.manager import env_manager
         from kiln.record.recorder import recorder_for
 
         blobs = recorder_for(settings).blobs
         requirements = env_manager(settings.home, blobs).lock(spec.env).requirements
-        options["runtime_env"] = uv_runtime_env(requirements)
+        runtime_env.update(uv_runtime_env(requirements))
+    options["runtime_env"] = runtime_env
     return connected, options
 
 

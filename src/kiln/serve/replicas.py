@@ -216,9 +216,13 @@ class Replica:
         self.alive = False
 
 
-def replica_env(env_lock: str | None) -> dict[str, str]:
-    """A replica's environment variables (its GPUs come with INIT, set before ``load``)."""
-    env = dict(os.environ)
+def replica_env(env_lock: str | None, cpu: float) -> dict[str, str]:
+    """A replica's environment variables: its numeric libraries get as many threads as
+    the CPUs it asked for, as a function's task does (its GPUs come with INIT, set
+    before ``load``)."""
+    from kiln.compute._threads import thread_env
+
+    env = {**os.environ, **thread_env(cpu)}
     env.pop("VIRTUAL_ENV", None)
     if env_lock:
         env["KILN_ENV_LOCK"] = env_lock

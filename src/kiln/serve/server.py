@@ -315,7 +315,9 @@ class EndpointServer:
     async def _new_standby(self) -> Replica:
         replica = Replica()
         self._spawned.add(replica)
-        await replica.spawn(python=self._python, env=replica_env(self._env_lock))
+        await replica.spawn(
+            python=self._python, env=replica_env(self._env_lock, self.spec.resources.cpu)
+        )
         preload = setup(self.endpoint, self.settings.store_url)
         await replica.preload({**preload, "preload": self._preload})
         return replica
