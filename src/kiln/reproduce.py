@@ -215,7 +215,8 @@ def _load(record: RunRecord, module_file: Path) -> Function[..., Any]:
         raise ReproduceError(f"cannot load {module_file}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    sys.path.insert(0, str(module_file.parent))
+    root = str(_import_root(record, module_file))
+    sys.path.insert(0, root)
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
@@ -223,7 +224,7 @@ def _load(record: RunRecord, module_file: Path) -> Function[..., Any]:
             f"the recorded code of run {record.id} does not import: {exc}"
         ) from exc
     finally:
-        sys.path.remove(str(module_file.parent))
+        sys.path.remove(root)
     obj: Any = module
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
@@ -232,6 +233,16 @@ def _load(record: RunRecord, module_file: Path) -> Function[..., Any]:
     if isinstance(obj, Function):
         return obj
     return App(record.app).function()(obj)
+
+
+def _import_root(record: RunRecord, module_file: Path) -> Path:
+    """The folder the recorded module was imported from: for ``pkg.model`` the one above
+    ``pkg/``, so ``from pkg.helper import K`` finds the recorded ``pkg``, not today's."""
+    module = (record.function or "").partition(":")[0]
+    depth = module.count(".") if module and module != "__main__" else 0
+    if module_file.name == "__init__.py":
+        depth += 1
+    return module_file.parents[depth] if depth < len(module_file.parents) else module_file.parent
 
 
 def _environment(record: RunRecord, settings: Settings) -> Any:

@@ -90,3 +90,29 @@ def test_without_any_record_of_the_code_the_error_says_what_is_missing(tmp_path:
     )
     with pytest.raises(ReproduceError, match=r"repository .*gone is gone, and its module source"):
         reproduce(run_id)
+
+
+def test_a_function_in_a_package_imports_its_recorded_siblings(tmp_path: Path) -> None:
+    folder = tmp_path / "proj"
+    (folder / "pkg").mkdir(parents=True)
+    (folder / "pkg" / "__init__.py").write_text("")
+    (folder / "pkg" / "helper.py").write_text("SCALE = 3\n")
+    model = TRAIN.replace("from helper import SCALE", "from pkg.helper import SCALE")
+    (folder / "pkg" / "model.py").write_text(model.split("if __name__")[0])
+    (folder / "main.py").write_text(
+        "from pkg.model import train\nrun = train.spawn(lr=0.5)\nrun.wait()\nprint(run.id)\n"
+    )
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    subprocess.run(["git", "add", "pkg", "main.py"], cwd=folder, check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], cwd=folder, check=True)
+    proc = subprocess.run(
+        [sys.executable, "main.py"], cwd=folder, capture_output=True, text=True,
+        env=os.environ.copy(), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    run_id = proc.stdout.split()[-1]
+    (folder / "pkg" / "helper.py").write_text("SCALE = 1000\n")  # edited since: the record wins
+
+    result = reproduce(run_id)
+    assert result.verdict == "identical", kiln.get_run(result.reproduction).error

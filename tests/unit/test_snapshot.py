@@ -183,3 +183,26 @@ def test_a_repo_without_commits_keeps_the_module_source(tmp_path: Path) -> None:
     blobs = BlobStore(tmp_path / "blobs")
     snap = CodeCapture(blobs).capture(root / "a.py")
     assert snap.commit is None and blobs.read(snap.source_blob or "") == b"A = 1\n"
+
+
+def test_a_link_to_a_device_and_a_crowd_of_binaries_stay_bounded(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from kiln.record.snapshot import NOTES_LIMIT, _select_untracked
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    os.symlink("/dev/zero", tmp_path / "zero")  # followed, hashing it would never end
+    os.mkfifo(tmp_path / "pipe")
+    names = [f"img{i}.bin" for i in range(NOTES_LIMIT + 20)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"\0\1")
+    from kiln.record.snapshot import _content_stamp
+
+    assert _content_stamp(tmp_path / "zero") == "link:/dev/zero"
+    assert _content_stamp(tmp_path / "pipe").startswith("special:")
+    included, skipped, notes = _select_untracked(tmp_path, ["zero", "pipe", *names])
+    assert included == ["zero"]
+    assert "pipe" in skipped and len(skipped) == len(names) + 1
+    assert "pipe: not a regular file" in notes[0]
+    assert len(notes) == NOTES_LIMIT + 1 and notes[-1] == "... and 21 more untracked files left out"

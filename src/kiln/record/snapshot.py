@@ -34,6 +34,7 @@ UNTRACKED_FILE_LIMIT = 1 << 20  # bytes; larger untracked files are data, not co
 SNAPSHOT_TTL_S = 2.0  # runs started within this long of each other share a snapshot
 UNTRACKED_TOTAL_LIMIT = 16 << 20  # bytes of untracked files in one patch, all together
 HASH_LIMIT = 256 << 20  # a left-out file larger than this is described by its size alone
+NOTES_LIMIT = 100  # notes kept on what was left out; past it, one line counts the rest
 _BINARY_SNIFF_BYTES = 8000  # git's test: a NUL byte in the first 8000 bytes means binary
 _EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 _GIT_TIMEOUT_S = 30
@@ -195,11 +196,7 @@ class CodeCapture:
         stamp = [state.status_text]
         for rel in (*state.changed, *state.untracked):
             try:
-                st = (root / rel).stat()
-                small = st.st_size <= UNTRACKED_FILE_LIMIT
-                stamp.append(
-                    sha256_file(root / rel)[0] if small else f"{st.st_mtime_ns}:{st.st_size}"
-                )
+                stamp.append(_content_stamp(root / rel))
             except OSError:
                 stamp.append("-")
         key = tuple(stamp)
@@ -251,13 +248,32 @@ def _select_untracked(root: Path, untracked: list[str]) -> tuple[list[str], list
             total += st.st_size
         else:
             skipped.append(rel)
+    if len(notes) > NOTES_LIMIT:  # a data folder of 20,000 files: a count, not 20,000 notes
+        more = len(notes) - NOTES_LIMIT
+        notes[NOTES_LIMIT:] = [f"... and {more:,} more untracked files left out"]
     return included, skipped, notes
+
+
+def _content_stamp(path: Path) -> str:
+    """What identifies a changed file's content for the patch cache: its sha256 when it
+    is a small regular file; a link's target; size and mtime otherwise. Never follows a
+    link or reads a device (a link to /dev/zero would never end)."""
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return f"link:{path.readlink()}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"special:{st.st_mode}"
+    if st.st_size <= UNTRACKED_FILE_LIMIT:
+        return sha256_file(path)[0]
+    return f"{st.st_mtime_ns}:{st.st_size}"
 
 
 def _left_out_because(path: Path, st: os.stat_result, total: int) -> str | None:
     """Why an untracked file stays out of the patch, or None if it goes in."""
     if stat.S_ISLNK(st.st_mode):
         return None  # a link is stored as its target's name: small, and code's business
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"  # a fifo, socket or device: reading it may never end
     if st.st_size > UNTRACKED_FILE_LIMIT:
         return f"larger than the {_mib(UNTRACKED_FILE_LIMIT)} limit per file"
     with path.open("rb") as f:
@@ -269,7 +285,8 @@ def _left_out_because(path: Path, st: os.stat_result, total: int) -> str | None:
 
 
 def _describe(path: Path, rel: str, size: int, why: str) -> str:
-    digest = f"sha256 {sha256_file(path)[0]}" if size <= HASH_LIMIT else "not hashed"
+    regular = stat.S_ISREG(path.lstat().st_mode)
+    digest = f"sha256 {sha256_file(path)[0]}" if regular and size <= HASH_LIMIT else "not hashed"
     return f"{rel}: {why}; {size:,} bytes, {digest}"
 
 
