@@ -171,6 +171,9 @@ def test_any_run_is_taken_wherever_a_run_is_taken(mod: ModuleType) -> None:
             app.models.register("m", bad, artifact="model.txt")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="parent"):
         kiln.runs(parent=42)  # type: ignore[arg-type]
+    sweep = mod.score.sweep([{"x": 1}])
+    with pytest.raises(ValidationError, match=r"is a sweep, not a model's run.*sweep\.best"):
+        app.models.register("m", sweep, artifact="model.txt")
 
 
 def test_remote_tracebacks_name_the_file(tmp_path: Path) -> None:

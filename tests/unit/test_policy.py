@@ -35,7 +35,7 @@ def test_better_than_the_current_holder() -> None:
 
 def test_clean_code_and_reproduction() -> None:
     assert failures({}, {}, dirty=True) == [
-        "the run had uncommitted changes (allow_dirty permits it)"
+        "the run had uncommitted changes (set allow_dirty: true to permit it)"
     ]
     assert "not in git" in failures({}, {}, dirty=None)[0]
     assert failures({"allow_dirty": True}, {}, dirty=True) == []

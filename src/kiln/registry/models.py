@@ -113,6 +113,11 @@ class Models:
         check_name("name", name)
         # A record may have been read while its run was still going: the store's is the truth.
         record = resolve_run(run.id if isinstance(run, RunRecord) else run, self._store, ended=True)
+        if record.tags.get("kind") == "sweep":
+            raise ValidationError(
+                "run", f"{record.id[:8]} is a sweep, not a model's run; register one of its "
+                "runs, e.g. sweep.best('accuracy')",
+            )  # fmt: skip
         if record.status is not RunStatus.SUCCEEDED:
             raise ValidationError(
                 "run", f"run {record.id} {record.status}: only succeeded runs register"

@@ -185,9 +185,11 @@ class Policy:
         if not self.allow_dirty:
             if dirty is None:
                 failures.append("the run's code is not in git, so it cannot be shown clean "
-                                "(allow_dirty permits it)")  # fmt: skip
+                                "(set allow_dirty: true to permit it)")  # fmt: skip
             elif dirty:
-                failures.append("the run had uncommitted changes (allow_dirty permits it)")
+                failures.append(
+                    "the run had uncommitted changes (set allow_dirty: true to permit it)"
+                )
         if self.reproduced and not any(v in GOOD_VERDICTS for v in reproduced_verdicts):
             seen = ", ".join(reproduced_verdicts) or "none"
             failures.append(
