@@ -163,6 +163,13 @@ class Sweep:
             concurrent.futures.wait([r._future for r in self.runs], CANCEL_GRACE_S)
             if self._tally is not None:
                 self._tally.ended.wait(CANCEL_GRACE_S)
+        done = sum(1 for r in self.runs if r._future.done() and not r._future.cancelled()
+                   and r._future.result().status == "succeeded")  # fmt: skip
+        print(
+            f"kiln: interrupted: sweep {self.id[:8]} cancelled ({done} of {len(self.runs)} runs "
+            f"succeeded); sweep.resume() or `kiln runs resume {self.id[:8]}` re-runs the rest",
+            file=sys.stderr,
+        )
 
     # -- results -----------------------------------------------------------------------
 

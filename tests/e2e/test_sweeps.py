@@ -115,13 +115,16 @@ def interrupt_once_started(gate: Path, count: int) -> threading.Thread:
 
 
 def test_ctrl_c_cancels_the_sweep_and_resume_reruns_what_did_not_succeed(
-    mod: ModuleType,
+    mod: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (mod.gate / "block").touch()
     sweep = mod.score.sweep(kiln.grid(x=[1, 2, 3, 4]))  # cpu=1 on 2 cores: 2 wait in line
     interrupt_once_started(mod.gate, 1)
     with pytest.raises(KeyboardInterrupt):
         sweep.wait()
+    said = capsys.readouterr().err
+    assert f"interrupted: sweep {sweep.id[:8]} cancelled" in said
+    assert f"kiln runs resume {sweep.id[:8]}" in said
     parent = kiln.get_run(sweep.id)
     assert parent.status is kiln.RunStatus.CANCELLED
     assert parent.result["cancelled"] >= 1

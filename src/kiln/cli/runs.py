@@ -336,9 +336,7 @@ def resume(
         return
     try:
         sweep.wait()
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted: sweep {sweep.id} cancelled; `kiln runs resume {sweep.id[:8]}` "
-                   "re-runs what did not succeed", err=True)  # fmt: skip
+    except KeyboardInterrupt:  # the sweep has said what was cancelled and how to resume
         raise typer.Exit(130) from None
     _report_resume(sweep.record(), sweep.records(), total, as_json)
 
