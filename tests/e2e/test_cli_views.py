@@ -166,3 +166,9 @@ def test_hashes_and_numbers_are_not_highlighted(monkeypatch: pytest.MonkeyPatch)
     with out.capture() as captured:
         out.print(plain("sha256 9a129038d9a00aed, 42 runs, kiln[parquet]"))
     assert captured.get() == "sha256 9a129038d9a00aed, 42 runs, kiln[parquet]\n"
+
+
+def test_reproduce_refuses_a_negative_tolerance_as_bad_usage() -> None:
+    result = CliRunner().invoke(cli, ["reproduce", "abc", "--rtol", "-1"])
+    assert result.exit_code == 2  # bad usage, as documented; not 1 (could not reproduce)
+    assert "--rtol" in result.output

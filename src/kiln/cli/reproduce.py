@@ -33,7 +33,7 @@ def reproduce(
     allow_data_drift: Annotated[
         bool, typer.Option("--allow-data-drift", help="Run even if a dataset changed.")
     ] = False,
-    rtol: Annotated[float, typer.Option(help="Relative tolerance for metrics.")] = 0.0,
+    rtol: Annotated[float, typer.Option(min=0.0, help="Relative tolerance for metrics.")] = 0.0,
     ignore_metric: Annotated[
         list[str] | None,
         typer.Option(
