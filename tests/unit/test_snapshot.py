@@ -115,6 +115,7 @@ def test_a_repo_without_commits_patches_against_the_empty_tree(tmp_path: Path) -
     snap = CodeCapture(blobs).capture(root / "a.py")
     assert snap.commit is None and snap.dirty
     assert b"+A = 1" in blobs.read(snap.patch_sha256 or "")
+    assert blobs.read(snap.source_blob or "") == b"A = 1\n"  # and keeps the module source
 
 
 def test_without_git_the_module_source_itself_is_stored(tmp_path: Path) -> None:
@@ -173,16 +174,6 @@ def test_untracked_files_past_the_total_limit_are_left_out(
     assert snap.untracked_skipped == ("b.txt",)
     assert "past the" in snap.left_out[0] and "limit for all untracked files" in snap.left_out[0]
     assert b"a" * 60 in blobs.read(snap.patch_sha256 or "")
-
-
-def test_a_repo_without_commits_keeps_the_module_source(tmp_path: Path) -> None:
-    root = tmp_path / "fresh"
-    root.mkdir()
-    git(root, "init", "-q")
-    (root / "a.py").write_text("A = 1\n")
-    blobs = BlobStore(tmp_path / "blobs")
-    snap = CodeCapture(blobs).capture(root / "a.py")
-    assert snap.commit is None and blobs.read(snap.source_blob or "") == b"A = 1\n"
 
 
 def test_a_link_to_a_device_and_a_crowd_of_binaries_stay_bounded(tmp_path: Path) -> None:
