@@ -107,11 +107,13 @@ def find_home(start: Path) -> tuple[Path, str]:
 
 
 def make_home(home: Path) -> None:
-    """Create ``home`` if it does not exist, with a ``.gitignore`` that ignores all of it:
-    a store inside a work tree must never show up as a change (or in a code snapshot)."""
+    """Create ``home`` if it does not exist, readable by its owner only (it holds every
+    run's code, data hashes and params), with a ``.gitignore`` that ignores all of it: a
+    store inside a work tree must never show up as a change (or in a code snapshot)."""
     if home.is_dir():
         return  # the user's own folder (or one made before): not ours to add files to
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    home.chmod(0o700)  # whatever the umask
     gitignore = home / ".gitignore"
     if not gitignore.exists():
         gitignore.write_text("# Kiln's store: records, blobs and env links, never code.\n*\n")

@@ -1,10 +1,11 @@
-"""Stores the spans of one serving replica: ``python -m kiln.observe._span_writer URL``.
+"""Stores the spans of one serving replica: ``python -m kiln.observe._span_writer``.
 
-The replica's exporter writes batches of compact spans (length-prefixed pickles) to
-this process's stdin; here they become rows of the store's ``spans`` table. The
-JSON and SQL work so runs beside the replica, on another core when there is one,
-instead of in the replica's interpreter, where it would hold the GIL that
-``predict`` needs (at a few thousand requests a second it made the tail latency
+The replica writes the store's URL as the first frame on this process's stdin (never
+in argv, where every local user could read its password in /proc), then batches of
+compact spans (length-prefixed pickles); here they become rows of the store's
+``spans`` table. The JSON and SQL work so runs beside the replica, on another
+core when there is one, instead of in the replica's interpreter, where it would hold
+the GIL that ``predict`` needs (at a few thousand requests a second it made the tail latency
 ten times worse). It exits when the replica closes the pipe, after storing what
 it was sent.
 """
@@ -24,8 +25,11 @@ def main() -> None:
     from kiln.observe.tracing import compact_row
     from kiln.record.store.sql import SqlStore
 
-    store = SqlStore(sys.argv[1], create=False)
     pipe = sys.stdin.buffer
+    header = pipe.read(_HEADER.size)
+    if not header:
+        return
+    store = SqlStore(pipe.read(_HEADER.unpack(header)[0]).decode(), create=False)
     try:
         while header := pipe.read(_HEADER.size):
             body = pipe.read(_HEADER.unpack(header)[0])

@@ -289,14 +289,15 @@ class StoreSpanProcessor(SpanProcessor):
 
     def _write(self, data: bytes) -> None:
         try:
+            frames = [data]
             if self._writer is None or self._writer.poll() is not None:
                 self._writer = subprocess.Popen(
-                    [sys.executable, "-m", "kiln.observe._span_writer", self._url],
-                    stdin=subprocess.PIPE,
+                    [sys.executable, "-m", "kiln.observe._span_writer"], stdin=subprocess.PIPE
                 )
+                frames.insert(0, self._url.encode())  # not in argv: it may hold a password
             pipe = self._writer.stdin
             assert pipe is not None  # noqa: S101  made with stdin=PIPE
-            pipe.write(struct.pack("!Q", len(data)) + data)
+            pipe.write(b"".join(struct.pack("!Q", len(f)) + f for f in frames))
             pipe.flush()
         except Exception as exc:  # spans must not take the server down
             _log.warning("kiln: spans were not stored: %s", exc)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import os
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -771,6 +772,10 @@ class SqlStore:
                     "or set KILN_HOME/KILN_STORE",
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only from the first byte; SQLite gives its -wal and -shm files the
+            # database's mode.
+            with suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self._lock_path = path.with_name(path.name + ".lock")
         engine = sa.create_engine(parsed, connect_args={"timeout": 30})
 
