@@ -61,6 +61,11 @@ class Settings:
         if env.get("KILN_HOME"):
             home = Path(env["KILN_HOME"]).expanduser().absolute()
             origin = f"KILN_HOME is set to {home}"
+            for path in (home, *home.parents):
+                if path.exists() and not path.is_dir():
+                    raise ConfigError(
+                        "KILN_HOME", f"{path} is a file; set it to a folder (made if missing)"
+                    )
         else:
             home, origin = find_home(Path.cwd())
         store_url = env.get("KILN_STORE") or f"sqlite:///{home / 'kiln.db'}"

@@ -93,3 +93,11 @@ def test_a_home_kiln_creates_ignores_itself(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     make_home(tmp_path / "mine")  # a folder the user made: nothing is added to it
     assert not (tmp_path / "mine" / ".gitignore").exists()
+
+
+@pytest.mark.parametrize("below", ["", "sub/folder"])
+def test_a_kiln_home_at_or_under_a_file_is_a_config_error(tmp_path: Path, below: str) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    home = tmp_path / "notes.txt" / below if below else tmp_path / "notes.txt"
+    with pytest.raises(ConfigError, match=r"KILN_HOME: .*notes.txt is a file; set it to a folder"):
+        Settings.from_env({"KILN_HOME": str(home)})

@@ -50,6 +50,7 @@ _RUN_FIELDS = {
 }
 _HEX = frozenset("0123456789abcdef")
 _LOCK_RETRIES = 12
+PG_TIMEOUT_S = 30  # default connect and statement timeouts on PostgreSQL
 T = TypeVar("T")
 
 
@@ -90,7 +91,7 @@ class SqlStore:
             from kiln._optional import require
 
             require("psycopg", extra="postgres")
-            self._engine = sa.create_engine(parsed, pool_pre_ping=True, pool_size=2)
+            self._engine = sa.create_engine(_with_timeouts(parsed), pool_pre_ping=True, pool_size=2)
         self._metric_sql = self._metric_insert_sql()
         self._span_sql = self._span_insert_sql()
         self._guard(self._ensure_schema)
@@ -821,21 +822,27 @@ class SqlStore:
     def _migration_lock(self) -> Iterator[Connection]:
         """Serialize schema creation between processes opening a new store at once."""
         if self.dialect == "sqlite":
-            with self._lock_path.open("a") as lock, self._engine.connect() as conn:
+            engine = _transactional_ddl(self._engine)
+            with self._lock_path.open("a") as lock, engine.connect() as conn:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 try:
                     yield conn
                     conn.commit()
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
+                    engine.dispose()
         else:
             with self._engine.connect() as conn:
+                # Waiting for another process's migration, or migrating a large store, may
+                # take longer than a statement may.
+                conn.execute(sa.text("SET statement_timeout = 0"))
                 conn.execute(sa.text("SELECT pg_advisory_lock(7151)"))
                 try:
                     yield conn
                     conn.commit()
                 finally:
                     conn.execute(sa.text("SELECT pg_advisory_unlock(7151)"))
+                    conn.execute(sa.text("RESET statement_timeout"))
                     conn.commit()
 
     def _retry_locked(self, fn: Callable[[], T]) -> T:
@@ -874,6 +881,41 @@ class SqlStore:
                     self.url, f"cannot be reached ({text}); check KILN_STORE and the server"
                 ) from None
             raise
+
+
+def _transactional_ddl(engine: Engine) -> Engine:
+    """An engine on the same SQLite file whose transactions include DDL.
+
+    Python's sqlite3 driver begins a transaction only before INSERT, UPDATE and DELETE,
+    so each CREATE or ALTER of a migration would commit on its own, and a crash
+    between two of them left a store no later open could upgrade. Here the driver
+    begins nothing and every transaction starts with ``BEGIN IMMEDIATE``: a whole
+    upgrade, table copies included, commits or leaves no trace.
+    """
+    ddl = sa.create_engine(
+        engine.url,
+        poolclass=sa.pool.NullPool,
+        connect_args={"timeout": 30, "isolation_level": None},
+    )
+
+    @event.listens_for(ddl, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return ddl
+
+
+def _with_timeouts(url: sa.URL) -> sa.URL:
+    """``url`` with a connect and a statement timeout (libpq's ``connect_timeout`` and
+    ``options=-c statement_timeout=...``) unless it sets its own: a server that accepts
+    connections but never answers must fail a command, not hang it."""
+    query = dict(url.query)
+    query.setdefault("connect_timeout", str(PG_TIMEOUT_S))
+    options = query.get("options", "")
+    options = " ".join(options) if isinstance(options, tuple) else options
+    if "statement_timeout" not in options:
+        query["options"] = f"{options} -c statement_timeout={PG_TIMEOUT_S}s".strip()
+    return url.set(query=query)
 
 
 def _read_version(conn: Connection) -> str | None:
