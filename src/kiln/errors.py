@@ -15,7 +15,8 @@ The tree::
     ├── DependencyError        a record cannot be removed: others depend on it
     └── StoreError             the metadata store or blob store cannot be used
         ├── StoreUnavailableError  cannot connect (server down, wrong URL, missing file)
-        └── StoreCorruptError      the store exists but is not a usable Kiln store
+        ├── StoreCorruptError      the store exists but is not a usable Kiln store
+        └── StoreRefusedError      a write was refused for what it holds, not for the store
 
 One warning, :class:`RecordingWarning`, says that part of a value (an entry of a
 run's result) was left out of the record; the caller still gets the value.
@@ -151,6 +152,11 @@ class StoreUnavailableError(StoreError):
 
 class StoreCorruptError(StoreError):
     """The store exists but is not a usable Kiln store."""
+
+
+class StoreRefusedError(StoreError):
+    """A write was refused for the data it holds (a value out of a column's range, a
+    constraint); written again it would be refused again, unlike a store that is down."""
 
 
 class RecordingWarning(UserWarning):

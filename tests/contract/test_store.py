@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from kiln.config import Settings
-from kiln.errors import AmbiguousIdError, RunNotFoundError, ValidationError
+from kiln.errors import AmbiguousIdError, RunNotFoundError, StoreRefusedError, ValidationError
 from kiln.record.blobs import BlobStore
 from kiln.record.model import RunStatus
 from kiln.record.store._schema import metadata
@@ -186,7 +186,7 @@ def test_summary_and_artifact_writes_are_upserts(store: SqlStore) -> None:
 def test_a_failed_batch_leaves_nothing_behind(store: SqlStore) -> None:
     rid = hexid(4)
     store.write(WriteBatch(new_runs=[run_row(rid)]))
-    with pytest.raises(sa.exc.IntegrityError):
+    with pytest.raises(StoreRefusedError, match=r"store .*: .*(UNIQUE|duplicate key)"):
         store.write(
             WriteBatch(
                 new_runs=[run_row(hexid(5)), run_row(rid)], metrics=[(rid, "m", 0, 1.0, 1.0)]

@@ -2,6 +2,7 @@ import enum
 import math
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ import torch
 
 from kiln.errors import RecordingWarning, ValidationError
 from kiln.record.values import (
+    artifact_name,
+    check_name,
     check_params,
     check_tags,
     metric_step,
@@ -75,8 +78,45 @@ def test_metric_values_accept_numbers_and_scalars_only() -> None:
     for bad in ("1.0", None, [1.0], b"1"):
         with pytest.raises(ValidationError, match=r"metrics\.m"):
             metric_value("m", bad)
-    with pytest.raises(ValidationError, match="names"):
+    with pytest.raises(ValidationError, match="metric name"):
         metric_value(3, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("call", "field", "allowed"),
+    [
+        (lambda: metric_value("m", 10**400), "metrics.m", "1.8e308"),
+        (lambda: metric_value("x" * 251, 1.0), "metrics", "at most 250 characters"),
+        (lambda: metric_value("a\x00b", 1.0), "metrics", "printable"),
+        (lambda: metric_value("loss\n", 1.0), "metrics", "printable"),
+        (lambda: metric_step(2**63), "step", "2**63-1"),
+        (lambda: metric_step(-(2**63) - 1), "step", "-2**63"),
+        (lambda: check_params({"seed": 10**5000}), "params.seed", "64 bits"),
+        (lambda: check_params({"n": 2**64}), "params.n", "64 bits"),
+        (lambda: check_tags({"t": 10**5000}), "tags.t", "64 bits"),
+        (lambda: artifact_name("m" * 501), "name", "at most 500"),
+        (lambda: artifact_name("model\n.pkl"), "name", "printable"),
+        (lambda: check_name("app", "ok\n"), "app", "letters"),
+    ],
+)
+def test_values_the_store_cannot_hold_are_refused_naming_the_field(
+    call: Any, field: str, allowed: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        call()
+    assert info.value.field == field
+    message = str(info.value)
+    assert allowed in message and len(message) < 300  # one line, never the whole value
+
+
+def test_the_largest_values_the_store_holds_are_accepted() -> None:
+    assert metric_step(2**63 - 1) == 2**63 - 1
+    assert check_params({"seed": 2**64 - 1, "neg": -(2**63)}) == {
+        "seed": 2**64 - 1,
+        "neg": -(2**63),
+    }
+    assert metric_value("k" * 250, 1e308) == 1e308
+    assert artifact_name("d/" + "m" * 498) == "d/" + "m" * 498
 
 
 def test_steps_are_integers() -> None:

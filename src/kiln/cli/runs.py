@@ -108,8 +108,9 @@ def show(
 ) -> None:
     """Everything recorded about one run."""
     record = get_run(run_id)
+    warnings = _warnings(record.id)
     if as_json:
-        data = record.to_dict()
+        data = {**record.to_dict(), "warnings": warnings}
         if metrics:
             data["metric_history"] = {
                 key: [{"step": p.step, "time": p.time, "value": json_number(p.value)}
@@ -128,6 +129,14 @@ def show(
             out.print(plain("\n".join(_packages(record)) or "no package list was recorded"))
         return
     out.print(_run_panel(record))
+    for warning in warnings:
+        out.print(Text(f"warning: {warning}", style="yellow"))
+
+
+def _warnings(run_id: str) -> list[str]:
+    """What the store refused of the run's record (dropped rows), oldest first."""
+    events = reader().store.audit_events(action="run.warning", target=run_id, limit=None)
+    return [json.loads(e["payload"])["message"] for e in reversed(events)]
 
 
 def _histories(record: RunRecord) -> dict[str, list[MetricPoint]]:

@@ -120,6 +120,7 @@ def main() -> None:
     runner = getattr(importlib.import_module(module), name)
     send(write_fd, {"ready": os.getpid()})
     threads = _threads.in_effect()  # this worker's, from its task's CPU request
+    environ = dict(os.environ)
     while (task := recv(read_fd)) is not None:
         try:
             fn = functions.get(task.fn_key, task.fn_payload)
@@ -129,6 +130,16 @@ def main() -> None:
         _threads.apply(threads)  # again: an earlier task may have changed torch's
         on_start = _clock(write_fd, task.run_id) if task.timeout_s is not None else None
         send(write_fd, runner(task, fn, on_start))
+        _restore(environ, init["cwd"])
+
+
+def _restore(environ: dict[str, str], cwd: str) -> None:
+    """Undo what a task changed of the process's environment and folder, so that
+    the next task on this warm worker starts as on a fresh one."""
+    if os.environ != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+    os.chdir(cwd)
 
 
 def _clock(write_fd: int, run_id: str) -> Callable[[], None]:

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import Settings, make_home
+from kiln.errors import StoreRefusedError
 from kiln.record.blobs import BlobStore
 from kiln.record.model import RunStatus
 from kiln.record.snapshot import CodeCapture
-from kiln.record.store.base import MetricRow, RunQuery, Store, WriteBatch
+from kiln.record.store.base import WRITE_PARTS, MetricRow, RunQuery, Store, WriteBatch
 
 if TYPE_CHECKING:
     from kiln.record.runs import ActiveRun
@@ -34,6 +35,11 @@ FLUSH_POINTS = 50_000
 # A run owned by a process on another host is lost once its heartbeat is this old.
 LOST_AFTER_S = 300.0
 _log = logging.getLogger("kiln")
+_WHAT = {
+    "new_runs": "the run's row", "metrics": "a metric point", "summaries": "a summary value",
+    "artifacts": "an artifact row", "updates": "an update of the run", "seal": "its seal",
+    "warnings": "a warning",
+}  # fmt: skip
 
 
 class Recorder:
@@ -140,11 +146,41 @@ class Recorder:
                     batch.seal, self._to_seal = self._to_seal, []
                 for run in self.active.values():
                     batch.summaries.extend(run.take_summary())
+            self._write(batch)
+
+    def _write(self, batch: WriteBatch) -> None:
+        """Write ``batch``. Rows the store refuses for what they hold are found by
+        bisection and dropped, with a warning on their run; every other row is stored.
+        If the store itself fails, what is not yet written is queued again, in order."""
+        todo = [batch]  # a stack: the next piece to write is last
+        while todo:
+            piece = todo.pop()
             try:
-                self.store.write(batch)
+                self.store.write(piece)
+            except StoreRefusedError as exc:
+                halves = piece.halves()
+                if halves is None:
+                    self._drop(piece, exc)
+                else:
+                    todo += reversed(halves)
             except BaseException:
-                self._requeue(batch)
+                for rest in (*todo, piece):  # each goes in front of the one before
+                    self._requeue(rest)
                 raise
+
+    def _drop(self, row: WriteBatch, exc: StoreRefusedError) -> None:
+        """Give up on one row the store refuses, and say so on its run."""
+        part = next(p for p in WRITE_PARTS if getattr(row, p))
+        value = getattr(row, part)[0]
+        if isinstance(value, dict):
+            run_id = str(value.get("run_id") or value.get("id"))
+        else:
+            run_id = value if isinstance(value, str) else value[0]
+        message = f"{_WHAT[part]} was not stored: {str(exc).split(': ', 1)[-1]}"
+        _log.warning("kiln: run %s: %s", run_id, message)
+        if part not in ("new_runs", "warnings"):  # else there is no run, or no way, to tell
+            with self._lock:
+                self._pending.warnings.append((run_id, message))
 
     def _requeue(self, batch: WriteBatch) -> None:
         # Put the batch back in front of whatever arrived meanwhile, so a later
@@ -154,6 +190,7 @@ class Recorder:
             p = self._pending
             p.new_runs[:0], p.artifacts[:0] = batch.new_runs, batch.artifacts
             p.updates[:0], p.summaries[:0] = batch.updates, batch.summaries
+            p.warnings[:0] = batch.warnings
             self._to_seal[:0] = batch.seal
 
     def _ensure_thread(self) -> None:

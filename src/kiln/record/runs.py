@@ -26,6 +26,9 @@ from kiln.record.model import Artifact, RunStatus
 from kiln.record.snapshot import capture_environment
 from kiln.record.store.base import MetricRow
 from kiln.record.values import (
+    INT64_MAX,
+    INT64_MIN,
+    artifact_name,
     check_params,
     check_tags,
     metric_step,
@@ -230,17 +233,17 @@ class ActiveRun:
             self._declare_volatile(metrics, volatile)
         if step is None:
             step = self._step
-        elif type(step) is not int:
+        if type(step) is not int or not INT64_MIN <= step <= INT64_MAX:
             step = metric_step(step)
         self._step = step + 1
         now = _now()
         run_id = self.id
         rows: list[MetricRow] = []
+        last = self._last  # the keys logged before, so checked before
         for key, value in metrics.items():
-            if type(key) is not str or not key or type(value) is not float:
-                value = float(value) if type(value) is int and key else metric_value(key, value)
+            if type(value) is not float or key not in last:
+                value = metric_value(key, value)
             rows.append((run_id, key, step, now, value))
-        last = self._last
         for row in rows:
             last[row[1]] = row[4]  # type: ignore[assignment]
         self._logged = True
@@ -261,16 +264,16 @@ class ActiveRun:
 
     def save(self, name: str, obj: Any) -> str:
         """Store an artifact; see :func:`kiln.save`. Returns its sha256."""
-        name = _artifact_name(name)
+        name = artifact_name(name)
         blobs = self._rec().blobs
         rows: list[dict[str, Any]] = []
         if isinstance(obj, str | os.PathLike):
             path = Path(obj)
             if path.is_dir():
                 files = sorted(p for p in path.rglob("*") if p.is_file())
-                for f in files:
+                names = [artifact_name(f"{name}/{f.relative_to(path).as_posix()}") for f in files]
+                for f, rel in zip(files, names, strict=True):  # all checked before any is stored
                     sha, size = blobs.put_file(f)
-                    rel = f"{name}/{f.relative_to(path).as_posix()}"
                     rows.append(_artifact_row(self.id, rel, "out", "file", sha, size, str(f)))
                 self._rec().enqueue(artifacts=rows)
                 return sha256_tree(path)[0]
@@ -442,14 +445,6 @@ def input_row(run_id: str, item: Dataset | Artifact) -> dict[str, Any]:
             run_id, item.name, "in", "dataset", item.sha256, item.size, str(item.path)
         )
     return _artifact_row(run_id, item.name, "in", item.kind, item.sha256, item.size, item.uri)
-
-
-def _artifact_name(name: object) -> str:
-    if not isinstance(name, str) or not name or name.startswith("/") or ".." in name.split("/"):
-        raise ValidationError(
-            "name", f"{name!r} is not an artifact name", allowed="a relative path like 'model.pkl'"
-        )
-    return name
 
 
 def _artifact_row(

@@ -15,19 +15,50 @@ from typing import Any
 from kiln.errors import RecordingWarning, ValidationError
 
 _JSON_ALLOWED = "str, int, float, bool, None, pathlib.Path, kiln.Dataset, lists and dicts of these"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # fullmatch: "$" admits a final "\n"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What the store's columns hold (record/store/_schema.py): checked at the call, so that
+# nothing the writer cannot store is ever queued.
+METRIC_KEY_MAX = 250
+ARTIFACT_NAME_MAX = 500
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_INT_PARAM = (-(2**63), 2**64 - 1)  # signed or unsigned 64-bit: what JSON tools keep exact
 _KILN_DIR = str(PurePath(__file__).parent.parent)  # frames here are Kiln's, not the caller's
 
 
 def check_name(field: str, value: object) -> str:
     """A name for an app or run: letters, digits, ``.``, ``_`` and ``-``, up to 200 characters."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ValidationError(
             field,
-            f"{value!r} is not a valid name",
+            f"{_short(value)} is not a valid name",
             allowed="1-200 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
     return value
+
+
+def check_text(field: str, value: object, *, max_len: int, what: str) -> str:
+    """A non-empty str of at most ``max_len`` characters, none of them a control
+    character (a newline or NUL would corrupt listings, logs and some databases)."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError(field, f"{_short(value)} is not a {what}", allowed="a non-empty str")
+    if len(value) > max_len:
+        raise ValidationError(
+            field, f"a {what} of {len(value)} characters", allowed=f"at most {max_len} characters"
+        )
+    if _CONTROL.search(value):
+        raise ValidationError(
+            field, f"{_short(value)} holds a control character", allowed="printable characters"
+        )
+    return value
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters; an int too long to print is described."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an int of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def to_json(value: object, field: str) -> Any:
@@ -35,6 +66,12 @@ def to_json(value: object, field: str) -> Any:
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, int):
+        if not _INT_PARAM[0] <= value <= _INT_PARAM[1]:
+            raise ValidationError(
+                field,
+                f"{_short(value)} is too large to store as a number",
+                allowed="integers of up to 64 bits (pass a str for a bigger one)",
+            )
         return int(value)
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -209,7 +246,7 @@ def check_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
                 f"a {type(v).__name__} is not a tag value",
                 allowed="str, int, float, bool",
             )
-        out[k] = str(v)
+        out[k] = str(to_json(v, f"tags.{k}"))
     return out
 
 
@@ -220,29 +257,38 @@ def _str_keys(mapping: Mapping[Any, Any], field: str) -> dict[str, Any]:
     return dict(mapping)
 
 
+def metric_key(key: object) -> str:
+    """A metric name the store can hold: see :func:`check_text`."""
+    return check_text("metrics", key, max_len=METRIC_KEY_MAX, what="metric name")
+
+
 def metric_value(key: object, value: object) -> float:
     """A metric as a float: numbers, 0-d numbers (see :func:`scalar`) and one-element
     arrays and tensors are accepted."""
-    if not isinstance(key, str) or not key:
-        raise ValidationError("metrics", f"metric names must be non-empty strings, got {key!r}")
+    metric_key(key)
     if type(value) is float:
         return value
-    if isinstance(value, numbers.Real):
-        return float(value)
-    number = scalar(value)
-    if number is not None:
-        return float(number)
-    item = getattr(value, "item", None)  # one-element arrays and tensors
-    if callable(item):
-        try:
-            number = item()
-        except (TypeError, ValueError, RuntimeError):
-            number = None
-        if isinstance(number, numbers.Real):
+    try:
+        if isinstance(value, numbers.Real):
+            return float(value)
+        number = scalar(value)
+        if number is not None:
             return float(number)
+        item = getattr(value, "item", None)  # one-element arrays and tensors
+        if callable(item):
+            try:
+                number = item()
+            except (TypeError, ValueError, RuntimeError):
+                number = None
+            if isinstance(number, numbers.Real):
+                return float(number)
+    except OverflowError:
+        raise ValidationError(
+            f"metrics.{key}", f"{_short(value)} is too large for a float", allowed="|x| < 1.8e308"
+        ) from None
     raise ValidationError(
         f"metrics.{key}",
-        f"{value!r} ({type(value).__name__}) is not a number",
+        f"{_short(value)} ({type(value).__name__}) is not a number",
         allowed="int, float, 0-d numbers (numpy scalars, 0-d arrays and tensors), "
         "one-element arrays and tensors",
     )
@@ -250,5 +296,16 @@ def metric_value(key: object, value: object) -> float:
 
 def metric_step(step: object) -> int:
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise ValidationError("step", f"{step!r} ({type(step).__name__}) is not an integer")
-    return int(step)
+        raise ValidationError("step", f"{_short(step)} ({type(step).__name__}) is not an integer")
+    value = int(step)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValidationError("step", f"{_short(value)} is out of range", allowed="-2**63..2**63-1")
+    return value
+
+
+def artifact_name(name: object) -> str:
+    """A relative path like ``model.pkl`` or ``ckpt/last.pt`` the store can hold."""
+    allowed = f"a relative path like 'model.pkl', at most {ARTIFACT_NAME_MAX} characters"
+    if not isinstance(name, str) or not name or name.startswith("/") or ".." in name.split("/"):
+        raise ValidationError("name", f"{_short(name)} is not an artifact name", allowed=allowed)
+    return check_text("name", name, max_len=ARTIFACT_NAME_MAX, what="artifact name")

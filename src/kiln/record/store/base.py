@@ -31,16 +31,24 @@ class WriteBatch:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
     seal: list[str] = field(default_factory=list)  # ended runs to seal in the audit log
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (run_id, what was dropped)
 
     def __bool__(self) -> bool:
-        return bool(
-            self.new_runs
-            or self.metrics
-            or self.summaries
-            or self.artifacts
-            or self.updates
-            or self.seal
-        )
+        return any(getattr(self, part) for part in WRITE_PARTS)
+
+    def halves(self) -> tuple[WriteBatch, WriteBatch] | None:
+        """This batch's rows in two batches, in the order they are written; None if it
+        holds a single row (to find the rows a store refuses, by bisection)."""
+        rows = [(part, row) for part in WRITE_PARTS for row in getattr(self, part)]
+        if len(rows) < 2:
+            return None
+        first, second = WriteBatch(), WriteBatch()
+        for i, (part, row) in enumerate(rows):
+            getattr(first if i < len(rows) // 2 else second, part).append(row)
+        return first, second
+
+
+WRITE_PARTS = ("new_runs", "metrics", "summaries", "artifacts", "updates", "seal", "warnings")
 
 
 @dataclass(frozen=True, slots=True)

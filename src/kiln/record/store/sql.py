@@ -27,6 +27,7 @@ from kiln.errors import (
     DependencyError,
     RunNotFoundError,
     StoreCorruptError,
+    StoreRefusedError,
     StoreUnavailableError,
     ValidationError,
 )
@@ -110,8 +111,22 @@ class SqlStore:
     # -- writes --------------------------------------------------------------------
 
     def write(self, batch: WriteBatch) -> None:
-        if batch:
+        """Write ``batch`` in one transaction. Raises :class:`StoreRefusedError` if the
+        database refuses what it holds (writing it again would fail again)."""
+        if not batch:
+            return
+        try:
             self._guard(lambda: self._retry_locked(lambda: self._write(batch)))
+        except (exc.DataError, exc.IntegrityError) as e:
+            if "audit" in str(e.orig):  # a race for the chain's next number, lost too often
+                raise
+            raise StoreRefusedError(self.url, _first_line(e)) from e
+        except exc.StatementError as e:
+            if isinstance(e, exc.DBAPIError):  # the database, or the connection to it
+                raise
+            raise StoreRefusedError(self.url, _first_line(e)) from e  # a value it cannot bind
+        except (OverflowError, ValueError, TypeError) as e:  # the driver's, binding a value
+            raise StoreRefusedError(self.url, _first_line(e)) from e
 
     def _write(self, batch: WriteBatch) -> None:
         with self._write_lock:
@@ -171,6 +186,10 @@ class SqlStore:
             )
             if batch.seal:
                 events += self._seals(conn, batch.seal)
+            now = time.time()
+            for run_id, message in batch.warnings:
+                events.append(audit.Event("run.warning", run_id, {"message": message}, now,
+                                          self.actor))  # fmt: skip
             if events:
                 self._append(conn, events)
 
@@ -916,6 +935,11 @@ def _with_timeouts(url: sa.URL) -> sa.URL:
     if "statement_timeout" not in options:
         query["options"] = f"{options} -c statement_timeout={PG_TIMEOUT_S}s".strip()
     return url.set(query=query)
+
+
+def _first_line(e: Exception) -> str:
+    cause = getattr(e, "orig", None) or e.__cause__ or e
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
 
 
 def _read_version(conn: Connection) -> str | None:
