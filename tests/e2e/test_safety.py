@@ -45,6 +45,37 @@ def test_a_run_others_depend_on_is_not_removed_and_they_are_named() -> None:
     assert {e["target"] for e in events} == {producer, consumer}
 
 
+def test_a_run_still_recording_is_removed_only_with_force_and_leaves_nothing() -> None:
+    app = kiln.App("safe-live")
+    store = recorder.recorder_for(Settings.from_env()).store
+    with app.run() as run:
+        kiln.log({"x": 1.0}, step=0)
+        kiln.save("early", b"e")
+        recorder.recorder_for(Settings.from_env()).flush()
+        code, out = invoke("runs", "rm", run.id, "--yes")
+        assert code == 1 and "is still recording (running, pid" in out and "--force" in out
+        assert kiln.get_run(run.id).status is kiln.RunStatus.RUNNING
+        assert invoke("runs", "rm", run.id, "--yes", "--force")[0] == 0
+        for step in range(1, 100):  # the process goes on recording the removed run
+            kiln.log({"x": float(step)}, step=step)
+        kiln.save("late", b"l")
+    recorder.recorder_for(Settings.from_env()).flush(seal=True)
+    with store.connect() as conn:
+        for table in ("runs", "metrics", "summary", "artifacts"):
+            column = "id" if table == "runs" else "run_id"
+            left = conn.exec_driver_sql(
+                f"SELECT count(*) FROM {table} WHERE {column} = ?", (run.id,)
+            ).scalar_one()
+            assert left == 0, table
+    events = [e["action"] for e in store.audit_events(target=run.id, limit=None)]
+    assert events[:2] == ["run.delete", "run.end"]  # newest first: cancelled, then removed
+    assert (
+        json.loads(store.audit_events(target=run.id, action="run.end")[0]["payload"])["status"]
+        == "cancelled"
+    )
+    assert invoke("audit", "verify")[0] == 0
+
+
 def test_a_sweep_is_not_removed_before_its_runs() -> None:
     app = kiln.App("safe-sweep")
 

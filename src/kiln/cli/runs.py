@@ -297,10 +297,15 @@ def rm(
     yes: Annotated[
         bool, typer.Option("--yes", "-y", help="Do not ask (needed when not on a terminal).")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Remove a run still recording: end it as cancelled first."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a run's record (a sweep with its runs). Refused, naming them, while other
-    runs or models depend on it. Asks first on a terminal."""
+    runs or models depend on it, or while it is still recording (unless --force).
+    Asks first on a terminal."""
     store = reader().store
     record = store.get_run(run_id)
     sweep = record.tags.get("kind") == "sweep"
@@ -309,7 +314,7 @@ def rm(
         count = len(runs(parent=record.id, limit=None, reproductions=True))
         what = f"sweep {record.id} with its {count} runs"
     _confirm(f"Remove {what}?", yes)
-    removed = store.delete_run(record.id, with_runs=sweep)
+    removed = store.delete_run(record.id, with_runs=sweep, force=force)
     if as_json:
         _print_json({"removed": removed})
     else:

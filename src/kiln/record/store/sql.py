@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import os
 import threading
@@ -53,6 +54,7 @@ _HEX = frozenset("0123456789abcdef")
 _LOCK_RETRIES = 12
 PG_TIMEOUT_S = 30  # default connect and statement timeouts on PostgreSQL
 T = TypeVar("T")
+_log = logging.getLogger("kiln")
 
 
 class SqlStore:
@@ -141,6 +143,7 @@ class SqlStore:
 
     def _write_transaction(self, batch: WriteBatch) -> None:
         with self._engine.begin() as conn:
+            batch = self._without_removed_runs(conn, batch)
             groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
             for row in batch.new_runs:  # one executemany per set of columns
                 groups[tuple(sorted(row))].append(row)
@@ -192,6 +195,34 @@ class SqlStore:
                                           self.actor))  # fmt: skip
             if events:
                 self._append(conn, events)
+
+    def _without_removed_runs(self, conn: Connection, batch: WriteBatch) -> WriteBatch:
+        """``batch`` less the rows of runs that no longer exist: a run removed (``kiln
+        runs rm --force``) while a process still records it leaves nothing behind."""
+        named = {r[0] for r in batch.metrics} | {r[0] for r in batch.summaries}
+        named |= {a["run_id"] for a in batch.artifacts} | {u["id"] for u in batch.updates}
+        named |= {*batch.seal, *(w[0] for w in batch.warnings)}
+        named -= {r["id"] for r in batch.new_runs}
+        if not named:
+            return batch
+        ids = sorted(named)
+        found: set[str] = set()
+        for chunk in (ids[i : i + 5000] for i in range(0, len(ids), 5000)):
+            found.update(conn.execute(sa.select(runs.c.id).where(runs.c.id.in_(chunk))).scalars())
+        gone = named - found
+        if not gone:
+            return batch
+        _log.warning("kiln: runs %s were removed; what this process recorded for them "
+                     "since is dropped", ", ".join(sorted(gone)))  # fmt: skip
+        return WriteBatch(
+            new_runs=batch.new_runs,
+            metrics=[r for r in batch.metrics if r[0] not in gone],
+            summaries=[r for r in batch.summaries if r[0] not in gone],
+            artifacts=[a for a in batch.artifacts if a["run_id"] not in gone],
+            updates=[u for u in batch.updates if u["id"] not in gone],
+            seal=[r for r in batch.seal if r not in gone],
+            warnings=[w for w in batch.warnings if w[0] not in gone],
+        )
 
     def _append(self, conn: Connection, events: list[audit.Event]) -> None:
         if self.dialect == "postgresql":  # one appender at a time; SQLite's write lock does this
@@ -314,9 +345,11 @@ class SqlStore:
         out += [(c, f"run {c} reproduces it") for (c,) in copies]
         return out
 
-    def delete_run(self, run_id: str, *, with_runs: bool = False) -> list[str]:
+    def delete_run(self, run_id: str, *, with_runs: bool = False, force: bool = False) -> list[str]:
         """Remove a run and its metrics, summary and artifact rows (not their blobs: see
-        ``kiln gc``), with an audit event. Refused while anything depends on it.
+        ``kiln gc``), with an audit event. Refused while anything depends on it, and
+        while it is still recording unless ``force``, which first ends it as cancelled
+        (what its process records afterwards is dropped, see ``_without_removed_runs``).
 
         With ``with_runs``, a sweep goes together with its runs, in one transaction;
         refused, naming them, while anything outside the sweep depends on any of them.
@@ -332,14 +365,42 @@ class SqlStore:
                 for other, what in self._dependants(rid)
                 if other not in doomed
             ]
+            live = self._live(doomed)
+            if not force:
+                blocking += [
+                    f"{'it' if rid == record.id else f'its run {rid}'} is still recording "
+                    f"({what}): wait for it to end, or pass --force to cancel it first"
+                    for rid, what in live.items()
+                ]
             if blocking:
                 raise DependencyError(f"run {record.id}", blocking)
             with self._engine.begin() as conn:
-                events = [self._delete_one(conn, rid) for rid in doomed]
+                events = self._cancel(conn, list(live))
+                events += [self._delete_one(conn, rid) for rid in doomed]
                 self._append(conn, events)
             return doomed
 
         return self._guard(lambda: self._retry_locked(delete))
+
+    def _live(self, run_ids: list[str]) -> dict[str, str]:
+        """The runs among ``run_ids`` that have not ended, with where they run."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(runs.c.id, runs.c.status, runs.c.host, runs.c.pid)
+                .where(runs.c.id.in_(run_ids), runs.c.status.not_in(audit.TERMINAL))
+            ).all()  # fmt: skip
+        return {rid: f"{status}, pid {pid} on {host}" for rid, status, host, pid in rows}
+
+    def _cancel(self, conn: Connection, run_ids: list[str]) -> list[audit.Event]:
+        """End these runs as cancelled (before removing them); their run.end events."""
+        if not run_ids:
+            return []
+        now = time.time()
+        end = {"status": "cancelled", "ended_at": now,
+               "error": f"cancelled: removed by {self.actor} (kiln runs rm --force)"}  # fmt: skip
+        conn.execute(runs.update().where(runs.c.id.in_(run_ids)).values(**end))
+        updates = [{"id": rid, **end} for rid in run_ids]
+        return audit.events_for_writes([], updates, [], actor=self.actor, now=now)
 
     def _children(self, run_id: str) -> list[str]:
         with self._engine.connect() as conn:
