@@ -1,22 +1,30 @@
 """Content-addressed blob storage: ``blobs/ab/cdef…`` named by the sha256 of the bytes.
 
-Writes go to a temporary file in the same directory and are renamed into place, so
-a reader never sees a partial blob and two writers of the same content both
-succeed. A blob that already exists is not written again.
+Writes go to a temporary file (``.tmp-*``) in the same directory and are renamed
+into place, so a reader never sees a partial blob and two writers of the same
+content both succeed. A blob that already exists is not written again, but its
+modification time is set to now: ``kiln gc`` keeps young blobs, and bytes just saved
+again are young whatever the age of the file that already held them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import secrets
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, BinaryIO
 
 from kiln._hashing import sha256_bytes, sha256_file
 from kiln.errors import NotFoundError
+
+PENDING = ".pending"  # notes of temporary files written outside the store (exports)
 
 
 class BlobStore:
@@ -35,21 +43,21 @@ class BlobStore:
     def put_bytes(self, data: bytes) -> str:
         """Store ``data``; return its sha256."""
         sha = sha256_bytes(data)
-        if not self.exists(sha):
+        if not self._refresh(sha):
             self._write_atomically(sha, lambda f: f.write(data))
         return sha
 
     def put_file(self, source: Path) -> tuple[str, int]:
         """Copy the file at ``source`` into the store; return its sha256 and size."""
         sha, size = sha256_file(source)
-        if not self.exists(sha):
+        if not self._refresh(sha):
             with source.open("rb") as src:
                 self._write_atomically(sha, lambda f: shutil.copyfileobj(src, f, 1 << 20))
         return sha, size
 
     def put_stream(self, source: IO[bytes], sha256: str) -> None:
         """Store the bytes of ``source``, which must hash to ``sha256``; else ValueError."""
-        if self.exists(sha256):
+        if self._refresh(sha256):
             return
         digest = hashlib.sha256()
 
@@ -62,12 +70,42 @@ class BlobStore:
 
         self._write_atomically(sha256, copy)
 
+    def _refresh(self, sha256: str) -> bool:
+        """Mark an existing blob as just saved; False if there is none (to write it).
+
+        Against ``kiln gc``: if gc took the blob away before this, the blob is written
+        again; if after, gc sees it young (it checks the age once more, after moving
+        the blob aside) and puts it back."""
+        try:
+            os.utime(self.path(sha256))
+        except FileNotFoundError:
+            return False
+        except PermissionError:  # another user's blob in a shared store: it is there
+            pass
+        return True
+
     def read(self, sha256: str) -> bytes:
         """The blob's bytes; :class:`NotFoundError` if it is missing."""
         try:
             return self.path(sha256).read_bytes()
         except FileNotFoundError:
             raise NotFoundError(f"blob {sha256} is missing from {self.root}") from None
+
+    @contextmanager
+    def temp_beside(self, out: Path) -> Iterator[Path]:
+        """A temporary path next to ``out`` (to write, then rename onto ``out``), noted
+        under ``.pending/`` so that ``kiln gc`` removes it if its writer is killed."""
+        token = secrets.token_hex(8)
+        tmp = out.with_name(f".{out.name}.{token}.tmp")
+        note = self.root / PENDING / token
+        note.parent.mkdir(parents=True, exist_ok=True)
+        writer = {"path": str(tmp.absolute()), "pid": os.getpid(), "host": socket.gethostname()}
+        note.write_text(json.dumps(writer))
+        try:
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)  # renamed onto ``out`` already, unless it failed
+            note.unlink(missing_ok=True)
 
     def _write_atomically(self, sha: str, write: Callable[[BinaryIO], object]) -> None:
         target = self.path(sha)

@@ -63,38 +63,38 @@ def export_bundle(
     ).encode()
     files = {"metrics.json": sha256_bytes(metrics_json)}
     included, omitted, left_out = [], [], []
-    tmp = out.with_name(f".{out.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr("metrics.json", metrics_json, compress_type=zipfile.ZIP_DEFLATED)
-        for sha, why in sorted(wanted.items()):
-            path = blobs.path(sha)
-            skipped = why.startswith("artifact ") and not include_artifacts
-            if skipped or not path.is_file():
-                omitted.append(sha)
-                reason = "--no-blobs" if skipped else "not in this store's blobs"
-                left_out.append({"sha256": sha, "what": why, "why": reason})
-                continue
-            zf.write(path, f"blobs/{sha}")
-            files[f"blobs/{sha}"] = sha  # a blob's name is its hash
-            included.append(sha)
-        manifest = {
-            "format": FORMAT,
-            "run": run,
-            "summary": rows["summary"],
-            "artifacts": rows["artifacts"],
-            "blobs": {"included": included, "omitted": omitted, "left_out": left_out},
-            "files": files,
-        }
-        manifest_bytes = json.dumps(manifest, sort_keys=True, indent=1).encode()
-        zf.writestr("manifest.json", manifest_bytes, compress_type=zipfile.ZIP_DEFLATED)
-        zf.writestr("manifest.sha256", sha256_bytes(manifest_bytes) + "\n")
-        zf.comment = _SEAL + b"0" * 64  # replaced by the hash of everything before it
-    with tmp.open("r+b") as f:
-        size = f.seek(0, 2)
-        digest = _sha256_prefix(f, size - _SEAL_LEN)
-        f.seek(size - 64)
-        f.write(digest.encode())
-    tmp.replace(out)
+    with blobs.temp_beside(out) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr("metrics.json", metrics_json, compress_type=zipfile.ZIP_DEFLATED)
+            for sha, why in sorted(wanted.items()):
+                path = blobs.path(sha)
+                skipped = why.startswith("artifact ") and not include_artifacts
+                if skipped or not path.is_file():
+                    omitted.append(sha)
+                    reason = "--no-blobs" if skipped else "not in this store's blobs"
+                    left_out.append({"sha256": sha, "what": why, "why": reason})
+                    continue
+                zf.write(path, f"blobs/{sha}")
+                files[f"blobs/{sha}"] = sha  # a blob's name is its hash
+                included.append(sha)
+            manifest = {
+                "format": FORMAT,
+                "run": run,
+                "summary": rows["summary"],
+                "artifacts": rows["artifacts"],
+                "blobs": {"included": included, "omitted": omitted, "left_out": left_out},
+                "files": files,
+            }
+            manifest_bytes = json.dumps(manifest, sort_keys=True, indent=1).encode()
+            zf.writestr("manifest.json", manifest_bytes, compress_type=zipfile.ZIP_DEFLATED)
+            zf.writestr("manifest.sha256", sha256_bytes(manifest_bytes) + "\n")
+            zf.comment = _SEAL + b"0" * 64  # replaced by the hash of everything before it
+        with tmp.open("r+b") as f:
+            size = f.seek(0, 2)
+            digest = _sha256_prefix(f, size - _SEAL_LEN)
+            f.seek(size - 64)
+            f.write(digest.encode())
+        tmp.replace(out)
     return manifest
 
 

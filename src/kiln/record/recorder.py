@@ -245,7 +245,7 @@ def mark_lost_runs(store: Store) -> int:
     query = RunQuery(status=(RunStatus.QUEUED, RunStatus.RUNNING), limit=None)
     for run in store.query_runs(query):
         if run.host == host and run.pid is not None:
-            if _pid_alive(run.pid):
+            if pid_alive(run.pid):
                 continue
             cause = f"lost: its process (pid {run.pid} on {host}) ended without closing it"
         elif run.heartbeat_at is not None and now - run.heartbeat_at > LOST_AFTER_S:
@@ -261,7 +261,8 @@ def mark_lost_runs(store: Store) -> int:
     return len(updates)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
