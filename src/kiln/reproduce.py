@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import subprocess
 import sys
@@ -47,11 +48,13 @@ def reproduce(
     allow_data_drift: bool = False,
     rtol: float = 0.0,
     ignore_metrics: Iterable[str] = (),
+    trust: bool = False,
 ) -> Comparison:
     """Re-run ``run_id`` and compare. Raises :class:`ReproduceError` if it cannot be re-run.
 
     Metrics in ``ignore_metrics``, and those the run declared volatile, are shown in
-    the comparison but left out of its verdict.
+    the comparison but left out of its verdict. A run imported from a bundle runs
+    someone else's code: it is refused unless ``trust`` is given.
     """
     rtol = check_rtol(rtol)
     ignore = check_metric_names(ignore_metrics, "ignore_metrics")
@@ -60,6 +63,14 @@ def reproduce(
 
     store = recorder_for(settings, create=False).store
     original = resolve_run(run_id, store, field="run_id", ended=True)  # a handle, record or id
+    imported = store.audit_events(action="run.import", target=original.id, limit=1)
+    if imported and not trust:
+        signed = json.loads(imported[0]["payload"]).get("signed_by")
+        raise ReproduceError(
+            f"run {original.id} came from a bundle (" + (f"signed by key {signed}" if signed
+            else "unsigned") + "): reproducing it runs its code here; pass --trust "
+            "(trust=True) if you trust that code"
+        )  # fmt: skip
     if not original.function:
         raise ReproduceError(
             f"run {original.id} was recorded by hand (app.run), not by a function: "

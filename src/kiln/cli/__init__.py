@@ -70,6 +70,7 @@ COMMANDS: dict[str, LazyCommand] = {
         "kiln.cli.bundle:import_",
         "Add a bundle's run to this store, identical (same ids and hashes). Twice is a no-op.",
     ),
+    "keys": LazyCommand("kiln.cli.keys:app", "Ed25519 keys that sign bundles: create, add, ls."),
     "models": LazyCommand("kiln.cli.models:app", "Registered models, their versions and aliases."),
     "serve": LazyCommand(
         "kiln.cli.serve:serve",

@@ -42,6 +42,9 @@ def reproduce(
             "Metrics the run logged with volatile=True are left out anyway.",
         ),
     ] = None,
+    trust: Annotated[
+        bool, typer.Option("--trust", help="Run the code of a run imported from a bundle.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
 ) -> None:
     """Re-run a run with its recorded code, params, data and environment lock; compare.
@@ -52,7 +55,11 @@ def reproduce(
     from kiln.reproduce import reproduce as run_again
 
     result = run_again(
-        run_id, allow_data_drift=allow_data_drift, rtol=rtol, ignore_metrics=ignore_metric or ()
+        run_id,
+        allow_data_drift=allow_data_drift,
+        rtol=rtol,
+        ignore_metrics=ignore_metric or (),
+        trust=trust,
     )
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))

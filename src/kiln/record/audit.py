@@ -92,15 +92,18 @@ def events_for_writes(
     *,
     actor: str,
     now: float,
+    imported: bool = False,
 ) -> list[Event]:
-    """The events a batch of writes implies: runs created, runs ended, artifacts saved."""
+    """The events a batch of writes implies: runs created, runs ended, artifacts saved.
+    Imported runs are created by ``actor`` (who imported them), not by whom they claim."""
     events = []
     for row in new_runs:
         payload = {k: row.get(k) for k in ("app", "function", "status", "params", "tags",
                                             "parent_id", "engine", "code")}  # fmt: skip
-        events.append(Event("run.create", row["id"], payload, now, row.get("actor") or actor))
+        who = actor if imported else row.get("actor") or actor
+        events.append(Event("run.create", row["id"], payload, now, who))
         if row.get("status") in TERMINAL:  # created already ended (an env failure)
-            events.append(Event("run.end", row["id"], _end(row), now, row.get("actor") or actor))
+            events.append(Event("run.end", row["id"], _end(row), now, who))
     for update in updates:
         if update.get("status") in TERMINAL:
             events.append(Event("run.end", update["id"], _end(update), now, actor))

@@ -32,6 +32,9 @@ class WriteBatch:
     updates: list[dict[str, Any]] = field(default_factory=list)
     seal: list[str] = field(default_factory=list)  # ended runs to seal in the audit log
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (run_id, what was dropped)
+    # Where ``new_runs`` came from, if not from this store's own processes (a bundle):
+    # their events are then this store's actor's, and a ``run.import`` event says so.
+    origin: dict[str, Any] | None = None
 
     def __bool__(self) -> bool:
         return any(getattr(self, part) for part in WRITE_PARTS)

@@ -185,8 +185,12 @@ class SqlStore:
                 )
             self._update(conn, pending)
             events = audit.events_for_writes(
-                batch.new_runs, batch.updates, batch.artifacts, actor=self.actor, now=time.time()
-            )
+                batch.new_runs, batch.updates, batch.artifacts, actor=self.actor, now=time.time(),
+                imported=batch.origin is not None,
+            )  # fmt: skip
+            if batch.origin is not None:
+                events += [audit.Event("run.import", row["id"], batch.origin, time.time(),
+                                       self.actor) for row in batch.new_runs]  # fmt: skip
             if batch.seal:
                 events += self._seals(conn, batch.seal)
             now = time.time()
@@ -222,6 +226,7 @@ class SqlStore:
             updates=[u for u in batch.updates if u["id"] not in gone],
             seal=[r for r in batch.seal if r not in gone],
             warnings=[w for w in batch.warnings if w[0] not in gone],
+            origin=batch.origin,
         )
 
     def _append(self, conn: Connection, events: list[audit.Event]) -> None:
