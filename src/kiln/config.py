@@ -79,7 +79,7 @@ class Settings:
         backend = env.get("KILN_BACKEND") or "local"
         if backend not in _BACKENDS:
             raise ConfigError("KILN_BACKEND", f"{backend!r} is not one of {', '.join(_BACKENDS)}")
-        actor = env.get("KILN_ACTOR") or _os_user()
+        actor = env.get("KILN_ACTOR") or os_user()
         shared = env.get("KILN_RAY_SHARED_HOME") or None
         if shared not in (None, "0", "1"):
             raise ConfigError("KILN_RAY_SHARED_HOME", f"{shared!r} is not 0 or 1")
@@ -137,7 +137,8 @@ def cache_dir(environ: Mapping[str, str]) -> Path:
 
 
 @functools.cache
-def _os_user() -> str:
+def os_user() -> str:
+    """The name of the OS account running this process."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry, e.g. an arbitrary uid in a container

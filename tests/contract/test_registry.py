@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,12 @@ from kiln.config import Settings
 from kiln.errors import NotFoundError, ValidationError
 from kiln.record import recorder
 from kiln.registry.models import parse_ref
+
+
+def audit_events(settings: Settings, action: str) -> list[dict[str, Any]]:
+    """This store's audit events of ``action``, newest first."""
+    events: list[dict[str, Any]] = recorder.recorder_for(settings).store.audit_events(action=action)
+    return events
 
 
 def trained(app: kiln.App, accuracy: float, *, fail: bool = False) -> str:
@@ -132,13 +139,53 @@ def test_policies_gate_promotion_and_a_refusal_changes_nothing(settings: Setting
     assert len(info.value.failures) == 1
     assert app.models.get("gated@production").version == 2
     assert [m.to_version for m in app.models.history("gated")] == [1, 2]
-    # a policy for one call replaces the stored one
+    # a policy for one call adds its gates to the stored one's
     with pytest.raises(PolicyError) as info:
         strict = {"metrics": {"accuracy": ">= 0.99"}, "allow_dirty": True, "reproduced": True}
         app.models.promote("gated", 3, policy=strict)
-    assert len(info.value.failures) == 2
-    app.models.promote("gated", 3, policy={"allow_dirty": True}, reason="override")
+    assert len(info.value.failures) == 3
+    # and cannot take any away: loosening the stored policy is its own, audited act
+    with pytest.raises(PolicyError, match=r"accuracy: 0\.955 is not >= current \+ 0\.01"):
+        app.models.promote("gated", 3, policy={"allow_dirty": True}, reason="override")
+    with pytest.raises(PolicyError, match="drops or loosens the gate accuracy >= current"):
+        app.models.set_policy("gated", "production", {"allow_dirty": True})
+    app.models.set_policy(
+        "gated", "production", {"allow_dirty": True}, weaken=True, reason="3 is good enough"
+    )
+    app.models.promote("gated", 3, reason="override")
     assert app.models.get("gated@production").version == 3
+    events = audit_events(settings, "policy.set")
+    assert events[0]["actor"] == "tester"
+    assert json.loads(events[0]["payload"]) == {
+        "policy": {"allow_dirty": True},
+        "weakened": ["drops or loosens the gate accuracy >= current + 0.01"],
+        "reason": "3 is good enough",
+    }
+
+
+def test_a_policy_is_removed_or_its_approvals_lowered_only_as_a_weakening(
+    settings: Settings,
+) -> None:
+    from kiln.registry.models import PromotionRequest
+    from kiln.registry.policy import PolicyError
+
+    app = kiln.App("gated")
+    app.models.register("gated", trained(app, 0.9), artifact="model.pkl")
+    rule = {"allow_dirty": True, "approvals": {"count": 2, "approvers": ["ann", "bo", "cy"]}}
+    app.models.set_policy("gated", "production", rule)
+    for bypass in (
+        {"allow_dirty": True, "approvals": {"count": 1, "approvers": ["ann"]}},
+        {"allow_dirty": True, "approvals": {"count": 2, "approvers": ["tester", "ann"]}},
+    ):
+        with pytest.raises(PolicyError, match="may only add to the stored one"):
+            app.models.promote("gated", 1, policy=bypass)
+    with pytest.raises(PolicyError, match="removes the policy"):
+        app.models.set_policy("gated", "production", None)
+    assert app.models.policy("gated", "production") == rule
+    request = app.models.promote("gated", 1)  # still needs two approvals
+    assert isinstance(request, PromotionRequest) and request.needed == 2
+    app.models.set_policy("gated", "production", None, weaken=True, reason="retired")
+    assert app.models.policy("gated", "production") is None
 
 
 def test_a_reproduced_run_passes_the_reproduction_gate(settings: Settings) -> None:
@@ -187,7 +234,7 @@ def test_pareto_front_and_best_across_apps(settings: Settings) -> None:
 
 
 def test_promotions_that_need_approval(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kiln.registry.models import AliasMove, PromotionRequest
+    from kiln.registry.models import PromotionRequest
     from kiln.registry.policy import PolicyError
 
     def as_(who: str) -> Any:
@@ -227,14 +274,22 @@ def test_promotions_that_need_approval(settings: Settings, monkeypatch: pytest.M
     with pytest.raises(NotFoundError, match="no promotion request"):
         models.approve("0" * 16)
 
-    # gates are checked again when the last approval comes
+    # a per-call policy cannot skip the approvals; gates are checked again at the last one
     third = as_("tester").promote("approved", 2)
-    overridden = as_("tester").promote("approved", 2, policy={"allow_dirty": True})
-    assert isinstance(overridden, AliasMove)  # a per-call policy without approvals
+    fourth = as_("tester").promote("approved", 2, policy={"allow_dirty": True})
+    assert isinstance(fourth, PromotionRequest) and fourth.needed == 2
+    as_("alice").approve(fourth.id)
+    assert isinstance(as_("bob").approve(fourth.id), PromotionRequest)
+    assert models.get("approved@production").version == 2
     as_("alice").approve(third.id)
     with pytest.raises(PolicyError, match="is not >= current"):
         as_("bob").approve(third.id)
-    assert [r.status for r in models.requests(status=None)][-1] == "failed"
+    assert {r.id: r.status for r in models.requests(status=None)}[third.id] == "failed"
+    approved = recorder.recorder_for(Settings.from_env()).store.audit_events(
+        action="promotion.approve", limit=1
+    )[0]
+    assert approved["actor"] == "bob"  # claimed (KILN_ACTOR), not proven: and the OS user is
+    assert json.loads(approved["payload"])["os_user"]
     actions = {
         e["action"]
         for e in recorder.recorder_for(Settings.from_env()).store.audit_events(limit=None)

@@ -235,15 +235,20 @@ def policy_set(
         Path | None, typer.Option("--file", "-f", help="Read the policy from this JSON file.")
     ] = None,
     clear: Annotated[bool, typer.Option("--clear", help="Remove the alias's policy.")] = False,
+    weaken: Annotated[
+        bool, typer.Option("--weaken", help="Allow a policy that asks less than the stored one.")
+    ] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (audited).")] = None,
 ) -> None:
-    """Set the policy of NAME@ALIAS (checked, then audited as policy.set), or --clear it."""
+    """Set the policy of NAME@ALIAS (checked, then audited as policy.set), or --clear it.
+    Removing or loosening a policy needs --weaken, and is audited as such."""
     given = [label for label, value in (("POLICY", policy), ("--file", file), ("--clear", clear))
              if value]  # fmt: skip
     if len(given) != 1:
         raise ValidationError("POLICY", "give exactly one of POLICY (inline JSON), --file or "
                               f"--clear; got {' and '.join(given) or 'none'}")  # fmt: skip
     spec = None if clear else _read_policy(policy, file)
-    _models().set_policy(name, alias, spec)
+    _models().set_policy(name, alias, spec, weaken=weaken, reason=reason)
     done = "removed" if spec is None else "set"
     console().print(
         plain(f"{name}@{alias}: policy {done} (kiln models policy show {name} {alias})")

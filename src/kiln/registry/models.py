@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from kiln.config import os_user
 from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
 from kiln.record import audit
 from kiln.record.model import RunRecord, RunStatus
@@ -31,7 +32,7 @@ from kiln.record.store._schema import (
 )
 from kiln.record.store.base import RunQuery
 from kiln.record.values import check_name
-from kiln.registry.policy import Policy, PolicyError
+from kiln.registry.policy import Policy, PolicyError, combine, weakenings
 from kiln.registry.refs import check_alias as _check_alias
 from kiln.registry.refs import parse_ref
 
@@ -155,8 +156,9 @@ class Models:
     ) -> AliasMove | PromotionRequest:
         """Point ``name@alias`` at ``version``; the move is kept in the history.
 
-        ``policy`` (for this call) or the alias's stored policy (:meth:`set_policy`) is
-        checked first; :class:`kiln.registry.policy.PolicyError` names every failing gate.
+        The alias's stored policy (:meth:`set_policy`), with the gates of ``policy`` (for
+        this call: it may add gates, never loosen the stored ones), is checked first;
+        :class:`kiln.registry.policy.PolicyError` names every failing gate.
         A policy that needs approvals turns the promotion into a pending
         :class:`PromotionRequest` (see :meth:`approve`).
         """
@@ -164,7 +166,8 @@ class Models:
         given = Policy.parse(policy) if policy is not None else None
         with self._store.transaction() as conn:
             candidate = self._version(conn, name, version)  # raises if unknown
-            effective = given or self._policy(conn, name, alias)
+            target = f"{name}:{version} -> {name}@{alias}"
+            effective = combine(self._policy(conn, name, alias), given, target)
             if effective is not None:
                 failures = self._gates(conn, effective, candidate, alias)
                 if failures:
@@ -210,7 +213,10 @@ class Models:
                 raise ValidationError("approver", f"{self._actor} has already approved it")
             row["approvals"] = [*row["approvals"], self._actor]
             target = f"{row['name']}@{row['alias']}"
-            self._event(conn, "promotion.approve", target, {"request": request_id})
+            # KILN_ACTOR is claimed, not proven (until the team server's tokens): the
+            # OS account that gave the approval is recorded beside it.
+            self._event(conn, "promotion.approve", target,
+                        {"request": request_id, "os_user": os_user()})  # fmt: skip
             if len(row["approvals"]) >= policy.approvals:
                 candidate = self._version(conn, row["name"], row["version"])
                 failures = self._gates(conn, policy, candidate, row["alias"])
@@ -276,12 +282,33 @@ class Models:
             raise ValidationError("request", f"request {row['id']} is already {row['status']}")
         return row, Policy.parse(row["policy"])
 
-    def set_policy(self, name: str, alias: str, policy: dict[str, Any] | None) -> None:
-        """The policy every promotion to ``name@alias`` must pass (None removes it)."""
+    def set_policy(
+        self,
+        name: str,
+        alias: str,
+        policy: dict[str, Any] | None,
+        *,
+        weaken: bool = False,
+        reason: str | None = None,
+    ) -> None:
+        """The policy every promotion to ``name@alias`` must pass (None removes it).
+
+        A policy that asks less than the stored one (fewer gates or approvals, looser
+        thresholds, None) is refused unless ``weaken`` is true; it is then audited as a
+        weakening, with what it weakens, who did it and ``reason``.
+        """
         _check_alias(alias)
         parsed = Policy.parse(policy) if policy is not None else None
         with self._store.transaction() as conn:
             self._model(conn, name)
+            weakened = weakenings(self._policy(conn, name, alias), parsed)
+            if weakened and not weaken:
+                raise PolicyError(
+                    f"the policy of {name}@{alias}",
+                    [*weakened, "weakening a policy is its own act: pass weaken=True "
+                     "(kiln models policy set --weaken --reason WHY)"],
+                    outcome="is not changed",
+                )  # fmt: skip
             conn.execute(
                 policies.delete().where(policies.c.name == name, policies.c.alias == alias)
             )
@@ -289,7 +316,10 @@ class Models:
                 row = {"name": name, "alias": alias, "policy": parsed.spec,
                        "set_by": self._actor, "set_at": time.time()}  # fmt: skip
                 conn.execute(policies.insert().values(**row))
-            self._event(conn, "policy.set", f"{name}@{alias}", {"policy": policy})
+            payload: dict[str, Any] = {"policy": policy}
+            if weakened:
+                payload |= {"weakened": weakened, "reason": reason}
+            self._event(conn, "policy.set", f"{name}@{alias}", payload)
 
     def policy(self, name: str, alias: str) -> dict[str, Any] | None:
         """The stored policy of ``name@alias``, if any."""

@@ -44,9 +44,11 @@ _REPRODUCED_KEYS = ("rtol", "ignore_metrics")
 class PolicyError(KilnError):
     """A promotion failed its policy; ``failures`` names every failing gate."""
 
-    def __init__(self, target: str, failures: list[str]) -> None:
+    def __init__(
+        self, target: str, failures: list[str], *, outcome: str = "is not promoted"
+    ) -> None:
         self.failures = failures
-        super().__init__(f"{target} is not promoted: " + "; ".join(failures))
+        super().__init__(f"{target} {outcome}: " + "; ".join(failures))
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,20 +146,9 @@ class Policy:
                 f"policy.{sorted(unknown)[0]}", "is not a policy key", allowed=_KEYS
             )
         gates = []
-        for metric, text in dict(spec.get("metrics") or {}).items():
-            match = _GATE.match(str(text))
-            if match is None:
-                raise ValidationError(
-                    f"policy.metrics.{metric}",
-                    f"{text!r} is not a gate",
-                    allowed="'>= 0.9', '< 50', '> current', '>= current + 0.01'",
-                )
-            op, current, sign, offset, number = match.groups()
-            if current:
-                delta = float(offset or 0) * (-1 if sign == "-" else 1)
-                gates.append(Gate(metric, op, None, delta, str(text).strip()))
-            else:
-                gates.append(Gate(metric, op, float(number), 0.0, str(text).strip()))
+        for metric, texts in dict(spec.get("metrics") or {}).items():
+            for text in texts if isinstance(texts, list) else [texts]:  # one gate, or several
+                gates.append(_gate(metric, text))
         if "allow_dirty" in spec and not isinstance(spec["allow_dirty"], bool):
             raise ValidationError(
                 "policy.allow_dirty", f"{spec['allow_dirty']!r} is not true or false"
@@ -203,6 +194,21 @@ class Policy:
         return [] if self.reproduced is None else self.reproduced.verdicts(original, copies)
 
 
+def _gate(metric: str, text: object) -> Gate:
+    match = _GATE.match(str(text))
+    if match is None:
+        raise ValidationError(
+            f"policy.metrics.{metric}",
+            f"{text!r} is not a gate",
+            allowed="'>= 0.9', '< 50', '> current', '>= current + 0.01', or a list of them",
+        )
+    op, current, sign, offset, number = match.groups()
+    if current:
+        delta = float(offset or 0) * (-1 if sign == "-" else 1)
+        return Gate(metric, op, None, delta, str(text).strip())
+    return Gate(metric, op, float(number), 0.0, str(text).strip())
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
@@ -233,3 +239,62 @@ def _approvals(spec: Any) -> tuple[int, tuple[str, ...]]:
             f"{count} approvals need at least {count} approvers, not {len(set(approvers))}",
         )
     return count, tuple(approvers)
+
+
+def weakenings(old: Policy | None, new: Policy | None) -> list[str]:
+    """How ``new`` is less strict than ``old``: every gate, rule or approver it drops or
+    loosens. Empty when ``new`` asks at least what ``old`` asks."""
+    if old is None:
+        return []
+    if new is None:
+        return ["removes the policy"]
+    out = [f"drops or loosens the gate {g.metric} {g.text}" for g in old.gates
+           if not any(_as_strict(g, n) for n in new.gates)]  # fmt: skip
+    if new.allow_dirty and not old.allow_dirty:
+        out.append("allows uncommitted code (allow_dirty)")
+    if old.reproduced is not None and new.reproduced != old.reproduced:
+        out.append(f"changes the reproduced rule ({old.reproduced.describe()})")
+    if new.approvals < old.approvals:
+        out.append(f"needs {new.approvals} approval(s), not {old.approvals}")
+    added = sorted(set(new.approvers) - set(old.approvers)) if old.approvals else []
+    if added:
+        out.append(f"lets {', '.join(added)} approve")
+    return out
+
+
+def _as_strict(old: Gate, new: Gate) -> bool:
+    """Whether gate ``new`` passes only what ``old`` passes (same metric and kind)."""
+    if (new.metric, new.op, new.threshold is None) != (old.metric, old.op, old.threshold is None):
+        return False
+    a = old.offset if old.threshold is None else old.threshold
+    b = new.offset if new.threshold is None else new.threshold
+    if old.op in (">=", ">"):
+        return b >= a
+    if old.op in ("<=", "<"):
+        return b <= a
+    return b == a
+
+
+def combine(stored: Policy | None, given: Policy | None, target: str) -> Policy | None:
+    """The policy a promotion with a per-call ``given`` policy must pass: the stored one
+    and every gate ``given`` adds. ``given`` may only add: a rule of it that would let
+    through what the stored one stops is a :class:`PolicyError`."""
+    if stored is None or given is None:
+        return given or stored
+    spec = {k: v for k, v in stored.spec.items() if k != "metrics"}
+    for key in ("allow_dirty", "reproduced", "approvals"):
+        if key in given.spec:
+            spec[key] = given.spec[key]
+    metrics: dict[str, list[str]] = {}
+    for gate in (*stored.gates, *given.gates):  # each gate of either applies
+        if gate.text not in metrics.setdefault(gate.metric, []):
+            metrics[gate.metric].append(gate.text)
+    spec["metrics"] = metrics
+    merged = Policy.parse(spec)
+    conflicts = weakenings(stored, merged)
+    if conflicts:
+        raise PolicyError(
+            target,
+            [f"a policy for one call may only add to the stored one: it {c}" for c in conflicts],
+        )
+    return merged
