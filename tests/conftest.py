@@ -47,10 +47,11 @@ def _uv_cache() -> None:
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every test records into its own KILN_HOME, builds envs into its own KILN_CACHE
-    and keeps keys in its own KILN_KEYS (never the user's); recorders are closed after it."""
+    and keeps keys and anchors of its own (never the user's); recorders are closed after."""
     monkeypatch.setenv("KILN_HOME", str(tmp_path / "kiln-home"))
     monkeypatch.setenv("KILN_CACHE", str(tmp_path / "kiln-cache"))
     monkeypatch.setenv("KILN_KEYS", str(tmp_path / "kiln-keys"))
+    monkeypatch.setenv("KILN_ANCHORS", str(tmp_path / "kiln-anchors.jsonl"))
     monkeypatch.delenv("KILN_STORE", raising=False)
     monkeypatch.setenv("KILN_ACTOR", "tester")
     monkeypatch.delenv("KILN_GPUS", raising=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -49,16 +50,27 @@ def ls(
 
 
 @app.command("verify")
-def verify(as_json: JsonOpt = False) -> None:
-    """Recompute the hash chain, every sealed run's data and every referenced blob.
-    Exits 1 at the first broken link, naming its sequence number."""
-    problems = list(_store().verify())
+def verify(
+    anchors: Annotated[
+        Path | None, typer.Option("--anchors", help="The anchors file (kiln audit anchor).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recompute the hash chain, every sealed run, the registry and every referenced blob,
+    and check the chain still holds every anchor. Exits 1 naming each problem."""
+    from kiln.record.anchors import anchors_file, check_anchors
+
+    store = _store()
+    problems = list(store.verify())
+    path = anchors or anchors_file(store.url)
+    problems += list(check_anchors(path, store.event_hash))
     if as_json:
         typer.echo(
             json.dumps(
                 {
                     "ok": not problems,
                     "problems": [{"seq": p.seq, "message": p.message} for p in problems],
+                    "anchors": str(path) if path.is_file() else None,
                 }
             )
         )
@@ -66,6 +78,37 @@ def verify(as_json: JsonOpt = False) -> None:
         for p in problems:
             console().print(Text.assemble(("broken", "bold red"), " ", p.message))
     else:
-        console().print("[green]audit log verified[/]: chain, sealed runs and blobs intact")
+        anchored = f"; anchors in {path} held" if path.is_file() else ""
+        console().print(
+            "[green]audit log verified[/]: chain, sealed runs, registry and blobs intact"
+            + anchored,
+            soft_wrap=True,
+        )
     if problems:
         sys.exit(1)
+
+
+@app.command("anchor")
+def anchor(
+    to: Annotated[Path | None, typer.Option("--to", help="The anchors file to append to.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the chain's head (event number and hash) outside the database, so that
+    `kiln audit verify` finds the newest events removed."""
+    from kiln.record.anchors import anchors_file, write_anchor
+
+    store = _store()
+    problems = list(store.verify())
+    if problems:
+        for p in problems:
+            console().print(Text.assemble(("broken", "bold red"), " ", p.message))
+        console().print("not anchored: the log does not verify")
+        sys.exit(1)
+    path = to or anchors_file(store.url)
+    written = write_anchor(path, *store.chain_head())
+    if as_json:
+        typer.echo(json.dumps({**written, "file": str(path)}))
+    else:
+        console().print(
+            plain(f"anchored event {written['seq']} ({str(written['hash'])[:12]}) in {path}")
+        )

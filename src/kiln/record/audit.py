@@ -122,13 +122,28 @@ def _end(fields: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+# A run's own fields that cannot change once it has ended; tags (labels, such as a
+# reproduction's verdict) and its heartbeat may.
+SEALED_RUN_FIELDS = (
+    "id", "app", "name", "function", "status", "actor", "host", "pid", "engine", "parent_id",
+    "created_at", "started_at", "ended_at", "params", "result", "error", "code", "environment",
+    "usage", "attempt", "resources", "volatile_metrics",
+)  # fmt: skip
+SEALED_PARTS = {
+    "metrics": "its metrics", "summary": "its summary", "artifacts": "its artifacts",
+    "run": "its record (params, status, actor, code, environment or result)",
+}  # fmt: skip
+
+
 def seal_payload(
     metrics: Iterable[tuple[str, int, float, float | None]],
     summary: Mapping[str, float | None],
     artifacts: Iterable[tuple[str, str, str, int]],
+    run: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Digests of a run's data as stored: its metric points (by key, step, time),
-    its summary and its artifacts. Recomputed by :func:`verify` from the same rows."""
+    its summary, its artifacts and its own fields (:data:`SEALED_RUN_FIELDS`).
+    Recomputed by :func:`verify` from the same rows."""
     digest = hashlib.sha256()
     count = 0
     for key, step, t, value in metrics:
@@ -139,6 +154,7 @@ def seal_payload(
         "metrics_sha256": digest.hexdigest(),
         "summary_sha256": sha256_text(canonical(dict(sorted(summary.items())))),
         "artifacts_sha256": sha256_text(canonical(sorted(list(a) for a in artifacts))),
+        "run_sha256": sha256_text(canonical(run or {})),
     }
 
 

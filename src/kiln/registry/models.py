@@ -141,7 +141,8 @@ class Models:
                 "signature": signature, "created_at": now, "created_by": self._actor,
             }  # fmt: skip
             conn.execute(model_versions.insert().values(**row))
-            payload = {"run_id": record.id, "artifact_sha256": art.sha256, "metrics": metrics}
+            payload = {"run_id": record.id, "artifact": art.name, "artifact_sha256": art.sha256,
+                       "metrics": metrics}  # fmt: skip
             self._event(conn, "model.register", f"{name}:{row['version']}", payload)
         return ModelVersion(**row)
 
@@ -194,7 +195,8 @@ class Models:
             "requested_at": time.time(), "decided_at": None,
         }  # fmt: skip
         conn.execute(promotion_requests.insert().values(**row))
-        payload = {"request": row["id"], "version": candidate.version, "needs": policy.approvals}
+        payload = {"request": row["id"], "version": candidate.version, "needs": policy.approvals,
+                   "policy": policy.spec}  # fmt: skip
         self._event(conn, "promotion.request", f"{candidate.name}@{alias}", payload)
         return _request_of(row, policy.approvals)
 

@@ -38,6 +38,7 @@ from kiln.record.lineage import Lineage
 from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
 from kiln.record.store._schema import artifacts, metrics, model_versions, runs, spans, summary
 from kiln.record.store._schema import audit as audit_log
+from kiln.record.store._verify import registry_problems
 from kiln.record.store.base import RunQuery, WriteBatch
 
 SCHEMA_HEAD = "0009"
@@ -255,7 +256,11 @@ class SqlStore:
         points: dict[str, list[tuple[str, int, float, float | None]]] = defaultdict(list)
         values: dict[str, dict[str, float | None]] = defaultdict(dict)
         arts: dict[str, list[tuple[str, str, str, int]]] = defaultdict(list)
+        rows: dict[str, dict[str, Any]] = {}
         for chunk in (run_ids[i : i + 500] for i in range(0, len(run_ids), 500)):
+            sealed = [runs.c[name] for name in audit.SEALED_RUN_FIELDS]
+            for row in conn.execute(sa.select(*sealed).where(runs.c.id.in_(chunk))).mappings():
+                rows[row["id"]] = dict(row)
             for r, k, st, t, v in conn.execute(
                 sa.select(metrics.c.run_id, metrics.c.key, metrics.c.step, metrics.c.time,
                           metrics.c.value)
@@ -274,7 +279,7 @@ class SqlStore:
                 .where(artifacts.c.run_id.in_(chunk))
             ):  # fmt: skip
                 arts[r].append((name, direction, sha, size))
-        return {r: audit.seal_payload(points[r], values[r], arts[r]) for r in run_ids}
+        return {r: audit.seal_payload(points[r], values[r], arts[r], rows.get(r)) for r in run_ids}
 
     def export_rows(self, run_id: str) -> dict[str, Any]:
         """A run's rows as stored (for bundles): the run, its metric points in
@@ -596,6 +601,24 @@ class SqlStore:
         with self._engine.connect() as conn:
             return [dict(r) for r in conn.execute(stmt).mappings()]
 
+    def event_hash(self, seq: int) -> str | None:
+        """The hash of audit event ``seq``, or None if there is none."""
+        with self._engine.connect() as conn:
+            found: str | None = conn.execute(
+                sa.select(audit_log.c.hash).where(audit_log.c.seq == seq)
+            ).scalar()
+        return found
+
+    def chain_head(self) -> tuple[int, str]:
+        """The newest audit event's number and hash; (0, genesis) for an empty log."""
+        with self._engine.connect() as conn:
+            last = conn.execute(
+                sa.select(audit_log.c.seq, audit_log.c.hash)
+                .order_by(audit_log.c.seq.desc())
+                .limit(1)
+            ).first()
+        return (last[0], last[1]) if last else (0, audit.GENESIS)
+
     def verify(self) -> Iterator[audit.Problem]:
         """Recompute the chain, every seal against the data, and every referenced blob."""
         cols = [
@@ -611,27 +634,40 @@ class SqlStore:
             yield from problems
             if problems:
                 return
-            seals = conn.execute(
-                sa.select(audit_log.c.seq, audit_log.c.target, audit_log.c.payload)
-                .where(audit_log.c.action == "run.seal")
-                .order_by(audit_log.c.seq)
-            ).all()
-            latest = {target: (seq, payload) for seq, target, payload in seals}
-            deleted = set(conn.execute(
-                sa.select(audit_log.c.target).where(audit_log.c.action == "run.delete")
-            ).scalars())  # fmt: skip
-            check = [r for r in latest if r not in deleted]  # removed runs have their event
-            current = self._seal_payloads(conn, check)
-            for run_id in check:
-                seq, payload = latest[run_id]
-                now = current[run_id]
-                recorded = json.loads(payload)
-                for part in ("metrics", "summary", "artifacts"):
-                    if now[f"{part}_sha256"] != recorded[f"{part}_sha256"]:
-                        yield audit.Problem(
-                            seq, f"run {run_id}: its {part} changed after event {seq} sealed them"
-                        )
-            yield from self._verify_blobs(conn)
+            for check in (self._verify_seals, registry_problems, self._verify_blobs):
+                try:
+                    yield from check(conn)
+                except (ValueError, TypeError, KeyError) as e:  # JSON no writer of ours wrote
+                    yield audit.Problem(
+                        None, f"a row holds malformed data ({_first_line(e)[:100]}): it was "
+                        "changed outside Kiln",
+                    )  # fmt: skip
+
+    def _verify_seals(self, conn: Connection) -> Iterator[audit.Problem]:
+        """Every sealed run's data and record, against its latest seal."""
+        seals = conn.execute(
+            sa.select(audit_log.c.seq, audit_log.c.target, audit_log.c.payload)
+            .where(audit_log.c.action == "run.seal")
+            .order_by(audit_log.c.seq)
+        ).all()
+        latest = {target: (seq, payload) for seq, target, payload in seals}
+        deleted = set(conn.execute(
+            sa.select(audit_log.c.target).where(audit_log.c.action == "run.delete")
+        ).scalars())  # fmt: skip
+        check = [r for r in latest if r not in deleted]  # removed runs have their event
+        current = self._seal_payloads(conn, check)
+        for run_id in check:
+            seq, payload = latest[run_id]
+            now = current[run_id]
+            recorded = json.loads(payload)
+            for part in ("metrics", "summary", "artifacts", "run"):
+                if part == "run" and "run_sha256" not in recorded:
+                    continue  # sealed before runs' own fields were
+                if now[f"{part}_sha256"] != recorded[f"{part}_sha256"]:
+                    what = audit.SEALED_PARTS[part]
+                    yield audit.Problem(
+                        seq, f"run {run_id}: {what} changed after event {seq} sealed them"
+                    )
 
     def _verify_blobs(self, conn: Connection) -> Iterator[audit.Problem]:
         if self.blobs is None:
