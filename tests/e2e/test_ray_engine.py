@@ -47,6 +47,36 @@ def test_failures_timeouts_and_impossible_requests(on_ray: str) -> None:
         wants_both.remote()
 
 
+def test_hostile_input_on_the_notice_socket_does_not_stop_timeouts(on_ray: str) -> None:
+    import socket
+
+    from kiln._engine import engine_for
+
+    assert where.spawn(1).result()["x"] == 1  # the engine is up
+    backend = engine_for(Settings.from_env()).backend
+    host, port, token = backend._back[:3]  # type: ignore[attr-defined]
+    assert host == "127.0.0.1"  # every node is on this machine: loopback only
+    attacks = [
+        b"not json at all\n",
+        b'{"run": "x", "attempt": 1, "clock": true}\n',  # no token first
+        b"A" * 300_000,  # no line end, ever
+        b"wrong-token\n" + b'{"run": 1}\n',
+        token.encode() + b"\n" + b"[1, 2]\n",  # authenticated, then not a notice
+        token.encode() + b"\n" + b'{"run": 5, "attempt": "x"}\n' + b"\xff" * 70_000 + b"\n",
+    ]
+    for attack in attacks:
+        with (
+            socket.create_connection((host, port), timeout=5) as conn,
+            contextlib.suppress(OSError),
+        ):
+            conn.sendall(attack)
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)  # until the driver closes it
+    with pytest.raises(kiln.RunFailed, match="timed out after 1s"):
+        sleepy.remote(30)
+    assert where.spawn(2).result()["x"] == 2
+
+
 def test_cpu_bounds_the_threads_on_ray_as_locally(
     on_ray: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kiln.cli._render import console, fmt_time, plain, reader
+from kiln.errors import ValidationError
 from kiln.record.store.sql import SqlStore
 
 app = typer.Typer(help="Read and verify the audit log.", no_args_is_help=True)
@@ -27,7 +28,9 @@ def ls(
     actor: Annotated[str | None, typer.Option(help="Only this actor.")] = None,
     action: Annotated[str | None, typer.Option(help="Only this action, e.g. run.end.")] = None,
     target: Annotated[str | None, typer.Option(help="Only targets starting with this.")] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="How many events.")] = 50,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", min=1, max=1_000_000, help="How many events.")
+    ] = 50,
     as_json: JsonOpt = False,
 ) -> None:
     """Audit events, newest first."""
@@ -105,6 +108,8 @@ def anchor(
         console().print("not anchored: the log does not verify")
         sys.exit(1)
     path = to or anchors_file(store.url)
+    if path.is_dir() or not path.name:
+        raise ValidationError("--to", f"{str(path)!r} is a folder", allowed="a file to append to")
     written = write_anchor(path, *store.chain_head())
     if as_json:
         typer.echo(json.dumps({**written, "file": str(path)}))

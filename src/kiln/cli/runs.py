@@ -64,7 +64,9 @@ def ls(
     order_by: Annotated[
         str, typer.Option("--order-by", "-o", help="created, ended, or a metric; '-' descends.")
     ] = "-created",
-    limit: Annotated[int, typer.Option("--limit", "-n", help="How many runs.")] = 20,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", min=1, max=1_000_000, help="How many runs.")
+    ] = 20,
     sweep: Annotated[str | None, typer.Option(help="Only the runs of this sweep.")] = None,
     reproductions: ReproductionsOpt = False,
     as_json: JsonOpt = False,

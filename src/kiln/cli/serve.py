@@ -37,7 +37,7 @@ def load_endpoint(target: str) -> Endpoint[Any]:
     where, _, name = target.replace("::", ":").rpartition(":")
     if not where or not name:
         raise ValidationError("TARGET", f"{target!r} is not FILE.py:CLASS")
-    module = import_file(Path(where)) if where.endswith(".py") else importlib.import_module(where)
+    module = import_file(Path(where)) if where.endswith(".py") else _import(where, target)
     obj = getattr(module, name, None)
     if not isinstance(obj, Endpoint):
         found = [n for n, v in vars(module).items() if isinstance(v, Endpoint)]
@@ -47,6 +47,16 @@ def load_endpoint(target: str) -> Endpoint[Any]:
             allowed=found or None,
         )
     return obj
+
+
+def _import(module: str, target: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except (ImportError, ValueError, TypeError) as exc:  # a folder, a path, no such module
+        raise ValidationError(
+            "TARGET", f"{target!r}: cannot import {module!r} ({exc})",
+            allowed="FILE.py:CLASS or module:CLASS",
+        ) from None  # fmt: skip
 
 
 def serve(

@@ -48,7 +48,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
+import hmac
 import importlib
 import json
 import logging
@@ -56,6 +56,7 @@ import os
 import re
 import secrets
 import selectors
+import signal
 import socket
 import sys
 import tempfile
@@ -80,7 +81,57 @@ from kiln.compute.resources import Inventory, Resources
 from kiln.errors import ConfigError, ValidationError
 
 INVENTORY_S = 5.0  # how often the nodes are listed again while tasks wait
+# A worker ends its own task this long after its timeout, should the driver's
+# enforcement not have (a notice that never came): the timeout holds either way.
+WATCHDOG_GRACE_S = 10.0
+MAX_NOTICE = 1 << 16  # bytes in a notice line; a longer one closes the connection
 _log = logging.getLogger("kiln")
+
+
+class Inbox:
+    """Workers' notices, read from any number of connections as hostile input.
+
+    A connection first sends the token on a line of its own, within 128 bytes, and
+    nothing of it is parsed before; then notices, one JSON object per line of at most
+    :data:`MAX_NOTICE` bytes. Anything else closes that connection, and only it.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+        self._conns: dict[object, tuple[bool, bytes]] = {}
+
+    def feed(self, conn: object, chunk: bytes) -> tuple[list[dict[str, Any]], bool]:
+        """The notices ``chunk`` completes, and whether to keep the connection."""
+        authed, buf = self._conns.get(conn, (False, b""))
+        buf += chunk
+        if not authed:
+            line, newline, buf = buf.partition(b"\n")
+            if not newline:
+                return [], self._keep(conn, False, line, len(line) <= 128)
+            if not hmac.compare_digest(line, self._token):
+                return [], self._keep(conn, False, b"", False)
+            authed = True
+        *lines, buf = buf.split(b"\n")
+        notices: list[dict[str, Any]] = []
+        for line in lines:
+            try:
+                notice = json.loads(line) if len(line) <= MAX_NOTICE else None
+            except ValueError:
+                notice = None
+            if not isinstance(notice, dict):
+                return notices, self._keep(conn, authed, b"", False)
+            notices.append(notice)
+        return notices, self._keep(conn, authed, buf, len(buf) <= MAX_NOTICE)
+
+    def _keep(self, conn: object, authed: bool, buf: bytes, keep: bool) -> bool:
+        if keep:
+            self._conns[conn] = (authed, buf)
+        else:
+            self._conns.pop(conn, None)
+        return keep
+
+    def closed(self, conn: object) -> None:
+        self._conns.pop(conn, None)
 
 
 @dataclass
@@ -91,6 +142,7 @@ class _Slot:
     stop_cause: str | None = None
     stop_status: str = "failed"
     started: bool = False
+    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -117,17 +169,20 @@ class RayBackend:
         nodes = ray.nodes()
         self.inventory = _cluster_inventory(nodes)
         # Workers say when a task starts over a socket of ours: Ray tells its owner
-        # only when a task ends. The token keeps other senders out.
+        # only when a task ends. It listens on loopback when every node is on this
+        # machine, and a connection is heard only after it sends the token.
+        node_ip = ray.util.get_node_ip_address()
+        others = {n["NodeManagerAddress"] for n in nodes if n.get("Alive")} - {node_ip}
         self._selector = selectors.DefaultSelector()
-        self._listener = socket.create_server((ray.util.get_node_ip_address(), 0))
+        self._listener = socket.create_server(("127.0.0.1" if not others else node_ip, 0))
         self._wake_r, self._wake_w = socket.socketpair()
         for sock, role in ((self._listener, "accept"), (self._wake_r, "wake")):
             sock.setblocking(False)
             self._selector.register(sock, selectors.EVENT_READ, role)
         self._wake_w.setblocking(False)
         host, port = self._listener.getsockname()[:2]
-        self._back = (host, port, secrets.token_hex(8))
-        others = {n["NodeManagerAddress"] for n in nodes if n.get("Alive")} - {host}
+        self._back = (host, port, secrets.token_hex(16), node_ip)
+        self._inbox = Inbox(self._back[2])
         self._all_share = self.shared_home or (self.shared_home is None and not others)
         self._thread = threading.Thread(target=self._loop, name="kiln-ray", daemon=True)
         self._thread.start()
@@ -231,46 +286,53 @@ class RayBackend:
     def _loop(self) -> None:
         """Take workers' start notices; enforce timeouts, sleeping until the next deadline;
         follow the cluster's nodes every INVENTORY_S while tasks wait."""
-        pending: dict[socket.socket, bytes] = {}
         next_look = time.monotonic() + INVENTORY_S
         while not self._closing:
-            with self._lock:
-                deadlines = [s.deadline for s in self._slots.values() if s.deadline is not None]
-                if self._slots:
-                    deadlines.append(next_look)
-            wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-            lines: list[bytes] = []
-            for key, _ in self._selector.select(wait):
-                sock = cast(socket.socket, key.fileobj)
-                if key.data == "accept":
-                    with contextlib.suppress(BlockingIOError):
-                        conn, _ = sock.accept()
-                        conn.setblocking(False)
-                        self._selector.register(conn, selectors.EVENT_READ, "worker")
-                    continue
-                try:
-                    chunk = sock.recv(1 << 16)
-                except (BlockingIOError, ConnectionError):
-                    chunk = b"" if key.data == "worker" else b"!"
-                if key.data == "wake":
-                    continue
-                if not chunk:
-                    self._selector.unregister(sock)
-                    sock.close()
-                    pending.pop(sock, None)
-                    continue
-                *complete, pending[sock] = (pending.get(sock, b"") + chunk).split(b"\n")
-                lines.extend(complete)
-            if lines:
-                self._notices(lines)
-            self._enforce_deadlines()
-            if time.monotonic() >= next_look:
-                next_look = time.monotonic() + INVENTORY_S
-                self._look_at_nodes()
+            try:
+                next_look = self._turn(next_look)
+            except Exception:  # whatever happened, timeouts and cancels must go on
+                _log.exception("kiln: the Ray engine's notice loop failed; it goes on")
+                time.sleep(0.1)
         for key in list(self._selector.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]
         self._selector.close()
         self._wake_w.close()
+
+    def _turn(self, next_look: float) -> float:
+        """One wait of the loop: read notices, enforce deadlines, look at the nodes."""
+        with self._lock:
+            deadlines = [s.deadline for s in self._slots.values() if s.deadline is not None]
+            if self._slots:
+                deadlines.append(next_look)
+        wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        notices: list[dict[str, Any]] = []
+        for key, _ in self._selector.select(wait):
+            sock = cast(socket.socket, key.fileobj)
+            if key.data == "accept":
+                with contextlib.suppress(BlockingIOError, ConnectionError):
+                    conn, _ = sock.accept()
+                    conn.setblocking(False)
+                    self._selector.register(conn, selectors.EVENT_READ, "worker")
+                continue
+            try:
+                chunk = sock.recv(1 << 16)
+            except (BlockingIOError, ConnectionError):
+                chunk = b"" if key.data == "worker" else b"!"
+            if key.data == "wake":
+                continue
+            read, keep = self._inbox.feed(sock, chunk) if chunk else ([], False)
+            notices += read
+            if not keep:
+                self._inbox.closed(sock)
+                self._selector.unregister(sock)
+                sock.close()
+        if notices:
+            self._notices(notices)
+        self._enforce_deadlines()
+        if time.monotonic() >= next_look:
+            next_look = time.monotonic() + INVENTORY_S
+            self._look_at_nodes()
+        return next_look
 
     def _look_at_nodes(self) -> None:
         """Take the live nodes as the inventory; fail waiting tasks that no node left
@@ -293,17 +355,13 @@ class RayBackend:
         for slot in stuck:
             self._ray.cancel(slot.ref, force=True)
 
-    def _notices(self, lines: list[bytes]) -> None:
+    def _notices(self, notices: list[dict[str, Any]]) -> None:
         events: list[TaskEvent] = []
         with self._lock:
-            for line in lines:
-                notice = json.loads(line)
-                slot = self._slots.get(notice.pop("run"))
-                if (
-                    notice.pop("token") != self._back[2]
-                    or slot is None
-                    or slot.spec.attempt != notice.pop("attempt")
-                ):
+            for notice in notices:
+                run = notice.pop("run", None)
+                slot = self._slots.get(run) if isinstance(run, str) else None
+                if slot is None or slot.spec.attempt != notice.pop("attempt", None):
                     continue
                 if notice.pop("clock", False) and slot.spec.timeout_s and not slot.stop_cause:
                     slot.deadline = time.monotonic() + slot.spec.timeout_s  # the call began
@@ -327,6 +385,9 @@ class RayBackend:
             )  # fmt: skip
         except ray.exceptions.RayError as exc:
             cause = slot.stop_cause or _cause(exc)
+            timeout = slot.spec.timeout_s
+            if not slot.stop_cause and timeout and time.monotonic() - slot.submitted >= timeout:
+                cause = f"timed out after {timeout:g}s (its worker's watchdog ended it)"
             status = "cancelled" if slot.stop_status == "cancelled" else "failed"
             error = f"{cause}\n{exc}"
             outcome = Outcome(status, error=error, cause=cause)  # type: ignore[arg-type]
@@ -372,13 +433,31 @@ def connect(address: str | None) -> tuple[Any, bool]:
         return ray, False
     if address:
         _probe(address)
+    where = address or "this machine"
+    options = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
     try:
-        ray.init(
-            address=address or None, include_dashboard=False, log_to_driver=True,
-            configure_logging=False,
-        )  # fmt: skip
+        if address:
+            ray.init(address=address, **options)
+        else:  # a cluster already running here (RAY_ADDRESS, `ray start`), else a new one
+            try:
+                ray.init(address="auto", **options)
+            except ConnectionError:
+                ray.init(**options)
+            else:
+                _log.warning(
+                    "kiln: KILN_RAY_ADDRESS is unset, so tasks run on the Ray cluster already "
+                    "running here, at %s (Ray %s, Python %s); set KILN_RAY_ADDRESS to choose",
+                    ray.get_runtime_context().gcs_address, ray.__version__,
+                    ".".join(map(str, sys.version_info[:3])),
+                )  # fmt: skip
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = address or "this machine"
+        if "version mismatch" in str(exc).lower():
+            raise ConfigError(
+                "KILN_RAY_ADDRESS",
+                f"the Ray cluster at {where} runs another Ray or Python version than this "
+                f"environment (Ray {ray.__version__}, Python {sys.version.split()[0]}): "
+                f"{_cause(exc)}; use a cluster started from this environment",
+            ) from None
         raise ConfigError("KILN_RAY_ADDRESS", f"cannot reach Ray at {where}: {exc}") from None
     return ray, True
 
@@ -442,7 +521,7 @@ _loaded: dict[str, Any] = {}
 
 
 def _execute(
-    runner: str, task: TaskSpec, back: tuple[str, int, str], shared_home: bool | None
+    runner: str, task: TaskSpec, back: tuple[str, int, str, str], shared_home: bool | None
 ) -> dict[str, Any]:
     """Runs in a Ray worker: say it started, load the function (once per worker), run
     it as the local engine's workers do, return the reply.
@@ -462,10 +541,10 @@ def _execute(
             "node_id": node, "node_ip": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
             "worker_pid": os.getpid(),
         }  # fmt: skip
-    notice = {"run": task.run_id, "attempt": task.attempt, "token": back[2], **assigned}
+    notice = {"run": task.run_id, "attempt": task.attempt, **assigned}
     _notify(back, notice)
     _threads.apply(task.threads)  # set for this worker by its runtime_env; torch's again
-    shared = shared_home if shared_home is not None else assigned["node_ip"] == back[0]
+    shared = shared_home if shared_home is not None else assigned["node_ip"] == back[3]
     scratch: Path | None = None
     if not shared:
         scratch = _loaded.get("scratch")
@@ -484,10 +563,25 @@ def _execute(
         fn = _loaded["functions"].get(task.fn_key, task.fn_payload)
     except BaseException as exc:
         return _load_failure(task, exc)
+    watchdog: list[threading.Timer] = []
     on_start = None
     if task.timeout_s is not None:  # the timeout counts from the call: tell the driver
-        on_start = functools.partial(_notify, back, {**notice, "clock": True})
-    reply: dict[str, Any] = _loaded["runner"](task, fn, on_start)
+        timeout_s = task.timeout_s
+
+        def on_start() -> None:
+            _notify(back, {**notice, "clock": True})
+            # And hold it here too, should the driver never hear of it.
+            timer = threading.Timer(timeout_s + WATCHDOG_GRACE_S, os.kill,
+                                    (os.getpid(), signal.SIGKILL))  # fmt: skip
+            timer.daemon = True
+            timer.start()
+            watchdog.append(timer)
+
+    try:
+        reply: dict[str, Any] = _loaded["runner"](task, fn, on_start)
+    finally:
+        for timer in watchdog:
+            timer.cancel()
     reply["assigned"] = assigned
     # The runner sends the environment when it changes; this worker's every reply has it.
     reply["environment"] = _loaded["environment"] = reply.get("environment") or _loaded.get(
@@ -508,7 +602,7 @@ def _take_blobs(root: Path) -> dict[str, bytes]:
     return out
 
 
-def _notify(back: tuple[str, int, str], notice: dict[str, Any]) -> None:
+def _notify(back: tuple[str, int, str, str], notice: dict[str, Any]) -> None:
     """Send a notice to the driver. A lost start notice only delays Started to the end;
     a lost clock notice leaves the task without its timeout, so a send that fails on a
     connection kept from an earlier task is tried once more on a new one."""
@@ -522,6 +616,7 @@ def _notify(back: tuple[str, int, str], notice: dict[str, Any]) -> None:
         try:
             if cached is None:
                 cached = _loaded["back"] = (back, socket.create_connection(back[:2], timeout=2))
+                cached[1].sendall(back[2].encode() + b"\n")  # the token, before any notice
             cached[1].sendall(line)
             return
         except OSError:
