@@ -118,7 +118,10 @@ def test_register_policy_promote_and_approve_by_prefix(
     code, out = invoke("models", "reject", "abcd0000000000001")
     assert code == 1 and "no promotion request" in out
     assert invoke("models", "reject", "abcd000000000001")[0] == 0
-    assert invoke("models", "policy", "set", "views-model", "production", "--clear")[0] == 0
+    code, out = invoke("models", "policy", "set", "views-model", "production", "--clear")
+    assert code == 1 and "removes the policy" in out and "--weaken" in out
+    clear = ["--clear", "--weaken", "--reason", "retired"]
+    assert invoke("models", "policy", "set", "views-model", "production", *clear)[0] == 0
 
 
 def test_audit_ls_shows_whole_targets(run_id: str) -> None:
