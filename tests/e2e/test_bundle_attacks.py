@@ -170,6 +170,28 @@ def test_a_huge_manifest_is_refused_without_reading_it(original: Any, tmp_path: 
     assert "larger than" in attempt(tmp_path, seal(out.getvalue()))
 
 
+def test_a_blob_dropped_from_the_manifest_is_refused(original: Any, tmp_path: Path) -> None:
+    members, _ = original
+    manifest = manifest_of(members)
+    manifest["blobs"]["included"] = []  # not declared left out either: the bytes would be lost
+    message = attempt(tmp_path, forge(members, manifest=manifest))
+    assert "neither included nor left out" in message
+
+
+def test_a_bundle_without_its_artifacts_imports_and_verifies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with kiln.App("light").run() as run:
+        kiln.save("model.bin", b"weights left behind")
+    recorder.close_all()
+    bundle = tmp_path / "light.kiln"
+    assert invoke("export", run.id, "-o", str(bundle), "--no-blobs")[0] == 0
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "importer"))
+    assert invoke("import", str(bundle))[0] == 0
+    code, out = invoke("audit", "verify")
+    assert code == 0, out  # the artifact was left out by its exporter, not lost here
+
+
 def test_the_importer_is_the_actor_and_the_author_is_kept_as_claimed(
     original: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

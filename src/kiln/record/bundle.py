@@ -272,7 +272,26 @@ def _manifest(data: Any) -> dict[str, Any]:
         not isinstance(s, str) or f"blobs/{s}" not in data["files"] for s in included
     ):
         raise ValueError("blobs: an included blob is not among the files")
+    omitted = data["blobs"].get("omitted", [])
+    if not isinstance(omitted, list) or any(
+        not isinstance(s, str) or not _SHA.fullmatch(s) for s in omitted
+    ):
+        raise ValueError("blobs: omitted is not a list of sha256 digests")
     return data
+
+
+def _check_blobs_accounted(manifest: dict[str, Any], rows: WriteBatch) -> None:
+    """Every blob the rows name is in the bundle or declared left out: a manifest that
+    drops one silently would import a run whose bytes are lost without a word."""
+    run = rows.new_runs[0]
+    code, env = run.get("code") or {}, run.get("environment") or {}
+    named = {a["sha256"] for a in manifest["artifacts"] if a.get("direction") == "out"}
+    named |= {owner[key] for key, owner in (("patch_sha256", code), ("source_blob", code),
+              ("packages_sha256", env), ("lock_sha256", env)) if owner.get(key)}  # fmt: skip
+    blobs = manifest["blobs"]
+    missing = named - set(blobs["included"]) - set(blobs.get("omitted", []))
+    if missing:
+        raise ValueError(f"blob {min(missing)} is named but neither included nor left out")
 
 
 def import_bundle(
@@ -302,6 +321,7 @@ def import_bundle(
     with zipfile.ZipFile(path) as zf:
         try:
             rows = _rows(manifest, json.loads(_read(zf, "metrics.json", MAX_METRICS)))
+            _check_blobs_accounted(manifest, rows)
         except (KeyError, ValueError, TypeError, RecursionError) as exc:
             raise BundleError(f"{path} is not imported: {str(exc)[:300]}") from None
         run = rows.new_runs[0]
@@ -322,6 +342,7 @@ def import_bundle(
         "bundle_sha256": _seal_of(path),
         "signed_by": checked.signer,
         "claimed_actor": run.get("actor"),
+        "omitted": manifest["blobs"].get("omitted", []),  # audit verify expects these absent
     }
     store.write(rows)
     return run["id"], True

@@ -683,12 +683,25 @@ class SqlStore:
                          env.get("packages_sha256"), env.get("lock_sha256")):  # fmt: skip
                 if blob:
                     referenced.add(blob)
+        left_out = self._blobs_left_out_of_imports(conn)
         for sha in sorted(referenced):
             path = self.blobs.path(sha)
+            if not path.is_file() and sha in left_out:
+                continue  # exported with --no-blobs (or lacking there): never stored here
             if not path.is_file():
                 yield audit.Problem(None, f"blob {sha} is referenced but missing")
             elif sha256_file(path)[0] != sha:
                 yield audit.Problem(None, f"blob {sha} does not hash to its name: it was changed")
+
+    def _blobs_left_out_of_imports(self, conn: Connection) -> set[str]:
+        payloads = conn.execute(
+            sa.select(audit_log.c.payload).where(audit_log.c.action == "run.import")
+        ).scalars()
+        left_out: set[str] = set()
+        for payload in payloads:
+            omitted = json.loads(payload).get("omitted") or []
+            left_out.update(s for s in omitted if isinstance(s, str))
+        return left_out
 
     def _update(
         self, conn: Connection, groups: dict[tuple[str, ...], list[dict[str, Any]]]
