@@ -142,7 +142,9 @@ def test_the_untouched_store_verifies(template: Path, tmp_path: Path) -> None:
     assert problems(copy) == []
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
 @given(data=st.data())
 def test_every_tamper_of_a_sealed_run_or_the_registry_is_caught(
     template: Path, all_tampers: list[tuple[Any, ...]], data: st.DataObject,

@@ -278,7 +278,7 @@ def _set(manifest: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
     target[path[-1]] = value
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(changes=st.lists(st.tuples(FIELDS, HOSTILE), min_size=1, max_size=3))
 def test_hostile_manifests_never_escape_or_corrupt(
     original: Any, tmp_path_factory: pytest.TempPathFactory, changes: list[Any]
