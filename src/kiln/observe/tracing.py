@@ -42,6 +42,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, Sampler
 from opentelemetry.trace import StatusCode
 
 MODEL_NAME = "kiln.model.name"
@@ -325,6 +326,32 @@ class StoreSpanProcessor(SpanProcessor):
                 self._writer.wait()
 
 
+class SampledExport(SpanProcessor):
+    """Hands ``processor`` only the spans ``sampler`` keeps (decided by trace id, so a
+    trace is exported whole or not at all). Kiln's own store sees every span: the
+    standard sampling settings are about what leaves the process."""
+
+    def __init__(self, processor: SpanProcessor, sampler: Sampler) -> None:
+        self._processor, self._sampler = processor, sampler
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        """Nothing to do until the span ends."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.get_span_context()
+        if context is None:
+            return
+        decision = self._sampler.should_sample(None, context.trace_id, span.name)
+        if decision.decision is Decision.RECORD_AND_SAMPLE:
+            self._processor.on_end(span)
+
+    def shutdown(self) -> None:
+        self._processor.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._processor.force_flush(timeout_millis)
+
+
 def tracer_provider(
     service: str,
     *,
@@ -333,24 +360,44 @@ def tracer_provider(
     environ: Mapping[str, str] | None = None,
 ) -> tuple[TracerProvider, PresetIdGenerator]:
     """A provider exporting to the store (if ``store_url``), to each of ``exporters``,
-    and over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or its traces variant) is set."""
+    and over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or its traces variant) is set.
+
+    Every span is recorded and stored, whatever ``OTEL_TRACES_SAMPLER`` and
+    ``OTEL_SDK_DISABLED`` say: every answer must stay explainable by ``kiln why``.
+    They decide what is exported: the sampler filters the exporters' spans, and a
+    disabled SDK exports nothing. The resource is OpenTelemetry's own
+    (``Resource.create``: ``telemetry.sdk.*``, ``OTEL_RESOURCE_ATTRIBUTES``,
+    ``OTEL_SERVICE_NAME``), with ``service`` as the service name unless those set one.
+    """
     env = os.environ if environ is None else environ
     ids = PresetIdGenerator()
-    provider = TracerProvider(resource=Resource({"service.name": service}), id_generator=ids)
+    export_sampler = TracerProvider(shutdown_on_exit=False).sampler  # OTEL_TRACES_SAMPLER
+    provider = TracerProvider(sampler=ALWAYS_ON, resource=_resource(service, env), id_generator=ids)
+    provider._disabled = False
     targets = list(exporters)
     if store_url:
         provider.add_span_processor(StoreSpanProcessor(store_url))
-    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    if not disabled and (
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    ):
         from kiln._optional import require
 
         require("opentelemetry.exporter.otlp.proto.http", extra="serve")
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         targets.append(OTLPSpanExporter())
-    for exporter in targets:
-        provider.add_span_processor(
-            BatchSpanProcessor(
-                exporter, max_queue_size=65536, schedule_delay_millis=EXPORT_DELAY_MS
-            )
+    for exporter in [] if disabled else targets:
+        batch = BatchSpanProcessor(
+            exporter, max_queue_size=65536, schedule_delay_millis=EXPORT_DELAY_MS
         )
+        provider.add_span_processor(SampledExport(batch, export_sampler))
     return provider, ids
+
+
+def _resource(service: str, env: Mapping[str, str]) -> Resource:
+    named = env.get("OTEL_SERVICE_NAME") or any(
+        pair.split("=", 1)[0].strip() == "service.name"
+        for pair in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+    )
+    return Resource.create({} if named else {"service.name": service})
