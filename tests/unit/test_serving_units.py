@@ -355,3 +355,31 @@ def test_why_prints_inputs_and_reasons_as_written(capsys: pytest.CaptureFixture[
     shown = capsys.readouterr().out
     for text in ('"kiln[parquet]"', '"[bold]x"', "beats [v1]", "opt=[adam]"):
         assert text in shown
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # version ff is invalid
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  # upper-case hex
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # zero parent id
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # zero trace id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz",  # flags not hex
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future",  # a later version
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",  # 00 has four fields
+    ],
+)
+def test_traceparent_is_read_as_opentelemetrys_propagator_reads_it(header: str) -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    ours = _traceparent([(b"traceparent", header.encode())])
+    span = trace.get_current_span(TraceContextTextMapPropagator().extract({"traceparent": header}))
+    context = span.get_span_context()
+    expected = (
+        (context.trace_id.to_bytes(16, "big"), context.span_id.to_bytes(8, "big"))
+        if context.is_valid
+        else (bytes(16), bytes(8))
+    )
+    assert ours == expected

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -710,17 +711,27 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def _traceparent(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
-    """The W3C trace context a caller sent, if any: (trace id, parent span id)."""
-    for name, value in headers:
-        if name == b"traceparent":
-            parts = value.split(b"-")
-            if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
-                try:
-                    return bytes.fromhex(parts[1].decode()), bytes.fromhex(parts[2].decode())
-                except ValueError:
-                    break
-            break
-    return bytes(16), bytes(8)
+    """The W3C trace context a caller sent, if valid: (trace id, parent span id), read
+    by OpenTelemetry's own propagator (version ``ff``, upper-case hex, zero ids are
+    refused; a future version is read by its first four fields). Zeros if none."""
+    carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers
+               if name in (b"traceparent", b"tracestate")}  # fmt: skip
+    if "traceparent" not in carrier:
+        return bytes(16), bytes(8)
+    from opentelemetry import trace
+
+    context = trace.get_current_span(_propagator().extract(carrier))
+    found = context.get_span_context()
+    if not found.is_valid:
+        return bytes(16), bytes(8)
+    return found.trace_id.to_bytes(16, "big"), found.span_id.to_bytes(8, "big")
+
+
+@functools.cache
+def _propagator() -> Any:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    return TraceContextTextMapPropagator()
 
 
 async def _respond(send: Send, status: int, payload: Any) -> None:
