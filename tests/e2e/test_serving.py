@@ -93,6 +93,14 @@ def test_predict_health_metrics_and_the_trace_behind_an_answer(
     assert "kiln_request_duration_seconds_bucket" in metrics
     assert f'kiln_replicas{{endpoint="scorer",version="{version}"}} 1.0' in metrics
     assert 'kiln_model_version_weight{endpoint="scorer",model="scorer"' in metrics
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    (weight,) = families["kiln_model_version_weight"].samples
+    assert weight.value == 1.0  # a 0-1 ratio, as Prometheus wants
+    counts = [s for s in families["kiln_request_duration_seconds"].samples
+              if s.name.endswith("_count")]  # fmt: skip
+    assert [(s.labels["version"], s.value) for s in counts] == [(str(version), 3.0)]
     assert "kiln_inflight_requests" in metrics
     # The span reaches the store, and `kiln why` walks from it to the run behind it.
     info = wait_for(lambda: _explained(trace_id), what="the span")

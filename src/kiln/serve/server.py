@@ -664,14 +664,16 @@ class _Metrics:
         self.errors = Counter("kiln_request_errors", "Requests not answered 200",
                               ["endpoint", "version", "code"], registry=registry)  # fmt: skip
         self.latency = Histogram("kiln_request_duration_seconds", "Request latency at the "
-                                 "front door", ["endpoint"], buckets=buckets,
-                                 registry=registry).labels(endpoint)  # fmt: skip
+                                 "front door, by model version (a canary's beside the stable "
+                                 "one's)", ["endpoint", "version"], buckets=buckets,
+                                 registry=registry)  # fmt: skip
+        self._latencies: dict[int, Any] = {}
         self.inflight = Gauge("kiln_inflight_requests", "Requests in flight", ["endpoint"],
                               registry=registry).labels(endpoint)  # fmt: skip
         self.replicas = Gauge("kiln_replicas", "Ready replicas by model version",
                               ["endpoint", "version"], registry=registry)  # fmt: skip
-        self.model = Gauge("kiln_model_version_weight", "Traffic share (%) of each model "
-                           "version served", ["endpoint", "model", "version"],
+        self.model = Gauge("kiln_model_version_weight", "Traffic share (0 to 1) of each "
+                           "model version served", ["endpoint", "model", "version"],
                            registry=registry)  # fmt: skip
         self.cold_start = Histogram("kiln_cold_start_seconds", "Time from a request finding "
                                     "no replica to a replica ready", ["endpoint"],
@@ -681,7 +683,10 @@ class _Metrics:
 
     def observe(self, version: int, code: int, elapsed: float) -> None:
         self.count(version, code)
-        self.latency.observe(elapsed)
+        latency = self._latencies.get(version)
+        if latency is None:
+            latency = self._latencies[version] = self.latency.labels(self.endpoint, str(version))
+        latency.observe(elapsed)
 
     def count(self, version: int, code: int) -> None:
         counter = self._counters.get((version, code))
@@ -697,7 +702,7 @@ class _Metrics:
         self.model.clear()
         for version, weight in weights.items():
             name = pools[version].version.name
-            self.model.labels(self.endpoint, name, str(version)).set(100.0 * weight / total)
+            self.model.labels(self.endpoint, name, str(version)).set(weight / total)
 
     def forget(self, version: int) -> None:
         with contextlib.suppress(KeyError):
