@@ -87,6 +87,11 @@ def test_predict_health_metrics_and_the_trace_behind_an_answer(
         missing = client.post("/predict", json={"y": 1})
         assert missing.status_code == 422 and "x: Field required" in missing.json()["error"]
         assert client.get("/predict").status_code == 405
+        assert client.get("/predict").headers["allow"] == "POST"
+        for method in ("DELETE", "TRACE", "POST"):
+            refused = client.request(method, "/healthz")
+            assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
+        assert client.get("/nowhere").status_code == 404
         metrics = client.get("/metrics").text
     assert f'kiln_requests_total{{code="200",endpoint="scorer",version="{version}"}} 1.0' in metrics
     assert 'kiln_request_errors_total{code="422",endpoint="scorer"' in metrics
@@ -101,6 +106,9 @@ def test_predict_health_metrics_and_the_trace_behind_an_answer(
     counts = [s for s in families["kiln_request_duration_seconds"].samples
               if s.name.endswith("_count")]  # fmt: skip
     assert [(s.labels["version"], s.value) for s in counts] == [(str(version), 3.0)]
+    unrouted = {s.labels["code"]: s.value for s in families["kiln_requests"].samples
+                if s.labels["version"] == "none" and s.name == "kiln_requests_total"}  # fmt: skip
+    assert unrouted == {"405": 5.0, "404": 1.0}
     assert "kiln_inflight_requests" in metrics
     # The span reaches the store, and `kiln why` walks from it to the run behind it.
     info = wait_for(lambda: _explained(trace_id), what="the span")

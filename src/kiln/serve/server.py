@@ -149,12 +149,14 @@ class EndpointServer:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            path = scope["path"]
-            if path == "/predict":
-                if scope["method"] == "POST":
-                    await self._predict(scope, receive, send)
-                else:
-                    await _respond(send, 405, {"error": "use POST /predict"})
+            path, method = scope["path"], scope["method"]
+            allowed = "POST" if path == "/predict" else "GET, HEAD"
+            if path == "/predict" and method == "POST":
+                await self._predict(scope, receive, send)
+            elif path in _ROUTES and method not in allowed.split(", "):
+                self._metrics.count(None, 405)
+                await _respond(send, 405, {"error": f"use {allowed.split(',')[0]} {path}"},
+                               [(b"allow", allowed.encode())])  # fmt: skip
             elif path == "/healthz":
                 await _respond(send, 200, {"status": "ok"})
             elif path == "/readyz":
@@ -165,9 +167,8 @@ class EndpointServer:
             elif path == "/":
                 await _respond(send, 200, self.describe())
             else:
-                await _respond(send, 404, {"error": f"no route {path}",
-                                           "routes": ["/predict", "/healthz", "/readyz",
-                                                      "/metrics", "/"]})  # fmt: skip
+                self._metrics.count(None, 404)
+                await _respond(send, 404, {"error": f"no route {path}", "routes": _ROUTES})
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -197,8 +198,8 @@ class EndpointServer:
         except (ReplicaDied, _Unavailable) as exc:
             pool.requests += 1
             pool.errors += 1
-            self._metrics.count(pool.version.version, 503)
             await _respond(send, 503, {"error": str(exc)})
+            self._metrics.observe(pool.version.version, 503, time.perf_counter() - started)
             return
         finally:
             pool.inflight -= 1
@@ -679,7 +680,7 @@ class _Metrics:
                                     "no replica to a replica ready", ["endpoint"],
                                     buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60),
                                     registry=registry).labels(endpoint)  # fmt: skip
-        self._counters: dict[tuple[int, int], Any] = {}
+        self._counters: dict[tuple[int | None, int], Any] = {}
 
     def observe(self, version: int, code: int, elapsed: float) -> None:
         self.count(version, code)
@@ -688,14 +689,16 @@ class _Metrics:
             latency = self._latencies[version] = self.latency.labels(self.endpoint, str(version))
         latency.observe(elapsed)
 
-    def count(self, version: int, code: int) -> None:
+    def count(self, version: int | None, code: int) -> None:
+        """One request answered ``code`` by ``version`` (None: routed to no version)."""
         counter = self._counters.get((version, code))
+        label = "none" if version is None else str(version)
         if counter is None:
-            counter = self.requests.labels(self.endpoint, str(version), str(code))
+            counter = self.requests.labels(self.endpoint, label, str(code))
             self._counters[(version, code)] = counter
         counter.inc()
         if code != 200:
-            self.errors.labels(self.endpoint, str(version), str(code)).inc()
+            self.errors.labels(self.endpoint, label, str(code)).inc()
 
     def routing(self, weights: dict[int, float], pools: dict[int, Pool]) -> None:
         total = sum(weights.values()) or 1.0
@@ -713,6 +716,9 @@ def _quantile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
+
+
+_ROUTES = ["/predict", "/healthz", "/readyz", "/metrics", "/"]
 
 
 def _traceparent(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
@@ -739,9 +745,11 @@ def _propagator() -> Any:
     return TraceContextTextMapPropagator()
 
 
-async def _respond(send: Send, status: int, payload: Any) -> None:
+async def _respond(
+    send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = json.dumps(payload).encode()
-    headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    headers = [_JSON, (b"content-length", str(len(body)).encode()), *(extra or ())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
