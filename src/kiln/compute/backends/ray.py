@@ -84,6 +84,7 @@ INVENTORY_S = 5.0  # how often the nodes are listed again while tasks wait
 # A worker ends its own task this long after its timeout, should the driver's
 # enforcement not have (a notice that never came): the timeout holds either way.
 WATCHDOG_GRACE_S = 10.0
+_ASSIGNED = ("node_id", "node_ip", "worker_pid")  # where a task runs, as its worker says
 MAX_NOTICE = 1 << 16  # bytes in a notice line; a longer one closes the connection
 _log = logging.getLogger("kiln")
 
@@ -322,6 +323,9 @@ class RayBackend:
                 continue
             read, keep = self._inbox.feed(sock, chunk) if chunk else ([], False)
             notices += read
+            if chunk and not keep:
+                _log.warning("kiln: closed a connection to the Ray notice socket that sent "
+                             "something other than a worker's notices")  # fmt: skip
             if not keep:
                 self._inbox.closed(sock)
                 self._selector.unregister(sock)
@@ -368,8 +372,10 @@ class RayBackend:
                 if slot.started:
                     continue
                 slot.started = True  # (from a clock notice too, if the first was lost)
-                notice["ray_task_id"] = slot.ref.task_id().hex()
-                events.append(Started(slot.spec.run_id, slot.spec.attempt, notice))
+                assigned = {k: v for k, v in notice.items()  # what a worker sends, no more
+                            if k in _ASSIGNED and isinstance(v, str | int)}  # fmt: skip
+                assigned["ray_task_id"] = slot.ref.task_id().hex()
+                events.append(Started(slot.spec.run_id, slot.spec.attempt, assigned))
         if events:
             self.report(events)
 
@@ -386,7 +392,13 @@ class RayBackend:
         except ray.exceptions.RayError as exc:
             cause = slot.stop_cause or _cause(exc)
             timeout = slot.spec.timeout_s
-            if not slot.stop_cause and timeout and time.monotonic() - slot.submitted >= timeout:
+            if (
+                timeout is not None
+                and slot.deadline is None  # the driver never heard the call begin
+                and not slot.stop_cause
+                and type(exc).__name__ == "WorkerCrashedError"
+                and time.monotonic() - slot.submitted >= timeout + WATCHDOG_GRACE_S
+            ):
                 cause = f"timed out after {timeout:g}s (its worker's watchdog ended it)"
             status = "cancelled" if slot.stop_status == "cancelled" else "failed"
             error = f"{cause}\n{exc}"
