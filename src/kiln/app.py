@@ -122,6 +122,7 @@ class App:
         traffic: Mapping[str, float] | None = None,
         kind: str = "chain",
         tracing: bool = True,
+        span_attributes: Mapping[str, str | int | float | bool] | None = None,
     ) -> Callable[[type[C]], Endpoint[C]]:
         """Declare a class with ``load(self, model_path)`` and ``predict(self, ...)`` as an
         endpoint serving ``model`` (``"name@alias"``, followed as it moves, or ``"name:3"``).
@@ -131,7 +132,10 @@ class App:
         (0: scale to zero) and ``max_replicas`` to keep about ``target_concurrency``
         requests in flight each, and shrink after ``idle_timeout`` seconds with less.
         ``traffic={"name:7": 90, "name:8": 10}`` splits requests by weight. ``kind`` is
-        the OpenInference span kind of its traces (``"llm"`` adds ``llm.*`` attributes).
+        the OpenInference span kind of its traces (``"llm"`` adds ``llm.*`` attributes,
+        ``"embedding"`` the ``embedding.*`` ones); ``span_attributes`` are added to each
+        of its spans (for instance ``{"llm.system": "openai"}`` for a model speaking
+        OpenAI's API; ``llm.provider`` and ``llm.system`` are ``"kiln"`` otherwise).
 
         Example::
 
@@ -146,7 +150,7 @@ class App:
             self, model=model, name=name, cpu=cpu, memory=memory, gpu=gpu, env=env,
             min_replicas=min_replicas, max_replicas=max_replicas,
             target_concurrency=target_concurrency, idle_timeout=idle_timeout,
-            traffic=traffic, kind=kind, tracing=tracing,
+            traffic=traffic, kind=kind, tracing=tracing, span_attributes=span_attributes,
         )  # fmt: skip
 
     @property

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 import kiln
 
 app = kiln.App("serving")
@@ -68,3 +70,31 @@ class Devices:
             time.sleep(delay)
         threads = os.environ.get("OMP_NUM_THREADS"), os.environ.get("OPENBLAS_NUM_THREADS")
         return {"devices": self.devices, "pid": os.getpid(), "threads": threads}
+
+
+class Score(BaseModel):
+    above: int
+    share: float
+    label: str
+
+
+class Typed:
+    """Counts the features above a threshold: typed in and out, for schemathesis."""
+
+    def load(self, model_path: str) -> None:
+        self.loaded = model_path
+
+    def predict(self, features: list[float], threshold: float = 0.5, label: str = "") -> Score:
+        above = sum(1 for f in features if f > threshold)
+        return Score(above=above, share=above / len(features) if features else 0.0, label=label)
+
+
+class Fragile(Scorer):
+    """Its replica dies on request (``crash``), or answers what JSON cannot carry."""
+
+    def predict(  # type: ignore[override]
+        self, x: list[float], crash: bool = False, scale: float = 1.0
+    ) -> dict[str, Any]:
+        if crash:
+            os._exit(3)
+        return {"score": sum(x) * scale * float("inf") if scale > 1 else sum(x)}

@@ -28,7 +28,7 @@ def store() -> Any:
 def answered(version: int, routed_by: str | None) -> str:
     """Answer one request as ``scorer:version`` would, store its span; the trace id."""
     exporter = InMemorySpanExporter()
-    provider, ids = tracer_provider("kiln.test", store_url=None)
+    provider = tracer_provider("kiln.test", store_url=None)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     mv = app.models.get(f"scorer:{version}")
     attrs = identity_attributes(endpoint="scorer", model_name="scorer", model_version=version,
@@ -37,7 +37,7 @@ def answered(version: int, routed_by: str | None) -> str:
         attrs[ROUTED_BY] = routed_by
     scorer = Scorer()
     scorer.model = {"version": version, "weight": 1.0}
-    handler = Handler(scorer, tracer=provider.get_tracer("t"), ids=ids, span_attributes=attrs)
+    handler = Handler(scorer, tracer=provider.get_tracer("t"), span_attributes=attrs)
     handler.predict(b'{"x": [1]}')
     (span,) = exporter.get_finished_spans()
     store().write_spans([span_row(span)])

@@ -22,7 +22,7 @@ def spans_through(
     url = f"sqlite:///{tmp_path / 'kiln.db'}"
     SqlStore(url).close()
     exported = InMemorySpanExporter()
-    provider, _ = tracer_provider("svc", store_url=url, exporters=[exported])
+    provider = tracer_provider("svc", store_url=url, exporters=[exported])
     tracer = provider.get_tracer("t")
     trace_ids = []
     for i in range(count):
@@ -58,11 +58,11 @@ def test_the_resource_is_opentelemetrys_with_the_standard_variables(
     monkeypatch.setenv(
         "OTEL_RESOURCE_ATTRIBUTES", "k8s.pod.name=p-1,openinference.project.name=fraud"
     )
-    provider, _ = tracer_provider("endpoint-name", store_url=None)
+    provider = tracer_provider("endpoint-name", store_url=None)
     attrs = provider.resource.attributes
     assert attrs["service.name"] == "endpoint-name"
     assert attrs["k8s.pod.name"] == "p-1" and attrs["openinference.project.name"] == "fraud"
     assert attrs["telemetry.sdk.name"] == "opentelemetry"
     monkeypatch.setenv("OTEL_SERVICE_NAME", "fraud-api")
-    provider, _ = tracer_provider("endpoint-name", store_url=None)
+    provider = tracer_provider("endpoint-name", store_url=None)
     assert provider.resource.attributes["service.name"] == "fraud-api"

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import kiln
 from kiln.cli import app as cli
 from kiln.errors import ValidationError
-from kiln.observe.why import list_spans
+from kiln.observe.why import find_trace, list_spans
 from kiln.serve import state
 from kiln.serve.on_ray import RayEndpoint
 
@@ -53,6 +53,7 @@ def test_an_endpoint_on_ray_serve_answers_traces_and_follows_its_alias(
         assert response.status_code == 200, response.text
         assert response.json()["score"] == 6.0 and response.json()["version"] == first
         assert response.headers["x-kiln-model"] == f"scorer:{first}"
+        assert response.headers["traceparent"].split("-")[1] == response.headers["x-kiln-trace-id"]
         bad = client.post("/predict", json={"x": [1, "two"]})
         assert bad.status_code == 422 and bad.json()["error"].startswith("x.1: ")
         assert handle.stats()["replicas"] >= 1
@@ -61,6 +62,9 @@ def test_an_endpoint_on_ray_serve_answers_traces_and_follows_its_alias(
         assert info["model"]["ref"] == f"scorer:{first}"
         assert info["run"]["id"] == app.models.get("scorer@production").run_id
         assert info["endpoint"] == "scorer" and info["kind"] == "CHAIN"
+        (span,) = find_trace(store(), response.headers["x-kiln-trace-id"])
+        assert span["name"] == "POST /scorer/predict"
+        assert span["attributes"]["http.route"] == "/scorer/predict"
         # Promote under load: the new version's app is ready before the router moves.
         failures: list[int] = []
         seen: set[int] = set()

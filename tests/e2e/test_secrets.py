@@ -36,7 +36,7 @@ def test_the_span_writer_gets_the_store_url_without_argv(pg_url: str) -> None:
     url = pg_url.replace("postgres@", "postgres:s3cret-pw@", 1)
     assert "s3cret-pw" in url
     SqlStore(url, create=True).close()
-    provider, _ids = tracer_provider("secrets", store_url=url)
+    provider = tracer_provider("secrets", store_url=url)
     tracer = provider.get_tracer("t")
     for i in range(FLUSH_SPANS):  # a full batch starts the writer process
         with tracer.start_as_current_span(f"s{i}"):

@@ -7,17 +7,30 @@ from collections import Counter
 from typing import Any, ClassVar
 
 import pytest
+from openinference.semconv.trace import EmbeddingAttributes as E
+from openinference.semconv.trace import MessageAttributes as M
+from openinference.semconv.trace import OpenInferenceSpanKindValues, ToolAttributes
+from openinference.semconv.trace import SpanAttributes as S
+from openinference.semconv.trace import ToolCallAttributes as T
+from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import kiln
 from kiln.errors import ConfigError, ValidationError
 from kiln.observe.cost import Prices, Usage
-from kiln.observe.tracing import identity_attributes, span_row, tracer_provider
+from kiln.observe.tracing import (
+    MAX_VALUE_CHARS,
+    identity_attributes,
+    io_attributes,
+    span_row,
+    tracer_provider,
+)
 from kiln.serve._replica import FAILED, INVALID, OK, Handler, batch_answers
 from kiln.serve.autoscale import Autoscaler
-from kiln.serve.server import _traceparent
+from kiln.serve.server import _trace_context
 from kiln.serve.state import combine
 from kiln.serve.traffic import Split
 
@@ -111,6 +124,10 @@ def test_bad_traffic_is_refused_at_declaration(traffic: dict[str, Any], message:
         ({"model": "fraud:1", "kind": "magic"}, "kind"),
         ({"model": "fraud:1", "gpu": 1.5}, "gpu"),
         ({"model": "fraud:1", "env": "scikit-learn"}, "env"),
+        ({"model": "fraud:1", "span_attributes": ["llm.system"]}, "span_attributes"),
+        ({"model": "fraud:1", "span_attributes": {"kiln.run.id": "x"}}, "span_attributes"),
+        ({"model": "fraud:1", "span_attributes": {"http.route": "/x"}}, "span_attributes"),
+        ({"model": "fraud:1", "span_attributes": {"llm.system": ["a"]}}, "span_attributes"),
     ],
 )
 def test_bad_endpoint_arguments_name_the_field(kwargs: dict[str, Any], field: str) -> None:
@@ -142,22 +159,26 @@ def test_endpoint_keeps_the_class_usable_and_names_itself() -> None:
 
 def _handler(cls: type[Any], kind: str = "chain") -> tuple[Handler, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider, ids = tracer_provider("kiln.test", store_url=None)
+    provider = tracer_provider("kiln.test", store_url=None)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     attrs = identity_attributes(endpoint="fraud", model_name="fraud", model_version=3,
                                 run_id="r" * 32, kind=kind)  # fmt: skip
-    handler = Handler(cls(), tracer=provider.get_tracer("t"), ids=ids, span_attributes=attrs,
+    handler = Handler(cls(), tracer=provider.get_tracer("t"), span_attributes=attrs,
                       kind=kind, model_ref="fraud:3")  # fmt: skip
     return handler, exporter
 
 
 def test_a_request_is_validated_answered_and_traced_with_its_lineage() -> None:
     handler, exporter = _handler(Model)
-    trace_id = bytes.fromhex("0af7651916cd43dd8448eb211c80319c")
-    status, answer, traced = handler.predict(b'{"features": [1, 2.5]}', trace_id=trace_id)
+    status, answer, traced = handler.predict(b'{"features": [1, 2.5]}')
     assert status == OK and json.loads(answer) == {"score": 3.5}
-    assert traced == trace_id  # the front door's trace id is the span's
     (span,) = exporter.get_finished_spans()
+    assert span.context is not None
+    injected: dict[str, str] = {}  # what OpenTelemetry's own propagator sends for it
+    context = trace.set_span_in_context(trace.NonRecordingSpan(span.context))
+    TraceContextTextMapPropagator().inject(injected, context)
+    assert traced.decode() == injected["traceparent"]
+    assert span.kind is SpanKind.SERVER and span.name == "POST /predict"
     attrs = dict(span.attributes or {})
     assert attrs["openinference.span.kind"] == "CHAIN"
     assert attrs["input.value"] == '{"features": [1, 2.5]}'
@@ -165,25 +186,43 @@ def test_a_request_is_validated_answered_and_traced_with_its_lineage() -> None:
     assert json.loads(str(attrs["output.value"])) == {"score": 3.5}
     assert attrs["kiln.model.name"] == "fraud" and attrs["kiln.model.version"] == 3
     assert attrs["kiln.run.id"] == "r" * 32 and attrs["kiln.endpoint"] == "fraud"
+    assert attrs["http.response.status_code"] == 200
     row = span_row(span)
-    assert row["trace_id"] == trace_id.hex() and row["model_version"] == 3
+    assert row["trace_id"] == traced[3:35].decode() and row["model_version"] == 3
     assert row["status"] == "ok" and row["run_id"] == "r" * 32
 
 
-def test_a_caller_trace_context_becomes_the_parent() -> None:
+def test_a_caller_trace_context_becomes_the_parent_with_its_state_and_flag() -> None:
     handler, exporter = _handler(Model)
-    trace_id, parent = _traceparent(
-        [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
-    )
-    handler.predict(b'{"features": [1]}', trace_id=trace_id, parent_id=parent)
+    headers = [
+        (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        (b"tracestate", b"rojo=00f067aa0ba902b7"),
+        (b"tracestate", b"congo=t61rcWkgMzE"),
+    ]
+    _, _, traced = handler.predict(b'{"features": [1]}', context=_context(headers))
     (span,) = exporter.get_finished_spans()
     assert span.context is not None and span.parent is not None
     assert f"{span.context.trace_id:032x}" == "4bf92f3577b34da6a3ce929d0e0e4736"
-    assert f"{span.parent.span_id:016x}" == "00f067aa0ba902b7"
-    assert _traceparent([(b"traceparent", b"garbage")]) == (bytes(16), bytes(8))
+    assert f"{span.parent.span_id:016x}" == "00f067aa0ba902b7" and span.parent.is_remote
+    assert span.context.trace_state.to_header() == "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    assert traced.startswith(b"00-4bf92f3577b34da6a3ce929d0e0e4736-")
+    assert int(traced[-2:], 16) & 1  # sampled
+    # A caller that did not sample: Kiln records the span, the default sampler
+    # (parent-based) leaves it out of the export, and the answer says so.
+    unsampled = [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")]
+    _, _, traced = handler.predict(b'{"features": [1]}', context=_context(unsampled))
+    assert not int(traced[-2:], 16) & 1 and len(exporter.get_finished_spans()) == 1
+    # Garbage is a new trace, never a parent.
+    _, _, traced = handler.predict(b'{"features": [1]}', context=_context([(b"traceparent", b"x")]))
+    assert not traced.startswith(b"00-4bf92f3577b34da6a3ce929d0e0e4736")
+    assert exporter.get_finished_spans()[-1].parent is None
 
 
-def test_bad_input_is_a_422_naming_the_field_and_an_error_span() -> None:
+def _context(headers: list[tuple[bytes, bytes]]) -> str:
+    return _trace_context(headers).decode("latin-1")
+
+
+def test_only_a_server_error_marks_a_span_error_and_each_says_its_http_status() -> None:
     handler, exporter = _handler(Model)
     status, answer, _ = handler.predict(b'{"features": [1, "x"]}')
     assert status == INVALID
@@ -197,8 +236,39 @@ def test_bad_input_is_a_422_naming_the_field_and_an_error_span() -> None:
     status, answer, _ = handler.predict(b'{"features": [1], "scale": -1}')
     assert status == FAILED and "scale must be >= 0" in json.loads(answer)["error"]
     spans = exporter.get_finished_spans()
-    assert [s.status.status_code for s in spans] == [StatusCode.ERROR] * 4
+    # per the HTTP conventions, a 4xx leaves a server span's status unset
+    assert [s.status.status_code for s in spans] == [StatusCode.UNSET] * 3 + [StatusCode.ERROR]
+    codes = [dict(s.attributes or {})["http.response.status_code"] for s in spans]
+    assert codes == [422, 422, 422, 500]
+    assert dict(spans[-1].attributes or {})["error.type"] == "500"
     assert any(e.name == "exception" for e in spans[-1].events)
+    assert [span_row(s)["status"] for s in spans] == ["invalid"] * 3 + ["error"]
+    mimes = [dict(s.attributes or {})["input.mime_type"] for s in spans]
+    assert mimes == ["application/json", "application/json", "text/plain", "application/json"]
+
+
+class NotFinite:
+    def predict(self, x: float) -> dict[str, Any]:
+        return {"y": [1.0, x * float("inf")], "note": "NaN and Infinity as text are fine"}
+
+
+def test_an_answer_with_nan_or_infinity_is_a_server_error_naming_where() -> None:
+    handler, _ = _handler(NotFinite)
+    status, answer, _ = handler.predict(b'{"x": 0}')  # 0 * inf is NaN
+    assert status == FAILED
+    error = json.loads(answer)["error"]  # the answer itself is valid JSON
+    assert "answer.y[1] is nan" in error and "JSON cannot carry" in error
+    status, answer, _ = handler.predict(b'{"x": 2}')
+    assert status == FAILED and "answer.y[1] is inf" in json.loads(answer)["error"]
+    status, answer, _ = handler.predict(b'{"x": -1}')
+    assert status == FAILED and "answer.y[1] is -inf" in json.loads(answer)["error"]
+
+
+def test_a_value_cut_for_length_is_plain_text_not_json() -> None:
+    big = '{"k": "' + "x" * (MAX_VALUE_CHARS + 10) + '"}'
+    attrs = io_attributes(big, "[1]")
+    assert attrs["input.mime_type"] == "text/plain" and "more characters" in attrs["input.value"]
+    assert attrs["output.mime_type"] == "application/json"
 
 
 def test_llm_endpoints_carry_openinference_llm_attributes() -> None:
@@ -214,6 +284,63 @@ def test_llm_endpoints_carry_openinference_llm_attributes() -> None:
     assert attrs["llm.input_messages.0.message.content"] == "hello"
     assert attrs["llm.output_messages.0.message.content"] == "hi there"
     assert attrs["llm.token_count.prompt"] == 5 and attrs["llm.token_count.total"] == 7
+
+
+def test_every_openinference_span_kind_is_accepted_from_the_conventions_package() -> None:
+    kinds = [k.value for k in OpenInferenceSpanKindValues]
+    assert {"GUARDRAIL", "EVALUATOR", "PROMPT", "DECISION"} <= set(kinds)
+    for kind in kinds:
+        endpoint = app.endpoint(model="fraud:1", kind=kind.lower())(Model)
+        assert endpoint.spec.kind == kind.lower()
+
+
+class ToolUser:
+    def predict(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> Any:
+        call = {"id": "call_1", "type": "function",
+                "function": {"name": "lookup", "arguments": '{"city": "Oslo"}'}}  # fmt: skip
+        return {"choices": [{"message": {"role": "assistant", "content": None,
+                                         "tool_calls": [call]},
+                             "finish_reason": "tool_calls"}]}  # fmt: skip
+
+
+def test_llm_tool_calls_tools_and_the_provider_are_flattened_per_openinference() -> None:
+    handler, exporter = _handler(ToolUser, kind="llm")
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    history = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "tool_calls": [
+            {"id": "call_0", "function": {"name": "lookup", "arguments": {"city": "Rome"}}}]},
+        {"role": "tool", "tool_call_id": "call_0", "content": "sunny"},
+    ]  # fmt: skip
+    body = json.dumps({"messages": history, "tools": [tool]}).encode()
+    assert handler.predict(body)[0] == OK
+    attrs = dict(exporter.get_finished_spans()[0].attributes or {})
+    out = f"{S.LLM_OUTPUT_MESSAGES}.0.{M.MESSAGE_TOOL_CALLS}.0."
+    assert attrs[out + T.TOOL_CALL_FUNCTION_NAME] == "lookup"
+    assert attrs[out + T.TOOL_CALL_FUNCTION_ARGUMENTS_JSON] == '{"city": "Oslo"}'
+    assert attrs[out + T.TOOL_CALL_ID] == "call_1"
+    past = f"{S.LLM_INPUT_MESSAGES}.1.{M.MESSAGE_TOOL_CALLS}.0."
+    assert json.loads(str(attrs[past + T.TOOL_CALL_FUNCTION_ARGUMENTS_JSON])) == {"city": "Rome"}
+    assert attrs[f"{S.LLM_INPUT_MESSAGES}.2.{M.MESSAGE_TOOL_CALL_ID}"] == "call_0"
+    assert json.loads(str(attrs[f"{S.LLM_TOOLS}.0.{ToolAttributes.TOOL_JSON_SCHEMA}"])) == tool
+    assert S.LLM_INVOCATION_PARAMETERS not in attrs  # the tools are not a parameter
+    assert attrs[S.LLM_PROVIDER] == "kiln" and attrs[S.LLM_SYSTEM] == "kiln"
+
+
+class Embedder:
+    def predict(self, input: list[str]) -> dict[str, Any]:
+        return {"data": [{"embedding": [float(len(t)), 0.5]} for t in input]}
+
+
+def test_embedding_endpoints_carry_openinference_embedding_attributes() -> None:
+    handler, exporter = _handler(Embedder, kind="embedding")
+    assert handler.predict(b'{"input": ["hi", "there"]}')[0] == OK
+    attrs = dict(exporter.get_finished_spans()[0].attributes or {})
+    assert attrs[S.OPENINFERENCE_SPAN_KIND] == "EMBEDDING"
+    assert attrs[S.EMBEDDING_MODEL_NAME] == "fraud:3"
+    first, second = f"{S.EMBEDDING_EMBEDDINGS}.0.", f"{S.EMBEDDING_EMBEDDINGS}.1."
+    assert attrs[first + E.EMBEDDING_TEXT] == "hi" and attrs[second + E.EMBEDDING_TEXT] == "there"
+    assert list(attrs[second + E.EMBEDDING_VECTOR]) == [5.0, 0.5]  # type: ignore[arg-type]
 
 
 def test_a_batch_answers_every_row_in_order_and_isolates_failures() -> None:
@@ -371,15 +498,15 @@ def test_why_prints_inputs_and_reasons_as_written(capsys: pytest.CaptureFixture[
     ],
 )
 def test_traceparent_is_read_as_opentelemetrys_propagator_reads_it(header: str) -> None:
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    ours = _traceparent([(b"traceparent", header.encode())])
-    span = trace.get_current_span(TraceContextTextMapPropagator().extract({"traceparent": header}))
-    context = span.get_span_context()
-    expected = (
-        (context.trace_id.to_bytes(16, "big"), context.span_id.to_bytes(8, "big"))
-        if context.is_valid
-        else (bytes(16), bytes(8))
-    )
-    assert ours == expected
+    handler, exporter = _handler(Model)
+    handler.predict(b'{"features": [1]}', context=_context([(b"traceparent", header.encode())]))
+    (span,) = exporter.get_finished_spans()
+    found = trace.get_current_span(TraceContextTextMapPropagator().extract({"traceparent": header}))
+    expected = found.get_span_context()
+    if expected.is_valid:
+        assert span.parent is not None and span.context is not None
+        assert (span.parent.trace_id, span.parent.span_id) == (expected.trace_id, expected.span_id)
+        assert span.context.trace_id == expected.trace_id
+        assert span.context.trace_flags.sampled == expected.trace_flags.sampled
+    else:
+        assert span.parent is None  # a new trace, never a zero or invalid parent

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import struct
 import sys
@@ -33,21 +34,26 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-# Request: body length, kind, request id, when the front door received it (ns),
-# trace id (16 bytes, zero: new trace), parent span id (8 bytes, zero: none).
-REQUEST = struct.Struct("!IBQQ16s8s")
-# Reply: body length, status, request id, CPU ns and wall ns spent on it, trace id.
-REPLY = struct.Struct("!IBQQQ16s")
+# Request: body length, kind, request id, when the front door received it (ns), length
+# of the trace context that follows (the caller's W3C headers: traceparent, then
+# tracestate after a newline; empty: a new trace), then the body.
+REQUEST = struct.Struct("!IBQQH")
+# Reply: body length, status, request id, CPU ns and wall ns spent on it, and the
+# traceparent of its span (55 bytes; zeros: not traced).
+REPLY = struct.Struct("!IBQQQ55s")
 INIT, PREDICT, BATCH, PRELOAD = 0, 1, 2, 3
 OK, INVALID, FAILED, READY, BROKEN = 0, 1, 2, 3, 4
-NO_TRACE = bytes(16)
+HTTP_STATUS = {OK: 200, INVALID: 422, FAILED: 500}
+NO_TRACE = b""
+MAX_CONTEXT = 8192  # bytes of trace context forwarded; a longer tracestate is dropped
 BatchPredict = Callable[[list[dict[str, Any]]], Any]
-NO_PARENT = bytes(8)
 
 
 def request_frame(kind: int, request_id: int, body: bytes, *, received_ns: int = 0,
-                  trace_id: bytes = NO_TRACE, parent_id: bytes = NO_PARENT) -> bytes:  # fmt: skip
-    return REQUEST.pack(len(body), kind, request_id, received_ns, trace_id, parent_id) + body
+                  context: bytes = b"") -> bytes:  # fmt: skip
+    if len(context) > MAX_CONTEXT:
+        context = context.partition(b"\n")[0][:MAX_CONTEXT]
+    return REQUEST.pack(len(body), kind, request_id, received_ns, len(context)) + context + body
 
 
 class Handler:
@@ -61,10 +67,10 @@ class Handler:
         instance: Any,
         *,
         tracer: Any = None,
-        ids: Any = None,
         span_attributes: dict[str, Any] | None = None,
         kind: str = "chain",
         model_ref: str = "",
+        route: str = "/predict",
     ) -> None:
         from kiln.serve._validation import request_model
 
@@ -73,20 +79,20 @@ class Handler:
         self._model = request_model(type(instance))  # type: ignore[arg-type]
         self._names = tuple(self._model.model_fields)
         self._tracer = tracer
-        self._ids = ids
         self._static = dict(span_attributes or {})
-        self._llm = kind == "llm"
+        self._kind = kind
         self._model_ref = model_ref
+        self._name = f"POST {route}"
         self._owner = type(instance).__qualname__
 
     def predict(
-        self, body: bytes, received_ns: int = 0, trace_id: bytes = NO_TRACE,
-        parent_id: bytes = NO_PARENT,
-    ) -> tuple[int, bytes, bytes]:  # fmt: skip
-        """(status, answer, trace id) for one request body."""
+        self, body: bytes, received_ns: int = 0, context: str = ""
+    ) -> tuple[int, bytes, bytes]:
+        """(status, answer, traceparent of its span: empty if untraced) for one request
+        body; ``context`` is the caller's trace context (see :data:`REQUEST`)."""
         from pydantic import ValidationError as Invalid
 
-        span = self._start("predict", received_ns, trace_id, parent_id) if self._tracer else None
+        span = self._start(self._name, received_ns, context) if self._tracer else None
         status, request, result, error = OK, None, None, None
         try:
             request = self._model.model_validate_json(body)
@@ -98,10 +104,11 @@ class Handler:
             status, error = FAILED, exc
             answer = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
         if span is None:
-            return status, answer, trace_id
+            return status, answer, NO_TRACE
         self._finish(span, body, answer, status, error, request, result)
-        context = span.get_span_context()
-        return status, answer, context.trace_id.to_bytes(16, "big")
+        from kiln.observe.tracing import traceparent
+
+        return status, answer, traceparent(span)
 
     def batch(self, body: bytes, received_ns: int = 0, attributes: dict[str, Any] | None = None
               ) -> tuple[int, bytes]:  # fmt: skip
@@ -113,7 +120,7 @@ class Handler:
         rows is answered with the error. Answers that are not one per row are the
         class's bug, not the data's: the status is FAILED and nothing is answered.
         """
-        span = self._start("batch", received_ns, NO_TRACE, NO_PARENT) if self._tracer else None
+        span = self._start("batch", received_ns, "", server=False) if self._tracer else None
         rows = [line for line in body.split(b"\n") if line]
         try:
             if self._predict_batch is None:
@@ -131,7 +138,8 @@ class Handler:
             from kiln.observe.tracing import io_attributes
 
             span.set_attributes({**io_attributes(body.decode(errors="replace"),
-                                                 answer.decode(errors="replace")),
+                                                 answer.decode(errors="replace"),
+                                                 input_json=False, output_json=False),
                                  **(attributes or {}), "kiln.batch.rows": len(out),
                                  "kiln.batch.rows_failed": failed})  # fmt: skip
             span.end()
@@ -184,40 +192,52 @@ class Handler:
             )
         return [encode(answer) for answer in result]
 
-    def _start(self, name: str, received_ns: int, trace_id: bytes, parent_id: bytes) -> Any:
-        from opentelemetry import trace
+    def _start(self, name: str, received_ns: int, context: str, server: bool = True) -> Any:
+        from opentelemetry.trace import SpanKind
 
-        context = None
-        if parent_id != NO_PARENT:
-            parent = trace.SpanContext(
-                int.from_bytes(trace_id, "big"), int.from_bytes(parent_id, "big"),
-                is_remote=True, trace_flags=trace.TraceFlags(1),
-            )  # fmt: skip
-            context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
-        elif trace_id != NO_TRACE:
-            self._ids.preset_trace_id(int.from_bytes(trace_id, "big"))
+        from kiln.observe.tracing import parent_context
+
         return self._tracer.start_span(
-            name, context=context, start_time=received_ns or None, attributes=self._static
-        )
+            name, context=parent_context(context) if context else None,
+            kind=SpanKind.SERVER if server else SpanKind.INTERNAL,
+            start_time=received_ns or None, attributes=self._static,
+        )  # fmt: skip
 
     def _finish(self, span: Any, body: bytes, answer: bytes, status: int, error: Any,
                 request: Any, result: Any) -> None:  # fmt: skip
+        """Its attributes and status: ERROR for a server error only (per the HTTP
+        conventions a 4xx leaves a server span's status unset)."""
         from opentelemetry.trace import StatusCode
 
-        from kiln.observe.tracing import io_attributes, llm_attributes
+        from kiln.observe import tracing
 
-        attrs = io_attributes(body.decode(errors="replace"), answer.decode(errors="replace"))
-        if self._llm and request is not None:
-            attrs.update(llm_attributes(self._model_ref, request.model_dump(), result))
+        attrs = tracing.io_attributes(
+            body.decode(errors="replace"), answer.decode(errors="replace"),
+            input_json=status != INVALID or _is_json(body),
+        )  # fmt: skip
+        attrs.update(tracing.http_status_attributes(HTTP_STATUS[status]))
+        if request is not None and error is None:
+            if self._kind == "llm":
+                attrs.update(tracing.llm_attributes(self._model_ref, request.model_dump(), result))
+            elif self._kind == "embedding":
+                attrs.update(
+                    tracing.embedding_attributes(self._model_ref, request.model_dump(), result)
+                )
         if status != OK:
             attrs["kiln.error"] = "invalid request" if status == INVALID else "predict raised"
         span.set_attributes(attrs)
         if error is not None:
             span.record_exception(error)
             span.set_status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
-        elif status == INVALID:
-            span.set_status(StatusCode.ERROR, "invalid request")
         span.end()
+
+
+def _is_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
 
 
 class BatchContractError(Exception):
@@ -245,10 +265,45 @@ def _error_status() -> Any:
 
 def encode(value: Any) -> bytes:
     """JSON for an answer: what ``json`` takes, plus dataclasses, pydantic models and
-    numpy values."""
+    numpy values. NaN and infinity are not JSON: an answer holding one is refused,
+    naming where it is (return None for a missing value)."""
     from pydantic_core import to_json
 
-    return to_json(value, fallback=_fallback)
+    out = to_json(value, fallback=_fallback)
+    if b"NaN" in out or b"Infinity" in out:  # or only inside a string: looked at closely
+        where = _non_finite(json.loads(out), "answer")
+        if where is not None:
+            raise NotJSONError(
+                f"{where} is {where.value}, which JSON cannot carry; return None for a "
+                "missing value, or a string"
+            )
+    return out
+
+
+class _Where(str):
+    value: float
+
+
+def _non_finite(value: Any, at: str) -> _Where | None:
+    """The path to the first NaN or infinity in a parsed answer, if any."""
+    if isinstance(value, float) and not math.isfinite(value):
+        where = _Where(at)
+        where.value = value
+        return where
+    items: Any = ()
+    if isinstance(value, dict):
+        items = ((f"{at}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{at}[{i}]", v) for i, v in enumerate(value))
+    for path, item in items:
+        found = _non_finite(item, path)
+        if found is not None:
+            return found
+    return None
+
+
+class NotJSONError(ValueError):
+    """``predict`` answered a value JSON cannot carry."""
 
 
 def _fallback(value: Any) -> Any:
@@ -289,9 +344,7 @@ def _prepare(spec: dict[str, Any]) -> list[str]:
     if spec.get("tracing"):
         from kiln.observe.tracing import tracer_provider
 
-        _warm["provider"], _warm["ids"] = tracer_provider(
-            f"kiln.{spec['endpoint']}", store_url=spec["store_url"]
-        )
+        _warm["provider"] = tracer_provider(f"kiln.{spec['endpoint']}", store_url=spec["store_url"])
     import pydantic  # noqa: F401  the request model's, ahead of the first request
 
     missing = []
@@ -314,20 +367,25 @@ def _setup(init: dict[str, Any]) -> tuple[Handler, list[str]]:
     if hasattr(instance, "load"):
         instance.load(init["model_path"])
     learned = [m for m in sys.modules if m not in before and not m.startswith("__")]
-    tracer = ids = None
+    tracer = None
     attrs: dict[str, Any] = {}
+    http = init.get("http") or {}
     if init.get("tracing"):
-        from kiln.observe.tracing import ROUTED_BY, identity_attributes
+        from kiln.observe import tracing
 
-        tracer, ids = _warm["provider"].get_tracer("kiln.serve"), _warm["ids"]
-        attrs = identity_attributes(
+        tracer = _warm["provider"].get_tracer("kiln.serve")
+        attrs = tracing.identity_attributes(
             endpoint=init["endpoint"], model_name=init["model_name"],
             model_version=init["model_version"], run_id=init["run_id"], kind=init["kind"],
         )  # fmt: skip
         if init.get("reference"):  # the alias that routed it, for `kiln why`
-            attrs[ROUTED_BY] = init["reference"]
-    handler = Handler(instance, tracer=tracer, ids=ids, span_attributes=attrs, kind=init["kind"],
-                      model_ref=f"{init['model_name']}:{init['model_version']}")  # fmt: skip
+            attrs[tracing.ROUTED_BY] = init["reference"]
+        if http:
+            attrs.update(tracing.server_span_attributes(http["url"], http["route"]))
+        attrs.update(init.get("span_attributes") or {})
+    handler = Handler(instance, tracer=tracer, span_attributes=attrs, kind=init["kind"],
+                      model_ref=f"{init['model_name']}:{init['model_version']}",
+                      route=http.get("route", "/predict"))  # fmt: skip
     return handler, learned
 
 
@@ -338,11 +396,11 @@ def _write(fd: int, data: bytes) -> None:
 
 
 def _reply(status: int, request_id: int, body: bytes, cpu_ns: int = 0, wall_ns: int = 0,
-           trace_id: bytes = NO_TRACE) -> bytes:  # fmt: skip
-    return REPLY.pack(len(body), status, request_id, cpu_ns, wall_ns, trace_id) + body
+           traced: bytes = NO_TRACE) -> bytes:  # fmt: skip
+    return REPLY.pack(len(body), status, request_id, cpu_ns, wall_ns, traced) + body
 
 
-def _frames(fd: int) -> typing.Iterator[list[tuple[int, int, int, bytes, bytes, bytes]]]:
+def _frames(fd: int) -> typing.Iterator[list[tuple[int, int, int, str, bytes]]]:
     """Bulks of complete request frames, as they arrive; ends when the pipe closes."""
     buffer = bytearray()
     size = REQUEST.size
@@ -353,11 +411,13 @@ def _frames(fd: int) -> typing.Iterator[list[tuple[int, int, int, bytes, bytes, 
         buffer += chunk
         bulk, offset = [], 0
         while len(buffer) - offset >= size:
-            length, kind, rid, received, trace_id, parent = REQUEST.unpack_from(buffer, offset)
-            end = offset + size + length
+            length, kind, rid, received, context = REQUEST.unpack_from(buffer, offset)
+            start = offset + size + context
+            end = start + length
             if end > len(buffer):
                 break
-            bulk.append((kind, rid, received, trace_id, parent, bytes(buffer[offset + size : end])))
+            traced = buffer[offset + size : start].decode("latin-1")
+            bulk.append((kind, rid, received, traced, bytes(buffer[start:end])))
             offset = end
         del buffer[:offset]
         if bulk:
@@ -369,7 +429,7 @@ def _serve(rfd: int, wfd: int) -> None:
     thread_ns, wall_ns = time.thread_time_ns, time.perf_counter_ns
     for bulk in _frames(rfd):
         out = []
-        for kind, rid, received, trace_id, parent, body in bulk:
+        for kind, rid, received, context, body in bulk:
             if kind in (INIT, PRELOAD):
                 started = time.perf_counter()
                 try:
@@ -389,7 +449,7 @@ def _serve(rfd: int, wfd: int) -> None:
                 raise RuntimeError("a request came before the replica's setup")
             cpu, wall = thread_ns(), wall_ns()
             if kind == PREDICT:
-                status, answer, trace_out = handler.predict(body, received, trace_id, parent)
+                status, answer, trace_out = handler.predict(body, received, context)
                 out.append(
                     _reply(status, rid, answer, thread_ns() - cpu, wall_ns() - wall, trace_out)
                 )

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from kiln.serve.server import ServerHandle
 
 C = TypeVar("C")
-KINDS = ("chain", "llm", "embedding", "retriever", "reranker", "tool", "agent", "unknown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +61,7 @@ class EndpointSpec:
     kind: str = "chain"
     env: Env | None = None
     tracing: bool = True
+    span_attributes: dict[str, str | int | float | bool] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
@@ -77,6 +77,7 @@ class EndpointSpec:
             "idle_timeout": self.idle_timeout,
             "traffic": self.traffic,
             "kind": self.kind,
+            "span_attributes": self.span_attributes,
             "env": None if self.env is None else self.env.__kiln_json__(),
         }
 
@@ -180,6 +181,7 @@ def declare(
     traffic: Mapping[str, float] | None,
     kind: str,
     tracing: bool,
+    span_attributes: Mapping[str, Any] | None = None,
 ) -> Callable[[type[C]], Endpoint[C]]:
     """Check every argument of ``app.endpoint(...)``; return the class decorator."""
     from kiln.envs.spec import Env
@@ -199,8 +201,11 @@ def declare(
     if not isinstance(idle_timeout, int | float) or not idle_timeout > 0:
         raise ValidationError("idle_timeout", f"{idle_timeout!r} is not a duration",
                               allowed="seconds > 0")  # fmt: skip
-    if kind not in KINDS:
-        raise ValidationError("kind", f"{kind!r} is not an OpenInference span kind", allowed=KINDS)
+    kinds = span_kinds()
+    if kind not in kinds:
+        raise ValidationError("kind", f"{kind!r} is not an OpenInference span kind",
+                              allowed=", ".join(kinds))  # fmt: skip
+    attributes = _span_attributes(span_attributes)
     if env is not None and not isinstance(env, Env):
         raise ValidationError("env", f"{env!r} is not a kiln.Env")
     split = None if traffic is None else parse_traffic(traffic, model_name)
@@ -222,10 +227,46 @@ def declare(
             kind=kind,
             env=env,
             tracing=tracing,
+            span_attributes=attributes,
         )
         return Endpoint(app, cls, spec)
 
     return wrap
+
+
+def span_kinds() -> tuple[str, ...]:
+    """OpenInference's span kinds, lower-cased, from its conventions package."""
+    from kiln._optional import require
+
+    require("openinference.semconv", extra="serve")
+    from openinference.semconv.trace import OpenInferenceSpanKindValues
+
+    return tuple(k.value.lower() for k in OpenInferenceSpanKindValues)
+
+
+_RESERVED = ("kiln.", "openinference.span.kind", "input.", "output.", "http.", "url.",
+             "server.", "error.")  # fmt: skip
+
+
+def _span_attributes(attributes: Mapping[str, Any] | None) -> dict[str, str | int | float | bool]:
+    """Extra span attributes: names not Kiln's own or set per request, plain values."""
+    if attributes is None:
+        return {}
+    if not isinstance(attributes, Mapping):
+        raise ValidationError("span_attributes", f"{attributes!r} is not a mapping",
+                              allowed="{'name': str | int | float | bool}")  # fmt: skip
+    out: dict[str, str | int | float | bool] = {}
+    for name, value in attributes.items():
+        if not isinstance(name, str) or not name or name.startswith(_RESERVED):
+            raise ValidationError(
+                "span_attributes", f"{name!r} cannot be set: Kiln sets it, per request",
+                allowed=f"a non-empty name not starting with {', '.join(_RESERVED)}",
+            )  # fmt: skip
+        if not isinstance(value, str | int | float | bool):
+            raise ValidationError("span_attributes", f"{name}: {value!r} is not a plain value",
+                                  allowed="str, int, float or bool")  # fmt: skip
+        out[name] = value
+    return out
 
 
 def parse_traffic(traffic: Mapping[str, Any], model_name: str) -> dict[str, float]:

@@ -59,11 +59,11 @@ class Replica:
         self._handler, _ = _setup(init)
 
     def predict(
-        self, body: bytes, received_ns: int, trace_id: bytes, parent_id: bytes
+        self, body: bytes, received_ns: int, context: str
     ) -> tuple[int, bytes, bytes, int, int]:
-        """(status, answer, trace id, CPU ns, wall ns) for one request body."""
+        """(status, answer, traceparent, CPU ns, wall ns) for one request body."""
         cpu, wall = time.thread_time_ns(), time.perf_counter_ns()
-        status, answer, trace_out = self._handler.predict(body, received_ns, trace_id, parent_id)
+        status, answer, trace_out = self._handler.predict(body, received_ns, context)
         return status, answer, trace_out, time.thread_time_ns() - cpu, time.perf_counter_ns() - wall
 
     def batch(self, rows: bytes, received_ns: int, attributes: dict[str, Any]) -> bytes:
@@ -87,11 +87,14 @@ class Replica:
 class Router:
     """The endpoint's HTTP entry on Ray Serve: picks a version, forwards the body."""
 
-    def __init__(self, weights: dict[int, float], apps: dict[int, str], refs: dict[int, str]):
+    def __init__(self, weights: dict[int, float], apps: dict[int, str], refs: dict[int, str],
+                 spans: dict[str, Any] | None = None):  # fmt: skip
         from ray import serve
 
         from kiln.serve.traffic import Split
 
+        self._spans = spans  # what the span of a request no replica answered needs
+        self._tracer: Any = None
         self._split = Split(weights)
         self._handles = {v: serve.get_app_handle(app) for v, app in apps.items()}
         self._refs = refs
@@ -101,7 +104,7 @@ class Router:
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse, Response
 
-        from kiln.serve.server import _traceparent
+        from kiln.serve.server import _trace_context
 
         path = request.url.path.rstrip("/")
         if path.endswith("/healthz") or path.endswith("/readyz"):
@@ -110,21 +113,50 @@ class Router:
             return JSONResponse({"error": f"no route {path}; POST .../predict"}, 404)
         if request.method != "POST":
             return JSONResponse({"error": "use POST"}, 405)
-        started = time.perf_counter()
+        started, received = time.perf_counter(), time.time_ns()
         body = await request.body()
-        trace_id, parent_id = _traceparent(request.scope["headers"])
+        context = _trace_context(request.scope["headers"]).decode("latin-1")
         version = self._split.pick()
-        status, answer, trace_out, cpu_ns, wall_ns = await self._handles[version].predict.remote(
-            body, time.time_ns(), trace_id, parent_id
-        )
+        try:
+            status, answer, trace_out, cpu_ns, wall_ns = await self._handles[
+                version
+            ].predict.remote(body, received, context)
+        except Exception as exc:  # the replica died, or Ray could not reach one
+            self._figures[version]["requests"] += 1
+            self._figures[version]["errors"] += 1
+            self._latencies.append(time.perf_counter() - started)
+            message = f"no replica of {self._refs[version]} answered: {type(exc).__name__}"
+            headers = self._refused(version, received, context, message)
+            return JSONResponse({"error": message}, 503, headers)
         figures = self._figures[version]
         figures["requests"] += 1
         figures["errors"] += status != 0
         figures["cpu_ns"] += cpu_ns
         figures["busy_ns"] += wall_ns
         self._latencies.append(time.perf_counter() - started)
-        headers = {"x-kiln-trace-id": trace_out.hex(), "x-kiln-model": self._refs[version]}
+        headers = {"x-kiln-model": self._refs[version]}
+        if trace_out:
+            traced = trace_out.decode()
+            headers.update({"traceparent": traced, "x-kiln-trace-id": traced[3:35]})
         return Response(answer, STATUS[status], headers, media_type="application/json")
+
+    def _refused(self, version: int, received: int, context: str, message: str) -> dict[str, str]:
+        """The span of a request no replica answered; its trace headers."""
+        spans = self._spans
+        if spans is None:
+            return {"x-kiln-model": self._refs[version]}
+        from kiln.observe import tracing
+
+        if self._tracer is None:
+            provider = tracing.tracer_provider(spans["service"], store_url=spans["store_url"])
+            self._tracer = provider.get_tracer("kiln.serve")
+        traced = tracing.refused_request_span(
+            self._tracer, name=f"POST {spans['route']}", received_ns=received, context=context,
+            attributes={**spans["attributes"], **spans["versions"][version]}, code=503,
+            message=message,
+        ).decode()  # fmt: skip
+        return {"traceparent": traced, "x-kiln-trace-id": traced[3:35],
+                "x-kiln-model": self._refs[version]}  # fmt: skip
 
     def stats(self) -> dict[str, Any]:
         """Requests, errors, CPU and busy time by version, and latency, since it started."""
@@ -183,24 +215,41 @@ class RayEndpoint:
 
     def _route(self, targets: dict[int, float]) -> None:
         """Deploy new versions, move the router, then delete versions no longer routed."""
+        from kiln.observe import tracing
         from kiln.registry.models import Models
 
         serve = self._serve
         models = Models(self._store, app=self.spec.app, actor=self.settings.actor)
         routed = {v: w for v, w in targets.items() if w > 0}
         refs = {}
+        identities = {}
+        root, route = self.url.rsplit("/", 1)[0], f"/{self.spec.name}/predict"
         for version in routed:
             mv = models.get(f"{self.spec.model_name}:{version}")
             refs[version] = mv.ref
+            identities[version] = tracing.identity_attributes(
+                endpoint=self.spec.name, model_name=mv.name, model_version=mv.version,
+                run_id=mv.run_id, kind=self.spec.kind,
+            )  # fmt: skip
             if version not in self.weights:
                 path = str(self._blobs.path(mv.artifact_sha256))
-                init = setup(self.endpoint, self.settings.store_url, mv, path)
+                init = setup(self.endpoint, self.settings.store_url, mv, path, url=root,
+                             route=route)  # fmt: skip
                 serve.run(self._replica().bind(init), name=self.app_name(version),
                           route_prefix=None)  # fmt: skip
         apps = {v: self.app_name(v) for v in routed}
         carried = self._carried_figures()
         router = serve.deployment(Router, name="router", ray_actor_options={"num_cpus": 0})
-        serve.run(router.bind(routed, apps, refs), name=self.spec.name,
+        spans = None
+        if self.spec.tracing:
+            attributes = {
+                **tracing.server_span_attributes(root, route),
+                tracing.ROUTED_BY: self.spec.model,
+                **self.spec.span_attributes,
+            }
+            spans = {"service": f"kiln.{self.spec.name}", "store_url": self.settings.store_url,
+                     "route": route, "attributes": attributes, "versions": identities}  # fmt: skip
+        serve.run(router.bind(routed, apps, refs, spans), name=self.spec.name,
                   route_prefix=f"/{self.spec.name}")  # fmt: skip
         self._past = carried  # only once the old router is replaced: no double count
         for version in self.weights:

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 from kiln.serve._replica import (
     BROKEN,
     INIT,
-    NO_PARENT,
-    NO_TRACE,
     PRELOAD,
     READY,
     REPLY,
@@ -49,7 +47,7 @@ class Answer:
     body: bytes
     cpu_ns: int
     wall_ns: int
-    trace_id: bytes
+    traceparent: bytes  # of its span; zeros if not traced
 
 
 class _Replies(asyncio.Protocol):
@@ -64,14 +62,14 @@ class _Replies(asyncio.Protocol):
         offset = 0
         waiting = self._replica.waiting
         while len(buffer) - offset >= size:
-            length, status, rid, cpu_ns, wall_ns, trace_id = REPLY.unpack_from(buffer, offset)
+            length, status, rid, cpu_ns, wall_ns, traced = REPLY.unpack_from(buffer, offset)
             end = offset + size + length
             if end > len(buffer):
                 break
             future = waiting.pop(rid, None)
             if future is not None and not future.done():
                 body = bytes(buffer[offset + size : end])
-                future.set_result(Answer(status, body, cpu_ns, wall_ns, trace_id))
+                future.set_result(Answer(status, body, cpu_ns, wall_ns, traced))
             offset = end
         del buffer[:offset]
 
@@ -147,9 +145,8 @@ class Replica:
         return ready
 
     def send(
-        self, kind: int, body: bytes, *, received_ns: int = 0, trace_id: bytes = NO_TRACE,
-        parent_id: bytes = NO_PARENT,
-    ) -> asyncio.Future[Answer]:  # fmt: skip
+        self, kind: int, body: bytes, *, received_ns: int = 0, context: bytes = b""
+    ) -> asyncio.Future[Answer]:
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Answer] = loop.create_future()
         if not self.alive:
@@ -157,8 +154,7 @@ class Replica:
             return future
         rid = next(_ids)
         self.waiting[rid] = future
-        self._out.append(request_frame(kind, rid, body, received_ns=received_ns,
-                                       trace_id=trace_id, parent_id=parent_id))  # fmt: skip
+        self._out.append(request_frame(kind, rid, body, received_ns=received_ns, context=context))
         if not self._flushing:
             self._flushing = True
             loop.call_soon(self._flush)
@@ -265,14 +261,16 @@ async def reserve(
 
 def setup(
     endpoint: Endpoint[Any], store_url: str, version: ModelVersion | None = None,
-    model_path: str = "",
+    model_path: str = "", *, url: str = "", route: str = "/predict",
 ) -> dict[str, Any]:  # fmt: skip
-    """A replica's PRELOAD setup (no ``version``) or INIT setup (with the version to load)."""
+    """A replica's PRELOAD setup (no ``version``) or INIT setup (with the version to
+    load); ``url`` is the server it answers for (none for a batch job's replicas)."""
     source, spec = endpoint.source, endpoint.spec
     out: dict[str, Any] = {
         "module": source.module, "qualname": source.qualname, "sys_path": list(source.sys_path),
         "endpoint": spec.name, "kind": spec.kind, "tracing": spec.tracing, "store_url": store_url,
-        "reference": spec.model,
+        "reference": spec.model, "span_attributes": spec.span_attributes,
+        "http": {"url": url, "route": route} if url else None,
     }  # fmt: skip
     if version is not None:
         out.update(model_path=model_path, model_name=version.name,

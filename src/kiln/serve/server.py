@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -56,6 +55,9 @@ POLL_S = 0.5  # how often the store is asked whether the alias or the split move
 TICK_S = 0.1  # how often the autoscaler decides
 REPORT_S = 2.0  # how often figures are written to the store
 MAX_BODY = 32 * 1024 * 1024
+BODY_TIMEOUT_S = 60.0  # for the whole body of a request to arrive
+HEADER_TIMEOUT_S = 10.0  # for a request's headers to arrive, from its first byte
+MAX_CONNECTIONS = 1000  # more are answered 503 at once
 _STATUS = {OK: 200, INVALID: 422, FAILED: 500}
 _JSON = (b"content-type", b"application/json")
 _log = logging.getLogger("kiln")
@@ -143,6 +145,9 @@ class EndpointServer:
         self._store: Any = None
         self._server_id: str | None = None  # its row among the endpoint's servers
         self._retired: list[Pool] = []  # pools of versions no longer routed (a canary's)
+        self._provider: Any = None  # for the spans of requests no replica answered
+        self._tracer: Any = None
+        self._openapi: dict[str, Any] | None = None
 
     # -- ASGI ---------------------------------------------------------------------------
 
@@ -164,6 +169,8 @@ class EndpointServer:
                 await _respond(send, 200 if ok else 503, {"ready": ok})
             elif path == "/metrics":
                 await self._prometheus(send)
+            elif path == "/openapi.json":
+                await _respond(send, 200, self.openapi())
             elif path == "/":
                 await _respond(send, 200, self.describe())
             else:
@@ -175,18 +182,16 @@ class EndpointServer:
     async def _predict(self, scope: Scope, receive: Receive, send: Send) -> None:
         received = time.time_ns()
         started = time.perf_counter()
-        message = await receive()
-        body: bytes = message.get("body", b"")
-        while message.get("more_body"):
-            message = await receive()
-            body += message.get("body", b"")
-            if len(body) > MAX_BODY:
-                await _respond(send, 413, {"error": f"request body over {MAX_BODY} bytes"})
-                return
-        trace_id, parent = _traceparent(scope["headers"])
+        context = _trace_context(scope["headers"])
+        try:
+            body = await _read_body(receive)
+        except _Refused as exc:
+            await self._refuse(send, None, context, received, started, exc.code, str(exc))
+            return
         split = self.split
         if split is None:
-            await _respond(send, 503, {"error": "the endpoint is starting"})
+            await self._refuse(send, None, context, received, started, 503,
+                               "the endpoint is starting")  # fmt: skip
             return
         pool = self.pools[split.pick()]
         pool.inflight += 1
@@ -194,12 +199,11 @@ class EndpointServer:
             pool.peak = pool.inflight
         self.inflight += 1
         try:
-            answer = await self._forward(pool, body, received, trace_id, parent)
+            answer = await self._forward(pool, body, received, context)
         except (ReplicaDied, _Unavailable) as exc:
             pool.requests += 1
             pool.errors += 1
-            await _respond(send, 503, {"error": str(exc)})
-            self._metrics.observe(pool.version.version, 503, time.perf_counter() - started)
+            await self._refuse(send, pool, context, received, started, 503, str(exc))
             return
         finally:
             pool.inflight -= 1
@@ -212,26 +216,67 @@ class EndpointServer:
             pool.errors += 1
         headers = [_JSON, (b"content-length", str(len(answer.body)).encode()),
                    (b"x-kiln-model", pool.version.ref.encode())]  # fmt: skip
-        if self.spec.tracing:
-            headers.append((b"x-kiln-trace-id", answer.trace_id.hex().encode()))
+        traced = answer.traceparent
+        if traced[0]:
+            headers += [(b"traceparent", traced), (b"x-kiln-trace-id", traced[3:35])]
         await send({"type": "http.response.start", "status": code, "headers": headers})
         await send({"type": "http.response.body", "body": answer.body})
         elapsed = time.perf_counter() - started
         self._latencies.append(elapsed)
         self._metrics.observe(pool.version.version, code, elapsed)
 
-    async def _forward(
-        self, pool: Pool, body: bytes, received: int, trace_id: bytes, parent: bytes
-    ) -> Any:
+    async def _refuse(
+        self, send: Send, pool: Pool | None, context: bytes, received: int, started: float,
+        code: int, message: str,
+    ) -> None:  # fmt: skip
+        """Answer a request no replica answered (it died, its version never started, the
+        endpoint is starting, the body is too big): it is still a span, with a trace id,
+        and its latency is observed."""
+        headers: list[tuple[bytes, bytes]] = []
+        if self.spec.tracing:
+            try:
+                traced = self._refused_span(pool, context, received, code, message)
+                headers = [(b"traceparent", traced), (b"x-kiln-trace-id", traced[3:35])]
+            except Exception as exc:  # a span must never cost the answer
+                _log.warning("kiln: the span of a refused request was not made: %s", exc)
+        if pool is not None:
+            headers.append((b"x-kiln-model", pool.version.ref.encode()))
+        await _respond(send, code, {"error": message}, headers)
+        version = None if pool is None else pool.version.version
+        self._metrics.observe(version, code, time.perf_counter() - started)
+
+    def _refused_span(
+        self, pool: Pool | None, context: bytes, received: int, code: int, message: str
+    ) -> bytes:
+        from kiln.observe import tracing
+
+        if self._tracer is None:
+            self._provider = tracing.tracer_provider(
+                f"kiln.{self.spec.name}", store_url=self.settings.store_url
+            )
+            self._tracer = self._provider.get_tracer("kiln.serve")
+        attrs = {**tracing.server_span_attributes(self.url, "/predict"),
+                 tracing.ENDPOINT: self.spec.name, tracing.ROUTED_BY: self.spec.model,
+                 "openinference.span.kind": self.spec.kind.upper(),
+                 **self.spec.span_attributes}  # fmt: skip
+        if pool is not None:
+            mv = pool.version
+            attrs.update(tracing.identity_attributes(
+                endpoint=self.spec.name, model_name=mv.name, model_version=mv.version,
+                run_id=mv.run_id, kind=self.spec.kind))  # fmt: skip
+        return tracing.refused_request_span(
+            self._tracer, name="POST /predict", received_ns=received,
+            context=context.decode("latin-1"), attributes=attrs, code=code, message=message,
+        )  # fmt: skip
+
+    async def _forward(self, pool: Pool, body: bytes, received: int, context: bytes) -> Any:
         for attempt in range(2):
             replica = pool.pick()
             if replica is None:
                 replica = await self._cold_start(pool)
             replica.inflight += 1
             try:
-                return await replica.send(
-                    PREDICT, body, received_ns=received, trace_id=trace_id, parent_id=parent
-                )
+                return await replica.send(PREDICT, body, received_ns=received, context=context)
             except ReplicaDied:
                 if attempt:
                     raise
@@ -345,7 +390,8 @@ class EndpointServer:
 
     def _init(self, pool: Pool, allocation: Allocation) -> dict[str, Any]:
         gpus = allocation.cuda_visible_devices if self._engine.inventory.gpus else None
-        init = setup(self.endpoint, self.settings.store_url, pool.version, pool.model_path)
+        init = setup(self.endpoint, self.settings.store_url, pool.version, pool.model_path,
+                     url=self.url)  # fmt: skip
         return {**init, "cuda_visible_devices": gpus}
 
     async def _retire(self, pool: Pool, replica: Replica) -> None:
@@ -551,8 +597,25 @@ class EndpointServer:
                 self.pools[v].version.ref: w for v, w in self.weights.items() if v in self.pools
             },
             "ready": self.ready,
-            "routes": ["POST /predict", "GET /healthz", "GET /readyz", "GET /metrics"],
+            "routes": [
+                "POST /predict",
+                "GET /healthz",
+                "GET /readyz",
+                "GET /metrics",
+                "GET /openapi.json",
+            ],
         }
+
+    def openapi(self) -> dict[str, Any]:
+        """The endpoint's OpenAPI document (see :mod:`kiln.serve.openapi`)."""
+        if self._openapi is None:
+            from kiln.serve.openapi import document
+
+            self._openapi = document(
+                self.endpoint.cls, title=f"{self.spec.name} (kiln endpoint)",
+                description=f"Serves {self.spec.model}. {self.endpoint.__doc__ or ''}".strip(),
+            )  # fmt: skip
+        return self._openapi
 
     async def _prometheus(self, send: Send) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -610,6 +673,8 @@ class EndpointServer:
             self._release(lease_id)
         for replica in self._spawned:
             replica.close()
+        if self._provider is not None:
+            await asyncio.to_thread(self._provider.shutdown)  # stores its last spans
         await asyncio.sleep(0.05)  # the pipes' close callbacks run on the next turns
         if self._server_id is not None:
             with contextlib.suppress(Exception):
@@ -668,7 +733,7 @@ class _Metrics:
                                  "front door, by model version (a canary's beside the stable "
                                  "one's)", ["endpoint", "version"], buckets=buckets,
                                  registry=registry)  # fmt: skip
-        self._latencies: dict[int, Any] = {}
+        self._latencies: dict[int | None, Any] = {}
         self.inflight = Gauge("kiln_inflight_requests", "Requests in flight", ["endpoint"],
                               registry=registry).labels(endpoint)  # fmt: skip
         self.replicas = Gauge("kiln_replicas", "Ready replicas by model version",
@@ -682,11 +747,14 @@ class _Metrics:
                                     registry=registry).labels(endpoint)  # fmt: skip
         self._counters: dict[tuple[int | None, int], Any] = {}
 
-    def observe(self, version: int, code: int, elapsed: float) -> None:
+    def observe(self, version: int | None, code: int, elapsed: float) -> None:
+        """One request answered ``code`` by ``version`` (None: routed to no version)
+        after ``elapsed`` seconds."""
         self.count(version, code)
         latency = self._latencies.get(version)
         if latency is None:
-            latency = self._latencies[version] = self.latency.labels(self.endpoint, str(version))
+            label = "none" if version is None else str(version)
+            latency = self._latencies[version] = self.latency.labels(self.endpoint, label)
         latency.observe(elapsed)
 
     def count(self, version: int | None, code: int) -> None:
@@ -718,31 +786,49 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
 
 
-_ROUTES = ["/predict", "/healthz", "/readyz", "/metrics", "/"]
+_ROUTES = ["/predict", "/healthz", "/readyz", "/metrics", "/openapi.json", "/"]
 
 
-def _traceparent(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
-    """The W3C trace context a caller sent, if valid: (trace id, parent span id), read
-    by OpenTelemetry's own propagator (version ``ff``, upper-case hex, zero ids are
-    refused; a future version is read by its first four fields). Zeros if none."""
-    carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers
-               if name in (b"traceparent", b"tracestate")}  # fmt: skip
-    if "traceparent" not in carrier:
-        return bytes(16), bytes(8)
-    from opentelemetry import trace
-
-    context = trace.get_current_span(_propagator().extract(carrier))
-    found = context.get_span_context()
-    if not found.is_valid:
-        return bytes(16), bytes(8)
-    return found.trace_id.to_bytes(16, "big"), found.span_id.to_bytes(8, "big")
+def _trace_context(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The caller's W3C trace headers as a replica reads them (see ``REQUEST`` in
+    :mod:`kiln.serve._replica`): ``traceparent``, then ``tracestate`` (several combined)
+    after a newline. Parsed in the replica, by OpenTelemetry's propagator."""
+    parent = state = b""
+    for name, value in headers:
+        if name == b"traceparent":
+            parent = value
+        elif name == b"tracestate":
+            state = value if not state else state + b"," + value
+    if not parent:
+        return b""
+    return parent + b"\n" + state if state else parent
 
 
-@functools.cache
-def _propagator() -> Any:
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+class _Refused(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
-    return TraceContextTextMapPropagator()
+
+async def _read_body(receive: Receive) -> bytes:
+    """The request body: at most ``MAX_BODY`` bytes, all of it within ``BODY_TIMEOUT_S``."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _Refused(499, "the client went away")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise _Refused(413, f"request body over {MAX_BODY} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    except TimeoutError:
+        raise _Refused(408, f"the request body took over {BODY_TIMEOUT_S:g}s to arrive") from None
 
 
 async def _respond(
@@ -752,6 +838,49 @@ async def _respond(
     headers = [_JSON, (b"content-length", str(len(body)).encode()), *(extra or ())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _protocol() -> Any:
+    """uvicorn's HTTP protocol, with a deadline for a request's headers: uvicorn times
+    out idle keep-alive connections only, so a client that opens connections and
+    sends headers slowly, or nothing, would hold them forever."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # no httptools: uvicorn's pure-Python protocol, without a deadline
+        return "auto"
+
+    class Protocol(HttpToolsProtocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(HEADER_TIMEOUT_S, self._too_slow)
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
 
 
 @dataclass
@@ -798,7 +927,8 @@ def serve(
     bound = sock.getsockname()[1]
     app.url = f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{bound}"
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=30)  # fmt: skip
+                            timeout_graceful_shutdown=30, http=_protocol(),
+                            limit_concurrency=MAX_CONNECTIONS)  # fmt: skip
     server = uvicorn.Server(config)
     if block:
         _say(f"{endpoint.name}: listening on {app.url}")
