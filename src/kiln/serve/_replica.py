@@ -68,37 +68,49 @@ class Handler:
         *,
         tracer: Any = None,
         span_attributes: dict[str, Any] | None = None,
+        http_attributes: dict[str, Any] | None = None,
         kind: str = "chain",
         model_ref: str = "",
         route: str = "/predict",
     ) -> None:
+        from pydantic import ValidationError as Invalid
+
         from kiln.serve._validation import request_model
 
         self._predict: Callable[..., Any] = instance.predict
         self._predict_batch: BatchPredict | None = getattr(instance, "predict_batch", None)
         self._model = request_model(type(instance))  # type: ignore[arg-type]
         self._names = tuple(self._model.model_fields)
+        self._invalid = Invalid
         self._tracer = tracer
-        self._static = dict(span_attributes or {})
+        self._static = dict(span_attributes or {})  # of every span
+        self._request_static = {**self._static, **(http_attributes or {})}  # of requests'
         self._kind = kind
         self._model_ref = model_ref
         self._name = f"POST {route}"
         self._owner = type(instance).__qualname__
+        if tracer is not None:  # what each span needs, looked up once
+            from opentelemetry.trace import SpanKind, StatusCode
+
+            from kiln.observe import tracing
+
+            self._tracing = tracing
+            self._kinds = {True: SpanKind.SERVER, False: SpanKind.INTERNAL}
+            self._error = StatusCode.ERROR
+            self._codes = {s: tracing.http_status_attributes(c) for s, c in HTTP_STATUS.items()}
 
     def predict(
         self, body: bytes, received_ns: int = 0, context: str = ""
     ) -> tuple[int, bytes, bytes]:
         """(status, answer, traceparent of its span: empty if untraced) for one request
         body; ``context`` is the caller's trace context (see :data:`REQUEST`)."""
-        from pydantic import ValidationError as Invalid
-
         span = self._start(self._name, received_ns, context) if self._tracer else None
         status, request, result, error = OK, None, None, None
         try:
             request = self._model.model_validate_json(body)
             result = self._predict(**{n: getattr(request, n) for n in self._names})
             answer = encode(result)
-        except Invalid as exc:
+        except self._invalid as exc:
             status, answer = INVALID, invalid_answer(exc)
         except Exception as exc:
             status, error = FAILED, exc
@@ -106,9 +118,7 @@ class Handler:
         if span is None:
             return status, answer, NO_TRACE
         self._finish(span, body, answer, status, error, request, result)
-        from kiln.observe.tracing import traceparent
-
-        return status, answer, traceparent(span)
+        return status, answer, self._tracing.traceparent(span)
 
     def batch(self, body: bytes, received_ns: int = 0, attributes: dict[str, Any] | None = None
               ) -> tuple[int, bytes]:  # fmt: skip
@@ -129,7 +139,7 @@ class Handler:
                 out = self._answer_together(self._predict_batch, rows)
         except BatchContractError as exc:
             if span is not None:
-                span.set_status(_error_status(), str(exc))
+                span.set_status(self._error, str(exc))
                 span.end()
             return FAILED, json.dumps({"error": str(exc)}).encode()
         failed = sum(1 for line in out if line.startswith(b'{"error":'))
@@ -193,29 +203,22 @@ class Handler:
         return [encode(answer) for answer in result]
 
     def _start(self, name: str, received_ns: int, context: str, server: bool = True) -> Any:
-        from opentelemetry.trace import SpanKind
-
-        from kiln.observe.tracing import parent_context
-
         return self._tracer.start_span(
-            name, context=parent_context(context) if context else None,
-            kind=SpanKind.SERVER if server else SpanKind.INTERNAL,
-            start_time=received_ns or None, attributes=self._static,
+            name, context=self._tracing.parent_context(context) if context else None,
+            kind=self._kinds[server], start_time=received_ns or None,
+            attributes=self._request_static if server else self._static,
         )  # fmt: skip
 
     def _finish(self, span: Any, body: bytes, answer: bytes, status: int, error: Any,
                 request: Any, result: Any) -> None:  # fmt: skip
         """Its attributes and status: ERROR for a server error only (per the HTTP
         conventions a 4xx leaves a server span's status unset)."""
-        from opentelemetry.trace import StatusCode
-
-        from kiln.observe import tracing
-
+        tracing = self._tracing
         attrs = tracing.io_attributes(
             body.decode(errors="replace"), answer.decode(errors="replace"),
             input_json=status != INVALID or _is_json(body),
         )  # fmt: skip
-        attrs.update(tracing.http_status_attributes(HTTP_STATUS[status]))
+        attrs.update(self._codes[status])
         if request is not None and error is None:
             if self._kind == "llm":
                 attrs.update(tracing.llm_attributes(self._model_ref, request.model_dump(), result))
@@ -228,7 +231,7 @@ class Handler:
         span.set_attributes(attrs)
         if error is not None:
             span.record_exception(error)
-            span.set_status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
+            span.set_status(self._error, f"{type(error).__name__}: {error}")
         span.end()
 
 
@@ -255,12 +258,6 @@ def batch_answers(status: int, body: bytes) -> bytes:
 
 def _error_answer(exc: BaseException) -> bytes:
     return json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
-
-
-def _error_status() -> Any:
-    from opentelemetry.trace import StatusCode
-
-    return StatusCode.ERROR
 
 
 def encode(value: Any) -> bytes:
@@ -380,11 +377,10 @@ def _setup(init: dict[str, Any]) -> tuple[Handler, list[str]]:
         )  # fmt: skip
         if init.get("reference"):  # the alias that routed it, for `kiln why`
             attrs[tracing.ROUTED_BY] = init["reference"]
-        if http:
-            attrs.update(tracing.server_span_attributes(http["url"], http["route"]))
         attrs.update(init.get("span_attributes") or {})
-    handler = Handler(instance, tracer=tracer, span_attributes=attrs, kind=init["kind"],
-                      model_ref=f"{init['model_name']}:{init['model_version']}",
+    served = tracing.server_span_attributes(http["url"], http["route"]) if tracer and http else {}
+    handler = Handler(instance, tracer=tracer, span_attributes=attrs, http_attributes=served,
+                      kind=init["kind"], model_ref=f"{init['model_name']}:{init['model_version']}",
                       route=http.get("route", "/predict"))  # fmt: skip
     return handler, learned
 

@@ -57,6 +57,7 @@ REPORT_S = 2.0  # how often figures are written to the store
 MAX_BODY = 32 * 1024 * 1024
 BODY_TIMEOUT_S = 60.0  # for the whole body of a request to arrive
 HEADER_TIMEOUT_S = 10.0  # for a request's headers to arrive, from its first byte
+SWEEP_S = 1.0  # how often connections past a deadline are closed
 MAX_CONNECTIONS = 1000  # more are answered 503 at once
 _STATUS = {OK: 200, INVALID: 422, FAILED: 500}
 _JSON = (b"content-type", b"application/json")
@@ -811,24 +812,17 @@ class _Refused(Exception):
 
 
 async def _read_body(receive: Receive) -> bytes:
-    """The request body: at most ``MAX_BODY`` bytes, all of it within ``BODY_TIMEOUT_S``."""
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise _Refused(499, "the client went away")
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > MAX_BODY:
-                    raise _Refused(413, f"request body over {MAX_BODY} bytes")
-                chunks.append(chunk)
-                if not message.get("more_body"):
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    except TimeoutError:
-        raise _Refused(408, f"the request body took over {BODY_TIMEOUT_S:g}s to arrive") from None
+    """The request body, at most ``MAX_BODY`` bytes (its deadline is the protocol's)."""
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    while message.get("more_body") or message["type"] == "http.disconnect":
+        if message["type"] == "http.disconnect":
+            raise _Refused(499, "the client went away before sending the whole body")
+        message = await receive()
+        body += message.get("body", b"")
+        if len(body) > MAX_BODY:
+            raise _Refused(413, f"request body over {MAX_BODY} bytes")
+    return body
 
 
 async def _respond(
@@ -841,46 +835,62 @@ async def _respond(
 
 
 def _protocol() -> Any:
-    """uvicorn's HTTP protocol, with a deadline for a request's headers: uvicorn times
-    out idle keep-alive connections only, so a client that opens connections and
-    sends headers slowly, or nothing, would hold them forever."""
+    """uvicorn's HTTP protocol with deadlines: a request's headers must arrive within
+    ``HEADER_TIMEOUT_S`` of its first byte (or of the connection), its body within
+    ``BODY_TIMEOUT_S`` of its headers. uvicorn itself times out only idle keep-alive
+    connections, so a client that opens connections and then sends slowly, or
+    nothing, would hold them forever. One sweep a second enforces the deadlines
+    (a timer per request would cost every request)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # no httptools: uvicorn's pure-Python protocol, without a deadline
+    except ImportError:  # no httptools: uvicorn's pure-Python protocol, without deadlines
         return "auto"
 
     class Protocol(HttpToolsProtocol):
-        _deadline: asyncio.TimerHandle | None = None
+        deadline = 0.0  # loop time by which what is being read must have arrived; 0: none
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self._arm()
+            self.deadline = self.loop.time() + HEADER_TIMEOUT_S
+            state: Any = self.server_state
+            if getattr(state, "kiln_sweep", None) is None:  # the first connection
+                state.kiln_sweep = self.loop.call_later(SWEEP_S, _sweep, self.loop, state)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._arm()
+            if not self.deadline:
+                self.deadline = self.loop.time() + HEADER_TIMEOUT_S
 
         def on_headers_complete(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+            self.deadline = self.loop.time() + BODY_TIMEOUT_S
             super().on_headers_complete()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            if self._deadline is None:
-                self._deadline = self.loop.call_later(HEADER_TIMEOUT_S, self._too_slow)
-
-        def _too_slow(self) -> None:
-            self._deadline = None
-            if not self.transport.is_closing():
-                self.transport.close()
+        def on_message_complete(self) -> None:
+            self.deadline = 0.0
+            super().on_message_complete()
 
     return Protocol
+
+
+def _sweep(loop: asyncio.AbstractEventLoop, state: Any) -> None:
+    """Answer 408 to, and close, each connection past its deadline."""
+    now = loop.time()
+    for connection in list(state.connections):
+        deadline = getattr(connection, "deadline", 0.0)
+        transport = connection.transport
+        if deadline and deadline < now and not transport.is_closing():
+            cycle = connection.cycle
+            if cycle is None or not cycle.response_started:
+                transport.write(_TOO_SLOW)
+            transport.close()
+    state.kiln_sweep = loop.call_later(SWEEP_S, _sweep, loop, state)
+
+
+_SLOW_BODY = b'{"error": "the request did not arrive in time"}'
+_TOO_SLOW = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_SLOW_BODY), _SLOW_BODY)
+)
 
 
 @dataclass
