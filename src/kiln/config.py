@@ -11,11 +11,16 @@
 |               |                                  | disk); 0: none does, artifacts travel back |
 | KILN_CACHE    | $XDG_CACHE_HOME/kiln or          | built envs, shared by every KILN_HOME on |
 |               | ~/.cache/kiln                    | the machine: one lock is built once      |
+| KILN_CEILING_DIRECTORIES | none                  | folders (separated by ``:``) the search  |
+|               |                                  | for .kiln and .git does not go above     |
 
 Without ``KILN_HOME``, Kiln finds its home the way git finds ``.git``: the nearest
 existing ``.kiln`` folder at or above the current directory; if there is none, the
 ``.kiln`` at the root of the git work tree the current directory is in; outside a
 work tree, ``./.kiln``. :attr:`Settings.home_origin` says which, for error messages.
+Like ``GIT_CEILING_DIRECTORIES``, ``KILN_CEILING_DIRECTORIES`` stops the search
+below each folder it names (a shared ``/home`` or a network mount that must not be
+looked into, or a ``.kiln`` above a project that is not its own).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import functools
 import getpass
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast, get_args
@@ -67,7 +72,8 @@ class Settings:
                         "KILN_HOME", f"{path} is a file; set it to a folder (made if missing)"
                     )
         else:
-            home, origin = find_home(Path.cwd())
+            ceilings = [Path(p) for p in env.get("KILN_CEILING_DIRECTORIES", "").split(":") if p]
+            home, origin = find_home(Path.cwd(), ceilings)
         store_url = env.get("KILN_STORE") or f"sqlite:///{home / 'kiln.db'}"
         scheme = store_url.split(":", 1)[0].split("+", 1)[0]
         if scheme not in _STORE_SCHEMES:
@@ -91,21 +97,30 @@ class Settings:
         )  # fmt: skip
 
 
-def find_home(start: Path) -> tuple[Path, str]:
+def find_home(start: Path, ceilings: Sequence[Path] = ()) -> tuple[Path, str]:
     """The ``KILN_HOME`` for a process started in ``start``, and how it was found.
 
     Like git's search for ``.git``: the nearest existing ``.kiln`` folder at or above
     ``start``, so a run from a subfolder records into the project's store; else the
     ``.kiln`` at the root of the git work tree (where the first run of a project should
-    put it); else ``start/.kiln``.
+    put it); else ``start/.kiln``. Neither search looks at or above a folder of
+    ``ceilings`` (``start`` itself is always looked at).
     """
     start = start.absolute()
-    for directory in (start, *start.parents):
+    above = [Path(c).absolute() for c in ceilings]
+    searched = [start]
+    for directory in start.parents:
+        if directory in above:
+            break
+        searched.append(directory)
+    for directory in searched:
         if (directory / ".kiln").is_dir():
             home = directory / ".kiln"
             return home, f"the nearest .kiln folder at or above {start} is {home}"
     looked = f"there is no .kiln folder in {start} or any folder above it"
-    for directory in (start, *start.parents):
+    if len(searched) <= len(start.parents):
+        looked += f" below the ceiling {searched[-1].parent} (KILN_CEILING_DIRECTORIES)"
+    for directory in searched:
         if (directory / ".git").exists():  # a folder, or a file in a worktree or submodule
             return directory / ".kiln", f"{looked}, so it goes at the work tree's root {directory}"
     return start / ".kiln", f"{looked}, and it is not in a git work tree"

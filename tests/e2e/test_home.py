@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import kiln
-from kiln.config import Settings
+from kiln.config import Settings, find_home
 from kiln.record.model import RunRecord
 
 TRAIN = """
@@ -97,3 +97,17 @@ def test_no_store_here_says_where_it_looked(tmp_path: Path) -> None:
     assert "no store here yet" in message, message
     assert str(folder / ".kiln" / "kiln.db") in message
     assert f"there is no .kiln folder in {folder} or any folder above it" in message
+
+
+def test_the_search_stops_at_kiln_ceiling_directories(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    (shared / ".kiln").mkdir(parents=True)  # someone else's store, above the project
+    project = shared / "me" / "project"
+    (project / "sub").mkdir(parents=True)
+    assert find_home(project / "sub")[0] == shared / ".kiln"  # without a ceiling
+    home, origin = find_home(project / "sub", [shared / "me"])
+    assert home == project / "sub" / ".kiln"  # not the store above the ceiling
+    assert "below the ceiling" in origin and str(shared / "me") in origin
+    proc = python(project / "sub", "-m", "kiln", "runs", "ls",
+                  KILN_CEILING_DIRECTORIES=f"/nowhere:{shared / 'me'}")  # fmt: skip
+    assert proc.returncode == 1 and str(project / "sub" / ".kiln") in proc.stderr
