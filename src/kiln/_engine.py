@@ -38,7 +38,7 @@ from kiln.errors import ConfigError
 from kiln.record.model import RunStatus
 from kiln.record.recorder import Recorder, recorder_for
 from kiln.record.store.base import WriteBatch
-from kiln.record.values import result_json, summary_of
+from kiln.record.values import result_json, summary_of, unrecorded_message
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -309,8 +309,11 @@ class Engine:
         run_id, app = call.spec.run_id, call.spec.app
         result: Any = None
         if outcome.result is not None:
-            # What cannot be recorded is left out here; Run.result() warns the caller.
-            result = result_json(cloudpickle.loads(outcome.result))[0]
+            # What cannot be recorded is left out here, and the record says so (a run
+            # whose result is never fetched too); Run.result() also warns the caller.
+            result, problems = result_json(cloudpickle.loads(outcome.result))
+            if problems:
+                batch.warnings.append((run_id, unrecorded_message(problems)))
             batch.summaries.extend((run_id, app, k, v) for k, v in summary_of(result).items())
         error = outcome.error or outcome.cause
         if error and len(call.attempts) > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import threading
@@ -15,6 +16,7 @@ import torch
 import kiln
 from kiln.config import Settings
 from kiln.errors import NoActiveRunError, RecordingWarning, ValidationError
+from kiln.record.recorder import recorder_for
 
 
 class Model:
@@ -210,6 +212,13 @@ def test_tensor_and_numpy_results_become_summary_metrics(settings: Settings) -> 
     best = sweep.best("acc")
     assert best.summary == {"acc": 0.5, "f1": 0.5, "loss": 0.5}
     assert best.result == {"acc": 0.5, "f1": 0.5, "hist": "<torch.Tensor, not recorded>"}
+    # a sweep's results are never fetched here: each record says what it left out
+    store = recorder_for(settings).store
+    for run in sweep.runs:
+        (event,) = store.audit_events(action="run.warning", target=run.id, limit=None)
+        assert (
+            "cannot record result['hist'] (torch.Tensor" in json.loads(event["payload"])["message"]
+        )
     # in this process: .local() and a run by hand, warned at the caller's line
     with pytest.warns(RecordingWarning, match=r"result\['hist'\]") as caught:
         scores.local(0.25)

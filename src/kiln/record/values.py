@@ -204,16 +204,21 @@ def summary_of(result: Any) -> dict[str, float]:
     }
 
 
+def unrecorded_message(problems: list[str]) -> str:
+    """What a run's record says when parts of its result were left out."""
+    return (
+        "cannot record " + ", ".join(problems) + ": left out of the run's record "
+        "(the caller still gets the value). Return numbers (float(x) or x.item()), strings, "
+        "lists or dicts with string keys."
+    )
+
+
 def warn_unrecorded(problems: list[str]) -> None:
     """Warn, at the first caller outside Kiln, that these parts of a result were left out."""
     if not problems:
         return
     warnings.warn(
-        "kiln: cannot record " + ", ".join(problems) + ": left out of the run's record "
-        "(the caller still gets the value). Return numbers (float(x) or x.item()), strings, "
-        "lists or dicts with string keys.",
-        RecordingWarning,
-        stacklevel=_outside_kiln(),
+        "kiln: " + unrecorded_message(problems), RecordingWarning, stacklevel=_outside_kiln()
     )
 
 
