@@ -49,6 +49,10 @@ def test_an_endpoint_on_ray_serve_answers_traces_and_follows_its_alias(
     assert handle.stats()["replicas"] == 0  # scaled to zero until a request comes
     with httpx.Client(base_url=handle.url, timeout=60) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.delete("/healthz").headers["allow"] == "GET, HEAD"
+        assert client.get("/predict").status_code == 405
+        document = client.get("/openapi.json").json()
+        assert document["servers"] == [{"url": "/scorer"}] and "/predict" in document["paths"]
         response = client.post("/predict", json={"x": [1, 2]})  # a cold start on Ray
         assert response.status_code == 200, response.text
         assert response.json()["score"] == 6.0 and response.json()["version"] == first

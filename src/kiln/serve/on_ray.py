@@ -87,12 +87,15 @@ class Replica:
 class Router:
     """The endpoint's HTTP entry on Ray Serve: picks a version, forwards the body."""
 
-    def __init__(self, weights: dict[int, float], apps: dict[int, str], refs: dict[int, str],
-                 spans: dict[str, Any] | None = None):  # fmt: skip
+    def __init__(
+        self, weights: dict[int, float], apps: dict[int, str], refs: dict[int, str],
+        spans: dict[str, Any] | None = None, openapi: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         from ray import serve
 
         from kiln.serve.traffic import Split
 
+        self._openapi = openapi or {}
         self._spans = spans  # what the span of a request no replica answered needs
         self._tracer: Any = None
         self._split = Split(weights)
@@ -107,12 +110,17 @@ class Router:
         from kiln.serve.server import _trace_context
 
         path = request.url.path.rstrip("/")
-        if path.endswith("/healthz") or path.endswith("/readyz"):
-            return JSONResponse({"status": "ok"})
-        if not path.endswith("/predict"):
+        route = path.rsplit("/", 1)[-1]
+        if route not in ("predict", "healthz", "readyz", "openapi.json"):
             return JSONResponse({"error": f"no route {path}; POST .../predict"}, 404)
-        if request.method != "POST":
-            return JSONResponse({"error": "use POST"}, 405)
+        allowed = "POST" if route == "predict" else "GET, HEAD"
+        if request.method not in allowed.split(", "):
+            return JSONResponse({"error": f"use {allowed.split(',')[0]} {path}"}, 405,
+                                {"allow": allowed})  # fmt: skip
+        if route == "openapi.json":
+            return JSONResponse(self._openapi)
+        if route != "predict":
+            return JSONResponse({"status": "ok"} if route == "healthz" else {"ready": True})
         started, received = time.perf_counter(), time.time_ns()
         body = await request.body()
         context = _trace_context(request.scope["headers"]).decode("latin-1")
@@ -217,6 +225,7 @@ class RayEndpoint:
         """Deploy new versions, move the router, then delete versions no longer routed."""
         from kiln.observe import tracing
         from kiln.registry.models import Models
+        from kiln.serve.openapi import document
 
         serve = self._serve
         models = Models(self._store, app=self.spec.app, actor=self.settings.actor)
@@ -249,7 +258,9 @@ class RayEndpoint:
             }
             spans = {"service": f"kiln.{self.spec.name}", "store_url": self.settings.store_url,
                      "route": route, "attributes": attributes, "versions": identities}  # fmt: skip
-        serve.run(router.bind(routed, apps, refs, spans), name=self.spec.name,
+        openapi = document(self.endpoint.cls, title=f"{self.spec.name} (kiln endpoint on Ray)",
+                           base=f"/{self.spec.name}")  # fmt: skip
+        serve.run(router.bind(routed, apps, refs, spans, openapi), name=self.spec.name,
                   route_prefix=f"/{self.spec.name}")  # fmt: skip
         self._past = carried  # only once the old router is replaced: no double count
         for version in self.weights:

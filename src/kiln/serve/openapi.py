@@ -60,8 +60,11 @@ def _get(
     return {"get": {"summary": summary, "responses": {"200": answer, **(extra or {})}}}
 
 
-def document(cls: type[Any], *, title: str, description: str = "") -> dict[str, Any]:
-    """The OpenAPI 3.1 document of an endpoint serving ``cls``."""
+def document(
+    cls: type[Any], *, title: str, description: str = "", base: str = ""
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of an endpoint serving ``cls``, its routes under ``base``
+    (Ray Serve's route prefix; none for ``kiln serve``)."""
     request = request_model(cls)  # type: ignore[arg-type]
     schemas: dict[str, Any] = {"Error": _ERROR}
     request_schema = request.model_json_schema(ref_template=_REF)
@@ -106,7 +109,7 @@ def document(cls: type[Any], *, title: str, description: str = "") -> dict[str, 
     }
     status = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
     ready = {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}
-    return {
+    out: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {"title": title, "version": "1", "description": description},
         "paths": {
@@ -127,6 +130,10 @@ def document(cls: type[Any], *, title: str, description: str = "") -> dict[str, 
         },
         "components": {"schemas": schemas},
     }
+    if base:
+        out["servers"] = [{"url": base}]
+        del out["paths"]["/metrics"], out["paths"]["/"]  # Ray Serve has its own
+    return out
 
 
 def _answer_schema(cls: type[Any]) -> dict[str, Any]:
