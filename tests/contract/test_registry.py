@@ -45,6 +45,11 @@ def test_register_resolve_promote_rollback(settings: Settings) -> None:
     assert v2.run_id == second and v2.metrics == {"accuracy": 0.9}
     assert v2.artifact_sha256 == kiln.get_run(second).artifact("model.pkl").sha256
     assert app.models.get("fraud:1") == v1
+    with app.run() as run:  # the run of a `with` block: once it has ended
+        kiln.save("model.pkl", {"acc": 0.5})
+        with pytest.raises(ValidationError, match="still being recorded"):
+            app.models.register("fraud", run, artifact="model.pkl")
+    assert app.models.register("fraud", run, artifact="model.pkl").run_id == run.id
 
     app.models.promote("fraud", 1, alias="production", reason="first")
     app.models.promote("fraud", 2, alias="production", reason="better")
@@ -63,8 +68,8 @@ def test_register_resolve_promote_rollback(settings: Settings) -> None:
     assert app.models.names() == ["fraud"]
     events = recorder.recorder_for(Settings.from_env()).store.audit_events(limit=None)
     actions = [e["action"] for e in reversed(events) if e["action"].startswith(("model", "alias"))]
-    assert actions == ["model.register", "model.register", "alias.promote", "alias.promote",
-                       "alias.rollback"]  # fmt: skip
+    assert actions == ["model.register"] * 3 + ["alias.promote", "alias.promote",
+                                                "alias.rollback"]  # fmt: skip
 
 
 def test_bad_input_is_refused_and_changes_nothing(settings: Settings) -> None:

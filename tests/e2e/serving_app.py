@@ -56,7 +56,7 @@ def register(version_weight: float) -> int:
         models = app.models
         version = len(models.versions("scorer")) + 1 if "scorer" in models.names() else 1
         kiln.save("model.pkl", {"version": version, "weight": version_weight})
-    return app.models.register("scorer", run.id, artifact="model.pkl").version
+    return app.models.register("scorer", run, artifact="model.pkl").version  # the ActiveRun
 
 
 class Devices:

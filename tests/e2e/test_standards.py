@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -24,10 +23,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client.parser import text_string_to_metric_families
 from serving_app import Fragile, Typed, app, register
+from typer.testing import CliRunner
 
+from kiln.cli import app as cli
 from kiln.config import Settings
-from kiln.errors import NotFoundError
-from kiln.observe.why import find_trace
+from kiln.errors import NotFoundError, ValidationError
+from kiln.observe.why import explain, find_trace
 from kiln.record.recorder import recorder_for
 from kiln.serve import server
 from kiln.serve.server import ServerHandle
@@ -183,7 +184,7 @@ def test_a_request_whose_replica_dies_is_a_span_with_a_trace_id_and_a_latency(
         died = client.post("/predict", json={"x": [1], "crash": True}, headers={
             "traceparent": CALLER})  # fmt: skip
         assert died.status_code == 503
-        assert re.fullmatch(r"replica \d+ (exited with code 3|died)", died.json()["error"])
+        assert died.json() == {"error": "the replica answering it died"}  # no pid, no code
         after = client.post("/predict", json={"x": [1]})  # a new replica answers
         metrics = client.get("/metrics").text
     assert after.status_code == 200
@@ -207,6 +208,36 @@ def test_a_request_whose_replica_dies_is_a_span_with_a_trace_id_and_a_latency(
     resource, span = wait_for(lambda: receiver.spans().get(trace_id), what="the OTLP span")
     assert resource["service.name"] == "fraud-api"
     assert span.kind == Span.SPAN_KIND_SERVER and span.status.code == Status.STATUS_CODE_ERROR
+
+
+def test_why_needs_the_answers_traceparent_when_a_callers_trace_holds_several(
+    serve: Callable[..., ServerHandle],
+) -> None:
+    handle = serve(Fragile)
+    with httpx.Client(base_url=handle.url, timeout=60) as client:
+        first, second = (client.post("/predict", json={"x": [x]}, headers={"traceparent": CALLER})
+                         for x in (1, 2))  # fmt: skip
+        twice = client.post("/predict", json={"x": [3]}, headers=[
+            ("traceparent", CALLER), ("traceparent", CALLER.replace("4b", "5b"))])  # fmt: skip
+    host, port = handle.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\ncontent-length: %d\r\n\r\n{" % 2**40)
+        conn.settimeout(30)
+        assert conn.recv(1024).startswith(b"HTTP/1.1 413 ")  # from the length it declared
+    # two traceparent headers: no parent (as W3C's test suite wants), a new trace
+    assert twice.headers["x-kiln-trace-id"] not in (CALLER[3:35], CALLER[3:35].replace("4b", "5b"))
+    trace_id = first.headers["x-kiln-trace-id"]
+    assert second.headers["x-kiln-trace-id"] == trace_id  # one trace, two answers
+    store = recorder_for(Settings.from_env()).store
+    wait_for(lambda: len(_trace(store, trace_id) or []) == 2, what="both spans")
+    with pytest.raises(ValidationError, match="holds 2 answers"):
+        explain(store, trace_id)
+    for answer, x in ((first, 1), (second, 2)):
+        info = explain(store, answer.headers["traceparent"])  # names the answer's own span
+        assert json.loads(info["input"]) == {"x": [x]}
+        assert info["span_id"] == answer.headers["traceparent"].split("-")[2]
+    shown = CliRunner().invoke(cli, ["why", second.headers["traceparent"]])
+    assert shown.exit_code == 0 and '{"x":[2]}' in shown.output, shown.output
 
 
 def _trace(store: Any, trace_id: str) -> list[dict[str, Any]] | None:
@@ -269,5 +300,10 @@ def test_connections_that_never_finish_their_headers_are_closed(
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive in time" in answer
         conn.close()
+    families = {f.name: f for f in text_string_to_metric_families(
+        httpx.get(f"{handle.url}/metrics").text)}  # fmt: skip
+    codes = {s.labels["code"]: s.value for s in families["kiln_requests"].samples
+             if s.name == "kiln_requests_total"}  # fmt: skip
+    assert codes == {"408": 20.0}  # the slow bodies: recorded as what they were answered
     answered = httpx.post(f"{handle.url}/predict", json={"features": [1.0]})
     assert answered.status_code == 200 and answered.json()["above"] == 1

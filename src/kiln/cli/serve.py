@@ -340,7 +340,13 @@ def traces_ls(
 
 
 def why(
-    trace_id: Annotated[str, typer.Argument(help="A trace id (or a unique prefix).")],
+    trace_id: Annotated[
+        str,
+        typer.Argument(
+            help="A trace id (or a unique prefix), or the traceparent an answer carried "
+            "(names its span: needed when a caller's trace holds several answers)."
+        ),
+    ],
     as_json: JsonOpt = False,
 ) -> None:
     """Everything behind one inference: model version, promotion, run, code, data, env."""
@@ -360,6 +366,8 @@ def print_why(info: dict[str, Any]) -> None:
         f"[bold]trace {_esc(info['trace_id'])}[/]  {_esc(info['endpoint'])}  {_esc(when)}  "
         f"{info['latency_ms']:.2f} ms  {_esc(info['status'])}"
     )
+    if info.get("error"):
+        out.print(f"  [red]{_esc(str(info.get('http_status') or ''))} {_esc(info['error'])}[/]")
     out.print(f"  input   {_esc(_short(info['input']))}")
     out.print(f"  output  {_esc(_short(info['output']))}")
     for key, value in info.get("llm", {}).items():

@@ -80,15 +80,50 @@ def find_trace(store: SqlStore, trace_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in rows]
 
 
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    """(trace id or prefix, span id or None) from what ``kiln why`` was given."""
+    parts = ref.strip().lower().split("-")
+    if len(parts) == 4 and len(parts[0]) == 2:  # a whole traceparent: version-trace-span-flags
+        parts = parts[1:3]
+    if len(parts) == 2 and len(parts[1]) == 16 and set(parts[1]) <= _HEX:
+        return parts[0], parts[1]
+    return ref, None
+
+
 def explain(store: SqlStore, trace_id: str) -> dict[str, Any]:
-    """Everything behind one inference, as one JSON-able dict (see the module docstring)."""
+    """Everything behind one inference, as one JSON-able dict (see the module docstring).
+
+    ``trace_id`` is a trace id (or a unique prefix of 8 or more), or the ``traceparent``
+    an answer carried (``00-TRACE-SPAN-FLAGS``, or ``TRACE-SPAN``), which names the
+    answer's own span: a caller that sends its trace context along makes several
+    answers share one trace id, and then only the span says which one is meant."""
     from kiln.registry.models import Models
 
-    trace = find_trace(store, trace_id)
-    span = next((s for s in trace if s["model_name"]), trace[0])
+    ref, span_id = _split_ref(trace_id)
+    trace = find_trace(store, ref)
+    answers = [s for s in trace if s["model_name"] or s["endpoint"]] or trace
+    if span_id is not None:
+        span = next((s for s in trace if s["span_id"] == span_id), None)
+        if span is None:
+            raise NotFoundError(f"trace {trace[0]['trace_id']} has no span {span_id}")
+    elif len(answers) > 1:
+        listed = "; ".join(
+            f"{s['trace_id']}-{s['span_id']} ({s['name']}, {s['model_name']}:{s['model_version']})"
+            for s in answers[:5]
+        )
+        raise ValidationError(
+            "TRACE_ID", f"trace {trace[0]['trace_id']} holds {len(answers)} answers (a caller "
+            "sent its trace along); name one by the traceparent it carried, TRACE-SPAN",
+            allowed=listed,
+        )  # fmt: skip
+    else:
+        span = answers[0]
     attrs = span["attributes"]
     out: dict[str, Any] = {
         "trace_id": span["trace_id"],
+        "span_id": span["span_id"],
+        "error": attrs.get("kiln.error"),
+        "http_status": attrs.get("http.response.status_code"),
         "span": span["name"],
         "endpoint": span["endpoint"],
         "status": span["status"],

@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Protocol, TypeAlias, runtime_checkable
 
 from kiln.errors import ValidationError
-from kiln.record.model import RunRecord
+from kiln.record.model import RunRecord, RunStatus
 from kiln.record.store.base import Store
 
-ALLOWED = ("a kiln.Run or kiln.Sweep", "a kiln.RunRecord", "a run id or a unique prefix of it")
+ALLOWED = ("a kiln.Run or kiln.Sweep", "the run of `with app.run() as run`", "a kiln.RunRecord",
+           "a run id or a unique prefix of it")  # fmt: skip
 
 
 @runtime_checkable
@@ -50,6 +51,13 @@ def resolve_run(run: object, store: Store, *, field: str = "run", ended: bool = 
         if ended:
             run.wait()
         return run.record()
+    from kiln.record.runs import ActiveRun
+
+    if isinstance(run, ActiveRun):  # `with app.run() as run`: written when its block ends
+        if ended and run.status is RunStatus.RUNNING:
+            raise ValidationError(field, f"run {run.id[:8]} is still being recorded; use it "
+                                  "after its `with` block ends")  # fmt: skip
+        return store.get_run(run.id)
     shown = repr(run)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     raise ValidationError(field, f"{type(run).__name__} {shown} is not a run", allowed=ALLOWED)

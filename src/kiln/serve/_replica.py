@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import os
 import struct
@@ -47,6 +48,7 @@ HTTP_STATUS = {OK: 200, INVALID: 422, FAILED: 500}
 NO_TRACE = b""
 MAX_CONTEXT = 8192  # bytes of trace context forwarded; a longer tracestate is dropped
 BatchPredict = Callable[[list[dict[str, Any]]], Any]
+_log = logging.getLogger("kiln")
 
 
 def request_frame(kind: int, request_id: int, body: bytes, *, received_ns: int = 0,
@@ -75,13 +77,14 @@ class Handler:
     ) -> None:
         from pydantic import ValidationError as Invalid
 
-        from kiln.serve._validation import request_model
+        from kiln.serve._validation import answer_adapter, request_model
 
         self._predict: Callable[..., Any] = instance.predict
         self._predict_batch: BatchPredict | None = getattr(instance, "predict_batch", None)
         self._model = request_model(type(instance))  # type: ignore[arg-type]
         self._names = tuple(self._model.model_fields)
         self._invalid = Invalid
+        self._answer, self._answer_name = answer_adapter(type(instance))  # type: ignore[arg-type]
         self._tracer = tracer
         self._static = dict(span_attributes or {})  # of every span
         self._request_static = {**self._static, **(http_attributes or {})}  # of requests'
@@ -108,17 +111,39 @@ class Handler:
         status, request, result, error = OK, None, None, None
         try:
             request = self._model.model_validate_json(body)
-            result = self._predict(**{n: getattr(request, n) for n in self._names})
-            answer = encode(result)
         except self._invalid as exc:
             status, answer = INVALID, invalid_answer(exc)
-        except Exception as exc:
-            status, error = FAILED, exc
-            answer = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+        else:
+            try:
+                result = self._predict(**{n: getattr(request, n) for n in self._names})
+                answer = encode(result)
+                if self._answer is not None:
+                    self._check(answer)
+            except Exception as exc:
+                status, error = FAILED, exc
+                answer = server_error(exc)
         if span is None:
             return status, answer, NO_TRACE
-        self._finish(span, body, answer, status, error, request, result)
+        try:
+            self._finish(span, body, answer, status, error, request, result)
+        except Exception as exc:  # a span must never cost the answer, or the replica
+            _log.warning("kiln: a request's span was not completed: %r", exc)
+            if span.is_recording():
+                span.end()
         return status, answer, self._tracing.traceparent(span)
+
+    def _check(self, answer: bytes) -> None:
+        """Refuse an answer that does not match ``predict``'s return annotation, as
+        published in the endpoint's OpenAPI document (naming the first bad field)."""
+        try:
+            self._answer.validate_json(answer)  # type: ignore[union-attr]
+        except self._invalid as exc:
+            first = exc.errors(include_url=False, include_input=False)[0]
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+            raise AnswerMismatchError(
+                f"answer{where}: {first['msg']} (predict's return annotation is "
+                f"{self._answer_name})"
+            ) from None
 
     def batch(self, body: bytes, received_ns: int = 0, attributes: dict[str, Any] | None = None
               ) -> tuple[int, bytes]:  # fmt: skip
@@ -238,9 +263,18 @@ class Handler:
 def _is_json(body: bytes) -> bool:
     try:
         json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python goes
         return False
     return True
+
+
+def server_error(exc: BaseException) -> bytes:
+    """A 500's body: Kiln's own messages in full; of what ``predict`` raised, only the
+    type (its message may hold anything: it is in the request's span, for ``kiln why``)."""
+    if isinstance(exc, NotJSONError | AnswerMismatchError):
+        return json.dumps({"error": str(exc)}).encode()
+    return json.dumps({"error": f"predict raised {type(exc).__name__} (`kiln why` on "
+                       "the trace shows its message)"}).encode()  # fmt: skip
 
 
 class BatchContractError(Exception):
@@ -267,8 +301,10 @@ def encode(value: Any) -> bytes:
     from pydantic_core import to_json
 
     out = to_json(value, fallback=_fallback)
-    if b"NaN" in out or b"Infinity" in out:  # or only inside a string: looked at closely
-        where = _non_finite(json.loads(out), "answer")
+    found = b"NaN" in out or b"Infinity" in out  # or only inside a string: looked at closely
+    if found or (b"null" in out and hasattr(value, "model_dump")):  # pydantic writes NaN null
+        where = _non_finite(value.model_dump() if hasattr(value, "model_dump") else
+                            json.loads(out), "answer")  # fmt: skip
         if where is not None:
             raise NotJSONError(
                 f"{where} is {where.value}, which JSON cannot carry; return None for a "
@@ -288,9 +324,11 @@ def _non_finite(value: Any, at: str) -> _Where | None:
         where.value = value
         return where
     items: Any = ()
+    if hasattr(value, "model_dump"):  # a model inside a model_dump() (from a field Any)
+        value = value.model_dump()
     if isinstance(value, dict):
         items = ((f"{at}.{k}", v) for k, v in value.items())
-    elif isinstance(value, list):
+    elif isinstance(value, list | tuple):
         items = ((f"{at}[{i}]", v) for i, v in enumerate(value))
     for path, item in items:
         found = _non_finite(item, path)
@@ -301,6 +339,10 @@ def _non_finite(value: Any, at: str) -> _Where | None:
 
 class NotJSONError(ValueError):
     """``predict`` answered a value JSON cannot carry."""
+
+
+class AnswerMismatchError(ValueError):
+    """``predict`` answered something its return annotation does not allow."""
 
 
 def _fallback(value: Any) -> Any:

@@ -15,7 +15,7 @@ import inspect
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, TypeAdapter, create_model
 
 
 @functools.cache
@@ -36,3 +36,27 @@ def request_model(cls: type[Any]) -> type[BaseModel]:
         **fields,
     )
     return model
+
+
+def return_annotation(cls: type[Any]) -> Any:
+    """``predict``'s return annotation; ``Any`` without one (or one not importable here)."""
+    try:
+        return typing.get_type_hints(cls.predict).get("return", Any)
+    except Exception:
+        return Any
+
+
+@functools.cache
+def answer_adapter(cls: type[Any]) -> tuple[TypeAdapter[Any] | None, str]:
+    """What checks an answer's JSON against ``predict``'s return annotation (None for
+    ``Any`` or a type pydantic cannot describe, such as a numpy array), and its name."""
+    annotation = return_annotation(cls)
+    name = getattr(annotation, "__name__", None) or str(annotation)
+    if annotation is Any:
+        return None, name
+    try:
+        adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+        adapter.json_schema(mode="serialization")  # what /openapi.json publishes
+    except Exception:
+        return None, name
+    return adapter, name

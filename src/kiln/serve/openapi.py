@@ -7,12 +7,9 @@ know the request (the fields ``predict`` takes, unknown ones refused), the answe
 
 from __future__ import annotations
 
-import typing
 from typing import Any
 
-from pydantic import TypeAdapter
-
-from kiln.serve._validation import request_model
+from kiln.serve._validation import answer_adapter, request_model
 
 OPENAPI_VERSION = "3.1.0"
 _REF = "#/components/schemas/{model}"
@@ -138,16 +135,8 @@ def document(
 
 def _answer_schema(cls: type[Any]) -> dict[str, Any]:
     """The JSON schema of ``predict``'s return annotation (any JSON without one)."""
-    try:
-        annotation = typing.get_type_hints(cls.predict).get("return", Any)
-    except Exception:  # an annotation that names something not importable here
+    adapter, _ = answer_adapter(cls)  # type: ignore[arg-type]
+    if adapter is None:
         return {}
-    if annotation is Any or annotation is None or annotation is type(None):
-        return {} if annotation is Any else {"type": "null"}
-    try:
-        schema: dict[str, Any] = TypeAdapter(annotation).json_schema(
-            mode="serialization", ref_template=_REF
-        )
-    except Exception:  # a type pydantic cannot describe (a numpy array): any JSON
-        return {}
+    schema: dict[str, Any] = adapter.json_schema(mode="serialization", ref_template=_REF)
     return schema

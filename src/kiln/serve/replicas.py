@@ -166,15 +166,15 @@ class Replica:
             self._transport.write(b"".join(self._out))
         self._out.clear()
 
+    def exit_code(self) -> int | None:
+        """Its exit code (negative: the signal that killed it); None while it runs."""
+        return self._proc.poll() if self._proc else None
+
     def lost(self) -> None:
         self.alive = False
-        code = self._proc.poll() if self._proc else None
-        cause = f"exited with code {code}" if code is not None and code >= 0 else "died"
-        if code is not None and code < 0:
-            cause = f"died: signal {-code}"
         for future in self.waiting.values():
-            if not future.done():
-                future.set_exception(ReplicaDied(f"replica {self.pid} {cause}"))
+            if not future.done():  # the caller is told no more than that (no pid, no code)
+                future.set_exception(ReplicaDied("the replica answering it died"))
         self.waiting.clear()
 
     async def stop(self, timeout: float = 10.0) -> None:

@@ -183,9 +183,11 @@ class EndpointServer:
     async def _predict(self, scope: Scope, receive: Receive, send: Send) -> None:
         received = time.time_ns()
         started = time.perf_counter()
-        context = _trace_context(scope["headers"])
+        context, declared = _request_headers(scope["headers"])
         try:
-            body = await _read_body(receive)
+            if declared > MAX_BODY:
+                raise _Refused(413, f"request body over {MAX_BODY} bytes")
+            body = await _read_body(receive, scope)
         except _Refused as exc:
             await self._refuse(send, None, context, received, started, exc.code, str(exc))
             return
@@ -406,7 +408,9 @@ class EndpointServer:
     def _retire_dead(self, pool: Pool, replica: Replica) -> None:
         if replica in pool.replicas:
             pool.replicas.remove(replica)
-            _say(f"a replica of {pool.version.ref} (pid {replica.pid}) died")
+            code = replica.exit_code()
+            how = "died" if code is None or code < 0 else f"exited with code {code}"
+            _say(f"a replica of {pool.version.ref} (pid {replica.pid}) {how}")
             self._tasks.append(asyncio.create_task(self._stop_replica(pool, replica)))
 
     async def _stop_replica(self, pool: Pool, replica: Replica) -> None:
@@ -790,19 +794,29 @@ def _quantile(values: list[float], q: float) -> float:
 _ROUTES = ["/predict", "/healthz", "/readyz", "/metrics", "/openapi.json", "/"]
 
 
-def _trace_context(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The caller's W3C trace headers as a replica reads them (see ``REQUEST`` in
-    :mod:`kiln.serve._replica`): ``traceparent``, then ``tracestate`` (several combined)
-    after a newline. Parsed in the replica, by OpenTelemetry's propagator."""
+def _request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, int]:
+    """The caller's W3C trace context as a replica reads it (see ``REQUEST`` in
+    :mod:`kiln.serve._replica`: ``traceparent``, then ``tracestate``, several combined,
+    after a newline; parsed in the replica by OpenTelemetry's propagator; none if
+    ``traceparent`` came twice, as W3C's test suite wants), and the declared body
+    length (0 if none)."""
     parent = state = b""
+    parents, length = 0, 0
     for name, value in headers:
         if name == b"traceparent":
-            parent = value
+            parent, parents = value, parents + 1
         elif name == b"tracestate":
             state = value if not state else state + b"," + value
-    if not parent:
-        return b""
-    return parent + b"\n" + state if state else parent
+        elif name == b"content-length" and value.isdigit():
+            length = int(value)
+    if parents != 1:
+        return b"", length
+    return (parent + b"\n" + state if state else parent), length
+
+
+def _trace_context(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The caller's W3C trace context (see :func:`_request_headers`)."""
+    return _request_headers(headers)[0]
 
 
 class _Refused(Exception):
@@ -811,12 +825,14 @@ class _Refused(Exception):
         self.code = code
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive, scope: Scope) -> bytes:
     """The request body, at most ``MAX_BODY`` bytes (its deadline is the protocol's)."""
     message = await receive()
     body: bytes = message.get("body", b"")
     while message.get("more_body") or message["type"] == "http.disconnect":
         if message["type"] == "http.disconnect":
+            if scope.get("kiln.too_slow"):  # closed by the sweep, answered 408
+                raise _Refused(408, "the request did not arrive in time")
             raise _Refused(499, "the client went away before sending the whole body")
         message = await receive()
         body += message.get("body", b"")
@@ -879,9 +895,11 @@ def _sweep(loop: asyncio.AbstractEventLoop, state: Any) -> None:
         deadline = getattr(connection, "deadline", 0.0)
         transport = connection.transport
         if deadline and deadline < now and not transport.is_closing():
-            cycle = connection.cycle
-            if cycle is None or not cycle.response_started:
+            cycle = connection.cycle  # the request being read, or the last one answered
+            if cycle is None or not cycle.response_started or cycle.response_complete:
                 transport.write(_TOO_SLOW)
+            if cycle is not None and not cycle.response_complete:
+                cycle.scope["kiln.too_slow"] = True
             transport.close()
     state.kiln_sweep = loop.call_later(SWEEP_S, _sweep, loop, state)
 
