@@ -234,19 +234,21 @@ def test_only_a_server_error_marks_a_span_error_and_each_says_its_http_status() 
     assert status == INVALID and json.loads(answer)["error"].startswith("extra: ")
     status, answer, _ = handler.predict(b"not json")
     assert status == INVALID
+    status, answer, _ = handler.predict(b'{"features": [1, NaN, 1e999]}')
+    assert status == INVALID and "finite number" in json.loads(answer)["error"]
     status, answer, _ = handler.predict(b'{"features": [1], "scale": -1}')
     assert status == FAILED  # what predict raised, by type only: its message may hold anything
     assert json.loads(answer)["error"].startswith("predict raised ValueError")
     spans = exporter.get_finished_spans()
     # per the HTTP conventions, a 4xx leaves a server span's status unset
-    assert [s.status.status_code for s in spans] == [StatusCode.UNSET] * 3 + [StatusCode.ERROR]
+    assert [s.status.status_code for s in spans] == [StatusCode.UNSET] * 4 + [StatusCode.ERROR]
     codes = [dict(s.attributes or {})["http.response.status_code"] for s in spans]
-    assert codes == [422, 422, 422, 500]
+    assert codes == [422, 422, 422, 422, 500]
     assert dict(spans[-1].attributes or {})["error.type"] == "500"
     assert any(e.name == "exception" for e in spans[-1].events)
-    assert [span_row(s)["status"] for s in spans] == ["invalid"] * 3 + ["error"]
+    assert [span_row(s)["status"] for s in spans] == ["invalid"] * 4 + ["error"]
     mimes = [dict(s.attributes or {})["input.mime_type"] for s in spans]
-    assert mimes == ["application/json", "application/json", "text/plain", "application/json"]
+    assert mimes == ["application/json"] * 2 + ["text/plain"] * 2 + ["application/json"]
 
 
 class NotFinite:

@@ -262,10 +262,14 @@ class Handler:
 
 def _is_json(body: bytes) -> bool:
     try:
-        json.loads(body)
+        json.loads(body, parse_constant=_not_json)
     except (ValueError, RecursionError):  # not JSON, or nested deeper than Python goes
         return False
     return True
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def server_error(exc: BaseException) -> bytes:

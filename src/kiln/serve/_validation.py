@@ -4,7 +4,8 @@
 ``{"features": [...], "threshold": 0.7}``: each argument is a field, required unless
 it has a default, unannotated ones take any JSON, and unknown fields are refused.
 Validation is strict, as the published OpenAPI document says: ``false`` is not a
-number and ``"3"`` is not an integer (JSON's own forms still are: an integer for a
+number, ``"3"`` is not an integer, and ``NaN``, ``Infinity`` or ``1e999`` are not
+numbers JSON can carry (JSON's own forms still are: an integer for a
 float, a string for a date or a UUID).
 """
 
@@ -32,7 +33,9 @@ def request_model(cls: type[Any]) -> type[BaseModel]:
         fields[p.name] = (annotation, default)
     model: type[BaseModel] = create_model(
         f"{cls.__name__}Request",
-        __config__=ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True),
+        __config__=ConfigDict(
+            extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True
+        ),
         **fields,
     )
     return model
