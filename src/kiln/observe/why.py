@@ -20,16 +20,13 @@ import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-
-from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
+from kiln.errors import NotFoundError, ValidationError
 from kiln.observe.tracing import ROUTED_BY
-from kiln.record.store._schema import alias_moves, aliases, endpoints, spans
 from kiln.record.store.sql import SqlStore
 from kiln.registry.refs import parse_ref
 
 if TYPE_CHECKING:
-    from kiln.registry.models import ModelVersion
+    from kiln.registry.models import Models, ModelVersion
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -43,41 +40,13 @@ def list_spans(
     limit: int | None = 50,
 ) -> list[dict[str, Any]]:
     """Recorded spans, newest first."""
-    stmt = sa.select(spans).order_by(spans.c.start_ns.desc()).limit(limit)
-    if endpoint:
-        stmt = stmt.where(spans.c.endpoint == endpoint)
-    if run_id:
-        stmt = stmt.where(spans.c.run_id.startswith(run_id))
-    if errors_only:
-        stmt = stmt.where(spans.c.status == "error")
-    with store.connect() as conn:
-        return [dict(r) for r in conn.execute(stmt).mappings()]
+    return store.list_spans(endpoint=endpoint, run_id=run_id, errors_only=errors_only,
+                            limit=limit)  # fmt: skip
 
 
 def find_trace(store: SqlStore, trace_id: str) -> list[dict[str, Any]]:
     """The spans of one trace, by its id or a unique prefix of it (8 characters or more)."""
-    ref = trace_id.strip().lower()
-    if len(ref) < 8 or not set(ref) <= _HEX:
-        allowed = "32 hex characters, or a unique prefix of 8 or more"
-        raise ValidationError("TRACE_ID", f"{trace_id!r} is not a trace id", allowed=allowed)
-    with store.connect() as conn:
-        ids = list(
-            conn.execute(
-                sa.select(spans.c.trace_id).where(spans.c.trace_id.startswith(ref)).distinct()
-                .limit(5)
-            ).scalars()
-        )  # fmt: skip
-        if not ids:
-            raise NotFoundError(
-                f"no trace {trace_id!r} in the store (spans are written about a second after "
-                "the request); `kiln traces ls` lists recent ones"
-            )
-        if len(ids) > 1:
-            raise AmbiguousIdError(trace_id, ids)
-        rows = conn.execute(
-            sa.select(spans).where(spans.c.trace_id == ids[0]).order_by(spans.c.start_ns)
-        ).mappings()
-        return [dict(r) for r in rows]
+    return store.find_trace(trace_id)
 
 
 def _split_ref(ref: str) -> tuple[str, str | None]:
@@ -138,14 +107,16 @@ def explain(store: SqlStore, trace_id: str) -> dict[str, Any]:
     name, version = span["model_name"], span["model_version"]
     if name is None or version is None:
         return out
-    mv = Models(store, app="", actor="").get(f"{name}:{version}")
+    models = Models(store, app="", actor="")
+    mv = models.get(f"{name}:{version}")
     out["model"] = {
         "ref": mv.ref, "artifact": mv.artifact, "artifact_sha256": mv.artifact_sha256,
         "registered_by": mv.created_by, "registered_at": mv.created_at, "metrics": mv.metrics,
     }  # fmt: skip
     routed_by = attrs.get(ROUTED_BY) or _endpoint_model(store, span["endpoint"])
     out["routed_by"] = routed_by
-    out["promotions"] = _promotions(store, name, version, _aliases(store, routed_by, mv))
+    out["promotions"] = _promotions(store, models, name, version,
+                                    _aliases(models, routed_by, mv))  # fmt: skip
     run = store.get_run(mv.run_id)
     out["run"] = {
         "id": run.id,
@@ -174,58 +145,42 @@ def explain(store: SqlStore, trace_id: str) -> dict[str, Any]:
 
 def _endpoint_model(store: SqlStore, endpoint: str | None) -> str | None:
     """The reference ``endpoint`` serves (for spans older than ``kiln.endpoint.model``)."""
-    if not endpoint:
-        return None
-    with store.connect() as conn:
-        found = conn.execute(
-            sa.select(endpoints.c.model).where(endpoints.c.name == endpoint)
-        ).scalar()
-    return None if found is None else str(found)
+    found = store.endpoint(endpoint) if endpoint else None
+    return None if found is None else found.model
 
 
-def _aliases(store: SqlStore, routed_by: str | None, mv: ModelVersion) -> set[str]:
+def _aliases(models: Models, routed_by: str | None, mv: ModelVersion) -> set[str]:
     """The aliases whose promotions explain an answer of ``mv``: the one that routed
     it, or, when no alias did, those that hold ``mv`` now."""
     if routed_by:
         name, _, alias = parse_ref(routed_by)
         if alias is not None and name == mv.name:
             return {alias}
-    with store.connect() as conn:
-        held = conn.execute(
-            sa.select(aliases.c.alias).where(aliases.c.name == mv.name,
-                                             aliases.c.version == mv.version)
-        ).scalars()  # fmt: skip
-        return set(held)
+    return {alias for alias, version in models.aliases(mv.name).items() if version == mv.version}
 
 
 def _promotions(
-    store: SqlStore, name: str, version: int, relevant: set[str]
+    store: SqlStore, models: Models, name: str, version: int, relevant: set[str]
 ) -> list[dict[str, Any]]:
     """Each move of a ``relevant`` alias onto ``version``, with the policy its audit
     event recorded."""
-    with store.connect() as conn:
-        moves = conn.execute(
-            sa.select(alias_moves).where(alias_moves.c.name == name,
-                                         alias_moves.c.to_version == version,
-                                         alias_moves.c.alias.in_(sorted(relevant)))
-            .order_by(alias_moves.c.id)
-        ).mappings().all()  # fmt: skip
+    moves = [m for m in models.history(name) if m.alias in relevant and m.to_version == version]
     out = []
     for move in moves:
-        target = f"{name}@{move['alias']}"
+        target = f"{name}@{move.alias}"
         policy = None
         for event in store.audit_events(target=target, limit=None):
             payload = event["payload"] or {}
             if isinstance(payload, str):
                 payload = json.loads(payload)
-            if payload.get("to") == version and abs(event["time"] - move["at"]) < 1.0:
+            if payload.get("to") == version and abs(event["time"] - move.at) < 1.0:
                 policy = payload.get("policy")
                 action = event["action"]
                 break
         else:
             action = "alias.move"
         out.append({
-            "alias": move["alias"], "from_version": move["from_version"], "by": move["actor"],
-            "at": move["at"], "reason": move["reason"], "action": action, "policy": policy,
+            "alias": move.alias, "from_version": move.from_version, "by": move.actor,
+            "at": move.at, "reason": move.reason, "action": action, "policy": policy,
         })  # fmt: skip
     return out

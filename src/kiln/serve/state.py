@@ -19,11 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
-
 from kiln.errors import KilnError, NotFoundError
-from kiln.record import audit
-from kiln.record.store._schema import endpoint_servers, endpoints
+from kiln.record.store.base import EndpointRow, ServerRow
 from kiln.record.store.sql import SqlStore
 from kiln.registry.policy import PolicyError
 from kiln.registry.refs import parse_ref
@@ -97,29 +94,14 @@ def announce(store: SqlStore, spec: EndpointSpec, url: str) -> str:
     that are no longer live are cleared."""
     now = time.time()
     server_id = secrets.token_hex(8)
-    declared = {"app": spec.app, "model": spec.model, "spec": spec.to_json(), "updated_at": now}
-    with store.transaction() as conn:
-        exists = conn.execute(
-            sa.select(endpoints.c.name).where(endpoints.c.name == spec.name)
-        ).first()
-        if exists is None:
-            conn.execute(endpoints.insert().values(name=spec.name, traffic=None, **declared))
-        else:
-            conn.execute(endpoints.update().where(endpoints.c.name == spec.name).values(**declared))
-        rows = conn.execute(
-            sa.select(endpoint_servers).where(endpoint_servers.c.endpoint == spec.name)
-        ).mappings()
-        ended = [r["id"] for r in rows if _server(dict(r)).status != "serving"]
-        if ended:
-            conn.execute(endpoint_servers.delete().where(endpoint_servers.c.id.in_(ended)))
-        conn.execute(endpoint_servers.insert().values(
-            id=server_id, endpoint=spec.name, url=url, host=socket.gethostname(), pid=os.getpid(),
-            status="serving", stats={}, started_at=now, updated_at=now,
-        ))  # fmt: skip
-        payload = {"model": spec.model, "url": url, "server": server_id, "pid": os.getpid()}
-        store.append_events(
-            conn, [audit.Event("endpoint.serve", spec.name, payload, now, store.actor)]
-        )
+    ended = [s.id for s in map(_server, store.servers([spec.name])) if s.status != "serving"]
+    store.announce_server(
+        EndpointRow(name=spec.name, app=spec.app, model=spec.model, spec=spec.to_json(),
+                    traffic=None, updated_at=now),
+        ServerRow(id=server_id, endpoint=spec.name, url=url, host=socket.gethostname(),
+                  pid=os.getpid(), status="serving", stats={}, started_at=now, updated_at=now),
+        forget=ended,
+    )  # fmt: skip
     return server_id
 
 
@@ -129,23 +111,12 @@ def report(
 ) -> None:  # fmt: skip
     """The figures of one server (its heartbeat), or its ``stopped`` as it ends
     (``stats=None`` keeps the figures it reported last)."""
-    values: dict[str, Any] = {"status": status, "updated_at": time.time()}
-    if stats is not None:
-        values["stats"] = stats
-    if url:
-        values["url"] = url
-    with store.transaction() as conn:
-        conn.execute(
-            endpoint_servers.update().where(endpoint_servers.c.id == server_id).values(**values)
-        )
+    store.report_server(server_id, status=status, stats=stats, url=url)
 
 
 def live_traffic(store: SqlStore, name: str) -> dict[str, float] | None:
-    with store.connect() as conn:
-        value = conn.execute(
-            sa.select(endpoints.c.traffic).where(endpoints.c.name == name)
-        ).scalar()
-    return dict(value) if value else None
+    found = store.endpoint(name)
+    return None if found is None else found.traffic
 
 
 def set_traffic(
@@ -177,11 +148,7 @@ def set_traffic(
         if override_reason is None:
             raise TrafficRefused(name, info.model, failures)
         payload["override_policy"] = {"reason": override_reason, "failures": failures}
-    with store.transaction() as conn:
-        conn.execute(endpoints.update().where(endpoints.c.name == name).values(traffic=split))
-        store.append_events(
-            conn, [audit.Event("endpoint.traffic", name, payload, time.time(), actor)]
-        )
+    store.set_live_traffic(name, split, actor=actor, payload=payload)
     return split
 
 
@@ -229,42 +196,30 @@ def check_declared_traffic(store: SqlStore, spec: EndpointSpec, actor: str) -> N
 
 
 def get(store: SqlStore, name: str) -> EndpointInfo:
-    with store.connect() as conn:
-        row = conn.execute(sa.select(endpoints).where(endpoints.c.name == name)).mappings().first()
-        if row is None:
-            raise NotFoundError(f"no endpoint {name!r}; `kiln endpoints ls` lists them")
-        servers = _servers(conn, [name])
-    return _info(dict(row), servers.get(name, []))
+    row = store.endpoint(name)
+    if row is None:
+        raise NotFoundError(f"no endpoint {name!r}; `kiln endpoints ls` lists them")
+    return _info(row, [_server(s) for s in store.servers([name])])
 
 
 def all_endpoints(store: SqlStore) -> list[EndpointInfo]:
-    with store.connect() as conn:
-        rows = [dict(r) for r in conn.execute(sa.select(endpoints).order_by(endpoints.c.name))
-                .mappings()]  # fmt: skip
-        servers = _servers(conn, [r["name"] for r in rows])
-    return [_info(r, servers.get(r["name"], [])) for r in rows]
+    rows = store.endpoints()
+    servers: dict[str, list[ServerInfo]] = {}
+    for server in store.servers([r.name for r in rows]):
+        servers.setdefault(server.endpoint, []).append(_server(server))
+    return [_info(r, servers.get(r.name, [])) for r in rows]
 
 
-def _servers(conn: Any, names: list[str]) -> dict[str, list[ServerInfo]]:
-    """The servers of the endpoints ``names``, newest first."""
-    out: dict[str, list[ServerInfo]] = {}
-    rows = conn.execute(
-        sa.select(endpoint_servers).where(endpoint_servers.c.endpoint.in_(names))
-        .order_by(endpoint_servers.c.started_at.desc())
-    ).mappings()  # fmt: skip
-    for row in rows:
-        out.setdefault(row["endpoint"], []).append(_server(dict(row)))
-    return out
-
-
-def _server(row: dict[str, Any]) -> ServerInfo:
-    row.pop("endpoint", None)
-    row["stats"] = row["stats"] or {}
-    if row["status"] == "serving" and not _alive(row):
-        row["status"] = "gone"  # its process ended without saying so
-    if row["status"] != "serving":
-        row["stats"] = _ended(row["stats"])
-    return ServerInfo(**row)
+def _server(row: ServerRow) -> ServerInfo:
+    status, stats = row.status, row.stats
+    if status == "serving" and not _alive(row):
+        status = "gone"  # its process ended without saying so
+    if status != "serving":
+        stats = _ended(stats)
+    return ServerInfo(
+        id=row.id, url=row.url, host=row.host, pid=row.pid, status=status, stats=stats,
+        started_at=row.started_at, updated_at=row.updated_at,
+    )  # fmt: skip
 
 
 def _ended(stats: dict[str, Any]) -> dict[str, Any]:
@@ -275,7 +230,7 @@ def _ended(stats: dict[str, Any]) -> dict[str, Any]:
     return {**stats, "replicas": 0, "inflight": 0, "versions": versions}
 
 
-def _info(row: dict[str, Any], servers: list[ServerInfo]) -> EndpointInfo:
+def _info(row: EndpointRow, servers: list[ServerInfo]) -> EndpointInfo:
     live = [s for s in servers if s.status == "serving"]
     counted = live or servers
     shown = counted[0] if counted else None
@@ -286,12 +241,12 @@ def _info(row: dict[str, Any], servers: list[ServerInfo]) -> EndpointInfo:
     else:
         status = "stopped"
     return EndpointInfo(
-        name=row["name"], app=row["app"], model=row["model"], spec=row["spec"],
-        traffic=row["traffic"], url=shown.url if shown else None,
+        name=row.name, app=row.app, model=row.model, spec=row.spec,
+        traffic=row.traffic, url=shown.url if shown else None,
         host=shown.host if shown else None, pid=shown.pid if shown else None,
         status=status, stats=combine([s.stats for s in counted]),
         started_at=shown.started_at if shown else None,
-        updated_at=max([row["updated_at"], *(s.updated_at for s in servers)]),
+        updated_at=max([row.updated_at, *(s.updated_at for s in servers)]),
         servers=tuple(servers),
     )  # fmt: skip
 
@@ -300,15 +255,15 @@ def _last_word(server: ServerInfo) -> float:
     return server.updated_at
 
 
-def _alive(row: dict[str, Any]) -> bool:
+def _alive(row: ServerRow) -> bool:
     """Whether a server that said it serves still does: its reports keep coming (every
     few seconds), and on this machine its process still exists."""
-    if time.time() - row["updated_at"] > STALE_S:
+    if time.time() - row.updated_at > STALE_S:
         return False
-    if row["host"] != socket.gethostname() or not row["pid"]:
+    if row.host != socket.gethostname() or not row.pid:
         return True  # another machine's process: its reports are all we can see
     try:
-        os.kill(int(row["pid"]), 0)
+        os.kill(int(row.pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:

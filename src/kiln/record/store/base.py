@@ -6,6 +6,7 @@ and test fakes can all stand behind it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -93,3 +94,76 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections. The store is unusable afterwards."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRow:
+    """What is declared of an endpoint, and its live traffic split (None: follow ``model``)."""
+
+    name: str
+    app: str
+    model: str
+    spec: dict[str, Any]
+    traffic: dict[str, float] | None
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRow:
+    """One process serving an endpoint, as it last reported (``serving`` or ``stopped``)."""
+
+    id: str
+    endpoint: str
+    url: str | None
+    host: str | None
+    pid: int | None
+    status: str
+    stats: dict[str, Any]
+    started_at: float
+    updated_at: float
+
+
+class EndpointStore(Protocol):
+    """Where endpoints announce themselves, report their figures and find their split."""
+
+    def announce_server(
+        self, endpoint: EndpointRow, server: ServerRow, *, forget: Sequence[str] = ()
+    ) -> None:
+        """Declare ``endpoint`` (its live split kept), add ``server`` and remove the rows of
+        the servers ``forget`` names, in one transaction with an ``endpoint.serve`` event."""
+
+    def report_server(
+        self, server_id: str, *, status: str, stats: dict[str, Any] | None, url: str | None
+    ) -> None:
+        """A server's heartbeat (``stats`` None: keep its last figures), or its end."""
+
+    def endpoint(self, name: str) -> EndpointRow | None:
+        """The endpoint ``name``, if declared."""
+
+    def endpoints(self) -> list[EndpointRow]:
+        """Every declared endpoint, by name."""
+
+    def servers(self, names: Sequence[str]) -> list[ServerRow]:
+        """The servers of the endpoints ``names``, newest first."""
+
+    def set_live_traffic(
+        self, name: str, split: dict[str, float] | None, *, actor: str, payload: dict[str, Any]
+    ) -> None:
+        """Set (None: clear) the live split of ``name``, in one transaction with its
+        ``endpoint.traffic`` event (``payload``, by ``actor``)."""
+
+
+class SpanStore(Protocol):
+    """Where inference spans are kept and traces found."""
+
+    def write_spans(self, rows: list[dict[str, Any]]) -> None:
+        """Insert finished spans (rows as :func:`kiln.observe.tracing.span_row` makes)."""
+
+    def list_spans(
+        self, *, endpoint: str | None = None, run_id: str | None = None,
+        errors_only: bool = False, limit: int | None = 50,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """Recorded spans, newest first."""
+
+    def find_trace(self, trace_id: str) -> list[dict[str, Any]]:
+        """The spans of one trace, by its id or a unique prefix of 8 or more, oldest first."""

@@ -1,0 +1,100 @@
+"""The EndpointStore and SpanStore interfaces, on every implementation (SQLite,
+PostgreSQL). Tests see the interface only: no SQL, no schema."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kiln.config import Settings
+from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
+from kiln.record.blobs import BlobStore
+from kiln.record.store.base import EndpointRow, EndpointStore, ServerRow, SpanStore
+from kiln.record.store.sql import SqlStore
+
+
+class Both(EndpointStore, SpanStore):
+    """What the fixture yields: the two interfaces, nothing more."""
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[Both]:
+    with SqlStore(settings.store_url, BlobStore(settings.blob_dir)) as s:
+        yield s  # type: ignore[misc]  # SqlStore implements both
+
+
+def declared(name: str = "fraud", model: str = "fraud@production") -> EndpointRow:
+    return EndpointRow(name=name, app="a", model=model, spec={"min_replicas": 1}, traffic=None,
+                       updated_at=time.time())  # fmt: skip
+
+
+def server(server_id: str, started: float, endpoint: str = "fraud") -> ServerRow:
+    return ServerRow(id=server_id, endpoint=endpoint, url=f"http://h:{started:.0f}", host="h",
+                     pid=7, status="serving", stats={}, started_at=started,
+                     updated_at=started)  # fmt: skip
+
+
+def test_servers_announce_report_and_are_forgotten(store: Both) -> None:
+    assert store.endpoint("fraud") is None and store.endpoints() == []
+    store.announce_server(declared(), server("s1", 100.0))
+    store.announce_server(declared(), server("s2", 200.0))
+    store.announce_server(declared("other"), server("s3", 300.0, "other"))
+    assert [e.name for e in store.endpoints()] == ["fraud", "other"]
+    assert [s.id for s in store.servers(["fraud"])] == ["s2", "s1"]  # newest first
+    store.report_server("s1", status="serving", stats={"requests": 5}, url=None)
+    store.report_server("s1", status="stopped", stats=None, url="http://h:1")
+    (s1,) = [s for s in store.servers(["fraud"]) if s.id == "s1"]
+    assert (s1.status, s1.stats, s1.url) == ("stopped", {"requests": 5}, "http://h:1")
+    store.announce_server(declared(model="fraud:2"), server("s4", 400.0), forget=["s1", "s3"])
+    assert [s.id for s in store.servers(["fraud", "other"])] == ["s4", "s3", "s2"]
+    found = store.endpoint("fraud")
+    assert found is not None and found.model == "fraud:2"  # the declaration is the latest
+
+
+def test_a_live_split_survives_announcements_and_is_audited(store: SqlStore) -> None:
+    store.announce_server(declared(), server("s1", 100.0))
+    split = {"fraud:1": 90.0, "fraud:2": 10.0}
+    store.set_live_traffic("fraud", split, actor="alice", payload={"traffic": split})
+    store.announce_server(declared(), server("s2", 200.0))  # another server starts
+    found = store.endpoint("fraud")
+    assert found is not None and found.traffic == split
+    (event,) = store.audit_events(action="endpoint.traffic", target="fraud")
+    assert event["actor"] == "alice" and json.loads(event["payload"])["traffic"] == split
+    assert len(store.audit_events(action="endpoint.serve", target="fraud")) == 2
+    store.set_live_traffic("fraud", None, actor="bob", payload={"traffic": None})
+    cleared = store.endpoint("fraud")
+    assert cleared is not None and cleared.traffic is None
+    with pytest.raises(NotFoundError, match="no endpoint 'nope'"):
+        store.set_live_traffic("nope", split, actor="alice", payload={})
+    assert len(store.audit_events(action="endpoint.traffic")) == 2  # nothing for 'nope'
+
+
+def span(trace: str, span_id: str, start: int, *, endpoint: str = "fraud",
+         status: str = "ok", run_id: str = "r" * 32) -> dict[str, object]:  # fmt: skip
+    return {"trace_id": trace, "span_id": span_id, "parent_id": None, "name": "POST /predict",
+            "endpoint": endpoint, "model_name": "fraud", "model_version": 1, "run_id": run_id,
+            "start_ns": start, "duration_ns": 5, "status": status,
+            "attributes": {"http.response.status_code": 200}}  # fmt: skip
+
+
+def test_spans_are_listed_and_traces_found_by_prefix(store: Both) -> None:
+    a, b = "ab" * 16, "abababab" + "cd" * 12  # one prefix of 8, told apart at 10
+    store.write_spans([span(a, "1" * 16, 10), span(a, "2" * 16, 5, status="error"),
+                       span(b, "3" * 16, 20, endpoint="other", run_id="s" * 32)])  # fmt: skip
+    assert [s["span_id"] for s in store.list_spans()] == ["3" * 16, "1" * 16, "2" * 16]
+    assert [s["span_id"] for s in store.list_spans(endpoint="fraud", limit=1)] == ["1" * 16]
+    assert [s["span_id"] for s in store.list_spans(errors_only=True)] == ["2" * 16]
+    assert [s["trace_id"] for s in store.list_spans(run_id="sss")] == [b]
+    trace = store.find_trace(a[:10].upper())
+    assert [s["span_id"] for s in trace] == ["2" * 16, "1" * 16]  # oldest first
+    assert trace[0]["attributes"] == {"http.response.status_code": 200}
+    with pytest.raises(AmbiguousIdError):
+        store.find_trace("abababab")
+    with pytest.raises(NotFoundError, match="no trace"):
+        store.find_trace("ffffffff")
+    for bad in ("abc", "not-hex!", "abab abab"):
+        with pytest.raises(ValidationError, match="TRACE_ID"):
+            store.find_trace(bad)
