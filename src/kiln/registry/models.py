@@ -15,21 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-
 from kiln.config import os_user
 from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
 from kiln.record import audit
 from kiln.record.model import RunRecord, RunStatus
 from kiln.record.resolve import RunLike, resolve_run
-from kiln.record.store._schema import (
-    alias_moves,
-    aliases,
-    model_versions,
-    models,
-    policies,
-    promotion_requests,
-)
 from kiln.record.store.base import RunQuery
 from kiln.record.values import check_name
 from kiln.registry.policy import Policy, PolicyError, combine, weakenings
@@ -37,8 +27,7 @@ from kiln.registry.refs import check_alias as _check_alias
 from kiln.registry.refs import parse_ref
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection
-
+    from kiln.record.store._registry import RegistryRows
     from kiln.record.store.sql import SqlStore
 
 
@@ -126,24 +115,19 @@ class Models:
         art = record.artifact(artifact)  # NotFoundError names the artifacts it has
         now = time.time()
         metrics = {k: (v if math.isfinite(v) else repr(v)) for k, v in record.summary.items()}
-        with self._store.transaction() as conn:
-            if conn.execute(sa.select(models.c.name).where(models.c.name == name)).first() is None:
-                conn.execute(models.insert().values(name=name, app=self._app, created_at=now,
-                                                    created_by=self._actor))  # fmt: skip
-            latest = conn.execute(
-                sa.select(sa.func.max(model_versions.c.version)).where(
-                    model_versions.c.name == name
-                )
-            ).scalar()
+        with self._store.registry_transaction() as rows:
+            if not rows.has_model(name):
+                rows.add_model(name, app=self._app, at=now, by=self._actor)
+            latest = rows.latest_version(name)
             row = {
                 "name": name, "version": (latest or 0) + 1, "run_id": record.id,
                 "artifact": art.name, "artifact_sha256": art.sha256, "metrics": metrics,
                 "signature": signature, "created_at": now, "created_by": self._actor,
             }  # fmt: skip
-            conn.execute(model_versions.insert().values(**row))
+            rows.add_version(row)
             payload = {"run_id": record.id, "artifact": art.name, "artifact_sha256": art.sha256,
                        "metrics": metrics}  # fmt: skip
-            self._event(conn, "model.register", f"{name}:{row['version']}", payload)
+            self._event(rows, "model.register", f"{name}:{row['version']}", payload)
         return ModelVersion(**row)
 
     def promote(
@@ -165,24 +149,24 @@ class Models:
         """
         _check_alias(alias)
         given = Policy.parse(policy) if policy is not None else None
-        with self._store.transaction() as conn:
-            candidate = self._version(conn, name, version)  # raises if unknown
+        with self._store.registry_transaction() as rows:
+            candidate = self._version(rows, name, version)  # raises if unknown
             target = f"{name}:{version} -> {name}@{alias}"
-            effective = combine(self._policy(conn, name, alias), given, target)
+            effective = combine(self._policy(rows, name, alias), given, target)
             if effective is not None:
-                failures = self._gates(conn, effective, candidate, alias)
+                failures = self._gates(rows, effective, candidate, alias)
                 if failures:
                     raise PolicyError(f"{name}:{version} -> {name}@{alias}", failures)
             spec = effective.spec if effective else None
             if effective is not None and effective.approvals:
-                return self._request(conn, candidate, alias, reason, effective)
-            return self._move(conn, name, alias, version, reason, "alias.promote", spec)
+                return self._request(rows, candidate, alias, reason, effective)
+            return self._move(rows, name, alias, version, reason, "alias.promote", spec)
 
     # -- approvals -----------------------------------------------------------------------
 
     def _request(
         self,
-        conn: Connection,
+        rows: RegistryRows,
         candidate: ModelVersion,
         alias: str,
         reason: str | None,
@@ -194,17 +178,17 @@ class Models:
             "status": "pending", "approvals": [], "requested_by": self._actor,
             "requested_at": time.time(), "decided_at": None,
         }  # fmt: skip
-        conn.execute(promotion_requests.insert().values(**row))
+        rows.add_request(row)
         payload = {"request": row["id"], "version": candidate.version, "needs": policy.approvals,
                    "policy": policy.spec}  # fmt: skip
-        self._event(conn, "promotion.request", f"{candidate.name}@{alias}", payload)
+        self._event(rows, "promotion.request", f"{candidate.name}@{alias}", payload)
         return _request_of(row, policy.approvals)
 
     def approve(self, request_id: str) -> PromotionRequest:
         """Approve a pending request as this actor; the last approval needed moves the alias."""
         failures: list[str] = []
-        with self._store.transaction() as conn:
-            row, policy = self._pending(conn, request_id)
+        with self._store.registry_transaction() as rows:
+            row, policy = self._pending(rows, request_id)
             request_id = row["id"]  # the whole id, where a prefix was given
             if self._actor == row["requested_by"]:
                 raise ValidationError("approver", "the requester cannot approve its own request")
@@ -217,62 +201,47 @@ class Models:
             target = f"{row['name']}@{row['alias']}"
             # KILN_ACTOR is claimed, not proven (until the team server's tokens): the
             # OS account that gave the approval is recorded beside it.
-            self._event(conn, "promotion.approve", target,
+            self._event(rows, "promotion.approve", target,
                         {"request": request_id, "os_user": os_user()})  # fmt: skip
             if len(row["approvals"]) >= policy.approvals:
-                candidate = self._version(conn, row["name"], row["version"])
-                failures = self._gates(conn, policy, candidate, row["alias"])
+                candidate = self._version(rows, row["name"], row["version"])
+                failures = self._gates(rows, policy, candidate, row["alias"])
                 row["status"] = "failed" if failures else "applied"
                 row["decided_at"] = time.time()
                 if not failures:
                     approvers = ", ".join(row["approvals"])
                     why = f"{row['reason'] or 'approved'} (request {request_id}: {approvers})"
-                    self._move(conn, row["name"], row["alias"], row["version"], why,
+                    self._move(rows, row["name"], row["alias"], row["version"], why,
                                "alias.promote", policy.spec)  # fmt: skip
-            conn.execute(
-                promotion_requests.update()
-                .where(promotion_requests.c.id == request_id)
-                .values(
-                    approvals=row["approvals"], status=row["status"], decided_at=row["decided_at"]
-                )
-            )
+            rows.update_request(request_id, approvals=row["approvals"], status=row["status"],
+                                decided_at=row["decided_at"])  # fmt: skip
         if failures:
             raise PolicyError(f"request {request_id}", failures)
         return _request_of(row, policy.approvals)
 
     def reject(self, request_id: str, *, reason: str | None = None) -> PromotionRequest:
         """Turn a pending request down (an approver or its requester may)."""
-        with self._store.transaction() as conn:
-            row, policy = self._pending(conn, request_id)
+        with self._store.registry_transaction() as rows:
+            row, policy = self._pending(rows, request_id)
             request_id = row["id"]  # the whole id, where a prefix was given
             if self._actor not in policy.approvers and self._actor != row["requested_by"]:
                 raise ValidationError("approver", f"{self._actor} may not reject this request",
                                       allowed=policy.approvers)  # fmt: skip
             row.update(status="rejected", decided_at=time.time())
-            conn.execute(
-                promotion_requests.update().where(promotion_requests.c.id == request_id)
-                .values(status="rejected", decided_at=row["decided_at"])
-            )  # fmt: skip
-            self._event(conn, "promotion.reject", f"{row['name']}@{row['alias']}",
+            rows.update_request(request_id, status="rejected", decided_at=row["decided_at"])
+            self._event(rows, "promotion.reject", f"{row['name']}@{row['alias']}",
                         {"request": request_id, "reason": reason})  # fmt: skip
         return _request_of(row, policy.approvals)
 
     def requests(self, *, status: str | None = "pending") -> list[PromotionRequest]:
         """Promotion requests, oldest first (``status=None`` for all)."""
-        stmt = sa.select(promotion_requests).order_by(promotion_requests.c.requested_at)
-        if status is not None:
-            stmt = stmt.where(promotion_requests.c.status == status)
-        with self._store._engine.connect() as conn:
-            rows = [dict(r) for r in conn.execute(stmt).mappings()]
-        return [_request_of(r, Policy.parse(r["policy"]).approvals) for r in rows]
+        with self._store.registry_reader() as rows:
+            found = rows.requests(status)
+        return [_request_of(r, Policy.parse(r["policy"]).approvals) for r in found]
 
-    def _pending(self, conn: Connection, request_id: str) -> tuple[dict[str, Any], Policy]:
+    def _pending(self, rows: RegistryRows, request_id: str) -> tuple[dict[str, Any], Policy]:
         """The request whose id is or starts with ``request_id`` (like a run id prefix)."""
-        matches = conn.execute(
-            sa.select(promotion_requests)
-            .where(promotion_requests.c.id.startswith(request_id, autoescape=True))
-            .limit(6)
-        ).mappings().all()  # fmt: skip
+        matches = rows.requests_starting(request_id, limit=6)
         if not matches or not request_id:
             raise NotFoundError(
                 f"no promotion request {request_id!r}; `kiln models requests` lists them"
@@ -301,9 +270,9 @@ class Models:
         """
         _check_alias(alias)
         parsed = Policy.parse(policy) if policy is not None else None
-        with self._store.transaction() as conn:
-            self._model(conn, name)
-            weakened = weakenings(self._policy(conn, name, alias), parsed)
+        with self._store.registry_transaction() as rows:
+            self._model(rows, name)
+            weakened = weakenings(self._policy(rows, name, alias), parsed)
             if weakened and not weaken:
                 raise PolicyError(
                     f"the policy of {name}@{alias}",
@@ -311,22 +280,20 @@ class Models:
                      "(kiln models policy set --weaken --reason WHY)"],
                     outcome="is not changed",
                 )  # fmt: skip
-            conn.execute(
-                policies.delete().where(policies.c.name == name, policies.c.alias == alias)
-            )
-            if parsed is not None:
-                row = {"name": name, "alias": alias, "policy": parsed.spec,
-                       "set_by": self._actor, "set_at": time.time()}  # fmt: skip
-                conn.execute(policies.insert().values(**row))
+            row = None if parsed is None else {
+                "name": name, "alias": alias, "policy": parsed.spec, "set_by": self._actor,
+                "set_at": time.time(),
+            }  # fmt: skip
+            rows.replace_policy(name, alias, row)
             payload: dict[str, Any] = {"policy": policy}
             if weakened:
                 payload |= {"weakened": weakened, "reason": reason}
-            self._event(conn, "policy.set", f"{name}@{alias}", payload)
+            self._event(rows, "policy.set", f"{name}@{alias}", payload)
 
     def policy(self, name: str, alias: str) -> dict[str, Any] | None:
         """The stored policy of ``name@alias``, if any."""
-        with self._store._engine.connect() as conn:
-            found = self._policy(conn, name, alias)
+        with self._store.registry_reader() as rows:
+            found = self._policy(rows, name, alias)
         return found.spec if found else None
 
     def gate_failures(self, name: str, version: int, alias: str) -> list[str]:
@@ -335,37 +302,29 @@ class Models:
         them). The alias's holder passes; so does every version when there is no policy.
         An approvals rule is met by an approved promotion request of this version."""
         _check_alias(alias)
-        with self._store._engine.connect() as conn:
-            candidate = self._version(conn, name, version)  # raises if unknown
-            policy = self._policy(conn, name, alias)
-            if policy is None or self._holder(conn, name, alias) == version:
+        with self._store.registry_reader() as rows:
+            candidate = self._version(rows, name, version)  # raises if unknown
+            policy = self._policy(rows, name, alias)
+            if policy is None or rows.holder(name, alias) == version:
                 return []
-            failures = self._gates(conn, policy, candidate, alias)
-            approved = conn.execute(
-                sa.select(promotion_requests.c.id).where(
-                    promotion_requests.c.name == name, promotion_requests.c.alias == alias,
-                    promotion_requests.c.version == version,
-                    promotion_requests.c.status == "applied",
-                )
-            ).first()  # fmt: skip
-        if policy.approvals and approved is None:
+            failures = self._gates(rows, policy, candidate, alias)
+            approved = rows.applied(name, alias, version)
+        if policy.approvals and not approved:
             failures.append(
                 f"needs {policy.approvals} approval(s) from {', '.join(policy.approvers)}: "
                 f"no approved promotion request of {name}:{version} to @{alias}"
             )
         return failures
 
-    def _policy(self, conn: Connection, name: str, alias: str) -> Policy | None:
-        spec = conn.execute(
-            sa.select(policies.c.policy).where(policies.c.name == name, policies.c.alias == alias)
-        ).scalar()
+    def _policy(self, rows: RegistryRows, name: str, alias: str) -> Policy | None:
+        spec = rows.policy(name, alias)
         return None if spec is None else Policy.parse(spec)
 
     def _gates(
-        self, conn: Connection, policy: Policy, candidate: ModelVersion, alias: str
+        self, rows: RegistryRows, policy: Policy, candidate: ModelVersion, alias: str
     ) -> list[str]:
-        holder = self._holder(conn, candidate.name, alias)
-        current = self._version(conn, candidate.name, holder) if holder is not None else None
+        holder = rows.holder(candidate.name, alias)
+        current = self._version(rows, candidate.name, holder) if holder is not None else None
         run = self._store.get_run(candidate.run_id)
         copies = self._store.query_runs(RunQuery(tags={"reproduced_from": run.id}, limit=None))
         return policy.check(
@@ -380,25 +339,20 @@ class Models:
     ) -> AliasMove:
         """Move ``name@alias`` back to the version it held before its current one."""
         _check_alias(alias)
-        with self._store.transaction() as conn:
-            current = self._holder(conn, name, alias)
+        with self._store.registry_transaction() as rows:
+            current = rows.holder(name, alias)
             if current is None:
                 raise NotFoundError(f"{name}@{alias} does not exist: nothing to roll back")
-            installed = conn.execute(
-                sa.select(alias_moves.c.from_version)
-                .where(alias_moves.c.name == name, alias_moves.c.alias == alias,
-                       alias_moves.c.to_version == current)
-                .order_by(alias_moves.c.id.desc()).limit(1)
-            ).scalar()  # fmt: skip
+            installed = rows.installed_from(name, alias, current)
             if installed is None:
                 raise NotFoundError(
                     f"{name}@{alias} has held only version {current}: nothing to roll back to"
                 )
-            return self._move(conn, name, alias, installed, reason or "rollback", "alias.rollback")
+            return self._move(rows, name, alias, installed, reason or "rollback", "alias.rollback")
 
     def _move(
         self,
-        conn: Connection,
+        rows: RegistryRows,
         name: str,
         alias: str,
         version: int,
@@ -407,98 +361,63 @@ class Models:
         policy: dict[str, Any] | None = None,
     ) -> AliasMove:
         now = time.time()
-        current = self._holder(conn, name, alias)
-        if current is None:
-            conn.execute(
-                aliases.insert().values(name=name, alias=alias, version=version, updated_at=now)
-            )
-        else:
-            conn.execute(
-                aliases.update().where(aliases.c.name == name, aliases.c.alias == alias)
-                .values(version=version, updated_at=now)
-            )  # fmt: skip
-        move = AliasMove(name, alias, current, version, reason, self._actor, now)
-        conn.execute(alias_moves.insert().values(
-            name=name, alias=alias, from_version=current, to_version=version, reason=reason,
-            actor=self._actor, at=now,
-        ))  # fmt: skip
+        current = rows.holder(name, alias)
+        rows.move_alias(name, alias, from_version=current, to_version=version, reason=reason,
+                        actor=self._actor, at=now)  # fmt: skip
         payload = {"from": current, "to": version, "reason": reason, "policy": policy}
-        self._event(conn, action, f"{name}@{alias}", payload)
-        return move
+        self._event(rows, action, f"{name}@{alias}", payload)
+        return AliasMove(name, alias, current, version, reason, self._actor, now)
 
-    def _event(self, conn: Connection, action: str, target: str, payload: dict[str, Any]) -> None:
-        self._store.append_events(
-            conn, [audit.Event(action, target, payload, time.time(), self._actor)]
-        )
+    def _event(self, rows: RegistryRows, action: str, target: str, payload: dict[str, Any]) -> None:
+        rows.event(audit.Event(action, target, payload, time.time(), self._actor))
 
     # -- reading -----------------------------------------------------------------------
 
     def get(self, ref: str) -> ModelVersion:
         """The version a reference points at now: ``name:3`` or ``name@alias``."""
         name, version, alias = parse_ref(ref)
-        with self._store._engine.connect() as conn:
+        with self._store.registry_reader() as rows:
             if alias is not None:
-                version = self._holder(conn, name, alias)
+                version = rows.holder(name, alias)
             if version is None:
-                self._model(conn, name)
+                self._model(rows, name)
                 raise NotFoundError(f"{name} has no alias {alias!r}")
-            return self._version(conn, name, version)
+            return self._version(rows, name, version)
 
     def names(self) -> list[str]:
-        with self._store._engine.connect() as conn:
-            return list(conn.execute(sa.select(models.c.name).order_by(models.c.name)).scalars())
+        with self._store.registry_reader() as rows:
+            return rows.model_names()
 
     def versions(self, name: str) -> list[ModelVersion]:
-        with self._store._engine.connect() as conn:
-            self._model(conn, name)
-            rows = conn.execute(
-                sa.select(model_versions).where(model_versions.c.name == name)
-                .order_by(model_versions.c.version)
-            ).mappings()  # fmt: skip
-            return [ModelVersion(**dict(r)) for r in rows]
+        with self._store.registry_reader() as rows:
+            self._model(rows, name)
+            return [ModelVersion(**r) for r in rows.versions(name)]
 
     def aliases(self, name: str) -> dict[str, int]:
-        with self._store._engine.connect() as conn:
-            self._model(conn, name)
-            rows = conn.execute(
-                sa.select(aliases.c.alias, aliases.c.version).where(aliases.c.name == name)
-            )
-            return dict(sorted((a, v) for a, v in rows))
+        with self._store.registry_reader() as rows:
+            self._model(rows, name)
+            return rows.aliases(name)
 
     def history(self, name: str, alias: str | None = None) -> list[AliasMove]:
         """Every move of the model's aliases (or of one), oldest first."""
-        with self._store._engine.connect() as conn:
-            self._model(conn, name)
-            stmt = (
-                sa.select(alias_moves).where(alias_moves.c.name == name).order_by(alias_moves.c.id)
-            )
-            if alias is not None:
-                stmt = stmt.where(alias_moves.c.alias == alias)
+        with self._store.registry_reader() as rows:
+            self._model(rows, name)
             return [
                 AliasMove(r["name"], r["alias"], r["from_version"], r["to_version"], r["reason"],
                           r["actor"], r["at"])
-                for r in conn.execute(stmt).mappings()
+                for r in rows.moves(name, alias)
             ]  # fmt: skip
 
-    def _model(self, conn: Connection, name: str) -> None:
-        if conn.execute(sa.select(models.c.name).where(models.c.name == name)).first() is None:
+    def _model(self, rows: RegistryRows, name: str) -> None:
+        if not rows.has_model(name):
             raise NotFoundError(f"no model {name!r}; `kiln models ls` lists them")
 
-    def _version(self, conn: Connection, name: str, version: int) -> ModelVersion:
-        row = conn.execute(
-            sa.select(model_versions).where(model_versions.c.name == name,
-                                            model_versions.c.version == version)
-        ).mappings().first()  # fmt: skip
+    def _version(self, rows: RegistryRows, name: str, version: int) -> ModelVersion:
+        row = rows.version(name, version)
         if row is None:
-            self._model(conn, name)
+            self._model(rows, name)
             raise NotFoundError(f"model {name} has no version {version}")
-        return ModelVersion(**dict(row))
-
-    def _holder(self, conn: Connection, name: str, alias: str) -> int | None:
-        value = conn.execute(
-            sa.select(aliases.c.version).where(aliases.c.name == name, aliases.c.alias == alias)
-        ).scalar()
-        return None if value is None else int(value)
+        return ModelVersion(**row)
 
 
 def _request_of(row: dict[str, Any], needed: int) -> PromotionRequest:

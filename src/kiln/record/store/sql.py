@@ -37,6 +37,7 @@ from kiln.record.blobs import BlobStore
 from kiln.record.lineage import Lineage
 from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
 from kiln.record.store._endpoints import EndpointsAndSpans
+from kiln.record.store._registry import RegistryAccess
 from kiln.record.store._schema import artifacts, metrics, model_versions, runs, spans, summary
 from kiln.record.store._schema import audit as audit_log
 from kiln.record.store._verify import registry_problems
@@ -59,7 +60,7 @@ T = TypeVar("T")
 _log = logging.getLogger("kiln")
 
 
-class SqlStore(EndpointsAndSpans):
+class SqlStore(EndpointsAndSpans, RegistryAccess):
     """A :class:`~kiln.record.store.base.Store` on SQLite or PostgreSQL.
 
     Opening it creates or migrates the schema (Alembic), unless ``create`` is false,
