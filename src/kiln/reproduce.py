@@ -20,7 +20,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.app import App
 from kiln.config import Settings
@@ -30,6 +30,9 @@ from kiln.record.compare import Comparison, Verdict, check_metric_names, check_r
 from kiln.record.model import Artifact, RunRecord
 from kiln.record.resolve import RunLike, resolve_run
 from kiln.record.runs import Dataset
+
+if TYPE_CHECKING:
+    from kiln.record.store.sql import SqlStore
 
 __all__ = ["Comparison", "ReproduceError", "Verdict", "compare", "reproduce"]
 
@@ -101,7 +104,7 @@ def reproduce(
 
 
 def _arguments(
-    record: RunRecord, store: Any, allow_data_drift: bool
+    record: RunRecord, store: SqlStore, allow_data_drift: bool
 ) -> tuple[dict[str, Any], list[str]]:
     kwargs: dict[str, Any] = {}
     drift: list[str] = []
@@ -131,7 +134,7 @@ def _arguments(
     return kwargs, drift
 
 
-def _artifact(store: Any, name: str, sha256: str) -> Artifact:
+def _artifact(store: SqlStore, name: str, sha256: str) -> Artifact:
     graph = store.lineage(sha256)
     info = graph.artifacts.get(sha256)
     if info is None:

@@ -44,3 +44,11 @@ def test_a_failed_write_leaves_no_partial_blob(tmp_path: Path) -> None:
 def test_reading_a_missing_blob_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="missing"):
         BlobStore(tmp_path).read("0" * 64)
+
+
+def test_fetch_gives_a_local_file_to_read_or_a_clear_error(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    sha = blobs.put_bytes(b"model")
+    assert blobs.fetch(sha).read_bytes() == b"model"
+    with pytest.raises(NotFoundError, match="is missing"):
+        blobs.fetch(sha256_bytes(b"never stored"))

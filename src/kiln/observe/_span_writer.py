@@ -23,13 +23,13 @@ _log = logging.getLogger("kiln")
 
 def main() -> None:
     from kiln.observe.tracing import compact_row
-    from kiln.record.store.sql import SqlStore
+    from kiln.record.store import open_store
 
     pipe = sys.stdin.buffer
     header = pipe.read(_HEADER.size)
     if not header:
         return
-    store = SqlStore(pipe.read(_HEADER.unpack(header)[0]).decode(), create=False)
+    store = open_store(pipe.read(_HEADER.unpack(header)[0]).decode(), create=False)
     try:
         while header := pipe.read(_HEADER.size):
             body = pipe.read(_HEADER.unpack(header)[0])

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from openinference.semconv.trace import (
@@ -52,6 +52,9 @@ from opentelemetry.semconv.attributes import (
     url_attributes,
 )
 from opentelemetry.trace import SpanKind, StatusCode
+
+if TYPE_CHECKING:
+    from kiln.record.store.sql import SqlStore
 
 MODEL_NAME = "kiln.model.name"
 MODEL_VERSION = "kiln.model.version"
@@ -390,7 +393,7 @@ class StoreSpanProcessor(SpanProcessor):
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue[bytes | list[Compact] | None] = queue.SimpleQueue()
         self._writer: subprocess.Popen[bytes] | None = None
-        self._store: Any = None  # for the few spans of a quiet spell, before any writer
+        self._store: SqlStore | None = None  # for the few spans of a quiet spell, before any writer
         self._sender = threading.Thread(target=self._send, name="kiln-spans", daemon=True)
         self._sender.start()
 
@@ -428,9 +431,9 @@ class StoreSpanProcessor(SpanProcessor):
     def _store_here(self, batch: list[Compact]) -> None:
         try:
             if self._store is None:
-                from kiln.record.store.sql import SqlStore
+                from kiln.record.store import open_store
 
-                self._store = SqlStore(self._url, create=False)
+                self._store = open_store(self._url, create=False)
             self._store.write_spans([compact_row(c) for c in batch])
         except Exception as exc:  # spans must not take the server down
             _log.warning("kiln: %d spans were not stored: %s", len(batch), exc)

@@ -40,6 +40,16 @@ class BlobStore:
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
+    def fetch(self, sha256: str) -> Path:
+        """A local file holding the blob, to read or load from (never to write to): here,
+        the blob itself. Callers outside the record layer use this, never :meth:`path`,
+        so that a store whose blobs are elsewhere (a team server's) can download it
+        into a cache instead. NotFoundError if it is missing."""
+        path = self.path(sha256)
+        if not path.is_file():
+            raise NotFoundError(f"blob {sha256[:12]} is missing from {self.root}")
+        return path
+
     def put_bytes(self, data: bytes) -> str:
         """Store ``data``; return its sha256."""
         sha = sha256_bytes(data)

@@ -26,7 +26,7 @@ import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from kiln._hashing import sha256_bytes
 from kiln.errors import KilnError
@@ -42,6 +42,9 @@ from kiln.record.values import (
     metric_key,
     metric_step,
 )
+
+if TYPE_CHECKING:
+    from kiln.record.store.sql import SqlStore
 
 FORMAT = "kiln-bundle/1"
 _CHUNK = 1 << 20
@@ -69,7 +72,7 @@ class BundleError(KilnError):
 
 
 def export_bundle(
-    store: Any,
+    store: SqlStore,
     blobs: BlobStore,
     run_id: str,
     out: Path,
@@ -295,7 +298,7 @@ def _check_blobs_accounted(manifest: dict[str, Any], rows: WriteBatch) -> None:
 
 
 def import_bundle(
-    store: Any,
+    store: SqlStore,
     blobs: BlobStore,
     path: Path,
     *,

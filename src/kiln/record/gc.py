@@ -20,10 +20,13 @@ import math
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kiln.record.blobs import PENDING, BlobStore
 from kiln.record.recorder import pid_alive
+
+if TYPE_CHECKING:
+    from kiln.record.store.sql import SqlStore
 
 
 def referenced_by_envs(home: Path) -> set[str]:
@@ -39,7 +42,7 @@ def referenced_by_envs(home: Path) -> set[str]:
 
 
 def collect(
-    store: Any, blobs: BlobStore, home: Path, *, min_age_s: float, dry_run: bool = False
+    store: SqlStore, blobs: BlobStore, home: Path, *, min_age_s: float, dry_run: bool = False
 ) -> tuple[list[str], int]:
     """Remove unreferenced blobs older than ``min_age_s``; return them and how many stay."""
     if not blobs.root.is_dir():

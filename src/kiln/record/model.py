@@ -202,7 +202,7 @@ class RunRecord:
         """Path of the stored bytes of artifact ``name`` (read-only)."""
         if self._blobs is None:
             raise NotFoundError("this record is detached from its blob store")
-        return self._blobs.path(self.artifact(name).sha256)
+        return self._blobs.fetch(self.artifact(name).sha256)
 
     def load(self, name: str) -> Any:
         """The artifact's value: the object for a saved object, the bytes for a saved file.

@@ -48,14 +48,11 @@ class Recorder:
     def __init__(self, settings: Settings, *, create: bool = True) -> None:
         self.settings = settings
         self.blobs = BlobStore(settings.blob_dir)
-        from kiln.record.store.sql import SqlStore  # SQLAlchemy loads on first use
+        from kiln.record.store import open_store
 
         if create:
             make_home(settings.home)
-        self.store = SqlStore(
-            settings.store_url, self.blobs, create=create, actor=settings.actor,
-            home_origin=settings.home_origin,
-        )  # fmt: skip
+        self.store = open_store(settings, blobs=self.blobs, create=create)
         mark_lost_runs(self.store)
         self.code = CodeCapture(self.blobs, exclude=(settings.home, settings.cache))
         self.active: dict[str, ActiveRun] = {}

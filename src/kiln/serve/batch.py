@@ -34,6 +34,7 @@ from kiln.serve._replica import BATCH, batch_answers
 from kiln.serve.replicas import Replica, replica_env, reserve, setup
 
 if TYPE_CHECKING:
+    from kiln.record.store.sql import SqlStore
     from kiln.registry.models import ModelVersion
     from kiln.serve.endpoint import Endpoint
 
@@ -138,7 +139,7 @@ def run_batch(
 
 
 async def _compute(
-    endpoint: Endpoint[Any], version: ModelVersion, store: Any, shards: list[list[bytes]],
+    endpoint: Endpoint[Any], version: ModelVersion, store: SqlStore, shards: list[list[bytes]],
     todo: list[int], job_dir: Path, n_replicas: int, run_id: str, progress: bool,
 ) -> None:  # fmt: skip
     """Answer the ``todo`` shards on ``n_replicas`` replicas, checkpointing each."""
@@ -148,7 +149,7 @@ async def _compute(
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in todo:
         queue.put_nowait(i)
-    model_path = str(store.blobs.path(version.artifact_sha256))
+    model_path = str(store.blob_store.fetch(version.artifact_sha256))
     init = setup(endpoint, endpoint.app.settings.store_url, version, model_path)
 
     async def shard(i: int, answer: Any) -> None:
@@ -197,7 +198,7 @@ async def _on_ray(
 
 
 async def _local(
-    endpoint: Endpoint[Any], store: Any, init: dict[str, Any], shards: list[list[bytes]],
+    endpoint: Endpoint[Any], store: SqlStore, init: dict[str, Any], shards: list[list[bytes]],
     queue: asyncio.Queue[int], n_replicas: int, run_id: str, shard: Any,
 ) -> None:  # fmt: skip
     """Shards answered by replica processes, admitted by the local engine's scheduler."""
@@ -209,8 +210,8 @@ async def _local(
     if spec.env is not None:
         from kiln.envs.manager import env_manager
 
-        built = await asyncio.to_thread(env_manager(endpoint.app.settings.home, store.blobs).ensure,
-                                        spec.env)  # fmt: skip
+        manager = env_manager(endpoint.app.settings.home, store.blob_store)
+        built = await asyncio.to_thread(manager.ensure, spec.env)
         python, env_lock = str(built.python), str(built.lock_file)
 
     async def work() -> None:

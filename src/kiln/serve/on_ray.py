@@ -241,7 +241,7 @@ class RayEndpoint:
                 run_id=mv.run_id, kind=self.spec.kind,
             )  # fmt: skip
             if version not in self.weights:
-                path = str(self._blobs.path(mv.artifact_sha256))
+                path = str(self._blobs.fetch(mv.artifact_sha256))
                 init = setup(self.endpoint, self.settings.store_url, mv, path, url=root,
                              route=route)  # fmt: skip
                 serve.run(self._replica().bind(init), name=self.app_name(version),

@@ -44,6 +44,7 @@ from kiln.serve.traffic import Split
 
 if TYPE_CHECKING:
     from kiln.compute.scheduler import Allocation
+    from kiln.record.store.sql import SqlStore
     from kiln.registry.models import ModelVersion
     from kiln.serve.endpoint import Endpoint
 
@@ -143,7 +144,7 @@ class EndpointServer:
         self._spawned: set[Replica] = set()  # every process started, for the last cleanup
         self._preload: list[str] = []
         self._engine: Any = None
-        self._store: Any = None
+        self._store: SqlStore | None = None
         self._server_id: str | None = None  # its row among the endpoint's servers
         self._retired: list[Pool] = []  # pools of versions no longer routed (a canary's)
         self._provider: Any = None  # for the spans of requests no replica answered
@@ -426,14 +427,14 @@ class EndpointServer:
     # -- routing ----------------------------------------------------------------------
 
     def _targets(self) -> dict[int, float]:
-        return state.targets(self._store, self.spec, self.settings.actor)
+        return state.targets(self._db, self.spec, self.settings.actor)
 
     async def _route(self, targets: dict[int, float]) -> None:
         """Serve ``targets``: start pools for new versions, move traffic once they are
         ready, drain the pools no longer routed."""
         from kiln.registry.models import Models
 
-        models = Models(self._store, app=self.spec.app, actor=self.settings.actor)
+        models = Models(self._db, app=self.spec.app, actor=self.settings.actor)
         warm = any(p.replicas for p in self.pools.values())
         fresh: dict[int, Pool] = {}
         for version, weight in targets.items():
@@ -469,8 +470,7 @@ class EndpointServer:
             _say(f"{self.spec.name}: serving {shares}")
 
     def _pool(self, mv: ModelVersion) -> Pool:
-        blobs = self._store.blobs
-        path = str(blobs.path(mv.artifact_sha256)) if blobs else ""
+        path = str(self._db.blob_store.fetch(mv.artifact_sha256))
         scaler = Autoscaler(
             self.spec.min_replicas, self.spec.max_replicas, self.spec.target_concurrency,
             self.spec.idle_timeout, since=time.monotonic(),
@@ -526,7 +526,7 @@ class EndpointServer:
             await asyncio.sleep(REPORT_S)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
-                    state.report, self._store, server_id, self.stats(), url=self.url
+                    state.report, self._db, server_id, self.stats(), url=self.url
                 )
 
     def _gauges(self) -> None:
@@ -591,7 +591,14 @@ class EndpointServer:
         return names[0] if names and self.spec.resources.gpu else None
 
     @property
-    def store(self) -> Any:
+    def store(self) -> SqlStore | None:
+        return self._store
+
+    @property
+    def _db(self) -> SqlStore:
+        """The store, once started."""
+        if self._store is None:
+            raise RuntimeError(f"{self.spec.name}: the endpoint server has not started")
         return self._store
 
     def describe(self) -> dict[str, Any]:
@@ -643,18 +650,18 @@ class EndpointServer:
         if self.spec.env is not None:
             from kiln.envs.manager import env_manager
 
-            manager = env_manager(self.settings.home, self._store.blobs)
+            manager = env_manager(self.settings.home, self._db.blob_store)
             built = await asyncio.to_thread(manager.ensure, self.spec.env)
             self._python, self._env_lock = str(built.python), str(built.lock_file)
         with contextlib.suppress(OSError, ValueError):
             self._preload = list(json.loads(self._preload_file.read_text()))
         await asyncio.to_thread(
-            state.check_declared_traffic, self._store, self.spec, self.settings.actor
+            state.check_declared_traffic, self._db, self.spec, self.settings.actor
         )
         self._refill()
         targets = await asyncio.to_thread(self._targets)
         await self._route(targets)
-        self._server_id = await asyncio.to_thread(state.announce, self._store, self.spec, self.url)
+        self._server_id = await asyncio.to_thread(state.announce, self._db, self.spec, self.url)
         self.ready = True
         self._background = [asyncio.create_task(c()) for c in (self._watch, self._scale,
                                                                self._report)]  # fmt: skip
@@ -685,7 +692,7 @@ class EndpointServer:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
                     state.report,
-                    self._store,
+                    self._db,
                     self._server_id,
                     self.stats(),
                     status="stopped",

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from kiln.errors import (
     AmbiguousIdError,
+    ConfigError,
     DependencyError,
     RunNotFoundError,
     StoreCorruptError,
@@ -103,6 +104,13 @@ class SqlStore(EndpointsAndSpans, RegistryAccess):
         self._guard(self._ensure_schema)
 
     # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def blob_store(self) -> BlobStore:
+        """Its blob store; ConfigError for a store opened without one (a span writer's)."""
+        if self.blobs is None:
+            raise ConfigError("KILN_HOME", f"the store {self.url} was opened without its blobs")
+        return self.blobs
 
     def close(self) -> None:
         self._engine.dispose()
