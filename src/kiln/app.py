@@ -14,6 +14,7 @@ from kiln.record.store.base import RunQuery
 from kiln.record.values import check_name
 
 if TYPE_CHECKING:
+    from kiln._engine import Engine
     from kiln.function import Function
     from kiln.record.recorder import Recorder
     from kiln.registry.models import Models
@@ -42,6 +43,13 @@ class App:
     @property
     def settings(self) -> Settings:
         return self._settings if self._settings is not None else Settings.from_env()
+
+    def _engine(self) -> Engine:
+        """This process's engine for the app's settings: what its endpoints and batch
+        jobs reserve replicas through (serving is handed it, never reaches for it)."""
+        from kiln._engine import engine_for
+
+        return engine_for(self.settings)
 
     def run(
         self,

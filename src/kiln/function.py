@@ -41,6 +41,7 @@ from kiln._engine import Call, Engine, engine_for
 from kiln._sweep import Sweep as Sweep  # re-exported: kiln.Sweep
 from kiln._sweep import _Tally, check_spec
 from kiln.compute.backends.base import Outcome, TaskSpec
+from kiln.compute.paths import code_paths as _code_paths
 from kiln.compute.resources import Resources, detect_inventory
 from kiln.config import Settings
 from kiln.errors import EnvError, RunFailed, ValidationError
@@ -489,21 +490,6 @@ def _status(message: str) -> Iterator[None]:
 
     with Console(stderr=True).status(message):
         yield
-
-
-def _code_paths() -> tuple[str, ...]:
-    """The caller's code folders: sys.path without the interpreter's own and installed
-    packages, which a worker in another environment must not see."""
-    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    out = []
-    for entry in sys.path:
-        path = entry or str(Path.cwd())
-        if "site-packages" in path or path.endswith(".zip"):
-            continue
-        if any(path == p or path.startswith(p + os.sep) for p in prefixes):
-            continue
-        out.append(path)
-    return tuple(out)
 
 
 def _by_value(fn: Callable[..., Any]) -> bytes:

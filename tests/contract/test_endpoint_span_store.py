@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
-from kiln.config import Settings
+from conftest import STORES
 from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
 from kiln.record.blobs import BlobStore
 from kiln.record.store.base import EndpointRow, EndpointStore, ServerRow, SpanStore
@@ -28,14 +29,14 @@ class Both(EndpointStore, SpanStore, Protocol):
     ) -> list[dict[str, Any]]: ...  # fmt: skip
 
 
-@pytest.fixture(params=["sql", "memory"])
-def store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Both]:
+@pytest.fixture(params=[*STORES, "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Both]:
     if request.param == "memory":
-        if settings.store_url.startswith("postgresql"):
-            pytest.skip("the in-memory fake runs once, beside SQLite")
         yield MemoryEndpointStore()
         return
-    with SqlStore(settings.store_url, BlobStore(settings.blob_dir)) as s:
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else (
+        f"sqlite:///{tmp_path / 'kiln.db'}")  # fmt: skip
+    with SqlStore(url, BlobStore(tmp_path / "blobs")) as s:
         yield s
 
 

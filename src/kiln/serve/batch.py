@@ -202,9 +202,7 @@ async def _local(
     queue: asyncio.Queue[int], n_replicas: int, run_id: str, shard: Any,
 ) -> None:  # fmt: skip
     """Shards answered by replica processes, admitted by the local engine's scheduler."""
-    from kiln._engine import engine_for
-
-    engine = await asyncio.to_thread(engine_for, endpoint.app.settings)
+    engine = await asyncio.to_thread(endpoint.app._engine)
     spec = endpoint.spec
     python, env_lock = None, None
     if spec.env is not None:

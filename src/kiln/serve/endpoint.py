@@ -107,7 +107,7 @@ class Endpoint(Generic[C]):
 
     @property
     def source(self) -> Source:
-        from kiln.function import _code_paths
+        from kiln.compute.paths import code_paths
 
         module = self.cls.__module__
         if module == "__main__":
@@ -119,8 +119,8 @@ class Endpoint(Generic[C]):
                     "define it in a module so replicas can import it",
                 )  # fmt: skip
             folder = str(Path(path).resolve().parent)
-            return Source(Path(path).stem, self.cls.__qualname__, (folder, *_code_paths()))
-        return Source(module, self.cls.__qualname__, _code_paths())
+            return Source(Path(path).stem, self.cls.__qualname__, (folder, *code_paths()))
+        return Source(module, self.cls.__qualname__, code_paths())
 
     def serve(
         self, *, host: str = "127.0.0.1", port: int = 8000, block: bool = True,

@@ -641,10 +641,9 @@ class EndpointServer:
     # -- start and stop ------------------------------------------------------------------
 
     async def startup(self) -> None:
-        from kiln._engine import engine_for
         from kiln.record.recorder import recorder_for
 
-        self._engine = await asyncio.to_thread(engine_for, self.settings)
+        self._engine = await asyncio.to_thread(self.endpoint.app._engine)
         self._engine.inventory.check(self.spec.resources)
         self._store = recorder_for(self.settings).store
         if self.spec.env is not None:
