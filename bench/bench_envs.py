@@ -25,7 +25,7 @@ import uv
 
 import kiln
 from kiln.envs.manager import EnvManager
-from kiln.record.blobs import BlobStore
+from kiln.record.blobs import FileBlobStore
 
 from _common import Row, emit
 
@@ -87,7 +87,7 @@ def main() -> None:
         warm_env, warm_plain = median_ms(in_env.remote), median_ms(no_env.remote)
         uv_build(base)  # warm uv's cache for both sides
         home = base / "home"
-        manager = EnvManager(home, BlobStore(home / "blobs"))
+        manager = EnvManager(home, FileBlobStore(home / "blobs"))
         kiln_times, uv_times = [], []
         for _ in range(5):
             kiln_times.append(kiln_build(manager))

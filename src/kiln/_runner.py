@@ -17,7 +17,7 @@ import cloudpickle
 from kiln.compute import _threads
 from kiln.compute.backends.base import TaskSpec
 from kiln.config import Settings
-from kiln.record.blobs import BlobStore
+from kiln.record.blobs import FileBlobStore
 from kiln.record.runs import TaskRun
 from kiln.record.snapshot import capture_environment
 
@@ -54,6 +54,6 @@ def run_task(
     # Sent with the worker's first reply and when it changes (engines keep the last).
     global _environment
     if _environment is None or _environment["threads"] != threads:
-        environment = asdict(capture_environment(BlobStore(settings.blob_dir)))
+        environment = asdict(capture_environment(FileBlobStore(settings.blob_dir)))
         _environment = reply["environment"] = {**environment, "threads": threads}
     return reply

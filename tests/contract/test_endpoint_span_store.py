@@ -14,7 +14,7 @@ import pytest
 
 from conftest import STORES
 from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
-from kiln.record.blobs import BlobStore
+from kiln.record.blobs import FileBlobStore
 from kiln.record.store.base import EndpointRow, EndpointStore, ServerRow, SpanStore
 from kiln.record.store.sql import SqlStore
 from kiln.testing import MemoryEndpointStore
@@ -36,7 +36,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Both]:
         return
     url = request.getfixturevalue("pg_url") if request.param == "postgres" else (
         f"sqlite:///{tmp_path / 'kiln.db'}")  # fmt: skip
-    with SqlStore(url, BlobStore(tmp_path / "blobs")) as s:
+    with SqlStore(url, FileBlobStore(tmp_path / "blobs")) as s:
         yield s
 
 

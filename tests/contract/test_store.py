@@ -13,7 +13,7 @@ from alembic.migration import MigrationContext
 
 from kiln.config import Settings
 from kiln.errors import AmbiguousIdError, RunNotFoundError, StoreRefusedError, ValidationError
-from kiln.record.blobs import BlobStore
+from kiln.record.blobs import FileBlobStore
 from kiln.record.model import RunStatus
 from kiln.record.store._schema import metadata
 from kiln.record.store.base import RunQuery, WriteBatch
@@ -22,7 +22,7 @@ from kiln.record.store.sql import SqlStore
 
 @pytest.fixture
 def store(settings: Settings) -> Iterator[SqlStore]:
-    with SqlStore(settings.store_url, BlobStore(settings.blob_dir)) as s:
+    with SqlStore(settings.store_url, FileBlobStore(settings.blob_dir)) as s:
         yield s
 
 

@@ -9,14 +9,14 @@ import pytest
 
 from kiln.config import Settings
 from kiln.errors import DependencyError
-from kiln.record.blobs import BlobStore
+from kiln.record.blobs import FileBlobStore
 from kiln.record.store.base import RunQuery, WriteBatch
 from kiln.record.store.sql import SqlStore
 
 
 @pytest.fixture
 def store(settings: Settings) -> Iterator[SqlStore]:
-    with SqlStore(settings.store_url, BlobStore(settings.blob_dir)) as s:
+    with SqlStore(settings.store_url, FileBlobStore(settings.blob_dir)) as s:
         yield s
 
 

@@ -18,7 +18,7 @@ from kiln.cli import app as cli
 from kiln.config import Settings
 from kiln.envs.manager import EnvManager
 from kiln.errors import EnvError
-from kiln.record.blobs import BlobStore
+from kiln.record.blobs import FileBlobStore
 
 
 def _index_reachable() -> str | None:
@@ -69,7 +69,7 @@ def outside() -> int:
 
 def manager() -> EnvManager:
     settings = Settings.from_env()
-    return EnvManager(settings.home, BlobStore(settings.blob_dir), settings.cache)
+    return EnvManager(settings.home, FileBlobStore(settings.blob_dir), settings.cache)
 
 
 def test_a_function_runs_in_its_env_and_the_record_names_the_lock() -> None:
@@ -145,9 +145,9 @@ def test_two_processes_asking_for_one_new_env_build_it_once() -> None:
         from kiln.config import Settings
         from kiln.envs.manager import EnvManager
         from kiln.envs.spec import Env
-        from kiln.record.blobs import BlobStore
+        from kiln.record.blobs import FileBlobStore
         s = Settings.from_env()
-        m = EnvManager(s.home, BlobStore(s.blob_dir), s.cache)
+        m = EnvManager(s.home, FileBlobStore(s.blob_dir), s.cache)
         print(m.ensure(Env(packages=["six==1.16.0", "idna==3.7"])).path)
         """
     )
@@ -204,7 +204,7 @@ def test_two_homes_share_one_built_env(tmp_path: Path, monkeypatch: pytest.Monke
     again = inside.remote()  # the same lock from another home: a cache hit
     assert again["prefix"] == first["prefix"] and again["six"] == "1.16.0"
     (record,) = kiln.runs(app="envs")  # the second home's record, with its own lock blob
-    lock = BlobStore(second_home / "blobs").read(record.environment.lock_sha256 or "")
+    lock = FileBlobStore(second_home / "blobs").read(record.environment.lock_sha256 or "")
     assert b"six==1.16.0" in lock
 
     (info,) = manager().installed()

@@ -19,12 +19,12 @@ import kiln
 from kiln.cli import app as cli
 from kiln.config import Settings
 from kiln.record import gc, recorder
-from kiln.record.blobs import PENDING, BlobStore
+from kiln.record.blobs import PENDING, FileBlobStore
 
 OLD = time.time() - 7200
 
 
-def make_old(blobs: BlobStore, sha: str) -> None:
+def make_old(blobs: FileBlobStore, sha: str) -> None:
     os.utime(blobs.path(sha), (OLD, OLD))
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from kiln._hashing import sha256_file
 from kiln.record import snapshot
-from kiln.record.blobs import BlobStore
+from kiln.record.blobs import FileBlobStore
 from kiln.record.snapshot import UNTRACKED_FILE_LIMIT, CodeCapture
 
 
@@ -46,7 +46,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 def test_clean_tree_records_commit_and_branch_only(repo: Path, tmp_path: Path) -> None:
-    snap = CodeCapture(BlobStore(tmp_path / "blobs")).capture(repo / "train.py")
+    snap = CodeCapture(FileBlobStore(tmp_path / "blobs")).capture(repo / "train.py")
     assert snap.commit == git(repo, "rev-parse", "HEAD").strip()
     assert snap.branch == "main" and not snap.dirty and snap.patch_sha256 is None
     assert snap.source_sha256 == sha256_file(repo / "train.py")[0]
@@ -63,7 +63,7 @@ def test_patch_recreates_tracked_and_untracked_changes(repo: Path, tmp_path: Pat
     (repo / "big.dat").write_bytes(b"0" * (UNTRACKED_FILE_LIMIT + 1))
     index_before = (repo / ".git" / "index").read_bytes()
 
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = FileBlobStore(tmp_path / "blobs")
     snap = CodeCapture(blobs).capture(repo / "train.py")
     assert snap.dirty and snap.patch_sha256 is not None
     assert snap.untracked_skipped == ("assets/blob.bin", "big.dat")
@@ -88,7 +88,7 @@ def test_unchanged_tree_reuses_the_stored_patch(
 ) -> None:
     monkeypatch.setattr(snapshot, "SNAPSHOT_TTL_S", 0.0)  # every capture looks at git
     (repo / "train.py").write_text("print('version 2')\n")
-    capture = CodeCapture(BlobStore(tmp_path / "blobs"))
+    capture = CodeCapture(FileBlobStore(tmp_path / "blobs"))
     first = capture.capture(repo / "train.py")
     assert capture.capture(repo / "train.py").patch_sha256 == first.patch_sha256
     (repo / "train.py").write_text("print('v3')\n")
@@ -98,7 +98,7 @@ def test_unchanged_tree_reuses_the_stored_patch(
 def test_runs_in_quick_succession_share_a_snapshot(
     repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    capture = CodeCapture(BlobStore(tmp_path / "blobs"))
+    capture = CodeCapture(FileBlobStore(tmp_path / "blobs"))
     first = capture.capture(repo / "train.py")
     (repo / "train.py").write_text("print('edited at once')\n")
     assert capture.capture(repo / "train.py") is first  # within SNAPSHOT_TTL_S
@@ -111,7 +111,7 @@ def test_a_repo_without_commits_patches_against_the_empty_tree(tmp_path: Path) -
     root.mkdir()
     git(root, "init", "-q")
     (root / "a.py").write_text("A = 1\n")
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = FileBlobStore(tmp_path / "blobs")
     snap = CodeCapture(blobs).capture(root / "a.py")
     assert snap.commit is None and snap.dirty
     assert b"+A = 1" in blobs.read(snap.patch_sha256 or "")
@@ -122,7 +122,7 @@ def test_without_git_the_module_source_itself_is_stored(tmp_path: Path) -> None:
     module = tmp_path / "plain" / "script.py"
     module.parent.mkdir()
     module.write_text("print('hi')\n")
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = FileBlobStore(tmp_path / "blobs")
     snap = CodeCapture(blobs).capture(module)
     assert snap.commit is None and snap.repo_root is None
     assert blobs.read(snap.source_blob or "") == b"print('hi')\n"
@@ -136,7 +136,7 @@ def test_a_broken_repo_is_reported_and_the_source_kept(
     root.mkdir()
     (root / ".git").write_text("gitdir: /nonexistent/worktree\n")
     (root / "m.py").write_text("Z = 3\n")
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = FileBlobStore(tmp_path / "blobs")
     snap = CodeCapture(blobs).capture(root / "m.py")
     assert snap.repo_root == str(root) and snap.commit is None
     assert blobs.read(snap.source_blob or "") == b"Z = 3\n"
@@ -150,7 +150,7 @@ def test_kilns_own_folders_are_never_code(repo: Path, tmp_path: Path) -> None:
         (home / "blobs").mkdir(parents=True)
         (home / "kiln.db").write_bytes(b"SQLite format 3\0" + b"x" * 4096)
         (home / "blobs" / "ab").write_text("a blob\n")
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = FileBlobStore(tmp_path / "blobs")
     capture = CodeCapture(blobs, exclude=(repo / "records",))
     snap = capture.capture(repo / "train.py")
     assert not snap.dirty and snap.patch_sha256 is None and snap.left_out == ()
@@ -169,7 +169,7 @@ def test_untracked_files_past_the_total_limit_are_left_out(
     monkeypatch.setattr(snapshot, "UNTRACKED_TOTAL_LIMIT", 100)
     (repo / "a.txt").write_text("a" * 60)
     (repo / "b.txt").write_text("b" * 60)
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = FileBlobStore(tmp_path / "blobs")
     snap = CodeCapture(blobs).capture(repo / "train.py")
     assert snap.untracked_skipped == ("b.txt",)
     assert "past the" in snap.left_out[0] and "limit for all untracked files" in snap.left_out[0]

@@ -11,7 +11,7 @@ from rich.table import Table
 from kiln.cli._render import console, fmt_time, parse_duration, plain
 from kiln.config import Settings
 from kiln.envs.manager import EnvManager, env_manager
-from kiln.record.blobs import BlobStore
+from kiln.record.blobs import FileBlobStore
 from kiln.record.model import RunStatus
 from kiln.record.store.base import RunQuery
 
@@ -21,7 +21,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts an
 
 def _manager() -> tuple[EnvManager, Settings]:
     settings = Settings.from_env()
-    return env_manager(settings.home, BlobStore(settings.blob_dir), settings.cache), settings
+    return env_manager(settings.home, FileBlobStore(settings.blob_dir), settings.cache), settings
 
 
 def _size(n: int) -> str:

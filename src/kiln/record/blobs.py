@@ -27,7 +27,7 @@ from kiln.errors import NotFoundError
 PENDING = ".pending"  # notes of temporary files written outside the store (exports)
 
 
-class BlobStore:
+class FileBlobStore:
     """Blobs under one directory, addressed by sha256 hex digest."""
 
     def __init__(self, root: Path) -> None:

@@ -30,7 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from kiln._hashing import sha256_bytes
 from kiln.errors import KilnError
-from kiln.record.blobs import BlobStore
+from kiln.record.blobs import FileBlobStore
 from kiln.record.model import RunStatus
 from kiln.record.store._schema import runs as _runs_table
 from kiln.record.store.base import MetricRow, WriteBatch
@@ -73,7 +73,7 @@ class BundleError(KilnError):
 
 def export_bundle(
     store: SqlStore,
-    blobs: BlobStore,
+    blobs: FileBlobStore,
     run_id: str,
     out: Path,
     *,
@@ -299,7 +299,7 @@ def _check_blobs_accounted(manifest: dict[str, Any], rows: WriteBatch) -> None:
 
 def import_bundle(
     store: SqlStore,
-    blobs: BlobStore,
+    blobs: FileBlobStore,
     path: Path,
     *,
     keys: Path | None = None,

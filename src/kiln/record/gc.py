@@ -4,7 +4,7 @@ A record references a blob through an artifact, a code snapshot (patch or module
 source), an environment (package list, lock) or the env cache (declared locks).
 A blob younger than ``min_age_s`` is kept even if nothing names it yet: a running
 process may have stored it and not yet flushed the row that names it (saving bytes
-a blob already holds makes that blob young again, see ``BlobStore._refresh``).
+a blob already holds makes that blob young again, see ``FileBlobStore._refresh``).
 
 Each blob to remove is first moved aside (``.gc-NAME``); then the references and its
 age are read once more, and a blob that a run named or saved again meanwhile is put
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kiln.record.blobs import PENDING, BlobStore
+from kiln.record.blobs import PENDING, FileBlobStore
 from kiln.record.recorder import pid_alive
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def referenced_by_envs(home: Path) -> set[str]:
 
 
 def collect(
-    store: SqlStore, blobs: BlobStore, home: Path, *, min_age_s: float, dry_run: bool = False
+    store: SqlStore, blobs: FileBlobStore, home: Path, *, min_age_s: float, dry_run: bool = False
 ) -> tuple[list[str], int]:
     """Remove unreferenced blobs older than ``min_age_s``; return them and how many stay."""
     if not blobs.root.is_dir():
@@ -94,7 +94,7 @@ def _move_aside(path: Path) -> Path | None:
     return moved
 
 
-def _put_back_aside(blobs: BlobStore) -> None:
+def _put_back_aside(blobs: FileBlobStore) -> None:
     """Blobs a killed gc left aside go back, unless saved again since (then a copy)."""
     for moved in blobs.root.glob("??/.gc-*"):
         target = moved.with_name(moved.name.removeprefix(".gc-"))
@@ -104,7 +104,7 @@ def _put_back_aside(blobs: BlobStore) -> None:
             moved.rename(target)
 
 
-def _remove_temporary(blobs: BlobStore, cutoff: float) -> None:
+def _remove_temporary(blobs: FileBlobStore, cutoff: float) -> None:
     """Temporary files of writers killed before ``cutoff``: blob writes (``.tmp-*``
     beside the blobs) and exports (noted under ``.pending/``, see ``temp_beside``)."""
     for tmp in blobs.root.glob("??/.tmp-*"):

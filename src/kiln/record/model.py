@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from kiln.errors import NotFoundError
 
 if TYPE_CHECKING:
-    from kiln.record.blobs import BlobStore
+    from kiln.record.blobs import FileBlobStore
     from kiln.record.lineage import Lineage
     from kiln.record.store.base import Store
 
@@ -157,7 +157,7 @@ class RunRecord:
     # Metrics logged with volatile=True (timings): shown by reproduce, not in its verdict.
     volatile_metrics: tuple[str, ...] = ()
     _store: Store | None = field(default=None, repr=False, compare=False)
-    _blobs: BlobStore | None = field(default=None, repr=False, compare=False)
+    _blobs: FileBlobStore | None = field(default=None, repr=False, compare=False)
 
     @property
     def created(self) -> datetime:
@@ -268,7 +268,7 @@ def record_from_row(
     summary: dict[str, float],
     artifacts: tuple[Artifact, ...],
     store: Store | None,
-    blobs: BlobStore | None,
+    blobs: FileBlobStore | None,
 ) -> RunRecord:
     """Build a :class:`RunRecord` from a ``runs`` row and its children."""
     return RunRecord(

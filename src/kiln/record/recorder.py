@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.config import Settings, make_home
 from kiln.errors import StoreRefusedError
-from kiln.record.blobs import BlobStore
+from kiln.record.blobs import FileBlobStore
 from kiln.record.model import RunStatus
 from kiln.record.snapshot import CodeCapture
 from kiln.record.store.base import WRITE_PARTS, MetricRow, RunQuery, Store, WriteBatch
@@ -47,7 +47,7 @@ class Recorder:
 
     def __init__(self, settings: Settings, *, create: bool = True) -> None:
         self.settings = settings
-        self.blobs = BlobStore(settings.blob_dir)
+        self.blobs = FileBlobStore(settings.blob_dir)
         from kiln.record.store import open_store
 
         if create:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln._hashing import sha256_file
-from kiln.record.blobs import BlobStore
+from kiln.record.blobs import FileBlobStore
 from kiln.record.model import CodeSnapshot, EnvSnapshot
 
 UNTRACKED_FILE_LIMIT = 1 << 20  # bytes; larger untracked files are data, not code
@@ -65,7 +65,7 @@ _Patch = tuple[str | None, tuple[str, ...], tuple[str, ...]]
 class CodeCapture:
     """Takes code snapshots, reusing the last patch while the working tree is unchanged."""
 
-    def __init__(self, blobs: BlobStore, *, exclude: Sequence[Path] = ()) -> None:
+    def __init__(self, blobs: FileBlobStore, *, exclude: Sequence[Path] = ()) -> None:
         """``exclude``: folders that are never code wherever they are (Kiln's home and
         cache); any folder named ``.kiln`` is left out as well."""
         self._blobs = blobs
@@ -298,7 +298,7 @@ _env_lock = threading.Lock()
 _env_cache: dict[str, EnvSnapshot] = {}
 
 
-def capture_environment(blobs: BlobStore) -> EnvSnapshot:
+def capture_environment(blobs: FileBlobStore) -> EnvSnapshot:
     """The interpreter and its installed distributions, computed once per process."""
     with _env_lock:
         cached = _env_cache.get(str(blobs.root))

@@ -4,12 +4,15 @@ layers above them. They pass the same contract suite as the SQL stores
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
 from kiln.record.store.base import EndpointRow, ServerRow
@@ -135,3 +138,47 @@ class MemoryEndpointStore:
         self._events.append({"seq": len(self._events) + 1, "action": action, "target": target,
                              "payload": json.dumps(payload, sort_keys=True, default=str),
                              "actor": actor, "time": at})  # fmt: skip
+
+
+class MemoryBlobStore:
+    """A :class:`~kiln.record.store.base.BlobStore` in memory. ``fetch`` writes the blob
+    into a cache folder, as a store whose blobs live elsewhere would download it."""
+
+    def __init__(self, cache: Path | None = None) -> None:
+        self._blobs: dict[str, bytes] = {}
+        self._cache = cache
+
+    def exists(self, sha256: str) -> bool:
+        return sha256 in self._blobs
+
+    def put_bytes(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        self._blobs.setdefault(sha, bytes(data))
+        return sha
+
+    def put_file(self, source: Path) -> tuple[str, int]:
+        data = source.read_bytes()
+        return self.put_bytes(data), len(data)
+
+    def put_stream(self, source: IO[bytes], sha256: str) -> None:
+        data = source.read()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ValueError(f"content does not hash to {sha256}")
+        self._blobs.setdefault(sha256, data)
+
+    def read(self, sha256: str) -> bytes:
+        try:
+            return self._blobs[sha256]
+        except KeyError:
+            raise NotFoundError(f"blob {sha256} is missing from memory") from None
+
+    def fetch(self, sha256: str) -> Path:
+        data = self.read(sha256)
+        if self._cache is None:
+            self._cache = Path(tempfile.mkdtemp(prefix="kiln-blobs-"))
+        self._cache.mkdir(parents=True, exist_ok=True)
+        path = self._cache / sha256
+        if not path.is_file():
+            path.write_bytes(data)
+            path.chmod(0o444)
+        return path

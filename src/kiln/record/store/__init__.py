@@ -10,14 +10,14 @@ from kiln.record.store.base import RunQuery, Store, WriteBatch
 
 if TYPE_CHECKING:
     from kiln.config import Settings
-    from kiln.record.blobs import BlobStore
+    from kiln.record.blobs import FileBlobStore
     from kiln.record.store.sql import SqlStore
 
 __all__ = ["RunQuery", "Store", "WriteBatch", "open_store"]
 
 
 def open_store(
-    target: Settings | str, *, blobs: BlobStore | None = None, create: bool = True
+    target: Settings | str, *, blobs: FileBlobStore | None = None, create: bool = True
 ) -> SqlStore:
     """The store ``target`` names: the settings' ``KILN_STORE`` (with their actor), or a
     store URL. ``create`` makes the schema if it is missing (else a missing store is an

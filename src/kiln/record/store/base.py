@@ -1,14 +1,14 @@
-"""The store interface. Writes arrive as batches, one transaction each; reads return records.
-
-Five methods and a lifecycle, so that the SQL store, a team server's HTTP client
-and test fakes can all stand behind it.
+"""The store interfaces, one per aggregate (runs, endpoints, spans, blobs), so that the
+SQL store, a team server's HTTP client and test fakes can all stand behind them.
+Run writes arrive as batches, one transaction each; reads return records.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import IO, Any, Protocol
 
 from kiln.record.model import MetricPoint, RunRecord, RunStatus
 
@@ -167,3 +167,27 @@ class SpanStore(Protocol):
 
     def find_trace(self, trace_id: str) -> list[dict[str, Any]]:
         """The spans of one trace, by its id or a unique prefix of 8 or more, oldest first."""
+
+
+class BlobStore(Protocol):
+    """Content-addressed bytes: each blob is named by the sha256 of its bytes."""
+
+    def exists(self, sha256: str) -> bool:
+        """Whether the blob is stored."""
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store ``data``; its sha256."""
+
+    def put_file(self, source: Path) -> tuple[str, int]:
+        """Store the file at ``source``; its sha256 and size."""
+
+    def put_stream(self, source: IO[bytes], sha256: str) -> None:
+        """Store what ``source`` reads, which must hash to ``sha256`` (else ValueError,
+        and nothing is stored)."""
+
+    def read(self, sha256: str) -> bytes:
+        """The blob's bytes; NotFoundError if it is missing."""
+
+    def fetch(self, sha256: str) -> Path:
+        """A local file holding the blob, to read (never to write); NotFoundError if it
+        is missing."""

@@ -34,7 +34,7 @@ from kiln.errors import (
     ValidationError,
 )
 from kiln.record import audit
-from kiln.record.blobs import BlobStore
+from kiln.record.blobs import FileBlobStore
 from kiln.record.lineage import Lineage
 from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
 from kiln.record.store._endpoints import EndpointsAndSpans
@@ -71,7 +71,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess):
     def __init__(
         self,
         url: str,
-        blobs: BlobStore | None = None,
+        blobs: FileBlobStore | None = None,
         *,
         create: bool = True,
         actor: str = "unknown",
@@ -106,7 +106,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess):
     # -- lifecycle -----------------------------------------------------------------
 
     @property
-    def blob_store(self) -> BlobStore:
+    def blob_store(self) -> FileBlobStore:
         """Its blob store; ConfigError for a store opened without one (a span writer's)."""
         if self.blobs is None:
             raise ConfigError("KILN_HOME", f"the store {self.url} was opened without its blobs")
