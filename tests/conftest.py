@@ -11,7 +11,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -130,5 +130,93 @@ def settings(
     """Settings for a fresh store of each kind, also exported as KILN_STORE."""
     if request.param == "postgres":
         url = request.getfixturevalue("pg_url")
+        monkeypatch.setenv("KILN_STORE", url)
+    return Settings.from_env()
+
+
+class ServerProcess:
+    """A real ``kiln server`` process on a free port of 127.0.0.1."""
+
+    def __init__(self, store_url: str, home: Path) -> None:
+        self.store_url, self.home = store_url, home
+        self.url = ""
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, port: int = 0) -> ServerProcess:
+        env = {k: v for k, v in os.environ.items() if k != "KILN_SERVER"}
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log = self.home / "server.log"
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kiln", "server", "--store", self.store_url,
+                 "--home", str(self.home), "--port", str(port)],
+                stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+            )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # printed once it listens
+        if not line.startswith("kiln server: "):
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.stdout.close()
+            raise RuntimeError(f"kiln server did not start: {line}{self.log.read_text()}")
+        self.url = line.split()[2]
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+        self._close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=60)
+        self._close()
+
+    def _close(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start real ``kiln server`` processes (stopped after the test)."""
+    started: list[ServerProcess] = []
+
+    def start(store_url: str | None = None, home: Path | None = None) -> ServerProcess:
+        home = home or tmp_path / "server-home"
+        url = store_url or f"sqlite:///{home / 'kiln.db'}"
+        server = ServerProcess(url, home).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+SERVER_STORES = ["http-sqlite", pytest.param("http-postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=[*STORES, *SERVER_STORES])
+def any_settings(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """Settings for a fresh record of each kind, as the SDK's environment says it: SQLite,
+    PostgreSQL, and a real ``kiln server`` on each (KILN_SERVER)."""
+    return record_settings(request, str(request.param), monkeypatch)
+
+
+def record_settings(
+    request: pytest.FixtureRequest, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """Settings (exported to the environment) for a fresh record of ``kind``: sqlite,
+    postgres, http-sqlite or http-postgres."""
+    url = request.getfixturevalue("pg_url") if kind.endswith("postgres") else None
+    if kind.startswith("http"):
+        server = request.getfixturevalue("start_server")(url)
+        monkeypatch.setenv("KILN_SERVER", server.url)
+    elif url:
         monkeypatch.setenv("KILN_STORE", url)
     return Settings.from_env()

@@ -352,7 +352,7 @@ def _make_backend(settings: Settings) -> BackendFactory:
         def ray(_inventory: Inventory, report: Report) -> Backend:
             # The cluster's resources are the inventory, not this machine's.
             backend = RayBackend(report, RUNNER, settings.ray_address, settings.ray_shared_home)
-            backend.check_store(settings.store_url)
+            backend.check_store(settings.record_url)
             return backend
 
         return ray
@@ -369,7 +369,7 @@ _engines_lock = threading.Lock()
 def engine_for(settings: Settings, *, backend: BackendFactory | None = None) -> Engine:
     """The process's engine for these settings, started on first use (with ``backend``
     if given: ``kiln.testing.FakeBackend`` for tests of code built on functions)."""
-    key = (settings.store_url, str(settings.home), settings.backend)
+    key = (settings.record_url, str(settings.home), settings.backend)
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:

@@ -17,7 +17,7 @@ import cloudpickle
 from kiln.compute import _threads
 from kiln.compute.backends.base import TaskSpec
 from kiln.config import Settings
-from kiln.record.blobs import FileBlobStore
+from kiln.record.recorder import recorder_for
 from kiln.record.runs import TaskRun
 from kiln.record.snapshot import capture_environment
 
@@ -34,6 +34,7 @@ def run_task(
         home=Path(task.store["home"]),
         store_url=task.store["store_url"],
         actor=task.store.get("actor", "unknown"),
+        server_url=task.store.get("server_url"),
     )
     reply: dict[str, Any] = {"run_id": task.run_id, "attempt": task.attempt}
     threads = _threads.in_effect()  # as the task starts (its code may change them)
@@ -54,6 +55,6 @@ def run_task(
     # Sent with the worker's first reply and when it changes (engines keep the last).
     global _environment
     if _environment is None or _environment["threads"] != threads:
-        environment = asdict(capture_environment(FileBlobStore(settings.blob_dir)))
+        environment = asdict(capture_environment(recorder_for(settings).blobs))
         _environment = reply["environment"] = {**environment, "threads": threads}
     return reply

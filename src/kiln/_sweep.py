@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from kiln._engine import Call, Engine
     from kiln.config import Settings
     from kiln.function import Function, Run
-    from kiln.record.store.sql import SqlStore
+    from kiln.record.store.base import KilnStore
 
 # How long an interrupted wait gives the cancelled runs to be recorded as such.
 CANCEL_GRACE_S = 10.0
@@ -347,7 +347,7 @@ def _current_runs(children: Sequence[RunRecord]) -> list[RunRecord]:
     return [r for r in children if r.id not in replaced]
 
 
-def _arguments(record: RunRecord, store: SqlStore) -> dict[str, Any]:
+def _arguments(record: RunRecord, store: KilnStore) -> dict[str, Any]:
     from kiln.reproduce import ReproduceError
     from kiln.reproduce import _arguments as recorded_arguments
 

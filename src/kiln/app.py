@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from kiln._engine import Engine
     from kiln.function import Function
     from kiln.record.recorder import Recorder
-    from kiln.registry.models import Models
+    from kiln.registry.models import RegistryStore
     from kiln.serve.endpoint import Endpoint
 
 P = ParamSpec("P")
@@ -162,13 +162,13 @@ class App:
         )  # fmt: skip
 
     @property
-    def models(self) -> Models:
+    def models(self) -> RegistryStore:
         """The model registry: ``register``, ``get``, ``promote``, ``rollback``, ``history``."""
         from kiln.record.recorder import recorder_for
-        from kiln.registry.models import Models
+        from kiln.registry.models import models_for
 
         settings = self.settings
-        return Models(recorder_for(settings).store, app=self.name, actor=settings.actor)
+        return models_for(recorder_for(settings).store, app=self.name, actor=settings.actor)
 
     def runs(self, **filters: Any) -> list[RunRecord]:
         """This app's runs; takes the filters of :func:`kiln.runs`."""

@@ -13,6 +13,8 @@
 |               | ~/.cache/kiln                    | the machine: one lock is built once      |
 | KILN_CEILING_DIRECTORIES | none                  | folders (separated by ``:``) the search  |
 |               |                                  | for .kiln and .git does not go above     |
+| KILN_SERVER   | unset                            | a team server's URL: the record is there;|
+|               |                                  | KILN_HOME keeps a blob cache and a spool |
 
 Without ``KILN_HOME``, Kiln finds its home the way git finds ``.git``: the nearest
 existing ``.kiln`` folder at or above the current directory; if there is none, the
@@ -53,6 +55,7 @@ class Settings:
     ray_shared_home: bool | None = None  # KILN_RAY_SHARED_HOME; None: nodes on this machine
     cache: Path = field(default_factory=lambda: cache_dir(os.environ))  # KILN_CACHE
     home_origin: str = ""  # how ``home`` was found, for "not found" messages
+    server_url: str | None = None  # KILN_SERVER: the record is a team server's, over HTTP
 
     @property
     def blob_dir(self) -> Path:
@@ -94,7 +97,38 @@ class Settings:
             ray_address=env.get("KILN_RAY_ADDRESS") or None,
             ray_shared_home=None if shared is None else shared == "1",
             cache=cache_dir(env), home_origin=origin,
+            server_url=server_url(env.get("KILN_SERVER") or None),
         )  # fmt: skip
+
+    @property
+    def record_url(self) -> str:
+        """Where the record is: the team server's URL, else the store's."""
+        return self.server_url or self.store_url
+
+
+def server_url(value: str | None) -> str | None:
+    """``KILN_SERVER`` checked: an ``http://`` or ``https://`` URL with a host, no path
+    beyond ``/``, no credentials (a token goes in ``KILN_TOKEN``); without its final ``/``."""
+    if value is None:
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  a port that is not a number raises here
+    except ValueError as e:
+        raise ConfigError("KILN_SERVER", f"{value!r} is not a URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            "KILN_SERVER", f"{value!r} is not an http:// or https:// URL of a kiln server"
+        )
+    if parts.username or parts.password:
+        raise ConfigError("KILN_SERVER", "holds credentials; put a token in KILN_TOKEN instead")
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise ConfigError(
+            "KILN_SERVER", f"{value!r} has a path; give the server's root, e.g. http://host:8700"
+        )
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def find_home(start: Path, ceilings: Sequence[Path] = ()) -> tuple[Path, str]:

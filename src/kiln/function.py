@@ -387,6 +387,7 @@ class Function(Generic[P, R]):
             "home": str(settings.home),
             "store_url": settings.store_url,
             "actor": settings.actor,
+            **({"server_url": settings.server_url} if settings.server_url else {}),
         }
         sys_path, cwd = _code_paths(), str(Path.cwd())
         now = time.time()

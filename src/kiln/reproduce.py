@@ -32,7 +32,7 @@ from kiln.record.resolve import RunLike, resolve_run
 from kiln.record.runs import Dataset
 
 if TYPE_CHECKING:
-    from kiln.record.store.sql import SqlStore
+    from kiln.record.store.base import KilnStore
 
 __all__ = ["Comparison", "ReproduceError", "Verdict", "compare", "reproduce"]
 
@@ -104,7 +104,7 @@ def reproduce(
 
 
 def _arguments(
-    record: RunRecord, store: SqlStore, allow_data_drift: bool
+    record: RunRecord, store: KilnStore, allow_data_drift: bool
 ) -> tuple[dict[str, Any], list[str]]:
     kwargs: dict[str, Any] = {}
     drift: list[str] = []
@@ -134,7 +134,7 @@ def _arguments(
     return kwargs, drift
 
 
-def _artifact(store: SqlStore, name: str, sha256: str) -> Artifact:
+def _artifact(store: KilnStore, name: str, sha256: str) -> Artifact:
     graph = store.lineage(sha256)
     info = graph.artifacts.get(sha256)
     if info is None:

@@ -1,9 +1,10 @@
-"""The BlobStore interface on every implementation: files under KILN_HOME, and the
-in-memory fake of kiln.testing. Tests see the interface only."""
+"""The BlobStore interface on every implementation: files under KILN_HOME, a real
+``kiln server`` over HTTP, and the in-memory fake of kiln.testing. Tests see the interface only."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,14 +13,20 @@ from kiln._hashing import sha256_bytes
 from kiln.errors import NotFoundError
 from kiln.record.blobs import FileBlobStore
 from kiln.record.store.base import BlobStore
+from kiln.record.store.http import HttpStore
 from kiln.testing import MemoryBlobStore
 
 
-@pytest.fixture(params=["files", "memory"])
-def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+@pytest.fixture(params=["files", "http", "memory"])
+def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
     if request.param == "memory":
-        return MemoryBlobStore(tmp_path / "cache")
-    return FileBlobStore(tmp_path / "blobs")
+        yield MemoryBlobStore(tmp_path / "cache")
+    elif request.param == "http":
+        server = request.getfixturevalue("start_server")()
+        with HttpStore(server.url, cache=tmp_path / "cache") as store:
+            yield store.blob_store
+    else:
+        yield FileBlobStore(tmp_path / "blobs")
 
 
 def test_bytes_files_and_streams_are_stored_by_content(blobs: BlobStore, tmp_path: Path) -> None:

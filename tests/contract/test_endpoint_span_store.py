@@ -1,5 +1,6 @@
 """The EndpointStore and SpanStore interfaces, on every implementation (SQLite,
-PostgreSQL, and the in-memory fake of kiln.testing). Tests see the interfaces only
+PostgreSQL, a real ``kiln server`` on each over HTTP, and the in-memory fake of
+kiln.testing). Tests see the interfaces only
 (and the audit events they write): no SQL, no schema."""
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from typing import Any, Protocol
 
 import pytest
 
-from conftest import STORES
+from conftest import SERVER_STORES, STORES, record_settings
 from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
 from kiln.record.blobs import FileBlobStore
+from kiln.record.store import open_store
 from kiln.record.store.base import EndpointRow, EndpointStore, ServerRow, SpanStore
 from kiln.record.store.sql import SqlStore
 from kiln.testing import MemoryEndpointStore
@@ -29,10 +31,15 @@ class Both(EndpointStore, SpanStore, Protocol):
     ) -> list[dict[str, Any]]: ...  # fmt: skip
 
 
-@pytest.fixture(params=[*STORES, "memory"])
+@pytest.fixture(params=[*STORES, *SERVER_STORES, "memory"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Both]:
     if request.param == "memory":
         yield MemoryEndpointStore()
+        return
+    if str(request.param).startswith("http"):
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        with open_store(record_settings(request, str(request.param), monkeypatch)) as s:
+            yield s
         return
     url = request.getfixturevalue("pg_url") if request.param == "postgres" else (
         f"sqlite:///{tmp_path / 'kiln.db'}")  # fmt: skip

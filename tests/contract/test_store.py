@@ -1,4 +1,5 @@
-"""One suite over every store implementation: SQLite and PostgreSQL."""
+"""One suite over every implementation of the run store: SQLite, PostgreSQL, and a real
+``kiln server`` on each, reached over HTTP (the fixture yields the interface)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,16 @@ from alembic.migration import MigrationContext
 
 from kiln.config import Settings
 from kiln.errors import AmbiguousIdError, RunNotFoundError, StoreRefusedError, ValidationError
-from kiln.record.blobs import FileBlobStore
 from kiln.record.model import RunStatus
+from kiln.record.store import open_store
 from kiln.record.store._schema import metadata
-from kiln.record.store.base import RunQuery, WriteBatch
+from kiln.record.store.base import KilnStore, RunQuery, WriteBatch
 from kiln.record.store.sql import SqlStore
 
 
 @pytest.fixture
-def store(settings: Settings) -> Iterator[SqlStore]:
-    with SqlStore(settings.store_url, FileBlobStore(settings.blob_dir)) as s:
+def store(any_settings: Settings) -> Iterator[KilnStore]:
+    with open_store(any_settings) as s:
         yield s
 
 
@@ -43,8 +44,8 @@ def hexid(n: int, prefix: str = "") -> str:
     return (prefix + f"{n:x}").ljust(32, "0")
 
 
-def test_migrations_create_exactly_the_declared_schema(store: SqlStore) -> None:
-    with store._engine.connect() as conn:
+def test_migrations_create_exactly_the_declared_schema(settings: Settings) -> None:
+    with SqlStore(settings.store_url) as store, store._engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
 
@@ -56,7 +57,7 @@ def test_reopening_a_store_keeps_its_records(settings: Settings) -> None:
         assert s.get_run(hexid(1)).app == "a"
 
 
-def test_write_and_read_back_a_whole_record(store: SqlStore) -> None:
+def test_write_and_read_back_a_whole_record(store: KilnStore) -> None:
     rid = hexid(7, "ab")
     store.write(
         WriteBatch(
@@ -96,7 +97,7 @@ def test_write_and_read_back_a_whole_record(store: SqlStore) -> None:
     assert [p.step for p in store.metric_history(rid, "loss")] == [0, 1, 2, 3, 4]
 
 
-def test_non_finite_metric_values_are_kept(store: SqlStore) -> None:
+def test_non_finite_metric_values_are_kept(store: KilnStore) -> None:
     rid = hexid(3)
     store.write(WriteBatch(new_runs=[run_row(rid)]))
     values = [math.nan, math.inf, -math.inf, 1.5]
@@ -105,7 +106,7 @@ def test_non_finite_metric_values_are_kept(store: SqlStore) -> None:
     assert math.isnan(got[0]) and got[1:] == [math.inf, -math.inf, 1.5]
 
 
-def test_id_prefix_lookup(store: SqlStore) -> None:
+def test_id_prefix_lookup(store: KilnStore) -> None:
     store.write(WriteBatch(new_runs=[run_row(hexid(1, "abc1")), run_row(hexid(2, "abc2"))]))
     assert store.get_run("abc1").id == hexid(1, "abc1")
     with pytest.raises(AmbiguousIdError):
@@ -115,7 +116,7 @@ def test_id_prefix_lookup(store: SqlStore) -> None:
             store.get_run(missing)
 
 
-def test_order_by_metric_puts_missing_and_nan_last(store: SqlStore) -> None:
+def test_order_by_metric_puts_missing_and_nan_last(store: KilnStore) -> None:
     accs = {1: 0.5, 2: 0.9, 3: None, 4: 0.7, 5: math.nan}
     store.write(WriteBatch(new_runs=[run_row(hexid(i), created=float(i)) for i in accs]))
     store.write(
@@ -130,7 +131,7 @@ def test_order_by_metric_puts_missing_and_nan_last(store: SqlStore) -> None:
     assert [r.id for r in top1] == [hexid(2)]
 
 
-def test_filters_by_app_status_params_and_tags(store: SqlStore) -> None:
+def test_filters_by_app_status_params_and_tags(store: KilnStore) -> None:
     store.write(
         WriteBatch(
             new_runs=[
@@ -157,7 +158,7 @@ def test_filters_by_app_status_params_and_tags(store: SqlStore) -> None:
         ids(params={"lr": [1]})
 
 
-def test_order_by_run_fields_and_limit(store: SqlStore) -> None:
+def test_order_by_run_fields_and_limit(store: KilnStore) -> None:
     store.write(WriteBatch(new_runs=[run_row(hexid(i), created=float(i)) for i in range(1, 6)]))
     assert [r.id for r in store.query_runs(RunQuery(order_by="-created", limit=2))] == [
         hexid(5),
@@ -168,7 +169,7 @@ def test_order_by_run_fields_and_limit(store: SqlStore) -> None:
     ]
 
 
-def test_summary_and_artifact_writes_are_upserts(store: SqlStore) -> None:
+def test_summary_and_artifact_writes_are_upserts(store: KilnStore) -> None:
     rid = hexid(9)
     art = {"run_id": rid, "name": "f", "direction": "out", "kind": "file", "size": 1, "uri": None}
     store.write(WriteBatch(new_runs=[run_row(rid)]))
@@ -183,7 +184,7 @@ def test_summary_and_artifact_writes_are_upserts(store: SqlStore) -> None:
     assert [a.sha256 for a in record.artifacts] == ["b" * 64]
 
 
-def test_a_failed_batch_leaves_nothing_behind(store: SqlStore) -> None:
+def test_a_failed_batch_leaves_nothing_behind(store: KilnStore) -> None:
     rid = hexid(4)
     store.write(WriteBatch(new_runs=[run_row(rid)]))
     with pytest.raises(StoreRefusedError, match=r"store .*: .*(UNIQUE|duplicate key)"):
@@ -229,7 +230,7 @@ def test_concurrent_writers_keep_one_unbroken_audit_chain(settings: Settings) ->
         s.close()
 
 
-def test_spans_are_stored_and_read_back_with_their_attributes(store: SqlStore) -> None:
+def test_spans_are_stored_and_read_back_with_their_attributes(store: KilnStore) -> None:
     from kiln.observe.tracing import compact_row
     from kiln.observe.why import list_spans
 

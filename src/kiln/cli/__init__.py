@@ -88,6 +88,17 @@ COMMANDS: dict[str, LazyCommand] = {
     ),
     "envs": LazyCommand("kiln.cli.envs:app", "List, show and prune cached environments."),
     "audit": LazyCommand("kiln.cli.audit:app", "Read and verify the audit log."),
+    "server": LazyCommand(
+        "kiln.cli.server:server",
+        "Serve the record over HTTP to a team: runs, registry, endpoints, traces, blobs.",
+    ),
+    "sync": LazyCommand(
+        "kiln.cli.server:sync", "Send the batches spooled while the server was unreachable."
+    ),
+    "push": LazyCommand(
+        "kiln.cli.server:push",
+        "Copy runs, with their blobs and metrics, from this store to a server.",
+    ),
     "gc": LazyCommand(
         "kiln.cli.gc:gc",
         "Remove blobs no run, artifact or environment references; never a referenced one.",

@@ -13,13 +13,13 @@ from rich.text import Text
 
 from kiln.cli._render import console, fmt_time, plain, reader
 from kiln.errors import ValidationError
-from kiln.record.store.sql import SqlStore
+from kiln.record.store.base import KilnStore
 
 app = typer.Typer(help="Read and verify the audit log.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
 
 
-def _store() -> SqlStore:
+def _store() -> KilnStore:
     return reader().store
 
 

@@ -20,12 +20,20 @@ def gc(
 ) -> None:
     """Remove blobs no run, artifact or environment references; never a referenced one."""
     seconds = parse_duration(min_age, "--min-age")
+    from kiln.record.blobs import FileBlobStore
     from kiln.record.gc import collect
     from kiln.record.recorder import recorder_for
+    from kiln.record.store.http import HttpStore
+    from kiln.record.store.sql import SqlStore
 
     settings = Settings.from_env()
     rec = recorder_for(settings, create=False)
-    removed, kept = collect(rec.store, rec.blobs, settings.home, min_age_s=seconds, dry_run=dry_run)
+    if isinstance(rec.store, HttpStore):  # the server collects its own blobs
+        removed, kept = rec.store.collect_garbage(min_age_s=seconds, dry_run=dry_run)
+    else:
+        assert isinstance(rec.store, SqlStore) and isinstance(rec.blobs, FileBlobStore)  # noqa: S101
+        removed, kept = collect(rec.store, rec.blobs, settings.home, min_age_s=seconds,
+                                dry_run=dry_run)  # fmt: skip
     if as_json:
         typer.echo(json.dumps({"removed": removed, "kept": kept, "dry_run": dry_run}))
         return

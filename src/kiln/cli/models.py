@@ -15,18 +15,20 @@ from kiln.config import Settings
 from kiln.errors import ValidationError
 
 if TYPE_CHECKING:
-    from kiln.registry.models import AliasMove, Models
+    from kiln.registry.models import AliasMove, RegistryStore
 
 app = typer.Typer(help="Registered models, their versions and aliases.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
 
 
-def _models(app_name: str = "cli") -> Models:
+def _models(app_name: str = "cli") -> RegistryStore:
     from kiln.record.recorder import recorder_for
-    from kiln.registry.models import Models
+    from kiln.registry.models import models_for
 
     settings = Settings.from_env()
-    return Models(recorder_for(settings, create=False).store, app=app_name, actor=settings.actor)
+    return models_for(
+        recorder_for(settings, create=False).store, app=app_name, actor=settings.actor
+    )
 
 
 @app.command("register")

@@ -48,7 +48,7 @@ from typing import Any
 from kiln.config import cache_dir
 from kiln.envs.spec import Env
 from kiln.errors import EnvError, NotFoundError, ValidationError
-from kiln.record.blobs import FileBlobStore
+from kiln.record.store.base import BlobStore
 
 READY = ".kiln-env.json"
 LAST_USED = ".kiln-last-used"
@@ -124,7 +124,7 @@ class EnvInfo:
 class EnvManager:
     """Environments as one ``KILN_HOME`` sees them, built into the machine's shared cache."""
 
-    def __init__(self, home: Path, blobs: FileBlobStore, cache: Path | None = None) -> None:
+    def __init__(self, home: Path, blobs: BlobStore, cache: Path | None = None) -> None:
         """``cache``: ``KILN_CACHE``; None reads it (or its default) from the environment."""
         self.home = home
         self.root = (cache or cache_dir(os.environ)) / "envs"
@@ -587,7 +587,7 @@ def _flock(path: Path, mode: int) -> Iterator[None]:
 _managers: dict[str, EnvManager] = {}
 
 
-def env_manager(home: Path, blobs: FileBlobStore, cache: Path | None = None) -> EnvManager:
+def env_manager(home: Path, blobs: BlobStore, cache: Path | None = None) -> EnvManager:
     """The process's manager for this ``KILN_HOME`` and env cache (``KILN_CACHE``; None:
     as the environment says now)."""
     cache = cache or cache_dir(os.environ)

@@ -54,7 +54,7 @@ from opentelemetry.semconv.attributes import (
 from opentelemetry.trace import SpanKind, StatusCode
 
 if TYPE_CHECKING:
-    from kiln.record.store.sql import SqlStore
+    from kiln.record.store.base import KilnStore
 
 MODEL_NAME = "kiln.model.name"
 MODEL_VERSION = "kiln.model.version"
@@ -393,7 +393,9 @@ class StoreSpanProcessor(SpanProcessor):
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue[bytes | list[Compact] | None] = queue.SimpleQueue()
         self._writer: subprocess.Popen[bytes] | None = None
-        self._store: SqlStore | None = None  # for the few spans of a quiet spell, before any writer
+        self._store: KilnStore | None = (
+            None  # for the few spans of a quiet spell, before any writer
+        )
         self._sender = threading.Thread(target=self._send, name="kiln-spans", daemon=True)
         self._sender.start()
 

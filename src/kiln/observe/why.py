@@ -22,17 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.errors import NotFoundError, ValidationError
 from kiln.observe.tracing import ROUTED_BY
-from kiln.record.store.sql import SqlStore
+from kiln.record.store.base import KilnStore
 from kiln.registry.refs import parse_ref
 
 if TYPE_CHECKING:
-    from kiln.registry.models import Models, ModelVersion
+    from kiln.registry.models import ModelVersion, RegistryStore
 
 _HEX = frozenset("0123456789abcdef")
 
 
 def list_spans(
-    store: SqlStore,
+    store: KilnStore,
     *,
     endpoint: str | None = None,
     run_id: str | None = None,
@@ -44,7 +44,7 @@ def list_spans(
                             limit=limit)  # fmt: skip
 
 
-def find_trace(store: SqlStore, trace_id: str) -> list[dict[str, Any]]:
+def find_trace(store: KilnStore, trace_id: str) -> list[dict[str, Any]]:
     """The spans of one trace, by its id or a unique prefix of it (8 characters or more)."""
     return store.find_trace(trace_id)
 
@@ -59,14 +59,14 @@ def _split_ref(ref: str) -> tuple[str, str | None]:
     return ref, None
 
 
-def explain(store: SqlStore, trace_id: str) -> dict[str, Any]:
+def explain(store: KilnStore, trace_id: str) -> dict[str, Any]:
     """Everything behind one inference, as one JSON-able dict (see the module docstring).
 
     ``trace_id`` is a trace id (or a unique prefix of 8 or more), or the ``traceparent``
     an answer carried (``00-TRACE-SPAN-FLAGS``, or ``TRACE-SPAN``), which names the
     answer's own span: a caller that sends its trace context along makes several
     answers share one trace id, and then only the span says which one is meant."""
-    from kiln.registry.models import Models
+    from kiln.registry.models import models_for
 
     ref, span_id = _split_ref(trace_id)
     trace = find_trace(store, ref)
@@ -107,7 +107,7 @@ def explain(store: SqlStore, trace_id: str) -> dict[str, Any]:
     name, version = span["model_name"], span["model_version"]
     if name is None or version is None:
         return out
-    models = Models(store, app="", actor="")
+    models = models_for(store, app="", actor="")
     mv = models.get(f"{name}:{version}")
     out["model"] = {
         "ref": mv.ref, "artifact": mv.artifact, "artifact_sha256": mv.artifact_sha256,
@@ -143,13 +143,13 @@ def explain(store: SqlStore, trace_id: str) -> dict[str, Any]:
     return out
 
 
-def _endpoint_model(store: SqlStore, endpoint: str | None) -> str | None:
+def _endpoint_model(store: KilnStore, endpoint: str | None) -> str | None:
     """The reference ``endpoint`` serves (for spans older than ``kiln.endpoint.model``)."""
     found = store.endpoint(endpoint) if endpoint else None
     return None if found is None else found.model
 
 
-def _aliases(models: Models, routed_by: str | None, mv: ModelVersion) -> set[str]:
+def _aliases(models: RegistryStore, routed_by: str | None, mv: ModelVersion) -> set[str]:
     """The aliases whose promotions explain an answer of ``mv``: the one that routed
     it, or, when no alias did, those that hold ``mv`` now."""
     if routed_by:
@@ -160,7 +160,7 @@ def _aliases(models: Models, routed_by: str | None, mv: ModelVersion) -> set[str
 
 
 def _promotions(
-    store: SqlStore, models: Models, name: str, version: int, relevant: set[str]
+    store: KilnStore, models: RegistryStore, name: str, version: int, relevant: set[str]
 ) -> list[dict[str, Any]]:
     """Each move of a ``relevant`` alias onto ``version``, with the policy its audit
     event recorded."""

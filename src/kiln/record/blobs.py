@@ -117,6 +117,21 @@ class FileBlobStore:
             tmp.unlink(missing_ok=True)  # renamed onto ``out`` already, unless it failed
             note.unlink(missing_ok=True)
 
+    def incoming(self, sha256: str) -> tuple[BinaryIO, Path]:
+        """A new temporary file beside where blob ``sha256`` goes, open to write (an upload
+        arriving in pieces); :meth:`adopt` names it once its bytes are checked. If its
+        writer dies, ``kiln gc`` removes it (it is a ``.tmp-`` file)."""
+        target = self.path(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        return os.fdopen(fd, "wb"), Path(tmp)
+
+    def adopt(self, tmp: Path, sha256: str) -> None:
+        """Make the temporary file ``tmp`` (from :meth:`incoming`, closed, its bytes
+        checked to hash to ``sha256``) the blob ``sha256``."""
+        os.chmod(tmp, 0o444)  # noqa: PTH101  blobs are immutable once named
+        tmp.replace(self.path(sha256))
+
     def _write_atomically(self, sha: str, write: Callable[[BinaryIO], object]) -> None:
         target = self.path(sha)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -22,14 +22,17 @@ import hashlib
 import json
 import math
 import re
+import secrets
 import stat
 import zipfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from kiln._hashing import sha256_bytes
-from kiln.errors import KilnError
+from kiln.errors import KilnError, NotFoundError
 from kiln.record.blobs import FileBlobStore
 from kiln.record.model import RunStatus
 from kiln.record.store._schema import runs as _runs_table
@@ -44,7 +47,7 @@ from kiln.record.values import (
 )
 
 if TYPE_CHECKING:
-    from kiln.record.store.sql import SqlStore
+    from kiln.record.store.base import BlobStore, KilnStore
 
 FORMAT = "kiln-bundle/1"
 _CHUNK = 1 << 20
@@ -72,8 +75,8 @@ class BundleError(KilnError):
 
 
 def export_bundle(
-    store: SqlStore,
-    blobs: FileBlobStore,
+    store: KilnStore,
+    blobs: BlobStore,
     run_id: str,
     out: Path,
     *,
@@ -97,13 +100,13 @@ def export_bundle(
     ).encode()
     files = {"metrics.json": sha256_bytes(metrics_json)}
     included, omitted, left_out = [], [], []
-    with blobs.temp_beside(out) as tmp:
+    with _temp_beside(blobs, out) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
             zf.writestr("metrics.json", metrics_json, compress_type=zipfile.ZIP_DEFLATED)
             for sha, why in sorted(wanted.items()):
-                path = blobs.path(sha)
                 skipped = why.startswith("artifact ") and not include_artifacts
-                if skipped or not path.is_file():
+                path = None if skipped else _local(blobs, sha)
+                if path is None:
                     omitted.append(sha)
                     reason = "--no-blobs" if skipped else "not in this store's blobs"
                     left_out.append({"sha256": sha, "what": why, "why": reason})
@@ -298,8 +301,8 @@ def _check_blobs_accounted(manifest: dict[str, Any], rows: WriteBatch) -> None:
 
 
 def import_bundle(
-    store: SqlStore,
-    blobs: FileBlobStore,
+    store: KilnStore,
+    blobs: BlobStore,
     path: Path,
     *,
     keys: Path | None = None,
@@ -349,6 +352,30 @@ def import_bundle(
     }
     store.write(rows)
     return run["id"], True
+
+
+def _local(blobs: BlobStore, sha: str) -> Path | None:
+    """A local file with the blob's bytes (downloaded, from a server); None if missing."""
+    try:
+        return blobs.fetch(sha)
+    except NotFoundError:
+        return None
+
+
+def _temp_beside(blobs: BlobStore, out: Path) -> AbstractContextManager[Path]:
+    """A temporary file next to ``out``; noted for ``kiln gc`` where the blobs are local."""
+    if isinstance(blobs, FileBlobStore):
+        return blobs.temp_beside(out)
+    return _plain_temp(out)
+
+
+@contextmanager
+def _plain_temp(out: Path) -> Iterator[Path]:
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _seal_of(path: Path) -> str:

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from kiln.errors import NotFoundError
 
 if TYPE_CHECKING:
-    from kiln.record.blobs import FileBlobStore
     from kiln.record.lineage import Lineage
-    from kiln.record.store.base import Store
+    from kiln.record.store.base import BlobStore, Store
 
 
 class RunStatus(enum.StrEnum):
@@ -157,7 +156,7 @@ class RunRecord:
     # Metrics logged with volatile=True (timings): shown by reproduce, not in its verdict.
     volatile_metrics: tuple[str, ...] = ()
     _store: Store | None = field(default=None, repr=False, compare=False)
-    _blobs: FileBlobStore | None = field(default=None, repr=False, compare=False)
+    _blobs: BlobStore | None = field(default=None, repr=False, compare=False)
 
     @property
     def created(self) -> datetime:
@@ -188,7 +187,7 @@ class RunRecord:
         """The runs and artifacts upstream and downstream of this run."""
         if self._store is None:
             raise NotFoundError("this record is detached from its store")
-        return self._store.lineage(self.id)  # type: ignore[attr-defined, no-any-return]
+        return self._store.lineage(self.id)
 
     def artifact(self, name: str) -> Artifact:
         """The output artifact called ``name``."""
@@ -268,7 +267,7 @@ def record_from_row(
     summary: dict[str, float],
     artifacts: tuple[Artifact, ...],
     store: Store | None,
-    blobs: FileBlobStore | None,
+    blobs: BlobStore | None,
 ) -> RunRecord:
     """Build a :class:`RunRecord` from a ``runs`` row and its children."""
     return RunRecord(

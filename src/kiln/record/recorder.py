@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.config import Settings, make_home
 from kiln.errors import StoreRefusedError
-from kiln.record.blobs import FileBlobStore
 from kiln.record.model import RunStatus
 from kiln.record.snapshot import CodeCapture
 from kiln.record.store.base import WRITE_PARTS, MetricRow, RunQuery, Store, WriteBatch
@@ -47,12 +46,12 @@ class Recorder:
 
     def __init__(self, settings: Settings, *, create: bool = True) -> None:
         self.settings = settings
-        self.blobs = FileBlobStore(settings.blob_dir)
         from kiln.record.store import open_store
 
         if create:
             make_home(settings.home)
-        self.store = open_store(settings, blobs=self.blobs, create=create)
+        self.store = open_store(settings, create=create)
+        self.blobs = self.store.blob_store
         mark_lost_runs(self.store)
         self.code = CodeCapture(self.blobs, exclude=(settings.home, settings.cache))
         self.active: dict[str, ActiveRun] = {}
@@ -275,7 +274,7 @@ _registry_lock = threading.Lock()
 
 def recorder_for(settings: Settings, *, create: bool = True) -> Recorder:
     """The process's recorder for this store, opened on first use."""
-    key = (settings.store_url, str(settings.home))
+    key = (settings.record_url, str(settings.home))
     with _registry_lock:
         rec = _recorders.get(key)
         if rec is None:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln._hashing import sha256_file
-from kiln.record.blobs import FileBlobStore
 from kiln.record.model import CodeSnapshot, EnvSnapshot
+from kiln.record.store.base import BlobStore
 
 UNTRACKED_FILE_LIMIT = 1 << 20  # bytes; larger untracked files are data, not code
 SNAPSHOT_TTL_S = 2.0  # runs started within this long of each other share a snapshot
@@ -65,7 +65,7 @@ _Patch = tuple[str | None, tuple[str, ...], tuple[str, ...]]
 class CodeCapture:
     """Takes code snapshots, reusing the last patch while the working tree is unchanged."""
 
-    def __init__(self, blobs: FileBlobStore, *, exclude: Sequence[Path] = ()) -> None:
+    def __init__(self, blobs: BlobStore, *, exclude: Sequence[Path] = ()) -> None:
         """``exclude``: folders that are never code wherever they are (Kiln's home and
         cache); any folder named ``.kiln`` is left out as well."""
         self._blobs = blobs
@@ -298,10 +298,11 @@ _env_lock = threading.Lock()
 _env_cache: dict[str, EnvSnapshot] = {}
 
 
-def capture_environment(blobs: FileBlobStore) -> EnvSnapshot:
+def capture_environment(blobs: BlobStore) -> EnvSnapshot:
     """The interpreter and its installed distributions, computed once per process."""
     with _env_lock:
-        cached = _env_cache.get(str(blobs.root))
+        key = _key_of(blobs)
+        cached = _env_cache.get(key)
         if cached is not None:
             return cached
         import importlib.metadata
@@ -322,5 +323,11 @@ def capture_environment(blobs: FileBlobStore) -> EnvSnapshot:
             packages_sha256=blobs.put_bytes(("\n".join(packages) + "\n").encode()),
             package_count=len(packages),
         )
-        _env_cache[str(blobs.root)] = snapshot
+        _env_cache[key] = snapshot
         return snapshot
+
+
+def _key_of(blobs: BlobStore) -> str:
+    """Which blob store this is: its kind and folder (a server's: its cache's)."""
+    root = getattr(blobs, "root", None) or getattr(getattr(blobs, "cache", None), "root", None)
+    return f"{type(blobs).__name__}:{root or id(blobs)}"

@@ -13,7 +13,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kiln.config import os_user
 from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
@@ -28,6 +28,7 @@ from kiln.registry.refs import parse_ref
 
 if TYPE_CHECKING:
     from kiln.record.store._registry import RegistryRows
+    from kiln.record.store.base import KilnStore
     from kiln.record.store.sql import SqlStore
 
 
@@ -434,3 +435,48 @@ def _request_of(row: dict[str, Any], needed: int) -> PromotionRequest:
         requested_at=row["requested_at"],
         decided_at=row["decided_at"],
     )
+
+
+class RegistryStore(Protocol):
+    """The registry's operations, whoever owns the database: :class:`Models` over a SQL
+    store (gates and audit in its transaction), or a client of ``kiln server``."""
+
+    def register(
+        self, name: str, run: RunLike, *, artifact: str, signature: Any = None
+    ) -> ModelVersion: ...
+    def promote(
+        self, name: str, version: int, *, alias: str = "production", reason: str | None = None,
+        policy: dict[str, Any] | None = None,
+    ) -> AliasMove | PromotionRequest: ...  # fmt: skip
+    def approve(self, request_id: str) -> PromotionRequest: ...
+    def reject(self, request_id: str, *, reason: str | None = None) -> PromotionRequest: ...
+    def requests(self, *, status: str | None = "pending") -> list[PromotionRequest]: ...
+    def set_policy(
+        self, name: str, alias: str, policy: dict[str, Any] | None, *, weaken: bool = False,
+        reason: str | None = None,
+    ) -> None: ...  # fmt: skip
+    def policy(self, name: str, alias: str) -> dict[str, Any] | None: ...
+    def gate_failures(self, name: str, version: int, alias: str) -> list[str]: ...
+    def rollback(
+        self, name: str, alias: str = "production", *, reason: str | None = None
+    ) -> AliasMove: ...
+    def get(self, ref: str) -> ModelVersion: ...
+    def names(self) -> list[str]: ...
+    def versions(self, name: str) -> list[ModelVersion]: ...
+    def aliases(self, name: str) -> dict[str, int]: ...
+    def history(self, name: str, alias: str | None = None) -> list[AliasMove]: ...
+
+
+def models_for(store: KilnStore, *, app: str, actor: str) -> RegistryStore:
+    """The registry of ``store``: run here over a SQL store, asked of a team server over
+    its HTTP client."""
+    from kiln.record.store.http import HttpStore
+
+    if isinstance(store, HttpStore):
+        from kiln.registry._http import HttpModels
+
+        return HttpModels(store, app=app, actor=actor)
+    from kiln.record.store.sql import SqlStore
+
+    assert isinstance(store, SqlStore)  # noqa: S101  the only other kind
+    return Models(store, app=app, actor=actor)

@@ -34,7 +34,7 @@ from kiln.serve._replica import BATCH, batch_answers
 from kiln.serve.replicas import Replica, replica_env, reserve, setup
 
 if TYPE_CHECKING:
-    from kiln.record.store.sql import SqlStore
+    from kiln.record.store.base import KilnStore
     from kiln.registry.models import ModelVersion
     from kiln.serve.endpoint import Endpoint
 
@@ -71,7 +71,7 @@ def run_batch(
 ) -> BatchResult:
     from kiln.record.recorder import recorder_for
     from kiln.record.runs import ActiveRun, Dataset
-    from kiln.registry.models import Models
+    from kiln.registry.models import models_for
 
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise ValidationError("shard_size", f"{shard_size!r} is not a count", allowed="an int >= 1")
@@ -84,7 +84,7 @@ def run_batch(
     if out_path is not None and out_path.suffix != ".jsonl":
         raise ValidationError("output", f"{str(out_path)!r} is not a .jsonl file")
     recorder = recorder_for(settings)
-    version = Models(recorder.store, app=spec.app, actor=settings.actor).get(spec.model)
+    version = models_for(recorder.store, app=spec.app, actor=settings.actor).get(spec.model)
     digest = _digest(input_path, rows)
     job_key = hashlib.sha256(
         json.dumps([digest, version.ref, spec.name, shard_size]).encode()
@@ -139,7 +139,7 @@ def run_batch(
 
 
 async def _compute(
-    endpoint: Endpoint[Any], version: ModelVersion, store: SqlStore, shards: list[list[bytes]],
+    endpoint: Endpoint[Any], version: ModelVersion, store: KilnStore, shards: list[list[bytes]],
     todo: list[int], job_dir: Path, n_replicas: int, run_id: str, progress: bool,
 ) -> None:  # fmt: skip
     """Answer the ``todo`` shards on ``n_replicas`` replicas, checkpointing each."""
@@ -150,7 +150,7 @@ async def _compute(
     for i in todo:
         queue.put_nowait(i)
     model_path = str(store.blob_store.fetch(version.artifact_sha256))
-    init = setup(endpoint, endpoint.app.settings.store_url, version, model_path)
+    init = setup(endpoint, endpoint.app.settings.record_url, version, model_path)
 
     async def shard(i: int, answer: Any) -> None:
         body = await answer
@@ -198,7 +198,7 @@ async def _on_ray(
 
 
 async def _local(
-    endpoint: Endpoint[Any], store: SqlStore, init: dict[str, Any], shards: list[list[bytes]],
+    endpoint: Endpoint[Any], store: KilnStore, init: dict[str, Any], shards: list[list[bytes]],
     queue: asyncio.Queue[int], n_replicas: int, run_id: str, shard: Any,
 ) -> None:  # fmt: skip
     """Shards answered by replica processes, admitted by the local engine's scheduler."""

@@ -224,11 +224,11 @@ class RayEndpoint:
     def _route(self, targets: dict[int, float]) -> None:
         """Deploy new versions, move the router, then delete versions no longer routed."""
         from kiln.observe import tracing
-        from kiln.registry.models import Models
+        from kiln.registry.models import models_for
         from kiln.serve.openapi import document
 
         serve = self._serve
-        models = Models(self._store, app=self.spec.app, actor=self.settings.actor)
+        models = models_for(self._store, app=self.spec.app, actor=self.settings.actor)
         routed = {v: w for v, w in targets.items() if w > 0}
         refs = {}
         identities = {}
@@ -242,7 +242,7 @@ class RayEndpoint:
             )  # fmt: skip
             if version not in self.weights:
                 path = str(self._blobs.fetch(mv.artifact_sha256))
-                init = setup(self.endpoint, self.settings.store_url, mv, path, url=root,
+                init = setup(self.endpoint, self.settings.record_url, mv, path, url=root,
                              route=route)  # fmt: skip
                 serve.run(self._replica().bind(init), name=self.app_name(version),
                           route_prefix=None)  # fmt: skip
@@ -256,7 +256,7 @@ class RayEndpoint:
                 tracing.ROUTED_BY: self.spec.model,
                 **self.spec.span_attributes,
             }
-            spans = {"service": f"kiln.{self.spec.name}", "store_url": self.settings.store_url,
+            spans = {"service": f"kiln.{self.spec.name}", "store_url": self.settings.record_url,
                      "route": route, "attributes": attributes, "versions": identities}  # fmt: skip
         openapi = document(self.endpoint.cls, title=f"{self.spec.name} (kiln endpoint on Ray)",
                            base=f"/{self.spec.name}")  # fmt: skip

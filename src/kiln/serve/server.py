@@ -44,7 +44,7 @@ from kiln.serve.traffic import Split
 
 if TYPE_CHECKING:
     from kiln.compute.scheduler import Allocation
-    from kiln.record.store.sql import SqlStore
+    from kiln.record.store.base import KilnStore
     from kiln.registry.models import ModelVersion
     from kiln.serve.endpoint import Endpoint
 
@@ -144,7 +144,7 @@ class EndpointServer:
         self._spawned: set[Replica] = set()  # every process started, for the last cleanup
         self._preload: list[str] = []
         self._engine: Any = None
-        self._store: SqlStore | None = None
+        self._store: KilnStore | None = None
         self._server_id: str | None = None  # its row among the endpoint's servers
         self._retired: list[Pool] = []  # pools of versions no longer routed (a canary's)
         self._provider: Any = None  # for the spans of requests no replica answered
@@ -256,7 +256,7 @@ class EndpointServer:
 
         if self._tracer is None:
             self._provider = tracing.tracer_provider(
-                f"kiln.{self.spec.name}", store_url=self.settings.store_url
+                f"kiln.{self.spec.name}", store_url=self.settings.record_url
             )
             self._tracer = self._provider.get_tracer("kiln.serve")
         attrs = {**tracing.server_span_attributes(self.url, "/predict"),
@@ -369,7 +369,7 @@ class EndpointServer:
         await replica.spawn(
             python=self._python, env=replica_env(self._env_lock, self.spec.resources.cpu)
         )
-        preload = setup(self.endpoint, self.settings.store_url)
+        preload = setup(self.endpoint, self.settings.record_url)
         await replica.preload({**preload, "preload": self._preload})
         return replica
 
@@ -394,7 +394,7 @@ class EndpointServer:
 
     def _init(self, pool: Pool, allocation: Allocation) -> dict[str, Any]:
         gpus = allocation.cuda_visible_devices if self._engine.inventory.gpus else None
-        init = setup(self.endpoint, self.settings.store_url, pool.version, pool.model_path,
+        init = setup(self.endpoint, self.settings.record_url, pool.version, pool.model_path,
                      url=self.url)  # fmt: skip
         return {**init, "cuda_visible_devices": gpus}
 
@@ -432,9 +432,9 @@ class EndpointServer:
     async def _route(self, targets: dict[int, float]) -> None:
         """Serve ``targets``: start pools for new versions, move traffic once they are
         ready, drain the pools no longer routed."""
-        from kiln.registry.models import Models
+        from kiln.registry.models import models_for
 
-        models = Models(self._db, app=self.spec.app, actor=self.settings.actor)
+        models = models_for(self._db, app=self.spec.app, actor=self.settings.actor)
         warm = any(p.replicas for p in self.pools.values())
         fresh: dict[int, Pool] = {}
         for version, weight in targets.items():
@@ -591,11 +591,11 @@ class EndpointServer:
         return names[0] if names and self.spec.resources.gpu else None
 
     @property
-    def store(self) -> SqlStore | None:
+    def store(self) -> KilnStore | None:
         return self._store
 
     @property
-    def _db(self) -> SqlStore:
+    def _db(self) -> KilnStore:
         """The store, once started."""
         if self._store is None:
             raise RuntimeError(f"{self.spec.name}: the endpoint server has not started")

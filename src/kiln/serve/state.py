@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiln.errors import KilnError, NotFoundError
-from kiln.record.store.base import EndpointRow, ServerRow
-from kiln.record.store.sql import SqlStore
+from kiln.record.store.base import EndpointRow, KilnStore, ServerRow
 from kiln.registry.policy import PolicyError
 from kiln.registry.refs import parse_ref
 from kiln.serve.endpoint import EndpointSpec, parse_traffic
@@ -77,18 +76,18 @@ class EndpointInfo:
         return out
 
 
-def targets(store: SqlStore, spec: EndpointSpec, actor: str) -> dict[int, float]:
+def targets(store: KilnStore, spec: EndpointSpec, actor: str) -> dict[int, float]:
     """Which versions get what share now: the live split, the declared split, or the
     holder of the model reference."""
-    from kiln.registry.models import Models
+    from kiln.registry.models import models_for
 
     split = live_traffic(store, spec.name) or spec.traffic
     if split:
         return {parse_ref(ref)[1] or 0: w for ref, w in split.items()}
-    return {Models(store, app=spec.app, actor=actor).get(spec.model).version: 100.0}
+    return {models_for(store, app=spec.app, actor=actor).get(spec.model).version: 100.0}
 
 
-def announce(store: SqlStore, spec: EndpointSpec, url: str) -> str:
+def announce(store: KilnStore, spec: EndpointSpec, url: str) -> str:
     """Record that this process serves ``spec`` at ``url``; returns its server id, which
     its reports name. A live split set earlier is kept; rows of servers of this endpoint
     that are no longer live are cleared."""
@@ -106,7 +105,7 @@ def announce(store: SqlStore, spec: EndpointSpec, url: str) -> str:
 
 
 def report(
-    store: SqlStore, server_id: str, stats: dict[str, Any] | None, *, status: str = "serving",
+    store: KilnStore, server_id: str, stats: dict[str, Any] | None, *, status: str = "serving",
     url: str | None = None,
 ) -> None:  # fmt: skip
     """The figures of one server (its heartbeat), or its ``stopped`` as it ends
@@ -114,13 +113,13 @@ def report(
     store.report_server(server_id, status=status, stats=stats, url=url)
 
 
-def live_traffic(store: SqlStore, name: str) -> dict[str, float] | None:
+def live_traffic(store: KilnStore, name: str) -> dict[str, float] | None:
     found = store.endpoint(name)
     return None if found is None else found.traffic
 
 
 def set_traffic(
-    store: SqlStore,
+    store: KilnStore,
     name: str,
     traffic: dict[str, Any] | None,
     *,
@@ -134,12 +133,12 @@ def set_traffic(
     (:class:`TrafficRefused` names each failure). ``override_reason`` sends it anyway;
     the override, who made it and why are kept in the ``endpoint.traffic`` audit event.
     """
-    from kiln.registry.models import Models
+    from kiln.registry.models import models_for
 
     info = get(store, name)
     model_name = parse_ref(info.model)[0]
     split = None if traffic is None else parse_traffic(traffic, model_name)
-    models = Models(store, app=info.app, actor=actor)
+    models = models_for(store, app=info.app, actor=actor)
     for ref in split or {}:
         models.get(ref)  # NotFoundError names the missing version
     payload: dict[str, Any] = {"traffic": split}
@@ -168,16 +167,16 @@ class TrafficRefused(PolicyError):
 
 
 def gate_failures(
-    store: SqlStore, model: str, split: dict[str, float] | None, *, actor: str
+    store: KilnStore, model: str, split: dict[str, float] | None, *, actor: str
 ) -> list[str]:
     """What each version given traffic by ``split`` fails of the promotion gates of the
     alias ``model`` follows (``name@alias``); nothing for a pinned model or no split."""
-    from kiln.registry.models import Models
+    from kiln.registry.models import models_for
 
     name, _, alias = parse_ref(model)
     if alias is None or not split:
         return []
-    models = Models(store, app="", actor=actor)
+    models = models_for(store, app="", actor=actor)
     failures = []
     for ref, weight in split.items():
         version = parse_ref(ref)[1]
@@ -186,7 +185,7 @@ def gate_failures(
     return failures
 
 
-def check_declared_traffic(store: SqlStore, spec: EndpointSpec, actor: str) -> None:
+def check_declared_traffic(store: KilnStore, spec: EndpointSpec, actor: str) -> None:
     """Refuse to start serving a declared ``traffic=`` split that fails the gates of the
     alias the endpoint follows (a live split, set and checked by ``set_traffic``, wins)."""
     if spec.traffic and live_traffic(store, spec.name) is None:
@@ -195,14 +194,14 @@ def check_declared_traffic(store: SqlStore, spec: EndpointSpec, actor: str) -> N
             raise TrafficRefused(spec.name, spec.model, failures)
 
 
-def get(store: SqlStore, name: str) -> EndpointInfo:
+def get(store: KilnStore, name: str) -> EndpointInfo:
     row = store.endpoint(name)
     if row is None:
         raise NotFoundError(f"no endpoint {name!r}; `kiln endpoints ls` lists them")
     return _info(row, [_server(s) for s in store.servers([name])])
 
 
-def all_endpoints(store: SqlStore) -> list[EndpointInfo]:
+def all_endpoints(store: KilnStore) -> list[EndpointInfo]:
     rows = store.endpoints()
     servers: dict[str, list[ServerInfo]] = {}
     for server in store.servers([r.name for r in rows]):

@@ -599,7 +599,7 @@ def _execute(
     reply["environment"] = _loaded["environment"] = reply.get("environment") or _loaded.get(
         "environment"
     )
-    if scratch is not None:
+    if scratch is not None and not task.store.get("server_url"):  # a server has them already
         reply["blobs"] = _take_blobs(scratch / "blobs")
     return reply
 

@@ -1,30 +1,63 @@
-"""Metadata stores: small interfaces per aggregate (:mod:`kiln.record.store.base`); one
-SQL implementation, SQLite or PostgreSQL. :func:`open_store` is how anything outside
-this package gets one."""
+"""Metadata stores: small interfaces per aggregate (:mod:`kiln.record.store.base`), a SQL
+implementation (SQLite or PostgreSQL) and an HTTP client of ``kiln server``.
+:func:`open_store` is how anything outside this package gets one."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
-from kiln.record.store.base import RunQuery, Store, WriteBatch
+from kiln.record.store.base import KilnStore, RunQuery, Store, WriteBatch
 
 if TYPE_CHECKING:
     from kiln.config import Settings
     from kiln.record.blobs import FileBlobStore
     from kiln.record.store.sql import SqlStore
 
-__all__ = ["RunQuery", "Store", "WriteBatch", "open_store"]
+__all__ = ["KilnStore", "RunQuery", "Store", "WriteBatch", "open_sql_store", "open_store"]
 
 
-def open_store(
-    target: Settings | str, *, blobs: FileBlobStore | None = None, create: bool = True
-) -> SqlStore:
-    """The store ``target`` names: the settings' ``KILN_STORE`` (with their actor), or a
-    store URL. ``create`` makes the schema if it is missing (else a missing store is an
-    error). SQLAlchemy loads here, on first use."""
-    from kiln.record.store.sql import SqlStore
+def is_server_url(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+@overload
+def open_store(target: Settings, *, create: bool = True) -> KilnStore: ...
+@overload
+def open_store(target: str, *, create: bool = True) -> KilnStore: ...
+def open_store(target: Settings | str, *, create: bool = True) -> KilnStore:
+    """The record ``target`` names: the settings' team server (``KILN_SERVER``) or store
+    (``KILN_STORE``, with its blobs under ``KILN_HOME``), or a store or server URL (a
+    span writer's, without blobs). ``create`` makes a SQL schema if it is missing (else
+    a missing store is an error). SQLAlchemy or httpx loads here, on first use."""
+    import os
+
+    from kiln.record.store.http import HttpStore
 
     if isinstance(target, str):
-        return SqlStore(target, blobs, create=create)
-    return SqlStore(target.store_url, blobs, create=create, actor=target.actor,
-                    home_origin=target.home_origin)  # fmt: skip
+        if is_server_url(target):
+            from kiln.config import Settings
+
+            settings = Settings.from_env()
+            return HttpStore(target, cache=settings.cache / "server-blobs", actor=settings.actor,
+                             token=os.environ.get("KILN_TOKEN") or None)  # fmt: skip
+        return open_sql_store(target, create=create)
+    if target.server_url:
+        return HttpStore(
+            target.server_url, cache=target.cache / "server-blobs", actor=target.actor,
+            token=os.environ.get("KILN_TOKEN") or None, spool_dir=target.home / "spool",
+        )  # fmt: skip
+    from kiln.record.blobs import FileBlobStore
+
+    return open_sql_store(target.store_url, blobs=FileBlobStore(target.blob_dir), create=create,
+                          actor=target.actor, home_origin=target.home_origin)  # fmt: skip
+
+
+def open_sql_store(
+    url: str, *, blobs: FileBlobStore | None = None, create: bool = True,
+    actor: str = "unknown", home_origin: str | None = None,
+) -> SqlStore:  # fmt: skip
+    """The SQL store at ``url`` itself: for the side that owns the database (``kiln
+    server``, the registry's transactions, ``kiln gc``)."""
+    from kiln.record.store.sql import SqlStore
+
+    return SqlStore(url, blobs, create=create, actor=actor, home_origin=home_origin)

@@ -5,12 +5,16 @@ Run writes arrive as batches, one transaction each; reads return records.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from kiln.record.model import MetricPoint, RunRecord, RunStatus
+
+if TYPE_CHECKING:
+    from kiln.record import audit
+    from kiln.record.lineage import Lineage
 
 # (run_id, key, step, time, value); value None stands for NaN where the database
 # cannot store NaN (SQLite turns NaN into NULL).
@@ -36,6 +40,10 @@ class WriteBatch:
     # Where ``new_runs`` came from, if not from this store's own processes (a bundle):
     # their events are then this store's actor's, and a ``run.import`` event says so.
     origin: dict[str, Any] | None = None
+    # An idempotency key: a store applies a batch with a key it has applied before as a
+    # no-op, so a client that sends a batch again (it did not hear back) writes it once.
+    key: str | None = None
+    actor: str | None = None  # who wrote it, for its audit events (None: the store's actor)
 
     def __bool__(self) -> bool:
         return any(getattr(self, part) for part in WRITE_PARTS)
@@ -75,8 +83,9 @@ class RunQuery:
     reproductions: bool = True  # False: leave out reproductions (tagged reproduced_from)
 
 
-class Store(Protocol):
-    """Where run records live."""
+class RunStore(Protocol):
+    """Where run records live: runs, their metric points, summaries, artifact rows and
+    the links between them. Writes arrive as batches, one transaction each."""
 
     url: str
 
@@ -92,8 +101,48 @@ class Store(Protocol):
     def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
         """Every point of one metric of one run, by step then time."""
 
+    def lineage(self, ref: str, *, depth: int = 20) -> Lineage:
+        """The graph up and down from a run (id or prefix) or an artifact (sha256 or a
+        prefix of 8 or more)."""
+
+    def export_rows(self, run_id: str) -> dict[str, Any]:
+        """A run's rows as stored (for bundles): ``run``, ``metrics`` (key, step, time,
+        value), ``summary`` and ``artifacts``."""
+
+    def dependants(self, run_id: str) -> list[str]:
+        """What depends on a run (model versions, runs that used its outputs, its sweep's
+        runs, its reproductions), each said in a line."""
+
+    def delete_run(self, run_id: str, *, with_runs: bool = False, force: bool = False) -> list[str]:
+        """Remove a run (with ``with_runs``, a sweep and its runs); the ids removed.
+        DependencyError while anything depends on it or it is still recording (unless
+        ``force``)."""
+
     def close(self) -> None:
         """Release connections. The store is unusable afterwards."""
+
+
+Store = RunStore  # the name callers used before the interfaces were split
+
+
+class AuditLog(Protocol):
+    """The hash chain of every mutating action, and its verification."""
+
+    def audit_events(
+        self, *, actor: str | None = None, action: str | None = None,
+        target: str | None = None, limit: int | None = 100,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """Events, newest first, filtered by actor, action and target (a prefix)."""
+
+    def chain_head(self) -> tuple[int, str]:
+        """The newest event's number and hash; (0, genesis) for an empty log."""
+
+    def event_hash(self, seq: int) -> str | None:
+        """The hash of event ``seq``; None if there is none."""
+
+    def verify(self) -> Iterator[audit.Problem]:
+        """The chain, every seal against its data and every referenced blob, checked by the
+        side that owns the database; the problems found (none: intact)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,3 +240,18 @@ class BlobStore(Protocol):
     def fetch(self, sha256: str) -> Path:
         """A local file holding the blob, to read (never to write); NotFoundError if it
         is missing."""
+
+
+class KilnStore(RunStore, AuditLog, EndpointStore, SpanStore, Protocol):
+    """Every interface of the record behind one handle: what :func:`open_store` returns,
+    a SQL store or a team server's HTTP client."""
+
+    actor: str
+
+    @property
+    def blob_store(self) -> BlobStore:
+        """Where this record's blobs are."""
+
+    def __enter__(self) -> KilnStore: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...

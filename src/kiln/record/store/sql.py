@@ -6,6 +6,7 @@ as tuples, and a whole flush is one transaction.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import logging
@@ -39,12 +40,20 @@ from kiln.record.lineage import Lineage
 from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
 from kiln.record.store._endpoints import EndpointsAndSpans
 from kiln.record.store._registry import RegistryAccess
-from kiln.record.store._schema import artifacts, metrics, model_versions, runs, spans, summary
+from kiln.record.store._schema import (
+    artifacts,
+    ingest_keys,
+    metrics,
+    model_versions,
+    runs,
+    spans,
+    summary,
+)
 from kiln.record.store._schema import audit as audit_log
 from kiln.record.store._verify import registry_problems
 from kiln.record.store.base import RunQuery, WriteBatch
 
-SCHEMA_HEAD = "0009"
+SCHEMA_HEAD = "0010"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,
@@ -112,6 +121,14 @@ class SqlStore(EndpointsAndSpans, RegistryAccess):
             raise ConfigError("KILN_HOME", f"the store {self.url} was opened without its blobs")
         return self.blobs
 
+    def as_actor(self, actor: str) -> SqlStore:
+        """This store (its connections shared) recording ``actor`` on the audit events
+        that carry no actor of their own: a server's view for one request."""
+        view = copy.copy(self)
+        view.actor = actor
+        view._chain_end = None  # not shared: the view reads the chain's end when it writes
+        return view
+
     def close(self) -> None:
         self._engine.dispose()
 
@@ -154,6 +171,8 @@ class SqlStore(EndpointsAndSpans, RegistryAccess):
 
     def _write_transaction(self, batch: WriteBatch) -> None:
         with self._engine.begin() as conn:
+            if batch.key is not None and not self._first_time(conn, batch.key):
+                return  # a retried copy of a batch applied already
             batch = self._without_removed_runs(conn, batch)
             groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
             for row in batch.new_runs:  # one executemany per set of columns
@@ -195,21 +214,42 @@ class SqlStore(EndpointsAndSpans, RegistryAccess):
                     {"_id": fields["id"], **{k: fields[k] for k in cols}}
                 )
             self._update(conn, pending)
-            events = audit.events_for_writes(
-                batch.new_runs, batch.updates, batch.artifacts, actor=self.actor, now=time.time(),
-                imported=batch.origin is not None,
-            )  # fmt: skip
-            if batch.origin is not None:
-                events += [audit.Event("run.import", row["id"], batch.origin, time.time(),
-                                       self.actor) for row in batch.new_runs]  # fmt: skip
-            if batch.seal:
-                events += self._seals(conn, batch.seal)
-            now = time.time()
-            for run_id, message in batch.warnings:
-                events.append(audit.Event("run.warning", run_id, {"message": message}, now,
-                                          self.actor))  # fmt: skip
+            events = self._events(conn, batch)
             if events:
                 self._append(conn, events)
+
+    def _events(self, conn: Connection, batch: WriteBatch) -> list[audit.Event]:
+        """The audit events of ``batch``: run created and ended, artifacts saved, imports,
+        seals and warnings."""
+        actor = batch.actor or self.actor
+        events = audit.events_for_writes(
+            batch.new_runs, batch.updates, batch.artifacts, actor=actor, now=time.time(),
+            imported=batch.origin is not None,
+        )  # fmt: skip
+        if batch.origin is not None:
+            events += [audit.Event("run.import", row["id"], batch.origin, time.time(),
+                                   actor) for row in batch.new_runs]  # fmt: skip
+        if batch.seal:
+            events += self._seals(conn, batch.seal)
+        now = time.time()
+        for run_id, message in batch.warnings:
+            events.append(audit.Event("run.warning", run_id, {"message": message}, now, actor))
+        return events
+
+    def _first_time(self, conn: Connection, key: str) -> bool:
+        """Note the idempotency key ``key`` in this transaction; False if it was noted
+        before (the batch is a copy of one applied already)."""
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+        stmt = (
+            insert(ingest_keys)
+            .values(key=key, applied_at=time.time())
+            .on_conflict_do_nothing(index_elements=["key"])
+            .returning(ingest_keys.c.key)  # rowcount says nothing here on psycopg
+        )
+        return conn.execute(stmt).first() is not None
 
     def _without_removed_runs(self, conn: Connection, batch: WriteBatch) -> WriteBatch:
         """``batch`` less the rows of runs that no longer exist: a run removed (``kiln
@@ -237,8 +277,8 @@ class SqlStore(EndpointsAndSpans, RegistryAccess):
             updates=[u for u in batch.updates if u["id"] not in gone],
             seal=[r for r in batch.seal if r not in gone],
             warnings=[w for w in batch.warnings if w[0] not in gone],
-            origin=batch.origin,
-        )
+            origin=batch.origin, key=batch.key, actor=batch.actor,
+        )  # fmt: skip
 
     def _append(self, conn: Connection, events: list[audit.Event]) -> None:
         if self.dialect == "postgresql":  # one appender at a time; SQLite's write lock does this

@@ -1,0 +1,130 @@
+"""``kiln server``, ``kiln sync`` and ``kiln push``: a team's record on a server."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kiln.cli._render import console, plain
+from kiln.config import Settings, server_url
+from kiln.errors import ConfigError, ValidationError
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
+
+
+def server(
+    home: Annotated[
+        Path | None,
+        typer.Option("--home", help="The store to serve: its kiln.db and blobs (KILN_HOME)."),
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option("--store", help="A PostgreSQL store instead (postgresql+psycopg://...)."),
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="0: any free port.")] = 8700,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth",
+            help="Listen on a non-loopback address although nobody is authenticated yet.",
+        ),
+    ] = False,
+) -> None:
+    """Serve the record over HTTP (/api/v1, /openapi.json, /metrics) until Ctrl-C or SIGTERM."""
+    from kiln.server.main import serve
+
+    settings = Settings.from_env({**_env(), **({"KILN_HOME": str(home)} if home else {})})
+    if settings.server_url and home is None and store is None:
+        raise ConfigError("KILN_SERVER", "is set: this shell is a client of a server; unset it "
+                          "or give --home to serve a store")  # fmt: skip
+    url = store or settings.store_url
+    if store is not None and not store.startswith(("postgresql", "sqlite")):
+        allowed = "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+        raise ValidationError("--store", f"{store!r} is not a store URL", allowed=allowed)
+    serve(url, settings.home, host=host, port=port, insecure_no_auth=insecure_no_auth,
+          actor=settings.actor)  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "KILN_SERVER"}
+
+
+def sync(as_json: JsonOpt = False) -> None:
+    """Send the batches spooled while the server could not be reached (KILN_HOME/spool)."""
+    from kiln.record.store import open_store
+    from kiln.record.store.http import HttpStore
+    from kiln.record.store.http import sync as send
+
+    settings = Settings.from_env()
+    if not settings.server_url:
+        raise ConfigError("KILN_SERVER", "is not set: there is no server to sync with")
+    folder = settings.home / "spool"
+    store = open_store(replace(settings, home=Path(tempfile.mkdtemp(prefix="kiln-sync-"))))
+    assert isinstance(store, HttpStore)  # noqa: S101  KILN_SERVER is set
+    try:
+        sent, left = send(folder, store) if folder.is_dir() else (0, [])
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps({"sent": sent, "left": [str(p) for p in left]}))
+    else:
+        console().print(plain(f"sent {sent} batch(es) to {settings.server_url}"
+                              + (f"; {len(left)} file(s) left: the server is still down"
+                                 if left else "")))  # fmt: skip
+    if left:
+        raise typer.Exit(1)
+
+
+def push(
+    runs: Annotated[list[str] | None, typer.Argument(help="Run ids (or prefixes).")] = None,
+    to: Annotated[str, typer.Option("--to", help="The server's URL, http://host:port.")] = "",
+    all_runs: Annotated[bool, typer.Option("--all", help="Every run of this store.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy runs (blobs, metric points, lineage) from this store to a server. Twice: no-op."""
+    from kiln.record.bundle import export_bundle, import_bundle
+    from kiln.record.recorder import recorder_for
+    from kiln.record.store import open_store
+    from kiln.record.store.base import RunQuery
+
+    target = server_url(to or None)
+    if target is None:
+        raise ValidationError("--to", "is required", allowed="the server's URL, http://host:port")
+    if bool(runs) == all_runs:
+        raise ValidationError("runs", "give run ids or --all (not both)")
+    local = Settings.from_env(_env())
+    source = recorder_for(local, create=False)
+    ids = (
+        [r.id for r in reversed(source.store.query_runs(RunQuery(limit=None)))]
+        if all_runs
+        else [source.store.get_run(r).id for r in runs or ()]
+    )
+    remote = open_store(replace(local, server_url=target))
+    pushed: list[str] = []
+    present: list[str] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="kiln-push-") as tmp:
+            from rich.progress import track
+
+            shown = console().is_terminal and not as_json
+            for run_id in track(ids, "pushing", console=console(), disable=not shown):
+                bundle = Path(tmp) / f"{run_id}.kiln"
+                export_bundle(source.store, source.blobs, run_id, bundle)
+                _, written = import_bundle(remote, remote.blob_store, bundle)
+                (pushed if written else present).append(run_id)
+                bundle.unlink()
+    finally:
+        remote.close()
+    if as_json:
+        typer.echo(json.dumps({"pushed": pushed, "already_there": present, "to": target}))
+        return
+    console().print(plain(f"pushed {len(pushed)} run(s) to {target}; "
+                          f"{len(present)} were there already"))  # fmt: skip

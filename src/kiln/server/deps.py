@@ -1,0 +1,55 @@
+"""What a route is handed: the store as the request's actor, the blob store, the limits."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from kiln.errors import ValidationError
+from kiln.record.blobs import FileBlobStore
+from kiln.record.store.sql import SqlStore
+
+ACTOR_HEADER = "Kiln-Actor"
+_ACTOR = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Largest bodies the server reads: JSON (after decompression) and one blob."""
+
+    json_bytes: int = 64 << 20
+    blob_bytes: int = 64 << 30
+
+
+def server_store(request: Request) -> SqlStore:
+    store: SqlStore = request.app.state.store
+    return store
+
+
+def actor_store(request: Request, kiln_actor: Annotated[str | None, Header()] = None) -> SqlStore:
+    """The store, recording as the request's actor. Until identities arrive (part 2 of
+    the team server), the client declares who it is in ``Kiln-Actor``."""
+    store: SqlStore = request.app.state.store
+    if kiln_actor is None:
+        return store
+    if not _ACTOR.fullmatch(kiln_actor):
+        raise ValidationError(ACTOR_HEADER, "is not a name", allowed="1-200 printable characters")
+    return store.as_actor(kiln_actor)
+
+
+def blob_store(request: Request) -> FileBlobStore:
+    blobs: FileBlobStore = request.app.state.blobs
+    return blobs
+
+
+def limits(request: Request) -> Limits:
+    found: Limits = request.app.state.limits
+    return found
+
+
+Store = Annotated[SqlStore, Depends(actor_store)]
+Blobs = Annotated[FileBlobStore, Depends(blob_store)]
+Bounds = Annotated[Limits, Depends(limits)]

@@ -1,0 +1,83 @@
+"""``BlobStore`` over HTTP: ask first, upload streaming (checked against its sha256 before
+it is named), download streaming with ranges."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Any, BinaryIO
+
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from kiln.errors import ValidationError
+from kiln.server.deps import Blobs, Bounds
+
+router = APIRouter(prefix="/api/v1", tags=["blobs"])
+Sha = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="the blob's sha256, hex")]
+_UPLOAD = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary"}}}}}  # fmt: skip
+
+
+@router.head("/blobs/{sha256}", responses={404: {"description": "not stored"}})
+def has_blob(sha256: Sha, blobs: Blobs) -> Response:
+    """200 (with its size) if the server holds the blob, else 404."""
+    if not blobs.exists(sha256):
+        return Response(status_code=404)
+    size = blobs.path(sha256).stat().st_size
+    return Response(status_code=200, headers={"Content-Length": str(size)})
+
+
+@router.get(
+    "/blobs/{sha256}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a range"}},
+)
+def get_blob(sha256: Sha, blobs: Blobs) -> FileResponse:
+    """The blob's bytes, streamed; a ``Range`` header gets part of them (206)."""
+    path = blobs.fetch(sha256)  # NotFoundError: 404
+    immutable = {"Cache-Control": "public, max-age=31536000, immutable"}
+    return FileResponse(path, media_type="application/octet-stream", headers=immutable)
+
+
+@router.put("/blobs/{sha256}", status_code=201, openapi_extra=_UPLOAD,
+            responses={200: {"description": "already stored"}})  # fmt: skip
+async def put_blob(sha256: Sha, request: Request, blobs: Blobs, bounds: Bounds) -> Response:
+    """Store the body as blob ``sha256``. It is streamed to disk and named only once its
+    bytes hash to ``sha256`` (else 422 and nothing is kept): 201, or 200 if the server
+    had it already (the body is then not read)."""
+    if blobs.exists(sha256):
+        return Response(status_code=200)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > bounds.blob_bytes:
+        raise HTTPException(413, f"a blob larger than {bounds.blob_bytes} bytes")
+    digest = hashlib.sha256()
+    out, tmp = blobs.incoming(sha256)
+    size = 0
+    pending = bytearray()
+    try:
+        with out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > bounds.blob_bytes:
+                    raise HTTPException(413, f"a blob larger than {bounds.blob_bytes} bytes")
+                pending += chunk
+                if len(pending) >= 1 << 20:  # to disk a MiB at a time, off the event loop
+                    await run_in_threadpool(_write, out, digest, bytes(pending))
+                    pending.clear()
+            await run_in_threadpool(_write, out, digest, bytes(pending))
+        if digest.hexdigest() != sha256:
+            raise ValidationError(
+                "sha256", f"the body does not hash to {sha256} (its {size} bytes hash to "
+                f"{digest.hexdigest()}); nothing was stored",
+            )  # fmt: skip
+        blobs.adopt(tmp, sha256)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Response(status_code=201)
+
+
+def _write(out: BinaryIO, digest: Any, chunk: bytes) -> None:
+    digest.update(chunk)
+    out.write(chunk)

@@ -1,0 +1,169 @@
+"""``RunStore`` over HTTP: batches in, runs, metric history, lineage, rows and removal out."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError as PydanticError
+
+from kiln.errors import ValidationError
+from kiln.record.model import RunStatus
+from kiln.record.store._wire import from_number, number, points_to_wire, record_to_wire
+from kiln.record.store.base import RunQuery, WriteBatch
+from kiln.server import schemas
+from kiln.server.deps import Bounds, Store
+from kiln.server.metrics import INGESTED
+
+router = APIRouter(prefix="/api/v1", tags=["runs"])
+_BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Batch"}}},
+    }
+}
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+async def read_json_body(request: Request, limit: int) -> bytes:
+    """The request's body, gunzipped if it says so, refused (413) past ``limit`` bytes
+    read or inflated: a small compressed body cannot make the server hold gigabytes."""
+    from starlette.exceptions import HTTPException
+
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip"):
+        raise HTTPException(415, f"Content-Encoding {encoding!r}; send gzip or identity")
+    inflate = zlib.decompressobj(wbits=31) if encoding == "gzip" else None
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            if inflate is not None:
+                chunk = inflate.decompress(chunk, limit + 1 - size)
+                if inflate.unconsumed_tail:
+                    size = limit + 1
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"the body is larger than {limit} bytes")
+            parts.append(chunk)
+    except zlib.error as e:
+        raise HTTPException(400, f"the gzip body is malformed ({e})") from None
+    return b"".join(parts)
+
+
+def _batch(data: bytes) -> schemas.Batch:
+    try:
+        return schemas.Batch.model_validate_json(data)
+    except PydanticError as e:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+        ) from None
+
+
+def _summary(value: float | str | None) -> float:
+    found = from_number(value)
+    return math.nan if found is None else found
+
+
+@router.post("/batches", response_model=schemas.BatchApplied, openapi_extra=_BATCH_BODY)
+async def write_batch(
+    request: Request,
+    store: Store,
+    bounds: Bounds,
+    idempotency_key: Annotated[
+        str | None, Header(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    ] = None,
+) -> dict[str, int]:
+    """Apply one batch in one transaction. A batch sent again with the same
+    ``Idempotency-Key`` (its sender did not hear back) is applied once."""
+    body = _batch(await read_json_body(request, bounds.json_bytes))
+    batch = WriteBatch(
+        new_runs=[r.model_dump(exclude_unset=True) for r in body.new_runs],
+        metrics=[(r, k, s, t, from_number(v)) for r, k, s, t, v in body.metrics],
+        summaries=[(r, a, k, _summary(v)) for r, a, k, v in body.summaries],
+        artifacts=[a.model_dump() for a in body.artifacts],
+        updates=[u.model_dump(exclude_unset=True) for u in body.updates],
+        seal=body.seal,
+        warnings=[(r, m) for r, m in body.warnings],
+        origin=body.origin,
+        key=idempotency_key,
+        actor=store.actor,
+    )  # fmt: skip
+    from starlette.concurrency import run_in_threadpool
+
+    await run_in_threadpool(store.write, batch)
+    INGESTED.inc(len(batch.metrics))
+    return {"points": len(batch.metrics)}
+
+
+@router.get("/runs/{run_id}", response_model=schemas.Run)
+def get_run(run_id: Annotated[str, Path(max_length=32)], store: Store) -> Any:
+    """The run with this id or unique id prefix."""
+    return record_to_wire(store.get_run(run_id))
+
+
+@router.post("/runs/search", response_model=schemas.Runs)
+def query_runs(query: schemas.Query, store: Store) -> Any:
+    """Runs matching a filter, in its order."""
+    try:
+        statuses = tuple(RunStatus(s) for s in query.status)
+    except ValueError as e:  # pragma: no cover - the schema allows only statuses
+        raise ValidationError("status", str(e)) from None
+    found = store.query_runs(RunQuery(
+        app=query.app, status=statuses, params=query.params, tags=query.tags,
+        parent_id=query.parent_id, env_id=query.env_id, order_by=query.order_by,
+        limit=query.limit, reproductions=query.reproductions,
+    ))  # fmt: skip
+    return {"runs": [record_to_wire(r) for r in found]}
+
+
+@router.get("/runs/{run_id}/metrics/{key}", response_model=schemas.Points)
+def metric_history(
+    run_id: Annotated[str, Path(max_length=32)],
+    key: Annotated[str, Path(max_length=250)],
+    store: Store,
+) -> Any:
+    """Every point of one metric of one run, by step then time."""
+    return {"points": points_to_wire(store.metric_history(run_id, key))}
+
+
+@router.get("/runs/{run_id}/rows", response_model=schemas.Rows)
+def export_rows(run_id: Annotated[str, Path(max_length=32)], store: Store) -> Any:
+    """A run's rows as stored, for bundles."""
+    rows = store.export_rows(run_id)
+    return {
+        "run": rows["run"],
+        "metrics": [[k, s, t, number(v)] for k, s, t, v in rows["metrics"]],
+        "summary": {k: number(v) for k, v in rows["summary"].items()},
+        "artifacts": rows["artifacts"],
+    }
+
+
+@router.get("/runs/{run_id}/dependants", response_model=schemas.Names)
+def dependants(run_id: Annotated[str, Path(max_length=32)], store: Store) -> Any:
+    """What depends on a run (so that it cannot be removed)."""
+    return {"items": store.dependants(run_id)}
+
+
+@router.delete("/runs/{run_id}", response_model=schemas.Names)
+def delete_run(
+    run_id: Annotated[str, Path(max_length=32)],
+    store: Store,
+    with_runs: bool = False,
+    force: bool = False,
+) -> Any:
+    """Remove a run (with ``with_runs``, a sweep and its runs); the ids removed."""
+    return {"items": store.delete_run(run_id, with_runs=with_runs, force=force)}
+
+
+@router.get("/lineage/{ref}")
+def lineage(
+    ref: Annotated[str, Path(min_length=1, max_length=64)],
+    store: Store,
+    depth: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, Any]:
+    """The graph up and down from a run or an artifact."""
+    return store.lineage(ref, depth=depth).to_dict()

@@ -1,0 +1,90 @@
+"""``EndpointStore`` and ``SpanStore`` over HTTP: endpoints announce, report and find their
+traffic split here; replicas send their spans here; ``kiln why`` finds traces here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query
+
+from kiln.errors import NotFoundError
+from kiln.record.store.base import EndpointRow, ServerRow
+from kiln.server import schemas
+from kiln.server.deps import Store
+
+router = APIRouter(prefix="/api/v1", tags=["serving"])
+Name = Annotated[str, Path(min_length=1, max_length=200)]
+
+
+@router.post("/endpoints/{name}/servers", status_code=204)
+def announce(name: Name, body: schemas.Announce, store: Store) -> None:
+    """Declare the endpoint (its live split kept), add a server and forget old ones."""
+    if body.endpoint.name != name or body.server.endpoint != name:
+        from kiln.errors import ValidationError
+
+        raise ValidationError("endpoint.name", f"must be {name!r}, the endpoint of the path")
+    store.announce_server(EndpointRow(**body.endpoint.model_dump()),
+                          ServerRow(**body.server.model_dump()), forget=body.forget)  # fmt: skip
+
+
+@router.patch("/servers/{server_id}", status_code=204)
+def report(
+    server_id: Annotated[str, Path(min_length=1, max_length=32)], body: schemas.Report,
+    store: Store,
+) -> None:  # fmt: skip
+    """A server's heartbeat (no stats: keep its last ones), or its end."""
+    store.report_server(server_id, status=body.status, stats=body.stats, url=body.url)
+
+
+@router.get("/endpoints", response_model=schemas.Endpoints)
+def endpoints(store: Store) -> Any:
+    """Every declared endpoint, by name."""
+    return {"endpoints": [asdict(e) for e in store.endpoints()]}
+
+
+@router.get("/endpoints/{name}", response_model=schemas.EndpointIn)
+def endpoint(name: Name, store: Store) -> Any:
+    found = store.endpoint(name)
+    if found is None:
+        raise NotFoundError(f"no endpoint {name!r}; `kiln endpoints ls` lists them")
+    return asdict(found)
+
+
+@router.get("/servers", response_model=schemas.Servers)
+def servers(
+    store: Store, endpoint: Annotated[list[str], Query(max_length=1000)],
+) -> Any:  # fmt: skip
+    """The servers of these endpoints, newest first."""
+    return {"servers": [asdict(s) for s in store.servers(endpoint)]}
+
+
+@router.put("/endpoints/{name}/traffic", status_code=204)
+def set_traffic(name: Name, body: schemas.Traffic, store: Store) -> None:
+    """Set (null: clear) the endpoint's live split, with its audit event."""
+    store.set_live_traffic(name, body.split, actor=store.actor, payload=body.payload)
+
+
+@router.post("/spans", status_code=204)
+def write_spans(body: schemas.SpansIn, store: Store) -> None:
+    """Store finished spans."""
+    store.write_spans([s.model_dump() for s in body.spans])
+
+
+@router.get("/spans", response_model=schemas.Spans)
+def list_spans(
+    store: Store,
+    endpoint: Annotated[str | None, Query(max_length=200)] = None,
+    run_id: Annotated[str | None, Query(max_length=32)] = None,
+    errors_only: bool = False,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 50,
+) -> Any:
+    """Recorded spans, newest first."""
+    return {"spans": store.list_spans(endpoint=endpoint, run_id=run_id,
+                                      errors_only=errors_only, limit=limit)}  # fmt: skip
+
+
+@router.get("/traces/{trace_id}", response_model=schemas.Spans)
+def find_trace(trace_id: Annotated[str, Path(min_length=1, max_length=32)], store: Store) -> Any:
+    """The spans of a trace, by its id or a unique prefix of 8 or more, oldest first."""
+    return {"spans": store.find_trace(trace_id)}

@@ -1,0 +1,307 @@
+"""The wire schema of ``/api/v1``: typed rows with the limits of the store's columns.
+
+What a client sends is untrusted: every row is checked here (unknown fields, wrong
+types, names longer than their column) before the store sees it, and a refusal names
+the field. Non-finite floats travel as ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``
+(see :mod:`kiln.record.store._wire`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=32)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Key = Annotated[str, StringConstraints(min_length=1, max_length=250)]
+Sha = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Text = Annotated[str, StringConstraints(max_length=1_000_000)]
+Short = Annotated[str, StringConstraints(max_length=500)]
+Number = float | Literal["NaN", "Infinity", "-Infinity"] | None
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "lost"]
+JSON = Any
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class RunRow(Strict):
+    """A new run's row."""
+
+    id: Id
+    app: Name
+    status: Status
+    created_at: float
+    name: Name | None = None
+    function: Short | None = None
+    actor: Name | None = None
+    host: Annotated[str, StringConstraints(max_length=255)] | None = None
+    pid: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    engine: Annotated[str, StringConstraints(max_length=32)] | None = None
+    parent_id: Id | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    heartbeat_at: float | None = None
+    params: dict[str, JSON] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
+    result: JSON = None
+    error: Text | None = None
+    code: dict[str, JSON] | None = None
+    environment: dict[str, JSON] | None = None
+    usage: dict[str, JSON] | None = None
+    attempt: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    resources: dict[str, JSON] | None = None
+    volatile_metrics: list[Key] | None = None
+
+
+class RunUpdate(Strict):
+    """Some fields of a run (``id`` names it); the fields not given stay as they are."""
+
+    id: Id
+    status: Status | None = None
+    name: Name | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    heartbeat_at: float | None = None
+    params: dict[str, JSON] | None = None
+    tags: dict[str, str] | None = None
+    result: JSON = None
+    error: Text | None = None
+    code: dict[str, JSON] | None = None
+    environment: dict[str, JSON] | None = None
+    usage: dict[str, JSON] | None = None
+    host: Annotated[str, StringConstraints(max_length=255)] | None = None
+    pid: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    engine: Annotated[str, StringConstraints(max_length=32)] | None = None
+    attempt: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    resources: dict[str, JSON] | None = None
+    volatile_metrics: list[Key] | None = None
+
+
+class ArtifactRow(Strict):
+    run_id: Id
+    direction: Literal["in", "out"]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    kind: Literal["file", "pickle", "dataset"]
+    sha256: Sha
+    size: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    uri: Text | None = None
+
+
+class Batch(Strict):
+    """What one flush of a client writes, applied in one transaction. Metric points are
+    ``[run_id, key, step, time, value]``; summaries ``[run_id, app, key, value]``."""
+
+    new_runs: list[RunRow] = Field(default_factory=list)
+    metrics: list[tuple[Id, Key, Int64, float, Number]] = Field(default_factory=list)
+    summaries: list[tuple[Id, Name, Key, Number]] = Field(default_factory=list)
+    artifacts: list[ArtifactRow] = Field(default_factory=list)
+    updates: list[RunUpdate] = Field(default_factory=list)
+    seal: list[Id] = Field(default_factory=list)
+    warnings: list[tuple[Id, Text]] = Field(default_factory=list)
+    origin: dict[str, JSON] | None = None
+
+
+class BatchApplied(BaseModel):
+    points: int
+
+
+class Query(Strict):
+    """A filter and order over runs (see :class:`kiln.record.store.base.RunQuery`)."""
+
+    app: Name | None = None
+    status: list[Status] = Field(default_factory=list)
+    params: dict[str, JSON] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
+    parent_id: Id | None = None
+    env_id: Short | None = None
+    order_by: Annotated[str, StringConstraints(min_length=1, max_length=260)] = "-created"
+    limit: Annotated[int, Field(ge=1, le=100_000)] | None = 100
+    reproductions: bool = True
+
+
+class Run(BaseModel):
+    """A run record: its row, summary (non-finite values as strings) and artifacts."""
+
+    run: dict[str, JSON]
+    summary: dict[str, Number]
+    artifacts: list[dict[str, JSON]]
+
+
+class Runs(BaseModel):
+    runs: list[Run]
+
+
+class Points(BaseModel):
+    """``[step, time, value]`` in step then time order."""
+
+    points: list[tuple[int, float, Number]]
+
+
+class Rows(BaseModel):
+    run: dict[str, JSON]
+    metrics: list[tuple[str, int, float, Number]]
+    summary: dict[str, Number]
+    artifacts: list[dict[str, JSON]]
+
+
+class Names(BaseModel):
+    items: list[str]
+
+
+class Problem(BaseModel):
+    """An error (RFC 9457)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+class Event(BaseModel):
+    seq: int
+    time: float
+    actor: str
+    action: str
+    target: str
+    payload: str
+    payload_sha256: str
+    prev_hash: str
+    hash: str
+
+
+class Events(BaseModel):
+    events: list[Event]
+
+
+class Head(BaseModel):
+    seq: int
+    hash: str
+
+
+class Verdict(BaseModel):
+    problems: list[dict[str, JSON]]
+
+
+class GcRequest(Strict):
+    min_age_s: Annotated[float, Field(ge=0)] = 3600.0
+    dry_run: bool = False
+
+
+class GcDone(BaseModel):
+    removed: list[str]
+    kept: int
+
+
+# -- serving ----------------------------------------------------------------------------
+
+
+class EndpointIn(Strict):
+    name: Name
+    app: Name
+    model: Annotated[str, StringConstraints(min_length=1, max_length=300)]
+    spec: dict[str, JSON]
+    traffic: dict[str, float] | None
+    updated_at: float
+
+
+class ServerIn(Strict):
+    id: Id
+    endpoint: Name
+    url: Short | None
+    host: Annotated[str, StringConstraints(max_length=255)] | None
+    pid: Annotated[int, Field(ge=0, le=2**31 - 1)] | None
+    status: Literal["serving", "stopped"]
+    stats: dict[str, JSON]
+    started_at: float
+    updated_at: float
+
+
+class Announce(Strict):
+    endpoint: EndpointIn
+    server: ServerIn
+    forget: list[Id] = Field(default_factory=list)
+
+
+class Report(Strict):
+    status: Literal["serving", "stopped"]
+    stats: dict[str, JSON] | None = None
+    url: Short | None = None
+
+
+class Traffic(Strict):
+    split: dict[str, float] | None
+    payload: dict[str, JSON] = Field(default_factory=dict)
+
+
+class Endpoints(BaseModel):
+    endpoints: list[EndpointIn]
+
+
+class Servers(BaseModel):
+    servers: list[ServerIn]
+
+
+class SpanRow(Strict):
+    trace_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    span_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
+    parent_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] | None = None
+    name: Name
+    endpoint: Name | None = None
+    model_name: Name | None = None
+    model_version: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    run_id: Id | None = None
+    start_ns: Int64
+    duration_ns: Int64
+    status: Annotated[str, StringConstraints(max_length=16)]
+    attributes: dict[str, JSON]
+
+
+class SpansIn(Strict):
+    spans: list[SpanRow]
+
+
+class Spans(BaseModel):
+    spans: list[dict[str, JSON]]
+
+
+# -- the registry -----------------------------------------------------------------------
+
+
+class Register(Strict):
+    app: Annotated[str, StringConstraints(max_length=200)] = ""
+    run_id: Id
+    artifact: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    signature: JSON = None
+
+
+class Promote(Strict):
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)]
+    alias: Annotated[str, StringConstraints(min_length=1, max_length=100)] = "production"
+    reason: Text | None = None
+    policy: dict[str, JSON] | None = None
+
+
+class Rollback(Strict):
+    alias: Annotated[str, StringConstraints(min_length=1, max_length=100)] = "production"
+    reason: Text | None = None
+
+
+class SetPolicy(Strict):
+    policy: dict[str, JSON] | None
+    weaken: bool = False
+    reason: Text | None = None
+
+
+class Reject(Strict):
+    reason: Text | None = None
+
+
+class Outcome(BaseModel):
+    """What a promotion did: ``move`` (the alias moved) or ``request`` (it waits)."""
+
+    kind: Literal["move", "request"]
+    value: dict[str, JSON]
