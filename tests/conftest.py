@@ -192,6 +192,8 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         return server
 
     yield start
+    close_engines()  # what they still write goes to the servers before they stop
+    recorder.close_all()
     for server in started:
         server.stop()
 

@@ -36,7 +36,7 @@ def trained(app: kiln.App, accuracy: float, *, fail: bool = False) -> str:
     return run.id
 
 
-def test_register_resolve_promote_rollback(settings: Settings) -> None:
+def test_register_resolve_promote_rollback(any_settings: Settings) -> None:
     app = kiln.App("fraud")
     first, second = trained(app, 0.8), trained(app, 0.9)
     v1 = app.models.register("fraud", first, artifact="model.pkl")
@@ -72,7 +72,7 @@ def test_register_resolve_promote_rollback(settings: Settings) -> None:
                                                 "alias.rollback"]  # fmt: skip
 
 
-def test_bad_input_is_refused_and_changes_nothing(settings: Settings) -> None:
+def test_bad_input_is_refused_and_changes_nothing(any_settings: Settings) -> None:
     app = kiln.App("fraud")
     good, bad = trained(app, 0.8), trained(app, 0.1, fail=True)
     with pytest.raises(ValidationError, match="only succeeded runs"):
@@ -100,7 +100,7 @@ def test_bad_input_is_refused_and_changes_nothing(settings: Settings) -> None:
             parse_ref(ref)
 
 
-def test_concurrent_promotions_leave_one_consistent_history(settings: Settings) -> None:
+def test_concurrent_promotions_leave_one_consistent_history(any_settings: Settings) -> None:
     app = kiln.App("race")
     for accuracy in (0.1, 0.2, 0.3):
         app.models.register("race", trained(app, accuracy), artifact="model.pkl")
@@ -126,7 +126,7 @@ def test_concurrent_promotions_leave_one_consistent_history(settings: Settings) 
     assert app.models.get("race@production").version == history[-1].to_version
 
 
-def test_policies_gate_promotion_and_a_refusal_changes_nothing(settings: Settings) -> None:
+def test_policies_gate_promotion_and_a_refusal_changes_nothing(any_settings: Settings) -> None:
     from kiln.registry.policy import PolicyError
 
     app = kiln.App("gated")
@@ -159,7 +159,7 @@ def test_policies_gate_promotion_and_a_refusal_changes_nothing(settings: Setting
     )
     app.models.promote("gated", 3, reason="override")
     assert app.models.get("gated@production").version == 3
-    events = audit_events(settings, "policy.set")
+    events = audit_events(any_settings, "policy.set")
     assert events[0]["actor"] == "tester"
     assert json.loads(events[0]["payload"]) == {
         "policy": {"allow_dirty": True},
@@ -169,7 +169,7 @@ def test_policies_gate_promotion_and_a_refusal_changes_nothing(settings: Setting
 
 
 def test_a_policy_is_removed_or_its_approvals_lowered_only_as_a_weakening(
-    settings: Settings,
+    any_settings: Settings,
 ) -> None:
     from kiln.registry.models import PromotionRequest
     from kiln.registry.policy import PolicyError
@@ -193,7 +193,7 @@ def test_a_policy_is_removed_or_its_approvals_lowered_only_as_a_weakening(
     assert app.models.policy("gated", "production") is None
 
 
-def test_a_reproduced_run_passes_the_reproduction_gate(settings: Settings) -> None:
+def test_a_reproduced_run_passes_the_reproduction_gate(any_settings: Settings) -> None:
     from kiln.registry.policy import PolicyError
 
     app = kiln.App("gated")
@@ -208,7 +208,7 @@ def test_a_reproduced_run_passes_the_reproduction_gate(settings: Settings) -> No
     assert app.models.get("gated@production").run_id == original
 
 
-def test_pareto_front_and_best_across_apps(settings: Settings) -> None:
+def test_pareto_front_and_best_across_apps(any_settings: Settings) -> None:
     import json
 
     from typer.testing import CliRunner
@@ -238,7 +238,9 @@ def test_pareto_front_and_best_across_apps(settings: Settings) -> None:
     assert CliRunner().invoke(cli, ["runs", "best", "-m", "nope"]).exit_code != 0
 
 
-def test_promotions_that_need_approval(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_promotions_that_need_approval(
+    any_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kiln.registry.models import PromotionRequest
     from kiln.registry.policy import PolicyError
 
@@ -303,7 +305,7 @@ def test_promotions_that_need_approval(settings: Settings, monkeypatch: pytest.M
 
 
 def test_registry_writes_after_another_process_appended_to_the_audit_log(
-    settings: Settings,
+    any_settings: Settings,
 ) -> None:
     app = kiln.App("chain")
     app.models.register("chain", trained(app, 0.5), artifact="model.pkl")  # this process writes
@@ -314,4 +316,4 @@ def test_registry_writes_after_another_process_appended_to_the_audit_log(
     assert other.returncode == 0, other.stderr
     # The audit chain's end moved under this process: its next append must follow it.
     app.models.promote("chain", 1, alias="staging")
-    assert list(recorder.recorder_for(settings).store.verify()) == []
+    assert list(recorder.recorder_for(any_settings).store.verify()) == []

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,7 +38,6 @@ def build_app(
     app = FastAPI(
         title="Kiln", version=API_VERSION, docs_url=None, redoc_url=None,
         description="The record of every run, the model registry, endpoints and traces.",
-        responses={422: {"model": problems_model(), "description": "Invalid request"}},
     )  # fmt: skip
     app.state.store = store
     app.state.blobs = blob_store
@@ -49,6 +49,7 @@ def build_app(
     app.add_exception_handler(KilnError, problems.kiln_error)
     app.add_exception_handler(RequestValidationError, problems.invalid_request)
     app.add_exception_handler(StarletteHTTPException, problems.http_error)
+    app.add_exception_handler(IntegrityError, problems.conflict)
     app.add_exception_handler(Exception, problems.internal_error)
 
     @app.get("/healthz", tags=["health"])
@@ -76,13 +77,38 @@ def build_app(
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(Measured)
+    app.openapi = lambda: document(app)  # type: ignore[method-assign]
     return app
 
 
-def problems_model() -> Any:
-    from kiln.server.schemas import Problem
+def document(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI 3.1 document: FastAPI's, plus what it cannot see. Every operation may
+    answer an error as a problem (RFC 9457, the ``default`` response); the batch body,
+    read by hand to inflate it within limits, has its schema."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
 
-    return Problem
+    from kiln.server.schemas import Batch, Problem
+
+    found = get_openapi(title=app.title, version=app.version, description=app.description,
+                        routes=app.routes)  # fmt: skip
+    schemas = found.setdefault("components", {}).setdefault("schemas", {})
+    batch = Batch.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(batch.pop("$defs", {}))
+    schemas["Batch"] = batch
+    schemas["Problem"] = Problem.model_json_schema()
+    ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    problem = {"description": "An error (RFC 9457)", "content": {problems.MEDIA_TYPE: ref}}
+    for operations in found["paths"].values():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            for code in [c for c in responses if c.startswith(("4", "5"))]:
+                if not (method == "head" and code == "404"):  # HEAD: "not stored", no body
+                    responses[code] = problem  # FastAPI's 422 names its own model
+            responses["default"] = problem
+    app.openapi_schema = found
+    return found
 
 
 class Measured:

@@ -11,6 +11,7 @@ from fastapi import Depends, Header, Request
 from kiln.errors import ValidationError
 from kiln.record.blobs import FileBlobStore
 from kiln.record.store.sql import SqlStore
+from kiln.server.schemas import ACTOR_PATTERN
 
 ACTOR_HEADER = "Kiln-Actor"
 _ACTOR = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
@@ -29,7 +30,10 @@ def server_store(request: Request) -> SqlStore:
     return store
 
 
-def actor_store(request: Request, kiln_actor: Annotated[str | None, Header()] = None) -> SqlStore:
+def actor_store(
+    request: Request,
+    kiln_actor: Annotated[str | None, Header(pattern=ACTOR_PATTERN, max_length=200)] = None,
+) -> SqlStore:
     """The store, recording as the request's actor. Until identities arrive (part 2 of
     the team server), the client declares who it is in ``Kiln-Actor``."""
     store: SqlStore = request.app.state.store

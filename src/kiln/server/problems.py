@@ -75,13 +75,34 @@ async def invalid_request(_request: Request, error: Exception) -> JSONResponse:
     )  # fmt: skip
 
 
-async def http_error(_request: Request, error: Exception) -> JSONResponse:
+async def http_error(request: Request, error: Exception) -> JSONResponse:
     if not isinstance(error, StarletteHTTPException):  # pragma: no cover
         raise error
+    headers = dict(error.headers or {})
+    if error.status_code == 405:  # every method of the path, not only of one route
+        headers["Allow"] = ", ".join(allowed_methods(request))
     titles = {404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
               411: "Length Required", 416: "Range Not Satisfiable"}  # fmt: skip
     return problem(error.status_code, titles.get(error.status_code, "Error"), str(error.detail),
-                   headers=dict(error.headers or {}))  # fmt: skip
+                   headers=headers)  # fmt: skip
+
+
+def allowed_methods(request: Request) -> list[str]:
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    scope = {**request.scope, "method": "GET"}
+    for route in request.app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+async def conflict(_request: Request, _error: Exception) -> JSONResponse:
+    # A row with the same key exists (a span or a server sent twice, an id reused).
+    detail = "the request conflicts with a stored record (its id is taken); nothing was written"
+    return problem(409, "Conflict", detail, type_="urn:kiln:error:StoreRefusedError")
 
 
 async def internal_error(_request: Request, _error: Exception) -> JSONResponse:

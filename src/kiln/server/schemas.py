@@ -13,6 +13,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=32)]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"  # kiln.record.values.check_name
+ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,99}$"  # kiln.registry.refs
+REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}(:[1-9][0-9]{0,8}|@[a-z][a-z0-9_-]{0,99})$"
+TRACE_PATTERN = r"^[0-9a-fA-F]{8,32}$"
+ACTOR_PATTERN = r"^[^\x00-\x1f\x7f]{1,200}$"
+ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=250)]
 Sha = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -25,7 +31,9 @@ JSON = Any
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    """What a client sends: no unknown fields, no coercion (``0`` is not ``false``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class RunRow(Strict):
@@ -138,12 +146,12 @@ class Runs(BaseModel):
 class Points(BaseModel):
     """``[step, time, value]`` in step then time order."""
 
-    points: list[tuple[int, float, Number]]
+    points: list[list[float | str | None]]
 
 
 class Rows(BaseModel):
     run: dict[str, JSON]
-    metrics: list[tuple[str, int, float, Number]]
+    metrics: list[list[float | str | None]]  # [key, step, time, value]
     summary: dict[str, Number]
     artifacts: list[dict[str, JSON]]
 
@@ -208,9 +216,22 @@ class EndpointIn(Strict):
     updated_at: float
 
 
+class ServerOut(BaseModel):
+    id: str
+    endpoint: str
+    url: str | None
+    host: str | None
+    pid: int | None
+    status: str
+    stats: dict[str, JSON]
+    started_at: float
+    updated_at: float
+
+
 class ServerIn(Strict):
+    """A server of the endpoint it is announced with."""
+
     id: Id
-    endpoint: Name
     url: Short | None
     host: Annotated[str, StringConstraints(max_length=255)] | None
     pid: Annotated[int, Field(ge=0, le=2**31 - 1)] | None
@@ -242,7 +263,7 @@ class Endpoints(BaseModel):
 
 
 class Servers(BaseModel):
-    servers: list[ServerIn]
+    servers: list[ServerOut]
 
 
 class SpanRow(Strict):
@@ -272,21 +293,21 @@ class Spans(BaseModel):
 
 
 class Register(Strict):
-    app: Annotated[str, StringConstraints(max_length=200)] = ""
+    app: Annotated[str, StringConstraints(pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,199})?$")] = ""
     run_id: Id
     artifact: Annotated[str, StringConstraints(min_length=1, max_length=500)]
     signature: JSON = None
 
 
 class Promote(Strict):
-    version: Annotated[int, Field(ge=1, le=2**31 - 1)]
-    alias: Annotated[str, StringConstraints(min_length=1, max_length=100)] = "production"
+    version: Annotated[int, Field(ge=1, le=999_999_999)]
+    alias: Annotated[str, StringConstraints(pattern=ALIAS_PATTERN)] = "production"
     reason: Text | None = None
     policy: dict[str, JSON] | None = None
 
 
 class Rollback(Strict):
-    alias: Annotated[str, StringConstraints(min_length=1, max_length=100)] = "production"
+    alias: Annotated[str, StringConstraints(pattern=ALIAS_PATTERN)] = "production"
     reason: Text | None = None
 
 

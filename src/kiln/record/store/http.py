@@ -454,8 +454,9 @@ class HttpStore:
     def announce_server(
         self, endpoint: EndpointRow, server: ServerRow, *, forget: Sequence[str] = ()
     ) -> None:
-        body = {"endpoint": asdict(endpoint), "server": asdict(server), "forget": list(forget)}
-        self.client.call("POST", f"/endpoints/{_q(endpoint.name)}/servers", json=body)
+        server_fields = {k: v for k, v in asdict(server).items() if k != "endpoint"}
+        body = {"endpoint": asdict(endpoint), "server": server_fields, "forget": list(forget)}
+        self.client.call("POST", "/servers", json=body)
 
     def report_server(
         self, server_id: str, *, status: str, stats: dict[str, Any] | None, url: str | None

@@ -14,8 +14,8 @@ from kiln.server import schemas
 from kiln.server.deps import Store
 
 router = APIRouter(prefix="/api/v1", tags=["registry"])
-Name = Annotated[str, Path(min_length=1, max_length=200)]
-Alias = Annotated[str, Path(min_length=1, max_length=100)]
+Name = Annotated[str, Path(pattern=schemas.NAME_PATTERN)]
+Alias = Annotated[str, Path(pattern=schemas.ALIAS_PATTERN)]
 
 
 def _models(store: Any, app: str = "") -> Models:
@@ -37,7 +37,7 @@ def names(store: Store) -> Any:
 
 
 @router.get("/models/resolve")
-def resolve(store: Store, ref: Annotated[str, Query(min_length=1, max_length=320)]) -> Any:
+def resolve(store: Store, ref: Annotated[str, Query(pattern=schemas.REF_PATTERN)]) -> Any:
     """The version a reference (``name:3`` or ``name@alias``) points at now."""
     return _version(_models(store).get(ref))
 
@@ -62,7 +62,9 @@ def aliases(name: Name, store: Store) -> dict[str, int]:
 
 @router.get("/models/{name}/history")
 def history(
-    name: Name, store: Store, alias: Annotated[str | None, Query(max_length=100)] = None
+    name: Name,
+    store: Store,
+    alias: Annotated[str | None, Query(pattern=schemas.ALIAS_PATTERN)] = None,
 ) -> Any:
     return {"moves": [asdict(m) for m in _models(store).history(name, alias)]}
 
@@ -91,8 +93,8 @@ def set_policy(name: Name, alias: Alias, body: schemas.SetPolicy, store: Store) 
 
 @router.get("/models/{name}/versions/{version}/gates")
 def gate_failures(
-    name: Name, version: Annotated[int, Path(ge=1, le=2**31 - 1)], store: Store,
-    alias: Annotated[str, Query(min_length=1, max_length=100)] = "production",
+    name: Name, version: Annotated[int, Path(ge=1, le=999_999_999)], store: Store,
+    alias: Annotated[str, Query(pattern=schemas.ALIAS_PATTERN)] = "production",
 ) -> Any:  # fmt: skip
     """Every gate of ``name@alias``'s stored policy that the version fails."""
     return {"items": _models(store).gate_failures(name, version, alias)}

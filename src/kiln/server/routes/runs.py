@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError as PydanticError
 
@@ -19,12 +20,18 @@ from kiln.server.deps import Bounds, Store
 from kiln.server.metrics import INGESTED
 
 router = APIRouter(prefix="/api/v1", tags=["runs"])
+_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
 _BATCH_BODY = {
     "requestBody": {
         "required": True,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Batch"}}},
-    }
-}
+    },
+    "parameters": [{
+        "name": "Idempotency-Key", "in": "header", "required": False,
+        "description": "The batch's key: a batch sent again with it is applied once.",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{8,64}$"},
+    }],
+}  # fmt: skip
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
@@ -73,12 +80,12 @@ async def write_batch(
     request: Request,
     store: Store,
     bounds: Bounds,
-    idempotency_key: Annotated[
-        str | None, Header(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    ] = None,
 ) -> dict[str, int]:
     """Apply one batch in one transaction. A batch sent again with the same
     ``Idempotency-Key`` (its sender did not hear back) is applied once."""
+    idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
+    if idempotency_key is not None and not _KEY.fullmatch(idempotency_key):
+        raise ValidationError(IDEMPOTENCY_HEADER, "is not a key", allowed="8-64 of A-Z a-z 0-9 _ -")
     body = _batch(await read_json_body(request, bounds.json_bytes))
     batch = WriteBatch(
         new_runs=[r.model_dump(exclude_unset=True) for r in body.new_runs],

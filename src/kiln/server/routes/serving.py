@@ -14,18 +14,15 @@ from kiln.server import schemas
 from kiln.server.deps import Store
 
 router = APIRouter(prefix="/api/v1", tags=["serving"])
-Name = Annotated[str, Path(min_length=1, max_length=200)]
+Name = Annotated[str, Path(pattern=schemas.NAME_PATTERN)]
 
 
-@router.post("/endpoints/{name}/servers", status_code=204)
-def announce(name: Name, body: schemas.Announce, store: Store) -> None:
-    """Declare the endpoint (its live split kept), add a server and forget old ones."""
-    if body.endpoint.name != name or body.server.endpoint != name:
-        from kiln.errors import ValidationError
-
-        raise ValidationError("endpoint.name", f"must be {name!r}, the endpoint of the path")
-    store.announce_server(EndpointRow(**body.endpoint.model_dump()),
-                          ServerRow(**body.server.model_dump()), forget=body.forget)  # fmt: skip
+@router.post("/servers", status_code=204)
+def announce(body: schemas.Announce, store: Store) -> None:
+    """Declare the endpoint (its live split kept), add a server of it and forget old ones."""
+    endpoint = EndpointRow(**body.endpoint.model_dump())
+    server = ServerRow(endpoint=endpoint.name, **body.server.model_dump())
+    store.announce_server(endpoint, server, forget=body.forget)
 
 
 @router.patch("/servers/{server_id}", status_code=204)
@@ -53,7 +50,8 @@ def endpoint(name: Name, store: Store) -> Any:
 
 @router.get("/servers", response_model=schemas.Servers)
 def servers(
-    store: Store, endpoint: Annotated[list[str], Query(max_length=1000)],
+    store: Store,
+    endpoint: Annotated[list[Annotated[str, Query(max_length=200)]], Query(max_length=100)],
 ) -> Any:  # fmt: skip
     """The servers of these endpoints, newest first."""
     return {"servers": [asdict(s) for s in store.servers(endpoint)]}
@@ -85,6 +83,6 @@ def list_spans(
 
 
 @router.get("/traces/{trace_id}", response_model=schemas.Spans)
-def find_trace(trace_id: Annotated[str, Path(min_length=1, max_length=32)], store: Store) -> Any:
+def find_trace(trace_id: Annotated[str, Path(pattern=schemas.TRACE_PATTERN)], store: Store) -> Any:
     """The spans of a trace, by its id or a unique prefix of 8 or more, oldest first."""
     return {"spans": store.find_trace(trace_id)}
