@@ -386,7 +386,7 @@ class HttpStore:
 
     def query_runs(self, query: RunQuery) -> list[RunRecord]:
         self._quiet_spool()
-        found = self.client.call("POST", "/runs/search", json=_wire.query_to_wire(query))
+        found = self.client.call("POST", "/runs:search", json=_wire.query_to_wire(query))
         return [_wire.record_from_wire(r, self, self.blobs) for r in found["runs"]]
 
     def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:

@@ -112,7 +112,7 @@ def get_run(run_id: Annotated[str, Path(max_length=32)], store: Store) -> Any:
     return record_to_wire(store.get_run(run_id))
 
 
-@router.post("/runs/search", response_model=schemas.Runs)
+@router.post("/runs:search", response_model=schemas.Runs)
 def query_runs(query: schemas.Query, store: Store) -> Any:
     """Runs matching a filter, in its order."""
     try:
