@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 import kiln
+from conftest import ServerProcess
 from kiln.cli import app as cli
 from kiln.record import recorder
 from kiln.record.bundle import verify
@@ -80,9 +82,14 @@ def run_pipeline(repo: Path, n: int, lr: float) -> tuple[str, str]:
     return prepare, train
 
 
+@pytest.mark.parametrize("record", ["embedded", "server"])
 def test_pipeline_lineage_reproduce_and_bundle(
-    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record: str,
+    start_server: Callable[..., ServerProcess],
+) -> None:  # fmt: skip
+    """Once on the embedded store, once through a real ``kiln server`` (KILN_SERVER)."""
+    if record == "server":
+        monkeypatch.setenv("KILN_SERVER", start_server().url)
     prep1, train1 = run_pipeline(repo, 10, 0.1)
     prep2, train2 = run_pipeline(repo, 12, 0.2)
 
@@ -125,8 +132,11 @@ def test_pipeline_lineage_reproduce_and_bundle(
     assert CliRunner().invoke(cli, ["export", train1, "-o", str(bundle)]).exit_code == 0
     recorder.close_all()
     monkeypatch.setenv("KILN_HOME", str(tmp_path / "fresh"))
-    assert CliRunner().invoke(cli, ["import", str(bundle)]).exit_code == 0
+    imported = CliRunner().invoke(cli, ["import", str(bundle)])
+    assert imported.exit_code == 0, imported.output
     assert kiln.get_run(train1).summary == {"loss": 28.5}
+    audited = CliRunner().invoke(cli, ["audit", "verify"])
+    assert audited.exit_code == 0, audited.output
     assert verify(bundle) == []
     data = bytearray(bundle.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -21,6 +21,7 @@ from serving_app import BatchEcho, Devices, Echo, Scorer, app, register
 from typer.testing import CliRunner
 
 import kiln
+from conftest import ServerProcess
 from kiln.cli import app as cli
 from kiln.config import Settings
 from kiln.errors import NotFoundError
@@ -69,9 +70,15 @@ def store() -> Any:
     return recorder_for(Settings.from_env()).store
 
 
+@pytest.mark.parametrize("record", ["embedded", "server"])
 def test_predict_health_metrics_and_the_trace_behind_an_answer(
-    serve: Callable[..., ServerHandle],
-) -> None:
+    start_server: Callable[..., ServerProcess], serve: Callable[..., ServerHandle], record: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Once on the embedded store, once through ``kiln server``: the replica fetches its
+    model from the server and its spans go there, where ``kiln why`` finds them."""
+    if record == "server":
+        monkeypatch.setenv("KILN_SERVER", start_server().url)
     version = promoted(2.0)
     handle = serve()
     with httpx.Client(base_url=handle.url) as client:

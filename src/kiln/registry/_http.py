@@ -17,7 +17,7 @@ class HttpModels:
     def __init__(self, store: HttpStore, *, app: str, actor: str) -> None:
         self._store = store
         self._app = app
-        self._headers = {"Kiln-Actor": actor}
+        self._headers = {"Kiln-Actor": actor} if actor else {}  # "": the store's own
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._store.client.call(method, path, headers=self._headers, **kwargs)

@@ -146,12 +146,12 @@ class Runs(BaseModel):
 class Points(BaseModel):
     """``[step, time, value]`` in step then time order."""
 
-    points: list[list[float | str | None]]
+    points: list[list[JSON]]
 
 
 class Rows(BaseModel):
     run: dict[str, JSON]
-    metrics: list[list[float | str | None]]  # [key, step, time, value]
+    metrics: list[list[JSON]]  # [key, step, time, value]
     summary: dict[str, Number]
     artifacts: list[dict[str, JSON]]
 

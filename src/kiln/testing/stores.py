@@ -14,10 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
-from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
-from kiln.record.store.base import EndpointRow, ServerRow
-
-_HEX = frozenset("0123456789abcdef")
+from kiln.errors import AmbiguousIdError, NotFoundError
+from kiln.record.store.base import EndpointRow, ServerRow, trace_prefix
 
 
 class MemoryEndpointStore:
@@ -104,10 +102,7 @@ class MemoryEndpointStore:
         return found[:limit] if limit is not None else found
 
     def find_trace(self, trace_id: str) -> list[dict[str, Any]]:
-        ref = trace_id.strip().lower()
-        if len(ref) < 8 or not set(ref) <= _HEX:
-            allowed = "32 hex characters, or a unique prefix of 8 or more"
-            raise ValidationError("TRACE_ID", f"{trace_id!r} is not a trace id", allowed=allowed)
+        ref = trace_prefix(trace_id)
         ids = sorted({s["trace_id"] for s in self._spans if s["trace_id"].startswith(ref)})
         if not ids:
             raise NotFoundError(

@@ -11,12 +11,10 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
+from kiln.errors import AmbiguousIdError, NotFoundError
 from kiln.record import audit
 from kiln.record.store._schema import endpoint_servers, endpoints, spans
-from kiln.record.store.base import EndpointRow, ServerRow
-
-_HEX = frozenset("0123456789abcdef")
+from kiln.record.store.base import EndpointRow, ServerRow, trace_prefix
 
 
 class EndpointsAndSpans:
@@ -125,10 +123,7 @@ class EndpointsAndSpans:
             return [dict(r) for r in conn.execute(stmt).mappings()]
 
     def find_trace(self, trace_id: str) -> list[dict[str, Any]]:
-        ref = trace_id.strip().lower()
-        if len(ref) < 8 or not set(ref) <= _HEX:
-            allowed = "32 hex characters, or a unique prefix of 8 or more"
-            raise ValidationError("TRACE_ID", f"{trace_id!r} is not a trace id", allowed=allowed)
+        ref = trace_prefix(trace_id)
         with self.connect() as conn:
             ids = list(conn.execute(
                 sa.select(spans.c.trace_id).where(spans.c.trace_id.startswith(ref)).distinct()

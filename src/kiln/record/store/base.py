@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from kiln.errors import ValidationError
 from kiln.record.model import MetricPoint, RunRecord, RunStatus
 
 if TYPE_CHECKING:
@@ -216,6 +217,16 @@ class SpanStore(Protocol):
 
     def find_trace(self, trace_id: str) -> list[dict[str, Any]]:
         """The spans of one trace, by its id or a unique prefix of 8 or more, oldest first."""
+
+
+def trace_prefix(trace_id: str) -> str:
+    """A trace id or a prefix of one (8 to 32 hex digits), lower-cased; ValidationError
+    naming ``TRACE_ID`` if it is neither."""
+    ref = trace_id.strip().lower()
+    if not 8 <= len(ref) <= 32 or not set(ref) <= set("0123456789abcdef"):
+        allowed = "32 hex characters, or a unique prefix of 8 or more"
+        raise ValidationError("TRACE_ID", f"{trace_id!r} is not a trace id", allowed=allowed)
+    return ref
 
 
 class BlobStore(Protocol):

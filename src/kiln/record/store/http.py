@@ -38,7 +38,7 @@ from kiln.record.blobs import FileBlobStore
 from kiln.record.lineage import Lineage
 from kiln.record.model import MetricPoint, RunRecord
 from kiln.record.store import _wire
-from kiln.record.store.base import EndpointRow, RunQuery, ServerRow, WriteBatch
+from kiln.record.store.base import EndpointRow, RunQuery, ServerRow, WriteBatch, trace_prefix
 
 if TYPE_CHECKING:
     import httpx
@@ -505,7 +505,8 @@ class HttpStore:
         return list(self.client.call("GET", "/spans", params=params)["spans"])
 
     def find_trace(self, trace_id: str) -> list[dict[str, Any]]:
-        return list(self.client.call("GET", f"/traces/{_q(trace_id)}")["spans"])
+        ref = trace_prefix(trace_id)
+        return list(self.client.call("GET", f"/traces/{ref}")["spans"])
 
 
 def _q(part: str) -> str:
