@@ -1,5 +1,6 @@
-"""One suite over every implementation of the run store: SQLite, PostgreSQL, and a real
-``kiln server`` on each, reached over HTTP (the fixture yields the interface)."""
+"""One suite over every implementation of the run store: SQLite, PostgreSQL, a real
+``kiln server`` on each, reached over HTTP, and the in-memory fake of kiln.testing
+(the fixture yields the interface)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from conftest import SERVER_STORES, STORES, record_settings
 from kiln.config import Settings
 from kiln.errors import AmbiguousIdError, RunNotFoundError, StoreRefusedError, ValidationError
 from kiln.record.model import RunStatus
@@ -19,11 +21,15 @@ from kiln.record.store import open_store
 from kiln.record.store._schema import metadata
 from kiln.record.store.base import KilnStore, RunQuery, WriteBatch
 from kiln.record.store.sql import SqlStore
+from kiln.testing import MemoryStore
 
 
-@pytest.fixture
-def store(any_settings: Settings) -> Iterator[KilnStore]:
-    with open_store(any_settings) as s:
+@pytest.fixture(params=[*STORES, *SERVER_STORES, "memory"])
+def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[KilnStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    with open_store(record_settings(request, str(request.param), monkeypatch)) as s:
         yield s
 
 

@@ -61,3 +61,18 @@ def torch_threads() -> tuple[int, dict[str, str]]:
     import torch
 
     return torch.get_num_threads(), {k: v for k, v in os.environ.items() if k.endswith("_THREADS")}
+
+
+def seeded(seed: int) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(str(seed).encode()).digest() * 64
+
+
+@app.function(cpu=1)
+def saves_seeded(seed: int, driver_blobs: str) -> dict[str, bool]:
+    """Saves bytes made from ``seed``; whether they landed in the driver's blobs."""
+    from pathlib import Path
+
+    sha = kiln.save("weights.bin", seeded(seed))
+    return {"in_driver_home": Path(driver_blobs, sha[:2], sha[2:]).exists()}

@@ -7,13 +7,26 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 
 import pytest
-from ray_funcs import app, boom, four_seconds, saves, six_version, sleepy, torch_threads, where
+from ray_funcs import (
+    app,
+    boom,
+    four_seconds,
+    saves,
+    saves_seeded,
+    seeded,
+    six_version,
+    sleepy,
+    torch_threads,
+    where,
+)
 
 import kiln
-from conftest import ray_start
+from conftest import ServerProcess, ray_start
 from kiln.compute._threads import THREAD_VARS
 from kiln.config import Settings
 from kiln.errors import ConfigError, ValidationError
@@ -169,3 +182,27 @@ def test_nodes_without_the_shared_home_send_artifacts_back_with_results(
     assert record.load("weights.bin") == data  # it came back with the result
     assert record.summary["size"] == 4096.0 and record.engine == "ray"
     assert record.environment.python  # the environment's capture came back too
+
+
+def test_a_sweep_on_ray_records_through_a_server_without_a_shared_home(
+    on_ray: str, start_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With KILN_SERVER, a node without the driver's disk uploads its artifacts itself."""
+    monkeypatch.setenv("KILN_RAY_SHARED_HOME", "0")
+    server = start_server()
+    monkeypatch.setenv("KILN_SERVER", server.url)
+    driver_blobs = Settings.from_env().blob_dir
+    sweep = saves_seeded.sweep(kiln.grid(seed=[1, 2, 3], driver_blobs=[str(driver_blobs)]))
+    assert len(sweep.runs) == 3
+    for run in sweep.runs:
+        record = run.record()
+        assert record.status == "succeeded" and record.engine == "ray"
+        assert record.result == {"in_driver_home": False}
+        data = seeded(record.params["seed"])
+        assert record.load("weights.bin") == data
+        sha = record.artifact("weights.bin").sha256
+        assert (server.home / "blobs" / sha[:2] / sha[2:]).read_bytes() == data
+    assert not driver_blobs.exists() or not any(driver_blobs.rglob("*"))
+    verified = subprocess.run([sys.executable, "-m", "kiln", "audit", "verify"],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr

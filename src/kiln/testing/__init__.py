@@ -1,6 +1,6 @@
 """Fakes that implement Kiln's real interfaces, for testing code built on top of them."""
 
 from kiln.testing.backend import FakeBackend
-from kiln.testing.stores import MemoryBlobStore, MemoryEndpointStore
+from kiln.testing.stores import MemoryBlobStore, MemoryEndpointStore, MemoryStore
 
-__all__ = ["FakeBackend", "MemoryBlobStore", "MemoryEndpointStore"]
+__all__ = ["FakeBackend", "MemoryBlobStore", "MemoryEndpointStore", "MemoryStore"]

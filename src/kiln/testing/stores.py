@@ -6,16 +6,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
-from kiln.errors import AmbiguousIdError, NotFoundError
-from kiln.record.store.base import EndpointRow, ServerRow, trace_prefix
+from kiln.errors import (
+    AmbiguousIdError,
+    DependencyError,
+    NotFoundError,
+    RunNotFoundError,
+    StoreRefusedError,
+    ValidationError,
+)
+from kiln.record import audit
+from kiln.record.lineage import Lineage
+from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
+from kiln.record.store._wire import RUN_COLUMNS
+from kiln.record.store.base import EndpointRow, RunQuery, ServerRow, WriteBatch, trace_prefix
 
 
 class MemoryEndpointStore:
@@ -177,3 +189,241 @@ class MemoryBlobStore:
             path.write_bytes(data)
             path.chmod(0o444)
         return path
+
+
+class MemoryStore(MemoryEndpointStore):
+    """Every interface of the record in memory: runs (:class:`RunStore`), the audit log
+    (hash-chained as in the SQL store), endpoints, spans and blobs. What
+    ``open_store`` returns, for unit tests of the SDK, registry and serving layers."""
+
+    url = "memory://"
+
+    def __init__(self, actor: str = "tester", blobs: MemoryBlobStore | None = None) -> None:
+        super().__init__(actor)
+        self.blobs = blobs or MemoryBlobStore()
+        self._runs: dict[str, dict[str, Any]] = {}
+        self._points: dict[str, list[tuple[str, int, float, float | None]]] = {}
+        self._summary: dict[str, dict[str, tuple[str, float]]] = {}
+        self._artifacts: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+        self._keys: set[str] = set()
+        self._chain: list[dict[str, Any]] = []
+
+    @property
+    def blob_store(self) -> MemoryBlobStore:
+        return self.blobs
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    # -- RunStore ----------------------------------------------------------------------
+
+    def write(self, batch: WriteBatch) -> None:
+        with self._lock:
+            if batch.key is not None and batch.key in self._keys:
+                return
+            for row in batch.new_runs:
+                if row["id"] in self._runs or sum(r["id"] == row["id"] for r in batch.new_runs) > 1:
+                    raise StoreRefusedError(
+                        self.url, f"UNIQUE constraint failed: runs.id {row['id']}"
+                    )
+            if batch.key is not None:
+                self._keys.add(batch.key)
+            gone = (
+                {r[0] for r in batch.metrics}
+                - self._runs.keys()
+                - {r["id"] for r in batch.new_runs}
+            )
+            for row in batch.new_runs:
+                self._runs[row["id"]] = {"params": {}, "tags": {}, **row}
+            for run_id, key, step, t, value in batch.metrics:
+                if run_id not in gone:
+                    self._points.setdefault(run_id, []).append((key, step, t, value))
+            for run_id, app, key, value in batch.summaries:
+                self._summary.setdefault(run_id, {})[key] = (app, value)
+            for art in batch.artifacts:
+                self._artifacts.setdefault(art["run_id"], {})[(art["direction"], art["name"])] = {
+                    "uri": None, **art}  # fmt: skip
+            for fields in batch.updates:
+                if fields["id"] in self._runs:
+                    self._runs[fields["id"]].update(fields)
+            actor = batch.actor or self.actor
+            events = audit.events_for_writes(batch.new_runs, batch.updates, batch.artifacts,
+                                             actor=actor, now=time.time(),
+                                             imported=batch.origin is not None)  # fmt: skip
+            self._append(events)
+
+    def _append(self, events: list[audit.Event]) -> None:
+        seq, prev = (self._chain[-1]["seq"], self._chain[-1]["hash"]) if self._chain else (
+            0, audit.GENESIS)  # fmt: skip
+        if not events:
+            return
+        for row in audit.chain(events, seq, prev):
+            self._chain.append(row)
+            self._events.append(dict(row))
+
+    def _event(
+        self, action: str, target: str, payload: dict[str, Any], actor: str, at: float
+    ) -> None:
+        self._append([audit.Event(action, target, payload, at, actor)])
+
+    def get_run(self, run_id: str) -> RunRecord:
+        prefix = run_id.strip().lower()
+        if not prefix or not set(prefix) <= set("0123456789abcdef"):
+            raise RunNotFoundError(run_id)
+        with self._lock:
+            found = sorted(r for r in self._runs if r.startswith(prefix))
+        if not found:
+            raise RunNotFoundError(run_id)
+        if len(found) > 1 and prefix not in found:
+            raise AmbiguousIdError(run_id, found[:5])
+        return self._record(prefix if prefix in found else found[0])
+
+    def _record(self, run_id: str) -> RunRecord:
+        row = {name: self._runs[run_id].get(name) for name in RUN_COLUMNS}
+        summary = {k: (math.nan if v is None else v)
+                   for k, (_, v) in self._summary.get(run_id, {}).items()}  # fmt: skip
+        arts = tuple(Artifact(**{k: a[k] for k in ("name", "direction", "kind", "sha256",
+                                                     "size", "uri")})
+                     for _, a in sorted(self._artifacts.get(run_id, {}).items()))  # fmt: skip
+        return record_from_row(row, summary, arts, self, self.blobs)
+
+    def query_runs(self, query: RunQuery) -> list[RunRecord]:
+        if query.limit is not None and query.limit < 0:
+            raise ValidationError("limit", f"must be >= 0, got {query.limit}")
+        checks = [(f"params.{k}", "params", k, v) for k, v in query.params.items()]
+        checks += [(f"tags.{k}", "tags", k, v) for k, v in query.tags.items()]
+        for field, _, _, value in checks:
+            if value is not None and not isinstance(value, bool | int | float | str):
+                raise ValidationError(field, f"cannot filter on a {type(value).__name__}",
+                                      allowed=["str", "int", "float", "bool"])  # fmt: skip
+        with self._lock:
+            rows = [r for r in self._runs.values() if self._matches(r, query, checks)]
+            key = query.order_by.lstrip("-+")
+            descending = query.order_by.startswith("-")
+            fields = {"created": "created_at", "started": "started_at", "ended": "ended_at",
+                      "name": "name", "status": "status", "app": "app"}  # fmt: skip
+            if key in fields:
+                column = fields[key]
+                rows.sort(key=lambda r: r["id"])
+                rows.sort(key=lambda r: (r.get(column) is None, r.get(column) or 0)
+                          if column.endswith("_at") else (r.get(column) or ""),
+                          reverse=descending)  # fmt: skip
+            else:
+                metric = key.removeprefix("metrics.")
+                if not metric:
+                    raise ValidationError("order_by", "is empty",
+                                          allowed=["a run field", "a metric"])  # fmt: skip
+
+                def value(r: dict[str, Any]) -> float | None:
+                    v = self._summary.get(r["id"], {}).get(metric, (None, None))[1]
+                    return None if v is None or math.isnan(v) else v
+
+                held = sorted((r for r in rows if value(r) is not None),
+                              key=lambda r: (r["created_at"], r["id"]))  # fmt: skip
+                held.sort(key=lambda r: value(r) or 0.0, reverse=descending)
+                rest = sorted((r for r in rows if value(r) is None),
+                              key=lambda r: (-r["created_at"], r["id"]))  # fmt: skip
+                rows = held + rest
+            if query.limit is not None:
+                rows = rows[: query.limit]
+            return [self._record(r["id"]) for r in rows]
+
+    def _matches(self, row: dict[str, Any], query: RunQuery, checks: list[Any]) -> bool:
+        if query.app is not None and row["app"] != query.app:
+            return False
+        if query.status and row["status"] not in {str(s) for s in query.status}:
+            return False
+        if query.parent_id is not None and row.get("parent_id") != query.parent_id:
+            return False
+        if (
+            query.env_id is not None
+            and (row.get("environment") or {}).get("env_id") != query.env_id
+        ):
+            return False
+        if not query.reproductions and "reproduced_from" in (row.get("tags") or {}):
+            return False
+        for _, part, name, wanted in checks:
+            held = (row.get(part) or {}).get(name)
+            if isinstance(wanted, bool) or isinstance(held, bool):
+                if held is not wanted:
+                    return False
+            elif isinstance(wanted, int | float):
+                if not isinstance(held, int | float) or float(held) != float(wanted):
+                    return False
+            elif held != wanted:
+                return False
+        return True
+
+    def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
+        with self._lock:
+            points = sorted((s, t, v) for k, s, t, v in self._points.get(run_id, []) if k == key)
+        return [MetricPoint(s, t, math.nan if v is None else v) for s, t, v in points]
+
+    def lineage(self, ref: str, *, depth: int = 20) -> Lineage:
+        root = self.get_run(ref).id
+        graph = Lineage(root)
+        graph.runs[root] = {k: self._runs[root].get(k) for k in ("app", "function", "status",
+                                                                  "name")}  # fmt: skip
+        for (direction, _), art in sorted(self._artifacts.get(root, {}).items()):
+            graph.artifacts[art["sha256"]] = {k: art[k] for k in ("name", "kind", "size")}
+            edge = (art["sha256"], root, "consumed") if direction == "in" else (
+                root, art["sha256"], "produced")  # fmt: skip
+            graph.edges.append(edge)  # type: ignore[arg-type]
+        return graph
+
+    def export_rows(self, run_id: str) -> dict[str, Any]:
+        with self._lock:
+            if run_id not in self._runs:
+                raise RunNotFoundError(run_id)
+            return {
+                "run": dict(self._runs[run_id]),
+                "metrics": sorted(self._points.get(run_id, [])),
+                "summary": {k: v for k, (_, v) in self._summary.get(run_id, {}).items()},
+                "artifacts": [dict(a) for _, a in sorted(self._artifacts.get(run_id, {}).items())],
+            }
+
+    def dependants(self, run_id: str) -> list[str]:
+        with self._lock:
+            return [f"run {r} belongs to it (a sweep)" for r, row in self._runs.items()
+                    if row.get("parent_id") == run_id]  # fmt: skip
+
+    def delete_run(self, run_id: str, *, with_runs: bool = False, force: bool = False) -> list[str]:
+        record = self.get_run(run_id)
+        doomed = [r for r in self._runs if self._runs[r].get("parent_id") == record.id] if (
+            with_runs) else []  # fmt: skip
+        blocking = [] if with_runs else self.dependants(record.id)
+        if not force and not record.status.terminal:
+            blocking.append("it is still recording: wait for it to end, or pass --force")
+        if blocking:
+            raise DependencyError(f"run {record.id}", blocking)
+        with self._lock:
+            for rid in [*doomed, record.id]:
+                for table in (self._runs, self._points, self._summary, self._artifacts):
+                    table.pop(rid, None)
+            self._append([audit.Event("run.delete", rid, {}, time.time(), self.actor)
+                          for rid in [*doomed, record.id]])  # fmt: skip
+        return [*doomed, record.id]
+
+    # -- AuditLog ----------------------------------------------------------------------
+
+    def chain_head(self) -> tuple[int, str]:
+        with self._lock:
+            return (self._chain[-1]["seq"], self._chain[-1]["hash"]) if self._chain else (
+                0, audit.GENESIS)  # fmt: skip
+
+    def event_hash(self, seq: int) -> str | None:
+        with self._lock:
+            return self._chain[seq - 1]["hash"] if 0 < seq <= len(self._chain) else None
+
+    def verify(self) -> Iterator[audit.Problem]:
+        with self._lock:
+            rows = [tuple(r[k] for k in ("seq", "time", "actor", "action", "target", "payload",
+                                         "payload_sha256", "prev_hash", "hash"))
+                    for r in self._chain]  # fmt: skip
+        yield from audit.verify_chain(iter(rows))
