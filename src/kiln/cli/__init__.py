@@ -90,14 +90,15 @@ COMMANDS: dict[str, LazyCommand] = {
     "audit": LazyCommand("kiln.cli.audit:app", "Read and verify the audit log."),
     "server": LazyCommand(
         "kiln.cli.server:server",
-        "Serve the record over HTTP to a team: runs, registry, endpoints, traces, blobs.",
+        "Serve the record over HTTP (/api/v1, /openapi.json, /metrics) until Ctrl-C or SIGTERM.",
     ),
     "sync": LazyCommand(
-        "kiln.cli.server:sync", "Send the batches spooled while the server was unreachable."
+        "kiln.cli.server:sync",
+        "Send the batches spooled while the server could not be reached (KILN_HOME/spool).",
     ),
     "push": LazyCommand(
         "kiln.cli.server:push",
-        "Copy runs, with their blobs and metrics, from this store to a server.",
+        "Copy runs (blobs, metric points, lineage) from this store to a server. Twice: no-op.",
     ),
     "gc": LazyCommand(
         "kiln.cli.gc:gc",
