@@ -195,6 +195,7 @@ def test_a_sweep_on_ray_records_through_a_server_without_a_shared_home(
     sweep = saves_seeded.sweep(kiln.grid(seed=[1, 2, 3], driver_blobs=[str(driver_blobs)]))
     assert len(sweep.runs) == 3
     for run in sweep.runs:
+        run.wait()  # a sweep's runs go on in the background
         record = run.record()
         assert record.status == "succeeded" and record.engine == "ray"
         assert record.result == {"in_driver_home": False}
