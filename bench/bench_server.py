@@ -7,7 +7,8 @@ the embedded store and against a real MLflow tracking server, all in this run.
 - Run open+close through the server (goal < 5 ms) and the top 10 of 100,000 runs by a
   metric through the server (goal < 50 ms), with the embedded store's times beside them.
 - Upload of a 1 GB artifact over loopback (goal: at least 50% of a plain file copy's
-  rate; peak RSS growth of client and server under 100 MB).
+  rate, the bytes read and written a MiB at a time and synced, as the server must; peak
+  RSS growth of client and server under 100 MB).
 
 MLflow runs from its own virtualenv (made on first use under the temporary folder,
 ``pip install mlflow``), like the peer benchmarks in shared/peer-bench.
@@ -236,12 +237,14 @@ def upload(work: Path) -> tuple[float, float, int, int]:
             f.write(os.urandom(1 << 20))
     size_mb = source.stat().st_size / 1e6
     copies = []
-    for i in range(2):
+    for i in range(2):  # the bytes copied: copy_file_range may be a reflink here, no copy
         target = work / f"copy{i}.bin"
         t = time.perf_counter()
-        shutil.copyfile(source, target)
-        with target.open("rb+") as f:
-            os.fsync(f.fileno())
+        with source.open("rb") as src, target.open("wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
         copies.append(time.perf_counter() - t)
         target.unlink()
     proc, url = start_server(work / "server")
@@ -310,7 +313,7 @@ def main() -> None:
         rate, copy_rate, client_rss, server_rss = upload(work)
         rows += [
             Row("server", "upload of a 1 GB artifact over loopback (MB/s)", rate, copy_rate,
-                "plain file copy (shutil.copyfile + fsync)", "MB/s", ">= 0.5x copy",
+                "plain file copy (read/write 1 MiB at a time + fsync)", "MB/s", ">= 0.5x copy",
                 rate >= 0.5 * copy_rate),
             Row("server", "peak RSS growth uploading 1 GB: client (MB)", client_rss / 1e6, 100.0,
                 "the goal's bound, 100 MB", "MB", "< 100 MB", client_rss < 100e6),

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from kiln.record.runs import ActiveRun
 
 FLUSH_INTERVAL_S = 1.0
+START_LINGER_S = 0.02  # a run's start waits this long for more to send with it (a server)
 FLUSH_POINTS = 50_000
 # A run owned by a process on another host is lost once its heartbeat is this old.
 LOST_AFTER_S = 300.0
@@ -58,6 +59,7 @@ class Recorder:
         self._points: list[MetricRow] = []
         self._pending = WriteBatch()
         self._to_seal: list[str] = []  # ended runs, sealed in the audit log off the hot path
+        self._send_by: float | None = None  # a run's start is due out by then (monotonic)
         self._lock = threading.Lock()  # guards _points, _pending and active
         self._flush_lock = threading.Lock()  # one flush at a time
         self._wake = threading.Event()
@@ -87,7 +89,18 @@ class Recorder:
             self._pending.summaries.extend(summaries or ())
 
     def start(self, run: ActiveRun, row: dict[str, Any]) -> None:
-        """Write the run's row now, so other processes see it running at once."""
+        """Write the run's row now, so other processes see it running at once. To a
+        server, the writer sends it at once, off the caller's path (a run that ends
+        first goes in the same batch as its end: one round trip instead of two)."""
+        if getattr(self.store, "remote", False):
+            with self._lock:
+                self._pending.new_runs.append(row)
+                self.active[run.id] = run
+                if self._send_by is None:
+                    self._send_by = time.monotonic() + START_LINGER_S
+            self._ensure_thread()
+            self._wake.set()  # to wait until _send_by, not the whole interval
+            return
         self.store.write(WriteBatch(new_runs=[row]))
         with self._lock:
             self.active[run.id] = run
@@ -138,6 +151,7 @@ class Recorder:
             with self._lock:
                 batch, self._pending = self._pending, WriteBatch()
                 batch.metrics, self._points = self._points, []
+                self._send_by = None
                 if seal:
                     batch.seal, self._to_seal = self._to_seal, []
                 for run in self.active.values():
@@ -196,10 +210,15 @@ class Recorder:
 
     def _loop(self) -> None:
         while not self._closed:
-            self._wake.wait(FLUSH_INTERVAL_S)
+            self._wake.wait(self._next_flush_s())
             self._wake.clear()
             if self._closed:
                 return
+            with self._lock:
+                due = self._send_by
+                lingering = due is not None and time.monotonic() < due
+                if lingering and len(self._points) < FLUSH_POINTS:
+                    continue
             now = time.time()
             with self._lock:
                 runs = list(self.active.values())
@@ -211,6 +230,11 @@ class Recorder:
                 self.flush(seal=True)
             except Exception as exc:  # keep the points; the next flush retries
                 _log.warning("kiln: flushing to %s failed, will retry: %s", self.store.url, exc)
+
+    def _next_flush_s(self) -> float:
+        with self._lock:
+            due = self._send_by
+        return FLUSH_INTERVAL_S if due is None else max(0.0, due - time.monotonic())
 
     def close(self) -> None:
         """Finish open runs as failed, flush, stop the writer and close the store."""

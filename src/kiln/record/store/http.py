@@ -265,6 +265,8 @@ def read_spool(path: Path) -> list[dict[str, Any]]:
 class HttpStore:
     """Every interface of the record (runs, audit, endpoints, spans, blobs) on a server."""
 
+    remote = True  # each write is a round trip: the recorder sends run starts in the background
+
     def __init__(
         self, url: str, *, cache: Path, actor: str = "unknown", token: str | None = None,
         spool_dir: Path | None = None,

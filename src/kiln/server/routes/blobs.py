@@ -3,12 +3,13 @@ it is named), download streaming with ranges."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import FileResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from kiln.errors import ValidationError
@@ -54,19 +55,9 @@ async def put_blob(sha256: Sha, request: Request, blobs: Blobs, bounds: Bounds) 
         raise HTTPException(413, f"a blob larger than {bounds.blob_bytes} bytes")
     digest = hashlib.sha256()
     out, tmp = blobs.incoming(sha256)
-    size = 0
-    pending = bytearray()
     try:
         with out:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > bounds.blob_bytes:
-                    raise HTTPException(413, f"a blob larger than {bounds.blob_bytes} bytes")
-                pending += chunk
-                if len(pending) >= 1 << 20:  # to disk a MiB at a time, off the event loop
-                    await run_in_threadpool(_write, out, digest, bytes(pending))
-                    pending.clear()
-            await run_in_threadpool(_write, out, digest, bytes(pending))
+            size = await _receive(request, out, digest, bounds.blob_bytes)
         if digest.hexdigest() != sha256:
             raise ValidationError(
                 "sha256", f"the body does not hash to {sha256} (its {size} bytes hash to "
@@ -76,6 +67,39 @@ async def put_blob(sha256: Sha, request: Request, blobs: Blobs, bounds: Bounds) 
     finally:
         tmp.unlink(missing_ok=True)
     return Response(status_code=201)
+
+
+async def _receive(request: Request, out: BinaryIO, digest: Any, limit: int) -> int:
+    """Write the body to ``out`` and hash it, a MiB at a time in a thread while the next
+    MiB arrives; its size. 413 past ``limit`` bytes."""
+    loop = asyncio.get_running_loop()
+    writing: asyncio.Future[None] | None = None
+    size = 0
+    pending = bytearray()
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"a blob larger than {limit} bytes")
+            pending += chunk
+            if len(pending) >= 1 << 20:
+                if writing is not None:
+                    await writing
+                writing = loop.run_in_executor(None, _write, out, digest, bytes(pending))
+                pending.clear()
+        if writing is not None:
+            await writing
+        await loop.run_in_executor(None, _write, out, digest, bytes(pending))
+        await loop.run_in_executor(None, _sync, out)  # durable before it is named
+    finally:
+        if writing is not None and not writing.done():
+            await asyncio.wait([writing])  # the file closes only after its last write
+    return size
+
+
+def _sync(out: BinaryIO) -> None:
+    out.flush()
+    os.fsync(out.fileno())
 
 
 def _write(out: BinaryIO, digest: Any, chunk: bytes) -> None:
