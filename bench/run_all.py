@@ -27,6 +27,7 @@ BENCHES = [
     "bench_audit.py",
     "bench_bundle.py",
     "bench_serve.py",
+    "bench_server.py",
     "bench_ray.py",
 ]
 
@@ -166,6 +167,22 @@ NOTES = """
   `(key, value)` / `(app, key, value)` index of the summary table. The raw baseline
   returns bare rows; `kiln.runs` also fetches each run's summary and artifacts and
   builds typed records.
+- **server**: `kiln server` (SQLite behind it, uvicorn with uvloop and httptools) in
+  its own process. Ingest is `kiln.log` in a client process with `KILN_SERVER` set,
+  timed until the run's end is acknowledged (so every point is stored), against the
+  same script on the embedded store; 8 clients log at once. MLflow 3's tracking
+  server (SQLite, one worker) takes the same points through `MlflowClient.log_batch`
+  over REST, 1,000 per call (its limit), from as many client processes. Open+close
+  is `with app.run(): pass`, 300 in a row: through a server a run's start waits up
+  to 20 ms for its end, so a run that ends at once is one round trip. The top 10 is
+  `query_runs` ordered by a summary metric over 100,000 runs, the page and its
+  records sent as JSON. The upload is `put_file` of 1 GiB of random bytes: the
+  client hashes the file (to ask the server whether it has it), then streams it;
+  the server hashes and writes each MiB in a thread while the next arrives, and
+  syncs before naming the blob. The baseline copies the bytes a MiB at a time and
+  syncs; `shutil.copyfile` is not the baseline because this filesystem makes
+  `copy_file_range` a reflink that copies nothing. RSS growth is the peak (VmHWM,
+  ru_maxrss) after the upload less the peak before it.
 """
 
 if __name__ == "__main__":
