@@ -248,3 +248,80 @@ def _ingested(http: httpx.Client) -> float:
         if family.name == "kiln_server_ingested_points":
             return sum(s.value for s in family.samples if s.name.endswith("_total"))
     return 0.0
+
+
+SPOOLER = textwrap.dedent(
+    """
+    import kiln
+    app = kiln.App("offline")
+    with app.run(params={"n": 3}) as run:
+        for i in range(3000):
+            kiln.log({"x": float(i)}, step=i)
+        kiln.save("model.bin", b"weights")
+    print(run.id)
+    """
+)
+
+
+def test_a_run_goes_on_while_the_server_is_down_and_kiln_sync_sends_it(
+    start_server: Start, tmp_path: Path
+) -> None:
+    server = start_server()
+    port = int(server.url.rsplit(":", 1)[1])
+    env = {**os.environ, "KILN_SERVER": server.url, "KILN_HOME": str(tmp_path / "client"),
+           "KILN_SYNC_WAIT_S": "0.5"}  # fmt: skip
+    warm = subprocess.run([sys.executable, "-c", "import kiln; kiln.App('x').models.names()"],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert warm.returncode == 0, warm.stderr
+    server.stop()
+    done = subprocess.run([sys.executable, "-c", SPOOLER], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    run_id = done.stdout.split()[-1]
+    assert "kiln sync" in done.stderr  # named once, with the spool file
+    spooled = list((tmp_path / "client" / "spool").glob("*.jsonl"))
+    assert len(spooled) == 1
+    restarted = ServerProcess(server.store_url, server.home).start(port=port)
+    try:
+        synced = subprocess.run([sys.executable, "-m", "kiln", "sync", "--json"], env=env,
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert synced.returncode == 0, synced.stderr
+        assert json.loads(synced.stdout)["left"] == []
+        again = subprocess.run([sys.executable, "-m", "kiln", "sync", "--json"], env=env,
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert json.loads(again.stdout) == {"sent": 0, "left": []}
+        with HttpStore(restarted.url, cache=tmp_path / "cache") as store:
+            record = store.get_run(run_id)
+            assert record.status == "succeeded" and record.params == {"n": 3}
+            assert [p.step for p in store.metric_history(run_id, "x")] == list(range(3000))
+            assert record.load("model.bin") == b"weights"  # the blob waited in the spool too
+            assert list(store.verify()) == []
+    finally:
+        restarted.stop()
+
+
+def test_kiln_push_copies_runs_with_blobs_and_points_once(
+    start_server: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = tmp_path / "local"
+    env = {**os.environ, "KILN_HOME": str(local)}
+    env.pop("KILN_SERVER", None)
+    made = subprocess.run([sys.executable, "-c", SPOOLER], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    run_id = made.stdout.split()[-1]
+    server = start_server()
+    push = [sys.executable, "-m", "kiln", "push", "--all", "--to", server.url, "--json"]
+    first = subprocess.run(push, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["pushed"] == [run_id]
+    second = subprocess.run(push, env=env, capture_output=True, text=True, timeout=120)
+    assert json.loads(second.stdout) == {"pushed": [], "already_there": [run_id],
+                                         "to": server.url}  # fmt: skip
+    with HttpStore(server.url, cache=tmp_path / "cache") as store:
+        record = store.get_run(run_id)
+        assert record.load("model.bin") == b"weights"
+        assert len(store.metric_history(run_id, "x")) == 3000
+        imports = store.audit_events(action="run.import")
+        assert [e["target"] for e in imports] == [run_id]
+        assert list(store.verify()) == []

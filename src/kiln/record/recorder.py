@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import Settings, make_home
-from kiln.errors import StoreRefusedError
+from kiln.errors import StoreRefusedError, StoreUnavailableError
 from kiln.record.model import RunStatus
 from kiln.record.snapshot import CodeCapture
 from kiln.record.store.base import WRITE_PARTS, MetricRow, RunQuery, Store, WriteBatch
@@ -53,7 +53,13 @@ class Recorder:
             make_home(settings.home)
         self.store = open_store(settings, create=create)
         self.blobs = self.store.blob_store
-        mark_lost_runs(self.store)
+        try:
+            mark_lost_runs(self.store)
+        except StoreUnavailableError as e:
+            if not getattr(self.store, "remote", False):
+                raise
+            # A server that is down: runs still start and record into the spool.
+            _log.warning("kiln: %s; runs left open by dead processes are closed later", e)
         self.code = CodeCapture(self.blobs, exclude=(settings.home, settings.cache))
         self.active: dict[str, ActiveRun] = {}
         self._points: list[MetricRow] = []

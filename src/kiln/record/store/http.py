@@ -27,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from kiln._hashing import sha256_file
 from kiln.errors import (
+    ConfigError,
     KilnError,
     NotFoundError,
     RunNotFoundError,
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     import httpx
 
 API = "/api/v1"
-SYNC_WAIT_S = 10.0  # at exit, how long the client waits for the server to take its spool
+SYNC_WAIT_S = 10.0  # at exit, how long a client waits for the server to take its spool
 _RETRY_AFTER_S = 1.0  # after a failed send, spooled batches wait this long before the next
 _TRANSIENT = (502, 503, 504)
 _log = logging.getLogger("kiln")
@@ -152,9 +153,29 @@ class HttpBlobStore:
     """Blobs on the server, with a local cache of the ones read (``fetch`` returns a file
     of the cache). Uploads ask first and stream; downloads stream and are checked."""
 
-    def __init__(self, client: Client, cache: FileBlobStore) -> None:
+    def __init__(
+        self, client: Client, cache: FileBlobStore, spool: Spool | None = None,
+        on_spool: Any = None,
+    ) -> None:  # fmt: skip
         self._client = client
         self.cache = cache
+        self._spool = spool  # while the server is down, blobs wait in the cache
+        self._on_spool = on_spool
+
+    def _keep(self, sha: str, error: StoreUnavailableError) -> None:
+        """The server cannot be reached: the blob (in the cache) goes in the spool."""
+        if self._spool is None:
+            raise error
+        self._spool.add_blob(sha)
+        if self._on_spool is not None:
+            self._on_spool(error)
+
+    def upload_cached(self, sha256: str) -> None:
+        """Send a spooled blob from the cache (if the server lacks it)."""
+        if not self.exists(sha256):
+            path = self.cache.path(sha256)
+            with path.open("rb") as f:
+                self._upload(sha256, f, path.stat().st_size)
 
     def exists(self, sha256: str) -> bool:
         try:
@@ -165,16 +186,24 @@ class HttpBlobStore:
 
     def put_bytes(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
-        if not self.exists(sha):
-            self._client.send("PUT", f"/blobs/{sha}", content=data,
-                              headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+        try:
+            if not self.exists(sha):
+                self._client.send("PUT", f"/blobs/{sha}", content=data,
+                                  headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+        except StoreUnavailableError as e:
+            self.cache.put_bytes(data)
+            self._keep(sha, e)
         return sha
 
     def put_file(self, source: Path) -> tuple[str, int]:
         sha, size = sha256_file(source)
-        if not self.exists(sha):
-            with source.open("rb") as f:
-                self._upload(sha, f, size)
+        try:
+            if not self.exists(sha):
+                with source.open("rb") as f:
+                    self._upload(sha, f, size)
+        except StoreUnavailableError as e:
+            self.cache.put_file(source)
+            self._keep(sha, e)
         return sha, size
 
     def put_stream(self, source: IO[bytes], sha256: str) -> None:
@@ -226,21 +255,29 @@ class HttpBlobStore:
 
 
 class Spool:
-    """Batches the server has not taken yet, in the order they were written: one JSON
-    line each (its idempotency key, its actor, the batch), in this process's file."""
+    """What the server has not taken yet, in the order it was written, in this process's
+    file: one JSON line per batch (its idempotency key, its actor, the batch) or per
+    blob (its sha256; the bytes wait in the client's blob cache)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.path = folder / f"{time.time_ns()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
         self.pending = 0
+        self._lock = threading.Lock()  # the writer thread, code capture and callers add
 
     def add(self, batch: WriteBatch, wire: dict[str, Any]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"key": batch.key, "actor": batch.actor, "batch": wire})
-        with self.path.open("a") as f:
-            f.write(line + "\n")
-            f.flush()
-        self.pending += 1
+        self._line({"key": batch.key, "actor": batch.actor, "batch": wire})
+
+    def add_blob(self, sha256: str) -> None:
+        self._line({"blob": sha256})
+
+    def _line(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+                f.flush()
+            self.pending += 1
 
     def entries(self) -> list[dict[str, Any]]:
         return read_spool(self.path)
@@ -274,8 +311,8 @@ class HttpStore:
         self.url = url
         self.actor = actor
         self.client = Client(url, actor=actor, token=token)
-        self.blobs = HttpBlobStore(self.client, FileBlobStore(cache))
         self._spool = Spool(spool_dir) if spool_dir is not None else None
+        self.blobs = HttpBlobStore(self.client, FileBlobStore(cache), self._spool, self._warn)
         self._send_lock = threading.Lock()  # batches go out one at a time, in order
         self._next_try = 0.0
         self._warned = False
@@ -291,9 +328,10 @@ class HttpStore:
         self.close()
 
     def close(self) -> None:
-        """Send what is spooled (waiting up to :data:`SYNC_WAIT_S`), then let go."""
+        """Send what is spooled (waiting up to :data:`SYNC_WAIT_S`, or ``KILN_SYNC_WAIT_S``
+        seconds), then let go."""
         try:
-            self.flush_spool(wait_s=SYNC_WAIT_S)
+            self.flush_spool(wait_s=sync_wait_s())
         finally:
             self.client.close()
 
@@ -346,7 +384,7 @@ class HttpStore:
         entries = self._spool.entries()
         for entry in entries:
             try:
-                self._post(entry["key"], entry["actor"], entry["batch"])
+                self._send_entry(entry)
             except StoreUnavailableError:
                 self._next_try = time.monotonic() + _RETRY_AFTER_S
                 return False
@@ -355,6 +393,12 @@ class HttpStore:
             _log.warning("kiln: %s answers again; the spooled batches are sent", self.url)
             self._warned = False
         return True
+
+    def _send_entry(self, entry: dict[str, Any]) -> None:
+        if "blob" in entry:
+            self.blobs.upload_cached(entry["blob"])
+        else:
+            self._post(entry["key"], entry["actor"], entry["batch"])
 
     def flush_spool(self, *, wait_s: float) -> Path | None:
         """Try for up to ``wait_s`` to send the spool; the spool file if some is left."""
@@ -511,6 +555,14 @@ class HttpStore:
         return list(self.client.call("GET", f"/traces/{ref}")["spans"])
 
 
+def sync_wait_s() -> float:
+    raw = os.environ.get("KILN_SYNC_WAIT_S")
+    try:
+        return SYNC_WAIT_S if raw is None else max(0.0, float(raw))
+    except ValueError:
+        raise ConfigError("KILN_SYNC_WAIT_S", f"{raw!r} is not a number of seconds") from None
+
+
 def _q(part: str) -> str:
     """A path segment, quoted (an id or name never holds ``/``, but a hostile one might)."""
     from urllib.parse import quote
@@ -526,8 +578,8 @@ def sync(folder: Path, store: HttpStore) -> tuple[int, list[Path]]:
     for path in sorted(folder.glob("*.jsonl")):
         try:
             for entry in read_spool(path):
-                store._post(entry["key"], entry["actor"], entry["batch"])
-                sent += 1
+                store._send_entry(entry)
+                sent += "blob" not in entry
         except StoreUnavailableError:
             left.append(path)
             continue
