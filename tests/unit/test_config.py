@@ -24,12 +24,24 @@ def test_actor_defaults_to_the_os_user() -> None:
     [
         ({"KILN_STORE": "mysql://x"}, "KILN_STORE"),
         ({"KILN_BACKEND": "slurm"}, "KILN_BACKEND"),
+        ({"KILN_SERVER": "ftp://host:8700"}, "KILN_SERVER"),
+        ({"KILN_SERVER": "http://"}, "KILN_SERVER"),
+        ({"KILN_SERVER": "http://host:notaport"}, "KILN_SERVER"),
+        ({"KILN_SERVER": "http://user:secret@host:8700"}, "KILN_SERVER"),
+        ({"KILN_SERVER": "http://host:8700/api/v1"}, "KILN_SERVER"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], setting: str) -> None:
     with pytest.raises(ConfigError, match=setting) as info:
         Settings.from_env(env)
     assert info.value.setting == setting
+
+
+def test_kiln_server_is_kept_as_its_root_url() -> None:
+    settings = Settings.from_env({"KILN_SERVER": "https://kiln.example:8700/"})
+    assert settings.server_url == "https://kiln.example:8700"
+    assert settings.record_url == settings.server_url
+    assert Settings.from_env({}).record_url.startswith("sqlite:///")
 
 
 def test_a_missing_extra_names_the_extra_to_install() -> None:
