@@ -113,8 +113,10 @@ def server_url(value: str | None) -> str | None:
         return None
     from urllib.parse import urlsplit
 
+    parts = urlsplit(value)
+    if parts.username or parts.password:  # said before anything echoes the value
+        raise ConfigError("KILN_SERVER", "holds credentials; put a token in KILN_TOKEN instead")
     try:
-        parts = urlsplit(value)
         parts.port  # noqa: B018  a port that is not a number raises here
     except ValueError as e:
         raise ConfigError("KILN_SERVER", f"{value!r} is not a URL ({e})") from None
@@ -122,8 +124,6 @@ def server_url(value: str | None) -> str | None:
         raise ConfigError(
             "KILN_SERVER", f"{value!r} is not an http:// or https:// URL of a kiln server"
         )
-    if parts.username or parts.password:
-        raise ConfigError("KILN_SERVER", "holds credentials; put a token in KILN_TOKEN instead")
     if parts.path.strip("/") or parts.query or parts.fragment:
         raise ConfigError(
             "KILN_SERVER", f"{value!r} has a path; give the server's root, e.g. http://host:8700"
