@@ -75,21 +75,23 @@ async def _receive(request: Request, out: BinaryIO, digest: Any, limit: int) -> 
     loop = asyncio.get_running_loop()
     writing: asyncio.Future[None] | None = None
     size = 0
-    pending = bytearray()
+    pending: list[bytes] = []
+    held = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise HTTPException(413, f"a blob larger than {limit} bytes")
-            pending += chunk
-            if len(pending) >= 1 << 20:
+            pending.append(chunk)
+            held += len(chunk)
+            if held >= 1 << 20:
                 if writing is not None:
                     await writing
-                writing = loop.run_in_executor(None, _write, out, digest, bytes(pending))
-                pending.clear()
+                writing = loop.run_in_executor(None, _write, out, digest, pending)
+                pending, held = [], 0
         if writing is not None:
             await writing
-        await loop.run_in_executor(None, _write, out, digest, bytes(pending))
+        await loop.run_in_executor(None, _write, out, digest, pending)
         await loop.run_in_executor(None, _sync, out)  # durable before it is named
     finally:
         if writing is not None and not writing.done():
@@ -102,6 +104,7 @@ def _sync(out: BinaryIO) -> None:
     os.fsync(out.fileno())
 
 
-def _write(out: BinaryIO, digest: Any, chunk: bytes) -> None:
-    digest.update(chunk)
-    out.write(chunk)
+def _write(out: BinaryIO, digest: Any, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        digest.update(chunk)
+        out.write(chunk)
