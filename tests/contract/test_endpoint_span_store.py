@@ -75,7 +75,21 @@ def test_servers_announce_report_and_are_forgotten(store: Both) -> None:
     assert found is not None and found.model == "fraud:2"  # the declaration is the latest
 
 
-def test_a_live_split_survives_announcements_and_is_audited(store: Both) -> None:
+@pytest.fixture(params=[*STORES, "memory"])
+def owner(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Both]:
+    """The stores that own their database: a split is set there unchecked (on a server
+    the server checks it, see tests/contract/test_registry.py)."""
+    if request.param == "memory":
+        yield MemoryEndpointStore()
+        return
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else (
+        f"sqlite:///{tmp_path / 'kiln.db'}")  # fmt: skip
+    with SqlStore(url, FileBlobStore(tmp_path / "blobs")) as s:
+        yield s
+
+
+def test_a_live_split_survives_announcements_and_is_audited(owner: Both) -> None:
+    store = owner
     store.announce_server(declared(), server("s1", 100.0))
     split = {"fraud:1": 90.0, "fraud:2": 10.0}
     store.set_live_traffic("fraud", split, actor="alice", payload={"traffic": split})

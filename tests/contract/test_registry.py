@@ -317,3 +317,42 @@ def test_registry_writes_after_another_process_appended_to_the_audit_log(
     # The audit chain's end moved under this process: its next append must follow it.
     app.models.promote("chain", 1, alias="staging")
     assert list(recorder.recorder_for(any_settings).store.verify()) == []
+
+
+def test_a_live_split_is_checked_where_the_database_is(any_settings: Settings) -> None:
+    import time
+
+    from kiln.record.store.base import EndpointRow, ServerRow
+    from kiln.registry.traffic import TrafficRefused, set_traffic
+
+    app = kiln.App("split")
+    for accuracy in (0.9, 0.5):
+        app.models.register("split", trained(app, accuracy), artifact="model.pkl")
+    app.models.set_policy("split", "production", {"metrics": {"accuracy": ">= 0.8"},
+                                                  "allow_dirty": True})  # fmt: skip
+    app.models.promote("split", 1)
+    store = recorder.recorder_for(any_settings).store
+    now = time.time()
+    store.announce_server(
+        EndpointRow(name="scorer", app="split", model="split@production", spec={},
+                    traffic=None, updated_at=now),
+        ServerRow(id="s1", endpoint="scorer", url=None, host="h", pid=1, status="serving",
+                  stats={}, started_at=now, updated_at=now),
+    )  # fmt: skip
+    with pytest.raises(NotFoundError, match="model split has no version 9"):
+        set_traffic(store, "scorer", {"split:9": 10}, actor="tester")
+    with pytest.raises(TrafficRefused, match=r"split:2: accuracy: 0\.5 is not >= 0\.8") as info:
+        set_traffic(store, "scorer", {"split:1": 90, "split:2": 10}, actor="tester")
+    assert info.value.failures == ["split:2: accuracy: 0.5 is not >= 0.8"]
+    with pytest.raises(ValidationError, match="not a weight"):
+        set_traffic(store, "scorer", {"split:1": -1}, actor="tester")
+    assert store.endpoint("scorer").traffic is None  # type: ignore[union-attr]
+    assert audit_events(any_settings, "endpoint.traffic") == []
+    done = set_traffic(store, "scorer", {"split:1": 90, "split:2": 10}, actor="tester",
+                       override_reason="canary")  # fmt: skip
+    assert done == {"split:1": 90.0, "split:2": 10.0}
+    assert store.endpoint("scorer").traffic == done  # type: ignore[union-attr]
+    (event,) = audit_events(any_settings, "endpoint.traffic")
+    assert event["actor"] == "tester"
+    assert json.loads(event["payload"]) == {"traffic": done, "override_policy": {
+        "reason": "canary", "failures": ["split:2: accuracy: 0.5 is not >= 0.8"]}}  # fmt: skip

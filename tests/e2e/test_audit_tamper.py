@@ -23,6 +23,7 @@ from kiln.record import recorder
 from kiln.record.anchors import check_anchors, write_anchor
 from kiln.record.audit import SEALED_RUN_FIELDS
 from kiln.record.store.sql import SqlStore
+from kiln.registry.traffic import set_traffic
 from kiln.serve import state
 
 # The columns verify answers for, by table (tags, heartbeats and timestamps of
@@ -78,7 +79,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         endpoint = app.endpoint(model="m@production", name="scorer")(Scorer)
         store = recorder.recorder_for(kiln.config.Settings.from_env()).store
         state.announce(store, endpoint.spec, "http://127.0.0.1:1")
-        state.set_traffic(store, "scorer", {"m:3": 100}, actor="tester")
+        set_traffic(store, "scorer", {"m:3": 100}, actor="tester")
         recorder.close_all()
     finally:
         recorder.close_all()

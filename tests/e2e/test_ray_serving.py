@@ -18,6 +18,7 @@ import kiln
 from kiln.cli import app as cli
 from kiln.errors import ValidationError
 from kiln.observe.why import find_trace, list_spans
+from kiln.registry.traffic import set_traffic
 from kiln.serve import state
 from kiln.serve.on_ray import RayEndpoint
 
@@ -98,7 +99,7 @@ def test_an_endpoint_on_ray_serve_answers_traces_and_follows_its_alias(
         assert client.post("/predict", json={"x": [1]}).json()["version"] == second
         # A live canary split: the router sends every other request to each version.
         split = {f"scorer:{first}": 50, f"scorer:{second}": 50}
-        state.set_traffic(store(), "scorer", split, actor="tester")
+        set_traffic(store(), "scorer", split, actor="tester")
         wait_for(lambda: len(handle.weights) == 2, timeout=120, what="the split")
         wait_for(lambda: len({client.post("/predict", json={"x": [1]}).json()["version"]
                               for _ in range(2)}) == 2, what="the new router")  # fmt: skip

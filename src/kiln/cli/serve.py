@@ -263,7 +263,7 @@ def set_traffic(
     names each failing gate.
     """
     from kiln.config import Settings
-    from kiln.serve import state
+    from kiln.registry.traffic import set_traffic as set_split
 
     if follow == bool(split):
         raise ValidationError("split", "give NAME:VERSION=WEIGHT pairs, or --follow")
@@ -282,7 +282,7 @@ def set_traffic(
                 raise ValidationError("split", f"{item!r} is not NAME:VERSION=WEIGHT") from None
             if not sep:
                 raise ValidationError("split", f"{item!r} is not NAME:VERSION=WEIGHT")
-    done = state.set_traffic(
+    done = set_split(
         reader().store,
         name,
         traffic,

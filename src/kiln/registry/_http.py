@@ -103,3 +103,15 @@ def _outcome(data: dict[str, Any]) -> AliasMove | PromotionRequest:
     if data["kind"] == "move":
         return AliasMove(**data["value"])
     return _request(data["value"])
+
+
+def set_traffic(
+    store: HttpStore, name: str, traffic: Any, *, actor: str, override_reason: str | None
+) -> dict[str, float] | None:
+    """Ask the server to check and set ``name``'s live split (see
+    :func:`kiln.registry.traffic.set_traffic`); the split it set."""
+    headers = {"Kiln-Actor": actor} if actor else {}
+    body = {"traffic": traffic, "override_reason": override_reason}
+    found = store.client.call("PUT", f"/endpoints/{_q(name)}/traffic", headers=headers, json=body)
+    split: dict[str, float] | None = found["traffic"]
+    return split

@@ -23,7 +23,6 @@ Every bad argument is refused here, at declaration.
 from __future__ import annotations
 
 import inspect
-import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from kiln.compute.resources import Resources
 from kiln.errors import ValidationError
 from kiln.record.values import check_name
 from kiln.registry.refs import parse_ref
+from kiln.registry.traffic import parse_traffic
 
 if TYPE_CHECKING:
     from kiln.app import App
@@ -266,36 +266,6 @@ def _span_attributes(attributes: Mapping[str, Any] | None) -> dict[str, str | in
             raise ValidationError("span_attributes", f"{name}: {value!r} is not a plain value",
                                   allowed="str, int, float or bool")  # fmt: skip
         out[name] = value
-    return out
-
-
-def parse_traffic(traffic: Mapping[str, Any], model_name: str) -> dict[str, float]:
-    """Check a split such as ``{"fraud:7": 90, "fraud:8": 10}``: pinned versions of the
-    endpoint's model and positive weights (they need not add up to 100)."""
-    if not isinstance(traffic, Mapping) or not traffic:
-        raise ValidationError("traffic", f"{traffic!r} is not a split",
-                              allowed="{'name:VERSION': weight, ...}")  # fmt: skip
-    out: dict[str, float] = {}
-    for ref, weight in traffic.items():
-        name, version, alias = parse_ref(str(ref))
-        if version is None or alias is not None:
-            raise ValidationError("traffic", f"{ref!r} does not pin a version",
-                                  allowed="'name:VERSION'")  # fmt: skip
-        if name != model_name:
-            raise ValidationError(
-                "traffic", f"{ref!r} is not a version of the endpoint's model {model_name!r}"
-            )
-        if (
-            not isinstance(weight, int | float)
-            or isinstance(weight, bool)
-            or not math.isfinite(weight)
-            or weight < 0
-        ):
-            raise ValidationError("traffic", f"weight {weight!r} of {ref!r} is not a weight",
-                                  allowed="a number >= 0")  # fmt: skip
-        out[f"{name}:{version}"] = float(weight)
-    if sum(out.values()) <= 0:
-        raise ValidationError("traffic", "every weight is 0: no version would get a request")
     return out
 
 

@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kiln.errors import KilnError, NotFoundError
+from kiln.errors import NotFoundError
 from kiln.record.store.base import EndpointRow, KilnStore, ServerRow
-from kiln.registry.policy import PolicyError
 from kiln.registry.refs import parse_ref
-from kiln.serve.endpoint import EndpointSpec, parse_traffic
+from kiln.registry.traffic import TrafficRefused, gate_failures
+from kiln.serve.endpoint import EndpointSpec
 
 # A server reports every few seconds (2 s locally, 5 s on Ray); one silent this long
 # is gone, whatever its pid says (the pid may since belong to another process).
@@ -116,73 +116,6 @@ def report(
 def live_traffic(store: KilnStore, name: str) -> dict[str, float] | None:
     found = store.endpoint(name)
     return None if found is None else found.traffic
-
-
-def set_traffic(
-    store: KilnStore,
-    name: str,
-    traffic: dict[str, Any] | None,
-    *,
-    actor: str,
-    override_reason: str | None = None,
-) -> dict[str, float] | None:
-    """Set a live split for endpoint ``name`` (None: follow its declared model again).
-
-    Every version named must be registered, and when the endpoint follows an alias,
-    every version given traffic must pass the gates a promotion to that alias would
-    (:class:`TrafficRefused` names each failure). ``override_reason`` sends it anyway;
-    the override, who made it and why are kept in the ``endpoint.traffic`` audit event.
-    """
-    from kiln.registry.models import models_for
-
-    info = get(store, name)
-    model_name = parse_ref(info.model)[0]
-    split = None if traffic is None else parse_traffic(traffic, model_name)
-    models = models_for(store, app=info.app, actor=actor)
-    for ref in split or {}:
-        models.get(ref)  # NotFoundError names the missing version
-    payload: dict[str, Any] = {"traffic": split}
-    failures = gate_failures(store, info.model, split or info.spec.get("traffic"), actor=actor)
-    if failures:
-        if override_reason is None:
-            raise TrafficRefused(name, info.model, failures)
-        payload["override_policy"] = {"reason": override_reason, "failures": failures}
-    store.set_live_traffic(name, split, actor=actor, payload=payload)
-    return split
-
-
-class TrafficRefused(PolicyError):
-    """A split would send requests to versions that fail the promotion gates of the
-    alias the endpoint follows; ``failures`` names each, prefixed by its version."""
-
-    def __init__(self, endpoint: str, model: str, failures: list[str]) -> None:
-        self.failures = failures
-        KilnError.__init__(
-            self,
-            f"endpoint {endpoint}: a split through {model} may only send traffic to versions "
-            f"that pass its promotion policy: {'; '.join(failures)}. Promote them first, or "
-            "override with `kiln endpoints set-traffic ... --override-policy --reason TEXT` "
-            "(audited)",
-        )
-
-
-def gate_failures(
-    store: KilnStore, model: str, split: dict[str, float] | None, *, actor: str
-) -> list[str]:
-    """What each version given traffic by ``split`` fails of the promotion gates of the
-    alias ``model`` follows (``name@alias``); nothing for a pinned model or no split."""
-    from kiln.registry.models import models_for
-
-    name, _, alias = parse_ref(model)
-    if alias is None or not split:
-        return []
-    models = models_for(store, app="", actor=actor)
-    failures = []
-    for ref, weight in split.items():
-        version = parse_ref(ref)[1]
-        if weight > 0 and version is not None:
-            failures += [f"{ref}: {f}" for f in models.gate_failures(name, version, alias)]
-    return failures
 
 
 def check_declared_traffic(store: KilnStore, spec: EndpointSpec, actor: str) -> None:

@@ -25,6 +25,7 @@ from kiln.errors import (
     StoreUnavailableError,
     ValidationError,
 )
+from kiln.registry.policy import PolicyError
 
 MEDIA_TYPE = "application/problem+json"
 _CONTEXT = ("field", "allowed", "run_id", "prefix", "matches", "dependants", "failures",
@@ -48,7 +49,7 @@ def status_of(error: KilnError) -> int:
         return 503
     if isinstance(error, ValidationError | ConfigError | StoreRefusedError):
         return 422
-    if type(error).__name__ == "PolicyError":
+    if isinstance(error, PolicyError):
         return 409
     return 400
 

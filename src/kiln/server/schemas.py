@@ -19,6 +19,7 @@ REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}(:[1-9][0-9]{0,8}|@[a-z][a-z0-9
 TRACE_PATTERN = r"^[0-9a-fA-F]{8,32}$"
 ACTOR_PATTERN = r"^[^\x00-\x1f\x7f]{1,200}$"
 ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+Ref = Annotated[str, StringConstraints(pattern=REF_PATTERN)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=250)]
 Sha = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -254,8 +255,17 @@ class Report(Strict):
 
 
 class Traffic(Strict):
-    split: dict[str, float] | None
-    payload: dict[str, JSON] = Field(default_factory=dict)
+    """A live split to check and set (null: follow the declared model again); the server
+    writes the audit event itself."""
+
+    traffic: Annotated[dict[Ref, float], Field(min_length=1, max_length=100)] | None
+    override_reason: Annotated[str, StringConstraints(min_length=1, max_length=10_000)] | None = (
+        None
+    )
+
+
+class TrafficSet(BaseModel):
+    traffic: dict[str, float] | None
 
 
 class Endpoints(BaseModel):

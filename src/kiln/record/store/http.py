@@ -529,8 +529,11 @@ class HttpStore:
     def set_live_traffic(
         self, name: str, split: dict[str, float] | None, *, actor: str, payload: dict[str, Any]
     ) -> None:
+        """On a server this is checked there (see :func:`kiln.registry.traffic.set_traffic`),
+        which writes the event itself: of ``payload`` only an override's reason is sent."""
+        reason = (payload.get("override_policy") or {}).get("reason")
         self.client.call("PUT", f"/endpoints/{_q(name)}/traffic",
-                         json={"split": split, "payload": payload},
+                         json={"traffic": split, "override_reason": reason},
                          headers={"Kiln-Actor": actor})  # fmt: skip
 
     # -- SpanStore -------------------------------------------------------------------

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Path, Query
 
 from kiln.errors import NotFoundError
 from kiln.record.store.base import EndpointRow, ServerRow
+from kiln.registry import traffic
 from kiln.server import schemas
 from kiln.server.deps import Store
 
@@ -57,10 +58,14 @@ def servers(
     return {"servers": [asdict(s) for s in store.servers(endpoint)]}
 
 
-@router.put("/endpoints/{name}/traffic", status_code=204)
-def set_traffic(name: Name, body: schemas.Traffic, store: Store) -> None:
-    """Set (null: clear) the endpoint's live split, with its audit event."""
-    store.set_live_traffic(name, body.split, actor=store.actor, payload=body.payload)
+@router.put("/endpoints/{name}/traffic", response_model=schemas.TrafficSet)
+def set_traffic(name: Name, body: schemas.Traffic, store: Store) -> Any:
+    """Check and set (null: clear) the endpoint's live split, with its audit event: every
+    version named is registered and, when the endpoint follows an alias, passes its
+    promotion gates (409 naming each failure), unless ``override_reason`` says why not."""
+    split = traffic.set_traffic(store, name, body.traffic, actor=store.actor,
+                                override_reason=body.override_reason)  # fmt: skip
+    return {"traffic": split}
 
 
 @router.post("/spans", status_code=204)
