@@ -74,6 +74,7 @@ def test_write_and_read_back_a_whole_record(store: KilnStore) -> None:
             ]
         )
     )
+    model = store.blob_store.put_bytes(b"0123456789")  # a server takes artifacts it holds
     store.write(
         WriteBatch(
             metrics=[(rid, "loss", i, 100.0 + i, 1.0 / (i + 1)) for i in range(5)],
@@ -84,7 +85,7 @@ def test_write_and_read_back_a_whole_record(store: KilnStore) -> None:
                     "name": "m.pkl",
                     "direction": "out",
                     "kind": "pickle",
-                    "sha256": "f" * 64,
+                    "sha256": model,
                     "size": 10,
                     "uri": None,
                 }
@@ -178,22 +179,23 @@ def test_order_by_run_fields_and_limit(store: KilnStore) -> None:
 def test_summary_and_artifact_writes_are_upserts(store: KilnStore) -> None:
     rid = hexid(9)
     art = {"run_id": rid, "name": "f", "direction": "out", "kind": "file", "size": 1, "uri": None}
+    first, second = store.blob_store.put_bytes(b"a"), store.blob_store.put_bytes(b"b")
     store.write(WriteBatch(new_runs=[run_row(rid)]))
     store.write(
-        WriteBatch(summaries=[(rid, "a", "m", 1.0)], artifacts=[{**art, "sha256": "a" * 64}])
+        WriteBatch(summaries=[(rid, "a", "m", 1.0)], artifacts=[{**art, "sha256": first}])
     )
     store.write(
-        WriteBatch(summaries=[(rid, "a", "m", 2.0)], artifacts=[{**art, "sha256": "b" * 64}])
+        WriteBatch(summaries=[(rid, "a", "m", 2.0)], artifacts=[{**art, "sha256": second}])
     )
     record = store.get_run(rid)
     assert record.summary == {"m": 2.0}
-    assert [a.sha256 for a in record.artifacts] == ["b" * 64]
+    assert [a.sha256 for a in record.artifacts] == [second]
 
 
 def test_a_failed_batch_leaves_nothing_behind(store: KilnStore) -> None:
     rid = hexid(4)
     store.write(WriteBatch(new_runs=[run_row(rid)]))
-    with pytest.raises(StoreRefusedError, match=r"store .*: .*(UNIQUE|duplicate key)"):
+    with pytest.raises(StoreRefusedError, match=r"store.*: .*(UNIQUE|duplicate key)"):
         store.write(
             WriteBatch(
                 new_runs=[run_row(hexid(5)), run_row(rid)], metrics=[(rid, "m", 0, 1.0, 1.0)]

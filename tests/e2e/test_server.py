@@ -289,7 +289,7 @@ def test_a_run_goes_on_while_the_server_is_down_and_kiln_sync_sends_it(
         assert json.loads(synced.stdout)["left"] == []
         again = subprocess.run([sys.executable, "-m", "kiln", "sync", "--json"], env=env,
                                capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert json.loads(again.stdout) == {"sent": 0, "left": []}
+        assert json.loads(again.stdout) == {"sent": 0, "left": [], "refused": []}
         with HttpStore(restarted.url, cache=tmp_path / "cache") as store:
             record = store.get_run(run_id)
             assert record.status == "succeeded" and record.params == {"n": 3}

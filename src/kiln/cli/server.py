@@ -60,7 +60,7 @@ def _env() -> dict[str, str]:
 def sync(as_json: JsonOpt = False) -> None:
     """Send the batches spooled while the server could not be reached (KILN_HOME/spool)."""
     from kiln.record.store import open_store
-    from kiln.record.store.http import HttpStore
+    from kiln.record.store.http import HttpStore, Synced
     from kiln.record.store.http import sync as send
 
     settings = Settings.from_env()
@@ -70,16 +70,21 @@ def sync(as_json: JsonOpt = False) -> None:
     store = open_store(replace(settings, home=Path(tempfile.mkdtemp(prefix="kiln-sync-"))))
     assert isinstance(store, HttpStore)  # noqa: S101  KILN_SERVER is set
     try:
-        sent, left = send(folder, store) if folder.is_dir() else (0, [])
+        done = send(folder, store) if folder.is_dir() else Synced()
     finally:
         store.close()
     if as_json:
-        typer.echo(json.dumps({"sent": sent, "left": [str(p) for p in left]}))
+        typer.echo(json.dumps({"sent": done.sent, "left": [str(p) for p in done.left],
+                               "refused": [str(p) for p in done.refused]}))  # fmt: skip
     else:
-        console().print(plain(f"sent {sent} batch(es) to {settings.server_url}"
-                              + (f"; {len(left)} file(s) left: the server is still down"
-                                 if left else "")))  # fmt: skip
-    if left:
+        text = f"sent {done.sent} batch(es) to {settings.server_url}"
+        if done.left:
+            text += f"; {len(done.left)} file(s) left: the server is still down"
+        if done.refused:
+            text += ("; the server refused some entries, kept with the reason in "
+                     + ", ".join(map(str, done.refused)))  # fmt: skip
+        console().print(plain(text))
+    if done.left or done.refused:
         raise typer.Exit(1)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from kiln.record.model import RunRecord
 from kiln.record.resolve import RunLike, resolve_run
-from kiln.record.store.http import HttpStore, _q
+from kiln.record.store.http import HttpStore, _q, actor_header
 from kiln.registry.models import AliasMove, ModelVersion, PromotionRequest
 
 
@@ -17,7 +17,7 @@ class HttpModels:
     def __init__(self, store: HttpStore, *, app: str, actor: str) -> None:
         self._store = store
         self._app = app
-        self._headers = {"Kiln-Actor": actor} if actor else {}  # "": the store's own
+        self._headers = actor_header(actor)  # "": the store's own
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._store.client.call(method, path, headers=self._headers, **kwargs)
@@ -110,7 +110,7 @@ def set_traffic(
 ) -> dict[str, float] | None:
     """Ask the server to check and set ``name``'s live split (see
     :func:`kiln.registry.traffic.set_traffic`); the split it set."""
-    headers = {"Kiln-Actor": actor} if actor else {}
+    headers = actor_header(actor)
     body = {"traffic": traffic, "override_reason": override_reason}
     found = store.client.call("PUT", f"/endpoints/{_q(name)}/traffic", headers=headers, json=body)
     split: dict[str, float] | None = found["traffic"]

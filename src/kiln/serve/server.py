@@ -58,7 +58,6 @@ REPORT_S = 2.0  # how often figures are written to the store
 MAX_BODY = 32 * 1024 * 1024
 BODY_TIMEOUT_S = 60.0  # for the whole body of a request to arrive
 HEADER_TIMEOUT_S = 10.0  # for a request's headers to arrive, from its first byte
-SWEEP_S = 1.0  # how often connections past a deadline are closed
 MAX_CONNECTIONS = 1000  # more are answered 503 at once
 _STATUS = {OK: 200, INVALID: 422, FAILED: 500}
 _JSON = (b"content-type", b"application/json")
@@ -857,64 +856,12 @@ async def _respond(
 
 
 def _protocol() -> Any:
-    """uvicorn's HTTP protocol with deadlines: a request's headers must arrive within
-    ``HEADER_TIMEOUT_S`` of its first byte (or of the connection), its body within
-    ``BODY_TIMEOUT_S`` of its headers. uvicorn itself times out only idle keep-alive
-    connections, so a client that opens connections and then sends slowly, or
-    nothing, would hold them forever. One sweep a second enforces the deadlines
-    (a timer per request would cost every request)."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # no httptools: uvicorn's pure-Python protocol, without deadlines
-        return "auto"
+    """uvicorn's HTTP protocol with deadlines (see :mod:`kiln._deadlines`)."""
+    from kiln._deadlines import deadline_protocol
 
-    class Protocol(HttpToolsProtocol):
-        deadline = 0.0  # loop time by which what is being read must have arrived; 0: none
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self.deadline = self.loop.time() + HEADER_TIMEOUT_S
-            state: Any = self.server_state
-            if getattr(state, "kiln_sweep", None) is None:  # the first connection
-                state.kiln_sweep = self.loop.call_later(SWEEP_S, _sweep, self.loop, state)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            if not self.deadline:
-                self.deadline = self.loop.time() + HEADER_TIMEOUT_S
-
-        def on_headers_complete(self) -> None:
-            self.deadline = self.loop.time() + BODY_TIMEOUT_S
-            super().on_headers_complete()
-
-        def on_message_complete(self) -> None:
-            self.deadline = 0.0
-            super().on_message_complete()
-
-    return Protocol
-
-
-def _sweep(loop: asyncio.AbstractEventLoop, state: Any) -> None:
-    """Answer 408 to, and close, each connection past its deadline."""
-    now = loop.time()
-    for connection in list(state.connections):
-        deadline = getattr(connection, "deadline", 0.0)
-        transport = connection.transport
-        if deadline and deadline < now and not transport.is_closing():
-            cycle = connection.cycle  # the request being read, or the last one answered
-            if cycle is None or not cycle.response_started or cycle.response_complete:
-                transport.write(_TOO_SLOW)
-            if cycle is not None and not cycle.response_complete:
-                cycle.scope["kiln.too_slow"] = True
-            transport.close()
-    state.kiln_sweep = loop.call_later(SWEEP_S, _sweep, loop, state)
-
-
-_SLOW_BODY = b'{"error": "the request did not arrive in time"}'
-_TOO_SLOW = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    b"content-length: %d\r\n\r\n%s" % (len(_SLOW_BODY), _SLOW_BODY)
-)
+    return deadline_protocol(header_s=HEADER_TIMEOUT_S, body_s=BODY_TIMEOUT_S,
+                             too_slow=b'{"error": "the request did not arrive in time"}',
+                             content_type=b"application/json")  # fmt: skip
 
 
 @dataclass

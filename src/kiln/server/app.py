@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.errors import KilnError
@@ -50,6 +51,7 @@ def build_app(
     app.add_exception_handler(RequestValidationError, problems.invalid_request)
     app.add_exception_handler(StarletteHTTPException, problems.http_error)
     app.add_exception_handler(IntegrityError, problems.conflict)
+    app.add_exception_handler(ClientDisconnect, problems.gone)
     app.add_exception_handler(Exception, problems.internal_error)
 
     @app.get("/healthz", tags=["health"])

@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Annotated
+from urllib.parse import unquote
 
 from fastapi import Depends, Header, Request
 
 from kiln.errors import ValidationError
 from kiln.record.blobs import FileBlobStore
 from kiln.record.store.sql import SqlStore
-from kiln.server.schemas import ACTOR_PATTERN
 
 ACTOR_HEADER = "Kiln-Actor"
 _ACTOR = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
@@ -32,16 +32,25 @@ def server_store(request: Request) -> SqlStore:
 
 def actor_store(
     request: Request,
-    kiln_actor: Annotated[str | None, Header(pattern=ACTOR_PATTERN, max_length=200)] = None,
+    kiln_actor: Annotated[str | None, Header(pattern=r"^[\x21-\x7e]{1,2400}$")] = None,
 ) -> SqlStore:
     """The store, recording as the request's actor. Until identities arrive (part 2 of
-    the team server), the client declares who it is in ``Kiln-Actor``."""
+    the team server), the client declares who it is in ``Kiln-Actor``, percent-encoded."""
     store: SqlStore = request.app.state.store
     if kiln_actor is None:
         return store
-    if not _ACTOR.fullmatch(kiln_actor):
-        raise ValidationError(ACTOR_HEADER, "is not a name", allowed="1-200 printable characters")
-    return store.as_actor(kiln_actor)
+    actor = _unquote(kiln_actor)
+    if actor is None or not _ACTOR.fullmatch(actor):
+        raise ValidationError(ACTOR_HEADER, "is not a name", allowed="1-200 printable "
+                              "characters, percent-encoded UTF-8")  # fmt: skip
+    return store.as_actor(actor)
+
+
+def _unquote(text: str) -> str | None:
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        return None
 
 
 def blob_store(request: Request) -> FileBlobStore:

@@ -12,6 +12,11 @@ from typing import Any
 from kiln.errors import ConfigError
 
 DRAIN_S = 30  # how long a SIGTERM waits for requests in flight (a batch being written)
+HEADER_S = 10.0  # for a request's headers to arrive, from its first byte
+BODY_S = 60.0  # for its body, plus a second for each MIN_RATE bytes received
+MIN_RATE = 64 << 10  # bytes/s: an upload slower than this on average is cut off (408)
+_TOO_SLOW = (b'{"type":"about:blank","title":"Request Timeout","status":408,'
+             b'"detail":"the request did not arrive in time"}')  # fmt: skip
 _log = logging.getLogger("kiln")
 
 
@@ -66,9 +71,15 @@ def serve(
         raise ConfigError("--port", f"cannot listen on {host}:{port} ({e.strerror})") from None
     sock.listen(2048)
     bound = sock.getsockname()[1]
+    from kiln._deadlines import deadline_protocol
+
+    protocol = deadline_protocol(
+        header_s=HEADER_S, body_s=BODY_S, min_rate=MIN_RATE, too_slow=_TOO_SLOW,
+        content_type=b"application/problem+json",
+    )  # fmt: skip
     config = uvicorn.Config(
         app, log_level="warning", timeout_graceful_shutdown=DRAIN_S, access_log=False,
-        limit_concurrency=1000, timeout_keep_alive=30,
+        limit_concurrency=1000, timeout_keep_alive=30, http=protocol,
     )  # fmt: skip
     server = _Draining(config, app.state)
     shown = f"[{host}]" if ":" in host else host

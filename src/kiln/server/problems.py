@@ -54,13 +54,23 @@ def status_of(error: KilnError) -> int:
     return 400
 
 
-async def kiln_error(_request: Request, error: Exception) -> JSONResponse:
+async def kiln_error(request: Request, error: Exception) -> JSONResponse:
     if not isinstance(error, KilnError):  # pragma: no cover - registered for KilnError only
         raise error
     extra = {k: getattr(error, k) for k in _CONTEXT if getattr(error, k, None) is not None}
     status = status_of(error)
-    return problem(status, type(error).__name__, str(error),
+    return problem(status, type(error).__name__, _scrub(request, str(error)),
                    type_=f"urn:kiln:error:{type(error).__name__}", **extra)  # fmt: skip
+
+
+def _scrub(request: Request, detail: str) -> str:
+    """``detail`` without the server's own paths and database URL: a client is told
+    what was wrong with its request, not where the server keeps things."""
+    state = request.app.state
+    for secret, said in ((str(state.store.url), "the server's store"),
+                         (str(state.blobs.root), "the server's blob store")):  # fmt: skip
+        detail = detail.replace(f"store {secret}:", f"{said}:").replace(secret, said)
+    return detail
 
 
 async def invalid_request(_request: Request, error: Exception) -> JSONResponse:
@@ -105,6 +115,12 @@ async def conflict(_request: Request, _error: Exception) -> JSONResponse:
     # A row with the same key exists (a span or a server sent twice, an id reused).
     detail = "the request conflicts with a stored record (its id is taken); nothing was written"
     return problem(409, "Conflict", detail, type_="urn:kiln:error:StoreRefusedError")
+
+
+async def gone(_request: Request, _error: Exception) -> JSONResponse:
+    # The client went away mid-body (or the 408 sweep cut it off): nothing was stored,
+    # and nobody is left to read an answer; not a server failure, so no traceback.
+    return problem(400, "Client Closed Request", "the body did not arrive whole")
 
 
 async def internal_error(_request: Request, _error: Exception) -> JSONResponse:

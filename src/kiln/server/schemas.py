@@ -8,16 +8,17 @@ the field. Non-finite floats travel as ``"NaN"``, ``"Infinity"`` and ``"-Infinit
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=32)]
+RunId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]  # kiln.record.runs
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"  # kiln.record.values.check_name
 ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,99}$"  # kiln.registry.refs
 REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}(:[1-9][0-9]{0,8}|@[a-z][a-z0-9_-]{0,99})$"
 TRACE_PATTERN = r"^[0-9a-fA-F]{8,32}$"
-ACTOR_PATTERN = r"^[^\x00-\x1f\x7f]{1,200}$"
 ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Ref = Annotated[str, StringConstraints(pattern=REF_PATTERN)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -28,7 +29,27 @@ Short = Annotated[str, StringConstraints(max_length=500)]
 Number = float | Literal["NaN", "Infinity", "-Infinity"] | None
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "lost"]
-JSON = Any
+MAX_DEPTH = 64
+
+
+def plain_json(value: Any, depth: int = 0) -> Any:
+    """``value`` if it is JSON every store keeps and reads back exactly: finite numbers,
+    integers of up to 64 bits, nested at most :data:`MAX_DEPTH` deep."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a JSON number (send finite numbers)")
+    if isinstance(value, int) and not isinstance(value, bool) and not (
+        -(2**63) <= value <= 2**64 - 1
+    ):  # fmt: skip
+        raise ValueError("an integer of more than 64 bits (send it as a string)")
+    if isinstance(value, dict | list):
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"nested more than {MAX_DEPTH} deep")
+        for item in value.values() if isinstance(value, dict) else value:
+            plain_json(item, depth + 1)
+    return value
+
+
+JSON = Annotated[Any, AfterValidator(plain_json)]
 
 
 class Strict(BaseModel):
@@ -40,17 +61,17 @@ class Strict(BaseModel):
 class RunRow(Strict):
     """A new run's row."""
 
-    id: Id
-    app: Name
+    id: RunId
+    app: ModelName
     status: Status
     created_at: float
-    name: Name | None = None
+    name: ModelName | None = None
     function: Short | None = None
     actor: Name | None = None
     host: Annotated[str, StringConstraints(max_length=255)] | None = None
     pid: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     engine: Annotated[str, StringConstraints(max_length=32)] | None = None
-    parent_id: Id | None = None
+    parent_id: RunId | None = None
     started_at: float | None = None
     ended_at: float | None = None
     heartbeat_at: float | None = None
@@ -69,9 +90,9 @@ class RunRow(Strict):
 class RunUpdate(Strict):
     """Some fields of a run (``id`` names it); the fields not given stay as they are."""
 
-    id: Id
+    id: RunId
     status: Status | None = None
-    name: Name | None = None
+    name: ModelName | None = None
     started_at: float | None = None
     ended_at: float | None = None
     heartbeat_at: float | None = None
@@ -91,7 +112,7 @@ class RunUpdate(Strict):
 
 
 class ArtifactRow(Strict):
-    run_id: Id
+    run_id: RunId
     direction: Literal["in", "out"]
     name: Annotated[str, StringConstraints(min_length=1, max_length=500)]
     kind: Literal["file", "pickle", "dataset"]
@@ -105,12 +126,12 @@ class Batch(Strict):
     ``[run_id, key, step, time, value]``; summaries ``[run_id, app, key, value]``."""
 
     new_runs: list[RunRow] = Field(default_factory=list)
-    metrics: list[tuple[Id, Key, Int64, float, Number]] = Field(default_factory=list)
-    summaries: list[tuple[Id, Name, Key, Number]] = Field(default_factory=list)
+    metrics: list[tuple[RunId, Key, Int64, float, Number]] = Field(default_factory=list)
+    summaries: list[tuple[RunId, ModelName, Key, Number]] = Field(default_factory=list)
     artifacts: list[ArtifactRow] = Field(default_factory=list)
     updates: list[RunUpdate] = Field(default_factory=list)
-    seal: list[Id] = Field(default_factory=list)
-    warnings: list[tuple[Id, Text]] = Field(default_factory=list)
+    seal: list[RunId] = Field(default_factory=list)
+    warnings: list[tuple[RunId, Text]] = Field(default_factory=list)
     origin: dict[str, JSON] | None = None
 
 

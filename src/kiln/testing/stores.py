@@ -224,6 +224,7 @@ class MemoryStore(MemoryEndpointStore):
     # -- RunStore ----------------------------------------------------------------------
 
     def write(self, batch: WriteBatch) -> None:
+        batch.cut_texts()
         with self._lock:
             if batch.key is not None and batch.key in self._keys:
                 return

@@ -49,6 +49,15 @@ class WriteBatch:
     def __bool__(self) -> bool:
         return any(getattr(self, part) for part in WRITE_PARTS)
 
+    def cut_texts(self) -> None:
+        """Cut run errors and warnings longer than :data:`TEXT_CHARS` (a traceback of a
+        huge message) to their last part, saying so, so that every store keeps them."""
+        for row in (*self.new_runs, *self.updates):
+            if isinstance(row.get("error"), str) and len(row["error"]) > TEXT_CHARS:
+                row["error"] = cut_text(row["error"])
+        self.warnings = [(r, cut_text(m)) if len(m) > TEXT_CHARS else (r, m)
+                         for r, m in self.warnings]  # fmt: skip
+
     def halves(self) -> tuple[WriteBatch, WriteBatch] | None:
         """This batch's rows in two batches, in the order they are written; None if it
         holds a single row (to find the rows a store refuses, by bisection)."""
@@ -59,6 +68,18 @@ class WriteBatch:
         for i, (part, row) in enumerate(rows):
             getattr(first if i < len(rows) // 2 else second, part).append(row)
         return first, second
+
+
+TEXT_CHARS = 1_000_000  # the longest error or warning a run keeps
+
+
+def cut_text(text: str, limit: int = TEXT_CHARS) -> str:
+    """``text`` if it fits in ``limit`` characters, else its end, after a line saying
+    how much was cut."""
+    if len(text) <= limit:
+        return text
+    keep = limit - 100
+    return f"[{len(text) - keep:,} characters cut here]\n" + text[-keep:]
 
 
 WRITE_PARTS = ("new_runs", "metrics", "summaries", "artifacts", "updates", "seal", "warnings")

@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -61,7 +61,7 @@ class Client:
         import httpx
 
         self.url = url
-        headers = {"Kiln-Actor": actor, "User-Agent": "kiln"}
+        headers = {**actor_header(actor), "User-Agent": "kiln"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
@@ -341,6 +341,7 @@ class HttpStore:
         """Send ``batch`` (spooled if the server cannot take it now; see the module)."""
         if not batch:
             return
+        batch.cut_texts()
         if batch.key is None:
             batch.key = secrets.token_urlsafe(24)
         batch.actor = batch.actor or self.actor
@@ -365,7 +366,7 @@ class HttpStore:
         if key:
             headers["Idempotency-Key"] = key
         if actor:
-            headers["Kiln-Actor"] = actor
+            headers.update(actor_header(actor))
         for attempt in range(3):  # the same key each time: applied once whatever happens
             try:
                 self.client.send("POST", "/batches", content=body, headers=headers)
@@ -374,6 +375,10 @@ class HttpStore:
                 if attempt == 2:
                     raise
                 time.sleep(0.1 * (attempt + 1))
+            except StoreRefusedError:
+                raise
+            except KilnError as e:  # refused for what it holds: the recorder bisects it
+                raise StoreRefusedError(self.url, str(e)) from e
 
     def _drain(self) -> bool:
         """Send the spooled batches in order; True once none is left."""
@@ -384,7 +389,7 @@ class HttpStore:
         entries = self._spool.entries()
         for entry in entries:
             try:
-                self._send_entry(entry)
+                self._send_entry(entry, self._spool.path)
             except StoreUnavailableError:
                 self._next_try = time.monotonic() + _RETRY_AFTER_S
                 return False
@@ -394,11 +399,26 @@ class HttpStore:
             self._warned = False
         return True
 
-    def _send_entry(self, entry: dict[str, Any]) -> None:
-        if "blob" in entry:
-            self.blobs.upload_cached(entry["blob"])
-        else:
-            self._post(entry["key"], entry["actor"], entry["batch"])
+    def _send_entry(self, entry: dict[str, Any], spool: Path) -> bool:
+        """Send one spooled entry; False if the server refused it, which is then set
+        aside beside ``spool`` (in ``….refused``, with the reason) for a person to see,
+        so that the entries after it still go."""
+        try:
+            if "blob" in entry:
+                self.blobs.upload_cached(str(entry["blob"]))
+            else:
+                self._post(entry["key"], entry["actor"], entry["batch"])
+            return True
+        except StoreUnavailableError:
+            raise
+        except (KilnError, OSError, KeyError, TypeError) as e:
+            reason = f"the cached blob is gone ({e})" if isinstance(e, OSError) else str(e)
+            aside = refused_path(spool)
+            with aside.open("a") as f:
+                f.write(json.dumps({"refused": reason, **entry}) + "\n")
+            _log.warning("kiln: %s refused a spooled %s (%s); it is kept in %s", self.url,
+                         "blob" if "blob" in entry else "batch", reason, aside)  # fmt: skip
+            return False
 
     def flush_spool(self, *, wait_s: float) -> Path | None:
         """Try for up to ``wait_s`` to send the spool; the spool file if some is left."""
@@ -534,7 +554,7 @@ class HttpStore:
         reason = (payload.get("override_policy") or {}).get("reason")
         self.client.call("PUT", f"/endpoints/{_q(name)}/traffic",
                          json={"traffic": split, "override_reason": reason},
-                         headers={"Kiln-Actor": actor})  # fmt: skip
+                         headers=actor_header(actor))  # fmt: skip
 
     # -- SpanStore -------------------------------------------------------------------
 
@@ -566,6 +586,14 @@ def sync_wait_s() -> float:
         raise ConfigError("KILN_SYNC_WAIT_S", f"{raw!r} is not a number of seconds") from None
 
 
+def actor_header(actor: str) -> dict[str, str]:
+    """The ``Kiln-Actor`` header naming ``actor`` (percent-encoded: a header is ASCII,
+    a name need not be); none for ``""`` (the store's own actor)."""
+    from urllib.parse import quote
+
+    return {"Kiln-Actor": quote(actor, safe="")} if actor else {}
+
+
 def _q(part: str) -> str:
     """A path segment, quoted (an id or name never holds ``/``, but a hostile one might)."""
     from urllib.parse import quote
@@ -573,18 +601,35 @@ def _q(part: str) -> str:
     return quote(part, safe="")
 
 
-def sync(folder: Path, store: HttpStore) -> tuple[int, list[Path]]:
+def refused_path(spool: Path) -> Path:
+    """Where the entries of ``spool`` that the server refused are kept."""
+    return spool.with_suffix(".refused")
+
+
+@dataclass
+class Synced:
+    """What :func:`sync` did: batches sent, spool files left (the server is down) and
+    files of entries the server refused."""
+
+    sent: int = 0
+    left: list[Path] = field(default_factory=list)
+    refused: list[Path] = field(default_factory=list)
+
+
+def sync(folder: Path, store: HttpStore) -> Synced:
     """Send every spool file under ``folder`` (oldest first), each batch with its key (so
-    a batch the server took already is not applied twice); the number of batches sent
-    and the files that could not be sent."""
-    sent, left = 0, []
+    a batch the server took already is not applied twice). An entry the server refuses
+    is set aside and the rest still go."""
+    done = Synced()
     for path in sorted(folder.glob("*.jsonl")):
         try:
             for entry in read_spool(path):
-                store._send_entry(entry)
-                sent += "blob" not in entry
+                if store._send_entry(entry, path):
+                    done.sent += "blob" not in entry
+                elif refused_path(path) not in done.refused:
+                    done.refused.append(refused_path(path))
         except StoreUnavailableError:
-            left.append(path)
+            done.left.append(path)
             continue
         path.unlink()
-    return sent, left
+    return done

@@ -145,6 +145,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess):
         database refuses what it holds (writing it again would fail again)."""
         if not batch:
             return
+        batch.cut_texts()
         try:
             self._guard(lambda: self._retry_locked(lambda: self._write(batch)))
         except (exc.DataError, exc.IntegrityError) as e:

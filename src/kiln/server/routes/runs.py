@@ -16,7 +16,7 @@ from kiln.record.model import RunStatus
 from kiln.record.store._wire import from_number, number, points_to_wire, record_to_wire
 from kiln.record.store.base import RunQuery, WriteBatch
 from kiln.server import schemas
-from kiln.server.deps import Bounds, Store
+from kiln.server.deps import Blobs, Bounds, Store
 from kiln.server.metrics import INGESTED
 
 router = APIRouter(prefix="/api/v1", tags=["runs"])
@@ -58,6 +58,10 @@ async def read_json_body(request: Request, limit: int) -> bytes:
             parts.append(chunk)
     except zlib.error as e:
         raise HTTPException(400, f"the gzip body is malformed ({e})") from None
+    if inflate is not None and not inflate.eof:
+        raise HTTPException(400, "the gzip body is cut short")
+    if inflate is not None and inflate.unused_data:
+        raise HTTPException(400, "the gzip body has bytes after its end")
     return b"".join(parts)
 
 
@@ -80,15 +84,24 @@ async def write_batch(
     request: Request,
     store: Store,
     bounds: Bounds,
+    blobs: Blobs,
 ) -> dict[str, int]:
     """Apply one batch in one transaction. A batch sent again with the same
-    ``Idempotency-Key`` (its sender did not hear back) is applied once."""
+    ``Idempotency-Key`` (its sender did not hear back) is applied once. A file or
+    pickle artifact names a blob the server holds (upload it first)."""
     idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
     if idempotency_key is not None and not _KEY.fullmatch(idempotency_key):
         raise ValidationError(IDEMPOTENCY_HEADER, "is not a key", allowed="8-64 of A-Z a-z 0-9 _ -")
     body = _batch(await read_json_body(request, bounds.json_bytes))
+    for i, artifact in enumerate(body.artifacts):
+        if artifact.kind != "dataset" and not blobs.exists(artifact.sha256):
+            raise ValidationError(
+                f"artifacts.{i}.sha256", f"names blob {artifact.sha256[:12]}, which this server "
+                "does not hold; upload it first (PUT /api/v1/blobs/{sha256})",
+            )  # fmt: skip
     batch = WriteBatch(
-        new_runs=[r.model_dump(exclude_unset=True) for r in body.new_runs],
+        new_runs=[{**r.model_dump(exclude_unset=True), "params": r.params, "tags": r.tags}
+                  for r in body.new_runs],
         metrics=[(r, k, s, t, from_number(v)) for r, k, s, t, v in body.metrics],
         summaries=[(r, a, k, _summary(v)) for r, a, k, v in body.summaries],
         artifacts=[a.model_dump() for a in body.artifacts],
