@@ -325,3 +325,118 @@ def test_kiln_push_copies_runs_with_blobs_and_points_once(
         imports = store.audit_events(action="run.import")
         assert [e["target"] for e in imports] == [run_id]
         assert list(store.verify()) == []
+
+
+def test_hostile_writes_are_refused_before_anything_is_stored(
+    start_server: Start, tmp_path: Path
+) -> None:
+    server = start_server()
+    rid = "cd" * 16
+    post = {"headers": {"Content-Type": "application/json"}}
+    with httpx.Client(base_url=server.url) as http:
+        for row, field in (
+            ('{"id": "%s", "app": "a", "status": "running", "created_at": 1, "params": {"lr": NaN}}'
+             % rid, "body.new_runs.0.params.lr"),
+            (json.dumps({**run_row(rid), "result": 2**70}), "body.new_runs.0.result"),
+            (json.dumps({**run_row(rid), "result": json.loads("[" * 70 + "]" * 70)}),
+             "body.new_runs.0.result"),
+            (json.dumps(run_row("../../" + "a" * 26)), "body.new_runs.0.id"),
+            (json.dumps({**run_row(rid), "app": "a b"}), "body.new_runs.0.app"),
+        ):  # fmt: skip
+            refused = http.post("/api/v1/batches", content='{"new_runs": [%s]}' % row, **post)
+            assert refused.status_code == 422, row
+            assert refused.json()["field"] == field
+        artifact = {"run_id": rid, "direction": "out", "name": "m", "kind": "file",
+                    "sha256": "e" * 64, "size": 1}  # fmt: skip
+        body = {"new_runs": [run_row(rid)], "artifacts": [artifact]}
+        lacking = http.post("/api/v1/batches", json=body)
+        assert lacking.status_code == 422 and lacking.json()["field"] == "artifacts.0.sha256"
+        whole = gzip.compress(json.dumps({"new_runs": [run_row(rid)]}).encode())
+        for bad in (whole[:-9], whole + b"junk"):
+            cut = http.post("/api/v1/batches", content=bad, headers={"Content-Encoding": "gzip"})
+            assert cut.status_code == 400 and "gzip" in cut.json()["detail"]
+        assert http.get(f"/api/v1/runs/{rid}").status_code == 404  # nothing was written
+        # a split is checked by the server, which writes its own audit event
+        forged = {"split": {"m:1": 100}, "payload": {"override_policy": "x"}}
+        refused = http.put("/api/v1/endpoints/scorer/traffic", json=forged)
+        assert refused.status_code == 422
+        # a refusal names the field, not where the server keeps its files
+        http.post("/api/v1/batches", json={"new_runs": [run_row(rid)]}).raise_for_status()
+        taken = http.post("/api/v1/batches", json={"new_runs": [run_row(rid)]})
+        assert taken.status_code in (409, 422)
+        assert str(server.home) not in taken.text and server.store_url not in taken.text
+    with HttpStore(server.url, cache=tmp_path / "cache", actor="Zoë Ωmega") as store:
+        store.write(WriteBatch(updates=[{"id": rid, "status": "failed", "ended_at": 2.0,
+                                         "error": "x" * 1_500_000}]))  # fmt: skip
+        record = store.get_run(rid)
+        assert record.error is not None and len(record.error) <= 1_000_000
+        assert record.error.startswith("[500,100 characters cut here]")
+    with HttpStore(server.url, cache=tmp_path / "cache2", actor="Zoë Ωmega") as store:
+        store.write(WriteBatch(new_runs=[run_row("ef" * 16)]))
+        assert store.audit_events(action="run.create", target="ef" * 16)[0]["actor"] == "Zoë Ωmega"
+
+
+def test_a_refused_row_costs_only_itself(start_server: Start, tmp_path: Path) -> None:
+    server = start_server()
+    env = {**os.environ, "KILN_SERVER": server.url, "KILN_HOME": str(tmp_path / "client")}
+    script = textwrap.dedent(
+        """
+        import kiln
+        from kiln.record import recorder
+        with kiln.App("a").run() as run:
+            kiln.log({"x": 1.0})
+            rec = recorder.recorder_for(kiln.config.Settings.from_env())
+            rec.enqueue(artifacts=[{"run_id": run.id, "direction": "out", "name": "ghost",
+                                    "kind": "file", "sha256": "e" * 64, "size": 1, "uri": None}])
+            kiln.log({"x": 2.0})
+        print(run.id)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with HttpStore(server.url, cache=tmp_path / "cache") as store:
+        record = store.get_run(done.stdout.split()[-1])
+        assert record.status == "succeeded" and record.summary == {"x": 2.0}
+        assert list(record.artifacts) == []
+        (warning,) = store.audit_events(action="run.warning", target=record.id)
+        assert "does not hold" in json.loads(warning["payload"])["message"]
+
+
+def test_kiln_sync_sets_aside_what_the_server_refuses_and_sends_the_rest(
+    start_server: Start, tmp_path: Path
+) -> None:
+    server = start_server()
+    spool = tmp_path / "client" / "spool"
+    spool.mkdir(parents=True)
+    good, bad = run_row("01" * 16), {**run_row("02" * 16), "status": "exploded"}
+    lines = [{"key": "key-of-bad-1", "actor": "ann", "batch": {"new_runs": [bad]}},
+             {"blob": "e" * 64},  # its bytes are not in the cache
+             {"key": "key-of-good-1", "actor": "ann", "batch": {"new_runs": [good]}}]  # fmt: skip
+    (spool / "1-1-ab.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    env = {**os.environ, "KILN_SERVER": server.url, "KILN_HOME": str(tmp_path / "client")}
+    synced = subprocess.run([sys.executable, "-m", "kiln", "sync", "--json"], env=env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert synced.returncode == 1
+    out = json.loads(synced.stdout)
+    assert out["sent"] == 1 and out["left"] == []
+    (aside,) = out["refused"]
+    kept = [json.loads(line) for line in Path(aside).read_text().splitlines()]
+    assert [k.get("key", k.get("blob")) for k in kept] == ["key-of-bad-1", "e" * 64]
+    assert "status" in kept[0]["refused"] and "gone" in kept[1]["refused"]
+    with HttpStore(server.url, cache=tmp_path / "cache") as store:
+        assert store.get_run("01" * 16).status == "running"
+
+
+def test_a_client_that_sends_its_headers_slowly_is_cut_off(start_server: Start) -> None:
+    import socket
+
+    server = start_server()
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /api/v1/batches HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b"application/problem+json" in answer
+    with httpx.Client(base_url=server.url) as http:
+        assert http.get("/healthz").status_code == 200
