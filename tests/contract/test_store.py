@@ -181,15 +181,26 @@ def test_summary_and_artifact_writes_are_upserts(store: KilnStore) -> None:
     art = {"run_id": rid, "name": "f", "direction": "out", "kind": "file", "size": 1, "uri": None}
     first, second = store.blob_store.put_bytes(b"a"), store.blob_store.put_bytes(b"b")
     store.write(WriteBatch(new_runs=[run_row(rid)]))
-    store.write(
-        WriteBatch(summaries=[(rid, "a", "m", 1.0)], artifacts=[{**art, "sha256": first}])
-    )
-    store.write(
-        WriteBatch(summaries=[(rid, "a", "m", 2.0)], artifacts=[{**art, "sha256": second}])
-    )
+    store.write(WriteBatch(summaries=[(rid, "a", "m", 1.0)], artifacts=[{**art, "sha256": first}]))
+    store.write(WriteBatch(summaries=[(rid, "a", "m", 2.0)], artifacts=[{**art, "sha256": second}]))
     record = store.get_run(rid)
     assert record.summary == {"m": 2.0}
     assert [a.sha256 for a in record.artifacts] == [second]
+
+
+def test_a_key_sent_again_is_a_retry_and_one_reused_for_another_batch_is_refused(
+    store: KilnStore,
+) -> None:
+    rid = hexid(11)
+    store.write(WriteBatch(new_runs=[run_row(rid)]))
+    for _ in range(2):  # a client that did not hear back sends the same batch again
+        store.write(
+            WriteBatch(metrics=[(rid, "m", 0, 1.0, 1.0)], key="key-of-batch-1", digest="a" * 64)
+        )  # fmt: skip (a server hashes the body itself)
+    with pytest.raises(StoreRefusedError, match="used for another batch"):
+        store.write(WriteBatch(metrics=[(rid, "m", 1, 1.0, 2.0)], key="key-of-batch-1",
+                               digest="b" * 64))  # fmt: skip
+    assert [p.value for p in store.metric_history(rid, "m")] == [1.0]
 
 
 def test_a_failed_batch_leaves_nothing_behind(store: KilnStore) -> None:

@@ -205,7 +205,7 @@ class MemoryStore(MemoryEndpointStore):
         self._points: dict[str, list[tuple[str, int, float, float | None]]] = {}
         self._summary: dict[str, dict[str, tuple[str, float]]] = {}
         self._artifacts: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
-        self._keys: set[str] = set()
+        self._keys: dict[str, str | None] = {}  # idempotency key: the batch's digest
         self._chain: list[dict[str, Any]] = []
 
     @property
@@ -223,10 +223,21 @@ class MemoryStore(MemoryEndpointStore):
 
     # -- RunStore ----------------------------------------------------------------------
 
+    def _applied(self, batch: WriteBatch) -> bool:
+        """Whether ``batch`` is a retried copy of one applied already."""
+        if batch.key is None or batch.key not in self._keys:
+            return False
+        noted = self._keys[batch.key]
+        if batch.digest is not None and noted is not None and noted != batch.digest:
+            raise StoreRefusedError(
+                self.url, f"idempotency key {batch.key!r} was used for another batch"
+            )
+        return True
+
     def write(self, batch: WriteBatch) -> None:
         batch.cut_texts()
         with self._lock:
-            if batch.key is not None and batch.key in self._keys:
+            if self._applied(batch):
                 return
             for row in batch.new_runs:
                 if row["id"] in self._runs or sum(r["id"] == row["id"] for r in batch.new_runs) > 1:
@@ -234,7 +245,7 @@ class MemoryStore(MemoryEndpointStore):
                         self.url, f"UNIQUE constraint failed: runs.id {row['id']}"
                     )
             if batch.key is not None:
-                self._keys.add(batch.key)
+                self._keys[batch.key] = batch.digest
             gone = (
                 {r[0] for r in batch.metrics}
                 - self._runs.keys()

@@ -246,10 +246,12 @@ spans = sa.Table(
     sa.Index("ix_spans_endpoint_start", "endpoint", "start_ns"),
     sa.Index("ix_spans_run", "run_id"),
 )
-# 0010: the idempotency keys of the batches a server applied (a retried batch is a no-op).
+# 0010: the idempotency keys of the batches a server applied (a retried batch is a no-op);
+# 0011: with each batch's sha256 (a key reused for another batch is refused).
 ingest_keys = sa.Table(
     "ingest_keys",
     metadata,
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("applied_at", sa.Double, nullable=False),
+    sa.Column("digest", sa.String(64)),  # the batch's sha256, as its sender sent it
 )

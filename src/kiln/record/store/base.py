@@ -44,6 +44,7 @@ class WriteBatch:
     # An idempotency key: a store applies a batch with a key it has applied before as a
     # no-op, so a client that sends a batch again (it did not hear back) writes it once.
     key: str | None = None
+    digest: str | None = None  # the batch's sha256 as sent: a key reused for another is refused
     actor: str | None = None  # who wrote it, for its audit events (None: the store's actor)
 
     def __bool__(self) -> bool:

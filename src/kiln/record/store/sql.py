@@ -53,7 +53,7 @@ from kiln.record.store._schema import audit as audit_log
 from kiln.record.store._verify import registry_problems
 from kiln.record.store.base import RunQuery, WriteBatch
 
-SCHEMA_HEAD = "0010"
+SCHEMA_HEAD = "0011"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,
@@ -172,7 +172,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess):
 
     def _write_transaction(self, batch: WriteBatch) -> None:
         with self._engine.begin() as conn:
-            if batch.key is not None and not self._first_time(conn, batch.key):
+            if batch.key is not None and not self._first_time(conn, batch.key, batch.digest):
                 return  # a retried copy of a batch applied already
             batch = self._without_removed_runs(conn, batch)
             groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
@@ -237,20 +237,31 @@ class SqlStore(EndpointsAndSpans, RegistryAccess):
             events.append(audit.Event("run.warning", run_id, {"message": message}, now, actor))
         return events
 
-    def _first_time(self, conn: Connection, key: str) -> bool:
-        """Note the idempotency key ``key`` in this transaction; False if it was noted
-        before (the batch is a copy of one applied already)."""
+    def _first_time(self, conn: Connection, key: str, digest: str | None) -> bool:
+        """Note the idempotency key ``key`` (of a batch whose sha256 is ``digest``) in
+        this transaction; False if it was noted before for the same batch (this one is
+        a retried copy). A key noted for another batch is refused."""
         if self.dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert
         else:
             from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
         stmt = (
             insert(ingest_keys)
-            .values(key=key, applied_at=time.time())
+            .values(key=key, applied_at=time.time(), digest=digest)
             .on_conflict_do_nothing(index_elements=["key"])
             .returning(ingest_keys.c.key)  # rowcount says nothing here on psycopg
         )
-        return conn.execute(stmt).first() is not None
+        if conn.execute(stmt).first() is not None:
+            return True
+        noted = conn.execute(
+            sa.select(ingest_keys.c.digest).where(ingest_keys.c.key == key)
+        ).scalar()
+        if digest is not None and noted is not None and noted != digest:
+            raise StoreRefusedError(
+                self.url, f"idempotency key {key!r} was used for another batch; send each "
+                "batch with a key of its own",
+            )  # fmt: skip
+        return False
 
     def _without_removed_runs(self, conn: Connection, batch: WriteBatch) -> WriteBatch:
         """``batch`` less the rows of runs that no longer exist: a run removed (``kiln

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import zlib
@@ -92,7 +93,8 @@ async def write_batch(
     idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
     if idempotency_key is not None and not _KEY.fullmatch(idempotency_key):
         raise ValidationError(IDEMPOTENCY_HEADER, "is not a key", allowed="8-64 of A-Z a-z 0-9 _ -")
-    body = _batch(await read_json_body(request, bounds.json_bytes))
+    raw = await read_json_body(request, bounds.json_bytes)
+    body = _batch(raw)
     for i, artifact in enumerate(body.artifacts):
         if artifact.kind != "dataset" and not blobs.exists(artifact.sha256):
             raise ValidationError(
@@ -110,6 +112,7 @@ async def write_batch(
         warnings=[(r, m) for r, m in body.warnings],
         origin=body.origin,
         key=idempotency_key,
+        digest=hashlib.sha256(raw).hexdigest() if idempotency_key else None,
         actor=store.actor,
     )  # fmt: skip
     from starlette.concurrency import run_in_threadpool
