@@ -335,15 +335,15 @@ def test_hostile_writes_are_refused_before_anything_is_stored(
     post = {"headers": {"Content-Type": "application/json"}}
     with httpx.Client(base_url=server.url) as http:
         for row, field in (
-            ('{"id": "%s", "app": "a", "status": "running", "created_at": 1, "params": {"lr": NaN}}'
-             % rid, "body.new_runs.0.params.lr"),
+            (json.dumps({**run_row(rid), "params": {"lr": float("nan")}}),
+             "body.new_runs.0.params.lr"),
             (json.dumps({**run_row(rid), "result": 2**70}), "body.new_runs.0.result"),
             (json.dumps({**run_row(rid), "result": json.loads("[" * 70 + "]" * 70)}),
              "body.new_runs.0.result"),
             (json.dumps(run_row("../../" + "a" * 26)), "body.new_runs.0.id"),
             (json.dumps({**run_row(rid), "app": "a b"}), "body.new_runs.0.app"),
         ):  # fmt: skip
-            refused = http.post("/api/v1/batches", content='{"new_runs": [%s]}' % row, **post)
+            refused = http.post("/api/v1/batches", content=f'{{"new_runs": [{row}]}}', **post)
             assert refused.status_code == 422, row
             assert refused.json()["field"] == field
         artifact = {"run_id": rid, "direction": "out", "name": "m", "kind": "file",
