@@ -86,19 +86,20 @@ def build_app(
 def document(app: FastAPI) -> dict[str, Any]:
     """The OpenAPI 3.1 document: FastAPI's, plus what it cannot see. Every operation may
     answer an error as a problem (RFC 9457, the ``default`` response); the batch body,
-    read by hand to inflate it within limits, has its schema."""
+    and the span batch, read by hand to inflate them within limits, have their schemas."""
     if app.openapi_schema:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
 
-    from kiln.server.schemas import Batch, Problem
+    from kiln.server.schemas import Batch, Problem, SpansIn
 
     found = get_openapi(title=app.title, version=app.version, description=app.description,
                         routes=app.routes)  # fmt: skip
     schemas = found.setdefault("components", {}).setdefault("schemas", {})
-    batch = Batch.model_json_schema(ref_template="#/components/schemas/{model}")
-    schemas.update(batch.pop("$defs", {}))
-    schemas["Batch"] = batch
+    for model in (Batch, SpansIn):  # bodies read by hand (gzip), so FastAPI cannot see them
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(body.pop("$defs", {}))
+        schemas[model.__name__] = body
     schemas["Problem"] = Problem.model_json_schema()
     ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
     problem = {"description": "An error (RFC 9457)", "content": {problems.MEDIA_TYPE: ref}}

@@ -560,7 +560,9 @@ class HttpStore:
 
     def write_spans(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            self.client.call("POST", "/spans", json={"spans": rows})
+            body = gzip.compress(json.dumps({"spans": rows}).encode(), compresslevel=1)
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            self.client.send("POST", "/spans", content=body, headers=headers)
 
     def list_spans(
         self, *, endpoint: str | None = None, run_id: str | None = None,

@@ -6,13 +6,15 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
+from starlette.concurrency import run_in_threadpool
 
 from kiln.errors import NotFoundError
 from kiln.record.store.base import EndpointRow, ServerRow
 from kiln.registry import traffic
 from kiln.server import schemas
-from kiln.server.deps import Store
+from kiln.server.deps import Bounds, Store
+from kiln.server.routes.runs import gzip_body, parse_body, read_json_body
 
 router = APIRouter(prefix="/api/v1", tags=["serving"])
 Name = Annotated[str, Path(pattern=schemas.NAME_PATTERN)]
@@ -68,10 +70,11 @@ def set_traffic(name: Name, body: schemas.Traffic, store: Store) -> Any:
     return {"traffic": split}
 
 
-@router.post("/spans", status_code=204)
-def write_spans(body: schemas.SpansIn, store: Store) -> None:
-    """Store finished spans."""
-    store.write_spans([s.model_dump() for s in body.spans])
+@router.post("/spans", status_code=204, openapi_extra={"requestBody": gzip_body("SpansIn")})
+async def write_spans(request: Request, store: Store, bounds: Bounds) -> None:
+    """Store finished spans (the body may be gzipped), all or none."""
+    body = parse_body(schemas.SpansIn, await read_json_body(request, bounds.json_bytes))
+    await run_in_threadpool(store.write_spans, [s.model_dump() for s in body.spans])
 
 
 @router.get("/spans", response_model=schemas.Spans)
