@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving_app import Fragile, Typed, app, register
 from typer.testing import CliRunner
 
+from kiln import _deadlines
 from kiln.cli import app as cli
 from kiln.config import Settings
 from kiln.errors import NotFoundError, ValidationError
@@ -280,7 +281,7 @@ def test_connections_that_never_finish_their_headers_are_closed(
 ) -> None:
     monkeypatch.setattr(server, "HEADER_TIMEOUT_S", 0.5)
     monkeypatch.setattr(server, "BODY_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(server, "SWEEP_S", 0.1)
+    monkeypatch.setattr(_deadlines, "SWEEP_S", 0.1)
     handle = serve(Typed)
     host, port = handle.url.removeprefix("http://").split(":")
     slow = [
