@@ -36,14 +36,77 @@ MLFLOW_EACH = 20_000  # per client: MLflow is slower; its rate is what is compar
 MLFLOW_VENV = Path(tempfile.gettempdir()) / "kiln-bench-mlflow"
 
 
-def start_server(home: Path) -> tuple[subprocess.Popen[str], str]:
+def start_server(home: Path, *, auth: bool = False) -> tuple[subprocess.Popen[str], str]:
+    """A server on ``home``; with ``auth``, the URL is followed by a token of its admin."""
     proc = subprocess.Popen(
-        [PY, "-m", "kiln", "server", "--home", str(home), "--port", "0"],
+        [PY, "-m", "kiln", "server", "--home", str(home), "--port", "0",
+         *([] if auth else ["--insecure-no-auth"])],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={k: v for k, v in os.environ.items() if k != "KILN_SERVER"},
     )  # fmt: skip
     assert proc.stdout is not None
-    return proc, proc.stdout.readline().split()[2]
+    url = proc.stdout.readline().split()[2]
+    if not auth:
+        return proc, url
+    import httpx
+
+    enrolment = proc.stdout.readline().split("--enrol ")[1].split()[0]
+    issued = httpx.post(f"{url}/api/v1/enrol", json={"name": "bench"},
+                        headers={"Authorization": f"Bearer {enrolment}"})  # fmt: skip
+    return proc, f"{url} {issued.json()['token']}"
+
+
+OPEN_CLOSE = textwrap.dedent(
+    """
+    import statistics, time, kiln
+    from kiln.record import recorder
+    app = kiln.App("bench")
+    with app.run():
+        pass
+    times = []
+    for _ in range(300):
+        t = time.perf_counter()
+        with app.run():
+            pass
+        times.append(time.perf_counter() - t)
+    print(statistics.median(times))
+    recorder.close_all()
+    """
+)
+
+
+def auth_overhead(work: Path, base: dict[str, str]) -> list[Row]:
+    """Open+close and ingest through a server asking for tokens, against the same server
+    with --insecure-no-auth, alternating (medians of 3)."""
+    open_proc, open_url = start_server(work / "open")
+    auth_proc, both = start_server(work / "auth", auth=True)
+    auth_url, token = both.split()
+    try:
+        envs = {
+            "open": {**base, "KILN_HOME": str(work / "c-open"), "KILN_SERVER": open_url},
+            "auth": {**base, "KILN_HOME": str(work / "c-auth"), "KILN_SERVER": auth_url,
+                     "KILN_TOKEN": token},
+        }  # fmt: skip
+        opened: dict[str, list[float]] = {"open": [], "auth": []}
+        rate: dict[str, list[float]] = {"open": [], "auth": []}
+        for _ in range(3):
+            for kind, env in envs.items():
+                out = subprocess.run([PY, "-c", OPEN_CLOSE], env=env, check=True,
+                                     capture_output=True, text=True).stdout  # fmt: skip
+                opened[kind].append(float(out.split()[-1]))
+                rate[kind].append(ingest(1, POINTS // 2, env))
+    finally:
+        stop(open_proc)
+        stop(auth_proc)
+    o_open, o_auth = statistics.median(opened["open"]), statistics.median(opened["auth"])
+    r_open, r_auth = statistics.median(rate["open"]), statistics.median(rate["auth"])
+    return [
+        Row("server", "run open+close with tokens and roles (s)", o_auth, o_open,
+            "the same server with --insecure-no-auth", "s", "<= 1.1x", o_auth <= 1.1 * o_open),
+        Row("server", "ingest with tokens and roles, 1 client (points/s)", r_auth, r_open,
+            "the same server with --insecure-no-auth", "points/s", ">= 1/1.1x",
+            r_auth * 1.1 >= r_open),
+    ]  # fmt: skip
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
@@ -320,6 +383,7 @@ def main() -> None:
             Row("server", "peak RSS growth uploading 1 GB: server (MB)", server_rss / 1e6, 100.0,
                 "the goal's bound, 100 MB", "MB", "< 100 MB", server_rss < 100e6),
         ]  # fmt: skip
+        rows += auth_overhead(work, base)
     emit(rows)
 
 

@@ -137,9 +137,10 @@ def settings(
 class ServerProcess:
     """A real ``kiln server`` process on a free port of 127.0.0.1."""
 
-    def __init__(self, store_url: str, home: Path) -> None:
-        self.store_url, self.home = store_url, home
+    def __init__(self, store_url: str, home: Path, *, auth: bool = False) -> None:
+        self.store_url, self.home, self.auth = store_url, home, auth
         self.url = ""
+        self.enrolment: str | None = None  # the one-time token an auth server printed
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self, port: int = 0) -> ServerProcess:
@@ -149,7 +150,8 @@ class ServerProcess:
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kiln", "server", "--store", self.store_url,
-                 "--home", str(self.home), "--port", str(port)],
+                 "--home", str(self.home), "--port", str(port),
+                 *([] if self.auth else ["--insecure-no-auth"])],
                 stdout=subprocess.PIPE, stderr=log, text=True, env=env,
             )  # fmt: skip
         assert self.proc.stdout is not None
@@ -160,6 +162,8 @@ class ServerProcess:
             self.proc.stdout.close()
             raise RuntimeError(f"kiln server did not start: {line}{self.log.read_text()}")
         self.url = line.split()[2]
+        if self.auth and self.enrolment is None:  # printed at the first start only
+            self.enrolment = self.proc.stdout.readline().split("--enrol ")[1].split()[0]
         return self
 
     def stop(self) -> None:
@@ -184,10 +188,12 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start real ``kiln server`` processes (stopped after the test)."""
     started: list[ServerProcess] = []
 
-    def start(store_url: str | None = None, home: Path | None = None) -> ServerProcess:
+    def start(
+        store_url: str | None = None, home: Path | None = None, *, auth: bool = False
+    ) -> ServerProcess:
         home = home or tmp_path / "server-home"
         url = store_url or f"sqlite:///{home / 'kiln.db'}"
-        server = ServerProcess(url, home).start()
+        server = ServerProcess(url, home, auth=auth).start()
         started.append(server)
         return server
 

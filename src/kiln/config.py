@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import getpass
+import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -192,3 +193,46 @@ def os_user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry, e.g. an arbitrary uid in a container
         return f"uid:{os.getuid()}"
+
+
+def credentials_path(environ: Mapping[str, str] | None = None) -> Path:
+    """Where ``kiln login`` keeps tokens: the user's config folder, readable by them only."""
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_CONFIG_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".config"
+    return base / "kiln" / "credentials.json"
+
+
+def server_token(url: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The token for the server at ``url``: ``KILN_TOKEN``, else the one ``kiln login``
+    stored for it."""
+    env = os.environ if environ is None else environ
+    if env.get("KILN_TOKEN"):
+        return env["KILN_TOKEN"]
+    path = credentials_path(env)
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    found = stored.get("servers", {}).get(url) if isinstance(stored, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def save_server_token(url: str, token: str) -> Path:
+    """Keep ``token`` for ``url`` in :func:`credentials_path` (mode 0600, written whole
+    then renamed, so a crash leaves the old file or the new one)."""
+    path = credentials_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    if not isinstance(stored, dict) or not isinstance(stored.get("servers"), dict):
+        stored = {"servers": {}}
+    stored["servers"][url] = token
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(stored, f, indent=1)
+    tmp.replace(path)
+    return path

@@ -68,6 +68,13 @@ class MissingDependencyError(KilnError, ImportError):
         )
 
 
+class AccessDeniedError(KilnError, PermissionError):
+    """A team server refused the caller: no valid token (401), or a role without the
+    permission (403). ``status`` says which."""
+
+    status: int = 401
+
+
 class NotFoundError(KilnError, LookupError):
     """A record looked up by id does not exist."""
 

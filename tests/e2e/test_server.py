@@ -89,14 +89,28 @@ def test_blobs_are_checked_on_upload_and_read_in_ranges(
     assert leftovers == []  # the refused upload left no temporary file
 
 
-def test_a_non_loopback_address_is_refused_without_insecure_no_auth(tmp_path: Path) -> None:
+def test_a_non_loopback_address_is_served_only_with_tokens(tmp_path: Path) -> None:
     found = subprocess.run(
         [sys.executable, "-m", "kiln", "server", "--host", "0.0.0.0", "--port", "0",  # noqa: S104  refused
-         "--home", str(tmp_path / "h")],
+         "--home", str(tmp_path / "h"), "--insecure-no-auth"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert found.returncode != 0
     assert "--insecure-no-auth" in found.stderr and "--host" in found.stderr
+    served = subprocess.Popen(
+        [sys.executable, "-m", "kiln", "server", "--host", "0.0.0.0", "--port", "0",  # noqa: S104  with tokens
+         "--home", str(tmp_path / "h")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert served.stdout is not None
+        assert served.stdout.readline().startswith("kiln server: http://0.0.0.0:")
+        assert "--enrol kiln_" in served.stdout.readline()
+    finally:
+        served.terminate()
+        served.wait(timeout=60)
+        assert served.stdout is not None
+        served.stdout.close()
 
 
 def test_metrics_count_requests_by_route_and_points_ingested(

@@ -100,6 +100,14 @@ COMMANDS: dict[str, LazyCommand] = {
         "kiln.cli.server:push",
         "Copy runs (blobs, metric points, lineage) from this store to a server. Twice: no-op.",
     ),
+    "login": LazyCommand(
+        "kiln.cli.identity:login", "Store a token for a team server (or enrol its first admin)."
+    ),
+    "users": LazyCommand(
+        "kiln.cli.identity:users_app",
+        "Principals of a team server: users, service accounts, agents.",
+    ),
+    "tokens": LazyCommand("kiln.cli.identity:tokens_app", "Tokens for a team server."),
     "gc": LazyCommand(
         "kiln.cli.gc:gc",
         "Remove blobs no run, artifact or environment references; never a referenced one.",

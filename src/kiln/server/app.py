@@ -24,15 +24,21 @@ from kiln.errors import KilnError
 from kiln.record.blobs import FileBlobStore
 from kiln.record.store.sql import SqlStore
 from kiln.server import problems
+from kiln.server.auth import Guard, public
 from kiln.server.deps import Limits
 from kiln.server.metrics import LATENCY, REGISTRY, REQUESTS
-from kiln.server.routes import audit, blobs, registry, runs, serving
+from kiln.server.routes import audit, blobs, identity, registry, runs, serving
 
 API_VERSION = "v1"
 
 
 def build_app(
-    store: SqlStore, blob_store: FileBlobStore, home: Path, *, limits: Limits | None = None
+    store: SqlStore,
+    blob_store: FileBlobStore,
+    home: Path,
+    *,
+    limits: Limits | None = None,
+    auth: bool = True,
 ) -> FastAPI:
     """The server's application: ``/api/v1/...``, ``/openapi.json``, ``/healthz``,
     ``/readyz`` and ``/metrics``."""
@@ -45,7 +51,11 @@ def build_app(
     app.state.home = home
     app.state.limits = limits or Limits()
     app.state.draining = False
-    for router in (runs.router, blobs.router, serving.router, registry.router, audit.router):
+    app.state.auth = auth  # False: --insecure-no-auth
+    app.state.guard = Guard()
+    routers = (runs.router, blobs.router, serving.router, registry.router, audit.router,
+               identity.router)  # fmt: skip
+    for router in routers:
         app.include_router(router)
     app.add_exception_handler(KilnError, problems.kiln_error)
     app.add_exception_handler(RequestValidationError, problems.invalid_request)
@@ -54,12 +64,13 @@ def build_app(
     app.add_exception_handler(ClientDisconnect, problems.gone)
     app.add_exception_handler(Exception, problems.internal_error)
 
-    @app.get("/healthz", tags=["health"])
+    @app.get("/healthz", tags=["health"], dependencies=[public()])
     def healthz() -> dict[str, str]:
         """The process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], responses={503: {"description": "not ready"}})
+    @app.get("/readyz", tags=["health"], dependencies=[public()],
+             responses={503: {"description": "not ready"}})  # fmt: skip
     def readyz(request: Request) -> Response:
         """The store answers and the server is not draining."""
         if request.app.state.draining:
@@ -70,7 +81,7 @@ def build_app(
             return problems.problem(503, "Service Unavailable", str(e))
         return Response('{"status":"ready"}', media_type="application/json")
 
-    @app.get("/metrics", tags=["health"], response_class=Response,
+    @app.get("/metrics", tags=["health"], response_class=Response, dependencies=[public()],
              responses={200: {"content": {"text/plain": {}}}})  # fmt: skip
     def metrics() -> Response:
         """Requests by route and code, latency, ingested points (Prometheus text)."""

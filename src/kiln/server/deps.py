@@ -12,6 +12,7 @@ from fastapi import Depends, Header, Request
 from kiln.errors import ValidationError
 from kiln.record.blobs import FileBlobStore
 from kiln.record.store.sql import SqlStore
+from kiln.server.auth import Authenticated
 
 ACTOR_HEADER = "Kiln-Actor"
 _ACTOR = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
@@ -32,11 +33,15 @@ def server_store(request: Request) -> SqlStore:
 
 def actor_store(
     request: Request,
+    who: Authenticated,
     kiln_actor: Annotated[str | None, Header(pattern=r"^[\x21-\x7e]{1,2400}$")] = None,
 ) -> SqlStore:
-    """The store, recording as the request's actor. Until identities arrive (part 2 of
-    the team server), the client declares who it is in ``Kiln-Actor``, percent-encoded."""
+    """The store, recording as the request's caller: the token's principal. Without
+    authentication (``--insecure-no-auth``) the client declares who it is in
+    ``Kiln-Actor``, percent-encoded (a declared name is ignored when a token says who)."""
     store: SqlStore = request.app.state.store
+    if who.name:
+        return store.as_actor(who.name)
     if kiln_actor is None:
         return store
     actor = _unquote(kiln_actor)

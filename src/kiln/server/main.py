@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +31,40 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, *, insecure_no_auth: bool) -> None:
-    """Refuse an address other machines can reach while the server has no authentication
-    (identities and tokens come with part 2 of the team server)."""
-    if not is_loopback(host) and not insecure_no_auth:
+    """Without authentication, listen only where other machines cannot reach."""
+    if insecure_no_auth and not is_loopback(host):
         raise ConfigError(
-            "--host", f"{host} can be reached from other machines, and this server does not "
-            "authenticate anyone yet: anyone who reaches it can read and write every record. "
-            "Bind 127.0.0.1 (the default), or pass --insecure-no-auth on a network you trust",
+            "--host", f"{host} can be reached from other machines, and --insecure-no-auth "
+            "would let anyone who reaches it read and write every record as anyone. Bind "
+            "127.0.0.1, or drop --insecure-no-auth: with tokens any address is allowed",
         )  # fmt: skip
+
+
+def enrolment(store: Any) -> str | None:
+    """At the first start (no principal yet), a one-time token that enrols the first
+    admin (earlier unused ones are revoked: each start prints a fresh one)."""
+    from kiln.govern import tokens
+    from kiln.record.store.base import TokenRow
+
+    if store.principals():
+        return None
+    for old in store.tokens(principal=""):
+        if old.kind == "enrol" and old.revoked_at is None:
+            store.revoke_token(old.id)
+    token_id, digest, token = tokens.new_token()
+    store.add_token(TokenRow(id=token_id, digest=digest, principal="", kind="enrol",
+                             role="admin", created_at=time.time(), name="enrolment"))  # fmt: skip
+    return token
 
 
 def serve(
     store_url: str, home: Path, *, host: str = "127.0.0.1", port: int = 8700,
     insecure_no_auth: bool = False, actor: str = "kiln-server",
+    tls: tuple[Path, Path] | None = None,
 ) -> None:  # fmt: skip
     """Serve the store at ``store_url`` (blobs under ``home``) until SIGINT or SIGTERM;
-    on either, stop taking connections and let the requests in flight finish."""
+    on either, stop taking connections and let the requests in flight finish. Every
+    request needs a token unless ``insecure_no_auth``; ``tls`` is (certificate, key)."""
     check_bind(host, insecure_no_auth=insecure_no_auth)
     from kiln._optional import require
 
@@ -61,7 +80,7 @@ def serve(
     make_home(home)
     blobs = FileBlobStore(home / "blobs")
     store = open_sql_store(store_url, blobs=blobs, actor=actor)
-    app = build_app(store, blobs, home)
+    app = build_app(store, blobs, home, auth=not insecure_no_auth)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -80,10 +99,16 @@ def serve(
     config = uvicorn.Config(
         app, log_level="warning", timeout_graceful_shutdown=DRAIN_S, access_log=False,
         limit_concurrency=1000, timeout_keep_alive=30, http=protocol,
+        ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None,
     )  # fmt: skip
     server = _Draining(config, app.state)
     shown = f"[{host}]" if ":" in host else host
-    print(f"kiln server: http://{shown}:{bound} (store {store.url})", flush=True)
+    scheme = "https" if tls else "http"
+    print(f"kiln server: {scheme}://{shown}:{bound} (store {store.url})", flush=True)
+    token = None if insecure_no_auth else enrolment(store)
+    if token is not None:
+        print(f"kiln server: enrol the first admin (once) with: kiln login "
+              f"{scheme}://{shown}:{bound} --enrol {token} --name NAME", flush=True)  # fmt: skip
     try:
         server.run(sockets=[sock])
     finally:

@@ -92,7 +92,8 @@ async def http_error(request: Request, error: Exception) -> JSONResponse:
     headers = dict(error.headers or {})
     if error.status_code == 405:  # every method of the path, not only of one route
         headers["Allow"] = ", ".join(allowed_methods(request))
-    titles = {404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
+    titles = {401: "Unauthorized", 403: "Forbidden", 429: "Too Many Requests",
+              404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
               411: "Length Required", 416: "Range Not Satisfiable"}  # fmt: skip
     return problem(error.status_code, titles.get(error.status_code, "Error"), str(error.detail),
                    headers=headers)  # fmt: skip

@@ -4,9 +4,13 @@ implementation (SQLite or PostgreSQL) and an HTTP client of ``kiln server``.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import TYPE_CHECKING, overload
 
 from kiln.record.store.base import KilnStore, RunQuery, Store, WriteBatch
+
+_log = logging.getLogger("kiln")
 
 if TYPE_CHECKING:
     from kiln.config import Settings
@@ -29,8 +33,7 @@ def open_store(target: Settings | str, *, create: bool = True) -> KilnStore:
     (``KILN_STORE``, with its blobs under ``KILN_HOME``), or a store or server URL (a
     span writer's, without blobs). ``create`` makes a SQL schema if it is missing (else
     a missing store is an error). SQLAlchemy or httpx loads here, on first use."""
-    import os
-
+    from kiln.config import server_token
     from kiln.record.store.http import HttpStore
 
     if isinstance(target, str):
@@ -39,12 +42,16 @@ def open_store(target: Settings | str, *, create: bool = True) -> KilnStore:
 
             settings = Settings.from_env()
             return HttpStore(target, cache=settings.cache / "server-blobs", actor=settings.actor,
-                             token=os.environ.get("KILN_TOKEN") or None)  # fmt: skip
+                             token=server_token(target))  # fmt: skip
         return open_sql_store(target, create=create)
     if target.server_url:
+        token = server_token(target.server_url)
+        if token and os.environ.get("KILN_ACTOR"):
+            _log.warning("kiln: KILN_ACTOR is ignored by %s: it records the token's principal",
+                         target.server_url)  # fmt: skip
         return HttpStore(
             target.server_url, cache=target.cache / "server-blobs", actor=target.actor,
-            token=os.environ.get("KILN_TOKEN") or None, spool_dir=target.home / "spool",
+            token=token, spool_dir=target.home / "spool",
         )  # fmt: skip
     from kiln.record.blobs import FileBlobStore
 

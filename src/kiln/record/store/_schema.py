@@ -255,3 +255,36 @@ ingest_keys = sa.Table(
     sa.Column("applied_at", sa.Double, nullable=False),
     sa.Column("digest", sa.String(64)),  # the batch's sha256, as its sender sent it
 )
+
+
+# 0012: identities: principals and their tokens (a token's secret only as its SHA-256).
+principals = sa.Table(
+    "principals",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("sponsor", sa.String(200)),
+    sa.Column("scopes", sa.JSON),
+    sa.Column("budget", sa.Double),
+    sa.Column("expires_at", sa.Double),
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("created_by", sa.String(200), nullable=False),
+)
+
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("id", sa.String(12), primary_key=True),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("principal", sa.String(200), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("name", sa.String(200)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("expires_at", sa.Double),
+    sa.Column("revoked_at", sa.Double),
+    sa.Column("last_used_at", sa.Double),
+    sa.Index("tokens_principal", "principal"),
+)

@@ -169,6 +169,41 @@ class AuditLog(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class PrincipalRow:
+    """Who may act on a team server: a ``user``, a ``service`` account (CI, endpoints) or
+    an ``agent`` (with a human ``sponsor``, ``scopes``, an expiry and a ``budget``).
+    ``role`` is the widest it may act with."""
+
+    name: str
+    kind: str
+    role: str
+    created_at: float
+    created_by: str
+    sponsor: str | None = None
+    scopes: list[str] | None = None
+    budget: float | None = None
+    expires_at: float | None = None
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    """A bearer token: its visible ``id``, the SHA-256 of its secret, whose it is and the
+    role it acts with. ``kind`` ``enrol``: the one-time token of a new server."""
+
+    id: str
+    digest: str
+    principal: str
+    kind: str
+    role: str
+    created_at: float
+    name: str | None = None
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EndpointRow:
     """What is declared of an endpoint, and its live traffic split (None: follow ``model``)."""
 
@@ -273,6 +308,39 @@ class BlobStore(Protocol):
     def fetch(self, sha256: str) -> Path:
         """A local file holding the blob, to read (never to write); NotFoundError if it
         is missing."""
+
+
+class IdentityStore(Protocol):
+    """Principals and tokens, on the side that owns the database (a team server): each
+    change in one transaction with its audit event."""
+
+    def note(self, event: Any) -> None:
+        """Append one audit event (an :class:`kiln.record.audit.Event`) on its own."""
+
+    def principal(self, name: str) -> PrincipalRow | None: ...
+
+    def principals(self) -> list[PrincipalRow]: ...
+
+    def add_principal(self, row: PrincipalRow) -> None:
+        """Add ``row`` (a ``principal.add`` event); refused if the name is taken."""
+
+    def disable_principal(self, name: str) -> None:
+        """Disable ``name`` (its tokens stop working at once)."""
+
+    def add_token(self, row: TokenRow) -> None: ...
+
+    def token(self, token_id: str) -> TokenRow | None: ...
+
+    def tokens(self, principal: str | None = None) -> list[TokenRow]: ...
+
+    def revoke_token(self, token_id: str) -> None: ...
+
+    def token_used(self, token_id: str, when: float) -> None:
+        """Note a token's use (no event: uses are many)."""
+
+    def consume_enrolment(self, token_id: str, admin: PrincipalRow, token: TokenRow) -> bool:
+        """Revoke enrolment token ``token_id`` and add the first admin and its token, in
+        one transaction; False if it was used already."""
 
 
 class KilnStore(RunStore, AuditLog, EndpointStore, SpanStore, Protocol):

@@ -27,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from kiln._hashing import sha256_file
 from kiln.errors import (
+    AccessDeniedError,
     ConfigError,
     KilnError,
     NotFoundError,
@@ -126,6 +127,10 @@ def error_of(response: httpx.Response, url: str) -> KilnError:
     kind = str(body.get("type", ""))
     if response.status_code in _TRANSIENT:
         return StoreUnavailableError(url, f"answered {response.status_code}: {detail}")
+    if response.status_code in (401, 403, 429):
+        denied = AccessDeniedError(f"{url} answered {response.status_code}: {detail}")
+        denied.status = response.status_code
+        return denied
     cls = _error_class(kind.removeprefix("urn:kiln:error:")) if kind.startswith("urn:") else None
     if cls is None:
         if response.status_code == 404:
@@ -377,6 +382,8 @@ class HttpStore:
                 time.sleep(0.1 * (attempt + 1))
             except StoreRefusedError:
                 raise
+            except AccessDeniedError as e:  # kept, not dropped: `kiln login`, then `kiln sync`
+                raise StoreUnavailableError(self.url, f"refused this client ({e})") from e
             except KilnError as e:  # refused for what it holds: the recorder bisects it
                 raise StoreRefusedError(self.url, str(e)) from e
 

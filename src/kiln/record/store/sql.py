@@ -39,6 +39,7 @@ from kiln.record.blobs import FileBlobStore
 from kiln.record.lineage import Lineage
 from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
 from kiln.record.store._endpoints import EndpointsAndSpans
+from kiln.record.store._identities import Identities
 from kiln.record.store._registry import RegistryAccess
 from kiln.record.store._schema import (
     artifacts,
@@ -53,7 +54,7 @@ from kiln.record.store._schema import audit as audit_log
 from kiln.record.store._verify import registry_problems
 from kiln.record.store.base import RunQuery, WriteBatch
 
-SCHEMA_HEAD = "0011"
+SCHEMA_HEAD = "0012"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,
@@ -70,7 +71,7 @@ T = TypeVar("T")
 _log = logging.getLogger("kiln")
 
 
-class SqlStore(EndpointsAndSpans, RegistryAccess):
+class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
     """A :class:`~kiln.record.store.base.Store` on SQLite or PostgreSQL.
 
     Opening it creates or migrates the schema (Alembic), unless ``create`` is false,

@@ -7,12 +7,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 
 from kiln.server import schemas
+from kiln.server.auth import need
 from kiln.server.deps import Blobs, Store
 
 router = APIRouter(prefix="/api/v1", tags=["audit"])
 
 
-@router.get("/audit/events", response_model=schemas.Events)
+@router.get("/audit/events", dependencies=[need("audit", "read")], response_model=schemas.Events)
 def events(
     store: Store,
     actor: Annotated[str | None, Query(max_length=200)] = None,
@@ -25,14 +26,16 @@ def events(
                                          limit=limit)}  # fmt: skip
 
 
-@router.get("/audit/head", response_model=schemas.Head)
+@router.get("/audit/head", dependencies=[need("audit", "read")], response_model=schemas.Head)
 def head(store: Store) -> Any:
     """The newest event's number and hash."""
     seq, digest = store.chain_head()
     return {"seq": seq, "hash": digest}
 
 
-@router.get("/audit/events/{seq}", response_model=schemas.Head)
+@router.get(
+    "/audit/events/{seq}", dependencies=[need("audit", "read")], response_model=schemas.Head
+)
 def event_hash(seq: Annotated[int, Path(ge=1, le=2**63 - 1)], store: Store) -> Any:
     """The hash of event ``seq``."""
     from kiln.errors import NotFoundError
@@ -43,13 +46,13 @@ def event_hash(seq: Annotated[int, Path(ge=1, le=2**63 - 1)], store: Store) -> A
     return {"seq": seq, "hash": digest}
 
 
-@router.post("/audit/verify", response_model=schemas.Verdict)
+@router.post("/audit/verify", dependencies=[need("audit", "read")], response_model=schemas.Verdict)
 def verify(store: Store) -> Any:
     """Check the whole chain, every seal against its data and every referenced blob."""
     return {"problems": [{"seq": p.seq, "message": p.message} for p in store.verify()]}
 
 
-@router.post("/gc", response_model=schemas.GcDone)
+@router.post("/gc", dependencies=[need("store", "gc")], response_model=schemas.GcDone)
 def gc(body: schemas.GcRequest, request: Request, store: Store, blobs: Blobs) -> Any:
     """Remove the server's blobs that no record names and that are older than
     ``min_age_s`` (``dry_run``: only say which)."""

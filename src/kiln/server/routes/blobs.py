@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException
 
 from kiln.errors import ValidationError
+from kiln.server.auth import need
 from kiln.server.deps import Blobs, Bounds
 
 router = APIRouter(prefix="/api/v1", tags=["blobs"])
@@ -21,7 +22,11 @@ _UPLOAD = {"requestBody": {"required": True, "content": {"application/octet-stre
     "schema": {"type": "string", "format": "binary"}}}}}  # fmt: skip
 
 
-@router.head("/blobs/{sha256}", responses={404: {"description": "not stored"}})
+@router.head(
+    "/blobs/{sha256}",
+    dependencies=[need("blobs", "read")],
+    responses={404: {"description": "not stored"}},
+)
 def has_blob(sha256: Sha, blobs: Blobs) -> Response:
     """200 (with its size) if the server holds the blob, else 404."""
     if not blobs.exists(sha256):
@@ -32,6 +37,7 @@ def has_blob(sha256: Sha, blobs: Blobs) -> Response:
 
 @router.get(
     "/blobs/{sha256}",
+    dependencies=[need("blobs", "read")],
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a range"}},
 )
@@ -42,8 +48,10 @@ def get_blob(sha256: Sha, blobs: Blobs) -> FileResponse:
     return FileResponse(path, media_type="application/octet-stream", headers=immutable)
 
 
-@router.put("/blobs/{sha256}", status_code=201, openapi_extra=_UPLOAD,
-            responses={200: {"description": "already stored"}})  # fmt: skip
+@router.put(
+    "/blobs/{sha256}", dependencies=[need("blobs", "write")], status_code=201,
+    openapi_extra=_UPLOAD, responses={200: {"description": "already stored"}},
+)  # fmt: skip
 async def put_blob(sha256: Sha, request: Request, blobs: Blobs, bounds: Bounds) -> Response:
     """Store the body as blob ``sha256``. It is streamed to disk and named only once its
     bytes hash to ``sha256`` (else 422 and nothing is kept): 201, or 200 if the server

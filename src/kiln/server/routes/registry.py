@@ -11,6 +11,7 @@ from fastapi import APIRouter, Path, Query
 
 from kiln.registry.models import AliasMove, Models, ModelVersion, PromotionRequest
 from kiln.server import schemas
+from kiln.server.auth import need
 from kiln.server.deps import Store
 
 router = APIRouter(prefix="/api/v1", tags=["registry"])
@@ -31,18 +32,24 @@ def _outcome(done: AliasMove | PromotionRequest) -> dict[str, Any]:
     return {"kind": kind, "value": asdict(done)}
 
 
-@router.get("/models", response_model=schemas.Names)
+@router.get("/models", dependencies=[need("models", "read")], response_model=schemas.Names)
 def names(store: Store) -> Any:
     return {"items": _models(store).names()}
 
 
-@router.get("/models/resolve")
+@router.get(
+    "/models/resolve",
+    dependencies=[need("models", "read")],
+)
 def resolve(store: Store, ref: Annotated[str, Query(pattern=schemas.REF_PATTERN)]) -> Any:
     """The version a reference (``name:3`` or ``name@alias``) points at now."""
     return _version(_models(store).get(ref))
 
 
-@router.post("/models/{name}/versions")
+@router.post(
+    "/models/{name}/versions",
+    dependencies=[need("models", "write")],
+)
 def register(name: Name, body: schemas.Register, store: Store) -> Any:
     """Register an artifact of a succeeded run as the model's next version."""
     models = _models(store, body.app)
@@ -50,17 +57,26 @@ def register(name: Name, body: schemas.Register, store: Store) -> Any:
                                     signature=body.signature))  # fmt: skip
 
 
-@router.get("/models/{name}/versions")
+@router.get(
+    "/models/{name}/versions",
+    dependencies=[need("models", "read")],
+)
 def versions(name: Name, store: Store) -> Any:
     return {"versions": [_version(v) for v in _models(store).versions(name)]}
 
 
-@router.get("/models/{name}/aliases")
+@router.get(
+    "/models/{name}/aliases",
+    dependencies=[need("models", "read")],
+)
 def aliases(name: Name, store: Store) -> dict[str, int]:
     return _models(store).aliases(name)
 
 
-@router.get("/models/{name}/history")
+@router.get(
+    "/models/{name}/history",
+    dependencies=[need("models", "read")],
+)
 def history(
     name: Name,
     store: Store,
@@ -69,29 +85,45 @@ def history(
     return {"moves": [asdict(m) for m in _models(store).history(name, alias)]}
 
 
-@router.post("/models/{name}/promote", response_model=schemas.Outcome)
+@router.post(
+    "/models/{name}/promote",
+    dependencies=[need("promotions", "request")],
+    response_model=schemas.Outcome,
+)
 def promote(name: Name, body: schemas.Promote, store: Store) -> Any:
     """Move an alias to a version, through its policy's gates (or open a request)."""
     return _outcome(_models(store).promote(name, body.version, alias=body.alias,
                                            reason=body.reason, policy=body.policy))  # fmt: skip
 
 
-@router.post("/models/{name}/rollback", response_model=schemas.Outcome)
+@router.post(
+    "/models/{name}/rollback",
+    dependencies=[need("models", "rollback")],
+    response_model=schemas.Outcome,
+)
 def rollback(name: Name, body: schemas.Rollback, store: Store) -> Any:
     return _outcome(_models(store).rollback(name, body.alias, reason=body.reason))
 
 
-@router.get("/models/{name}/policies/{alias}")
+@router.get(
+    "/models/{name}/policies/{alias}",
+    dependencies=[need("models", "read")],
+)
 def policy(name: Name, alias: Alias, store: Store) -> Any:
     return {"policy": _models(store).policy(name, alias)}
 
 
-@router.put("/models/{name}/policies/{alias}", status_code=204)
+@router.put(
+    "/models/{name}/policies/{alias}", dependencies=[need("policies", "write")], status_code=204
+)
 def set_policy(name: Name, alias: Alias, body: schemas.SetPolicy, store: Store) -> None:
     _models(store).set_policy(name, alias, body.policy, weaken=body.weaken, reason=body.reason)
 
 
-@router.get("/models/{name}/versions/{version}/gates")
+@router.get(
+    "/models/{name}/versions/{version}/gates",
+    dependencies=[need("models", "read")],
+)
 def gate_failures(
     name: Name, version: Annotated[int, Path(ge=1, le=999_999_999)], store: Store,
     alias: Annotated[str, Query(pattern=schemas.ALIAS_PATTERN)] = "production",
@@ -100,7 +132,10 @@ def gate_failures(
     return {"items": _models(store).gate_failures(name, version, alias)}
 
 
-@router.get("/promotion-requests")
+@router.get(
+    "/promotion-requests",
+    dependencies=[need("models", "read")],
+)
 def requests(
     store: Store,
     status: Annotated[str | None, Query(pattern="^(pending|applied|rejected|failed|all)$")] = (
@@ -111,12 +146,18 @@ def requests(
     return {"requests": [asdict(r) for r in found]}
 
 
-@router.post("/promotion-requests/{request_id}/approve")
+@router.post(
+    "/promotion-requests/{request_id}/approve",
+    dependencies=[need("promotions", "approve")],
+)
 def approve(request_id: Annotated[str, Path(min_length=1, max_length=32)], store: Store) -> Any:
     return asdict(_models(store).approve(request_id))
 
 
-@router.post("/promotion-requests/{request_id}/reject")
+@router.post(
+    "/promotion-requests/{request_id}/reject",
+    dependencies=[need("promotions", "approve")],
+)
 def reject(
     request_id: Annotated[str, Path(min_length=1, max_length=32)], body: schemas.Reject,
     store: Store,

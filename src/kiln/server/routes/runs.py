@@ -18,6 +18,7 @@ from kiln.record.model import RunStatus
 from kiln.record.store._wire import from_number, number, points_to_wire, record_to_wire
 from kiln.record.store.base import RunQuery, WriteBatch
 from kiln.server import schemas
+from kiln.server.auth import need
 from kiln.server.deps import Blobs, Bounds, Store
 from kiln.server.metrics import INGESTED
 
@@ -85,12 +86,26 @@ def parse_body(model: type[M], data: bytes) -> M:
         ) from None
 
 
+def _new_run(row: schemas.RunRow, request: Request, caller: str) -> dict[str, Any]:
+    """A new run's columns; with authentication, who ran it is the token's principal,
+    whatever the row says."""
+    out = {**row.model_dump(exclude_unset=True), "params": row.params, "tags": row.tags}
+    if request.app.state.auth:
+        out["actor"] = caller
+    return out
+
+
 def _summary(value: float | str | None) -> float:
     found = from_number(value)
     return math.nan if found is None else found
 
 
-@router.post("/batches", response_model=schemas.BatchApplied, openapi_extra=_BATCH_BODY)
+@router.post(
+    "/batches",
+    dependencies=[need("runs", "write")],
+    response_model=schemas.BatchApplied,
+    openapi_extra=_BATCH_BODY,
+)
 async def write_batch(
     request: Request,
     store: Store,
@@ -112,8 +127,7 @@ async def write_batch(
                 "does not hold; upload it first (PUT /api/v1/blobs/{sha256})",
             )  # fmt: skip
     batch = WriteBatch(
-        new_runs=[{**r.model_dump(exclude_unset=True), "params": r.params, "tags": r.tags}
-                  for r in body.new_runs],
+        new_runs=[_new_run(r, request, store.actor) for r in body.new_runs],
         metrics=[(r, k, s, t, from_number(v)) for r, k, s, t, v in body.metrics],
         summaries=[(r, a, k, _summary(v)) for r, a, k, v in body.summaries],
         artifacts=[a.model_dump() for a in body.artifacts],
@@ -132,13 +146,13 @@ async def write_batch(
     return {"points": len(batch.metrics)}
 
 
-@router.get("/runs/{run_id}", response_model=schemas.Run)
+@router.get("/runs/{run_id}", dependencies=[need("runs", "read")], response_model=schemas.Run)
 def get_run(run_id: Annotated[str, Path(max_length=32)], store: Store) -> Any:
     """The run with this id or unique id prefix."""
     return record_to_wire(store.get_run(run_id))
 
 
-@router.post("/runs:search", response_model=schemas.Runs)
+@router.post("/runs:search", dependencies=[need("runs", "read")], response_model=schemas.Runs)
 def query_runs(query: schemas.Query, store: Store) -> Any:
     """Runs matching a filter, in its order."""
     try:
@@ -153,7 +167,11 @@ def query_runs(query: schemas.Query, store: Store) -> Any:
     return {"runs": [record_to_wire(r) for r in found]}
 
 
-@router.get("/runs/{run_id}/metrics/{key}", response_model=schemas.Points)
+@router.get(
+    "/runs/{run_id}/metrics/{key}",
+    dependencies=[need("runs", "read")],
+    response_model=schemas.Points,
+)
 def metric_history(
     run_id: Annotated[str, Path(max_length=32)],
     key: Annotated[str, Path(max_length=250)],
@@ -163,7 +181,7 @@ def metric_history(
     return {"points": points_to_wire(store.metric_history(run_id, key))}
 
 
-@router.get("/runs/{run_id}/rows", response_model=schemas.Rows)
+@router.get("/runs/{run_id}/rows", dependencies=[need("runs", "read")], response_model=schemas.Rows)
 def export_rows(run_id: Annotated[str, Path(max_length=32)], store: Store) -> Any:
     """A run's rows as stored, for bundles."""
     rows = store.export_rows(run_id)
@@ -175,13 +193,17 @@ def export_rows(run_id: Annotated[str, Path(max_length=32)], store: Store) -> An
     }
 
 
-@router.get("/runs/{run_id}/dependants", response_model=schemas.Names)
+@router.get(
+    "/runs/{run_id}/dependants", dependencies=[need("runs", "read")], response_model=schemas.Names
+)
 def dependants(run_id: Annotated[str, Path(max_length=32)], store: Store) -> Any:
     """What depends on a run (so that it cannot be removed)."""
     return {"items": store.dependants(run_id)}
 
 
-@router.delete("/runs/{run_id}", response_model=schemas.Names)
+@router.delete(
+    "/runs/{run_id}", dependencies=[need("runs", "delete")], response_model=schemas.Names
+)
 def delete_run(
     run_id: Annotated[str, Path(max_length=32)],
     store: Store,
@@ -192,7 +214,10 @@ def delete_run(
     return {"items": store.delete_run(run_id, with_runs=with_runs, force=force)}
 
 
-@router.get("/lineage/{ref}")
+@router.get(
+    "/lineage/{ref}",
+    dependencies=[need("runs", "read")],
+)
 def lineage(
     ref: Annotated[str, Path(min_length=1, max_length=64)],
     store: Store,

@@ -13,6 +13,7 @@ from kiln.errors import NotFoundError
 from kiln.record.store.base import EndpointRow, ServerRow
 from kiln.registry import traffic
 from kiln.server import schemas
+from kiln.server.auth import need
 from kiln.server.deps import Bounds, Store
 from kiln.server.routes.runs import gzip_body, parse_body, read_json_body
 
@@ -20,7 +21,7 @@ router = APIRouter(prefix="/api/v1", tags=["serving"])
 Name = Annotated[str, Path(pattern=schemas.NAME_PATTERN)]
 
 
-@router.post("/servers", status_code=204)
+@router.post("/servers", dependencies=[need("endpoints", "write")], status_code=204)
 def announce(body: schemas.Announce, store: Store) -> None:
     """Declare the endpoint (its live split kept), add a server of it and forget old ones."""
     endpoint = EndpointRow(**body.endpoint.model_dump())
@@ -28,7 +29,7 @@ def announce(body: schemas.Announce, store: Store) -> None:
     store.announce_server(endpoint, server, forget=body.forget)
 
 
-@router.patch("/servers/{server_id}", status_code=204)
+@router.patch("/servers/{server_id}", dependencies=[need("endpoints", "write")], status_code=204)
 def report(
     server_id: Annotated[str, Path(min_length=1, max_length=32)], body: schemas.Report,
     store: Store,
@@ -37,13 +38,17 @@ def report(
     store.report_server(server_id, status=body.status, stats=body.stats, url=body.url)
 
 
-@router.get("/endpoints", response_model=schemas.Endpoints)
+@router.get(
+    "/endpoints", dependencies=[need("endpoints", "read")], response_model=schemas.Endpoints
+)
 def endpoints(store: Store) -> Any:
     """Every declared endpoint, by name."""
     return {"endpoints": [asdict(e) for e in store.endpoints()]}
 
 
-@router.get("/endpoints/{name}", response_model=schemas.EndpointIn)
+@router.get(
+    "/endpoints/{name}", dependencies=[need("endpoints", "read")], response_model=schemas.EndpointIn
+)
 def endpoint(name: Name, store: Store) -> Any:
     found = store.endpoint(name)
     if found is None:
@@ -51,7 +56,7 @@ def endpoint(name: Name, store: Store) -> Any:
     return asdict(found)
 
 
-@router.get("/servers", response_model=schemas.Servers)
+@router.get("/servers", dependencies=[need("endpoints", "read")], response_model=schemas.Servers)
 def servers(
     store: Store,
     endpoint: Annotated[list[Annotated[str, Query(max_length=200)]], Query(max_length=100)],
@@ -60,7 +65,11 @@ def servers(
     return {"servers": [asdict(s) for s in store.servers(endpoint)]}
 
 
-@router.put("/endpoints/{name}/traffic", response_model=schemas.TrafficSet)
+@router.put(
+    "/endpoints/{name}/traffic",
+    dependencies=[need("endpoints", "write")],
+    response_model=schemas.TrafficSet,
+)
 def set_traffic(name: Name, body: schemas.Traffic, store: Store) -> Any:
     """Check and set (null: clear) the endpoint's live split, with its audit event: every
     version named is registered and, when the endpoint follows an alias, passes its
@@ -70,14 +79,19 @@ def set_traffic(name: Name, body: schemas.Traffic, store: Store) -> Any:
     return {"traffic": split}
 
 
-@router.post("/spans", status_code=204, openapi_extra={"requestBody": gzip_body("SpansIn")})
+@router.post(
+    "/spans",
+    dependencies=[need("traces", "write")],
+    status_code=204,
+    openapi_extra={"requestBody": gzip_body("SpansIn")},
+)
 async def write_spans(request: Request, store: Store, bounds: Bounds) -> None:
     """Store finished spans (the body may be gzipped), all or none."""
     body = parse_body(schemas.SpansIn, await read_json_body(request, bounds.json_bytes))
     await run_in_threadpool(store.write_spans, [s.model_dump() for s in body.spans])
 
 
-@router.get("/spans", response_model=schemas.Spans)
+@router.get("/spans", dependencies=[need("traces", "read")], response_model=schemas.Spans)
 def list_spans(
     store: Store,
     endpoint: Annotated[str | None, Query(max_length=200)] = None,
@@ -90,7 +104,9 @@ def list_spans(
                                       errors_only=errors_only, limit=limit)}  # fmt: skip
 
 
-@router.get("/traces/{trace_id}", response_model=schemas.Spans)
+@router.get(
+    "/traces/{trace_id}", dependencies=[need("traces", "read")], response_model=schemas.Spans
+)
 def find_trace(trace_id: Annotated[str, Path(pattern=schemas.TRACE_PATTERN)], store: Store) -> Any:
     """The spans of a trace, by its id or a unique prefix of 8 or more, oldest first."""
     return {"spans": store.find_trace(trace_id)}

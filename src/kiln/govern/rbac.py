@@ -1,0 +1,67 @@
+"""Roles as a table of verbs x resources, declared once (Kubernetes style: no deny rules).
+
+Every route of ``kiln server`` names the one permission it needs (``need("runs",
+"read")``); a route that names none is refused by a test that walks every route. A
+role grants exactly the permissions below and those of the roles before it:
+
+==========  =====================================================================
+viewer      read runs, blobs, models, endpoints, traces and the audit log
+member      also: record runs and blobs, register models, request promotions,
+            serve endpoints and set their traffic, write spans
+approver    also: approve or reject promotion requests (a requester still cannot
+            approve its own request; a policy's ``approvers`` may narrow it)
+admin       also: set policies, roll back, remove runs, collect garbage, manage
+            principals and tokens
+==========  =====================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from kiln.errors import ValidationError
+
+Role = Literal["viewer", "member", "approver", "admin"]
+ROLES: tuple[Role, ...] = ("viewer", "member", "approver", "admin")  # each wider than the last
+
+_GRANTS: dict[Role, frozenset[tuple[str, str]]] = {
+    "viewer": frozenset({
+        ("runs", "read"), ("blobs", "read"), ("models", "read"), ("endpoints", "read"),
+        ("traces", "read"), ("audit", "read"),
+    }),
+    "member": frozenset({
+        ("runs", "write"), ("blobs", "write"), ("models", "write"), ("promotions", "request"),
+        ("endpoints", "write"), ("traces", "write"),
+    }),
+    "approver": frozenset({("promotions", "approve")}),
+    "admin": frozenset({
+        ("policies", "write"), ("models", "rollback"), ("runs", "delete"), ("store", "gc"),
+        ("principals", "admin"), ("tokens", "admin"),
+    }),
+}  # fmt: skip
+
+PERMISSIONS: frozenset[tuple[str, str]] = frozenset().union(*_GRANTS.values())
+
+
+def grants(role: Role) -> frozenset[tuple[str, str]]:
+    """Every permission ``role`` holds: its own and those of the roles below it."""
+    out: frozenset[tuple[str, str]] = frozenset()
+    for r in ROLES[: ROLES.index(role) + 1]:
+        out |= _GRANTS[r]
+    return out
+
+
+def allows(role: Role, resource: str, verb: str) -> bool:
+    return (resource, verb) in grants(role)
+
+
+def check_role(value: object, field: str = "role") -> Role:
+    if value not in ROLES:
+        raise ValidationError(field, f"{value!r} is not a role", allowed=", ".join(ROLES))
+    return value
+
+
+def at_most(role: Role, ceiling: Role) -> bool:
+    """Whether ``role`` grants nothing ``ceiling`` does not (so a holder of ``ceiling``
+    may hand it out)."""
+    return ROLES.index(role) <= ROLES.index(ceiling)

@@ -1,0 +1,157 @@
+"""Who is calling, and may they: bearer tokens checked against the store, and one
+permission per route from :mod:`kiln.govern.rbac` (default deny).
+
+Every route names its permission with ``dependencies=[need(resource, verb)]`` (or
+``public()`` for health and the enrolment exchange); a test walks every route of the
+app and fails on one that names neither. A failed authentication is a 401 problem
+with ``WWW-Authenticate: Bearer`` and an ``auth.denied`` audit event; more than
+:data:`FAILURES_PER_MINUTE` from one address within a minute are answered 429 without
+looking (and audited once). A forbidden call is a 403 and audited too. With
+``--insecure-no-auth`` everyone acts as an admin under the name they declare.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+from starlette.exceptions import HTTPException
+
+from kiln.govern import rbac, tokens
+from kiln.record import audit
+from kiln.record.store.sql import SqlStore
+
+FAILURES_PER_MINUTE = 20
+TOUCH_EVERY_S = 60.0  # a token's last use is written at most this often
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The principal a request acts as, with the role of the token it came with."""
+
+    name: str
+    role: rbac.Role
+    token_id: str | None = None
+    kind: str = "user"
+    sponsor: str | None = None
+
+
+class Guard:
+    """The server's memory of failed attempts (per address) and of token uses."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._touched: dict[str, float] = {}
+
+    def limited(self, address: str, now: float) -> bool:
+        with self._lock:
+            recent = self._failures[address]
+            while recent and recent[0] < now - 60:
+                recent.popleft()
+            return len(recent) >= FAILURES_PER_MINUTE
+
+    def failed(self, address: str, now: float) -> int:
+        with self._lock:
+            self._failures[address].append(now)
+            return len(self._failures[address])
+
+    def touch(self, token_id: str, now: float) -> bool:
+        """Whether this use of the token should be written down."""
+        with self._lock:
+            if now - self._touched.get(token_id, 0.0) < TOUCH_EVERY_S:
+                return False
+            self._touched[token_id] = now
+            return True
+
+
+def _denied(request: Request, status: int, reason: str, target: str = "-") -> HTTPException:
+    """Audit a refused request; the exception that answers it."""
+    store: SqlStore = request.app.state.store
+    address = request.client.host if request.client else "-"
+    payload = {"reason": reason, "address": address, "method": request.method,
+               "path": request.url.path}  # fmt: skip
+    store.note(audit.Event("auth.denied", target, payload, time.time(), "anonymous"))
+    headers = {"WWW-Authenticate": 'Bearer realm="kiln"'} if status == 401 else None
+    return HTTPException(status, reason, headers=headers)
+
+
+def caller(
+    request: Request, authorization: Annotated[str | None, Header(max_length=200)] = None
+) -> Caller:
+    """The caller of this request (401 without a valid token)."""
+    state = request.app.state
+    if not state.auth:
+        return Caller(name="", role="admin")  # the declared Kiln-Actor, or the store's
+    now = time.time()
+    address = request.client.host if request.client else "-"
+    guard: Guard = state.guard
+    if guard.limited(address, now):
+        raise HTTPException(429, "too many failed authentications from this address; wait "
+                            "a minute", headers={"Retry-After": "60"})  # fmt: skip
+    scheme, _, presented = (authorization or "").partition(" ")
+    parsed = tokens.parse(presented.strip()) if scheme.lower() == "bearer" else None
+    found = None if parsed is None else state.store.token(parsed[0])
+    reason = _refusal(state.store, found, parsed, now)
+    if reason is not None:
+        guard.failed(address, now)
+        raise _denied(request, 401, reason, parsed[0] if parsed else "-")
+    assert found is not None  # noqa: S101  no refusal: a live token
+    principal = state.store.principal(found.principal)
+    assert principal is not None  # noqa: S101  checked by _refusal
+    if guard.touch(found.id, now):
+        state.store.token_used(found.id, now)
+    role = found.role if rbac.at_most(found.role, principal.role) else principal.role
+    return Caller(name=principal.name, role=role, token_id=found.id, kind=principal.kind,
+                  sponsor=principal.sponsor)  # fmt: skip
+
+
+def _refusal(store: SqlStore, found: Any, parsed: tuple[str, str] | None, now: float) -> str | None:
+    if parsed is None:
+        return "send a token: Authorization: Bearer kiln_... (`kiln login URL` stores one)"
+    if found is None or not tokens.matches(parsed[1], found.digest):
+        return "the token is not valid"
+    if found.kind != "access":
+        return "an enrolment token is only for POST /api/v1/enrol"
+    if found.revoked_at is not None:
+        return "the token was revoked"
+    if found.expires_at is not None and found.expires_at <= now:
+        return "the token has expired"
+    principal = store.principal(found.principal)
+    if principal is None or principal.disabled:
+        return "the token's principal is disabled"
+    if principal.expires_at is not None and principal.expires_at <= now:
+        return "the token's principal has expired"
+    return None
+
+
+Authenticated = Annotated[Caller, Depends(caller)]
+
+
+def need(resource: str, verb: str) -> Any:
+    """The dependency of a route that needs ``verb`` on ``resource`` (403 otherwise)."""
+    if (resource, verb) not in rbac.PERMISSIONS:
+        raise ValueError(f"{resource}:{verb} is not a permission of kiln.govern.rbac")
+
+    def check(request: Request, who: Authenticated) -> Caller:
+        if not rbac.allows(who.role, resource, verb):
+            raise _denied(request, 403, f"the role {who.role} may not {verb} {resource}",
+                          who.name)  # fmt: skip
+        return who
+
+    check.permission = (resource, verb)  # type: ignore[attr-defined]  # read by the route test
+    return Depends(check)
+
+
+def public() -> Any:
+    """The marker of a route anyone may call (health, metrics, the document, enrolment)."""
+
+    def anyone() -> None:
+        return None
+
+    anyone.permission = ("public", "")  # type: ignore[attr-defined]
+    return Depends(anyone)
