@@ -4,7 +4,6 @@ and any run handle, record or id prefix wherever a run is taken."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import textwrap
 import threading
@@ -104,10 +103,16 @@ def test_best_among_ties_is_the_first_in_the_grid(mod: ModuleType) -> None:
 def interrupt_once_started(gate: Path, count: int) -> threading.Thread:
     """Ctrl-C for this process once ``count`` runs have started (as a terminal would)."""
 
+    main = threading.main_thread().ident
+    assert main is not None
+
     def watch() -> None:
         while len(list(gate.glob("started-*"))) < count:
             threading.Event().wait(0.02)
-        os.kill(os.getpid(), signal.SIGINT)
+        # To the main thread, which waits: sent to the process, the kernel may hand it to
+        # any thread (Ray's and the drivers' C threads too), and the main thread's wait
+        # would not be interrupted.
+        signal.pthread_kill(main, signal.SIGINT)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()

@@ -5,7 +5,8 @@ Every route of ``kiln server`` names the one permission it needs (``need("runs",
 role grants exactly the permissions below and those of the roles before it:
 
 ==========  =====================================================================
-viewer      read runs, blobs, models, endpoints, traces and the audit log
+viewer      read runs, blobs, models, endpoints, traces and the audit log; see and
+            manage its own account (who am I, its own tokens)
 member      also: record runs and blobs, register models, request promotions,
             serve endpoints and set their traffic, write spans
 approver    also: approve or reject promotion requests (a requester still cannot
@@ -27,7 +28,7 @@ ROLES: tuple[Role, ...] = ("viewer", "member", "approver", "admin")  # each wide
 _GRANTS: dict[Role, frozenset[tuple[str, str]]] = {
     "viewer": frozenset({
         ("runs", "read"), ("blobs", "read"), ("models", "read"), ("endpoints", "read"),
-        ("traces", "read"), ("audit", "read"),
+        ("traces", "read"), ("audit", "read"), ("account", "self"),
     }),
     "member": frozenset({
         ("runs", "write"), ("blobs", "write"), ("models", "write"), ("promotions", "request"),

@@ -6,7 +6,8 @@ Every route names its permission with ``dependencies=[need(resource, verb)]`` (o
 app and fails on one that names neither. A failed authentication is a 401 problem
 with ``WWW-Authenticate: Bearer`` and an ``auth.denied`` audit event; more than
 :data:`FAILURES_PER_MINUTE` from one address within a minute are answered 429 without
-looking (and audited once). A forbidden call is a 403 and audited too. With
+being audited, while valid tokens from there still work (a flood of bad tokens cannot
+lock anyone out). A forbidden call is a 403 and audited too. With
 ``--insecure-no-auth`` everyone acts as an admin under the name they declare.
 """
 
@@ -16,7 +17,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 from fastapi import Depends, Header, Request
 from starlette.exceptions import HTTPException
@@ -50,9 +51,14 @@ class Guard:
 
     def limited(self, address: str, now: float) -> bool:
         with self._lock:
-            recent = self._failures[address]
+            recent = self._failures.get(address)
+            if recent is None:
+                return False
             while recent and recent[0] < now - 60:
                 recent.popleft()
+            if not recent:
+                del self._failures[address]  # many addresses must not grow this forever
+                return False
             return len(recent) >= FAILURES_PER_MINUTE
 
     def failed(self, address: str, now: float) -> int:
@@ -88,18 +94,13 @@ def caller(
     if not state.auth:
         return Caller(name="", role="admin")  # the declared Kiln-Actor, or the store's
     now = time.time()
-    address = request.client.host if request.client else "-"
     guard: Guard = state.guard
-    if guard.limited(address, now):
-        raise HTTPException(429, "too many failed authentications from this address; wait "
-                            "a minute", headers={"Retry-After": "60"})  # fmt: skip
     scheme, _, presented = (authorization or "").partition(" ")
     parsed = tokens.parse(presented.strip()) if scheme.lower() == "bearer" else None
     found = None if parsed is None else state.store.token(parsed[0])
     reason = _refusal(state.store, found, parsed, now)
     if reason is not None:
-        guard.failed(address, now)
-        raise _denied(request, 401, reason, parsed[0] if parsed else "-")
+        refuse(request, reason, parsed[0] if parsed else "-")
     assert found is not None  # noqa: S101  no refusal: a live token
     principal = state.store.principal(found.principal)
     assert principal is not None  # noqa: S101  checked by _refusal
@@ -108,6 +109,18 @@ def caller(
     role = found.role if rbac.at_most(found.role, principal.role) else principal.role
     return Caller(name=principal.name, role=role, token_id=found.id, kind=principal.kind,
                   sponsor=principal.sponsor)  # fmt: skip
+
+
+def refuse(request: Request, reason: str, target: str = "-") -> NoReturn:
+    """Refuse a request that failed authentication: 401 and audited, or 429 past the
+    limit (see the module)."""
+    now, guard = time.time(), request.app.state.guard
+    address = request.client.host if request.client else "-"
+    if guard.limited(address, now):  # neither audited nor counted: a flood stays small
+        raise HTTPException(429, "too many failed authentications from this address; "
+                            "wait a minute", headers={"Retry-After": "60"})  # fmt: skip
+    guard.failed(address, now)
+    raise _denied(request, 401, reason, target)
 
 
 def _refusal(store: SqlStore, found: Any, parsed: tuple[str, str] | None, now: float) -> str | None:

@@ -15,7 +15,7 @@ from kiln.errors import NotFoundError
 from kiln.govern import rbac, tokens
 from kiln.record.store.base import PrincipalRow, TokenRow
 from kiln.server import schemas
-from kiln.server.auth import Authenticated, need, public
+from kiln.server.auth import Authenticated, need, public, refuse
 from kiln.server.deps import Store
 
 router = APIRouter(prefix="/api/v1", tags=["identity"])
@@ -106,17 +106,16 @@ def enrol(
     if parsed is None or found is None or found.kind != "enrol" or not tokens.matches(
         parsed[1], found.digest
     ):  # fmt: skip
-        raise HTTPException(401, "not an enrolment token of this server",
-                            headers={"WWW-Authenticate": 'Bearer realm="kiln"'})  # fmt: skip
+        refuse(request, "not an enrolment token of this server")
     row, token = _issue(body.name, "admin", "enrolment", MAX_TOKEN_S)
     admin = PrincipalRow(name=body.name, kind="user", role="admin", created_at=time.time(),
                          created_by="enrolment")  # fmt: skip
     if not store.as_actor(body.name).consume_enrolment(found.id, admin, row):
-        raise HTTPException(401, "the enrolment token was used already")
+        refuse(request, "the enrolment token was used already")
     return _shown(row, token)
 
 
-@router.get("/whoami", response_model=Me, dependencies=[need("runs", "read")])
+@router.get("/whoami", response_model=Me, dependencies=[need("account", "self")])
 def whoami(who: Authenticated) -> Any:
     """The principal and role this request acts as."""
     return {"name": who.name, "role": who.role, "kind": who.kind, "token_id": who.token_id,
@@ -163,7 +162,7 @@ def disable(name: Annotated[str, Path(pattern=schemas.NAME_PATTERN)], store: Sto
     store.disable_principal(name)
 
 
-@router.get("/tokens", response_model=Tokens, dependencies=[need("runs", "read")])
+@router.get("/tokens", response_model=Tokens, dependencies=[need("account", "self")])
 def list_tokens(store: Store, who: Authenticated, all: bool = False) -> Any:
     """The caller's tokens (an admin's ``all=true``: everyone's); never their secrets."""
     if all and not rbac.allows(who.role, "tokens", "admin"):
@@ -173,7 +172,7 @@ def list_tokens(store: Store, who: Authenticated, all: bool = False) -> Any:
 
 
 @router.post("/tokens", response_model=Issued, status_code=201,
-             dependencies=[need("runs", "read")])  # fmt: skip
+             dependencies=[need("account", "self")])  # fmt: skip
 def create_token(body: NewToken, store: Store, who: Authenticated) -> Any:
     """A token for the caller (or, for an admin, for another principal), with a role no
     wider than the caller's nor the principal's."""
@@ -195,7 +194,7 @@ def create_token(body: NewToken, store: Store, who: Authenticated) -> Any:
     return _shown(row, token)
 
 
-@router.delete("/tokens/{token_id}", status_code=204, dependencies=[need("runs", "read")])
+@router.delete("/tokens/{token_id}", status_code=204, dependencies=[need("account", "self")])
 def revoke(token_id: TokenId, store: Store, who: Authenticated) -> None:
     """Revoke a token of the caller's (an admin: anyone's): refused from its next request."""
     found = store.token(token_id)
