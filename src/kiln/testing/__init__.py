@@ -1,6 +1,17 @@
 """Fakes that implement Kiln's real interfaces, for testing code built on top of them."""
 
 from kiln.testing.backend import FakeBackend
-from kiln.testing.stores import MemoryBlobStore, MemoryEndpointStore, MemoryStore
+from kiln.testing.stores import (
+    MemoryBlobStore,
+    MemoryEndpointStore,
+    MemoryRegistryStore,
+    MemoryStore,
+)
 
-__all__ = ["FakeBackend", "MemoryBlobStore", "MemoryEndpointStore", "MemoryStore"]
+__all__ = [
+    "FakeBackend",
+    "MemoryBlobStore",
+    "MemoryEndpointStore",
+    "MemoryRegistryStore",
+    "MemoryStore",
+]

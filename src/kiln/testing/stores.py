@@ -4,6 +4,7 @@ layers above them. They pass the same contract suite as the SQL stores
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -11,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
@@ -439,3 +441,124 @@ class MemoryStore(MemoryEndpointStore):
                                          "payload_sha256", "prev_hash", "hash"))
                     for r in self._chain]  # fmt: skip
         yield from audit.verify_chain(iter(rows))
+
+
+class MemoryRegistryRows:
+    """The rows of the model registry in memory, as
+    :class:`kiln.record.store._registry.RegistryRows` hands them to
+    :class:`kiln.registry.models.Models` (which holds the rules)."""
+
+    def __init__(self, tables: dict[str, Any], append: Any) -> None:
+        self._t = tables
+        self._append = append
+
+    def has_model(self, name: str) -> bool:
+        return name in self._t["models"]
+
+    def add_model(self, name: str, *, app: str, at: float, by: str) -> None:
+        self._t["models"][name] = {"name": name, "app": app, "created_at": at, "created_by": by}
+
+    def model_names(self) -> list[str]:
+        return sorted(self._t["models"])
+
+    def latest_version(self, name: str) -> int | None:
+        found = [v for (n, v) in self._t["versions"] if n == name]
+        return max(found) if found else None
+
+    def add_version(self, row: dict[str, Any]) -> None:
+        self._t["versions"][(row["name"], row["version"])] = dict(row)
+
+    def version(self, name: str, version: int) -> dict[str, Any] | None:
+        found = self._t["versions"].get((name, version))
+        return None if found is None else dict(found)
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        return [dict(r) for (n, _), r in sorted(self._t["versions"].items()) if n == name]
+
+    def holder(self, name: str, alias: str) -> int | None:
+        found: int | None = self._t["aliases"].get((name, alias))
+        return found
+
+    def aliases(self, name: str) -> dict[str, int]:
+        return dict(sorted((a, v) for (n, a), v in self._t["aliases"].items() if n == name))
+
+    def move_alias(self, name: str, alias: str, *, from_version: int | None, to_version: int,
+                   reason: str | None, actor: str, at: float) -> None:  # fmt: skip
+        self._t["aliases"][(name, alias)] = to_version
+        moves = self._t["moves"]
+        moves.append({"id": len(moves) + 1, "name": name, "alias": alias,
+                      "from_version": from_version, "to_version": to_version, "reason": reason,
+                      "actor": actor, "at": at})  # fmt: skip
+
+    def installed_from(self, name: str, alias: str, version: int) -> int | None:
+        for move in reversed(self._t["moves"]):
+            if (move["name"], move["alias"], move["to_version"]) == (name, alias, version):
+                found: int | None = move["from_version"]
+                return found
+        return None
+
+    def moves(self, name: str, alias: str | None = None) -> list[dict[str, Any]]:
+        return [dict(m) for m in self._t["moves"]
+                if m["name"] == name and alias in (None, m["alias"])]  # fmt: skip
+
+    def policy(self, name: str, alias: str) -> dict[str, Any] | None:
+        found = self._t["policies"].get((name, alias))
+        return None if found is None else dict(found["policy"])
+
+    def replace_policy(self, name: str, alias: str, row: dict[str, Any] | None) -> None:
+        self._t["policies"].pop((name, alias), None)
+        if row is not None:
+            self._t["policies"][(name, alias)] = dict(row)
+
+    def add_request(self, row: dict[str, Any]) -> None:
+        self._t["requests"][row["id"]] = dict(row)
+
+    def requests_starting(self, prefix: str, limit: int) -> list[dict[str, Any]]:
+        return [dict(r) for i, r in self._t["requests"].items() if i.startswith(prefix)][:limit]
+
+    def update_request(self, request_id: str, **values: Any) -> None:
+        self._t["requests"][request_id].update(values)
+
+    def requests(self, status: str | None) -> list[dict[str, Any]]:
+        rows = sorted(self._t["requests"].values(), key=lambda r: r["requested_at"])
+        return [dict(r) for r in rows if status in (None, r["status"])]
+
+    def applied(self, name: str, alias: str, version: int) -> bool:
+        return any((r["name"], r["alias"], r["version"], r["status"])
+                   == (name, alias, version, "applied")
+                   for r in self._t["requests"].values())  # fmt: skip
+
+    def event(self, event: audit.Event) -> None:
+        self._append([event])
+
+
+class MemoryRegistryStore(MemoryStore):
+    """:class:`MemoryStore` with the registry's rows too, so that
+    :class:`kiln.registry.models.Models` runs over memory: a transaction works on a copy
+    of the tables and its events, and keeps both only if its block returns."""
+
+    def __init__(self, actor: str = "tester", blobs: MemoryBlobStore | None = None) -> None:
+        super().__init__(actor, blobs)
+        self._registry: dict[str, Any] = {"models": {}, "versions": {}, "aliases": {},
+                                          "moves": [], "policies": {}, "requests": {}}  # fmt: skip
+        self._registry_lock = threading.RLock()
+
+    @contextmanager
+    def registry_transaction(self) -> Iterator[MemoryRegistryRows]:
+        with self._registry_lock:
+            tables = copy.deepcopy(self._registry)
+            events: list[audit.Event] = []
+            yield MemoryRegistryRows(tables, events.extend)
+            self._registry = tables
+            if events:
+                with self._lock:
+                    self._append(events)
+
+    @contextmanager
+    def registry_reader(self) -> Iterator[MemoryRegistryRows]:
+        with self._registry_lock:
+            yield MemoryRegistryRows(copy.deepcopy(self._registry), _read_only)
+
+
+def _read_only(events: list[audit.Event]) -> None:
+    raise RuntimeError("registry_reader() is for reading; use registry_transaction() to write")
