@@ -14,7 +14,9 @@ from pathlib import Path
 
 import kiln
 from kiln.config import Settings
+from kiln.record.model import RunStatus
 from kiln.record.store.base import WriteBatch
+from kiln.record.store.rows import RunRow
 from kiln.record.store.sql import SqlStore
 
 from _common import Row, emit
@@ -33,15 +35,13 @@ def populate(settings: Settings) -> None:
             rid = f"{rng.getrandbits(128):032x}"
             app = "fraud" if i % 2 else "churn"
             batch.new_runs.append(
-                {
-                    "id": rid,
-                    "app": app,
-                    "status": "succeeded",
-                    "created_at": now + i,
-                    "params": {"lr": rng.choice([0.1, 0.01, 0.001]), "depth": rng.randint(1, 8)},
-                    "tags": {},
-                    "result": None,
-                }
+                RunRow(
+                    id=rid,
+                    app=app,
+                    status=RunStatus.SUCCEEDED,
+                    created_at=now + i,
+                    params={"lr": rng.choice([0.1, 0.01, 0.001]), "depth": rng.randint(1, 8)},
+                )
             )
             batch.summaries += [
                 (rid, app, "accuracy", rng.random()),

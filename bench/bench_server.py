@@ -252,8 +252,10 @@ RUNS = textwrap.dedent(
 def seed_runs(home: Path, n: int = 100_000) -> None:
     """100,000 ended runs with an ``acc`` summary, written straight into the store."""
     from kiln.config import Settings
+    from kiln.record.model import RunStatus
     from kiln.record.store import open_store
     from kiln.record.store.base import WriteBatch
+    from kiln.record.store.rows import RunRow
 
     settings = Settings.from_env({"KILN_HOME": str(home)})
     home.mkdir(parents=True, exist_ok=True)
@@ -261,8 +263,8 @@ def seed_runs(home: Path, n: int = 100_000) -> None:
         for start in range(0, n, 10_000):
             ids = [f"{i:032x}" for i in range(start, start + 10_000)]
             store.write(WriteBatch(
-                new_runs=[{"id": r, "app": "seed", "status": "succeeded", "created_at": 1.0 + i,
-                           "params": {}, "tags": {}} for i, r in enumerate(ids)],
+                new_runs=[RunRow(id=r, app="seed", status=RunStatus.SUCCEEDED, created_at=1.0 + i)
+                          for i, r in enumerate(ids)],
                 summaries=[(r, "seed", "acc", (i * 7919 % 10_000) / 10_000)
                            for i, r in enumerate(ids)],
             ))  # fmt: skip

@@ -38,6 +38,7 @@ from kiln.errors import ConfigError
 from kiln.record.model import RunStatus
 from kiln.record.recorder import Recorder, recorder_for
 from kiln.record.store.base import WriteBatch
+from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
 from kiln.record.values import result_json, summary_of, unrecorded_message
 
 BACKOFF_BASE_S = 0.5
@@ -65,10 +66,10 @@ class _Created:
 class Call:
     """One run to execute: its record row, its task and what to do when it ends."""
 
-    row: dict[str, Any]
+    row: RunRow
     spec: TaskSpec
     retries: int = 0
-    inputs: list[dict[str, Any]] = field(default_factory=list)  # dataset artifact rows
+    inputs: list[ArtifactRow] = field(default_factory=list)  # dataset artifact rows
     future: Future[Outcome] = field(default_factory=Future)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     assigned: dict[str, Any] = field(default_factory=dict)
@@ -84,7 +85,7 @@ class Engine:
         self.recorder: Recorder = recorder_for(settings)
         self._calls: dict[str, Call] = {}
         self._lock = threading.Lock()
-        self._started: dict[str, dict[str, Any]] = {}  # "running" updates not yet written
+        self._started: dict[str, RunUpdate] = {}  # "running" updates not yet written
         self._unwritten: set[str] = set()  # runs submitted without waiting, rows not yet in
         self._written = threading.Condition(self._lock)
         self._events: queue.SimpleQueue[list[TaskEvent | _Created] | None] = queue.SimpleQueue()
@@ -97,9 +98,7 @@ class Engine:
     def inventory(self) -> Inventory:
         return self.backend.inventory
 
-    def submit(
-        self, calls: list[Call], *, parent: dict[str, Any] | None = None, wait: bool = True
-    ) -> None:
+    def submit(self, calls: list[Call], *, parent: RunRow | None = None, wait: bool = True) -> None:
         """Record ``calls`` as queued (with ``parent`` first, if given), then run them.
 
         With ``wait=False`` the records are written by the writer thread while the
@@ -188,7 +187,7 @@ class Engine:
     def _heartbeat(self) -> None:
         now = time.time()
         with self._lock:
-            owned = [{"id": run_id, "heartbeat_at": now} for run_id in self._calls]
+            owned = [RunUpdate(id=run_id, heartbeat_at=now) for run_id in self._calls]
         if owned:
             try:
                 self.recorder.store.write(WriteBatch(updates=owned))
@@ -196,7 +195,7 @@ class Engine:
                 _log.warning("kiln: heartbeat of %d runs failed: %s", len(owned), exc)
 
     def _started_due(self) -> bool:
-        oldest = min((u["started_at"] for u in self._started.values()), default=None)
+        oldest = min((u.started_at or 0.0 for u in self._started.values()), default=None)
         return oldest is not None and time.time() - oldest >= STARTED_DELAY_S
 
     def _report(self, events: list[TaskEvent | _Created], *, flush_started: bool) -> None:
@@ -211,24 +210,24 @@ class Engine:
                 if isinstance(event, _Created):  # records of runs submitted without waiting
                     batch.new_runs.extend(event.batch.new_runs)
                     batch.artifacts.extend(event.batch.artifacts)
-                    created.extend(row["id"] for row in event.batch.new_runs)
+                    created.extend(row.id for row in event.batch.new_runs)
                     continue
                 call = self._calls.get(event.run_id)
                 if call is None:
                     continue
                 if isinstance(event, Started):
                     call.assigned = event.assigned
-                    self._started[event.run_id] = {
-                        "id": event.run_id,
-                        "status": str(RunStatus.RUNNING),
-                        "started_at": now,
-                        "heartbeat_at": now,
-                        "attempt": event.attempt,
-                        "resources": self._resources(call),
-                    }
+                    self._started[event.run_id] = RunUpdate(
+                        id=event.run_id,
+                        status=RunStatus.RUNNING,
+                        started_at=now,
+                        heartbeat_at=now,
+                        attempt=event.attempt,
+                        resources=self._resources(call),
+                    )
                     continue
                 # Its "running" update, if not yet written, goes in the same UPDATE.
-                started = self._started.pop(event.run_id, None) or {}
+                started = self._started.pop(event.run_id, None) or RunUpdate(id=event.run_id)
                 outcome = event.outcome
                 call.attempts.append(
                     {"attempt": event.attempt, "status": outcome.status, "cause": outcome.cause}
@@ -237,16 +236,14 @@ class Engine:
                     delay = min(BACKOFF_BASE_S * 2 ** (len(call.attempts) - 1), BACKOFF_MAX_S)
                     retry.append((call, delay))
                     call.assigned = {}
-                    batch.updates.append(
-                        {
-                            **started,
-                            "id": event.run_id,
-                            "status": str(RunStatus.QUEUED),
-                            "error": f"attempt {event.attempt} failed: {outcome.cause}; "
-                            f"retrying in {delay:g}s",
-                            "resources": self._resources(call),
-                        }
+                    requeued = RunUpdate(
+                        id=event.run_id,
+                        status=RunStatus.QUEUED,
+                        error=f"attempt {event.attempt} failed: {outcome.cause}; "
+                        f"retrying in {delay:g}s",
+                        resources=self._resources(call),
                     )
+                    batch.updates.append(started.then(requeued))
                     continue
                 del self._calls[event.run_id]
                 self._finish(call, outcome, now, batch, started)
@@ -254,7 +251,9 @@ class Engine:
             if flush_started:
                 # Their heartbeat is now: a heartbeat written while they waited is not
                 # put back by this older one.
-                batch.updates.extend({**u, "heartbeat_at": now} for u in self._started.values())
+                batch.updates.extend(
+                    u.then(RunUpdate(id=u.id, heartbeat_at=now)) for u in self._started.values()
+                )
                 self._started.clear()
         try:
             self.recorder.store.write(batch)
@@ -296,7 +295,7 @@ class Engine:
     def _resources(self, call: Call) -> dict[str, Any]:
         spec = call.spec
         return {
-            **(call.row.get("resources") or {}),  # what the caller declared, e.g. its env
+            **(call.row.resources or {}),  # what the caller declared, e.g. its env
             "requested": spec.resources.to_json(),
             "limits": {"timeout_s": spec.timeout_s, "retries": call.retries},
             "assigned": call.assigned,
@@ -304,7 +303,7 @@ class Engine:
         }
 
     def _finish(
-        self, call: Call, outcome: Outcome, now: float, batch: WriteBatch, started: dict[str, Any]
+        self, call: Call, outcome: Outcome, now: float, batch: WriteBatch, started: RunUpdate
     ) -> None:
         run_id, app = call.spec.run_id, call.spec.app
         result: Any = None
@@ -318,18 +317,20 @@ class Engine:
         error = outcome.error or outcome.cause
         if error and len(call.attempts) > 1:
             error = f"{error}\n(after {len(call.attempts)} attempts)"
-        update: dict[str, Any] = {
-            "id": run_id,
-            "status": outcome.status,
-            "ended_at": now,
-            "result": result,
-            "error": error,
-            "usage": {k: v for k, v in outcome.usage.items() if k != "worker_pid"},
-            "resources": self._resources(call),
-        }
+        update = RunUpdate(
+            id=run_id,
+            status=RunStatus(outcome.status),
+            ended_at=now,
+            result=result,
+            error=error,
+            usage={k: v for k, v in outcome.usage.items() if k != "worker_pid"},
+            resources=self._resources(call),
+        )
         if outcome.environment is not None:
-            update["environment"] = {**outcome.environment, **call.environment}
-        batch.updates.append({**started, **update})
+            update = update.then(
+                RunUpdate(id=run_id, environment={**outcome.environment, **call.environment})
+            )
+        batch.updates.append(started.then(update))
 
     def close(self) -> None:
         """Stop the backend; whatever still runs or waits is recorded as cancelled."""

@@ -25,6 +25,7 @@ from kiln.compute.backends.base import Outcome
 from kiln.errors import NotFoundError, ValidationError
 from kiln.record.model import RunRecord, RunStatus
 from kiln.record.store.base import RunQuery, Store, WriteBatch
+from kiln.record.store.rows import RunUpdate
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -69,7 +70,7 @@ class _Tally:
             finally:
                 self.ended.set()
 
-    def _end(self) -> dict[str, Any]:
+    def _end(self) -> RunUpdate:
         counts = self._counts
         total = sum(counts.values())
         if counts["cancelled"]:
@@ -80,16 +81,13 @@ class _Tally:
             status = RunStatus.SUCCEEDED
         missed = [f"{counts[s]} {s}" for s in _OUTCOMES[1:] if counts[s]]
         error = f"{' and '.join(missed)} of {total} runs" if missed else None
-        return {
-            "id": self._sweep_id,
-            "status": str(status),
-            "ended_at": time.time(),
-            "result": {
-                "runs": total,
-                **{s: counts[s] for s in ("succeeded", "failed", "cancelled")},
-            },
-            "error": error,
-        }
+        return RunUpdate(
+            id=self._sweep_id,
+            status=status,
+            ended_at=time.time(),
+            result={"runs": total, **{s: counts[s] for s in ("succeeded", "failed", "cancelled")}},
+            error=error,
+        )
 
 
 class Sweep:
@@ -288,8 +286,8 @@ def _resubmit(
     engine = engine_for(function.app.settings)
     tally = _Tally(engine, sweep_id, len(calls), succeeded=succeeded)
     if calls:
-        reopen = {"id": sweep_id, "status": str(RunStatus.RUNNING), "ended_at": None,
-                  "error": None, "result": None}  # fmt: skip
+        reopen = RunUpdate(id=sweep_id, status=RunStatus.RUNNING, ended_at=None, error=None,
+                           result=None)  # fmt: skip
         engine.recorder.store.write(WriteBatch(updates=[reopen]))
         try:
             runs = function._submit(
@@ -299,8 +297,8 @@ def _resubmit(
                 each_tags=[{RESUMES: old} for old in replaces],
             )
         except BaseException as exc:  # nothing was started: the sweep is closed again
-            failed = {"id": sweep_id, "status": str(RunStatus.FAILED), "ended_at": time.time(),
-                      "error": f"resuming failed: {exc}"}  # fmt: skip
+            failed = RunUpdate(id=sweep_id, status=RunStatus.FAILED, ended_at=time.time(),
+                               error=f"resuming failed: {exc}")  # fmt: skip
             engine.recorder.store.write(WriteBatch(updates=[failed]))
             raise
     else:

@@ -48,6 +48,7 @@ from kiln.errors import EnvError, RunFailed, ValidationError
 from kiln.record.model import Artifact, CodeSnapshot, RunRecord, RunStatus
 from kiln.record.runs import ActiveRun, Dataset, input_row, new_run_id
 from kiln.record.snapshot import capture_environment
+from kiln.record.store.rows import RunRow
 from kiln.record.values import result_json, to_json, warn_unrecorded
 
 if TYPE_CHECKING:
@@ -286,12 +287,8 @@ class Function(Generic[P, R]):
         engine = engine_for(self.app.settings)
         tally = _Tally(engine, sweep_id, len(calls))
         parent = self._row(self.app.settings, sweep_id, {"runs": len(calls)}, None, time.time())
-        parent.update(
-            status=str(RunStatus.RUNNING),
-            started_at=parent["created_at"],
-            tags={"kind": "sweep"},
-            resources=None,
-        )
+        parent.status, parent.started_at = RunStatus.RUNNING, parent.created_at
+        parent.tags, parent.resources = {"kind": "sweep"}, None
         runs = self._submit([((), kw) for kw in calls], parent=parent, on_done=tally.run_done)
         return Sweep(sweep_id, runs, engine, function=self, calls=calls, tally=tally)
 
@@ -338,36 +335,35 @@ class Function(Generic[P, R]):
         params: dict[str, Any],
         parent_id: str | None,
         now: float,
-    ) -> dict[str, Any]:
+    ) -> RunRow:
         engine = engine_for(settings)
-        return {
-            "id": run_id,
-            "app": self.app.name,
-            "function": self.name,
-            "status": str(RunStatus.QUEUED),
-            "actor": settings.actor,
-            "host": _HOST,
-            "pid": os.getpid(),
-            "engine": settings.backend,
-            "parent_id": parent_id,
-            "created_at": now,
-            "heartbeat_at": now,
-            "params": params,
-            "tags": {},
-            "code": _code_snapshot(engine, self.fn),
-            "environment": _environment(engine),
-            "resources": {
+        return RunRow(
+            id=run_id,
+            app=self.app.name,
+            function=self.name,
+            status=RunStatus.QUEUED,
+            actor=settings.actor,
+            host=_HOST,
+            pid=os.getpid(),
+            engine=settings.backend,
+            parent_id=parent_id,
+            created_at=now,
+            heartbeat_at=now,
+            params=params,
+            code=_code_snapshot(engine, self.fn),
+            environment=_environment(engine),
+            resources={
                 "requested": self.resources.to_json(),
                 "limits": {"timeout_s": self.timeout_s, "retries": self.retries},
                 "env": None if self.env is None else self.env.__kiln_json__(),
             },
-        }
+        )
 
     def _submit(
         self,
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
         *,
-        parent: dict[str, Any] | None = None,
+        parent: RunRow | None = None,
         parent_id: str | None = None,
         on_done: Callable[[Call, Outcome], None] | None = None,
         tags: dict[str, str] | None = None,
@@ -391,7 +387,7 @@ class Function(Generic[P, R]):
         }
         sys_path, cwd = _code_paths(), str(Path.cwd())
         now = time.time()
-        parent_id = parent["id"] if parent else parent_id
+        parent_id = parent.id if parent else parent_id
         own_tags = list(each_tags) if each_tags is not None else [{}] * len(checked)
         prepared = []
         for i, (args, kwargs, params, datasets) in enumerate(checked):
@@ -416,11 +412,11 @@ class Function(Generic[P, R]):
             # Created a microsecond apart, in call order: "created first" is a stable
             # tie-break (Sweep.best) and lists show a sweep in grid order.
             row = self._row(settings, run_id, params, parent_id, now + i * 1e-6)
-            row["tags"] = {**(tags or {}), **own_tags[i]}
+            row.tags = {**(tags or {}), **own_tags[i]}
             call = Call(row, spec, retries=self.retries)
             if env is not None:
                 call.environment = {"env_id": env.env_id, "lock_sha256": env.lock_sha256}
-                row["environment"] = {**row["environment"], **call.environment}
+                row.environment = {**(row.environment or {}), **call.environment}
             call.inputs = [input_row(run_id, d) for d in datasets]
             if on_done is not None:
                 call.on_done.append(on_done)
@@ -429,7 +425,7 @@ class Function(Generic[P, R]):
         return [Run(c.spec.run_id, engine, c.future) for c in prepared]
 
     def _environment(
-        self, engine: Engine, checked: list[Any], parent: dict[str, Any] | None
+        self, engine: Engine, checked: list[Any], parent: RunRow | None
     ) -> Materialized | Locked | None:
         """The env for this function, or None; a failure is recorded, then raised.
 
@@ -460,21 +456,22 @@ class Function(Generic[P, R]):
             raise
 
     def _record_env_failure(
-        self, engine: Engine, checked: list[Any], parent: dict[str, Any] | None, exc: EnvError
+        self, engine: Engine, checked: list[Any], parent: RunRow | None, exc: EnvError
     ) -> None:
         from kiln.record.store.base import WriteBatch
+        from kiln.record.store.rows import cut_text
 
         now = time.time()
         batch = WriteBatch(new_runs=[parent] if parent else [])
         for _args, _kwargs, params, _datasets in checked:
-            parent_id = parent["id"] if parent else None
+            parent_id = parent.id if parent else None
             row = self._row(self.app.settings, new_run_id(), params, parent_id, now)
-            row.update(status=str(RunStatus.FAILED), ended_at=now, error=str(exc))
-            row["resources"] = {**row["resources"], "stage": "environment"}
+            row.status, row.ended_at, row.error = RunStatus.FAILED, now, cut_text(str(exc))
+            row.resources = {**(row.resources or {}), "stage": "environment"}
             batch.new_runs.append(row)
-            exc.run_ids.append(row["id"])
+            exc.run_ids.append(row.id)
         if parent:
-            parent.update(status=str(RunStatus.FAILED), ended_at=now, error=str(exc))
+            parent.status, parent.ended_at, parent.error = RunStatus.FAILED, now, cut_text(str(exc))
         engine.recorder.store.write(batch)
 
     def __repr__(self) -> str:

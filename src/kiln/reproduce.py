@@ -93,13 +93,14 @@ def reproduce(
     # The verdict goes on the reproduction's record: promotion policies look for it,
     # with what it was reached under (a policy may insist on its own terms).
     from kiln.record.store.base import WriteBatch
+    from kiln.record.store.rows import RunUpdate
 
     tags = {**run.record().tags, "reproduce_verdict": result.verdict}
     if ignore:
         tags["reproduce_ignored"] = ",".join(sorted(set(ignore)))
     if rtol:
         tags["reproduce_rtol"] = repr(rtol)
-    store.write(WriteBatch(updates=[{"id": run.id, "tags": tags}]))
+    store.write(WriteBatch(updates=[RunUpdate(id=run.id, tags=tags)]))
     return result
 
 

@@ -16,7 +16,9 @@ import pytest
 from conftest import STORES
 from kiln.errors import NotFoundError, ValidationError
 from kiln.record.blobs import FileBlobStore
+from kiln.record.model import RunStatus
 from kiln.record.store.base import WriteBatch
+from kiln.record.store.rows import ArtifactRow, RunRow
 from kiln.record.store.sql import SqlStore
 from kiln.registry.models import AliasMove, PromotionRequest, models_for
 from kiln.registry.policy import PolicyError
@@ -40,11 +42,11 @@ def trained(store: Any, n: int, accuracy: float) -> str:
     sha = store.blob_store.put_bytes(f"model {n}".encode())
     now = time.time()
     store.write(WriteBatch(
-        new_runs=[{"id": run_id, "app": "fraud", "status": "succeeded", "created_at": now,
-                   "started_at": now, "ended_at": now, "params": {}, "tags": {}}],
+        new_runs=[RunRow(id=run_id, app="fraud", status=RunStatus.SUCCEEDED, created_at=now,
+                         started_at=now, ended_at=now)],
         summaries=[(run_id, "fraud", "accuracy", accuracy)],
-        artifacts=[{"run_id": run_id, "direction": "out", "name": "model.pkl",
-                    "kind": "pickle", "sha256": sha, "size": 7, "uri": None}],
+        artifacts=[ArtifactRow(run_id=run_id, direction="out", name="model.pkl",
+                               kind="pickle", sha256=sha, size=7)],
     ))  # fmt: skip
     return run_id
 

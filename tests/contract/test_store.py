@@ -20,6 +20,7 @@ from kiln.record.model import RunStatus
 from kiln.record.store import open_store
 from kiln.record.store._schema import metadata
 from kiln.record.store.base import KilnStore, RunQuery, WriteBatch
+from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
 from kiln.record.store.sql import SqlStore
 from kiln.testing import MemoryStore
 
@@ -33,7 +34,7 @@ def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
         yield s
 
 
-def run_row(run_id: str, *, app: str = "a", created: float = 0.0, **extra: object) -> dict:
+def run_row(run_id: str, *, app: str = "a", created: float = 0.0, **extra: object) -> RunRow:
     row = {
         "id": run_id,
         "app": app,
@@ -43,7 +44,7 @@ def run_row(run_id: str, *, app: str = "a", created: float = 0.0, **extra: objec
         "tags": {},
     }
     row.update(extra)
-    return row
+    return RunRow.model_validate(row)
 
 
 def hexid(n: int, prefix: str = "") -> str:
@@ -80,17 +81,13 @@ def test_write_and_read_back_a_whole_record(store: KilnStore) -> None:
             metrics=[(rid, "loss", i, 100.0 + i, 1.0 / (i + 1)) for i in range(5)],
             summaries=[(rid, "a", "loss", 0.2)],
             artifacts=[
-                {
-                    "run_id": rid,
-                    "name": "m.pkl",
-                    "direction": "out",
-                    "kind": "pickle",
-                    "sha256": model,
-                    "size": 10,
-                    "uri": None,
-                }
+                ArtifactRow(
+                    run_id=rid, name="m.pkl", direction="out", kind="pickle", sha256=model, size=10
+                )
             ],
-            updates=[{"id": rid, "status": "succeeded", "ended_at": 5.0, "result": {"acc": 1}}],
+            updates=[
+                RunUpdate(id=rid, status=RunStatus.SUCCEEDED, ended_at=5.0, result={"acc": 1})
+            ],
         )
     )
     record = store.get_run(rid)
@@ -178,11 +175,11 @@ def test_order_by_run_fields_and_limit(store: KilnStore) -> None:
 
 def test_summary_and_artifact_writes_are_upserts(store: KilnStore) -> None:
     rid = hexid(9)
-    art = {"run_id": rid, "name": "f", "direction": "out", "kind": "file", "size": 1, "uri": None}
     first, second = store.blob_store.put_bytes(b"a"), store.blob_store.put_bytes(b"b")
     store.write(WriteBatch(new_runs=[run_row(rid)]))
-    store.write(WriteBatch(summaries=[(rid, "a", "m", 1.0)], artifacts=[{**art, "sha256": first}]))
-    store.write(WriteBatch(summaries=[(rid, "a", "m", 2.0)], artifacts=[{**art, "sha256": second}]))
+    for value, sha in ((1.0, first), (2.0, second)):
+        art = ArtifactRow(run_id=rid, name="f", direction="out", kind="file", sha256=sha, size=1)
+        store.write(WriteBatch(summaries=[(rid, "a", "m", value)], artifacts=[art]))
     record = store.get_run(rid)
     assert record.summary == {"m": 2.0}
     assert [a.sha256 for a in record.artifacts] == [second]

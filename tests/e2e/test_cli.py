@@ -217,17 +217,11 @@ def test_runs_ls_filters_by_sweep(three_runs: list[str]) -> None:
 def test_the_table_shows_every_status() -> None:
     from kiln.record.recorder import recorder_for
     from kiln.record.store.base import WriteBatch
+    from kiln.record.store.rows import RunRow
 
     store = recorder_for(Settings.from_env()).store
     rows = [
-        {
-            "id": f"{i:032x}",
-            "app": "st",
-            "status": str(status),
-            "created_at": float(i),
-            "params": {},
-            "tags": {},
-        }
+        RunRow(id=f"{i:032x}", app="st", status=status, created_at=float(i))
         for i, status in enumerate(kiln.RunStatus, start=1)
     ]
     store.write(WriteBatch(new_runs=rows))

@@ -14,6 +14,7 @@ import kiln
 from kiln.config import Settings
 from kiln.record.recorder import recorder_for
 from kiln.record.store.base import WriteBatch
+from kiln.record.store.rows import RunUpdate
 from kiln.reproduce import ReproduceError, reproduce
 
 TRAIN = """
@@ -86,7 +87,7 @@ def test_without_any_record_of_the_code_the_error_says_what_is_missing(tmp_path:
     code = {"module_path": str(folder / "train.py"), "repo_root": str(tmp_path / "gone"),
             "commit": "0" * 40}  # fmt: skip
     recorder_for(Settings.from_env()).store.write(
-        WriteBatch(updates=[{"id": run_id, "code": code}])
+        WriteBatch(updates=[RunUpdate(id=run_id, code=code)])
     )
     with pytest.raises(ReproduceError, match=r"repository .*gone is gone, and its module source"):
         reproduce(run_id)

@@ -22,9 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ServerProcess
 from kiln.config import Settings
+from kiln.record.model import RunStatus
 from kiln.record.store import open_store
 from kiln.record.store.base import WriteBatch
 from kiln.record.store.http import HttpStore
+from kiln.record.store.rows import RunRow, RunUpdate
 
 Start = Callable[..., ServerProcess]
 
@@ -119,7 +121,7 @@ def test_metrics_count_requests_by_route_and_points_ingested(
     server = start_server()
     with HttpStore(server.url, cache=tmp_path / "cache") as store:
         rid = "cd" * 16
-        store.write(WriteBatch(new_runs=[run_row(rid)]))
+        store.write(WriteBatch(new_runs=[RunRow.model_validate(run_row(rid))]))
         store.write(WriteBatch(metrics=[(rid, "loss", i, 1.0, 0.5) for i in range(250)]))
         store.get_run(rid)
     text = httpx.get(f"{server.url}/metrics").text
@@ -190,7 +192,7 @@ def test_an_idempotency_key_applies_a_batch_once(start_server: Start, tmp_path: 
     server = start_server()
     with HttpStore(server.url, cache=tmp_path / "cache") as store:
         rid = "ab" * 16
-        store.write(WriteBatch(new_runs=[run_row(rid)]))
+        store.write(WriteBatch(new_runs=[RunRow.model_validate(run_row(rid))]))
         batch = WriteBatch(metrics=[(rid, "m", i, 1.0, float(i)) for i in range(10)],
                            key="retried-batch-1")  # fmt: skip
         store.write(batch)
@@ -380,13 +382,13 @@ def test_hostile_writes_are_refused_before_anything_is_stored(
         assert taken.status_code in (409, 422)
         assert str(server.home) not in taken.text and server.store_url not in taken.text
     with HttpStore(server.url, cache=tmp_path / "cache", actor="Zoë Ωmega") as store:
-        store.write(WriteBatch(updates=[{"id": rid, "status": "failed", "ended_at": 2.0,
-                                         "error": "x" * 1_500_000}]))  # fmt: skip
+        store.write(WriteBatch(updates=[RunUpdate(id=rid, status=RunStatus.FAILED, ended_at=2.0,
+                                                  error="x" * 1_500_000)]))  # fmt: skip
         record = store.get_run(rid)
         assert record.error is not None and len(record.error) <= 1_000_000
         assert record.error.startswith("[500,100 characters cut here]")
     with HttpStore(server.url, cache=tmp_path / "cache2", actor="Zoë Ωmega") as store:
-        store.write(WriteBatch(new_runs=[run_row("ef" * 16)]))
+        store.write(WriteBatch(new_runs=[RunRow.model_validate(run_row("ef" * 16))]))
         assert store.audit_events(action="run.create", target="ef" * 16)[0]["actor"] == "Zoë Ωmega"
 
 
@@ -397,11 +399,12 @@ def test_a_refused_row_costs_only_itself(start_server: Start, tmp_path: Path) ->
         """
         import kiln
         from kiln.record import recorder
+        from kiln.record.store.rows import ArtifactRow
         with kiln.App("a").run() as run:
             kiln.log({"x": 1.0})
             rec = recorder.recorder_for(kiln.config.Settings.from_env())
-            rec.enqueue(artifacts=[{"run_id": run.id, "direction": "out", "name": "ghost",
-                                    "kind": "file", "sha256": "e" * 64, "size": 1, "uri": None}])
+            rec.enqueue(artifacts=[ArtifactRow(run_id=run.id, direction="out", name="ghost",
+                                               kind="file", sha256="e" * 64, size=1)])
             kiln.log({"x": 2.0})
         print(run.id)
         """

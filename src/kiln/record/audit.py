@@ -18,7 +18,10 @@ import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
 
 GENESIS = "0" * 64
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
@@ -86,9 +89,9 @@ def chain(events: Iterable[Event], last_seq: int, last_hash: str) -> list[dict[s
 
 
 def events_for_writes(
-    new_runs: list[dict[str, Any]],
-    updates: list[dict[str, Any]],
-    artifacts: list[dict[str, Any]],
+    new_runs: list[RunRow],
+    updates: list[RunUpdate],
+    artifacts: list[ArtifactRow],
     *,
     actor: str,
     now: float,
@@ -98,27 +101,28 @@ def events_for_writes(
     Imported runs are created by ``actor`` (who imported them), not by whom they claim."""
     events = []
     for row in new_runs:
-        payload = {k: row.get(k) for k in ("app", "function", "status", "params", "tags",
-                                            "parent_id", "engine", "code")}  # fmt: skip
-        who = actor if imported else row.get("actor") or actor
-        events.append(Event("run.create", row["id"], payload, now, who))
-        if row.get("status") in TERMINAL:  # created already ended (an env failure)
-            events.append(Event("run.end", row["id"], _end(row), now, who))
+        payload = row.model_dump(mode="json", include=_CREATED)
+        who = actor if imported else row.actor or actor
+        events.append(Event("run.create", row.id, payload, now, who))
+        if row.status.terminal:  # created already ended (an env failure)
+            events.append(Event("run.end", row.id, _end(row), now, who))
     for update in updates:
-        if update.get("status") in TERMINAL:
-            events.append(Event("run.end", update["id"], _end(update), now, actor))
+        if update.status is not None and update.status.terminal:
+            events.append(Event("run.end", update.id, _end(update), now, actor))
     for art in artifacts:
-        payload = {k: art[k] for k in ("name", "direction", "kind", "sha256", "size")}
-        events.append(Event("artifact.save", art["run_id"], payload, now, actor))
+        payload = art.model_dump(include={"name", "direction", "kind", "sha256", "size"})
+        events.append(Event("artifact.save", art.run_id, payload, now, actor))
     return events
 
 
-def _end(fields: Mapping[str, Any]) -> dict[str, Any]:
-    error = fields.get("error")
+_CREATED = {"app", "function", "status", "params", "tags", "parent_id", "engine", "code"}
+
+
+def _end(row: RunRow | RunUpdate) -> dict[str, Any]:
     return {
-        "status": fields.get("status"),
-        "result": fields.get("result"),
-        "error_sha256": sha256_text(error) if error else None,
+        "status": str(row.status),
+        "result": row.result,
+        "error_sha256": sha256_text(row.error) if row.error else None,
     }
 
 

@@ -29,14 +29,16 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+import pydantic
 
 from kiln._hashing import sha256_bytes
 from kiln.errors import KilnError, NotFoundError
 from kiln.record.blobs import FileBlobStore
 from kiln.record.model import RunStatus
-from kiln.record.store._schema import runs as _runs_table
 from kiln.record.store.base import MetricRow, WriteBatch
+from kiln.record.store.rows import ArtifactRow, RunRow
 from kiln.record.values import (
     ARTIFACT_NAME_MAX,
     artifact_name,
@@ -62,7 +64,8 @@ MAX_MANIFEST = 64 << 20
 MAX_METRICS = 1 << 30
 _SHA = re.compile(r"[0-9a-f]{64}")
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
-_RUN_COLUMNS = {c.name for c in _runs_table.columns}
+_RUN_COLUMNS = set(RunRow.model_fields)
+_Row = TypeVar("_Row", RunRow, ArtifactRow)
 
 
 # What each blob a run's record points at is, as `kiln export` names one it left out.
@@ -290,7 +293,7 @@ def _check_blobs_accounted(manifest: dict[str, Any], rows: WriteBatch) -> None:
     """Every blob the rows name is in the bundle or declared left out: a manifest that
     drops one silently would import a run whose bytes are lost without a word."""
     run = rows.new_runs[0]
-    code, env = run.get("code") or {}, run.get("environment") or {}
+    code, env = run.code or {}, run.environment or {}
     named = {a["sha256"] for a in manifest["artifacts"] if a.get("direction") == "out"}
     named |= {owner[key] for key, owner in (("patch_sha256", code), ("source_blob", code),
               ("packages_sha256", env), ("lock_sha256", env)) if owner.get(key)}  # fmt: skip
@@ -330,28 +333,28 @@ def import_bundle(
             _check_blobs_accounted(manifest, rows)
         except (KeyError, ValueError, TypeError, RecursionError) as exc:
             raise BundleError(f"{path} is not imported: {str(exc)[:300]}") from None
-        run = rows.new_runs[0]
+        run_id = rows.new_runs[0].id
         try:
-            existing = store.export_rows(run["id"])
+            existing = store.export_rows(run_id)
         except RunNotFoundError:
             existing = None
         if existing is not None:
-            if existing["run"] != run or existing["artifacts"] != manifest["artifacts"]:
+            if existing["run"] != manifest["run"] or existing["artifacts"] != manifest["artifacts"]:
                 raise BundleError(
-                    f"run {run['id']} is already in this store with other contents; not imported"
+                    f"run {run_id} is already in this store with other contents; not imported"
                 )
-            return run["id"], False
+            return run_id, False
         for sha in manifest["blobs"]["included"]:
             with zf.open(f"blobs/{sha}") as src:
                 blobs.put_stream(src, sha)  # hashed again as it is stored
     rows.origin = {
         "bundle_sha256": _seal_of(path),
         "signed_by": checked.signer,
-        "claimed_actor": run.get("actor"),
+        "claimed_actor": manifest["run"].get("actor"),
         "omitted": manifest["blobs"].get("omitted", []),  # audit verify expects these absent
     }
     store.write(rows)
-    return run["id"], True
+    return run_id, True
 
 
 def _local(blobs: BlobStore, sha: str) -> Path | None:
@@ -413,9 +416,20 @@ def _rows(manifest: dict[str, Any], points: Any) -> WriteBatch:
         (run_id, run["app"], metric_key(k), _decode(v)) for k, v in manifest["summary"].items()
     ]
     return WriteBatch(
-        new_runs=[run], metrics=metrics, summaries=summaries,
-        artifacts=manifest["artifacts"], seal=[run_id],
+        new_runs=[_typed(RunRow, run, "run")], metrics=metrics, summaries=summaries,
+        artifacts=[_typed(ArtifactRow, a, "artifact") for a in manifest["artifacts"]],
+        seal=[run_id],
     )  # fmt: skip
+
+
+def _typed(model: type[_Row], data: dict[str, Any], what: str) -> _Row:
+    """``data`` as a row, or a ValueError naming the first field that is not valid."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise ValueError(f"{what}.{where}: {first['msg']}") from None
 
 
 def _check_artifact(art: Any, run_id: str) -> None:

@@ -18,13 +18,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kiln.config import Settings, make_home
 from kiln.errors import StoreRefusedError, StoreUnavailableError
 from kiln.record.model import RunStatus
 from kiln.record.snapshot import CodeCapture
 from kiln.record.store.base import WRITE_PARTS, MetricRow, RunQuery, Store, WriteBatch
+from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
 
 if TYPE_CHECKING:
     from kiln.record.runs import ActiveRun
@@ -85,8 +86,8 @@ class Recorder:
     def enqueue(
         self,
         *,
-        artifacts: list[dict[str, Any]] | None = None,
-        updates: list[dict[str, Any]] | None = None,
+        artifacts: list[ArtifactRow] | None = None,
+        updates: list[RunUpdate] | None = None,
         summaries: list[tuple[str, str, str, float]] | None = None,
     ) -> None:
         with self._lock:
@@ -94,7 +95,7 @@ class Recorder:
             self._pending.updates.extend(updates or ())
             self._pending.summaries.extend(summaries or ())
 
-    def start(self, run: ActiveRun, row: dict[str, Any]) -> None:
+    def start(self, run: ActiveRun, row: RunRow) -> None:
         """Write the run's row now, so other processes see it running at once. To a
         server, the writer sends it at once, off the caller's path (a run that ends
         first goes in the same batch as its end: one round trip instead of two)."""
@@ -121,7 +122,7 @@ class Recorder:
 
         def job() -> None:
             snapshot = self.code.capture(module_path)
-            self.enqueue(updates=[{"id": run_id, "code": asdict(snapshot)}])
+            self.enqueue(updates=[RunUpdate(id=run_id, code=asdict(snapshot))])
 
         return pool.submit(job)
 
@@ -131,7 +132,7 @@ class Recorder:
             self.active[run.id] = run
         self._ensure_thread()
 
-    def finish(self, run: ActiveRun, update: dict[str, Any] | None) -> None:
+    def finish(self, run: ActiveRun, update: RunUpdate | None) -> None:
         """Write the run's last points and final state (if given) in one transaction."""
         with self._lock:
             self.active.pop(run.id, None)
@@ -188,8 +189,10 @@ class Recorder:
         """Give up on one row the store refuses, and say so on its run."""
         part = next(p for p in WRITE_PARTS if getattr(row, p))
         value = getattr(row, part)[0]
-        if isinstance(value, dict):
-            run_id = str(value.get("run_id") or value.get("id"))
+        if isinstance(value, ArtifactRow):
+            run_id = value.run_id
+        elif isinstance(value, RunRow | RunUpdate):
+            run_id = value.id
         else:
             run_id = value if isinstance(value, str) else value[0]
         message = f"{_WHAT[part]} was not stored: {str(exc).split(': ', 1)[-1]}"
@@ -231,7 +234,7 @@ class Recorder:
             for run in runs:
                 run.sample_memory()
             if runs:
-                self.enqueue(updates=[{"id": r.id, "heartbeat_at": now} for r in runs])
+                self.enqueue(updates=[RunUpdate(id=r.id, heartbeat_at=now) for r in runs])
             try:
                 self.flush(seal=True)
             except Exception as exc:  # keep the points; the next flush retries
@@ -267,7 +270,7 @@ def mark_lost_runs(store: Store) -> int:
     its heartbeat is older than ``LOST_AFTER_S``.
     """
     host, now = socket.gethostname(), time.time()
-    updates = []
+    updates: list[RunUpdate] = []
     query = RunQuery(status=(RunStatus.QUEUED, RunStatus.RUNNING), limit=None)
     for run in store.query_runs(query):
         if run.host == host and run.pid is not None:
@@ -279,9 +282,7 @@ def mark_lost_runs(store: Store) -> int:
         else:
             continue
         ended = run.heartbeat_at or run.created_at
-        updates.append(
-            {"id": run.id, "status": str(RunStatus.LOST), "error": cause, "ended_at": ended}
-        )
+        updates.append(RunUpdate(id=run.id, status=RunStatus.LOST, error=cause, ended_at=ended))
     if updates:
         store.write(WriteBatch(updates=updates))
     return len(updates)

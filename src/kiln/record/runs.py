@@ -22,9 +22,10 @@ from kiln._hashing import sha256_file, sha256_tree
 from kiln.config import Settings
 from kiln.errors import NoActiveRunError, ValidationError
 from kiln.record._pickling import dumps
-from kiln.record.model import Artifact, RunStatus
+from kiln.record.model import Artifact, ArtifactKind, Direction, RunStatus
 from kiln.record.snapshot import capture_environment
 from kiln.record.store.base import MetricRow
+from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
 from kiln.record.values import (
     INT64_MAX,
     INT64_MIN,
@@ -106,24 +107,24 @@ class ActiveRun:
 
         rec.start(
             self,
-            {
-                "id": self.id,
-                "app": self.app,
-                "name": self.name,
-                "function": self._function,
-                "status": str(RunStatus.RUNNING),
-                "actor": rec.settings.actor,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "engine": "inline",
-                "parent_id": self._parent_id,
-                "created_at": now,
-                "started_at": now,
-                "heartbeat_at": now,
-                "params": self.params,
-                "tags": self.tags,
-                "environment": asdict(env),
-            },
+            RunRow(
+                id=self.id,
+                app=self.app,
+                name=self.name,
+                function=self._function,
+                status=RunStatus.RUNNING,
+                actor=rec.settings.actor,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                engine="inline",
+                parent_id=self._parent_id,
+                created_at=now,
+                started_at=now,
+                heartbeat_at=now,
+                params=self.params,
+                tags=self.tags,
+                environment=asdict(env),
+            ),
         )
         # git runs beside the user's code; the record gets it before the run closes
         self._code = rec.capture_code(self.id, self._module_path)
@@ -189,14 +190,14 @@ class ActiveRun:
             self._code.result()
         self._rec().finish(
             self,
-            {
-                "id": self.id,
-                "status": str(status),
-                "ended_at": time.time(),
-                "error": error,
-                "result": self.result,
-                "usage": usage,
-            },
+            RunUpdate(
+                id=self.id,
+                status=status,
+                ended_at=time.time(),
+                error=error,
+                result=self.result,
+                usage=usage,
+            ),
         )
 
     def _rec(self) -> Recorder:
@@ -259,14 +260,14 @@ class ActiveRun:
         if new:  # written once per new key, not per call: log() is the hot path
             self._volatile |= new
             self._rec().enqueue(
-                updates=[{"id": self.id, "volatile_metrics": sorted(self._volatile)}]
+                updates=[RunUpdate(id=self.id, volatile_metrics=sorted(self._volatile))]
             )
 
     def save(self, name: str, obj: Any) -> str:
         """Store an artifact; see :func:`kiln.save`. Returns its sha256."""
         name = artifact_name(name)
         blobs = self._rec().blobs
-        rows: list[dict[str, Any]] = []
+        rows: list[ArtifactRow] = []
         if isinstance(obj, str | os.PathLike):
             path = Path(obj)
             if path.is_dir():
@@ -286,6 +287,7 @@ class ActiveRun:
             sha, size = blobs.put_file(path)
             rows.append(_artifact_row(self.id, name, "out", "file", sha, size, str(path)))
         else:
+            kind: ArtifactKind
             if isinstance(obj, bytes | bytearray | memoryview):
                 data, kind = bytes(obj), "file"
             else:
@@ -438,7 +440,7 @@ def caller_module() -> Path | None:
     return None
 
 
-def input_row(run_id: str, item: Dataset | Artifact) -> dict[str, Any]:
+def input_row(run_id: str, item: Dataset | Artifact) -> ArtifactRow:
     """The artifacts-table row recording ``item`` as an input of ``run_id``."""
     if isinstance(item, Dataset):
         return _artifact_row(
@@ -448,17 +450,17 @@ def input_row(run_id: str, item: Dataset | Artifact) -> dict[str, Any]:
 
 
 def _artifact_row(
-    run_id: str, name: str, direction: str, kind: str, sha: str, size: int, uri: str | None
-) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "name": name,
-        "direction": direction,
-        "kind": kind,
-        "sha256": sha,
-        "size": size,
-        "uri": uri,
-    }
+    run_id: str,
+    name: str,
+    direction: Direction,
+    kind: ArtifactKind,
+    sha: str,
+    size: int,
+    uri: str | None,
+) -> ArtifactRow:
+    return ArtifactRow(
+        run_id=run_id, name=name, direction=direction, kind=kind, sha256=sha, size=size, uri=uri
+    )
 
 
 def _current_rss() -> int:

@@ -8,117 +8,42 @@ the field. Non-finite floats travel as ``"NaN"``, ``"Infinity"`` and ``"-Infinit
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=32)]
-RunId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]  # kiln.record.runs
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"  # kiln.record.values.check_name
+from kiln.record.store.rows import (
+    JSON,
+    MAX_DEPTH,
+    NAME_PATTERN,
+    ArtifactRow,
+    Id,
+    Int64,
+    Key,
+    ModelName,
+    Name,
+    RunId,
+    RunRow,
+    RunUpdate,
+    Sha,
+    Short,
+    Status,
+    Strict,
+    Text,
+    plain_json,
+)
+
 ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,99}$"  # kiln.registry.refs
 REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}(:[1-9][0-9]{0,8}|@[a-z][a-z0-9_-]{0,99})$"
 TRACE_PATTERN = r"^[0-9a-fA-F]{8,32}$"
-ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Ref = Annotated[str, StringConstraints(pattern=REF_PATTERN)]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
-Key = Annotated[str, StringConstraints(min_length=1, max_length=250)]
-Sha = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-Text = Annotated[str, StringConstraints(max_length=1_000_000)]
-Short = Annotated[str, StringConstraints(max_length=500)]
 Number = float | Literal["NaN", "Infinity", "-Infinity"] | None
-Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "lost"]
-MAX_DEPTH = 64
 
-
-def plain_json(value: Any, depth: int = 0) -> Any:
-    """``value`` if it is JSON every store keeps and reads back exactly: finite numbers,
-    integers of up to 64 bits, nested at most :data:`MAX_DEPTH` deep."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{value} is not a JSON number (send finite numbers)")
-    if isinstance(value, int) and not isinstance(value, bool) and not (
-        -(2**63) <= value <= 2**64 - 1
-    ):  # fmt: skip
-        raise ValueError("an integer of more than 64 bits (send it as a string)")
-    if isinstance(value, dict | list):
-        if depth >= MAX_DEPTH:
-            raise ValueError(f"nested more than {MAX_DEPTH} deep")
-        for item in value.values() if isinstance(value, dict) else value:
-            plain_json(item, depth + 1)
-    return value
-
-
-JSON = Annotated[Any, AfterValidator(plain_json)]
-
-
-class Strict(BaseModel):
-    """What a client sends: no unknown fields, no coercion (``0`` is not ``false``)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
-
-
-class RunRow(Strict):
-    """A new run's row."""
-
-    id: RunId
-    app: ModelName
-    status: Status
-    created_at: float
-    name: ModelName | None = None
-    function: Short | None = None
-    actor: Name | None = None
-    host: Annotated[str, StringConstraints(max_length=255)] | None = None
-    pid: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
-    engine: Annotated[str, StringConstraints(max_length=32)] | None = None
-    parent_id: RunId | None = None
-    started_at: float | None = None
-    ended_at: float | None = None
-    heartbeat_at: float | None = None
-    params: dict[str, JSON] = Field(default_factory=dict)
-    tags: dict[str, str] = Field(default_factory=dict)
-    result: JSON = None
-    error: Text | None = None
-    code: dict[str, JSON] | None = None
-    environment: dict[str, JSON] | None = None
-    usage: dict[str, JSON] | None = None
-    attempt: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
-    resources: dict[str, JSON] | None = None
-    volatile_metrics: list[Key] | None = None
-
-
-class RunUpdate(Strict):
-    """Some fields of a run (``id`` names it); the fields not given stay as they are."""
-
-    id: RunId
-    status: Status | None = None
-    name: ModelName | None = None
-    started_at: float | None = None
-    ended_at: float | None = None
-    heartbeat_at: float | None = None
-    params: dict[str, JSON] | None = None
-    tags: dict[str, str] | None = None
-    result: JSON = None
-    error: Text | None = None
-    code: dict[str, JSON] | None = None
-    environment: dict[str, JSON] | None = None
-    usage: dict[str, JSON] | None = None
-    host: Annotated[str, StringConstraints(max_length=255)] | None = None
-    pid: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
-    engine: Annotated[str, StringConstraints(max_length=32)] | None = None
-    attempt: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
-    resources: dict[str, JSON] | None = None
-    volatile_metrics: list[Key] | None = None
-
-
-class ArtifactRow(Strict):
-    run_id: RunId
-    direction: Literal["in", "out"]
-    name: Annotated[str, StringConstraints(min_length=1, max_length=500)]
-    kind: Literal["file", "pickle", "dataset"]
-    sha256: Sha
-    size: Annotated[int, Field(ge=0, le=2**63 - 1)]
-    uri: Text | None = None
+__all__ = [
+    "JSON", "MAX_DEPTH", "NAME_PATTERN", "ArtifactRow", "Id", "Int64", "Key", "ModelName",
+    "Name", "RunId", "RunRow", "RunUpdate", "Sha", "Short", "Status", "Strict", "Text",
+    "plain_json",
+]  # fmt: skip
 
 
 class Batch(Strict):

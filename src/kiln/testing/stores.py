@@ -242,30 +242,27 @@ class MemoryStore(MemoryEndpointStore):
             if self._applied(batch):
                 return
             for row in batch.new_runs:
-                if row["id"] in self._runs or sum(r["id"] == row["id"] for r in batch.new_runs) > 1:
-                    raise StoreRefusedError(
-                        self.url, f"UNIQUE constraint failed: runs.id {row['id']}"
-                    )
+                if row.id in self._runs or sum(r.id == row.id for r in batch.new_runs) > 1:
+                    raise StoreRefusedError(self.url, f"UNIQUE constraint failed: runs.id {row.id}")
             if batch.key is not None:
                 self._keys[batch.key] = batch.digest
             gone = (
-                {r[0] for r in batch.metrics}
-                - self._runs.keys()
-                - {r["id"] for r in batch.new_runs}
+                {r[0] for r in batch.metrics} - self._runs.keys() - {r.id for r in batch.new_runs}
             )
             for row in batch.new_runs:
-                self._runs[row["id"]] = {"params": {}, "tags": {}, **row}
+                self._runs[row.id] = row.columns()
             for run_id, key, step, t, value in batch.metrics:
                 if run_id not in gone:
                     self._points.setdefault(run_id, []).append((key, step, t, value))
             for run_id, app, key, value in batch.summaries:
                 self._summary.setdefault(run_id, {})[key] = (app, value)
             for art in batch.artifacts:
-                self._artifacts.setdefault(art["run_id"], {})[(art["direction"], art["name"])] = {
-                    "uri": None, **art}  # fmt: skip
-            for fields in batch.updates:
-                if fields["id"] in self._runs:
-                    self._runs[fields["id"]].update(fields)
+                self._artifacts.setdefault(art.run_id, {})[(art.direction, art.name)] = (
+                    art.model_dump()
+                )
+            for update in batch.updates:
+                if update.id in self._runs:
+                    self._runs[update.id].update(update.columns())
             actor = batch.actor or self.actor
             events = audit.events_for_writes(batch.new_runs, batch.updates, batch.artifacts,
                                              actor=actor, now=time.time(),

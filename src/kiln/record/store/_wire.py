@@ -43,11 +43,11 @@ def from_number(value: float | str | None) -> float | None:
 def batch_to_wire(batch: WriteBatch) -> dict[str, Any]:
     """``batch`` as JSON data (its ``key`` and ``actor`` travel as headers)."""
     return {
-        "new_runs": batch.new_runs,
+        "new_runs": [row.model_dump(mode="json") for row in batch.new_runs],
         "metrics": [[r, k, s, t, number(v)] for r, k, s, t, v in batch.metrics],
         "summaries": [[r, a, k, number(v)] for r, a, k, v in batch.summaries],
-        "artifacts": batch.artifacts,
-        "updates": batch.updates,
+        "artifacts": [art.model_dump(mode="json") for art in batch.artifacts],
+        "updates": [u.model_dump(mode="json", exclude_unset=True) for u in batch.updates],
         "seal": batch.seal,
         "warnings": [list(w) for w in batch.warnings],
         "origin": batch.origin,

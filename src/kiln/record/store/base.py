@@ -12,6 +12,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from kiln.errors import ValidationError
 from kiln.record.model import MetricPoint, RunRecord, RunStatus
+from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate, cut_text
 
 if TYPE_CHECKING:
     from kiln.record import audit
@@ -26,16 +27,16 @@ MetricRow = tuple[str, str, int, float, float | None]
 class WriteBatch:
     """Everything one flush writes, in one transaction.
 
-    ``new_runs`` and ``artifacts`` are column dicts; ``updates`` are partial
-    column dicts that each carry ``id``; ``summaries`` are (run_id, app, key, value)
-    upserts of a run's latest value per metric.
+    Rows are typed (:mod:`kiln.record.store.rows`); metric points are tuples, being
+    many. ``summaries`` are (run_id, app, key, value) upserts of a run's latest value
+    per metric.
     """
 
-    new_runs: list[dict[str, Any]] = field(default_factory=list)
+    new_runs: list[RunRow] = field(default_factory=list)
     metrics: list[MetricRow] = field(default_factory=list)
     summaries: list[tuple[str, str, str, float]] = field(default_factory=list)
-    artifacts: list[dict[str, Any]] = field(default_factory=list)
-    updates: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: list[ArtifactRow] = field(default_factory=list)
+    updates: list[RunUpdate] = field(default_factory=list)
     seal: list[str] = field(default_factory=list)  # ended runs to seal in the audit log
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (run_id, what was dropped)
     # Where ``new_runs`` came from, if not from this store's own processes (a bundle):
@@ -51,13 +52,10 @@ class WriteBatch:
         return any(getattr(self, part) for part in WRITE_PARTS)
 
     def cut_texts(self) -> None:
-        """Cut run errors and warnings longer than :data:`TEXT_CHARS` (a traceback of a
-        huge message) to their last part, saying so, so that every store keeps them."""
-        for row in (*self.new_runs, *self.updates):
-            if isinstance(row.get("error"), str) and len(row["error"]) > TEXT_CHARS:
-                row["error"] = cut_text(row["error"])
-        self.warnings = [(r, cut_text(m)) if len(m) > TEXT_CHARS else (r, m)
-                         for r, m in self.warnings]  # fmt: skip
+        """Cut warnings longer than :data:`~kiln.record.store.rows.TEXT_CHARS` to their
+        last part, saying so, so that every store keeps them (a row's error is cut when
+        the row is built)."""
+        self.warnings = [(run_id, cut_text(m)) for run_id, m in self.warnings]
 
     def halves(self) -> tuple[WriteBatch, WriteBatch] | None:
         """This batch's rows in two batches, in the order they are written; None if it
@@ -69,18 +67,6 @@ class WriteBatch:
         for i, (part, row) in enumerate(rows):
             getattr(first if i < len(rows) // 2 else second, part).append(row)
         return first, second
-
-
-TEXT_CHARS = 1_000_000  # the longest error or warning a run keeps
-
-
-def cut_text(text: str, limit: int = TEXT_CHARS) -> str:
-    """``text`` if it fits in ``limit`` characters, else its end, after a line saying
-    how much was cut."""
-    if len(text) <= limit:
-        return text
-    keep = limit - 100
-    return f"[{len(text) - keep:,} characters cut here]\n" + text[-keep:]
 
 
 WRITE_PARTS = ("new_runs", "metrics", "summaries", "artifacts", "updates", "seal", "warnings")

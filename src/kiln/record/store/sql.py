@@ -37,7 +37,7 @@ from kiln.errors import (
 from kiln.record import audit
 from kiln.record.blobs import FileBlobStore
 from kiln.record.lineage import Lineage
-from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
+from kiln.record.model import Artifact, MetricPoint, RunRecord, RunStatus, record_from_row
 from kiln.record.store._endpoints import EndpointsAndSpans
 from kiln.record.store._identities import Identities
 from kiln.record.store._registry import RegistryAccess
@@ -53,6 +53,7 @@ from kiln.record.store._schema import (
 from kiln.record.store._schema import audit as audit_log
 from kiln.record.store._verify import registry_problems
 from kiln.record.store.base import RunQuery, WriteBatch
+from kiln.record.store.rows import RunUpdate
 
 SCHEMA_HEAD = "0012"
 _MIGRATIONS = Path(__file__).with_name("migrations")
@@ -176,11 +177,8 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             if batch.key is not None and not self._first_time(conn, batch.key, batch.digest):
                 return  # a retried copy of a batch applied already
             batch = self._without_removed_runs(conn, batch)
-            groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
-            for row in batch.new_runs:  # one executemany per set of columns
-                groups[tuple(sorted(row))].append(row)
-            for rows in groups.values():
-                conn.execute(runs.insert(), rows)
+            if batch.new_runs:
+                conn.execute(runs.insert(), [row.columns() for row in batch.new_runs])
             if batch.metrics:
                 conn.exec_driver_sql(self._metric_sql, batch.metrics)
             if batch.summaries:
@@ -198,7 +196,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                 self._upsert(
                     conn,
                     artifacts,
-                    batch.artifacts,
+                    [art.model_dump() for art in batch.artifacts],
                     keys=("run_id", "direction", "name"),
                     update=("kind", "sha256", "size", "uri"),
                 )
@@ -206,14 +204,15 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             # in one batch flushes what is pending first, so its updates keep their order.
             pending: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             seen: set[str] = set()
-            for fields in batch.updates:
-                if fields["id"] in seen:
+            for update in batch.updates:
+                if update.id in seen:
                     self._update(conn, pending)
                     pending, seen = {}, set()
-                seen.add(fields["id"])
+                seen.add(update.id)
+                fields = update.columns()
                 cols = tuple(sorted(k for k in fields if k != "id"))
                 pending.setdefault(cols, []).append(
-                    {"_id": fields["id"], **{k: fields[k] for k in cols}}
+                    {"_id": update.id, **{k: fields[k] for k in cols}}
                 )
             self._update(conn, pending)
             events = self._events(conn, batch)
@@ -229,7 +228,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             imported=batch.origin is not None,
         )  # fmt: skip
         if batch.origin is not None:
-            events += [audit.Event("run.import", row["id"], batch.origin, time.time(),
+            events += [audit.Event("run.import", row.id, batch.origin, time.time(),
                                    actor) for row in batch.new_runs]  # fmt: skip
         if batch.seal:
             events += self._seals(conn, batch.seal)
@@ -268,9 +267,9 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         """``batch`` less the rows of runs that no longer exist: a run removed (``kiln
         runs rm --force``) while a process still records it leaves nothing behind."""
         named = {r[0] for r in batch.metrics} | {r[0] for r in batch.summaries}
-        named |= {a["run_id"] for a in batch.artifacts} | {u["id"] for u in batch.updates}
+        named |= {a.run_id for a in batch.artifacts} | {u.id for u in batch.updates}
         named |= {*batch.seal, *(w[0] for w in batch.warnings)}
-        named -= {r["id"] for r in batch.new_runs}
+        named -= {r.id for r in batch.new_runs}
         if not named:
             return batch
         ids = sorted(named)
@@ -286,8 +285,8 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             new_runs=batch.new_runs,
             metrics=[r for r in batch.metrics if r[0] not in gone],
             summaries=[r for r in batch.summaries if r[0] not in gone],
-            artifacts=[a for a in batch.artifacts if a["run_id"] not in gone],
-            updates=[u for u in batch.updates if u["id"] not in gone],
+            artifacts=[a for a in batch.artifacts if a.run_id not in gone],
+            updates=[u for u in batch.updates if u.id not in gone],
             seal=[r for r in batch.seal if r not in gone],
             warnings=[w for w in batch.warnings if w[0] not in gone],
             origin=batch.origin, key=batch.key, actor=batch.actor,
@@ -469,10 +468,10 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         if not run_ids:
             return []
         now = time.time()
-        end = {"status": "cancelled", "ended_at": now,
+        end: dict[str, Any] = {"status": RunStatus.CANCELLED, "ended_at": now,
                "error": f"cancelled: removed by {self.actor} (kiln runs rm --force)"}  # fmt: skip
         conn.execute(runs.update().where(runs.c.id.in_(run_ids)).values(**end))
-        updates = [{"id": rid, **end} for rid in run_ids]
+        updates = [RunUpdate(id=rid, **end) for rid in run_ids]
         return audit.events_for_writes([], updates, [], actor=self.actor, now=now)
 
     def _children(self, run_id: str) -> list[str]:

@@ -86,13 +86,10 @@ def parse_body(model: type[M], data: bytes) -> M:
         ) from None
 
 
-def _new_run(row: schemas.RunRow, request: Request, caller: str) -> dict[str, Any]:
-    """A new run's columns; with authentication, who ran it is the token's principal,
+def _new_run(row: schemas.RunRow, request: Request, caller: str) -> schemas.RunRow:
+    """A new run's row; with authentication, who ran it is the token's principal,
     whatever the row says."""
-    out = {**row.model_dump(exclude_unset=True), "params": row.params, "tags": row.tags}
-    if request.app.state.auth:
-        out["actor"] = caller
-    return out
+    return row.model_copy(update={"actor": caller}) if request.app.state.auth else row
 
 
 def _summary(value: float | str | None) -> float:
@@ -130,8 +127,8 @@ async def write_batch(
         new_runs=[_new_run(r, request, store.actor) for r in body.new_runs],
         metrics=[(r, k, s, t, from_number(v)) for r, k, s, t, v in body.metrics],
         summaries=[(r, a, k, _summary(v)) for r, a, k, v in body.summaries],
-        artifacts=[a.model_dump() for a in body.artifacts],
-        updates=[u.model_dump(exclude_unset=True) for u in body.updates],
+        artifacts=body.artifacts,
+        updates=body.updates,
         seal=body.seal,
         warnings=[(r, m) for r, m in body.warnings],
         origin=body.origin,
