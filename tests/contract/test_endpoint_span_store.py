@@ -18,6 +18,7 @@ from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
 from kiln.record.blobs import FileBlobStore
 from kiln.record.store import open_store
 from kiln.record.store.base import EndpointRow, EndpointStore, ServerRow, SpanStore
+from kiln.record.store.rows import SpanRow
 from kiln.record.store.sql import SqlStore
 from kiln.testing import MemoryEndpointStore
 
@@ -108,11 +109,12 @@ def test_a_live_split_survives_announcements_and_is_audited(owner: Both) -> None
 
 
 def span(trace: str, span_id: str, start: int, *, endpoint: str = "fraud",
-         status: str = "ok", run_id: str = "r" * 32) -> dict[str, object]:  # fmt: skip
-    return {"trace_id": trace, "span_id": span_id, "parent_id": None, "name": "POST /predict",
-            "endpoint": endpoint, "model_name": "fraud", "model_version": 1, "run_id": run_id,
-            "start_ns": start, "duration_ns": 5, "status": status,
-            "attributes": {"http.response.status_code": 200}}  # fmt: skip
+         status: str = "ok", run_id: str = "r" * 32) -> SpanRow:  # fmt: skip
+    return SpanRow.model_validate({
+        "trace_id": trace, "span_id": span_id, "parent_id": None, "name": "POST /predict",
+        "endpoint": endpoint, "model_name": "fraud", "model_version": 1, "run_id": run_id,
+        "start_ns": start, "duration_ns": 5, "status": status,
+        "attributes": {"http.response.status_code": 200}})  # fmt: skip
 
 
 def test_spans_are_listed_and_traces_found_by_prefix(store: Both) -> None:

@@ -41,7 +41,7 @@ def answered(version: int, routed_by: str | None) -> str:
     handler.predict(b'{"x": [1]}')
     (span,) = exporter.get_finished_spans()
     store().write_spans([span_row(span)])
-    return span_row(span)["trace_id"]
+    return span_row(span).trace_id
 
 
 def test_why_lists_only_the_promotions_of_the_alias_that_routed_the_answer() -> None:

@@ -29,6 +29,7 @@ from kiln.observe.tracing import (
     span_row,
     tracer_provider,
 )
+from kiln.record.store.rows import SpanRow
 from kiln.serve._replica import FAILED, INVALID, OK, Handler, batch_answers
 from kiln.serve.autoscale import Autoscaler
 from kiln.serve.server import _trace_context
@@ -189,8 +190,9 @@ def test_a_request_is_validated_answered_and_traced_with_its_lineage() -> None:
     assert attrs["kiln.run.id"] == "r" * 32 and attrs["kiln.endpoint"] == "fraud"
     assert attrs["http.response.status_code"] == 200
     row = span_row(span)
-    assert row["trace_id"] == traced[3:35].decode() and row["model_version"] == 3
-    assert row["status"] == "ok" and row["run_id"] == "r" * 32
+    assert row.trace_id == traced[3:35].decode() and row.model_version == 3
+    assert row.status == "ok" and row.run_id == "r" * 32
+    assert SpanRow.model_validate(row.model_dump()) == row  # what a server would accept
 
 
 def test_a_caller_trace_context_becomes_the_parent_with_its_state_and_flag() -> None:
@@ -246,7 +248,7 @@ def test_only_a_server_error_marks_a_span_error_and_each_says_its_http_status() 
     assert codes == [422, 422, 422, 422, 500]
     assert dict(spans[-1].attributes or {})["error.type"] == "500"
     assert any(e.name == "exception" for e in spans[-1].events)
-    assert [span_row(s)["status"] for s in spans] == ["invalid"] * 4 + ["error"]
+    assert [span_row(s).status for s in spans] == ["invalid"] * 4 + ["error"]
     mimes = [dict(s.attributes or {})["input.mime_type"] for s in spans]
     assert mimes == ["application/json"] * 2 + ["text/plain"] * 2 + ["application/json"]
 

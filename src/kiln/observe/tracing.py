@@ -53,6 +53,8 @@ from opentelemetry.semconv.attributes import (
 )
 from opentelemetry.trace import SpanKind, StatusCode
 
+from kiln.record.store.rows import SpanRow
+
 if TYPE_CHECKING:
     from kiln.record.store.base import KilnStore
 
@@ -336,27 +338,27 @@ def compact(span: ReadableSpan) -> Compact:
     )  # fmt: skip
 
 
-def compact_row(c: Compact) -> dict[str, Any]:
+def compact_row(c: Compact) -> SpanRow:
     """A compact span as a row of the store's ``spans`` table."""
     trace_id, span_id, parent_id, name, start, end, error, attrs = c
     version = attrs.get(MODEL_VERSION)
-    return {
-        "trace_id": f"{trace_id:032x}",
-        "span_id": f"{span_id:016x}",
-        "parent_id": None if parent_id is None else f"{parent_id:016x}",
-        "name": name,
-        "endpoint": attrs.get(ENDPOINT),
-        "model_name": attrs.get(MODEL_NAME),
-        "model_version": int(version) if isinstance(version, int) else None,
-        "run_id": attrs.get(RUN_ID),
-        "start_ns": start,
-        "duration_ns": max(0, end - start),
-        "status": "error" if error else _unset_status(attrs),
-        "attributes": {k: _plain(v) for k, v in attrs.items()},
-    }
+    return SpanRow.model_construct(
+        trace_id=f"{trace_id:032x}",
+        span_id=f"{span_id:016x}",
+        parent_id=None if parent_id is None else f"{parent_id:016x}",
+        name=name,
+        endpoint=attrs.get(ENDPOINT),
+        model_name=attrs.get(MODEL_NAME),
+        model_version=int(version) if isinstance(version, int) else None,
+        run_id=attrs.get(RUN_ID),
+        start_ns=start,
+        duration_ns=max(0, end - start),
+        status="error" if error else _unset_status(attrs),
+        attributes={k: _plain(v) for k, v in attrs.items()},
+    )
 
 
-def span_row(span: ReadableSpan) -> dict[str, Any]:
+def span_row(span: ReadableSpan) -> SpanRow:
     """A finished span as a row of the store's ``spans`` table."""
     return compact_row(compact(span))
 

@@ -27,6 +27,7 @@ from kiln.record.store.rows import (
     RunUpdate,
     Sha,
     Short,
+    SpanRow,
     Status,
     Strict,
     Text,
@@ -40,8 +41,24 @@ Ref = Annotated[str, StringConstraints(pattern=REF_PATTERN)]
 Number = float | Literal["NaN", "Infinity", "-Infinity"] | None
 
 __all__ = [
-    "JSON", "MAX_DEPTH", "NAME_PATTERN", "ArtifactRow", "Id", "Int64", "Key", "ModelName",
-    "Name", "RunId", "RunRow", "RunUpdate", "Sha", "Short", "Status", "Strict", "Text",
+    "JSON",
+    "MAX_DEPTH",
+    "NAME_PATTERN",
+    "ArtifactRow",
+    "Id",
+    "Int64",
+    "Key",
+    "ModelName",
+    "Name",
+    "RunId",
+    "RunRow",
+    "RunUpdate",
+    "Sha",
+    "Short",
+    "SpanRow",
+    "Status",
+    "Strict",
+    "Text",
     "plain_json",
 ]  # fmt: skip
 
@@ -220,21 +237,6 @@ class Endpoints(BaseModel):
 
 class Servers(BaseModel):
     servers: list[ServerOut]
-
-
-class SpanRow(Strict):
-    trace_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
-    span_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
-    parent_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] | None = None
-    name: Name
-    endpoint: Name | None = None
-    model_name: Name | None = None
-    model_version: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
-    run_id: Id | None = None
-    start_ns: Int64
-    duration_ns: Int64
-    status: Annotated[str, StringConstraints(max_length=16)]
-    attributes: dict[str, JSON]
 
 
 class SpansIn(Strict):

@@ -30,6 +30,7 @@ from kiln.record.lineage import Lineage
 from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
 from kiln.record.store._wire import RUN_COLUMNS
 from kiln.record.store.base import EndpointRow, RunQuery, ServerRow, WriteBatch, trace_prefix
+from kiln.record.store.rows import SpanRow
 
 
 class MemoryEndpointStore:
@@ -98,9 +99,9 @@ class MemoryEndpointStore:
 
     # -- SpanStore --------------------------------------------------------------------
 
-    def write_spans(self, rows: list[dict[str, Any]]) -> None:
+    def write_spans(self, rows: list[SpanRow]) -> None:
         with self._lock:
-            self._spans.extend(dict(r) for r in rows)
+            self._spans.extend(r.model_dump() for r in rows)
 
     def list_spans(
         self, *, endpoint: str | None = None, run_id: str | None = None,

@@ -12,7 +12,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from kiln.errors import ValidationError
 from kiln.record.model import MetricPoint, RunRecord, RunStatus
-from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate, cut_text
+from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate, SpanRow, cut_text
 
 if TYPE_CHECKING:
     from kiln.record import audit
@@ -249,7 +249,7 @@ class EndpointStore(Protocol):
 class SpanStore(Protocol):
     """Where inference spans are kept and traces found."""
 
-    def write_spans(self, rows: list[dict[str, Any]]) -> None:
+    def write_spans(self, rows: list[SpanRow]) -> None:
         """Insert finished spans (rows as :func:`kiln.observe.tracing.span_row` makes)."""
 
     def list_spans(

@@ -41,6 +41,7 @@ from kiln.record.lineage import Lineage
 from kiln.record.model import MetricPoint, RunRecord
 from kiln.record.store import _wire
 from kiln.record.store.base import EndpointRow, RunQuery, ServerRow, WriteBatch, trace_prefix
+from kiln.record.store.rows import SpanRow
 
 if TYPE_CHECKING:
     import httpx
@@ -565,9 +566,10 @@ class HttpStore:
 
     # -- SpanStore -------------------------------------------------------------------
 
-    def write_spans(self, rows: list[dict[str, Any]]) -> None:
+    def write_spans(self, rows: list[SpanRow]) -> None:
         if rows:
-            body = gzip.compress(json.dumps({"spans": rows}).encode(), compresslevel=1)
+            data = {"spans": [r.model_dump() for r in rows]}
+            body = gzip.compress(json.dumps(data, default=str).encode(), compresslevel=1)
             headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
             self.client.send("POST", "/spans", content=body, headers=headers)
 

@@ -148,6 +148,25 @@ class RunUpdate(Strict):
         return RunUpdate.model_construct(_fields_set=set(fields), **fields)
 
 
+class SpanRow(Strict):
+    """A finished span, as the ``spans`` table holds it. Serving makes thousands a
+    second from OpenTelemetry's own spans, so it builds them with ``model_construct``
+    (no checks); the server checks every one a client sends."""
+
+    trace_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    span_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
+    parent_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] | None = None
+    name: Name
+    endpoint: Name | None = None
+    model_name: Name | None = None
+    model_version: Int32 | None = None
+    run_id: Id | None = None
+    start_ns: Int64
+    duration_ns: Int64
+    status: Literal["ok", "error", "invalid"]
+    attributes: dict[str, JSON]
+
+
 class ArtifactRow(Strict):
     """A file, object or dataset a run read (``in``) or wrote (``out``)."""
 

@@ -53,7 +53,7 @@ from kiln.record.store._schema import (
 from kiln.record.store._schema import audit as audit_log
 from kiln.record.store._verify import registry_problems
 from kiln.record.store.base import RunQuery, WriteBatch
-from kiln.record.store.rows import RunUpdate
+from kiln.record.store.rows import RunUpdate, SpanRow
 
 SCHEMA_HEAD = "0012"
 _MIGRATIONS = Path(__file__).with_name("migrations")
@@ -532,7 +532,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         use it as a context manager."""
         return self._engine.connect()
 
-    def write_spans(self, rows: list[dict[str, Any]]) -> None:
+    def write_spans(self, rows: list[SpanRow]) -> None:
         """Insert finished spans (rows of the ``spans`` table; see kiln.observe).
 
         Straight to the driver, one executemany: a serving replica exports thousands
@@ -541,8 +541,8 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         if rows:
             names = [c.name for c in spans.columns]
             params = [
-                tuple(json.dumps(r["attributes"], default=str) if n == "attributes" else r[n]
-                      for n in names)
+                tuple(json.dumps(r.attributes, default=str) if n == "attributes"
+                      else getattr(r, n) for n in names)
                 for r in rows
             ]  # fmt: skip
 

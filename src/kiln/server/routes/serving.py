@@ -88,7 +88,7 @@ def set_traffic(name: Name, body: schemas.Traffic, store: Store) -> Any:
 async def write_spans(request: Request, store: Store, bounds: Bounds) -> None:
     """Store finished spans (the body may be gzipped), all or none."""
     body = parse_body(schemas.SpansIn, await read_json_body(request, bounds.json_bytes))
-    await run_in_threadpool(store.write_spans, [s.model_dump() for s in body.spans])
+    await run_in_threadpool(store.write_spans, body.spans)
 
 
 @router.get("/spans", dependencies=[need("traces", "read")], response_model=schemas.Spans)
