@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -26,7 +27,9 @@ C = TypeVar("C")
 
 
 class App:
-    """A project: the namespace for its runs (and, later, models and endpoints).
+    """An application: the namespace of its runs, in a project (a team's tenant on a
+    server: ``project``, else ``KILN_PROJECT``, else the project of the server token;
+    a store of one's own has the one project ``default``).
 
     Example::
 
@@ -36,13 +39,19 @@ class App:
             run.set_result({"accuracy": 0.93})
     """
 
-    def __init__(self, name: str, *, settings: Settings | None = None) -> None:
+    def __init__(
+        self, name: str, *, project: str | None = None, settings: Settings | None = None
+    ) -> None:
         self.name = check_name("app", name)
+        self.project = None if project is None else check_name("project", project)
         self._settings = settings
 
     @property
     def settings(self) -> Settings:
-        return self._settings if self._settings is not None else Settings.from_env()
+        """Where its runs are recorded: ``settings``, else ``KILN_*``; in ``project`` if
+        given (else ``KILN_PROJECT``, else the token's project on a server)."""
+        found = self._settings if self._settings is not None else Settings.from_env()
+        return found if self.project is None else dataclasses.replace(found, project=self.project)
 
     def _engine(self) -> Engine:
         """This process's engine for the app's settings: what its endpoints and batch
@@ -172,10 +181,14 @@ class App:
 
     def runs(self, **filters: Any) -> list[RunRecord]:
         """This app's runs; takes the filters of :func:`kiln.runs`."""
-        return runs(app=self.name, settings=self._settings, **filters)
+        return runs(app=self.name, settings=self.settings, **filters)
 
     def __repr__(self) -> str:
-        return f"App({self.name!r})"
+        return (
+            f"App({self.name!r})"
+            if self.project is None
+            else (f"App({self.name!r}, project={self.project!r})")
+        )
 
 
 def runs(

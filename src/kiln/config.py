@@ -31,6 +31,7 @@ import functools
 import getpass
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from kiln.errors import ConfigError
 
 Backend = Literal["local", "ray", "kubernetes"]
 _BACKENDS: tuple[str, ...] = get_args(Backend)
+DEFAULT_PROJECT = "default"  # the project of a store without a server, and of old records
+_PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _STORE_SCHEMES = ("sqlite", "postgresql")
 
 
@@ -57,6 +60,9 @@ class Settings:
     cache: Path = field(default_factory=lambda: cache_dir(os.environ))  # KILN_CACHE
     home_origin: str = ""  # how ``home`` was found, for "not found" messages
     server_url: str | None = None  # KILN_SERVER: the record is a team server's, over HTTP
+    # KILN_PROJECT: the tenant whose records these are; unset: the token's project on a
+    # server, DEFAULT_PROJECT in a store of one's own
+    project: str | None = None
 
     @property
     def blob_dir(self) -> Path:
@@ -90,6 +96,10 @@ class Settings:
         if backend not in _BACKENDS:
             raise ConfigError("KILN_BACKEND", f"{backend!r} is not one of {', '.join(_BACKENDS)}")
         actor = env.get("KILN_ACTOR") or os_user()
+        project = env.get("KILN_PROJECT") or None
+        if project is not None and not _PROJECT.fullmatch(project):
+            raise ConfigError("KILN_PROJECT", f"{project[:80]!r} is not a project name "
+                              "(1-200 letters, digits, '.', '_' or '-')")  # fmt: skip
         shared = env.get("KILN_RAY_SHARED_HOME") or None
         if shared not in (None, "0", "1"):
             raise ConfigError("KILN_RAY_SHARED_HOME", f"{shared!r} is not 0 or 1")
@@ -98,7 +108,7 @@ class Settings:
             ray_address=env.get("KILN_RAY_ADDRESS") or None,
             ray_shared_home=None if shared is None else shared == "1",
             cache=cache_dir(env), home_origin=origin,
-            server_url=server_url(env.get("KILN_SERVER") or None),
+            server_url=server_url(env.get("KILN_SERVER") or None), project=project,
         )  # fmt: skip
 
     @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -265,3 +266,33 @@ def test_spans_are_stored_and_read_back_with_their_attributes(store: KilnStore) 
     assert first["attributes"]["tags"] == ["a", "b"]
     assert first["attributes"]["input.value"] == '{"x": [1, 2]}'
     assert second["parent_id"] == f"{1:016x}" and second["status"] == "error"
+
+
+def test_upgrading_puts_what_was_recorded_in_the_default_project(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from kiln.record.store.sql import _MIGRATIONS
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # a store as Kiln left it before projects
+        cfg = Config()
+        cfg.set_main_option("script_location", str(_MIGRATIONS))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0012")
+        conn.execute(sa.text(
+            "INSERT INTO runs (id, app, status, created_at, params, tags, code) VALUES "
+            "(:id, 'a', 'succeeded', 1.0, '{}', '{}', :code)"
+        ), {"id": hexid(1), "code": '{"source_blob": "' + "c" * 64 + '"}'})  # fmt: skip
+        conn.execute(sa.text(
+            "INSERT INTO artifacts (run_id, direction, name, kind, sha256, size) VALUES "
+            "(:id, 'out', 'm', 'file', :sha, 1)"
+        ), {"id": hexid(1), "sha": "a" * 64})  # fmt: skip
+    engine.dispose()
+    with SqlStore(url) as store:
+        assert store.get_run(hexid(1)).app == "a"
+        assert store.holds_blob("a" * 64) and store.holds_blob("c" * 64)
+        assert not store.in_project("blue").holds_blob("a" * 64)
+        with pytest.raises(RunNotFoundError):
+            store.in_project("blue").get_run(hexid(1))

@@ -201,6 +201,7 @@ PROBES: dict[tuple[str, str], tuple[str, str, object]] = {
     ("principals", "admin"): ("GET", "/api/v1/principals", None),
     ("tokens", "admin"): ("GET", "/api/v1/tokens?all=true", None),
     ("account", "self"): ("GET", "/api/v1/whoami", None),
+    ("projects", "create"): ("POST", "/api/v1/projects", {"name": "probe"}),
 }
 
 
@@ -336,6 +337,15 @@ def test_kiln_login_stores_the_token_for_the_cli(start_server: Start, tmp_path: 
         ("root", "user", "admin"),
         ("ci", "service", "member"),
     }
+    made = json.loads(kiln("projects", "create", "blue", "--json").stdout)
+    assert made["name"] == "blue" and made["token"]["project"] == "blue"
+    assert json.loads(kiln("projects", "ls", "--json").stdout) == ["blue", "default"]
+    env["KILN_TOKEN"] = made["token"]["token"]
+    joined = kiln("projects", "add-member", "blue", "ci", "--role", "viewer")
+    assert joined.returncode == 0, joined.stderr
+    members = json.loads(kiln("projects", "members", "blue", "--json").stdout)
+    assert {(m["principal"], m["role"]) for m in members} == {("root", "admin"), ("ci", "viewer")}
+    del env["KILN_TOKEN"]
     assert kiln("tokens", "revoke", token["id"]).returncode == 0
     env["KILN_TOKEN"] = token["token"]
     denied = kiln("runs", "ls")

@@ -108,6 +108,10 @@ COMMANDS: dict[str, LazyCommand] = {
         "Principals of a team server: users, service accounts, agents.",
     ),
     "tokens": LazyCommand("kiln.cli.identity:tokens_app", "Tokens for a team server."),
+    "projects": LazyCommand(
+        "kiln.cli.identity:projects_app",
+        "Projects of a team server (tenants) and their members.",
+    ),
     "gc": LazyCommand(
         "kiln.cli.gc:gc",
         "Remove blobs no run, artifact or environment references; never a referenced one.",

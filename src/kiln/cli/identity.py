@@ -1,4 +1,5 @@
-"""``kiln login``, ``kiln users`` and ``kiln tokens``: who may use a team server."""
+"""``kiln login``, ``kiln users``, ``kiln tokens`` and ``kiln projects``: who may use a
+team server, and in which project."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts an
 users_app = typer.Typer(help="Principals of a team server: users, service accounts, agents.",
                         no_args_is_help=True)  # fmt: skip
 tokens_app = typer.Typer(help="Tokens for a team server.", no_args_is_help=True)
+projects_app = typer.Typer(help="Projects of a team server (tenants) and their members.",
+                           no_args_is_help=True)  # fmt: skip
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -69,8 +72,8 @@ def login(
         token = typer.prompt("token", hide_input=True).strip()
     me = Client(checked, actor="", token=token).call("GET", "/whoami")
     path = save_server_token(checked, token)
-    console().print(plain(f"logged in to {checked} as {me['name']} ({me['role']}); the token "
-                          f"is in {path}"))  # fmt: skip
+    console().print(plain(f"logged in to {checked} as {me['name']} ({me['role']} in project "
+                          f"{me['project']}); the token is in {path}"))  # fmt: skip
 
 
 @users_app.command("add")
@@ -98,7 +101,7 @@ def users_add(
 
 @users_app.command("ls")
 def users_ls(as_json: JsonOpt = False) -> None:
-    """Every principal."""
+    """The principals of your project, with their role in it."""
     found = _client().call("GET", "/principals")["principals"]
     if as_json:
         typer.echo(json.dumps(found))
@@ -106,7 +109,7 @@ def users_ls(as_json: JsonOpt = False) -> None:
     for p in found:
         state = " (disabled)" if p["disabled"] else ""
         sponsor = f" sponsored by {p['sponsor']}" if p["sponsor"] else ""
-        console().print(plain(f"{p['name']}  {p['kind']}  {p['role']}{sponsor}{state}"))
+        console().print(plain(f"{p['name']}  {p['kind']}  {p['project_role']}{sponsor}{state}"))
 
 
 @users_app.command("disable")
@@ -121,18 +124,21 @@ def tokens_create(
     name: Annotated[str | None, typer.Option(help="What the token is for.")] = None,
     role: Annotated[str | None, typer.Option(help="Its role (default: yours).")] = None,
     principal: Annotated[str | None, typer.Option(help="Whose (admins; default: yours).")] = None,
+    project: Annotated[
+        str | None, typer.Option(help="The project it acts in (default: your token's).")
+    ] = None,
     expires: Annotated[str, typer.Option(help="Lifetime, e.g. 30d (a year at most).")] = "30d",
     as_json: JsonOpt = False,
 ) -> None:
     """Mint a token, no wider than your own rights; it is shown once."""
-    body = {"name": name, "role": role, "principal": principal,
+    body = {"name": name, "role": role, "principal": principal, "project": project,
             "expires_in_s": duration(expires, "--expires")}  # fmt: skip
     done = _client().call("POST", "/tokens", json=body)
     if as_json:
         typer.echo(json.dumps(done))
     else:
-        console().print(plain(f"token {done['id']} for {done['principal']} ({done['role']}), "
-                              "shown once:"))  # fmt: skip
+        console().print(plain(f"token {done['id']} for {done['principal']} ({done['role']} in "
+                              f"project {done['project']}), shown once:"))  # fmt: skip
         typer.echo(done["token"])
 
 
@@ -157,3 +163,65 @@ def tokens_revoke(token_id: Annotated[str, typer.Argument(help="The token's id."
     """Revoke a token: refused from its next request."""
     _client().call("DELETE", f"/tokens/{token_id}")
     console().print(plain(f"token {token_id} is revoked"))
+
+
+@projects_app.command("ls")
+def projects_ls(as_json: JsonOpt = False) -> None:
+    """The projects you are a member of."""
+    found = _client().call("GET", "/projects")["projects"]
+    if as_json:
+        typer.echo(json.dumps(found))
+        return
+    for name in found:
+        console().print(plain(name))
+
+
+@projects_app.command("create")
+def projects_create(
+    name: Annotated[str, typer.Argument(help="The project's name.")], as_json: JsonOpt = False
+) -> None:
+    """Add a project (admins of the default project); you are its first admin, and get a
+    token of it, shown once."""
+    done = _client().call("POST", "/projects", json={"name": name})
+    if as_json:
+        typer.echo(json.dumps(done))
+        return
+    console().print(plain(f"project {done['name']} is added, with you as its admin"))
+    if done["token"]:
+        console().print(plain(f"an admin token of {done['name']}, shown once (`kiln login URL "
+                              "--token` keeps it):"))  # fmt: skip
+        typer.echo(done["token"]["token"])
+
+
+@projects_app.command("members")
+def projects_members(
+    name: Annotated[str, typer.Argument(help="Your token's project.")], as_json: JsonOpt = False
+) -> None:
+    """A project's members and their roles (its admins)."""
+    found = _client().call("GET", f"/projects/{name}/members")["members"]
+    if as_json:
+        typer.echo(json.dumps(found))
+        return
+    for m in found:
+        console().print(plain(f"{m['principal']}  {m['role']}"))
+
+
+@projects_app.command("add-member")
+def projects_add_member(
+    name: Annotated[str, typer.Argument(help="Your token's project.")],
+    principal: Annotated[str, typer.Argument(help="An existing principal.")],
+    role: Annotated[str, typer.Option(help="viewer, member, approver or admin.")] = "member",
+) -> None:
+    """Give a principal a role in the project, no wider than yours (its admins)."""
+    _client().call("PUT", f"/projects/{name}/members/{principal}", json={"role": role})
+    console().print(plain(f"{principal} is a {role} of {name}"))
+
+
+@projects_app.command("remove-member")
+def projects_remove_member(
+    name: Annotated[str, typer.Argument(help="Your token's project.")],
+    principal: Annotated[str, typer.Argument(help="A member.")],
+) -> None:
+    """Remove a principal from the project: its tokens of the project stop working."""
+    _client().call("DELETE", f"/projects/{name}/members/{principal}")
+    console().print(plain(f"{principal} is no longer a member of {name}"))

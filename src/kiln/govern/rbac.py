@@ -12,12 +12,13 @@ member      also: record runs and blobs, register models, request promotions,
 approver    also: approve or reject promotion requests (a requester still cannot
             approve its own request; a policy's ``approvers`` may narrow it)
 admin       also: set policies, roll back, remove runs, collect garbage, manage
-            principals and tokens
+            principals, members and tokens, create projects
 ==========  =====================================================================
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 from kiln.errors import ValidationError
@@ -37,13 +38,14 @@ _GRANTS: dict[Role, frozenset[tuple[str, str]]] = {
     "approver": frozenset({("promotions", "approve")}),
     "admin": frozenset({
         ("policies", "write"), ("models", "rollback"), ("runs", "delete"), ("store", "gc"),
-        ("principals", "admin"), ("tokens", "admin"),
+        ("principals", "admin"), ("tokens", "admin"), ("projects", "create"),
     }),
 }  # fmt: skip
 
 PERMISSIONS: frozenset[tuple[str, str]] = frozenset().union(*_GRANTS.values())
 
 
+@functools.cache
 def grants(role: Role) -> frozenset[tuple[str, str]]:
     """Every permission ``role`` holds: its own and those of the roles below it."""
     out: frozenset[tuple[str, str]] = frozenset()
@@ -60,6 +62,11 @@ def check_role(value: object, field: str = "role") -> Role:
     if value not in ROLES:
         raise ValidationError(field, f"{value!r} is not a role", allowed=", ".join(ROLES))
     return value
+
+
+def narrowest(*roles: str) -> Role:
+    """The narrowest of ``roles`` (each checked)."""
+    return min((check_role(r) for r in roles), key=ROLES.index)
 
 
 def at_most(role: Role, ceiling: Role) -> bool:

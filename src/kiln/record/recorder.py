@@ -299,13 +299,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-_recorders: dict[tuple[str, str], Recorder] = {}
+_recorders: dict[tuple[str, str, str | None], Recorder] = {}
 _registry_lock = threading.Lock()
 
 
 def recorder_for(settings: Settings, *, create: bool = True) -> Recorder:
     """The process's recorder for this store, opened on first use."""
-    key = (settings.record_url, str(settings.home))
+    key = (settings.record_url, str(settings.home), settings.project)
     with _registry_lock:
         rec = _recorders.get(key)
         if rec is None:

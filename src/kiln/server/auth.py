@@ -22,11 +22,14 @@ from typing import Annotated, Any, NoReturn
 from fastapi import Depends, Header, Request
 from starlette.exceptions import HTTPException
 
+from kiln.config import DEFAULT_PROJECT
 from kiln.govern import rbac, tokens
 from kiln.record import audit
+from kiln.record.store.base import PrincipalRow, TokenRow
 from kiln.record.store.sql import SqlStore
 
 FAILURES_PER_MINUTE = 20
+PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 TOUCH_EVERY_S = 60.0  # a token's last use is written at most this often
 
 
@@ -36,6 +39,7 @@ class Caller:
 
     name: str
     role: rbac.Role
+    project: str = DEFAULT_PROJECT
     token_id: str | None = None
     kind: str = "user"
     sponsor: str | None = None
@@ -87,28 +91,38 @@ def _denied(request: Request, status: int, reason: str, target: str = "-") -> HT
 
 
 def caller(
-    request: Request, authorization: Annotated[str | None, Header(max_length=200)] = None
+    request: Request,
+    authorization: Annotated[str | None, Header(max_length=200)] = None,
+    kiln_project: Annotated[str | None, Header(pattern=PROJECT_PATTERN)] = None,
 ) -> Caller:
-    """The caller of this request (401 without a valid token)."""
+    """The caller of this request (401 without a valid token), in the project its token
+    acts in. ``Kiln-Project``, if sent, must name that project (without authentication
+    it chooses the project)."""
     state = request.app.state
-    if not state.auth:
-        return Caller(name="", role="admin")  # the declared Kiln-Actor, or the store's
+    if not state.auth:  # the declared Kiln-Actor, or the store's
+        return Caller(name="", role="admin", project=kiln_project or DEFAULT_PROJECT)
     now = time.time()
     guard: Guard = state.guard
     scheme, _, presented = (authorization or "").partition(" ")
     parsed = tokens.parse(presented.strip()) if scheme.lower() == "bearer" else None
-    found = None if parsed is None else state.store.token(parsed[0])
-    reason = _refusal(state.store, found, parsed, now)
+    known = None if parsed is None else state.store.credentials(parsed[0])
+    found, principal, member = known or (None, None, None)
+    reason = _refusal(found, principal, parsed, now)
     if reason is not None:
         refuse(request, reason, parsed[0] if parsed else "-")
-    assert found is not None  # noqa: S101  no refusal: a live token
-    principal = state.store.principal(found.principal)
-    assert principal is not None  # noqa: S101  checked by _refusal
+    assert found is not None and principal is not None  # noqa: S101  no refusal: a live token
+    if member is None:
+        refuse(request, f"the token's principal is no longer a member of project "
+               f"{found.project}", found.id)  # fmt: skip
+    if kiln_project is not None and kiln_project != found.project:
+        raise _denied(request, 403, f"this token acts in project {found.project}, not "
+                      f"{kiln_project}; use a token of that project (`kiln tokens create "
+                      f"--project {kiln_project}`)", principal.name)  # fmt: skip
     if guard.touch(found.id, now):
         state.store.token_used(found.id, now)
-    role = found.role if rbac.at_most(found.role, principal.role) else principal.role
-    return Caller(name=principal.name, role=role, token_id=found.id, kind=principal.kind,
-                  sponsor=principal.sponsor)  # fmt: skip
+    role = rbac.narrowest(found.role, principal.role, member.role)
+    return Caller(name=principal.name, role=role, project=found.project, token_id=found.id,
+                  kind=principal.kind, sponsor=principal.sponsor)  # fmt: skip
 
 
 def refuse(request: Request, reason: str, target: str = "-") -> NoReturn:
@@ -123,7 +137,12 @@ def refuse(request: Request, reason: str, target: str = "-") -> NoReturn:
     raise _denied(request, 401, reason, target)
 
 
-def _refusal(store: SqlStore, found: Any, parsed: tuple[str, str] | None, now: float) -> str | None:
+def _refusal(
+    found: TokenRow | None,
+    principal: PrincipalRow | None,
+    parsed: tuple[str, str] | None,
+    now: float,
+) -> str | None:
     if parsed is None:
         return "send a token: Authorization: Bearer kiln_... (`kiln login URL` stores one)"
     if found is None or not tokens.matches(parsed[1], found.digest):
@@ -134,7 +153,6 @@ def _refusal(store: SqlStore, found: Any, parsed: tuple[str, str] | None, now: f
         return "the token was revoked"
     if found.expires_at is not None and found.expires_at <= now:
         return "the token has expired"
-    principal = store.principal(found.principal)
     if principal is None or principal.disabled:
         return "the token's principal is disabled"
     if principal.expires_at is not None and principal.expires_at <= now:

@@ -36,19 +36,20 @@ def actor_store(
     who: Authenticated,
     kiln_actor: Annotated[str | None, Header(pattern=r"^[\x21-\x7e]{1,2400}$")] = None,
 ) -> SqlStore:
-    """The store, recording as the request's caller: the token's principal. Without
+    """The store, recording as the request's caller (the token's principal) and seeing
+    only the caller's project. Without
     authentication (``--insecure-no-auth``) the client declares who it is in
     ``Kiln-Actor``, percent-encoded (a declared name is ignored when a token says who)."""
     store: SqlStore = request.app.state.store
     if who.name:
-        return store.as_actor(who.name)
+        return store.as_actor(who.name, who.project)
     if kiln_actor is None:
-        return store
+        return store.in_project(who.project)
     actor = _unquote(kiln_actor)
     if actor is None or not _ACTOR.fullmatch(actor):
         raise ValidationError(ACTOR_HEADER, "is not a name", allowed="1-200 printable "
                               "characters, percent-encoded UTF-8")  # fmt: skip
-    return store.as_actor(actor)
+    return store.as_actor(actor, who.project)
 
 
 def _unquote(text: str) -> str | None:

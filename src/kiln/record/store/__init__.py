@@ -51,20 +51,24 @@ def open_store(target: Settings | str, *, create: bool = True) -> KilnStore:
                          target.server_url)  # fmt: skip
         return HttpStore(
             target.server_url, cache=target.cache / "server-blobs", actor=target.actor,
-            token=token, spool_dir=target.home / "spool",
+            token=token, spool_dir=target.home / "spool", project=target.project,
         )  # fmt: skip
     from kiln.record.blobs import FileBlobStore
 
     return open_sql_store(target.store_url, blobs=FileBlobStore(target.blob_dir), create=create,
-                          actor=target.actor, home_origin=target.home_origin)  # fmt: skip
+                          actor=target.actor, home_origin=target.home_origin,
+                          project=target.project)  # fmt: skip
 
 
 def open_sql_store(
     url: str, *, blobs: FileBlobStore | None = None, create: bool = True,
-    actor: str = "unknown", home_origin: str | None = None,
+    actor: str = "unknown", home_origin: str | None = None, project: str | None = None,
 ) -> SqlStore:  # fmt: skip
     """The SQL store at ``url`` itself: for the side that owns the database (``kiln
-    server``, the registry's transactions, ``kiln gc``)."""
+    server``, the registry's transactions, ``kiln gc``), seeing ``project``'s runs
+    (None: :data:`~kiln.config.DEFAULT_PROJECT`)."""
+    from kiln.config import DEFAULT_PROJECT
     from kiln.record.store.sql import SqlStore
 
-    return SqlStore(url, blobs, create=create, actor=actor, home_origin=home_origin)
+    return SqlStore(url, blobs, create=create, actor=actor, home_origin=home_origin,
+                    project=project or DEFAULT_PROJECT)  # fmt: skip

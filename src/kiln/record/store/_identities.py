@@ -13,8 +13,24 @@ from sqlalchemy.engine import Connection
 
 from kiln.errors import NotFoundError, ValidationError
 from kiln.record import audit
-from kiln.record.store._schema import principals, tokens
-from kiln.record.store.base import PrincipalRow, TokenRow
+from kiln.record.store._schema import blob_refs, memberships, principals, projects, tokens
+from kiln.record.store.base import MemberRow, PrincipalRow, TokenRow
+
+
+def _credentials() -> sa.Select[Any]:
+    p, m = principals.alias("p"), memberships.alias("m")
+    return (
+        sa.select(tokens, *(c.label(f"p_{c.name}") for c in p.c),
+                  *(c.label(f"m_{c.name}") for c in m.c))
+        .select_from(
+            tokens.outerjoin(p, p.c.name == tokens.c.principal).outerjoin(
+                m, sa.and_(m.c.principal == tokens.c.principal, m.c.project == tokens.c.project))
+        )
+        .where(tokens.c.id == sa.bindparam("token_id"))
+    )  # fmt: skip
+
+
+_CREDENTIALS = _credentials()  # built once: every authenticated request runs it
 
 
 class Identities:
@@ -22,6 +38,8 @@ class Identities:
 
     if TYPE_CHECKING:  # what SqlStore provides
         actor: str
+        project: str
+        dialect: str
 
         def transaction(self) -> AbstractContextManager[Connection]: ...
 
@@ -57,6 +75,8 @@ class Identities:
         payload = {k: v for k, v in asdict(row).items() if k not in ("name", "created_at")}
         self.append_events(conn, [audit.Event("principal.add", row.name, payload, time.time(),
                                               self.actor)])  # fmt: skip
+        self._set_member(conn, MemberRow(self.project, row.name, row.role, time.time(),
+                                         self.actor))  # fmt: skip
 
     def disable_principal(self, name: str) -> None:
         with self.transaction() as conn:
@@ -76,9 +96,25 @@ class Identities:
         conn.execute(tokens.insert().values(**asdict(row)))
         payload: dict[str, Any] = {"principal": row.principal, "role": row.role,
                                    "kind": row.kind, "name": row.name,
-                                   "expires_at": row.expires_at}  # fmt: skip
+                                   "expires_at": row.expires_at,
+                                   "project": row.project}  # fmt: skip
         self.append_events(conn, [audit.Event("token.create", row.id, payload, time.time(),
                                               self.actor)])  # fmt: skip
+
+    def credentials(
+        self, token_id: str
+    ) -> tuple[TokenRow, PrincipalRow | None, MemberRow | None] | None:
+        """A token, its principal and the principal's membership of the token's project,
+        in one query (every authenticated request asks); None for no such token."""
+        with self.connect() as conn:
+            row = conn.execute(_CREDENTIALS, {"token_id": token_id}).mappings().first()
+        if row is None:
+            return None
+        token = TokenRow(**{c.name: row[c.name] for c in tokens.c})
+        principal = PrincipalRow(**{c.name: row[f"p_{c.name}"] for c in principals.c})
+        member = MemberRow(**{c.name: row[f"m_{c.name}"] for c in memberships.c})
+        return (token, principal if row["p_name"] is not None else None,
+                member if row["m_principal"] is not None else None)  # fmt: skip
 
     def token(self, token_id: str) -> TokenRow | None:
         with self.connect() as conn:
@@ -123,3 +159,92 @@ class Identities:
             self._add_principal(conn, admin)
             self._add_token(conn, token)
             return True
+
+    # -- projects ------------------------------------------------------------------
+
+    def projects(self, principal: str | None = None) -> list[str]:
+        stmt = sa.select(projects.c.name).order_by(projects.c.name)
+        if principal is not None:
+            stmt = stmt.where(
+                projects.c.name.in_(
+                    sa.select(memberships.c.project).where(memberships.c.principal == principal)
+                )
+            )
+        with self.connect() as conn:
+            return list(conn.execute(stmt).scalars())
+
+    def add_project(self, name: str, admin: str) -> None:
+        with self.transaction() as conn:
+            taken = conn.execute(sa.select(projects.c.name).where(projects.c.name == name))
+            if taken.first() is not None:
+                raise ValidationError("name", f"a project {name!r} exists already")
+            now = time.time()
+            conn.execute(projects.insert().values(name=name, created_at=now, created_by=self.actor))
+            self.append_events(conn, [audit.Event("project.add", name, {}, now, self.actor)])
+            self._set_member(conn, MemberRow(name, admin, "admin", now, self.actor))
+
+    def member(self, project: str, principal: str) -> MemberRow | None:
+        with self.connect() as conn:
+            row = conn.execute(
+                sa.select(memberships).where(
+                    memberships.c.project == project, memberships.c.principal == principal
+                )
+            ).mappings().first()  # fmt: skip
+        return None if row is None else MemberRow(**row)
+
+    def members(self, project: str) -> list[MemberRow]:
+        stmt = (
+            sa.select(memberships)
+            .where(memberships.c.project == project)
+            .order_by(memberships.c.principal)
+        )
+        with self.connect() as conn:
+            return [MemberRow(**r) for r in conn.execute(stmt).mappings()]
+
+    def set_member(self, row: MemberRow) -> None:
+        with self.transaction() as conn:
+            found = conn.execute(sa.select(projects.c.name).where(projects.c.name == row.project))
+            if found.first() is None:
+                raise NotFoundError(f"no project {row.project!r}; `kiln projects ls` lists them")
+            self._set_member(conn, row)
+
+    def _set_member(self, conn: Connection, row: MemberRow) -> None:
+        where = (memberships.c.project == row.project, memberships.c.principal == row.principal)
+        conn.execute(memberships.delete().where(*where))
+        conn.execute(memberships.insert().values(**asdict(row)))
+        self.append_events(conn, [audit.Event("member.set", row.principal,
+                                              {"project": row.project, "role": row.role},
+                                              row.added_at, self.actor)])  # fmt: skip
+
+    def remove_member(self, project: str, principal: str) -> None:
+        with self.transaction() as conn:
+            gone = conn.execute(
+                memberships.delete().where(
+                    memberships.c.project == project, memberships.c.principal == principal
+                )
+            ).rowcount
+            if not gone:
+                raise NotFoundError(f"{principal!r} is not a member of project {project!r}")
+            self.append_events(conn, [audit.Event("member.remove", principal,
+                                                  {"project": project}, time.time(),
+                                                  self.actor)])  # fmt: skip
+
+    # -- the blobs a project may read ----------------------------------------------
+
+    def note_blob(self, sha256: str) -> None:
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+        stmt = insert(blob_refs).values(project=self.project, sha256=sha256)
+        with self.transaction() as conn:
+            conn.execute(stmt.on_conflict_do_nothing(index_elements=["project", "sha256"]))
+
+    def holds_blob(self, sha256: str) -> bool:
+        with self.connect() as conn:
+            found = conn.execute(
+                sa.select(blob_refs.c.sha256).where(
+                    blob_refs.c.project == self.project, blob_refs.c.sha256 == sha256
+                )
+            )
+            return found.first() is not None

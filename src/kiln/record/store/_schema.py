@@ -62,7 +62,10 @@ runs = sa.Table(
     sa.Column("attempt", sa.Integer),  # 0002: which try this is, from 1
     sa.Column("resources", JSONType),  # 0002: requested, assigned, limits
     sa.Column("volatile_metrics", JSONType),  # 0009: metric names left out of reproduce verdicts
+    sa.Column("project", sa.String(200), nullable=False, server_default="default"),  # 0013
     sa.Index("ix_runs_app_created", "app", "created_at"),
+    sa.Index("ix_runs_project_created", "project", "created_at"),
+    sa.Index("ix_runs_project_app_created", "project", "app", "created_at"),
     sa.Index("ix_runs_created", "created_at"),
     sa.Index("ix_runs_parent", "parent_id"),
     sa.Index("ix_runs_status", "status"),
@@ -286,5 +289,33 @@ tokens = sa.Table(
     sa.Column("expires_at", sa.Double),
     sa.Column("revoked_at", sa.Double),
     sa.Column("last_used_at", sa.Double),
+    sa.Column("project", sa.String(200), nullable=False, server_default="default"),  # 0013
     sa.Index("tokens_principal", "principal"),
+)
+
+# 0013: projects as tenants. A principal's role in a project; the blobs a project may
+# read (it uploaded them, or its records name them).
+projects = sa.Table(
+    "projects",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("created_by", sa.String(200), nullable=False),
+)
+
+memberships = sa.Table(
+    "memberships",
+    metadata,
+    sa.Column("project", sa.String(200), primary_key=True),
+    sa.Column("principal", sa.String(200), primary_key=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("added_at", sa.Double, nullable=False),
+    sa.Column("added_by", sa.String(200), nullable=False),
+)
+
+blob_refs = sa.Table(
+    "blob_refs",
+    metadata,
+    sa.Column("project", sa.String(200), primary_key=True),
+    sa.Column("sha256", sa.String(64), primary_key=True),
 )

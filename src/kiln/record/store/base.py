@@ -57,6 +57,24 @@ class WriteBatch:
         the row is built)."""
         self.warnings = [(run_id, cut_text(m)) for run_id, m in self.warnings]
 
+    def blobs(self) -> dict[str, str]:
+        """The blobs this batch's rows name, each with where (a field's path): artifacts
+        (not datasets, which name files outside the store) and the code and environment
+        files of runs."""
+        named: dict[str, str] = {}
+        for i, art in enumerate(self.artifacts):
+            if art.kind != "dataset":
+                named.setdefault(art.sha256, f"artifacts.{i}.sha256")
+        for part, rows in (("new_runs", self.new_runs), ("updates", self.updates)):
+            for i, row in enumerate(rows):
+                for field_name in ("code", "environment"):
+                    found = getattr(row, field_name) or {}
+                    for key in BLOB_KEYS:
+                        sha = found.get(key)
+                        if isinstance(sha, str):
+                            named.setdefault(sha, f"{part}.{i}.{field_name}.{key}")
+        return named
+
     def halves(self) -> tuple[WriteBatch, WriteBatch] | None:
         """This batch's rows in two batches, in the order they are written; None if it
         holds a single row (to find the rows a store refuses, by bisection)."""
@@ -69,6 +87,8 @@ class WriteBatch:
         return first, second
 
 
+# Where a run's code and environment name blobs (kiln.record.snapshot).
+BLOB_KEYS = ("patch_sha256", "source_blob", "packages_sha256", "lock_sha256")
 WRITE_PARTS = ("new_runs", "metrics", "summaries", "artifacts", "updates", "seal", "warnings")
 
 
@@ -187,6 +207,18 @@ class TokenRow:
     expires_at: float | None = None
     revoked_at: float | None = None
     last_used_at: float | None = None
+    project: str = "default"  # the one project it acts in
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRow:
+    """A principal's role in a project."""
+
+    project: str
+    principal: str
+    role: str
+    added_at: float
+    added_by: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +359,27 @@ class IdentityStore(Protocol):
     def consume_enrolment(self, token_id: str, admin: PrincipalRow, token: TokenRow) -> bool:
         """Revoke enrolment token ``token_id`` and add the first admin and its token, in
         one transaction; False if it was used already."""
+
+    def projects(self, principal: str | None = None) -> list[str]:
+        """Every project's name (or those ``principal`` is a member of)."""
+
+    def add_project(self, name: str, admin: str) -> None:
+        """Add project ``name`` with ``admin`` as its first admin; refused if it exists."""
+
+    def member(self, project: str, principal: str) -> MemberRow | None: ...
+
+    def members(self, project: str) -> list[MemberRow]: ...
+
+    def set_member(self, row: MemberRow) -> None:
+        """Give a principal a role in a project (or change it)."""
+
+    def remove_member(self, project: str, principal: str) -> None: ...
+
+    def note_blob(self, sha256: str) -> None:
+        """Note that this store's project holds blob ``sha256`` (it uploaded it)."""
+
+    def holds_blob(self, sha256: str) -> bool:
+        """Whether this store's project may read blob ``sha256``."""
 
 
 class KilnStore(RunStore, AuditLog, EndpointStore, SpanStore, Protocol):

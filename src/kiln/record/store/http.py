@@ -56,14 +56,16 @@ _log = logging.getLogger("kiln")
 class Client:
     """One connection pool to the server, its errors turned into Kiln's."""
 
-    def __init__(self, url: str, *, actor: str, token: str | None = None) -> None:
+    def __init__(
+        self, url: str, *, actor: str, token: str | None = None, project: str | None = None
+    ) -> None:
         from kiln._optional import require
 
         require("httpx", extra="server")
         import httpx
 
         self.url = url
-        headers = {**actor_header(actor), "User-Agent": "kiln"}
+        headers = {**actor_header(actor), **project_header(project), "User-Agent": "kiln"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
@@ -176,12 +178,16 @@ class HttpBlobStore:
         if self._on_spool is not None:
             self._on_spool(error)
 
-    def upload_cached(self, sha256: str) -> None:
-        """Send a spooled blob from the cache (if the server lacks it)."""
-        if not self.exists(sha256):
+    def upload_cached(self, sha256: str, project: str | None = None) -> None:
+        """Send a spooled blob from the cache (if the server lacks it), for ``project``
+        (None: the client's)."""
+        headers = project_header(project)
+        try:
+            self._client.send("HEAD", f"/blobs/{sha256}", headers=headers)
+        except NotFoundError:
             path = self.cache.path(sha256)
             with path.open("rb") as f:
-                self._upload(sha256, f, path.stat().st_size)
+                self._upload(sha256, f, path.stat().st_size, headers)
 
     def exists(self, sha256: str) -> bool:
         try:
@@ -222,12 +228,14 @@ class HttpBlobStore:
                 raise ValueError(str(e)) from None
             raise
 
-    def _upload(self, sha: str, source: IO[bytes], size: int | None) -> None:
+    def _upload(
+        self, sha: str, source: IO[bytes], size: int | None, extra: dict[str, str] | None = None
+    ) -> None:
         def chunks() -> Iterator[bytes]:
             while chunk := source.read(1 << 20):
                 yield chunk
 
-        headers = {"Content-Type": "application/octet-stream"}
+        headers = {"Content-Type": "application/octet-stream", **(extra or {})}
         if size is not None:
             headers["Content-Length"] = str(size)
         self._client.send("PUT", f"/blobs/{sha}", content=chunks(), headers=headers)
@@ -262,20 +270,22 @@ class HttpBlobStore:
 
 class Spool:
     """What the server has not taken yet, in the order it was written, in this process's
-    file: one JSON line per batch (its idempotency key, its actor, the batch) or per
-    blob (its sha256; the bytes wait in the client's blob cache)."""
+    file: one JSON line per batch (its idempotency key, its actor, its project, the
+    batch) or per blob (its sha256 and project; the bytes wait in the client's cache)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, project: str | None = None) -> None:
         self.folder = folder
+        self.project = project  # each entry is sent to this project, by whoever sends it
         self.path = folder / f"{time.time_ns()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
         self.pending = 0
         self._lock = threading.Lock()  # the writer thread, code capture and callers add
 
     def add(self, batch: WriteBatch, wire: dict[str, Any]) -> None:
-        self._line({"key": batch.key, "actor": batch.actor, "batch": wire})
+        self._line({"key": batch.key, "actor": batch.actor, "project": self.project,
+                    "batch": wire})  # fmt: skip
 
     def add_blob(self, sha256: str) -> None:
-        self._line({"blob": sha256})
+        self._line({"blob": sha256, "project": self.project})
 
     def _line(self, entry: dict[str, Any]) -> None:
         with self._lock:
@@ -312,12 +322,13 @@ class HttpStore:
 
     def __init__(
         self, url: str, *, cache: Path, actor: str = "unknown", token: str | None = None,
-        spool_dir: Path | None = None,
+        spool_dir: Path | None = None, project: str | None = None,
     ) -> None:  # fmt: skip
         self.url = url
         self.actor = actor
-        self.client = Client(url, actor=actor, token=token)
-        self._spool = Spool(spool_dir) if spool_dir is not None else None
+        self.project = project  # None: the token's
+        self.client = Client(url, actor=actor, token=token, project=project)
+        self._spool = Spool(spool_dir, project) if spool_dir is not None else None
         self.blobs = HttpBlobStore(self.client, FileBlobStore(cache), self._spool, self._warn)
         self._send_lock = threading.Lock()  # batches go out one at a time, in order
         self._next_try = 0.0
@@ -366,9 +377,12 @@ class HttpStore:
                 self._next_try = time.monotonic() + _RETRY_AFTER_S
                 self._warn(e)
 
-    def _post(self, key: str | None, actor: str | None, wire: dict[str, Any]) -> None:
+    def _post(
+        self, key: str | None, actor: str | None, wire: dict[str, Any], project: str | None = None
+    ) -> None:
         body = gzip.compress(json.dumps(wire).encode(), compresslevel=1)
-        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json",
+                   **project_header(project)}  # fmt: skip
         if key:
             headers["Idempotency-Key"] = key
         if actor:
@@ -412,10 +426,11 @@ class HttpStore:
         aside beside ``spool`` (in ``….refused``, with the reason) for a person to see,
         so that the entries after it still go."""
         try:
+            project = entry.get("project")
             if "blob" in entry:
-                self.blobs.upload_cached(str(entry["blob"]))
+                self.blobs.upload_cached(str(entry["blob"]), project)
             else:
-                self._post(entry["key"], entry["actor"], entry["batch"])
+                self._post(entry["key"], entry["actor"], entry["batch"], project)
             return True
         except StoreUnavailableError:
             raise
@@ -603,6 +618,11 @@ def actor_header(actor: str) -> dict[str, str]:
     from urllib.parse import quote
 
     return {"Kiln-Actor": quote(actor, safe="")} if actor else {}
+
+
+def project_header(project: str | None) -> dict[str, str]:
+    """The ``Kiln-Project`` header naming ``project``; none for None (the token's)."""
+    return {"Kiln-Project": project} if project else {}
 
 
 def _q(part: str) -> str:

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Connection, Engine, make_url
 
+from kiln.config import DEFAULT_PROJECT
 from kiln.errors import (
     AmbiguousIdError,
     ConfigError,
@@ -43,6 +44,7 @@ from kiln.record.store._identities import Identities
 from kiln.record.store._registry import RegistryAccess
 from kiln.record.store._schema import (
     artifacts,
+    blob_refs,
     ingest_keys,
     metrics,
     model_versions,
@@ -55,7 +57,7 @@ from kiln.record.store._verify import registry_problems
 from kiln.record.store.base import RunQuery, WriteBatch
 from kiln.record.store.rows import RunUpdate, SpanRow
 
-SCHEMA_HEAD = "0012"
+SCHEMA_HEAD = "0013"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,
@@ -87,8 +89,10 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         create: bool = True,
         actor: str = "unknown",
         home_origin: str | None = None,
+        project: str = DEFAULT_PROJECT,
     ) -> None:
         parsed = make_url(url)
+        self.project = project  # every run read or written is this project's
         self._home_origin = home_origin  # how KILN_HOME was found: said when there is no store
         self.actor = actor  # recorded on audit events that carry no actor of their own
         # Writers in this process take turns (the engine's and the recorder's threads);
@@ -123,13 +127,26 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             raise ConfigError("KILN_HOME", f"the store {self.url} was opened without its blobs")
         return self.blobs
 
-    def as_actor(self, actor: str) -> SqlStore:
+    def as_actor(self, actor: str, project: str | None = None) -> SqlStore:
         """This store (its connections shared) recording ``actor`` on the audit events
-        that carry no actor of their own: a server's view for one request."""
+        that carry no actor of their own, and seeing only ``project``'s runs (this
+        store's, if None): a server's view for one request."""
         view = copy.copy(self)
         view.actor = actor
+        view.project = project or self.project
         view._chain_end = None  # not shared: the view reads the chain's end when it writes
         return view
+
+    def in_project(self, project: str) -> SqlStore:
+        """This store seeing only ``project``'s runs (see :meth:`as_actor`)."""
+        return self.as_actor(self.actor, project)
+
+    @property
+    def _mine(self) -> sa.ColumnElement[bool]:
+        """Runs of this store's project: every read and write of runs is filtered by it,
+        in SQL, so another project's runs are never fetched (and are, to this project,
+        runs that do not exist)."""
+        return runs.c.project == self.project
 
     def close(self) -> None:
         self._engine.dispose()
@@ -178,7 +195,11 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                 return  # a retried copy of a batch applied already
             batch = self._without_removed_runs(conn, batch)
             if batch.new_runs:
-                conn.execute(runs.insert(), [row.columns() for row in batch.new_runs])
+                project = {"project": self.project}
+                conn.execute(runs.insert(), [row.columns() | project for row in batch.new_runs])
+            named = batch.blobs()
+            if named:  # the project may read what its records name (see note_blob)
+                self._note_blobs(conn, sorted(named))
             if batch.metrics:
                 conn.exec_driver_sql(self._metric_sql, batch.metrics)
             if batch.summaries:
@@ -237,6 +258,14 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             events.append(audit.Event("run.warning", run_id, {"message": message}, now, actor))
         return events
 
+    def _note_blobs(self, conn: Connection, shas: list[str]) -> None:
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+        rows = [{"project": self.project, "sha256": sha} for sha in shas]
+        conn.execute(insert(blob_refs).on_conflict_do_nothing(), rows)
+
     def _first_time(self, conn: Connection, key: str, digest: str | None) -> bool:
         """Note the idempotency key ``key`` (of a batch whose sha256 is ``digest``) in
         this transaction; False if it was noted before for the same batch (this one is
@@ -275,7 +304,9 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         ids = sorted(named)
         found: set[str] = set()
         for chunk in (ids[i : i + 5000] for i in range(0, len(ids), 5000)):
-            found.update(conn.execute(sa.select(runs.c.id).where(runs.c.id.in_(chunk))).scalars())
+            found.update(
+                conn.execute(sa.select(runs.c.id).where(runs.c.id.in_(chunk), self._mine)).scalars()
+            )
         gone = named - found
         if not gone:
             return batch
@@ -349,7 +380,11 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
 
         def read() -> dict[str, Any]:
             with self._engine.connect() as conn:
-                row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).mappings().first()
+                row = (
+                    conn.execute(sa.select(runs).where(runs.c.id == run_id, self._mine))
+                    .mappings()
+                    .first()
+                )
                 if row is None:
                     raise RunNotFoundError(run_id)
                 points = conn.execute(
@@ -366,6 +401,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                     .order_by(artifacts.c.direction, artifacts.c.name)
                 ).mappings()
                 run = dict(row)
+                del run["project"]  # a bundle is imported into the importer's project
                 if run.get("volatile_metrics") is None:  # as bundles from before 0009 have it
                     del run["volatile_metrics"]
                 return {
@@ -392,16 +428,20 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             users = conn.execute(
                 sa.select(artifacts.c.run_id, artifacts.c.name)
                 .distinct()
+                .select_from(artifacts.join(runs, runs.c.id == artifacts.c.run_id))
                 .where(
                     artifacts.c.sha256.in_(produced),
                     artifacts.c.direction == "in",
                     artifacts.c.run_id != run_id,
+                    self._mine,
                 )
             ).all()
-            children = conn.execute(sa.select(runs.c.id).where(runs.c.parent_id == run_id)).all()
+            children = conn.execute(
+                sa.select(runs.c.id).where(runs.c.parent_id == run_id, self._mine)
+            ).all()
             copies = conn.execute(
                 sa.select(runs.c.id).where(
-                    _json_equals(runs.c.tags, "reproduced_from", run_id, field="tags")
+                    _json_equals(runs.c.tags, "reproduced_from", run_id, field="tags"), self._mine
                 )
             ).all()
             registered = conn.execute(
@@ -477,7 +517,9 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
     def _children(self, run_id: str) -> list[str]:
         with self._engine.connect() as conn:
             rows = conn.execute(
-                sa.select(runs.c.id).where(runs.c.parent_id == run_id).order_by(runs.c.created_at)
+                sa.select(runs.c.id)
+                .where(runs.c.parent_id == run_id, self._mine)
+                .order_by(runs.c.created_at)
             ).all()
         return [rid for (rid,) in rows]
 
@@ -569,9 +611,11 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                     conn.execute(
                         sa.select(artifacts.c.sha256)
                         .distinct()
+                        .select_from(artifacts.join(runs, runs.c.id == artifacts.c.run_id))
                         .where(
                             artifacts.c.sha256 >= ref.lower(),
                             artifacts.c.sha256 < ref.lower() + "g",
+                            self._mine,
                         )
                         .limit(2)
                     )
@@ -617,8 +661,12 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             seen_runs |= run_ids
             if run_ids:
                 for a in conn.execute(
-                    sa.select(artifacts).where(
-                        artifacts.c.run_id.in_(list(run_ids)), artifacts.c.direction == mine
+                    sa.select(artifacts)
+                    .select_from(artifacts.join(runs, runs.c.id == artifacts.c.run_id))
+                    .where(
+                        artifacts.c.run_id.in_(list(run_ids)),
+                        artifacts.c.direction == mine,
+                        self._mine,
                     )
                 ).mappings():
                     _link(graph, a)
@@ -627,8 +675,12 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                 break
             next_runs = set()
             for a in conn.execute(
-                sa.select(artifacts).where(
-                    artifacts.c.sha256.in_(list(shas)), artifacts.c.direction == theirs
+                sa.select(artifacts)
+                .select_from(artifacts.join(runs, runs.c.id == artifacts.c.run_id))
+                .where(
+                    artifacts.c.sha256.in_(list(shas)),
+                    artifacts.c.direction == theirs,
+                    self._mine,
                 )
             ).mappings():
                 _link(graph, a)
@@ -821,12 +873,13 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             raise RunNotFoundError(run_id)
         with self._engine.connect() as conn:
             if len(prefix) >= 32:
-                rows = conn.execute(sa.select(runs).where(runs.c.id == prefix)).mappings().all()
+                stmt = sa.select(runs).where(runs.c.id == prefix, self._mine)
+                rows = conn.execute(stmt).mappings().all()
             else:  # ids are lowercase hex, so every id starting with prefix sorts below prefix+"g"
                 rows = (
                     conn.execute(
                         sa.select(runs)
-                        .where(runs.c.id >= prefix, runs.c.id < prefix + "g")
+                        .where(runs.c.id >= prefix, runs.c.id < prefix + "g", self._mine)
                         .limit(5)
                     )
                     .mappings()
@@ -900,7 +953,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         return self._records(conn, rows)
 
     def _filters(self, query: RunQuery) -> list[sa.ColumnElement[bool]]:
-        where: list[sa.ColumnElement[bool]] = []
+        where: list[sa.ColumnElement[bool]] = [self._mine]
         if query.app is not None:
             where.append(runs.c.app == query.app)
         if query.status:
@@ -921,7 +974,11 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         def read() -> list[MetricPoint]:
             stmt = (
                 sa.select(metrics.c.step, metrics.c.time, metrics.c.value)
-                .where(metrics.c.run_id == run_id, metrics.c.key == key)
+                .where(
+                    metrics.c.run_id == run_id,
+                    metrics.c.key == key,
+                    sa.exists().where(runs.c.id == run_id, self._mine),
+                )
                 .order_by(metrics.c.step, metrics.c.time)
             )
             with self._engine.connect() as conn:

@@ -1,5 +1,11 @@
 """``BlobStore`` over HTTP: ask first, upload streaming (checked against its sha256 before
-it is named), download streaming with ranges."""
+it is named), download streaming with ranges.
+
+Blobs are stored once, whoever sends them, but a project sees only the blobs it sent
+(or that its records named before projects existed): to any other project a blob is
+one the server does not hold. So a project that sends bytes another project holds
+sends them whole and has them checked, as if they were new, and the answer is the
+same 201: a content hash tells no project what another holds."""
 
 from __future__ import annotations
 
@@ -12,9 +18,9 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException
 
-from kiln.errors import ValidationError
+from kiln.errors import NotFoundError, ValidationError
 from kiln.server.auth import need
-from kiln.server.deps import Blobs, Bounds
+from kiln.server.deps import Blobs, Bounds, Store
 
 router = APIRouter(prefix="/api/v1", tags=["blobs"])
 Sha = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="the blob's sha256, hex")]
@@ -27,9 +33,9 @@ _UPLOAD = {"requestBody": {"required": True, "content": {"application/octet-stre
     dependencies=[need("blobs", "read")],
     responses={404: {"description": "not stored"}},
 )
-def has_blob(sha256: Sha, blobs: Blobs) -> Response:
-    """200 (with its size) if the server holds the blob, else 404."""
-    if not blobs.exists(sha256):
+def has_blob(sha256: Sha, blobs: Blobs, store: Store) -> Response:
+    """200 (with its size) if the server holds the blob for the caller's project, else 404."""
+    if not blobs.exists(sha256) or not store.holds_blob(sha256):
         return Response(status_code=404)
     size = blobs.path(sha256).stat().st_size
     return Response(status_code=200, headers={"Content-Length": str(size)})
@@ -41,8 +47,10 @@ def has_blob(sha256: Sha, blobs: Blobs) -> Response:
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a range"}},
 )
-def get_blob(sha256: Sha, blobs: Blobs) -> FileResponse:
+def get_blob(sha256: Sha, blobs: Blobs, store: Store) -> FileResponse:
     """The blob's bytes, streamed; a ``Range`` header gets part of them (206)."""
+    if not store.holds_blob(sha256):
+        raise NotFoundError(f"no blob {sha256}")
     path = blobs.fetch(sha256)  # NotFoundError: 404
     immutable = {"Cache-Control": "public, max-age=31536000, immutable"}
     return FileResponse(path, media_type="application/octet-stream", headers=immutable)
@@ -52,11 +60,15 @@ def get_blob(sha256: Sha, blobs: Blobs) -> FileResponse:
     "/blobs/{sha256}", dependencies=[need("blobs", "write")], status_code=201,
     openapi_extra=_UPLOAD, responses={200: {"description": "already stored"}},
 )  # fmt: skip
-async def put_blob(sha256: Sha, request: Request, blobs: Blobs, bounds: Bounds) -> Response:
+async def put_blob(
+    sha256: Sha, request: Request, blobs: Blobs, bounds: Bounds, store: Store
+) -> Response:
     """Store the body as blob ``sha256``. It is streamed to disk and named only once its
-    bytes hash to ``sha256`` (else 422 and nothing is kept): 201, or 200 if the server
-    had it already (the body is then not read)."""
-    if blobs.exists(sha256):
+    bytes hash to ``sha256`` (else 422 and nothing is kept): 201, or 200 if the caller's
+    project had it already (the body is then not read)."""
+    from starlette.concurrency import run_in_threadpool
+
+    if await run_in_threadpool(store.holds_blob, sha256) and blobs.exists(sha256):
         return Response(status_code=200)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > bounds.blob_bytes:
@@ -71,9 +83,10 @@ async def put_blob(sha256: Sha, request: Request, blobs: Blobs, bounds: Bounds) 
                 "sha256", f"the body does not hash to {sha256} (its {size} bytes hash to "
                 f"{digest.hexdigest()}); nothing was stored",
             )  # fmt: skip
-        blobs.adopt(tmp, sha256)
+        blobs.adopt(tmp, sha256)  # the same bytes, if another project sent them first
     finally:
         tmp.unlink(missing_ok=True)
+    await run_in_threadpool(store.note_blob, sha256)
     return Response(status_code=201)
 
 

@@ -14,9 +14,11 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticError
 
 from kiln.errors import ValidationError
+from kiln.record.blobs import FileBlobStore
 from kiln.record.model import RunStatus
 from kiln.record.store._wire import from_number, number, points_to_wire, record_to_wire
 from kiln.record.store.base import RunQuery, WriteBatch
+from kiln.record.store.sql import SqlStore
 from kiln.server import schemas
 from kiln.server.auth import need
 from kiln.server.deps import Blobs, Bounds, Store
@@ -92,6 +94,17 @@ def _new_run(row: schemas.RunRow, request: Request, caller: str) -> schemas.RunR
     return row.model_copy(update={"actor": caller}) if request.app.state.auth else row
 
 
+def _check_blobs(batch: WriteBatch, store: SqlStore, blobs: FileBlobStore) -> None:
+    """Refuse a batch naming a blob the caller's project does not hold (upload it first):
+    a record cannot claim another project's bytes by naming their hash."""
+    for sha, where in batch.blobs().items():
+        if not (blobs.exists(sha) and store.holds_blob(sha)):
+            raise ValidationError(
+                where, f"names blob {sha[:12]}, which this server does not hold; "
+                "upload it first (PUT /api/v1/blobs/{sha256})",
+            )  # fmt: skip
+
+
 def _summary(value: float | str | None) -> float:
     found = from_number(value)
     return math.nan if found is None else found
@@ -117,12 +130,6 @@ async def write_batch(
         raise ValidationError(IDEMPOTENCY_HEADER, "is not a key", allowed="8-64 of A-Z a-z 0-9 _ -")
     raw = await read_json_body(request, bounds.json_bytes)
     body = parse_body(schemas.Batch, raw)
-    for i, artifact in enumerate(body.artifacts):
-        if artifact.kind != "dataset" and not blobs.exists(artifact.sha256):
-            raise ValidationError(
-                f"artifacts.{i}.sha256", f"names blob {artifact.sha256[:12]}, which this server "
-                "does not hold; upload it first (PUT /api/v1/blobs/{sha256})",
-            )  # fmt: skip
     batch = WriteBatch(
         new_runs=[_new_run(r, request, store.actor) for r in body.new_runs],
         metrics=[(r, k, s, t, from_number(v)) for r, k, s, t, v in body.metrics],
@@ -138,6 +145,7 @@ async def write_batch(
     )  # fmt: skip
     from starlette.concurrency import run_in_threadpool
 
+    await run_in_threadpool(_check_blobs, batch, store, blobs)
     await run_in_threadpool(store.write, batch)
     INGESTED.inc(len(batch.metrics))
     return {"points": len(batch.metrics)}

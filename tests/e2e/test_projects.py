@@ -1,0 +1,186 @@
+"""Projects as tenants on a real ``kiln server`` (SQLite and PostgreSQL): one project's
+runs, metrics, artifacts, lineage and blobs are, to another, things that do not exist;
+tokens act in one project; an embedded store keeps one implicit project."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+import kiln
+from conftest import ServerProcess
+from kiln.config import Settings
+from kiln.errors import NotFoundError, RunNotFoundError, StoreRefusedError
+from kiln.record.model import RunStatus
+from kiln.record.store.base import RunQuery, WriteBatch
+from kiln.record.store.http import HttpStore
+from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
+
+Start = Callable[..., ServerProcess]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def two_projects(server: ServerProcess) -> tuple[str, str]:
+    """An admin token of ``default`` and one of ``blue``, the same admin's."""
+    assert server.enrolment is not None
+    with httpx.Client(base_url=server.url) as http:
+        root = http.post("/api/v1/enrol", json={"name": "root"}, headers=bearer(server.enrolment))
+        default = root.json()["token"]
+        made = http.post("/api/v1/projects", json={"name": "blue"}, headers=bearer(default))
+        assert made.status_code == 201, made.text
+        return default, made.json()["token"]["token"]
+
+
+def record_a_run(store: HttpStore, blob: bytes, n: int) -> tuple[str, str]:
+    """A finished run with metrics, a summary and an artifact; its id and the blob's sha."""
+    run_id = (f"{n:x}" * 32)[:32]
+    sha = store.blob_store.put_bytes(blob)
+    store.write(WriteBatch(
+        new_runs=[RunRow(id=run_id, app="fraud", status=RunStatus.RUNNING, created_at=1.0,
+                         params={"lr": 0.1})],
+        metrics=[(run_id, "loss", i, 1.0, 1.0 / (i + 1)) for i in range(5)],
+        summaries=[(run_id, "fraud", "loss", 0.2)],
+        artifacts=[ArtifactRow(run_id=run_id, direction="out", name="m.pkl", kind="file",
+                               sha256=sha, size=len(blob))],
+        updates=[RunUpdate(id=run_id, status=RunStatus.SUCCEEDED, ended_at=2.0)],
+    ))  # fmt: skip
+    return run_id, sha
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_one_projects_records_do_not_exist_for_another(
+    kind: str, start_server: Start, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
+    server = start_server(url, auth=True)
+    default, blue = two_projects(server)
+    red_store = HttpStore(server.url, cache=tmp_path / "c1", token=default)
+    blue_store = HttpStore(server.url, cache=tmp_path / "c2", token=blue)
+    with red_store, blue_store:
+        theirs, secret = record_a_run(red_store, b"red's model", 1)
+        mine, _ = record_a_run(blue_store, b"blue's model", 2)
+        # reads: another project's run is a run that does not exist
+        with pytest.raises(RunNotFoundError):
+            blue_store.get_run(theirs)
+        with pytest.raises(RunNotFoundError):
+            blue_store.get_run(theirs[:8])  # by prefix too
+        assert [r.id for r in blue_store.query_runs(RunQuery(limit=None))] == [mine]
+        top = blue_store.query_runs(RunQuery(order_by="-metrics.loss", limit=1))
+        assert [r.id for r in top] == [mine]  # the page is full: filtered in SQL
+        assert blue_store.metric_history(theirs, "loss") == []
+        with pytest.raises(RunNotFoundError):
+            blue_store.lineage(theirs)
+        with pytest.raises(RunNotFoundError):
+            blue_store.lineage(secret[:12])  # an artifact's hash names nothing here
+        with pytest.raises(RunNotFoundError):
+            blue_store.export_rows(theirs)
+        # blobs: red's bytes are not blue's to read, or to claim by naming their hash
+        assert not blue_store.blob_store.exists(secret)
+        with pytest.raises(NotFoundError):
+            blue_store.blob_store.read(secret)
+        claim = ArtifactRow(run_id=mine, direction="out", name="stolen", kind="file",
+                            sha256=secret, size=11)  # fmt: skip
+        with pytest.raises(StoreRefusedError, match="does not hold"):
+            blue_store.write(WriteBatch(artifacts=[claim]))
+        # writes to another project's run change nothing
+        blue_store.write(WriteBatch(
+            metrics=[(theirs, "loss", 99, 1.0, 9.0)],
+            updates=[RunUpdate(id=theirs, status=RunStatus.FAILED, error="x")],
+        ))  # fmt: skip
+        with pytest.raises(RunNotFoundError):
+            blue_store.delete_run(theirs)
+        record = red_store.get_run(theirs)
+        assert record.status is RunStatus.SUCCEEDED and record.error is None
+        assert len(red_store.metric_history(theirs, "loss")) == 5
+        # sending the same bytes gives blue its own copy, checked as if new
+        assert blue_store.blob_store.put_bytes(b"red's model") == secret
+        assert blue_store.blob_store.read(secret) == b"red's model"
+    with httpx.Client(base_url=server.url) as http:
+        absent = http.get(f"/api/v1/runs/{'f' * 32}", headers=bearer(blue))
+        hidden = http.get(f"/api/v1/runs/{theirs}", headers=bearer(blue))
+        assert absent.status_code == hidden.status_code == 404
+        assert absent.json()["title"] == hidden.json()["title"]
+        assert theirs not in str(http.get("/api/v1/runs:search", headers=bearer(blue)).text)
+        other = http.get("/api/v1/whoami", headers={**bearer(blue), "Kiln-Project": "default"})
+        assert other.status_code == 403 and "acts in project blue" in other.json()["detail"]
+
+
+def test_tokens_act_in_their_project_and_no_wider(start_server: Start) -> None:
+    server = start_server(auth=True)
+    default, blue = two_projects(server)
+    with httpx.Client(base_url=server.url) as http:
+        added = http.post("/api/v1/principals", headers=bearer(blue),
+                          json={"name": "ann", "role": "member"})  # fmt: skip
+        assert added.status_code == 201, added.text
+        ann = http.post("/api/v1/tokens", headers=bearer(blue),
+                        json={"principal": "ann"}).json()  # fmt: skip
+        assert ann["project"] == "blue" and ann["role"] == "member"
+        me = http.get("/api/v1/whoami", headers=bearer(ann["token"])).json()
+        assert (me["name"], me["project"], me["role"]) == ("ann", "blue", "member")
+        # a member's token mints tokens of its own project only, and ann is not in default
+        elsewhere = http.post("/api/v1/tokens", headers=bearer(ann["token"]),
+                              json={"project": "default"})  # fmt: skip
+        assert elsewhere.status_code == 403
+        for_ann = http.post("/api/v1/tokens", headers=bearer(default),
+                            json={"principal": "ann"})  # fmt: skip
+        assert for_ann.status_code == 404  # not a member of default
+        # blue's admin sees blue's members only, and nothing of default's
+        members = http.get("/api/v1/projects/blue/members", headers=bearer(blue)).json()
+        assert sorted(m["principal"] for m in members["members"]) == ["ann", "root"]
+        assert http.get("/api/v1/projects/default/members", headers=bearer(blue)).status_code == 404
+        names = [p["name"] for p in http.get("/api/v1/principals", headers=bearer(blue)).json()[
+            "principals"]]  # fmt: skip
+        assert sorted(names) == ["ann", "root"]
+        # only the default project's admins create projects
+        assert http.post("/api/v1/projects", headers=bearer(blue),
+                         json={"name": "green"}).status_code == 403  # fmt: skip
+        # removed from the project, ann's token stops working at once
+        gone = http.delete("/api/v1/projects/blue/members/ann", headers=bearer(blue))
+        assert gone.status_code == 204
+        assert http.get("/api/v1/whoami", headers=bearer(ann["token"])).status_code == 401
+        assert sorted(http.get("/api/v1/projects", headers=bearer(default)).json()[
+            "projects"]) == ["blue", "default"]  # fmt: skip
+
+
+def test_an_embedded_store_keeps_projects_apart_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    with kiln.App("fraud").run() as plain:
+        kiln.log({"loss": 1.0})
+    with kiln.App("fraud", project="blue").run() as blue:
+        kiln.log({"loss": 0.5})
+    assert [r.id for r in kiln.App("fraud").runs()] == [plain.id]
+    assert [r.id for r in kiln.App("fraud", project="blue").runs()] == [blue.id]
+    monkeypatch.setenv("KILN_PROJECT", "blue")
+    assert Settings.from_env().project == "blue"
+    assert [r.id for r in kiln.App("fraud").runs()] == [blue.id]
+    monkeypatch.setenv("KILN_PROJECT", "no way")
+    with pytest.raises(kiln.errors.ConfigError, match="KILN_PROJECT"):
+        Settings.from_env()
+
+
+def test_a_blob_hash_tells_a_project_nothing(start_server: Start, tmp_path: Path) -> None:
+    server = start_server(auth=True)
+    default, blue = two_projects(server)
+    data = b"only default has these bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    with httpx.Client(base_url=server.url) as http:
+        first = http.put(f"/api/v1/blobs/{sha}", content=data, headers=bearer(default))
+        assert first.status_code == 201
+        assert http.head(f"/api/v1/blobs/{sha}", headers=bearer(default)).status_code == 200
+        assert http.head(f"/api/v1/blobs/{sha}", headers=bearer(blue)).status_code == 404
+        assert http.get(f"/api/v1/blobs/{sha}", headers=bearer(blue)).status_code == 404
+        # claiming it with other bytes is refused; with its bytes, answered as a new blob
+        lie = http.put(f"/api/v1/blobs/{sha}", content=b"guess", headers=bearer(blue))
+        assert lie.status_code == 422
+        again = http.put(f"/api/v1/blobs/{sha}", content=data, headers=bearer(blue))
+        assert again.status_code == 201
+        assert http.get(f"/api/v1/blobs/{sha}", headers=bearer(blue)).content == data
