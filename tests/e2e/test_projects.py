@@ -18,7 +18,7 @@ from kiln.errors import NotFoundError, RunNotFoundError, StoreRefusedError
 from kiln.record.model import RunStatus
 from kiln.record.store.base import RunQuery, WriteBatch
 from kiln.record.store.http import HttpStore
-from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
+from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate, SpanRow
 
 Start = Callable[..., ServerProcess]
 
@@ -36,6 +36,12 @@ def two_projects(server: ServerProcess) -> tuple[str, str]:
         made = http.post("/api/v1/projects", json={"name": "blue"}, headers=bearer(default))
         assert made.status_code == 201, made.text
         return default, made.json()["token"]["token"]
+
+
+def span(trace: str, span_id: str, *, run_id: str) -> SpanRow:
+    return SpanRow(trace_id=trace, span_id=span_id, name="POST /predict", endpoint="fraud",
+                   model_name="fraud", model_version=1, run_id=run_id, start_ns=1,
+                   duration_ns=5, status="ok", attributes={})  # fmt: skip
 
 
 def record_a_run(store: HttpStore, blob: bytes, n: int) -> tuple[str, str]:
@@ -102,6 +108,17 @@ def test_one_projects_records_do_not_exist_for_another(
         # sending the same bytes gives blue its own copy, checked as if new
         assert blue_store.blob_store.put_bytes(b"red's model") == secret
         assert blue_store.blob_store.read(secret) == b"red's model"
+        # traces and the audit log are per project too
+        trace = "ab" * 16
+        red_store.write_spans([span(trace, "1" * 16, run_id=theirs)])
+        assert [s["trace_id"] for s in red_store.list_spans()] == [trace]
+        assert blue_store.list_spans() == [] and blue_store.list_spans(run_id=theirs) == []
+        with pytest.raises(NotFoundError):
+            blue_store.find_trace(trace[:8])
+        assert red_store.audit_events(target=theirs)
+        assert blue_store.audit_events(target=theirs) == []
+        assert {e["target"] for e in blue_store.audit_events(limit=None)} >= {mine}
+        assert list(red_store.verify()) == []
     with httpx.Client(base_url=server.url) as http:
         absent = http.get(f"/api/v1/runs/{'f' * 32}", headers=bearer(blue))
         hidden = http.get(f"/api/v1/runs/{theirs}", headers=bearer(blue))
@@ -184,3 +201,24 @@ def test_a_blob_hash_tells_a_project_nothing(start_server: Start, tmp_path: Path
         again = http.put(f"/api/v1/blobs/{sha}", content=data, headers=bearer(blue))
         assert again.status_code == 201
         assert http.get(f"/api/v1/blobs/{sha}", headers=bearer(blue)).content == data
+
+
+def test_moving_an_audit_event_to_another_project_is_caught(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from kiln.record.store.sql import SqlStore
+
+    url = f"sqlite:///{tmp_path / 'kiln.db'}"
+    with SqlStore(url, project="blue") as blue:
+        blue.write(WriteBatch(new_runs=[RunRow(id="b" * 32, app="a", status=RunStatus.RUNNING,
+                                               created_at=1.0)]))  # fmt: skip
+        assert [e["project"] for e in blue.audit_events()] == ["blue"]
+        assert list(blue.verify()) == []
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # someone edits the database to hide blue's event
+        conn.execute(sa.text("UPDATE audit SET project = 'default'"))
+    engine.dispose()
+    with SqlStore(url) as store:
+        assert store.audit_events() != []  # now in default's log, but:
+        problems = [p.message for p in store.verify()]
+        assert problems and "moved to project 'default'" in problems[0]

@@ -162,10 +162,25 @@ def seal_payload(
     }
 
 
+def _project_of(payload: str) -> str:
+    """The project an event's payload names (outside the default project, the store
+    adds it, so that it is hashed with the event)."""
+    if '"project"' in payload:  # cheap: most payloads do not mention one
+        found = json.loads(payload)
+        if isinstance(found, dict) and isinstance(found.get("project"), str):
+            return str(found["project"])
+    return "default"
+
+
 def verify_chain(rows: Iterator[tuple[Any, ...]]) -> Iterator[Problem]:
-    """Check numbering, links, payload hashes and event hashes, in order."""
+    """Check numbering, links, payload hashes and event hashes, in order; and, for rows
+    that carry their project (a tenth column), that it is the one their payload names."""
     expected_seq, prev = 1, GENESIS
-    for seq, time, actor, action, target, payload, payload_sha, prev_hash, digest in rows:
+    for seq, time, actor, action, target, payload, payload_sha, prev_hash, digest, *rest in rows:
+        if rest and rest[0] != _project_of(payload):
+            yield Problem(seq, f"event {seq} ({action} {target}) was moved to project "
+                          f"{rest[0]!r}")  # fmt: skip
+            return
         if seq != expected_seq:
             yield Problem(expected_seq, f"event {expected_seq} is missing (next is {seq})")
             return

@@ -22,6 +22,7 @@ class EndpointsAndSpans:
 
     if TYPE_CHECKING:  # what SqlStore provides
         actor: str
+        project: str
 
         def transaction(self) -> AbstractContextManager[Connection]: ...
 
@@ -112,7 +113,12 @@ class EndpointsAndSpans:
         self, *, endpoint: str | None = None, run_id: str | None = None,
         errors_only: bool = False, limit: int | None = 50,
     ) -> list[dict[str, Any]]:  # fmt: skip
-        stmt = sa.select(spans).order_by(spans.c.start_ns.desc()).limit(limit)
+        stmt = (
+            sa.select(spans)
+            .where(spans.c.project == self.project)
+            .order_by(spans.c.start_ns.desc())
+            .limit(limit)
+        )
         if endpoint:
             stmt = stmt.where(spans.c.endpoint == endpoint)
         if run_id:
@@ -126,8 +132,9 @@ class EndpointsAndSpans:
         ref = trace_prefix(trace_id)
         with self.connect() as conn:
             ids = list(conn.execute(
-                sa.select(spans.c.trace_id).where(spans.c.trace_id.startswith(ref)).distinct()
-                .limit(5)
+                sa.select(spans.c.trace_id)
+                .where(spans.c.trace_id.startswith(ref), spans.c.project == self.project)
+                .distinct().limit(5)
             ).scalars())  # fmt: skip
             if not ids:
                 raise NotFoundError(
@@ -137,7 +144,9 @@ class EndpointsAndSpans:
             if len(ids) > 1:
                 raise AmbiguousIdError(trace_id, ids)
             rows = conn.execute(
-                sa.select(spans).where(spans.c.trace_id == ids[0]).order_by(spans.c.start_ns)
+                sa.select(spans)
+                .where(spans.c.trace_id == ids[0], spans.c.project == self.project)
+                .order_by(spans.c.start_ns)
             ).mappings()
             return [dict(r) for r in rows]
 

@@ -97,7 +97,7 @@ class Identities:
         payload: dict[str, Any] = {"principal": row.principal, "role": row.role,
                                    "kind": row.kind, "name": row.name,
                                    "expires_at": row.expires_at,
-                                   "project": row.project}  # fmt: skip
+                                   "token_project": row.project}  # fmt: skip
         self.append_events(conn, [audit.Event("token.create", row.id, payload, time.time(),
                                               self.actor)])  # fmt: skip
 
@@ -213,7 +213,7 @@ class Identities:
         conn.execute(memberships.delete().where(*where))
         conn.execute(memberships.insert().values(**asdict(row)))
         self.append_events(conn, [audit.Event("member.set", row.principal,
-                                              {"project": row.project, "role": row.role},
+                                              {"member_of": row.project, "role": row.role},
                                               row.added_at, self.actor)])  # fmt: skip
 
     def remove_member(self, project: str, principal: str) -> None:
@@ -226,7 +226,7 @@ class Identities:
             if not gone:
                 raise NotFoundError(f"{principal!r} is not a member of project {project!r}")
             self.append_events(conn, [audit.Event("member.remove", principal,
-                                                  {"project": project}, time.time(),
+                                                  {"member_of": project}, time.time(),
                                                   self.actor)])  # fmt: skip
 
     # -- the blobs a project may read ----------------------------------------------

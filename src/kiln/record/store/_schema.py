@@ -108,6 +108,9 @@ audit = sa.Table(
     sa.Column("payload_sha256", sa.String(64), nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
+    # 0013: the project whose event it is (outside default, also in the hashed payload)
+    sa.Column("project", sa.String(200), nullable=False, server_default="default"),
+    sa.Index("ix_audit_project_seq", "project", "seq"),
     sa.Index("ix_audit_action", "action"),
     sa.Index("ix_audit_target", "target"),
     sa.Index("ix_audit_actor", "actor"),
@@ -246,7 +249,9 @@ spans = sa.Table(
     sa.Column("duration_ns", sa.BigInteger, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),  # ok, error
     sa.Column("attributes", JSONType, nullable=False),
+    sa.Column("project", sa.String(200), nullable=False, server_default="default"),  # 0013
     sa.Index("ix_spans_endpoint_start", "endpoint", "start_ns"),
+    sa.Index("ix_spans_project_start", "project", "start_ns"),
     sa.Index("ix_spans_run", "run_id"),
 )
 # 0010: the idempotency keys of the batches a server applied (a retried batch is a no-op);

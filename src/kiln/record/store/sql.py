@@ -7,6 +7,7 @@ as tuples, and a whole flush is one transaction.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fcntl
 import json
 import logging
@@ -335,7 +336,12 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             ).first()
             end = (last[0], last[1]) if last else (0, audit.GENESIS)
         self._chain_end = None  # until this transaction commits
+        if self.project != DEFAULT_PROJECT:  # hashed with the event: it cannot be moved
+            events = [dataclasses.replace(e, payload={**e.payload, "project": self.project})
+                      for e in events]  # fmt: skip
         rows = audit.chain(events, *end)
+        for row in rows:
+            row["project"] = self.project
         conn.execute(audit_log.insert(), rows)
         self._pending_end = (rows[-1]["seq"], rows[-1]["hash"])
 
@@ -584,7 +590,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             names = [c.name for c in spans.columns]
             params = [
                 tuple(json.dumps(r.attributes, default=str) if n == "attributes"
-                      else getattr(r, n) for n in names)
+                      else self.project if n == "project" else getattr(r, n) for n in names)
                 for r in rows
             ]  # fmt: skip
 
@@ -704,8 +710,14 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         target: str | None = None,
         limit: int | None = 100,
     ) -> list[dict[str, Any]]:
-        """Audit events, newest first, filtered by actor, action and target (prefix)."""
-        stmt = sa.select(audit_log).order_by(audit_log.c.seq.desc()).limit(limit)
+        """This project's audit events, newest first, filtered by actor, action and
+        target (prefix)."""
+        stmt = (
+            sa.select(audit_log)
+            .where(audit_log.c.project == self.project)
+            .order_by(audit_log.c.seq.desc())
+            .limit(limit)
+        )
         if actor:
             stmt = stmt.where(audit_log.c.actor == actor)
         if action:
@@ -738,7 +750,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         cols = [
             audit_log.c[name]
             for name in ("seq", "time", "actor", "action", "target", "payload",
-                         "payload_sha256", "prev_hash", "hash")
+                         "payload_sha256", "prev_hash", "hash", "project")
         ]  # fmt: skip
         with self._engine.connect() as conn:
             rows = conn.execution_options(yield_per=10_000).execute(

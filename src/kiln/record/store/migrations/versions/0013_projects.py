@@ -1,9 +1,9 @@
-"""Projects as tenants, first part: runs and blobs belong to a project.
+"""Projects as tenants: runs, spans, audit events and blobs belong to a project.
 
-Every run has a ``project`` (what was recorded before is in ``default``), and a
-project sees a blob only if it uploaded it or its records name it (``blob_refs``),
-so a content hash cannot tell one project what another holds. Tokens act in one
-project; ``memberships`` give a principal a role in a project.
+Every run, span and audit event has a ``project`` (what was recorded before is in
+``default``), and a project sees a blob only if it uploaded it or its records name it
+(``blob_refs``), so a content hash cannot tell one project what another holds. Tokens
+act in one project; ``memberships`` give a principal a role in a project.
 
 Revision ID: 0013
 Revises: 0012
@@ -48,6 +48,13 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("project", sa.String(200), nullable=False, server_default=DEFAULT)
         )
+    for table in ("spans", "audit"):
+        with op.batch_alter_table(table) as batch:
+            batch.add_column(
+                sa.Column("project", sa.String(200), nullable=False, server_default=DEFAULT)
+            )
+    op.create_index("ix_spans_project_start", "spans", ["project", "start_ns"])
+    op.create_index("ix_audit_project_seq", "audit", ["project", "seq"])
     op.create_index("ix_runs_project_created", "runs", ["project", "created_at"])
     op.create_index("ix_runs_project_app_created", "runs", ["project", "app", "created_at"])
     with op.batch_alter_table("tokens") as batch:
@@ -88,6 +95,11 @@ def _blobs_of(value: object) -> set[str]:
 def downgrade() -> None:
     with op.batch_alter_table("tokens") as batch:
         batch.drop_column("project")
+    op.drop_index("ix_audit_project_seq", table_name="audit")
+    op.drop_index("ix_spans_project_start", table_name="spans")
+    for table in ("spans", "audit"):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column("project")
     op.drop_index("ix_runs_project_app_created", table_name="runs")
     op.drop_index("ix_runs_project_created", table_name="runs")
     with op.batch_alter_table("runs") as batch:
