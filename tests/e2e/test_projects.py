@@ -222,3 +222,53 @@ def test_moving_an_audit_event_to_another_project_is_caught(tmp_path: Path) -> N
         assert store.audit_events() != []  # now in default's log, but:
         problems = [p.message for p in store.verify()]
         assert problems and "moved to project 'default'" in problems[0]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_models_and_endpoints_are_named_per_project(
+    kind: str, start_server: Start, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from kiln.record.store.base import EndpointRow, ServerRow
+    from kiln.registry.models import models_for
+
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
+    server = start_server(url, auth=True)
+    default, blue = two_projects(server)
+    red_store = HttpStore(server.url, cache=tmp_path / "c1", token=default)
+    blue_store = HttpStore(server.url, cache=tmp_path / "c2", token=blue)
+    with red_store, blue_store:
+        theirs, _ = record_a_run(red_store, b"red's model", 1)
+        mine, _ = record_a_run(blue_store, b"blue's model", 2)
+        red = models_for(red_store, app="fraud", actor="root")
+        ours = models_for(blue_store, app="fraud", actor="root")
+        assert red.register("fraud", theirs, artifact="m.pkl").version == 1
+        assert ours.register("fraud", mine, artifact="m.pkl").version == 1  # its own "fraud"
+        with pytest.raises(RunNotFoundError):
+            ours.register("stolen", theirs, artifact="m.pkl")
+        assert ours.get("fraud:1").run_id == mine and red.get("fraud:1").run_id == theirs
+        red.set_policy(
+            "fraud",
+            "production",
+            {"allow_dirty": True, "approvals": {"count": 1, "approvers": ["ann"]}},
+        )
+        request = red.promote("fraud", 1, alias="production")
+        assert ours.requests() == [] and ours.policy("fraud", "production") is None
+        with pytest.raises(NotFoundError):
+            ours.approve(request.id)
+        assert red.requests()[0].status == "pending"  # untouched
+        now = 1.0
+        red_store.announce_server(
+            EndpointRow(name="scorer", app="fraud", model="fraud@production", spec={},
+                        traffic=None, updated_at=now),
+            ServerRow(id="s" * 32, endpoint="scorer", url="http://127.0.0.1:1", host="h",
+                      pid=1, status="serving", stats={}, started_at=now, updated_at=now),
+        )  # fmt: skip
+        assert [e.name for e in red_store.endpoints()] == ["scorer"]
+        assert blue_store.endpoints() == [] and blue_store.endpoint("scorer") is None
+        assert blue_store.servers(["scorer"]) == []
+        assert list(red_store.verify()) == []
+    with httpx.Client(base_url=server.url) as http:
+        split = http.put("/api/v1/endpoints/scorer/traffic", headers=bearer(blue),
+                         json={"traffic": {"fraud:1": 100}})  # fmt: skip
+        assert split.status_code == 404
+        assert http.get("/api/v1/models", headers=bearer(blue)).json()["items"] == ["fraud"]

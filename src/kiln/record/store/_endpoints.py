@@ -38,24 +38,23 @@ class EndpointsAndSpans:
         declared = {"app": endpoint.app, "model": endpoint.model, "spec": endpoint.spec,
                     "updated_at": endpoint.updated_at}  # fmt: skip
         with self.transaction() as conn:
-            exists = conn.execute(
-                sa.select(endpoints.c.name).where(endpoints.c.name == endpoint.name)
-            ).first()
+            mine = (endpoints.c.name == endpoint.name, endpoints.c.project == self.project)
+            exists = conn.execute(sa.select(endpoints.c.name).where(*mine)).first()
             if exists is None:
-                conn.execute(endpoints.insert().values(name=endpoint.name, traffic=None,
-                                                       **declared))  # fmt: skip
+                new = {"name": endpoint.name, "traffic": None, "project": self.project}
+                conn.execute(endpoints.insert().values(**new, **declared))
             else:
-                conn.execute(
-                    endpoints.update().where(endpoints.c.name == endpoint.name).values(**declared)
-                )
+                conn.execute(endpoints.update().where(*mine).values(**declared))
             if forget:
                 conn.execute(endpoint_servers.delete().where(
                     endpoint_servers.c.endpoint == endpoint.name,
+                    endpoint_servers.c.project == self.project,
                     endpoint_servers.c.id.in_(list(forget))))  # fmt: skip
             conn.execute(endpoint_servers.insert().values(
                 id=server.id, endpoint=endpoint.name, url=server.url, host=server.host,
                 pid=server.pid, status=server.status, stats=server.stats,
                 started_at=server.started_at, updated_at=server.updated_at,
+                project=self.project,
             ))  # fmt: skip
             payload = {"model": endpoint.model, "url": server.url, "server": server.id,
                        "pid": server.pid}  # fmt: skip
@@ -72,34 +71,48 @@ class EndpointsAndSpans:
             values["url"] = url
         with self.transaction() as conn:
             conn.execute(
-                endpoint_servers.update().where(endpoint_servers.c.id == server_id).values(**values)
-            )
+                endpoint_servers.update()
+                .where(endpoint_servers.c.id == server_id,
+                       endpoint_servers.c.project == self.project)
+                .values(**values)
+            )  # fmt: skip
 
     def endpoint(self, name: str) -> EndpointRow | None:
         with self.connect() as conn:
-            row = conn.execute(sa.select(endpoints).where(endpoints.c.name == name)).mappings()
+            row = conn.execute(
+                sa.select(endpoints).where(endpoints.c.name == name,
+                                           endpoints.c.project == self.project)
+            ).mappings()  # fmt: skip
             found = row.first()
         return None if found is None else _endpoint(found)
 
     def endpoints(self) -> list[EndpointRow]:
         with self.connect() as conn:
-            rows = conn.execute(sa.select(endpoints).order_by(endpoints.c.name)).mappings()
+            rows = conn.execute(
+                sa.select(endpoints).where(endpoints.c.project == self.project)
+                .order_by(endpoints.c.name)
+            ).mappings()  # fmt: skip
             return [_endpoint(r) for r in rows]
 
     def servers(self, names: Sequence[str]) -> list[ServerRow]:
         with self.connect() as conn:
             rows = conn.execute(
-                sa.select(endpoint_servers).where(endpoint_servers.c.endpoint.in_(list(names)))
+                sa.select(endpoint_servers)
+                .where(endpoint_servers.c.endpoint.in_(list(names)),
+                       endpoint_servers.c.project == self.project)
                 .order_by(endpoint_servers.c.started_at.desc())
             ).mappings()  # fmt: skip
-            return [ServerRow(**{**r, "stats": r["stats"] or {}}) for r in rows]
+            return [ServerRow(**{**{k: v for k, v in r.items() if k != "project"},
+                                 "stats": r["stats"] or {}}) for r in rows]  # fmt: skip
 
     def set_live_traffic(
         self, name: str, split: dict[str, float] | None, *, actor: str, payload: dict[str, Any]
     ) -> None:
         with self.transaction() as conn:
             changed = conn.execute(
-                endpoints.update().where(endpoints.c.name == name).values(traffic=split)
+                endpoints.update()
+                .where(endpoints.c.name == name, endpoints.c.project == self.project)
+                .values(traffic=split)
             ).rowcount
             if not changed:
                 raise NotFoundError(f"no endpoint {name!r}; `kiln endpoints ls` lists them")

@@ -120,6 +120,7 @@ audit = sa.Table(
 models = sa.Table(
     "models",
     metadata,
+    sa.Column("project", sa.String(200), primary_key=True, server_default="default"),  # 0013
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("app", sa.String(200), nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
@@ -129,6 +130,7 @@ models = sa.Table(
 model_versions = sa.Table(
     "model_versions",
     metadata,
+    sa.Column("project", sa.String(200), primary_key=True, server_default="default"),  # 0013
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("run_id", sa.String(32), nullable=False),
@@ -144,6 +146,7 @@ model_versions = sa.Table(
 aliases = sa.Table(
     "aliases",
     metadata,
+    sa.Column("project", sa.String(200), primary_key=True, server_default="default"),  # 0013
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("alias", sa.String(100), primary_key=True),
     sa.Column("version", sa.Integer, nullable=False),
@@ -153,6 +156,7 @@ aliases = sa.Table(
 alias_moves = sa.Table(
     "alias_moves",
     metadata,
+    sa.Column("project", sa.String(200), nullable=False, server_default="default"),  # 0013
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("alias", sa.String(100), nullable=False),
@@ -162,12 +166,14 @@ alias_moves = sa.Table(
     sa.Column("actor", sa.String(200), nullable=False),
     sa.Column("at", sa.Double, nullable=False),
     sa.Index("ix_alias_moves_name_alias", "name", "alias"),
+    sa.Index("ix_alias_moves_project", "project", "name", "alias"),
 )
 
 # 0005: promotion policies (see kiln.registry.policy).
 policies = sa.Table(
     "policies",
     metadata,
+    sa.Column("project", sa.String(200), primary_key=True, server_default="default"),  # 0013
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("alias", sa.String(100), primary_key=True),
     sa.Column("policy", JSONType, nullable=False),
@@ -179,6 +185,7 @@ policies = sa.Table(
 promotion_requests = sa.Table(
     "promotion_requests",
     metadata,
+    sa.Column("project", sa.String(200), nullable=False, server_default="default"),  # 0013
     sa.Column("id", sa.String(32), primary_key=True),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("alias", sa.String(100), nullable=False),
@@ -210,6 +217,7 @@ artifacts = sa.Table(
 endpoints = sa.Table(
     "endpoints",
     metadata,
+    sa.Column("project", sa.String(200), primary_key=True, server_default="default"),  # 0013
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("app", sa.String(200), nullable=False),
     sa.Column("model", sa.String(300), nullable=False),  # the reference it serves
@@ -222,6 +230,7 @@ endpoints = sa.Table(
 endpoint_servers = sa.Table(
     "endpoint_servers",
     metadata,
+    sa.Column("project", sa.String(200), nullable=False, server_default="default"),  # 0013
     sa.Column("id", sa.String(32), primary_key=True),
     sa.Column("endpoint", sa.String(200), nullable=False),
     sa.Column("url", sa.String(500)),

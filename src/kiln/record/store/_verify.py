@@ -73,16 +73,21 @@ def registry_problems(conn: Connection) -> Iterator[Problem]:
     expected = _Expected()
     events = conn.execute(
         sa.select(audit_log.c.seq, audit_log.c.actor, audit_log.c.action, audit_log.c.target,
-                  audit_log.c.payload)
+                  audit_log.c.payload, audit_log.c.project)
         .where(audit_log.c.action.in_(_ACTIONS)).order_by(audit_log.c.seq)
     )  # fmt: skip
-    for seq, actor, action, target, payload in events:
-        expected.apply(seq, actor, action, target, json.loads(payload))
+    for seq, actor, action, target, payload, project in events:
+        expected.apply(seq, actor, action, _in(project, target), json.loads(payload))
     yield from _versions(conn, expected)
     yield from _aliases(conn, expected)
     yield from _policies(conn, expected)
     yield from _requests(conn, expected)
     yield from _traffic(conn, expected)
+
+
+def _in(project: str, name: str) -> str:
+    """A model's or endpoint's name with its project (names are unique per project)."""
+    return name if project == "default" else f"{project}/{name}"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -92,7 +97,7 @@ def _same(a: Any, b: Any) -> bool:
 def _versions(conn: Connection, expected: _Expected) -> Iterator[Problem]:
     seen = set()
     for row in conn.execute(sa.select(model_versions)).mappings():
-        ref = f"{row['name']}:{row['version']}"
+        ref = _in(row["project"], f"{row['name']}:{row['version']}")
         seen.add(ref)
         if ref not in expected.versions:
             yield Problem(None, f"model version {ref} was made without an event")
@@ -108,15 +113,20 @@ def _versions(conn: Connection, expected: _Expected) -> Iterator[Problem]:
 
 
 def _aliases(conn: Connection, expected: _Expected) -> Iterator[Problem]:
-    held = {f"{n}@{a}": v for n, a, v in conn.execute(
-        sa.select(aliases.c.name, aliases.c.alias, aliases.c.version))}  # fmt: skip
+    held = {
+        _in(p, f"{n}@{a}"): v
+        for p, n, a, v in conn.execute(
+            sa.select(aliases.c.project, aliases.c.name, aliases.c.alias, aliases.c.version)
+        )
+    }
     rows: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
-    for n, a, f, t, why, who in conn.execute(
-        sa.select(alias_moves.c.name, alias_moves.c.alias, alias_moves.c.from_version,
-                  alias_moves.c.to_version, alias_moves.c.reason, alias_moves.c.actor)
+    for p, n, a, f, t, why, who in conn.execute(
+        sa.select(alias_moves.c.project, alias_moves.c.name, alias_moves.c.alias,
+                  alias_moves.c.from_version, alias_moves.c.to_version, alias_moves.c.reason,
+                  alias_moves.c.actor)
         .order_by(alias_moves.c.id)
     ):  # fmt: skip
-        rows[f"{n}@{a}"].append((f, t, why, who))
+        rows[_in(p, f"{n}@{a}")].append((f, t, why, who))
     for target in sorted(set(held) | set(rows) | set(expected.moves)):
         moves = expected.moves.get(target, [])
         if [m for _, m in moves] != rows.get(target, []):
@@ -132,8 +142,12 @@ def _aliases(conn: Connection, expected: _Expected) -> Iterator[Problem]:
 
 
 def _policies(conn: Connection, expected: _Expected) -> Iterator[Problem]:
-    stored = {f"{n}@{a}": spec for n, a, spec in conn.execute(
-        sa.select(policies.c.name, policies.c.alias, policies.c.policy))}  # fmt: skip
+    stored = {
+        _in(p, f"{n}@{a}"): spec
+        for p, n, a, spec in conn.execute(
+            sa.select(policies.c.project, policies.c.name, policies.c.alias, policies.c.policy)
+        )
+    }
     for target in sorted(set(stored) | set(expected.policies)):
         seq, policy = expected.policies.get(target, (None, None))
         if not _same(stored.get(target), policy):
@@ -166,7 +180,10 @@ def _requests(conn: Connection, expected: _Expected) -> Iterator[Problem]:
 
 def _traffic(conn: Connection, expected: _Expected) -> Iterator[Problem]:
     seen = set()
-    for name, traffic in conn.execute(sa.select(endpoints.c.name, endpoints.c.traffic)):
+    for project, bare, traffic in conn.execute(
+        sa.select(endpoints.c.project, endpoints.c.name, endpoints.c.traffic)
+    ):
+        name = _in(project, bare)
         seen.add(name)
         if name not in expected.endpoints:
             yield Problem(None, f"endpoint {name} was made without an event")

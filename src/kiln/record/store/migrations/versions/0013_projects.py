@@ -1,9 +1,12 @@
-"""Projects as tenants: runs, spans, audit events and blobs belong to a project.
+"""Projects as tenants: runs, models, endpoints, spans, audit events and blobs belong
+to a project.
 
-Every run, span and audit event has a ``project`` (what was recorded before is in
-``default``), and a project sees a blob only if it uploaded it or its records name it
-(``blob_refs``), so a content hash cannot tell one project what another holds. Tokens
-act in one project; ``memberships`` give a principal a role in a project.
+Every run, model (its versions, aliases, moves, policies and promotion requests),
+endpoint (and its servers), span and audit event has a ``project`` (what was recorded
+before is in ``default``); model and endpoint names are unique per project. A project
+sees a blob only if it uploaded it or its records name it (``blob_refs``), so a
+content hash cannot tell one project what another holds. Tokens act in one project;
+``memberships`` give a principal a role in a project.
 
 Revision ID: 0013
 Revises: 0012
@@ -12,6 +15,7 @@ Revises: 0012
 from __future__ import annotations
 
 import time
+import warnings
 
 import sqlalchemy as sa
 from alembic import op
@@ -22,6 +26,20 @@ branch_labels = None
 depends_on = None
 
 DEFAULT = "default"
+# Tables whose key now starts with the project: names are unique per project.
+KEYED = {
+    "models": ["project", "name"],
+    "model_versions": ["project", "name", "version"],
+    "aliases": ["project", "name", "alias"],
+    "policies": ["project", "name", "alias"],
+    "endpoints": ["project", "name"],
+}
+PLAIN = ("spans", "audit", "alias_moves", "promotion_requests", "endpoint_servers")
+
+
+def _project(primary_key: bool = False) -> sa.Column[str]:
+    return sa.Column("project", sa.String(200), nullable=False, server_default=DEFAULT,
+                     primary_key=primary_key)  # fmt: skip
 
 
 def upgrade() -> None:
@@ -48,11 +66,22 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("project", sa.String(200), nullable=False, server_default=DEFAULT)
         )
-    for table in ("spans", "audit"):
+    for table in PLAIN:
         with op.batch_alter_table(table) as batch:
-            batch.add_column(
-                sa.Column("project", sa.String(200), nullable=False, server_default=DEFAULT)
-            )
+            batch.add_column(_project())
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    for table, key in KEYED.items():
+        if sqlite:  # SQLite cannot change a key: the table is copied with the new one
+            with warnings.catch_warnings():  # SQLAlchemy notes the key changes: it is meant to
+                warnings.simplefilter("ignore", sa.exc.SAWarning)
+                with op.batch_alter_table(table, recreate="always") as batch:
+                    batch.add_column(_project())
+                    batch.create_primary_key(f"pk_{table}", key)
+        else:
+            op.add_column(table, _project())
+            op.drop_constraint(f"{table}_pkey", table, type_="primary")
+            op.create_primary_key(f"{table}_pkey", table, key)
+    op.create_index("ix_alias_moves_project", "alias_moves", ["project", "name", "alias"])
     op.create_index("ix_spans_project_start", "spans", ["project", "start_ns"])
     op.create_index("ix_audit_project_seq", "audit", ["project", "seq"])
     op.create_index("ix_runs_project_created", "runs", ["project", "created_at"])
@@ -97,7 +126,14 @@ def downgrade() -> None:
         batch.drop_column("project")
     op.drop_index("ix_audit_project_seq", table_name="audit")
     op.drop_index("ix_spans_project_start", table_name="spans")
-    for table in ("spans", "audit"):
+    op.drop_index("ix_alias_moves_project", table_name="alias_moves")
+    for table, key in KEYED.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sa.exc.SAWarning)
+            with op.batch_alter_table(table, recreate="always") as batch:
+                batch.create_primary_key(f"pk_{table}", key[1:])
+                batch.drop_column("project")
+    for table in PLAIN:
         with op.batch_alter_table(table) as batch:
             batch.drop_column("project")
     op.drop_index("ix_runs_project_app_created", table_name="runs")
