@@ -272,3 +272,143 @@ def test_models_and_endpoints_are_named_per_project(
                          json={"traffic": {"fraud:1": 100}})  # fmt: skip
         assert split.status_code == 404
         assert http.get("/api/v1/models", headers=bearer(blue)).json()["items"] == ["fraud"]
+
+
+def _routes() -> list[tuple[str, str]]:
+    """(method, path) of every route of the app."""
+    import tempfile
+
+    from fastapi.routing import APIRoute
+
+    from kiln.record.blobs import FileBlobStore
+    from kiln.record.store.sql import SqlStore
+    from kiln.server.app import build_app
+
+    def every(routes: list[object]) -> list[object]:
+        out: list[object] = []
+        for route in routes:
+            inner = getattr(route, "original_router", None)
+            out += every(inner.routes) if inner is not None else [route]
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        blobs = FileBlobStore(Path(tmp) / "blobs")
+        with SqlStore(f"sqlite:///{tmp}/kiln.db", blobs) as store:
+            app = build_app(store, blobs, Path(tmp))
+    return sorted((method, route.path) for route in every(app.routes)
+                  if isinstance(route, APIRoute) for method in route.methods)  # fmt: skip
+
+
+def _ask(
+    http: httpx.Client, method: str, path: str, ids: dict[str, str], token: str
+) -> tuple[int, str]:
+    """Call ``path`` naming ``ids`` (a plausible body where one is needed)."""
+    url = path
+    if path.endswith(("/endpoints/{name}", "/endpoints/{name}/traffic")):
+        url = url.replace("{name}", ids["endpoint"])
+    values = {"ref": ids["run_id"], "alias": "production", "version": "1", "seq": "1",
+              "key": "loss", "principal": "root", **ids}  # fmt: skip
+    for key, value in values.items():
+        url = url.replace("{" + key + "}", value)
+    run = ids["run_id"]
+    bodies: dict[str, object] = {
+        "/api/v1/batches": {"updates": [{"id": run, "status": "failed"}],
+                            "metrics": [[run, "loss", 9, 1.0, 9.0]], "seal": [run]},
+        "/api/v1/endpoints/{name}/traffic": {"traffic": {"fraud:1": 100}},
+        "/api/v1/models/{name}/versions": {"run_id": run, "artifact": "m.pkl"},
+        "/api/v1/models/{name}/promote": {"version": 1, "alias": "production"},
+        "/api/v1/models/{name}/rollback": {"alias": "production"},
+        "/api/v1/models/{name}/policies/{alias}": {"policy": {}},
+        "/api/v1/servers/{server_id}": {"status": "stopped"},
+    }  # fmt: skip
+    kwargs: dict[str, object] = {}
+    if method == "PUT" and path.endswith("{sha256}"):
+        kwargs = {"content": b"not red's model"}
+    elif method in ("POST", "PUT", "PATCH") and path in bodies:
+        kwargs = {"json": bodies[path]}
+    found = http.request(method, url, headers=bearer(token), **kwargs)  # type: ignore[arg-type]
+    return found.status_code, found.text
+
+
+# What these answer changes between two calls anyway (the calls' own events, counters).
+_GROWING = ("/api/v1/audit/events", "/metrics")
+
+
+def _masked(text: str, ids: dict[str, str]) -> str:
+    for key, value in sorted(ids.items(), key=lambda kv: -len(kv[1])):
+        text = text.replace(value, f"<{key}>")
+    return text
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_every_route_with_every_role_gets_nothing_of_another_project(
+    kind: str, start_server: Start, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Default's run, artifact blob, model, promotion request, endpoint, trace and token
+    named in every route, by blue's viewer, member, approver and admin: no answer holds
+    any of them, and default's records are as they were."""
+    from kiln.record.store.base import EndpointRow, ServerRow
+    from kiln.registry.models import models_for
+
+    url = request.getfixturevalue("pg_url") if kind == "postgres" else None
+    server = start_server(url, auth=True)
+    default, blue = two_projects(server)
+    red_store = HttpStore(server.url, cache=tmp_path / "c1", token=default)
+    with red_store:
+        run_id, sha = record_a_run(red_store, b"red's model", 1)
+        red = models_for(red_store, app="fraud", actor="root")
+        red.register("fraud", run_id, artifact="m.pkl")
+        red.set_policy(
+            "fraud",
+            "production",
+            {"allow_dirty": True, "approvals": {"count": 1, "approvers": ["ann"]}},
+        )
+        request_id = red.promote("fraud", 1, alias="production").id  # type: ignore[union-attr]
+        red_store.announce_server(
+            EndpointRow(name="scorer", app="fraud", model="fraud@production", spec={},
+                        traffic=None, updated_at=1.0),
+            ServerRow(id="5" * 32, endpoint="scorer", url="http://127.0.0.1:1", host="h",
+                      pid=1, status="serving", stats={}, started_at=1.0, updated_at=1.0),
+        )  # fmt: skip
+        red_store.write_spans([span("cd" * 16, "1" * 16, run_id=run_id)])
+        before = (red_store.export_rows(run_id), red.versions("fraud"), red.requests(),
+                  red_store.endpoints(), red_store.list_spans())  # fmt: skip
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        token_id = http.get("/api/v1/tokens", headers=bearer(default)).json()["tokens"][0]["id"]
+        tokens = {"admin": blue}
+        for role in ("viewer", "member", "approver"):
+            http.post("/api/v1/principals", headers=bearer(blue),
+                      json={"name": f"b-{role}", "role": role}).raise_for_status()  # fmt: skip
+            minted = http.post("/api/v1/tokens", headers=bearer(blue),
+                               json={"principal": f"b-{role}"})  # fmt: skip
+            tokens[role] = minted.json()["token"]
+        real = {"run_id": run_id, "sha256": sha, "name": "fraud", "endpoint": "scorer",
+                "request_id": request_id, "trace_id": "cd" * 16, "token_id": token_id,
+                "server_id": "5" * 32}  # fmt: skip
+        fake = {"run_id": "e" * 32, "sha256": "e" * 64, "name": "nosuch", "endpoint": "nothere",
+                "request_id": "e" * len(request_id), "trace_id": "ef" * 16,
+                "token_id": "e" * 12, "server_id": "e" * 32}  # fmt: skip
+        differ, leaks = [], []
+        for method, path in _routes():
+            if path in ("/api/v1/enrol", "/api/v1/projects"):
+                continue  # the enrolment exchange, and creating projects (no other's ids)
+            for role, token in tokens.items():
+                answers = [_ask(http, method, path, ids, token) for ids in (real, fake)]
+                assert answers[0][0] < 500, (role, method, path, answers[0])
+                texts = [
+                    _masked(text, ids) for (_, text), ids in zip(answers, (real, fake), strict=True)
+                ]
+                if answers[0][0] != answers[1][0] or (
+                    texts[0] != texts[1] and path not in _GROWING
+                ):  # fmt: skip
+                    differ.append((role, method, path, answers[0][0], answers[1][0]))
+                if any(v in texts[0] for v in real.values()):
+                    leaks.append((role, method, path))
+        # to blue, default's ids are ids that do not exist, and no answer names them
+        print("DIFFER", differ, "LEAKS", leaks)
+        assert differ == [] and leaks == []
+    with HttpStore(server.url, cache=tmp_path / "c3", token=default) as again:
+        red = models_for(again, app="fraud", actor="root")
+        after = (again.export_rows(run_id), red.versions("fraud"), red.requests(),
+                 again.endpoints(), again.list_spans())  # fmt: skip
+    assert after == before

@@ -423,6 +423,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         """What depends on a run: model versions registered from it, runs that used its
         outputs, its sweep's runs, its reproductions. A run with dependants cannot be
         removed."""
+        self._get_run(run_id)  # another project's run is one that does not exist
         return [what for _, what in self._dependants(run_id)]
 
     def _dependants(self, run_id: str) -> list[tuple[str | None, str]]:
@@ -452,7 +453,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             ).all()
             registered = conn.execute(
                 sa.select(model_versions.c.name, model_versions.c.version).where(
-                    model_versions.c.run_id == run_id
+                    model_versions.c.run_id == run_id, model_versions.c.project == self.project
                 )
             ).all()
         out: list[tuple[str | None, str]] = [
@@ -734,6 +735,16 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                 sa.select(audit_log.c.hash).where(audit_log.c.seq == seq)
             ).scalar()
         return found
+
+    def events_of_project(self, seqs: list[int]) -> set[int]:
+        """Those of the events ``seqs`` that are this store's project's."""
+        if not seqs:
+            return set()
+        with self._engine.connect() as conn:
+            return set(conn.execute(
+                sa.select(audit_log.c.seq)
+                .where(audit_log.c.seq.in_(seqs), audit_log.c.project == self.project)
+            ).scalars())  # fmt: skip
 
     def chain_head(self) -> tuple[int, str]:
         """The newest audit event's number and hash; (0, genesis) for an empty log."""

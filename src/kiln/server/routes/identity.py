@@ -197,16 +197,13 @@ def disable(name: Annotated[str, Path(pattern=schemas.NAME_PATTERN)], store: Sto
 
 @router.get("/tokens", response_model=Tokens, dependencies=[need("account", "self")])
 def list_tokens(store: Store, who: Authenticated, all: bool = False) -> Any:
-    """The caller's tokens (an admin's ``all=true``: everyone's); never their secrets."""
+    """The caller's tokens of this project (an admin's ``all=true``: everyone's); never
+    their secrets."""
     if all and not rbac.allows(who.role, "tokens", "admin"):
         raise HTTPException(403, f"the role {who.role} may not list others' tokens")
     found = store.tokens(None if all else who.name)
     return {
-        "tokens": [
-            _listed(t)
-            for t in found
-            if t.kind == "access" and (not all or t.project == who.project)
-        ]
+        "tokens": [_listed(t) for t in found if t.kind == "access" and t.project == who.project]
     }
 
 
@@ -248,9 +245,8 @@ def create_token(body: NewToken, store: Store, who: Authenticated) -> Any:
 def revoke(token_id: TokenId, store: Store, who: Authenticated) -> None:
     """Revoke a token of the caller's (an admin: anyone's): refused from its next request."""
     found = store.token(token_id)
-    if found is None or found.kind != "access" or (
-        found.principal != who.name
-        and not (rbac.allows(who.role, "tokens", "admin") and found.project == who.project)
+    if found is None or found.kind != "access" or found.project != who.project or (
+        found.principal != who.name and not rbac.allows(who.role, "tokens", "admin")
     ):  # fmt: skip
         raise NotFoundError(f"no token {token_id!r} of yours; `kiln tokens ls` lists them")
     store.revoke_token(token_id)
