@@ -5,6 +5,7 @@ tokens act in one project; an embedded store keeps one implicit project."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,6 +159,23 @@ def test_tokens_act_in_their_project_and_no_wider(start_server: Start) -> None:
         # only the default project's admins create projects
         assert http.post("/api/v1/projects", headers=bearer(blue),
                          json={"name": "green"}).status_code == 403  # fmt: skip
+        # every event names the token it came with and, for an agent, its sponsor
+        http.post("/api/v1/principals", headers=bearer(blue), json={
+            "name": "bot", "kind": "agent", "role": "member", "sponsor": "ann"},
+        ).raise_for_status()  # fmt: skip
+        bot = http.post("/api/v1/tokens", headers=bearer(blue), json={"principal": "bot"}).json()
+        run = {"id": "b0" * 16, "app": "fraud", "status": "running", "created_at": 1.0}
+        http.post("/api/v1/batches", headers=bearer(bot["token"]),
+                  json={"new_runs": [run]}).raise_for_status()  # fmt: skip
+        events = http.get("/api/v1/audit/events", headers=bearer(blue)).json()["events"]
+        made = next(e for e in events if e["action"] == "run.create")
+        assert made["actor"] == "bot"
+        payload = json.loads(made["payload"])
+        assert (payload["via_token"], payload["sponsor"], payload["project"]) == (
+            bot["id"],
+            "ann",
+            "blue",
+        )
         # removed from the project, ann's token stops working at once
         gone = http.delete("/api/v1/projects/blue/members/ann", headers=bearer(blue))
         assert gone.status_code == 204

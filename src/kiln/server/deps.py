@@ -42,7 +42,8 @@ def actor_store(
     ``Kiln-Actor``, percent-encoded (a declared name is ignored when a token says who)."""
     store: SqlStore = request.app.state.store
     if who.name:
-        return store.as_actor(who.name, who.project)
+        return store.as_actor(who.name, who.project, token_id=who.token_id,
+                              sponsor=who.sponsor)  # fmt: skip
     if kiln_actor is None:
         return store.in_project(who.project)
     actor = _unquote(kiln_actor)

@@ -94,6 +94,8 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
     ) -> None:
         parsed = make_url(url)
         self.project = project  # every run read or written is this project's
+        self.token_id: str | None = None  # the request's token, named by its events
+        self.sponsor: str | None = None  # an agent's human, named by its events
         self._home_origin = home_origin  # how KILN_HOME was found: said when there is no store
         self.actor = actor  # recorded on audit events that carry no actor of their own
         # Writers in this process take turns (the engine's and the recorder's threads);
@@ -128,13 +130,18 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             raise ConfigError("KILN_HOME", f"the store {self.url} was opened without its blobs")
         return self.blobs
 
-    def as_actor(self, actor: str, project: str | None = None) -> SqlStore:
+    def as_actor(
+        self, actor: str, project: str | None = None, *, token_id: str | None = None,
+        sponsor: str | None = None,
+    ) -> SqlStore:  # fmt: skip
         """This store (its connections shared) recording ``actor`` on the audit events
         that carry no actor of their own, and seeing only ``project``'s runs (this
-        store's, if None): a server's view for one request."""
+        store's, if None): a server's view for one request. Its events also name the
+        token the request came with and, for an agent, its sponsor."""
         view = copy.copy(self)
         view.actor = actor
         view.project = project or self.project
+        view.token_id, view.sponsor = token_id, sponsor
         view._chain_end = None  # not shared: the view reads the chain's end when it writes
         return view
 
@@ -336,9 +343,15 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             ).first()
             end = (last[0], last[1]) if last else (0, audit.GENESIS)
         self._chain_end = None  # until this transaction commits
+        extra: dict[str, str] = {}
         if self.project != DEFAULT_PROJECT:  # hashed with the event: it cannot be moved
-            events = [dataclasses.replace(e, payload={**e.payload, "project": self.project})
-                      for e in events]  # fmt: skip
+            extra["project"] = self.project
+        if self.token_id is not None:
+            extra["via_token"] = self.token_id
+        if self.sponsor is not None:
+            extra["sponsor"] = self.sponsor
+        if extra:
+            events = [dataclasses.replace(e, payload={**e.payload, **extra}) for e in events]
         rows = audit.chain(events, *end)
         for row in rows:
             row["project"] = self.project
