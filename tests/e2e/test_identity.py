@@ -264,7 +264,8 @@ def test_the_actor_is_the_token_and_a_requester_cannot_approve_itself(
             params={"target": run_id, "action": "run.create"},
         ).json()["events"]
         assert [e["actor"] for e in found] == ["ann"]  # not the declared "mallory"
-        rule = {"allow_dirty": True, "approvals": {"count": 1, "approvers": ["ann", "bob"]}}
+        # no list of approvers: anyone with the approver role, never the requester
+        rule = {"allow_dirty": True, "approvals": {"count": 1}}
         assert (
             http.put(
                 "/api/v1/models/gated/policies/production",
@@ -280,6 +281,10 @@ def test_the_actor_is_the_token_and_a_requester_cannot_approve_itself(
         request_id = asked["value"]["id"]
         own = http.post(f"/api/v1/promotion-requests/{request_id}/approve", headers=bearer(ann))
         assert own.status_code == 422 and "its own request" in own.json()["detail"]
+        viewer = user(http, root, "vic", "viewer")
+        seen = http.post(f"/api/v1/promotion-requests/{request_id}/approve",
+                         headers=bearer(viewer))  # fmt: skip
+        assert seen.status_code == 403
         done = http.post(f"/api/v1/promotion-requests/{request_id}/approve", headers=bearer(bob))
         assert done.status_code == 200, done.text
         aliases = http.get("/api/v1/models/gated/aliases", headers=bearer(root)).json()

@@ -193,7 +193,7 @@ class Models:
             request_id = row["id"]  # the whole id, where a prefix was given
             if self._actor == row["requested_by"]:
                 raise ValidationError("approver", "the requester cannot approve its own request")
-            if self._actor not in policy.approvers:
+            if policy.approvers and self._actor not in policy.approvers:
                 raise ValidationError("approver", f"{self._actor} may not approve this request",
                                       allowed=policy.approvers)  # fmt: skip
             if self._actor in row["approvals"]:

@@ -132,7 +132,9 @@ class Policy:
     allow_dirty: bool = False
     reproduced: Reproduced | None = None  # None: no reproduction needed
     approvals: int = 0  # how many approvals a promotion needs
-    approvers: tuple[str, ...] = ()  # who may give them (the team server will bring roles)
+    # Who may give them; empty: anyone who may approve (on a team server, the approver
+    # role of the project), never the requester.
+    approvers: tuple[str, ...] = ()
     spec: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -233,7 +235,7 @@ def _approvals(spec: Any) -> tuple[int, tuple[str, ...]]:
         raise ValidationError("policy.approvals.count", f"{count!r} is not a count >= 1")
     if not isinstance(approvers, list) or not all(isinstance(a, str) and a for a in approvers):
         raise ValidationError("policy.approvals.approvers", "must be a list of identities")
-    if len(set(approvers)) < count:
+    if approvers and len(set(approvers)) < count:
         raise ValidationError(
             "policy.approvals",
             f"{count} approvals need at least {count} approvers, not {len(set(approvers))}",
@@ -256,7 +258,9 @@ def weakenings(old: Policy | None, new: Policy | None) -> list[str]:
         out.append(f"changes the reproduced rule ({old.reproduced.describe()})")
     if new.approvals < old.approvals:
         out.append(f"needs {new.approvals} approval(s), not {old.approvals}")
-    added = sorted(set(new.approvers) - set(old.approvers)) if old.approvals else []
+    if old.approvals and old.approvers and not new.approvers:
+        out.append("lets anyone with the approver role approve")
+    added = sorted(set(new.approvers) - set(old.approvers)) if old.approvers else []
     if added:
         out.append(f"lets {', '.join(added)} approve")
     return out
