@@ -430,3 +430,41 @@ def test_every_route_with_every_role_gets_nothing_of_another_project(
         after = (again.export_rows(run_id), red.versions("fraud"), red.requests(),
                  again.endpoints(), again.list_spans())  # fmt: skip
     assert after == before
+
+
+@pytest.mark.parametrize("role", ["viewer", "admin"])
+def test_schemathesis_with_a_project_token_finds_no_fault(
+    role: str, start_server: Start, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    server = start_server(auth=True)
+    default, blue = two_projects(server)
+    with httpx.Client(base_url=server.url) as http:
+        record_a_run(HttpStore(server.url, cache=tmp_path / "c", token=default), b"red", 1)
+        token = blue
+        if role != "admin":
+            http.post("/api/v1/principals", headers=bearer(blue),
+                      json={"name": "v", "role": role}).raise_for_status()  # fmt: skip
+            token = http.post("/api/v1/tokens", headers=bearer(blue),
+                              json={"principal": "v"}).json()["token"]  # fmt: skip
+    report = tmp_path / "report.json"
+    found = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
+         "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+         "--max-examples", "8", "--seed", "1", "--workers", "1",
+         "-H", f"Authorization: Bearer {token}",
+         "--generation-deterministic", "--no-color", "--request-timeout", "30",
+         "--report", "json", "--report-json-path", str(report)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"},
+    )  # fmt: skip
+    assert found.returncode == 0, found.stdout[-6000:] + found.stderr[-2000:]
+    checked = json.loads(report.read_text())
+    assert checked["failures"] == [] and checked["errors"] == []
+    assert checked["operations"]["tested"] >= 50
+    assert "Traceback" not in server.log.read_text()
+    with HttpStore(server.url, cache=tmp_path / "c2", token=default) as red:
+        assert red.get_run("1" * 32).status is RunStatus.SUCCEEDED  # default's, untouched
