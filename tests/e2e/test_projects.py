@@ -468,3 +468,15 @@ def test_schemathesis_with_a_project_token_finds_no_fault(
     assert "Traceback" not in server.log.read_text()
     with HttpStore(server.url, cache=tmp_path / "c2", token=default) as red:
         assert red.get_run("1" * 32).status is RunStatus.SUCCEEDED  # default's, untouched
+
+
+def test_idempotency_keys_are_per_project(start_server: Start) -> None:
+    server = start_server(auth=True)
+    default, blue = two_projects(server)
+    with httpx.Client(base_url=server.url) as http:
+        for token, n in ((default, "a"), (blue, "b")):  # the same key, two projects' batches
+            run = {"id": n * 32, "app": "a", "status": "running", "created_at": 1.0}
+            headers = {**bearer(token), "Idempotency-Key": "same-key-1"}
+            sent = http.post("/api/v1/batches", json={"new_runs": [run]}, headers=headers)
+            assert sent.status_code == 200, sent.text
+        assert http.get(f"/api/v1/runs/{'b' * 32}", headers=bearer(blue)).status_code == 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -277,21 +278,25 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
     def _first_time(self, conn: Connection, key: str, digest: str | None) -> bool:
         """Note the idempotency key ``key`` (of a batch whose sha256 is ``digest``) in
         this transaction; False if it was noted before for the same batch (this one is
-        a retried copy). A key noted for another batch is refused."""
+        a retried copy). A key noted for another batch is refused. Keys are per project:
+        another project's key is one never seen."""
+        noted_as = key  # the column holds 64 characters: another project's, hashed
+        if self.project != DEFAULT_PROJECT:
+            noted_as = hashlib.sha256(f"{self.project}\n{key}".encode()).hexdigest()
         if self.dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert
         else:
             from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
         stmt = (
             insert(ingest_keys)
-            .values(key=key, applied_at=time.time(), digest=digest)
+            .values(key=noted_as, applied_at=time.time(), digest=digest)
             .on_conflict_do_nothing(index_elements=["key"])
             .returning(ingest_keys.c.key)  # rowcount says nothing here on psycopg
         )
         if conn.execute(stmt).first() is not None:
             return True
         noted = conn.execute(
-            sa.select(ingest_keys.c.digest).where(ingest_keys.c.key == key)
+            sa.select(ingest_keys.c.digest).where(ingest_keys.c.key == noted_as)
         ).scalar()
         if digest is not None and noted is not None and noted != digest:
             raise StoreRefusedError(
