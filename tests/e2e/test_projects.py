@@ -442,8 +442,9 @@ def test_schemathesis_with_a_project_token_finds_no_fault(
 
     server = start_server(auth=True)
     default, blue = two_projects(server)
+    with HttpStore(server.url, cache=tmp_path / "c", token=default) as red_store:
+        record_a_run(red_store, b"red", 1)
     with httpx.Client(base_url=server.url) as http:
-        record_a_run(HttpStore(server.url, cache=tmp_path / "c", token=default), b"red", 1)
         token = blue
         if role != "admin":
             http.post("/api/v1/principals", headers=bearer(blue),
