@@ -77,7 +77,7 @@ OPEN_CLOSE = textwrap.dedent(
 
 def auth_overhead(work: Path, base: dict[str, str]) -> list[Row]:
     """Open+close and ingest through a server asking for tokens, against the same server
-    with --insecure-no-auth, alternating (medians of 3)."""
+    with --insecure-no-auth, alternating (medians of 5)."""
     open_proc, open_url = start_server(work / "open")
     auth_proc, both = start_server(work / "auth", auth=True)
     auth_url, token = both.split()
@@ -89,7 +89,7 @@ def auth_overhead(work: Path, base: dict[str, str]) -> list[Row]:
         }  # fmt: skip
         opened: dict[str, list[float]] = {"open": [], "auth": []}
         rate: dict[str, list[float]] = {"open": [], "auth": []}
-        for _ in range(3):
+        for _ in range(5):
             for kind, env in envs.items():
                 out = subprocess.run([PY, "-c", OPEN_CLOSE], env=env, check=True,
                                      capture_output=True, text=True).stdout  # fmt: skip
