@@ -17,11 +17,13 @@ import cloudpickle
 from kiln.compute import _threads
 from kiln.compute.backends.base import TaskSpec
 from kiln.config import Settings
+from kiln.observe import sysmetrics
 from kiln.record.recorder import recorder_for
-from kiln.record.runs import TaskRun
+from kiln.record.runs import TaskRun, watch_runs
 from kiln.record.snapshot import capture_environment
 
 RUNNER = "kiln._runner:run_task"
+watch_runs(sysmetrics.watch)
 _environment: dict[str, Any] | None = None  # the last environment sent back
 
 
@@ -38,7 +40,8 @@ def run_task(
     )
     reply: dict[str, Any] = {"run_id": task.run_id, "attempt": task.attempt}
     threads = _threads.in_effect()  # as the task starts (its code may change them)
-    run = TaskRun(settings, run_id=task.run_id, app=task.app)
+    sys_metrics = task.store.get("sys_metrics") != "off"
+    run = TaskRun(settings, run_id=task.run_id, app=task.app, sys_metrics=sys_metrics)
     try:
         args, kwargs = cloudpickle.loads(task.args_payload)
         with run:

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from kiln.config import Settings
 from kiln.errors import ValidationError
+from kiln.observe import sysmetrics
 from kiln.record.model import RunRecord, RunStatus
 from kiln.record.resolve import RunLike, resolve_run
-from kiln.record.runs import ActiveRun, caller_module
+from kiln.record.runs import ActiveRun, caller_module, watch_runs
 from kiln.record.store.base import RunQuery
 from kiln.record.values import check_name
 
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from kiln.record.recorder import Recorder
     from kiln.registry.models import RegistryStore
     from kiln.serve.endpoint import Endpoint
+
+watch_runs(sysmetrics.watch)  # every run of the SDK is sampled (unless it says not to)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -66,14 +69,19 @@ class App:
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, Any] | None = None,
         name: str | None = None,
+        sys_metrics: bool = True,
     ) -> ActiveRun:
         """Open a run recorded by hand. An exception inside it marks it failed and propagates.
 
         ``params`` must be JSON-like (see :class:`kiln.errors.ValidationError` for what is
-        allowed); a :class:`kiln.Dataset` among them is recorded as an input.
+        allowed); a :class:`kiln.Dataset` among them is recorded as an input. What the
+        run's code prints is recorded as its logs; ``sys_metrics=False`` turns off the
+        sampling of how it uses the machine (``sys/...`` metrics).
         """
         if name is not None:
             check_name("name", name)
+        if not isinstance(sys_metrics, bool):
+            raise ValidationError("sys_metrics", f"{sys_metrics!r} is not True or False")
         return ActiveRun(
             self.settings,
             app=self.name,
@@ -81,6 +89,7 @@ class App:
             tags=tags,
             name=name,
             module_path=caller_module(),
+            sys_metrics=sys_metrics,
         )
 
     def function(
@@ -93,12 +102,15 @@ class App:
         retries: int = 0,
         env: Any = None,
         priority: int = 0,
+        sys_metrics: bool = True,
     ) -> Callable[[Callable[P, R]], Function[P, R]]:
         """Declare what a function needs; Kiln runs and records every call of it.
 
         ``cpu`` cores (float), ``memory`` (``"512Mi"``, ``"4Gi"`` or bytes), ``gpu`` (0,
         a fraction below 1, or a whole count), ``timeout`` seconds, ``retries`` (with
-        exponential backoff), ``priority`` (higher first). Bad values raise here.
+        exponential backoff), ``priority`` (higher first). Bad values raise here. Each
+        run records what it prints and, unless ``sys_metrics=False``, how it uses the
+        machine (``sys/...`` metrics, sampled beside it).
 
         Example::
 
@@ -119,6 +131,7 @@ class App:
                 retries=retries,
                 env=env,
                 priority=priority,
+                sys_metrics=sys_metrics,
             )
 
         return wrap

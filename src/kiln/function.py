@@ -190,6 +190,7 @@ class Function(Generic[P, R]):
         retries: int = 0,
         env: Any = None,
         priority: int = 0,
+        sys_metrics: bool = True,
     ) -> None:
         if not callable(fn):
             raise ValidationError("fn", f"{fn!r} is not a function")
@@ -210,6 +211,9 @@ class Function(Generic[P, R]):
             raise ValidationError("retries", f"{retries!r} is not a count", allowed="an int >= 0")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValidationError("priority", f"{priority!r} is not an int")
+        if not isinstance(sys_metrics, bool):
+            raise ValidationError("sys_metrics", f"{sys_metrics!r} is not True or False")
+        self.sys_metrics = sys_metrics
         from kiln.envs.spec import Env
 
         if env is not None and not isinstance(env, Env):
@@ -240,6 +244,7 @@ class Function(Generic[P, R]):
             params=params,
             function=self.name,
             module_path=Path(module) if module else None,
+            sys_metrics=self.sys_metrics,
         ) as run:
             result = self.fn(*args, **kwargs)
             run.set_result(result)
@@ -384,6 +389,7 @@ class Function(Generic[P, R]):
             "store_url": settings.store_url,
             "actor": settings.actor,
             **({"server_url": settings.server_url} if settings.server_url else {}),
+            **({} if self.sys_metrics else {"sys_metrics": "off"}),
         }
         sys_path, cwd = _code_paths(), str(Path.cwd())
         now = time.time()

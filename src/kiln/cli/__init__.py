@@ -50,6 +50,9 @@ COMMANDS: dict[str, LazyCommand] = {
         extra_args=True,
     ),
     "runs": LazyCommand("kiln.cli.runs:app", "List, show and compare recorded runs."),
+    "logs": LazyCommand(
+        "kiln.cli.logs:logs", "Print what a run printed (stdout and stderr); -f follows it."
+    ),
     "lineage": LazyCommand(
         "kiln.cli.lineage:lineage",
         "Print the upstream and downstream graph of a run or artifact as trees.",

@@ -25,9 +25,13 @@ from kiln.cli._render import (
     status_text,
 )
 from kiln.errors import ValidationError
+from kiln.observe import rightsizing
+from kiln.observe.sysmetrics import SYS_KEYS
 from kiln.record.model import CodeSnapshot, MetricPoint, RunRecord, RunStatus, json_number
 
-app = typer.Typer(help="List, show and compare recorded runs.", no_args_is_help=True)
+app = typer.Typer(
+    help="List, show and compare recorded runs, and what they used.", no_args_is_help=True
+)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
 ReproductionsOpt = Annotated[
     bool,
@@ -112,7 +116,7 @@ def show(
     record = get_run(run_id)
     warnings = _warnings(record.id)
     if as_json:
-        data = {**record.to_dict(), "warnings": warnings}
+        data = {**record.to_dict(), "warnings": warnings, "fit": rightsizing.fit(record).to_dict()}
         if metrics:
             data["metric_history"] = {
                 key: [{"step": p.step, "time": p.time, "value": json_number(p.value)}
@@ -144,7 +148,8 @@ def _warnings(run_id: str) -> list[str]:
 def _histories(record: RunRecord) -> dict[str, list[MetricPoint]]:
     """Every point of each of the run's metrics that has any, by name."""
     store = reader().store
-    found = {key: store.metric_history(record.id, key) for key in sorted(record.summary)}
+    keys = sorted(record.summary) + list(SYS_KEYS)
+    found = {key: store.metric_history(record.id, key) for key in keys}
     return {key: points for key, points in found.items() if points}
 
 
@@ -195,6 +200,20 @@ def _kv_table(rows: list[tuple[str, str | Text]]) -> Table:
     return table
 
 
+def _fit_rows(r: RunRecord) -> list[tuple[str, str | Text]]:
+    """What the run used against what it asked (see kiln.observe.rightsizing)."""
+    fit, u = rightsizing.fit(r), r.usage
+    rows: list[tuple[str, str | Text]] = []
+    if fit.cpu_used is not None and r.duration_s and r.duration_s >= rightsizing.TOO_SHORT_S:
+        asked = f" of {fit.cpu_requested:g} asked" if fit.cpu_requested else ""
+        rows.append(("cpus used", f"{fit.cpu_used:.2f} on average{asked}"))
+    if u.gpu_utilization_mean is not None:
+        rows.append(("gpu busy", f"{u.gpu_utilization_mean:.0f}%, memory peak "
+                     f"{(u.gpu_memory_peak_bytes or 0) / 2**20:.0f} MiB"))  # fmt: skip
+    rows += [("right-size", Text(advice, style="yellow")) for advice in fit.advice]
+    return rows
+
+
 def _run_panel(r: RunRecord) -> Group:
     u, c, e = r.usage, r.code, r.environment
     overview: list[tuple[str, str | Text]] = [
@@ -208,6 +227,7 @@ def _run_panel(r: RunRecord) -> Group:
         ("cpu", fmt_duration(u.cpu_s)),
         ("peak memory", f"{u.peak_rss_bytes / 2**20:.1f} MiB" if u.peak_rss_bytes else "-"),
     ]
+    overview += _fit_rows(r)
     if r.parent_id:
         overview.append(("parent", r.parent_id))
     parts: list[Any] = [Panel(_kv_table(overview), title="run", title_align="left")]
@@ -236,11 +256,60 @@ def _run_panel(r: RunRecord) -> Group:
     if e.threads:
         env_rows.append(("threads", ", ".join(f"{k}={v}" for k, v in e.threads.items())))
     parts.append(Panel(_kv_table(env_rows), title="environment", title_align="left"))
-    if r.summary:
-        parts.append(Text(f"step by step: kiln runs show {r.id[:8]} --metrics", style="dim"))
+    parts.append(Text(f"step by step: kiln runs show {r.id[:8]} --metrics; what it printed: "
+                      f"kiln logs {r.id[:8]}", style="dim"))  # fmt: skip
     if r.error:
         parts.append(Panel(Text(r.error), title="error", title_align="left", border_style="red"))
     return Group(*parts)
+
+
+@app.command("usage")
+def usage(
+    app_name: Annotated[
+        str | None, typer.Option("--app", "-a", help="The runs of this app.")
+    ] = None,
+    sweep: Annotated[str | None, typer.Option(help="The runs of this sweep.")] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", min=1, max=1_000_000, help="How many runs, newest.")
+    ] = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """What runs asked for against what they used: CPUs, memory, GPU; where to shrink."""
+    if app_name is None and sweep is None:
+        raise ValidationError("--app", "name an app (--app) or a sweep (--sweep)")
+    records = [r for r in runs(parent=sweep, app=app_name, limit=limit) if r.status.terminal]
+    fits = [rightsizing.fit(r) for r in records]
+    total = rightsizing.summarize(fits)
+    if as_json:
+        _print_json({"summary": total, "runs": [f.to_dict() for f in fits]})
+        return
+    out = console()
+    if not fits:
+        out.print("no ended runs match")
+        return
+    t = Table(show_edge=False, header_style="bold")
+    for col in ("run", "wall", "cpu asked", "cpu used", "mem peak", "mem asked", "gpu busy"):
+        t.add_column(col)
+    for f in fits:
+        t.add_row(f.run_id[:8], fmt_duration(f.wall_s), _num(f.cpu_requested), _num(f.cpu_used),
+                  _mib(f.memory_peak_bytes), _mib(f.memory_requested_bytes),
+                  "-" if f.gpu_utilization is None else f"{f.gpu_utilization:.0f}%")  # fmt: skip
+    out.print(t)
+    eff = total["cpu_efficiency"]
+    out.print(plain(f"{total['runs']} runs: {total['cpu_seconds_used']:.1f} of "
+                    f"{total['cpu_seconds_asked']:.1f} CPU-seconds asked were used"
+                    + (f" ({eff:.0%})" if eff is not None else "")))  # fmt: skip
+    said = {a.split(":")[0].split(", used")[0]: a for f in fits for a in f.advice}
+    for advice in list(said.values())[:10]:
+        out.print(Text(f"right-size: {advice}", style="yellow"))
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def _mib(value: int | None) -> str:
+    return "-" if not value else f"{value / 2**20:,.0f} MiB"
 
 
 @app.command("compare")

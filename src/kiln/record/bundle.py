@@ -6,6 +6,8 @@ A bundle is a zip::
                        and the sha256 of every other file in the bundle
     manifest.sha256    the sha256 of manifest.json
     metrics.json       every metric point: [key, step, time, value]
+    logs.json          what the run printed: [time, stream, text] chunks, in order
+                       (absent from bundles of runs that printed nothing)
     blobs/<sha256>     code patch, module source, environment lists, artifacts
                        (artifacts are left out with ``include_artifacts=False``)
 
@@ -37,7 +39,7 @@ from kiln._hashing import sha256_bytes
 from kiln.errors import KilnError, NotFoundError
 from kiln.record.blobs import FileBlobStore
 from kiln.record.model import RunStatus
-from kiln.record.store.base import MetricRow, WriteBatch
+from kiln.record.store.base import LOG_CHUNK_CHARS, LOG_STREAMS, LogRow, MetricRow, WriteBatch
 from kiln.record.store.rows import ArtifactRow, RunRow
 from kiln.record.values import (
     ARTIFACT_NAME_MAX,
@@ -58,10 +60,12 @@ _SEAL_LEN = len(_SEAL) + 64
 SIGNATURE = "signature.json"  # a signature of manifest.json's sha256 (kiln export --sign)
 # A bundle is hostile input: only these members, and these sizes, are read.
 _MEMBER = re.compile(
-    r"manifest\.json|manifest\.sha256|metrics\.json|signature\.json|blobs/[0-9a-f]{64}"
+    r"manifest\.json|manifest\.sha256|metrics\.json|logs\.json|signature\.json|"
+    r"blobs/[0-9a-f]{64}"
 )
 MAX_MANIFEST = 64 << 20
 MAX_METRICS = 1 << 30
+MAX_LOGS = 1 << 30
 _SHA = re.compile(r"[0-9a-f]{64}")
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _RUN_COLUMNS = set(RunRow.model_fields)
@@ -102,10 +106,15 @@ def export_bundle(
         [[k, s, t, _encode(v)] for k, s, t, v in rows["metrics"]], separators=(",", ":")
     ).encode()
     files = {"metrics.json": sha256_bytes(metrics_json)}
+    logs_json = json.dumps([list(r) for r in rows.get("logs", [])]).encode()
+    if rows.get("logs"):
+        files["logs.json"] = sha256_bytes(logs_json)
     included, omitted, left_out = [], [], []
     with _temp_beside(blobs, out) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
             zf.writestr("metrics.json", metrics_json, compress_type=zipfile.ZIP_DEFLATED)
+            if "logs.json" in files:
+                zf.writestr("logs.json", logs_json, compress_type=zipfile.ZIP_DEFLATED)
             for sha, why in sorted(wanted.items()):
                 skipped = why.startswith("artifact ") and not include_artifacts
                 path = None if skipped else _local(blobs, sha)
@@ -330,6 +339,8 @@ def import_bundle(
     with zipfile.ZipFile(path) as zf:
         try:
             rows = _rows(manifest, json.loads(_read(zf, "metrics.json", MAX_METRICS)))
+            if "logs.json" in manifest["files"]:
+                rows.logs = _logs(rows.new_runs[0].id, json.loads(_read(zf, "logs.json", MAX_LOGS)))
             _check_blobs_accounted(manifest, rows)
         except (KeyError, ValueError, TypeError, RecursionError) as exc:
             raise BundleError(f"{path} is not imported: {str(exc)[:300]}") from None
@@ -420,6 +431,26 @@ def _rows(manifest: dict[str, Any], points: Any) -> WriteBatch:
         artifacts=[_typed(ArtifactRow, a, "artifact") for a in manifest["artifacts"]],
         seal=[run_id],
     )  # fmt: skip
+
+
+def _logs(run_id: str, chunks: Any) -> list[LogRow]:
+    """The bundle's log chunks as rows, each checked as the capture would write it."""
+    if not isinstance(chunks, list):
+        raise ValueError("logs.json is not a list of chunks")
+    rows: list[LogRow] = []
+    for i, chunk in enumerate(chunks):
+        if not (isinstance(chunk, list) and len(chunk) == 3):
+            raise ValueError(f"logs.json: chunk {i} is not [time, stream, text]")
+        at, stream, text = chunk
+        if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
+            raise ValueError(f"logs.json: chunk {i}'s time is not a number")
+        if stream not in LOG_STREAMS:
+            raise ValueError(f"logs.json: chunk {i}'s stream is not one of {LOG_STREAMS}")
+        if not isinstance(text, str) or len(text) > LOG_CHUNK_CHARS or "\x00" in text:
+            raise ValueError(f"logs.json: chunk {i}'s text is not text of at most "
+                             f"{LOG_CHUNK_CHARS:,} characters without NUL")  # fmt: skip
+        rows.append((run_id, float(at), stream, text))
+    return rows
 
 
 def _typed(model: type[_Row], data: dict[str, Any], what: str) -> _Row:

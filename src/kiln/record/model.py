@@ -6,7 +6,7 @@ import enum
 import math
 import pickle
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -44,6 +44,17 @@ class MetricPoint:
     step: int
     time: float
     value: float
+
+
+@dataclass(frozen=True, slots=True)
+class LogChunk:
+    """Part of what a run printed: whole lines of one ``stream`` (``stdout``, ``stderr``,
+    or ``kiln`` for Kiln's own notes), read at ``time``; ``id`` orders the chunks."""
+
+    id: int
+    time: float
+    stream: str
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +116,28 @@ class EnvSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Resources a run used: wall and CPU seconds, peak resident memory."""
+    """Resources a run used: wall and CPU seconds, peak resident memory (of its process
+    tree where it was sampled), the kernel's counts of major page faults and disk bytes;
+    and, from the samples of :mod:`kiln.observe.sysmetrics` (runs longer than a
+    second), CPUs busy on average, swap traffic of the machine and its GPUs' use."""
 
     wall_s: float | None = None
     cpu_s: float | None = None
     peak_rss_bytes: int | None = None
+    major_faults: int | None = None
+    disk_read_bytes: int | None = None
+    disk_write_bytes: int | None = None
+    cpu_cores_mean: float | None = None
+    peak_rss_tree_bytes: int | None = None
+    swap_in_bytes: float | None = None
+    swap_out_bytes: float | None = None
+    sys_samples: int | None = None
+    gpu_utilization_mean: float | None = None
+    gpu_memory_peak_bytes: int | None = None
+    gpu_samples: int | None = None
+
+
+_USAGE_FIELDS = frozenset(f.name for f in fields(Usage))
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -293,7 +321,7 @@ def record_from_row(
         artifacts=artifacts,
         code=_code(row["code"]),
         environment=EnvSnapshot(**(row["environment"] or {})),
-        usage=Usage(**(row["usage"] or {})),
+        usage=Usage(**{k: v for k, v in (row["usage"] or {}).items() if k in _USAGE_FIELDS}),
         attempt=row["attempt"],
         resources=row["resources"] or {},
         volatile_metrics=tuple(row.get("volatile_metrics") or ()),

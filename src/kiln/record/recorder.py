@@ -24,7 +24,7 @@ from kiln.config import Settings, make_home
 from kiln.errors import StoreRefusedError, StoreUnavailableError
 from kiln.record.model import RunStatus
 from kiln.record.snapshot import CodeCapture
-from kiln.record.store.base import WRITE_PARTS, MetricRow, RunQuery, Store, WriteBatch
+from kiln.record.store.base import WRITE_PARTS, LogRow, MetricRow, RunQuery, Store, WriteBatch
 from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ _log = logging.getLogger("kiln")
 _WHAT = {
     "new_runs": "the run's row", "metrics": "a metric point", "summaries": "a summary value",
     "artifacts": "an artifact row", "updates": "an update of the run", "seal": "its seal",
-    "warnings": "a warning",
+    "warnings": "a warning", "logs": "a chunk of its output",
 }  # fmt: skip
 
 
@@ -82,6 +82,10 @@ class Recorder:
             full = len(self._points) >= FLUSH_POINTS
         if full:
             self._wake.set()
+
+    def add_logs(self, rows: list[LogRow]) -> None:
+        with self._lock:
+            self._pending.logs.extend(rows)
 
     def enqueue(
         self,
@@ -209,7 +213,7 @@ class Recorder:
             p = self._pending
             p.new_runs[:0], p.artifacts[:0] = batch.new_runs, batch.artifacts
             p.updates[:0], p.summaries[:0] = batch.updates, batch.summaries
-            p.warnings[:0] = batch.warnings
+            p.warnings[:0], p.logs[:0] = batch.warnings, batch.logs
             self._to_seal[:0] = batch.seal
 
     def _ensure_thread(self) -> None:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import resource
 import secrets
 import socket
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from time import time as _now
@@ -23,6 +25,7 @@ from kiln.config import Settings
 from kiln.errors import NoActiveRunError, ValidationError
 from kiln.record._pickling import dumps
 from kiln.record.model import Artifact, ArtifactKind, Direction, RunStatus
+from kiln.record.output import FdTee, RunLog, StreamTees
 from kiln.record.snapshot import capture_environment
 from kiln.record.store.base import MetricRow
 from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 
     from kiln.record.recorder import Recorder
 
+_log = logging.getLogger("kiln")
 _current: contextvars.ContextVar[ActiveRun | None] = contextvars.ContextVar(
     "kiln_current_run", default=None
 )
@@ -51,6 +55,19 @@ _RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux
 _PKG_DIR = Path(__file__).resolve().parent.parent
 # Frames in these files are Kiln's recording machinery, never the user's code.
 _MACHINERY = (str(_PKG_DIR / "record"), str(_PKG_DIR / "app.py"))
+
+
+# Watchers of runs (kiln.observe.sysmetrics): each is called as a run starts in this
+# process and may return a function, called as the run ends, whose figures are added
+# to the run's usage.
+RunWatcher = Callable[["ActiveRun"], Callable[[], dict[str, Any]] | None]
+_watchers: list[RunWatcher] = []
+
+
+def watch_runs(watcher: RunWatcher) -> None:
+    """Call ``watcher`` as every run of this process starts (once per watcher)."""
+    if watcher not in _watchers:
+        _watchers.append(watcher)
 
 
 def new_run_id() -> str:
@@ -72,8 +89,10 @@ class ActiveRun:
         function: str | None = None,
         parent_id: str | None = None,
         module_path: Path | None = None,
+        sys_metrics: bool = True,
     ) -> None:
         self.id = new_run_id()
+        self.sys_metrics = sys_metrics  # sample how the run uses the machine (sys/...)
         self.app = app
         self.name = name
         self.status = RunStatus.RUNNING
@@ -95,6 +114,9 @@ class ActiveRun:
         self._t0 = self._cpu0 = 0.0
         self._inputs = [v for v in (params or {}).values() if isinstance(v, Dataset | Artifact)]
         self._code: Future[None] | None = None
+        self._stops: list[Callable[[], dict[str, Any]]] = []
+        self._rusage0: resource.struct_rusage | None = None
+        self.output: RunLog | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -130,25 +152,42 @@ class ActiveRun:
         self._code = rec.capture_code(self.id, self._module_path)
         for dataset in self._inputs:
             self.use(dataset)
+        self.output = RunLog(self.id, rec.add_logs)
+        StreamTees.enter(_output_of_current_run)
         self._start_clock()
         return self
 
     def _start_clock(self) -> None:
         """Become the current run and start measuring wall time, CPU time and memory."""
-        self._maxrss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
+        self._rusage0 = resource.getrusage(resource.RUSAGE_SELF)
+        self._maxrss_at_start = self._rusage0.ru_maxrss * _RSS_UNIT
         self._peak_rss = 0
         self.sample_memory()
         self._token = _current.set(self)
         self._t0, self._cpu0 = time.perf_counter(), _cpu_seconds()
+        self._stops = [stop for watch in _watchers if (stop := watch(self)) is not None]
 
     def _stop_clock(self) -> dict[str, Any]:
         """Stop being the current run; return what it used."""
-        usage = {
+        usage: dict[str, Any] = {
             "wall_s": time.perf_counter() - self._t0,
             "cpu_s": _cpu_seconds() - self._cpu0,
         }
         self.sample_memory()
         usage["peak_rss_bytes"] = self._peak_rss
+        if self._rusage0 is not None:  # this process's, from the kernel's own counts
+            now = resource.getrusage(resource.RUSAGE_SELF)
+            usage["major_faults"] = now.ru_majflt - self._rusage0.ru_majflt
+            usage["disk_read_bytes"] = (now.ru_inblock - self._rusage0.ru_inblock) * 512
+            usage["disk_write_bytes"] = (now.ru_oublock - self._rusage0.ru_oublock) * 512
+        for stop in self._stops:
+            try:
+                usage.update(stop())
+            except Exception as exc:  # a watcher's failure never fails the run
+                _log.debug("kiln: a watcher of run %s failed: %s", self.id, exc)
+        self._stops = []
+        if usage.get("peak_rss_tree_bytes", 0) > usage["peak_rss_bytes"]:
+            usage["peak_rss_bytes"] = usage["peak_rss_tree_bytes"]
         if self._token is not None:
             # closed from another context (atexit): there is nothing to restore
             with contextlib.suppress(ValueError):
@@ -181,6 +220,9 @@ class ActiveRun:
 
     def _finish(self, status: RunStatus, error: str | None) -> None:
         usage = self._stop_clock()
+        if self.output is not None:
+            StreamTees.leave(self.output)
+            self.output.close()
         self.status = status
         returned = summary_of(self.result)
         if returned:
@@ -212,6 +254,11 @@ class ActiveRun:
             self._peak_rss = max(self._peak_rss, maxrss)
         else:
             self._peak_rss = max(self._peak_rss, _current_rss())
+
+    def record_points(self, rows: list[MetricRow]) -> None:
+        """Record metric points that are not the run's own figures (``sys/...``): no
+        summary, no step counting."""
+        self._rec().add_points(rows)
 
     def take_summary(self) -> list[tuple[str, str, str, float]]:
         """The latest value per metric, if any were logged since the last call."""
@@ -318,12 +365,22 @@ class TaskRun(ActiveRun):
     task records something, so a task that logs nothing costs no database work.
     """
 
-    def __init__(self, settings: Settings, *, run_id: str, app: str) -> None:
-        super().__init__(settings, app=app)
+    def __init__(
+        self, settings: Settings, *, run_id: str, app: str, sys_metrics: bool = True
+    ) -> None:
+        super().__init__(settings, app=app, sys_metrics=sys_metrics)
         self.id = run_id
         self._usage: dict[str, Any] = {}
+        self._tee: FdTee | None = None
 
     def __enter__(self) -> TaskRun:
+        self.output = RunLog(self.id, lambda rows: self._rec().add_logs(rows))
+        try:
+            self._tee = FdTee.installed()
+            self._tee.sink = self.output.add
+        except OSError as exc:  # no descriptors to spare: the run goes on, unlogged
+            self._tee = None
+            print(f"kiln: the output of run {self.id} is not recorded: {exc}", file=sys.stderr)
         self._start_clock()
         return self
 
@@ -334,6 +391,11 @@ class TaskRun(ActiveRun):
         tb: TracebackType | None,
     ) -> None:
         self._usage = self._stop_clock()
+        if self._tee is not None:
+            self._tee.drain()
+            self._tee.sink = None
+        if self.output is not None:
+            self.output.close()
         if self._recorder is not None:  # it logged or saved: make that durable now
             self._recorder.finish(self, None)
 
@@ -382,6 +444,20 @@ class Dataset:
 
     def __repr__(self) -> str:
         return f"Dataset({str(self.path)!r}, sha256={self.sha256[:12]}…)"
+
+
+def _output_of_current_run() -> RunLog | None:
+    """Where text written in this context goes: the current run's log, or the only
+    run's open in the process; none for Kiln's own threads."""
+    run = _current.get()
+    if run is None:
+        if threading.current_thread().name.startswith("kiln-"):
+            return None
+        try:
+            run = current_run("print")
+        except NoActiveRunError:
+            return None
+    return run.output
 
 
 def current_run(call: str) -> ActiveRun:

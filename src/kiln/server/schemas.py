@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
+from kiln.record.store.base import LOG_CHUNK_CHARS
 from kiln.record.store.rows import (
     JSON,
     MAX_DEPTH,
@@ -63,6 +64,12 @@ __all__ = [
 ]  # fmt: skip
 
 
+Time = Annotated[float, Field(allow_inf_nan=False)]
+LogStream = Literal["stdout", "stderr", "kiln"]
+# Whole lines a run printed, as the capture cuts them (no NUL: PostgreSQL text has none).
+LogText = Annotated[str, StringConstraints(max_length=LOG_CHUNK_CHARS, pattern=r"^[^\x00]*$")]
+
+
 class Batch(Strict):
     """What one flush of a client writes, applied in one transaction. Metric points are
     ``[run_id, key, step, time, value]``; summaries ``[run_id, app, key, value]``."""
@@ -74,6 +81,7 @@ class Batch(Strict):
     updates: list[RunUpdate] = Field(default_factory=list)
     seal: list[RunId] = Field(default_factory=list)
     warnings: list[tuple[RunId, Text]] = Field(default_factory=list)
+    logs: list[tuple[RunId, Time, LogStream, LogText]] = Field(default_factory=list)
     origin: dict[str, JSON] | None = None
 
 
@@ -118,6 +126,14 @@ class Rows(BaseModel):
     metrics: list[list[JSON]]  # [key, step, time, value]
     summary: dict[str, Number]
     artifacts: list[dict[str, JSON]]
+    logs: list[list[JSON]] = Field(default_factory=list)  # [time, stream, text]
+
+
+class Logs(BaseModel):
+    """What a run printed: ``[id, time, stream, text]`` chunks, oldest first; ask again
+    with ``after`` set to the last id for what follows."""
+
+    logs: list[tuple[int, float, str, str]]
 
 
 class Names(BaseModel):

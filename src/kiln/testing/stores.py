@@ -27,7 +27,7 @@ from kiln.errors import (
 )
 from kiln.record import audit
 from kiln.record.lineage import Lineage
-from kiln.record.model import Artifact, MetricPoint, RunRecord, record_from_row
+from kiln.record.model import Artifact, LogChunk, MetricPoint, RunRecord, record_from_row
 from kiln.record.store._wire import RUN_COLUMNS
 from kiln.record.store.base import EndpointRow, RunQuery, ServerRow, WriteBatch, trace_prefix
 from kiln.record.store.rows import SpanRow
@@ -208,6 +208,8 @@ class MemoryStore(MemoryEndpointStore):
         self._points: dict[str, list[tuple[str, int, float, float | None]]] = {}
         self._summary: dict[str, dict[str, tuple[str, float]]] = {}
         self._artifacts: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+        self._logs: dict[str, list[LogChunk]] = {}
+        self._log_ids = 0
         self._keys: dict[str, str | None] = {}  # idempotency key: the batch's digest
         self._chain: list[dict[str, Any]] = []
 
@@ -257,6 +259,7 @@ class MemoryStore(MemoryEndpointStore):
                     self._points.setdefault(run_id, []).append((key, step, t, value))
             for run_id, app, key, value in batch.summaries:
                 self._summary.setdefault(run_id, {})[key] = (app, value)
+            self._add_logs(batch)
             for art in batch.artifacts:
                 self._artifacts.setdefault(art.run_id, {})[(art.direction, art.name)] = (
                     art.model_dump()
@@ -377,6 +380,17 @@ class MemoryStore(MemoryEndpointStore):
             points = sorted((s, t, v) for k, s, t, v in self._points.get(run_id, []) if k == key)
         return [MetricPoint(s, t, math.nan if v is None else v) for s, t, v in points]
 
+    def _add_logs(self, batch: WriteBatch) -> None:
+        for run_id, t, stream, text in batch.logs:
+            if run_id in self._runs:
+                self._log_ids += 1
+                chunk = LogChunk(self._log_ids, t, stream, text)
+                self._logs.setdefault(run_id, []).append(chunk)
+
+    def run_logs(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogChunk]:
+        with self._lock:
+            return [c for c in self._logs.get(run_id, []) if c.id > after][:limit]
+
     def lineage(self, ref: str, *, depth: int = 20) -> Lineage:
         root = self.get_run(ref).id
         graph = Lineage(root)
@@ -398,6 +412,7 @@ class MemoryStore(MemoryEndpointStore):
                 "metrics": sorted(self._points.get(run_id, [])),
                 "summary": {k: v for k, (_, v) in self._summary.get(run_id, {}).items()},
                 "artifacts": [dict(a) for _, a in sorted(self._artifacts.get(run_id, {}).items())],
+                "logs": [(c.time, c.stream, c.text) for c in self._logs.get(run_id, [])],
             }
 
     def dependants(self, run_id: str) -> list[str]:
@@ -416,7 +431,8 @@ class MemoryStore(MemoryEndpointStore):
             raise DependencyError(f"run {record.id}", blocking)
         with self._lock:
             for rid in [*doomed, record.id]:
-                for table in (self._runs, self._points, self._summary, self._artifacts):
+                for table in (self._runs, self._points, self._summary, self._artifacts,
+                              self._logs):  # fmt: skip
                     table.pop(rid, None)
             self._append([audit.Event("run.delete", rid, {}, time.time(), self.actor)
                           for rid in [*doomed, record.id]])  # fmt: skip

@@ -82,6 +82,21 @@ metrics = sa.Table(
     sa.Index("ix_metrics_run_key_step", "run_id", "key", "step"),
 )
 
+# 0014: what a run printed (stdout and stderr), in chunks of whole lines as they were
+# read, each with the time it was read; ``id`` orders them (and is where a follower of
+# ``kiln logs -f`` resumes). ``stream`` "kiln" holds Kiln's own notes (truncation).
+run_logs = sa.Table(
+    "run_logs",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("run_id", sa.String(32), nullable=False),
+    sa.Column("time", sa.Double, nullable=False),
+    sa.Column("stream", sa.String(8), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Index("ix_run_logs_run_id", "run_id", "id"),
+)  # fmt: skip
+
 # The latest value of every metric of every run, plus the numbers a run returned.
 # Indexed by (key, value) so "best runs by accuracy" reads ten index entries.
 summary = sa.Table(

@@ -50,6 +50,7 @@ def batch_to_wire(batch: WriteBatch) -> dict[str, Any]:
         "updates": [u.model_dump(mode="json", exclude_unset=True) for u in batch.updates],
         "seal": batch.seal,
         "warnings": [list(w) for w in batch.warnings],
+        "logs": [list(r) for r in batch.logs],
         "origin": batch.origin,
     }
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from kiln.errors import ValidationError
-from kiln.record.model import MetricPoint, RunRecord, RunStatus
+from kiln.record.model import LogChunk, MetricPoint, RunRecord, RunStatus
 from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate, SpanRow, cut_text
 
 if TYPE_CHECKING:
@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 # (run_id, key, step, time, value); value None stands for NaN where the database
 # cannot store NaN (SQLite turns NaN into NULL).
 MetricRow = tuple[str, str, int, float, float | None]
+# (run_id, time, stream, text): whole lines a run printed on ``stream``, read at ``time``
+LogRow = tuple[str, float, str, str]
+LOG_STREAMS = ("stdout", "stderr", "kiln")
+LOG_CHUNK_CHARS = 65_536  # the most text one log row holds
 
 
 @dataclass(slots=True)
@@ -39,6 +43,7 @@ class WriteBatch:
     updates: list[RunUpdate] = field(default_factory=list)
     seal: list[str] = field(default_factory=list)  # ended runs to seal in the audit log
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (run_id, what was dropped)
+    logs: list[LogRow] = field(default_factory=list)
     # Where ``new_runs`` came from, if not from this store's own processes (a bundle):
     # their events are then this store's actor's, and a ``run.import`` event says so.
     origin: dict[str, Any] | None = None
@@ -89,7 +94,9 @@ class WriteBatch:
 
 # Where a run's code and environment name blobs (kiln.record.snapshot).
 BLOB_KEYS = ("patch_sha256", "source_blob", "packages_sha256", "lock_sha256")
-WRITE_PARTS = ("new_runs", "metrics", "summaries", "artifacts", "updates", "seal", "warnings")
+WRITE_PARTS = (
+    "new_runs", "metrics", "summaries", "artifacts", "logs", "updates", "seal", "warnings",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +136,10 @@ class RunStore(Protocol):
 
     def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
         """Every point of one metric of one run, by step then time."""
+
+    def run_logs(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogChunk]:
+        """What a run printed, oldest first: up to ``limit`` chunks past the chunk id
+        ``after`` (0: from the start)."""
 
     def lineage(self, ref: str, *, depth: int = 20) -> Lineage:
         """The graph up and down from a run (id or prefix) or an artifact (sha256 or a

@@ -38,7 +38,7 @@ from kiln.errors import (
 from kiln.record import audit
 from kiln.record.blobs import FileBlobStore
 from kiln.record.lineage import Lineage
-from kiln.record.model import MetricPoint, RunRecord
+from kiln.record.model import LogChunk, MetricPoint, RunRecord
 from kiln.record.store import _wire
 from kiln.record.store.base import EndpointRow, RunQuery, ServerRow, WriteBatch, trace_prefix
 from kiln.record.store.rows import SpanRow
@@ -492,7 +492,14 @@ class HttpStore:
         found = self.client.call("GET", f"/runs/{_q(run_id)}/rows")
         found["metrics"] = [(k, s, t, _wire.from_number(v)) for k, s, t, v in found["metrics"]]
         found["summary"] = {k: _wire.from_number(v) for k, v in found["summary"].items()}
+        found["logs"] = [tuple(r) for r in found.get("logs", [])]
         return dict(found)
+
+    def run_logs(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogChunk]:
+        self._quiet_spool()
+        params = {"after": after, "limit": limit}
+        found = self.client.call("GET", f"/runs/{_q(run_id)}/logs", params=params)
+        return [LogChunk(*chunk) for chunk in found["logs"]]
 
     def dependants(self, run_id: str) -> list[str]:
         return list(self.client.call("GET", f"/runs/{_q(run_id)}/dependants")["items"])

@@ -40,7 +40,14 @@ from kiln.errors import (
 from kiln.record import audit
 from kiln.record.blobs import FileBlobStore
 from kiln.record.lineage import Lineage
-from kiln.record.model import Artifact, MetricPoint, RunRecord, RunStatus, record_from_row
+from kiln.record.model import (
+    Artifact,
+    LogChunk,
+    MetricPoint,
+    RunRecord,
+    RunStatus,
+    record_from_row,
+)
 from kiln.record.store._endpoints import EndpointsAndSpans
 from kiln.record.store._identities import Identities
 from kiln.record.store._registry import RegistryAccess
@@ -50,6 +57,7 @@ from kiln.record.store._schema import (
     ingest_keys,
     metrics,
     model_versions,
+    run_logs,
     runs,
     spans,
     summary,
@@ -59,7 +67,7 @@ from kiln.record.store._verify import registry_problems
 from kiln.record.store.base import RunQuery, WriteBatch
 from kiln.record.store.rows import RunUpdate, SpanRow
 
-SCHEMA_HEAD = "0013"
+SCHEMA_HEAD = "0014"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,
@@ -211,6 +219,10 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                 self._note_blobs(conn, sorted(named))
             if batch.metrics:
                 conn.exec_driver_sql(self._metric_sql, batch.metrics)
+            if batch.logs:
+                conn.execute(run_logs.insert(), [
+                    {"run_id": r, "time": t, "stream": s, "text": x} for r, t, s, x in batch.logs
+                ])  # fmt: skip
             if batch.summaries:
                 self._upsert(
                     conn,
@@ -310,6 +322,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         runs rm --force``) while a process still records it leaves nothing behind."""
         named = {r[0] for r in batch.metrics} | {r[0] for r in batch.summaries}
         named |= {a.run_id for a in batch.artifacts} | {u.id for u in batch.updates}
+        named |= {r[0] for r in batch.logs}
         named |= {*batch.seal, *(w[0] for w in batch.warnings)}
         named -= {r.id for r in batch.new_runs}
         if not named:
@@ -333,6 +346,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             updates=[u for u in batch.updates if u.id not in gone],
             seal=[r for r in batch.seal if r not in gone],
             warnings=[w for w in batch.warnings if w[0] not in gone],
+            logs=[r for r in batch.logs if r[0] not in gone],
             origin=batch.origin, key=batch.key, actor=batch.actor,
         )  # fmt: skip
 
@@ -424,6 +438,11 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                     .where(artifacts.c.run_id == run_id)
                     .order_by(artifacts.c.direction, artifacts.c.name)
                 ).mappings()
+                logged = conn.execute(
+                    sa.select(run_logs.c.time, run_logs.c.stream, run_logs.c.text)
+                    .where(run_logs.c.run_id == run_id)
+                    .order_by(run_logs.c.id)
+                ).all()
                 run = dict(row)
                 del run["project"]  # a bundle is imported into the importer's project
                 if run.get("volatile_metrics") is None:  # as bundles from before 0009 have it
@@ -433,6 +452,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                     "metrics": [tuple(p) for p in points],
                     "summary": {k: _nan_none(v) for k, v in values},
                     "artifacts": [dict(a) for a in arts],
+                    "logs": [tuple(r) for r in logged],
                 }
 
         return self._guard(read)
@@ -551,7 +571,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
     def _delete_one(self, conn: Connection, run_id: str) -> audit.Event:
         record = self._get_run(run_id)
         rows = self.export_rows(run_id)
-        for table in (metrics, summary, artifacts):
+        for table in (metrics, summary, artifacts, run_logs):
             conn.execute(table.delete().where(table.c.run_id == run_id))
         conn.execute(runs.delete().where(runs.c.id == run_id))
         payload = {
@@ -1027,6 +1047,21 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                     MetricPoint(step, t, math.nan if value is None else value)
                     for step, t, value in conn.execute(stmt)
                 ]
+
+        return self._guard(read)
+
+    def run_logs(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogChunk]:
+        stmt = (
+            sa.select(run_logs.c.id, run_logs.c.time, run_logs.c.stream, run_logs.c.text)
+            .where(run_logs.c.run_id == run_id, run_logs.c.id > after,
+                   sa.exists().where(runs.c.id == run_id, self._mine))
+            .order_by(run_logs.c.id)
+            .limit(limit)
+        )  # fmt: skip
+
+        def read() -> list[LogChunk]:
+            with self._engine.connect() as conn:
+                return [LogChunk(*row) for row in conn.execute(stmt)]
 
         return self._guard(read)
 

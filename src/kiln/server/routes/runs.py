@@ -138,6 +138,7 @@ async def write_batch(
         updates=body.updates,
         seal=body.seal,
         warnings=[(r, m) for r, m in body.warnings],
+        logs=[(r, t, s, x) for r, t, s, x in body.logs],
         origin=body.origin,
         key=idempotency_key,
         digest=hashlib.sha256(raw).hexdigest() if idempotency_key else None,
@@ -195,7 +196,20 @@ def export_rows(run_id: Annotated[str, Path(max_length=32)], store: Store) -> An
         "metrics": [[k, s, t, number(v)] for k, s, t, v in rows["metrics"]],
         "summary": {k: number(v) for k, v in rows["summary"].items()},
         "artifacts": rows["artifacts"],
+        "logs": [list(r) for r in rows.get("logs", [])],
     }
+
+
+@router.get("/runs/{run_id}/logs", dependencies=[need("runs", "read")], response_model=schemas.Logs)
+def run_logs(
+    run_id: Annotated[str, Path(max_length=32)],
+    store: Store,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> Any:
+    """What a run (id or unique prefix) printed, oldest first, past the chunk ``after``."""
+    found = store.run_logs(store.get_run(run_id).id, after=after, limit=limit)
+    return {"logs": [(c.id, c.time, c.stream, c.text) for c in found]}
 
 
 @router.get(
