@@ -17,13 +17,14 @@ import cloudpickle
 from kiln.compute import _threads
 from kiln.compute.backends.base import TaskSpec
 from kiln.config import Settings
-from kiln.observe import sysmetrics
+from kiln.observe import runtrace, sysmetrics
 from kiln.record.recorder import recorder_for
 from kiln.record.runs import TaskRun, watch_runs
 from kiln.record.snapshot import capture_environment
 
 RUNNER = "kiln._runner:run_task"
 watch_runs(sysmetrics.watch)
+watch_runs(runtrace.watch)
 _environment: dict[str, Any] | None = None  # the last environment sent back
 
 
@@ -44,7 +45,7 @@ def run_task(
     run = TaskRun(settings, run_id=task.run_id, app=task.app, sys_metrics=sys_metrics)
     try:
         args, kwargs = cloudpickle.loads(task.args_payload)
-        with run:
+        with runtrace.remote_parent(task.store.get("traceparent")), run:
             if on_start is not None:
                 on_start()
             result = fn(*args, **kwargs)

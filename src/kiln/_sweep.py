@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compute.backends.base import Outcome
 from kiln.errors import NotFoundError, ValidationError
+from kiln.observe import runtrace
 from kiln.record.model import RunRecord, RunStatus
 from kiln.record.store.base import RunQuery, Store, WriteBatch
 from kiln.record.store.rows import RunUpdate
@@ -47,8 +48,11 @@ _OUTCOMES = ("succeeded", "failed", "cancelled")
 class _Tally:
     """Counts a sweep's runs as they end; the last one to end writes the sweep's end."""
 
-    def __init__(self, engine: Engine, sweep_id: str, pending: int, succeeded: int = 0) -> None:
+    def __init__(
+        self, engine: Engine, sweep_id: str, pending: int, succeeded: int = 0, span: Any = None
+    ) -> None:
         self._engine = engine
+        self._span = span  # the sweep's OpenTelemetry span, ended with it (runtrace)
         self._sweep_id = sweep_id
         self._pending = pending
         self._counts: Counter[str] = Counter(succeeded=succeeded)
@@ -66,8 +70,12 @@ class _Tally:
             last = self._pending == 0
         if last:
             try:
-                self._engine.recorder.store.write(WriteBatch(updates=[self._end()]))
+                end = self._end()
+                self._engine.recorder.store.write(WriteBatch(updates=[end]))
             finally:
+                if self._span is not None:
+                    runtrace.end(self._span, ok=end.status is RunStatus.SUCCEEDED,
+                                 error=end.error)  # fmt: skip
                 self.ended.set()
 
     def _end(self) -> RunUpdate:

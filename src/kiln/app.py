@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from kiln.config import Settings
 from kiln.errors import ValidationError
-from kiln.observe import sysmetrics
+from kiln.observe import runtrace, sysmetrics
 from kiln.record.model import RunRecord, RunStatus
 from kiln.record.resolve import RunLike, resolve_run
 from kiln.record.runs import ActiveRun, caller_module, watch_runs
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from kiln.serve.endpoint import Endpoint
 
 watch_runs(sysmetrics.watch)  # every run of the SDK is sampled (unless it says not to)
+watch_runs(runtrace.watch)  # and is a span, while tracing is on
 
 P = ParamSpec("P")
 R = TypeVar("R")

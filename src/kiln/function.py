@@ -45,6 +45,7 @@ from kiln.compute.paths import code_paths as _code_paths
 from kiln.compute.resources import Resources, detect_inventory
 from kiln.config import Settings
 from kiln.errors import EnvError, RunFailed, ValidationError
+from kiln.observe import runtrace
 from kiln.record.model import Artifact, CodeSnapshot, RunRecord, RunStatus
 from kiln.record.runs import ActiveRun, Dataset, input_row, new_run_id
 from kiln.record.snapshot import capture_environment
@@ -290,11 +291,16 @@ class Function(Generic[P, R]):
         calls = check_spec(spec, fixed)
         sweep_id = new_run_id()
         engine = engine_for(self.app.settings)
-        tally = _Tally(engine, sweep_id, len(calls))
+        span = runtrace.start(f"sweep {self.name}", {runtrace.RUN_ID: sweep_id,
+                                                     "kiln.sweep.runs": len(calls)})  # fmt: skip
+        tally = _Tally(engine, sweep_id, len(calls), span=span)
         parent = self._row(self.app.settings, sweep_id, {"runs": len(calls)}, None, time.time())
         parent.status, parent.started_at = RunStatus.RUNNING, parent.created_at
         parent.tags, parent.resources = {"kind": "sweep"}, None
-        runs = self._submit([((), kw) for kw in calls], parent=parent, on_done=tally.run_done)
+        if span is not None:
+            parent.trace_id, parent.span_id = runtrace.ids(span).values()
+        with runtrace.current(span):  # the sweep's span is its runs' parent
+            runs = self._submit([((), kw) for kw in calls], parent=parent, on_done=tally.run_done)
         return Sweep(sweep_id, runs, engine, function=self, calls=calls, tally=tally)
 
     # -- internals -------------------------------------------------------------------
@@ -391,6 +397,9 @@ class Function(Generic[P, R]):
             **({"server_url": settings.server_url} if settings.server_url else {}),
             **({} if self.sys_metrics else {"sys_metrics": "off"}),
         }
+        parent_span = runtrace.traceparent()  # the sweep's, or the run this is called in
+        if parent_span is not None:
+            store["traceparent"] = parent_span
         sys_path, cwd = _code_paths(), str(Path.cwd())
         now = time.time()
         parent_id = parent.id if parent else parent_id

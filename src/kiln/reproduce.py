@@ -26,6 +26,7 @@ from kiln.app import App
 from kiln.config import Settings
 from kiln.errors import KilnError, RunFailed
 from kiln.function import Function
+from kiln.observe import runtrace
 from kiln.record.compare import Comparison, Verdict, check_metric_names, check_rtol, compare
 from kiln.record.model import Artifact, RunRecord
 from kiln.record.resolve import RunLike, resolve_run
@@ -86,10 +87,15 @@ def reproduce(
         # The same OMP_NUM_THREADS & co. as the original: thread counts change the
         # order of floating-point sums, so results too.
         function._threads = dict(original.environment.threads)
-        run = function._submit([((), kwargs)], tags={"reproduced_from": original.id})[0]
+        span = runtrace.start(f"reproduce {original.id}", {"kiln.reproduce.of": original.id})
+        with runtrace.current(span):  # the reproduction's run is its child
+            run = function._submit([((), kwargs)], tags={"reproduced_from": original.id})[0]
         with contextlib.suppress(RunFailed):  # compared below: a failure is a result too
             run.result()
     result = compare(original, run.record(), rtol=rtol, drift=drift, ignore=ignore)
+    if span is not None:
+        span.set_attributes({runtrace.RUN_ID: run.id, "kiln.reproduce.verdict": result.verdict})
+        runtrace.end(span, ok=True)
     # The verdict goes on the reproduction's record: promotion policies look for it,
     # with what it was reached under (a policy may insist on its own terms).
     from kiln.record.store.base import WriteBatch

@@ -3,13 +3,16 @@ still shown), right-sizing from both. Real workers, real stores, real processes.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -58,19 +61,22 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def test_the_sampler_measures_a_run_that_burns_known_cpu_and_memory(engine: str) -> None:
-    run = burn.spawn(2.5, 200)
+    run = burn.spawn(4.0, 200)  # long enough for counters, the change between two samples
     assert run.result() == 200 * MIB
     record = run.record()
     u = record.usage
-    assert u.cpu_s is not None and u.cpu_s >= 2.5  # it burnt that much, by its own clock
+    assert u.cpu_s is not None and u.cpu_s >= 4.0  # it burnt that much, by its own clock
     assert u.peak_rss_bytes is not None and u.peak_rss_bytes >= 200 * MIB
-    # one busy thread: never more than a core, and well above an idle process
-    assert u.cpu_cores_mean is not None and 0.2 < u.cpu_cores_mean < 1.2
+    # one busy thread: well above an idle process; at most a core beside what the process
+    # does anyway (a Ray worker's own threads use about a tenth of one), never more than
+    # the machine has
+    most = 1.2 if engine == "local" else min(2.0, os.cpu_count() or 2)
+    assert u.cpu_cores_mean is not None and 0.2 < u.cpu_cores_mean <= most
     assert u.sys_samples is not None and u.sys_samples >= 1
     store = reader().store
     cores = [p.value for p in store.metric_history(run.id, "sys/cpu_cores")]
     rss = [p.value for p in store.metric_history(run.id, "sys/rss_bytes")]
-    assert cores and all(0 <= c < 1.2 for c in cores)
+    assert cores and all(0 <= c <= most for c in cores)
     assert max(rss) >= 200 * MIB
     for key in (
         "sys/swap_in_bytes",
@@ -279,3 +285,87 @@ def test_logs_through_a_server_are_the_projects_own(start_server, tmp_path: Path
     assert _cli("logs", run_id, env=elsewhere).returncode != 0  # another project: no such run
     with SqlStore(server.store_url) as direct:
         assert [c.text for c in direct.run_logs(run_id)] == ["through the server\n"]
+
+
+class _Collector(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver: keeps every span it is sent, decoded with OTLP's own proto."""
+
+    spans: ClassVar[list[Any]] = []
+
+    def do_POST(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        for resource in request.resource_spans:
+            for scope in resource.scope_spans:
+                _Collector.spans.extend(scope.spans)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_sweeps_runs_are_children_of_its_span_and_each_run_names_its_span(
+    tmp_path: Path,
+) -> None:
+    _Collector.spans = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (tmp_path / "traced.py").write_text(
+        textwrap.dedent("""
+        import sys, kiln
+        app = kiln.App("traced")
+
+        @app.function()
+        def square(x: int) -> int:
+            with app.run(name="inside"):  # a run started inside a run: its child
+                pass
+            return x * x
+
+        if __name__ == "__main__":
+            sweep = square.sweep(kiln.grid(x=[1, 2]))
+            sweep.wait()
+            with app.run(name="outer") as outer:
+                with app.run(name="inner") as inner:
+                    pass
+            print(sweep.id, outer.id, inner.id)
+    """)
+    )
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}"}
+    try:
+        done = subprocess.run([sys.executable, "traced.py"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=180, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        sweep_id, outer_id, inner_id = done.stdout.split()
+        wanted = 2 + 2 + 1 + 2  # the sweep's runs, the runs inside them, the sweep, two more
+        deadline = time.monotonic() + 60  # workers export as they exit
+        while len(_Collector.spans) < wanted and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    by_run = {}
+    for span in _Collector.spans:
+        attrs = {a.key: a.value.string_value for a in span.attributes}
+        if "kiln.run.id" in attrs:
+            by_run[attrs["kiln.run.id"]] = span
+    store = reader().store
+    sweep_span = by_run[sweep_id]
+    children = [s for s in by_run.values() if s.parent_span_id == sweep_span.span_id]
+    assert len(children) == 2 and {s.trace_id for s in children} == {sweep_span.trace_id}
+    for child in children:
+        (run_id,) = [r for r, s in by_run.items() if s is child]
+        record = store.get_run(run_id)
+        assert record.parent_id == sweep_id
+        assert (record.trace_id, record.span_id) == (child.trace_id.hex(), child.span_id.hex())
+        nested = [s for s in by_run.values() if s.parent_span_id == child.span_id]
+        assert len(nested) == 1 and nested[0].trace_id == child.trace_id  # across processes
+    assert store.get_run(sweep_id).span_id == sweep_span.span_id.hex()
+    assert by_run[inner_id].parent_span_id == by_run[outer_id].span_id
+    assert store.get_run(inner_id).trace_id == store.get_run(outer_id).trace_id

@@ -195,6 +195,26 @@ def test_a_request_is_validated_answered_and_traced_with_its_lineage() -> None:
     assert SpanRow.model_validate(row.model_dump()) == row  # what a server would accept
 
 
+def test_an_answer_links_to_the_span_of_the_run_that_trained_its_model() -> None:
+    exporter = InMemorySpanExporter()
+    provider = tracer_provider("kiln.test", store_url=None)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trained = ("ab" * 16, "cd" * 8)
+    handler = Handler(
+        Model(),
+        tracer=provider.get_tracer("t"),
+        model_ref="fraud:3",
+        span_attributes={"kiln.run.trace_id": trained[0]},
+        run_trace=trained,
+    )
+    handler.predict(b'{"features": [1, 2]}')
+    (span,) = exporter.get_finished_spans()
+    (link,) = span.links
+    assert (f"{link.context.trace_id:032x}", f"{link.context.span_id:016x}") == trained
+    assert (span.attributes or {})["kiln.run.trace_id"] == trained[0]
+    assert span.context is not None and span.context.trace_id != int(trained[0], 16)
+
+
 def test_a_caller_trace_context_becomes_the_parent_with_its_state_and_flag() -> None:
     handler, exporter = _handler(Model)
     headers = [

@@ -142,7 +142,7 @@ class Sampler:
         """One sample of the run ``w`` (its ``sys/...`` rows), updating its totals."""
         import psutil
 
-        run_id, now, mono = w.run.id, time.time(), time.monotonic()
+        run_id, now = w.run.id, time.time()
         values: dict[str, float] = {}
         procs = _tree(psutil.Process())
         used = rss = fds = threads = 0.0
@@ -160,6 +160,7 @@ class Sampler:
                     io = proc.io_counters()
                     read += io.read_bytes
                     written += io.write_bytes
+        mono = time.monotonic()  # after the reads (the first imports psutil, not quick)
         if mono > w.at:
             cores = used / (mono - w.at)
             values["sys/cpu_cores"] = cores

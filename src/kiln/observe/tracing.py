@@ -78,6 +78,9 @@ LLM_PROVIDER = "kiln"  # the host of a model Kiln serves, unless the endpoint sa
 _log = logging.getLogger("kiln")
 
 
+RUN_TRACE_ID = "kiln.run.trace_id"  # the trace of the run that trained the model
+
+
 def identity_attributes(
     *, endpoint: str, model_name: str, model_version: int, run_id: str, kind: str
 ) -> dict[str, Any]:

@@ -136,6 +136,7 @@ SEALED_RUN_FIELDS = (
 SEALED_PARTS = {
     "metrics": "its metrics", "summary": "its summary", "artifacts": "its artifacts",
     "run": "its record (params, status, actor, code, environment or result)",
+    "logs": "its output (logs)",
 }  # fmt: skip
 
 
@@ -144,10 +145,12 @@ def seal_payload(
     summary: Mapping[str, float | None],
     artifacts: Iterable[tuple[str, str, str, int]],
     run: Mapping[str, Any] | None = None,
+    logs: Iterable[tuple[float, str, str]] = (),
 ) -> dict[str, Any]:
     """Digests of a run's data as stored: its metric points (by key, step, time),
     its summary, its artifacts and its own fields (:data:`SEALED_RUN_FIELDS`).
-    Recomputed by :func:`verify` from the same rows."""
+    Recomputed by :func:`verify` from the same rows. Its logs are (time, stream, text)
+    chunks in their order."""
     digest = hashlib.sha256()
     count = 0
     for key, step, t, value in metrics:
@@ -159,6 +162,7 @@ def seal_payload(
         "summary_sha256": sha256_text(canonical(dict(sorted(summary.items())))),
         "artifacts_sha256": sha256_text(canonical(sorted(list(a) for a in artifacts))),
         "run_sha256": sha256_text(canonical(run or {})),
+        "logs_sha256": sha256_text(canonical([list(chunk) for chunk in logs])),
     }
 
 

@@ -183,6 +183,8 @@ class RunRecord:
     resources: dict[str, Any] = field(default_factory=dict)
     # Metrics logged with volatile=True (timings): shown by reproduce, not in its verdict.
     volatile_metrics: tuple[str, ...] = ()
+    trace_id: str | None = None  # its OpenTelemetry trace and span, if it was traced
+    span_id: str | None = None
     _store: Store | None = field(default=None, repr=False, compare=False)
     _blobs: BlobStore | None = field(default=None, repr=False, compare=False)
 
@@ -269,6 +271,8 @@ class RunRecord:
             "attempt": self.attempt,
             "resources": self.resources,
             "volatile_metrics": list(self.volatile_metrics),
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
         }
         return out
 
@@ -325,6 +329,8 @@ def record_from_row(
         attempt=row["attempt"],
         resources=row["resources"] or {},
         volatile_metrics=tuple(row.get("volatile_metrics") or ()),
+        trace_id=row.get("trace_id"),
+        span_id=row.get("span_id"),
         _store=store,
         _blobs=blobs,
     )

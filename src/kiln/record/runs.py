@@ -62,6 +62,8 @@ _MACHINERY = (str(_PKG_DIR / "record"), str(_PKG_DIR / "app.py"))
 # to the run's usage.
 RunWatcher = Callable[["ActiveRun"], Callable[[], dict[str, Any]] | None]
 _watchers: list[RunWatcher] = []
+# What a watcher may return that is a field of the run, not of its usage.
+TRACE_FIELDS = ("trace_id", "span_id")
 
 
 def watch_runs(watcher: RunWatcher) -> None:
@@ -219,11 +221,12 @@ class ActiveRun:
             self._finish(RunStatus.FAILED, reason)
 
     def _finish(self, status: RunStatus, error: str | None) -> None:
+        self.status = status  # before the watchers stop: a span ends with it
         usage = self._stop_clock()
         if self.output is not None:
             StreamTees.leave(self.output)
             self.output.close()
-        self.status = status
+        trace = {k: usage.pop(k) for k in TRACE_FIELDS if k in usage}
         returned = summary_of(self.result)
         if returned:
             self._last.update(returned)
@@ -239,6 +242,7 @@ class ActiveRun:
                 error=error,
                 result=self.result,
                 usage=usage,
+                **trace,
             ),
         )
 
@@ -390,6 +394,7 @@ class TaskRun(ActiveRun):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.status = RunStatus.SUCCEEDED if exc is None else RunStatus.FAILED
         self._usage = self._stop_clock()
         if self._tee is not None:
             self._tee.drain()

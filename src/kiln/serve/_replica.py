@@ -74,6 +74,7 @@ class Handler:
         kind: str = "chain",
         model_ref: str = "",
         route: str = "/predict",
+        run_trace: tuple[str, str] | list[str] | None = None,
     ) -> None:
         from pydantic import ValidationError as Invalid
 
@@ -90,6 +91,13 @@ class Handler:
         self._request_static = {**self._static, **(http_attributes or {})}  # of requests'
         self._kind = kind
         self._model_ref = model_ref
+        self._links: list[Any] | None = None
+        if run_trace is not None:  # every answer links to the run that trained the model
+            from opentelemetry.trace import Link, SpanContext, TraceFlags
+
+            trained = SpanContext(int(run_trace[0], 16), int(run_trace[1], 16), is_remote=True,
+                                  trace_flags=TraceFlags(TraceFlags.SAMPLED))  # fmt: skip
+            self._links = [Link(trained, {"kiln.link": "trained_by"})]
         self._name = f"POST {route}"
         self._owner = type(instance).__qualname__
         if tracer is not None:  # what each span needs, looked up once
@@ -231,7 +239,7 @@ class Handler:
         return self._tracer.start_span(
             name, context=self._tracing.parent_context(context) if context else None,
             kind=self._kinds[server], start_time=received_ns or None,
-            attributes=self._request_static if server else self._static,
+            attributes=self._request_static if server else self._static, links=self._links,
         )  # fmt: skip
 
     def _finish(self, span: Any, body: bytes, answer: bytes, status: int, error: Any,
@@ -423,11 +431,14 @@ def _setup(init: dict[str, Any]) -> tuple[Handler, list[str]]:
         )  # fmt: skip
         if init.get("reference"):  # the alias that routed it, for `kiln why`
             attrs[tracing.ROUTED_BY] = init["reference"]
+        if init.get("run_trace"):  # the training run's span: followed back from here
+            attrs[tracing.RUN_TRACE_ID] = init["run_trace"][0]
         attrs.update(init.get("span_attributes") or {})
     served = tracing.server_span_attributes(http["url"], http["route"]) if tracer and http else {}
     handler = Handler(instance, tracer=tracer, span_attributes=attrs, http_attributes=served,
                       kind=init["kind"], model_ref=f"{init['model_name']}:{init['model_version']}",
-                      route=http.get("route", "/predict"))  # fmt: skip
+                      route=http.get("route", "/predict"),
+                      run_trace=init.get("run_trace") if tracer else None)  # fmt: skip
     return handler, learned
 
 

@@ -75,6 +75,7 @@ class Pool:
     version: ModelVersion
     model_path: str
     autoscaler: Autoscaler
+    run_trace: tuple[str, str] | None = None  # the training run's trace and span ids
     replicas: list[Replica] = field(default_factory=list)
     starting: int = 0
     inflight: int = 0
@@ -395,7 +396,7 @@ class EndpointServer:
         gpus = allocation.cuda_visible_devices if self._engine.inventory.gpus else None
         init = setup(self.endpoint, self.settings.record_url, pool.version, pool.model_path,
                      url=self.url)  # fmt: skip
-        return {**init, "cuda_visible_devices": gpus}
+        return {**init, "cuda_visible_devices": gpus, "run_trace": pool.run_trace}
 
     async def _retire(self, pool: Pool, replica: Replica) -> None:
         """Take ``replica`` out of rotation, let its requests finish, stop it."""
@@ -474,7 +475,9 @@ class EndpointServer:
             self.spec.min_replicas, self.spec.max_replicas, self.spec.target_concurrency,
             self.spec.idle_timeout, since=time.monotonic(),
         )  # fmt: skip
-        return Pool(mv, path, scaler)
+        run = self._db.get_run(mv.run_id)
+        trace = (run.trace_id, run.span_id) if run.trace_id and run.span_id else None
+        return Pool(mv, path, scaler, run_trace=trace)
 
     async def _drain(self, pool: Pool) -> None:
         while pool.inflight:

@@ -63,6 +63,8 @@ runs = sa.Table(
     sa.Column("resources", JSONType),  # 0002: requested, assigned, limits
     sa.Column("volatile_metrics", JSONType),  # 0009: metric names left out of reproduce verdicts
     sa.Column("project", sa.String(200), nullable=False, server_default="default"),  # 0013
+    sa.Column("trace_id", sa.String(32)),  # 0014: the run's OpenTelemetry trace and span
+    sa.Column("span_id", sa.String(16)),
     sa.Index("ix_runs_app_created", "app", "created_at"),
     sa.Index("ix_runs_project_created", "project", "created_at"),
     sa.Index("ix_runs_project_app_created", "project", "app", "created_at"),

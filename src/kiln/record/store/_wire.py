@@ -22,7 +22,8 @@ _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 RUN_COLUMNS = (
     "id", "app", "name", "function", "status", "actor", "host", "pid", "engine", "parent_id",
     "created_at", "started_at", "ended_at", "heartbeat_at", "params", "tags", "result", "error",
-    "code", "environment", "usage", "attempt", "resources", "volatile_metrics",
+    "code", "environment", "usage", "attempt", "resources", "volatile_metrics", "trace_id",
+    "span_id",
 )  # fmt: skip
 
 

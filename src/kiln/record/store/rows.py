@@ -40,6 +40,8 @@ Text = Annotated[str, StringConstraints(max_length=TEXT_CHARS)]
 # A run's error: a longer one (the traceback of a huge message) keeps its end.
 Error = Annotated[str, AfterValidator(cut_text)]
 Short = Annotated[str, StringConstraints(max_length=500)]
+TraceId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+SpanId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
 Host = Annotated[str, StringConstraints(max_length=255)]
 Engine = Annotated[str, StringConstraints(max_length=32)]
 Int32 = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -102,6 +104,8 @@ class RunRow(Strict):
     attempt: Int32 | None = None
     resources: dict[str, JSON] | None = None
     volatile_metrics: list[Key] | None = None
+    trace_id: TraceId | None = None  # the run's OpenTelemetry span (kiln.observe.runtrace)
+    span_id: SpanId | None = None
 
     def columns(self) -> dict[str, Any]:
         """The row as the runs table's columns."""
@@ -133,6 +137,8 @@ class RunUpdate(Strict):
     attempt: Int32 | None = None
     resources: dict[str, JSON] | None = None
     volatile_metrics: list[Key] | None = None
+    trace_id: TraceId | None = None
+    span_id: SpanId | None = None
 
     def columns(self) -> dict[str, Any]:
         """The fields given, as the runs table's columns (``id`` among them)."""

@@ -388,7 +388,14 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
         values: dict[str, dict[str, float | None]] = defaultdict(dict)
         arts: dict[str, list[tuple[str, str, str, int]]] = defaultdict(list)
         rows: dict[str, dict[str, Any]] = {}
+        logged: dict[str, list[tuple[float, str, str]]] = defaultdict(list)
         for chunk in (run_ids[i : i + 500] for i in range(0, len(run_ids), 500)):
+            for r, t, stream, text in conn.execute(
+                sa.select(run_logs.c.run_id, run_logs.c.time, run_logs.c.stream, run_logs.c.text)
+                .where(run_logs.c.run_id.in_(chunk))
+                .order_by(run_logs.c.run_id, run_logs.c.id)
+            ):  # fmt: skip
+                logged[r].append((t, stream, text))
             sealed = [runs.c[name] for name in audit.SEALED_RUN_FIELDS]
             for row in conn.execute(sa.select(*sealed).where(runs.c.id.in_(chunk))).mappings():
                 rows[row["id"]] = dict(row)
@@ -410,7 +417,8 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                 .where(artifacts.c.run_id.in_(chunk))
             ):  # fmt: skip
                 arts[r].append((name, direction, sha, size))
-        return {r: audit.seal_payload(points[r], values[r], arts[r], rows.get(r)) for r in run_ids}
+        return {r: audit.seal_payload(points[r], values[r], arts[r], rows.get(r), logged[r])
+                for r in run_ids}  # fmt: skip
 
     def export_rows(self, run_id: str) -> dict[str, Any]:
         """A run's rows as stored (for bundles): the run, its metric points in
@@ -445,8 +453,9 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                 ).all()
                 run = dict(row)
                 del run["project"]  # a bundle is imported into the importer's project
-                if run.get("volatile_metrics") is None:  # as bundles from before 0009 have it
-                    del run["volatile_metrics"]
+                for late in ("volatile_metrics", "trace_id", "span_id"):  # 0009, 0014
+                    if run.get(late) is None:  # as bundles from before them have it
+                        del run[late]
                 return {
                     "run": run,
                     "metrics": [tuple(p) for p in points],
@@ -835,9 +844,9 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             seq, payload = latest[run_id]
             now = current[run_id]
             recorded = json.loads(payload)
-            for part in ("metrics", "summary", "artifacts", "run"):
-                if part == "run" and "run_sha256" not in recorded:
-                    continue  # sealed before runs' own fields were
+            for part in ("metrics", "summary", "artifacts", "run", "logs"):
+                if f"{part}_sha256" not in recorded:
+                    continue  # sealed before runs' own fields, or their logs, were
                 if now[f"{part}_sha256"] != recorded[f"{part}_sha256"]:
                     what = audit.SEALED_PARTS[part]
                     yield audit.Problem(
@@ -1210,6 +1219,21 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                     self.url, f"cannot be reached ({text}); check KILN_STORE and the server"
                 ) from None
             raise
+
+    def count_runs(self, statuses: Sequence[RunStatus]) -> list[tuple[str, str, int]]:
+        """(project, status, runs) for runs in ``statuses``, across every project, in one
+        query (the server's ``/metrics``; the status index keeps it to those runs)."""
+        stmt = (
+            sa.select(runs.c.project, runs.c.status, sa.func.count())
+            .where(runs.c.status.in_([str(s) for s in statuses]))
+            .group_by(runs.c.project, runs.c.status)
+        )
+
+        def read() -> list[tuple[str, str, int]]:
+            with self._engine.connect() as conn:
+                return [(p, s, int(n)) for p, s, n in conn.execute(stmt)]
+
+        return self._guard(read)
 
 
 def _transactional_ddl(engine: Engine) -> Engine:

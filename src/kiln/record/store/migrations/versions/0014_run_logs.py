@@ -1,4 +1,5 @@
-"""Run logs: what each run printed on stdout and stderr, time-stamped, in order.
+"""Run logs: what each run printed on stdout and stderr, time-stamped, in order; and
+the OpenTelemetry trace and span of each run.
 
 Revision ID: 0014
 Revises: 0013
@@ -26,7 +27,13 @@ def upgrade() -> None:
         sa.Column("text", sa.Text, nullable=False),
     )  # fmt: skip
     op.create_index("ix_run_logs_run_id", "run_logs", ["run_id", "id"])
+    with op.batch_alter_table("runs") as batch:
+        batch.add_column(sa.Column("trace_id", sa.String(32)))
+        batch.add_column(sa.Column("span_id", sa.String(16)))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("runs") as batch:
+        batch.drop_column("span_id")
+        batch.drop_column("trace_id")
     op.drop_table("run_logs")
