@@ -28,6 +28,7 @@ BENCHES = [
     "bench_bundle.py",
     "bench_serve.py",
     "bench_server.py",
+    "bench_observe.py",
     "bench_ray.py",
 ]
 

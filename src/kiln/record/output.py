@@ -34,10 +34,12 @@ from typing import Any, TextIO
 from kiln.record.store.base import LOG_CHUNK_CHARS, LogRow
 
 LOG_LIMIT_BYTES = 16 << 20  # of one run's output; more reaches the terminal only
-_READ = 1 << 16
+_READ = 1 << 20
+_PIPE_BYTES = 1 << 20  # a larger pipe: fewer, larger reads (Linux; best effort)
+_F_SETPIPE_SZ = 1031
 _STREAMS = {1: "stdout", 2: "stderr"}
 
-Sink = Callable[[str, float, str], None]  # (stream, time read, text)
+Sink = Callable[[str, float, bytes], None]  # (stream, time read, whole lines)
 
 
 def clean(data: bytes) -> str:
@@ -56,13 +58,24 @@ class RunLog:
         self._kept = 0
         self._dropped = 0
 
+    def add_bytes(self, stream: str, at: float, data: bytes) -> None:
+        """Whole lines read from a descriptor (decoded only if they are kept)."""
+        if self._keeps(len(data)):
+            self._rows(stream, at, clean(data))
+
     def add(self, stream: str, at: float, text: str) -> None:
-        size = len(text.encode("utf-8", "replace"))
+        if self._keeps(len(text.encode("utf-8", "replace"))):
+            self._rows(stream, at, text)
+
+    def _keeps(self, size: int) -> bool:
         with self._lock:
             if self._kept + size > LOG_LIMIT_BYTES:
                 self._dropped += size
-                return
+                return False
             self._kept += size
+            return True
+
+    def _rows(self, stream: str, at: float, text: str) -> None:
         rows = [(self.run_id, at, stream, text[i : i + LOG_CHUNK_CHARS])
                 for i in range(0, len(text), LOG_CHUNK_CHARS)]  # fmt: skip
         self._flush(rows)
@@ -115,6 +128,8 @@ class FdTee:
         for fd, stream in _STREAMS.items():
             saved = os.dup(fd)
             read_end, write_end = os.pipe()
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(write_end, _F_SETPIPE_SZ, _PIPE_BYTES)
             os.dup2(write_end, fd)
             os.close(write_end)
             self._pipes[fd] = (read_end, saved, _Lines())
@@ -144,7 +159,7 @@ class FdTee:
                 whole = lines.feed(data)
                 sink = self.sink
                 if whole and sink is not None:
-                    sink(stream, time.time(), clean(whole))
+                    sink(stream, time.time(), whole)
             finally:
                 with self._state:
                     self._busy -= 1
@@ -164,7 +179,7 @@ class FdTee:
             for fd, (_, _, lines) in self._pipes.items():
                 rest = lines.rest()
                 if rest and sink is not None:
-                    sink(_STREAMS[fd], time.time(), clean(rest))
+                    sink(_STREAMS[fd], time.time(), rest)
 
 
 def _unread(fd: int) -> int:

@@ -381,7 +381,7 @@ class TaskRun(ActiveRun):
         self.output = RunLog(self.id, lambda rows: self._rec().add_logs(rows))
         try:
             self._tee = FdTee.installed()
-            self._tee.sink = self.output.add
+            self._tee.sink = self.output.add_bytes
         except OSError as exc:  # no descriptors to spare: the run goes on, unlogged
             self._tee = None
             print(f"kiln: the output of run {self.id} is not recorded: {exc}", file=sys.stderr)
