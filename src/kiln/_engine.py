@@ -38,6 +38,7 @@ from kiln.errors import ConfigError
 from kiln.record.model import RunStatus
 from kiln.record.recorder import Recorder, recorder_for
 from kiln.record.store.base import WriteBatch
+from kiln.record.runs import TRACE_FIELDS
 from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
 from kiln.record.values import result_json, summary_of, unrecorded_message
 
@@ -317,14 +318,17 @@ class Engine:
         error = outcome.error or outcome.cause
         if error and len(call.attempts) > 1:
             error = f"{error}\n(after {len(call.attempts)} attempts)"
+        usage = dict(outcome.usage)
+        trace = {k: usage.pop(k) for k in TRACE_FIELDS if k in usage}
         update = RunUpdate(
             id=run_id,
             status=RunStatus(outcome.status),
             ended_at=now,
             result=result,
             error=error,
-            usage={k: v for k, v in outcome.usage.items() if k != "worker_pid"},
+            usage={k: v for k, v in usage.items() if k != "worker_pid"},
             resources=self._resources(call),
+            **trace,
         )
         if outcome.environment is not None:
             update = update.then(
