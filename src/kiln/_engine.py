@@ -37,8 +37,8 @@ from kiln.config import Settings
 from kiln.errors import ConfigError
 from kiln.record.model import RunStatus
 from kiln.record.recorder import Recorder, recorder_for
-from kiln.record.store.base import WriteBatch
 from kiln.record.runs import TRACE_FIELDS
+from kiln.record.store.base import WriteBatch
 from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
 from kiln.record.values import result_json, summary_of, unrecorded_message
 
