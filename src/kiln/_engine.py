@@ -6,6 +6,10 @@ updates (again one transaction per batch of events). A failed attempt with
 retries left goes back to the backend after a backoff, as the same run with the
 next attempt number. A call's future resolves only after its final state is
 written, so a caller that sees the result also sees the finished record.
+
+With ``KILN_METRICS_PORT`` set, the engine serves its backend's figures (queue,
+running tasks, resources, worker starts, failures; see :mod:`kiln.compute.metrics`)
+at ``http://KILN_METRICS_HOST:PORT/metrics`` from the moment it starts until it closes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -41,6 +45,9 @@ from kiln.record.runs import TRACE_FIELDS
 from kiln.record.store.base import WriteBatch
 from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
 from kiln.record.values import result_json, summary_of, unrecorded_message
+
+if TYPE_CHECKING:
+    from kiln.compute.metrics import Served
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -93,6 +100,15 @@ class Engine:
         self._writer = threading.Thread(target=self._write_loop, name="kiln-record", daemon=True)
         make = backend or _make_backend(settings)
         self.backend = make(detect_inventory(), self.report)  # may refuse the settings
+        self._metrics: Served | None = None
+        if settings.metrics_port is not None:
+            try:
+                self._metrics = _serve_metrics(
+                    self.backend, settings.metrics_host, settings.metrics_port
+                )
+            except BaseException:
+                self.backend.close()
+                raise
         self._writer.start()
 
     @property
@@ -338,12 +354,45 @@ class Engine:
 
     def close(self) -> None:
         """Stop the backend; whatever still runs or waits is recorded as cancelled."""
+        if self._metrics is not None:
+            _stop_metrics(self._metrics)
+            self._metrics = None
         self.backend.close()
         self._events.put(None)
         self._writer.join(timeout=30)
 
 
 BackendFactory = Callable[[Inventory, Report], Backend]
+# The metrics ports this process serves (an engine's each): a second engine of the
+# same process with the same port is not served, rather than failing.
+_metrics_ports: set[tuple[str, int]] = set()
+_metrics_lock = threading.Lock()
+
+
+def _serve_metrics(backend: Backend, host: str, port: int) -> Served | None:
+    """Serve ``backend``'s figures on KILN_METRICS_PORT; ConfigError if the port is taken
+    by another process, None (with a warning) if by another engine of this one."""
+    from kiln.compute.figures import Measured
+    from kiln.compute.metrics import engine_registry, serve
+
+    if not isinstance(backend, Measured):
+        _log.warning("kiln: %s has no figures to serve on KILN_METRICS_PORT",
+                     type(backend).__name__)  # fmt: skip
+        return None
+    with _metrics_lock:
+        if (host, port) in _metrics_ports:
+            _log.warning("kiln: KILN_METRICS_PORT %d already serves another engine of this "
+                         "process; this engine's figures are not served", port)  # fmt: skip
+            return None
+        served = serve(engine_registry(backend.figures), host, port)
+        _metrics_ports.add((host, port))
+    return served
+
+
+def _stop_metrics(served: Served) -> None:
+    served.close()
+    with _metrics_lock:
+        _metrics_ports.discard((served.host, served.port))
 
 
 def _make_backend(settings: Settings) -> BackendFactory:

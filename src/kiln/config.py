@@ -15,6 +15,10 @@
 |               |                                  | for .kiln and .git does not go above     |
 | KILN_SERVER   | unset                            | a team server's URL: the record is there;|
 |               |                                  | KILN_HOME keeps a blob cache and a spool |
+| KILN_METRICS_PORT | unset                        | serve the engine's figures (Prometheus)  |
+|               |                                  | at http://HOST:PORT/metrics once it starts|
+| KILN_METRICS_HOST | 127.0.0.1                    | the address they are served on (0.0.0.0: |
+|               |                                  | every interface, e.g. in a container)    |
 
 Without ``KILN_HOME``, Kiln finds its home the way git finds ``.git``: the nearest
 existing ``.kiln`` folder at or above the current directory; if there is none, the
@@ -45,6 +49,7 @@ _BACKENDS: tuple[str, ...] = get_args(Backend)
 DEFAULT_PROJECT = "default"  # the project of a store without a server, and of old records
 _PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _STORE_SCHEMES = ("sqlite", "postgresql")
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}|[0-9A-Fa-f:.]{2,45}")  # a name, IPv4 or IPv6
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,8 @@ class Settings:
     # KILN_PROJECT: the tenant whose records these are; unset: the token's project on a
     # server, DEFAULT_PROJECT in a store of one's own
     project: str | None = None
+    metrics_port: int | None = None  # KILN_METRICS_PORT: the engine's figures served there
+    metrics_host: str = "127.0.0.1"  # KILN_METRICS_HOST: on this address (loopback)
 
     @property
     def blob_dir(self) -> Path:
@@ -103,12 +110,14 @@ class Settings:
         shared = env.get("KILN_RAY_SHARED_HOME") or None
         if shared not in (None, "0", "1"):
             raise ConfigError("KILN_RAY_SHARED_HOME", f"{shared!r} is not 0 or 1")
+        metrics_port, metrics_host = metrics_address(env)
         return cls(
             home=home, store_url=store_url, backend=cast(Backend, backend), actor=actor,
             ray_address=env.get("KILN_RAY_ADDRESS") or None,
             ray_shared_home=None if shared is None else shared == "1",
             cache=cache_dir(env), home_origin=origin,
             server_url=server_url(env.get("KILN_SERVER") or None), project=project,
+            metrics_port=metrics_port, metrics_host=metrics_host,
         )  # fmt: skip
 
     @property
@@ -140,6 +149,24 @@ def server_url(value: str | None) -> str | None:
             "KILN_SERVER", f"{value!r} has a path; give the server's root, e.g. http://host:8700"
         )
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def metrics_address(environ: Mapping[str, str]) -> tuple[int | None, str]:
+    """``KILN_METRICS_PORT`` (a port, 1-65535, or unset) and ``KILN_METRICS_HOST`` (an
+    IP address or a host name; loopback by default) checked."""
+    value = (environ.get("KILN_METRICS_PORT") or "").strip()
+    port = None
+    if value:
+        if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 65535):
+            raise ConfigError("KILN_METRICS_PORT", f"{value[:40]!r} is not a port (1-65535)")
+        port = int(value)
+    host = (environ.get("KILN_METRICS_HOST") or "").strip() or "127.0.0.1"
+    if not _HOST.fullmatch(host):
+        raise ConfigError(
+            "KILN_METRICS_HOST",
+            f"{host[:80]!r} is not an IP address or a host name (127.0.0.1, 0.0.0.0, ::)",
+        )
+    return port, host
 
 
 def find_home(start: Path, ceilings: Sequence[Path] = ()) -> tuple[Path, str]:

@@ -26,7 +26,7 @@ from kiln.record.store.sql import SqlStore
 from kiln.server import problems
 from kiln.server.auth import Guard, public
 from kiln.server.deps import Limits
-from kiln.server.metrics import LATENCY, REGISTRY, REQUESTS
+from kiln.server.metrics import LATENCY, REQUESTS, exposition
 from kiln.server.routes import audit, blobs, identity, registry, runs, serving
 
 API_VERSION = "v1"
@@ -84,10 +84,11 @@ def build_app(
     @app.get("/metrics", tags=["health"], response_class=Response, dependencies=[public()],
              responses={200: {"content": {"text/plain": {}}}})  # fmt: skip
     def metrics() -> Response:
-        """Requests by route and code, latency, ingested points (Prometheus text)."""
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        """Requests by route and code, latency, ingested points, and runs queued or
+        running by project and status (Prometheus text)."""
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(store.count_runs), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(Measured)
     app.openapi = lambda: document(app)  # type: ignore[method-assign]

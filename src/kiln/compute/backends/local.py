@@ -14,6 +14,10 @@ timeout or a cancel kills the whole tree, and the next task gets a fresh worker.
 A timeout counts from the moment the worker calls the task's function (it says so
 on its pipe), so time spent queued, or waiting for a fresh worker to start, never
 counts against it.
+
+Its figures (:meth:`LocalBackend.figures`: queue, running tasks, resources, worker
+starts, endings) are made by the loop thread too, on a message like any other, so a
+reader in another thread never sees its state half changed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,10 +46,12 @@ from kiln.compute.backends.base import (
     TaskEvent,
     TaskSpec,
 )
+from kiln.compute.figures import FailureCause, Figures, Tally, scheduler_pools
 from kiln.compute.resources import Inventory, Resources
 from kiln.compute.scheduler import Allocation, Cancel, Release, Scheduler, Submit, Task
 
 MAX_IDLE_WORKERS = 8
+FIGURES_TIMEOUT_S = 10.0  # a loop this late to answer is stuck: the scrape fails
 # What a warm worker is kept for: its interpreter, its CUDA_VISIBLE_DEVICES and its
 # thread variables.
 WorkerKey = tuple[str, str, tuple[tuple[str, str], ...]]
@@ -130,6 +137,7 @@ class LocalBackend:
     _timed: dict[str, _Slot] = field(default_factory=dict)  # running slots with a deadline
     _leases: dict[str, Grant] = field(default_factory=dict)  # reservations not yet admitted
     _thread: threading.Thread | None = None
+    _tally: Tally = field(default_factory=Tally)  # the loop thread's counters
 
     def __post_init__(self) -> None:
         self._scheduler = Scheduler(self.inventory)
@@ -152,6 +160,24 @@ class LocalBackend:
     def release(self, lease_id: str) -> None:
         """Give back what ``lease_id`` holds, or withdraw it if it is still queued."""
         self._inbox.put(("release", lease_id))
+
+    def figures(self) -> Figures:
+        """Queue, running tasks, resources and counters, made by the loop thread (from
+        any thread; at once if the engine has stopped). Raises TimeoutError if the loop
+        does not answer within FIGURES_TIMEOUT_S."""
+        answer: Future[Figures] = Future()
+        self._inbox.put(("figures", answer))
+        deadline = time.monotonic() + FIGURES_TIMEOUT_S
+        while True:
+            try:
+                return answer.result(timeout=0.5)
+            except TimeoutError:
+                if self._thread is None or not self._thread.is_alive():
+                    return self._figures()  # stopped: nothing changes its state any more
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"the local engine's loop did not answer in {FIGURES_TIMEOUT_S:g}s"
+                    ) from None
 
     def close(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -192,18 +218,7 @@ class LocalBackend:
     def _handle(self, message: tuple[Any, ...], events: list[TaskEvent]) -> None:
         kind = message[0]
         if kind == "submit":
-            threads: dict[float, dict[str, str]] = {}  # by CPU request, for this batch
-            for spec in message[1]:
-                if spec.threads:  # as recorded (kiln reproduce)
-                    self._slots[spec.run_id] = _Slot(spec, spec.threads)
-                else:  # from the request, unless the user set them in this environment
-                    cpu = spec.resources.cpu
-                    if cpu not in threads:
-                        threads[cpu] = _threads.thread_env(cpu)
-                    self._slots[spec.run_id] = _Slot(spec, threads[cpu])
-                task = Task(spec.run_id, spec.resources, spec.priority)
-                for alloc in self._scheduler.handle(Submit(task)):
-                    self._dispatch(alloc, events)
+            self._on_submit(message[1], events)
         elif kind == "reserve":
             self._leases[message[1].id] = message[2]
             for alloc in self._scheduler.handle(Submit(message[1])):
@@ -215,8 +230,24 @@ class LocalBackend:
                 self._dispatch(alloc, events)
         elif kind == "cancel":
             self._on_cancel(message[1], events)
+        elif kind == "figures":
+            message[1].set_result(self._figures())
         else:
             self._from_worker(kind, message[1], message[2], events)
+
+    def _on_submit(self, specs: list[TaskSpec], events: list[TaskEvent]) -> None:
+        threads: dict[float, dict[str, str]] = {}  # by CPU request, for this batch
+        for spec in specs:
+            if spec.threads:  # as recorded (kiln reproduce)
+                self._slots[spec.run_id] = _Slot(spec, spec.threads)
+            else:  # from the request, unless the user set them in this environment
+                cpu = spec.resources.cpu
+                if cpu not in threads:
+                    threads[cpu] = _threads.thread_env(cpu)
+                self._slots[spec.run_id] = _Slot(spec, threads[cpu])
+            task = Task(spec.run_id, spec.resources, spec.priority)
+            for alloc in self._scheduler.handle(Submit(task)):
+                self._dispatch(alloc, events)
 
     def _from_worker(
         self, kind: str, worker: _Worker, payload: Any, events: list[TaskEvent]
@@ -271,14 +302,16 @@ class LocalBackend:
         slot = self._slots.get(worker.task) if worker.task else None
         if slot is None:
             return
+        failure: FailureCause = "timeout"  # the one failure we kill a worker for
         if slot.stop_cause:
             cause, status = slot.stop_cause, slot.stop_status
         else:
             cause = (
                 f"worker died: signal {-code}" if code < 0 else f"worker exited with code {code}"
             )
-            status = "failed"
-        self._end(slot, Outcome(status, cause=cause, usage={"worker_pid": worker.pid}), events)
+            status, failure = "failed", "worker_died"
+        outcome = Outcome(status, cause=cause, usage={"worker_pid": worker.pid})
+        self._end(slot, outcome, events, failure)
 
     def _dispatch(self, alloc: Allocation, events: list[TaskEvent]) -> None:
         granted = self._leases.pop(alloc.task_id, None)
@@ -311,11 +344,15 @@ class LocalBackend:
                 return self._idle.pop(i)
         env = dict(os.environ)
         env.pop("VIRTUAL_ENV", None)
+        # The driver's metrics port is its own: an engine of a run started inside this
+        # task (in the worker) must not try to serve on it too.
+        env.pop("KILN_METRICS_PORT", None)
         env.update(threads)  # read by OpenMP, BLAS and torch as they load; kept for its life
         if cuda is not None:
             env["CUDA_VISIBLE_DEVICES"] = cuda
         if spec.env_lock:
             env["KILN_ENV_LOCK"] = spec.env_lock
+        self._tally.worker_starts += 1
         return _Worker(key, self._inbox, env, self.runner, list(spec.sys_path))
 
     def _park(self, worker: _Worker) -> None:
@@ -323,7 +360,15 @@ class LocalBackend:
         if len(self._idle) > MAX_IDLE_WORKERS:
             self._idle.pop(0).stop()
 
-    def _end(self, slot: _Slot, outcome: Outcome, events: list[TaskEvent]) -> None:
+    def _end(
+        self,
+        slot: _Slot,
+        outcome: Outcome,
+        events: list[TaskEvent],
+        failure: FailureCause = "error",
+    ) -> None:
+        """``failure``: why, if it failed (its function raised unless said otherwise)."""
+        self._tally.ended(outcome.status, failure)
         del self._slots[slot.spec.run_id]
         self._timed.pop(slot.spec.run_id, None)
         events.append(Finished(slot.spec.run_id, slot.spec.attempt, outcome))
@@ -346,6 +391,7 @@ class LocalBackend:
                 slot.worker.kill()
             else:
                 self._scheduler.handle(Cancel(slot.spec.run_id))
+            self._tally.ended("cancelled")
             events.append(
                 Finished(
                     slot.spec.run_id,
@@ -357,3 +403,19 @@ class LocalBackend:
         for worker in self._idle:
             worker.stop()
         self._idle.clear()
+
+    def _figures(self) -> Figures:
+        """The figures now; only the loop thread (or anyone once it has stopped)."""
+        scheduler = self._scheduler
+        tasks = sum(1 for task_id in scheduler.running if task_id in self._slots)
+        tally = self._tally
+        return Figures(
+            queued=scheduler.queued - len(self._leases),
+            running=tasks,
+            resources=scheduler_pools(scheduler),
+            worker_starts=tally.worker_starts,
+            finished=dict(tally.finished),
+            failures=dict(tally.failures),
+            reservations_queued=len(self._leases),
+            reservations_held=len(scheduler.running) - tasks,
+        )

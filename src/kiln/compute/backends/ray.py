@@ -41,6 +41,11 @@ directly and batched as locally. Where the blobs go depends on the node:
 So a cluster of several machines needs a store every node reaches: PostgreSQL (or,
 later, the team server). A SQLite store with nodes that cannot see it is refused
 before anything is recorded.
+
+Figures (:meth:`RayBackend.figures`) are Kiln's view of the cluster: its tasks that
+wait in Ray's queue or run, the live nodes' totals as capacity, what its running tasks
+asked for as admitted (other users of the cluster are not seen), and as worker starts
+the Ray workers its tasks first ran on.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ from kiln.compute.backends.base import (
     TaskEvent,
     TaskSpec,
 )
+from kiln.compute.figures import FailureCause, Figures, Tally, inventory_pools
 from kiln.compute.resources import Inventory, Resources
 from kiln.errors import ConfigError, ValidationError
 
@@ -85,6 +91,7 @@ INVENTORY_S = 5.0  # how often the nodes are listed again while tasks wait
 # enforcement not have (a notice that never came): the timeout holds either way.
 WATCHDOG_GRACE_S = 10.0
 _ASSIGNED = ("node_id", "node_ip", "worker_pid")  # where a task runs, as its worker says
+_WORKER_DIED = ("WorkerCrashedError", "NodeDiedError", "OwnerDiedError")
 MAX_NOTICE = 1 << 16  # bytes in a notice line; a longer one closes the connection
 _log = logging.getLogger("kiln")
 
@@ -162,6 +169,8 @@ class RayBackend:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closing: bool = False
     _started_ray: bool = False
+    _tally: Tally = field(default_factory=Tally)  # under _lock
+    _workers: set[tuple[Any, Any]] = field(default_factory=set)  # (node, pid) seen; under _lock
 
     def __post_init__(self) -> None:
         ray, self._started_ray = connect(self.address)
@@ -234,11 +243,32 @@ class RayBackend:
     def release(self, lease_id: str) -> None:
         """Nothing is reserved on this engine."""
 
+    def figures(self) -> Figures:
+        """Kiln's tasks waiting in Ray or running, resources and counters (see the
+        module docstring); from any thread."""
+        with self._lock:
+            running = [s.spec.resources for s in self._slots.values() if s.started]
+            queued = len(self._slots) - len(running)
+            tally, inventory = self._tally, self.inventory
+            return Figures(
+                queued=queued,
+                running=len(running),
+                resources=inventory_pools(
+                    inventory, sum(r.cpu for r in running),
+                    sum(r.memory_bytes for r in running), sum(r.gpu for r in running),
+                ),
+                worker_starts=tally.worker_starts,
+                finished=dict(tally.finished),
+                failures=dict(tally.failures),
+            )  # fmt: skip
+
     def close(self) -> None:
         self._closing = True
         with self._lock:
             slots = list(self._slots.values())
             self._slots.clear()
+            for _ in slots:
+                self._tally.ended("cancelled")
         try:
             for slot in slots:
                 with contextlib.suppress(Exception):  # it may have ended meanwhile
@@ -268,6 +298,10 @@ class RayBackend:
             if r.memory_bytes:
                 options["memory"] = r.memory_bytes
             runtime_env: dict[str, Any] = {"env_vars": dict(spec.threads)}
+            if os.environ.get("KILN_METRICS_PORT"):
+                # The driver's own port (a Ray started here passes its environment on):
+                # an engine of a run started inside the task must not serve on it too.
+                runtime_env["env_vars"]["KILN_METRICS_PORT"] = ""
             if requirements:  # a kiln.Env
                 runtime_env.update(uv_runtime_env(requirements))
             options["runtime_env"] = runtime_env
@@ -278,7 +312,21 @@ class RayBackend:
         with self._lock:
             if self._slots.pop(slot.spec.run_id, None) is None:
                 return  # already reported (the engine shut down)
-        self.report(self._finish(slot, future))
+        events, failure = self._finish(slot, future)
+        with self._lock:
+            for event in events:
+                if isinstance(event, Started):
+                    self._saw_worker(event.assigned)
+                else:
+                    self._tally.ended(event.outcome.status, failure)
+        self.report(events)
+
+    def _saw_worker(self, assigned: dict[str, Any]) -> None:
+        """Count a Ray worker the first time one of our tasks runs on it (under _lock)."""
+        worker = (assigned.get("node_id"), assigned.get("worker_pid"))
+        if worker not in self._workers:
+            self._workers.add(worker)
+            self._tally.worker_starts += 1
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # full: already awake; closed: stopped
@@ -374,14 +422,19 @@ class RayBackend:
                 slot.started = True  # (from a clock notice too, if the first was lost)
                 assigned = {k: v for k, v in notice.items()  # what a worker sends, no more
                             if k in _ASSIGNED and isinstance(v, str | int)}  # fmt: skip
+                self._saw_worker(assigned)
                 assigned["ray_task_id"] = slot.ref.task_id().hex()
                 events.append(Started(slot.spec.run_id, slot.spec.attempt, assigned))
         if events:
             self.report(events)
 
-    def _finish(self, slot: _Slot, future: concurrent.futures.Future[Any]) -> list[TaskEvent]:
+    def _finish(
+        self, slot: _Slot, future: concurrent.futures.Future[Any]
+    ) -> tuple[list[TaskEvent], FailureCause]:
+        """The task's events, and why it failed if it did."""
         ray = self._ray
         events: list[TaskEvent] = []
+        failure: FailureCause = "error"
         try:
             reply = future.result()
         except ray.exceptions.TaskCancelledError:
@@ -389,6 +442,7 @@ class RayBackend:
                 "cancelled" if slot.stop_status == "cancelled" else "failed",
                 cause=slot.stop_cause or "cancelled by Ray",
             )  # fmt: skip
+            failure = _failure(outcome.cause or "", "")
         except ray.exceptions.RayError as exc:
             cause = slot.stop_cause or _cause(exc)
             timeout = slot.spec.timeout_s
@@ -403,6 +457,7 @@ class RayBackend:
             status = "cancelled" if slot.stop_status == "cancelled" else "failed"
             error = f"{cause}\n{exc}"
             outcome = Outcome(status, error=error, cause=cause)  # type: ignore[arg-type]
+            failure = _failure(cause, type(exc).__name__)
         else:
             if not slot.started:  # its notice was lost or is late: it did start
                 assigned = {**reply["assigned"], "ray_task_id": slot.ref.task_id().hex()}
@@ -413,7 +468,7 @@ class RayBackend:
                 environment=reply.get("environment"), blobs=reply.get("blobs", {}),
             )  # fmt: skip
         events.append(Finished(slot.spec.run_id, slot.spec.attempt, outcome))
-        return events
+        return events, failure
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
@@ -488,9 +543,18 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _failure(cause: str, error: str) -> FailureCause:
+    """Why a task Ray ended failed, from our stop cause and Ray's error's type."""
+    if cause.startswith("timed out"):
+        return "timeout"
+    if error in _WORKER_DIED or cause.startswith("no node left"):
+        return "worker_died"
+    return "error"
+
+
 def _cause(exc: BaseException) -> str:
     name = type(exc).__name__
-    if name in ("WorkerCrashedError", "NodeDiedError", "OwnerDiedError"):
+    if name in _WORKER_DIED:
         return f"Ray worker died: {name}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
     text = str(exc).strip().splitlines()
     return f"{name}: {text[0] if text else ''}"
