@@ -49,9 +49,12 @@ COMMANDS: dict[str, LazyCommand] = {
         "Run FUNCTION from FILE on the engine; --name value pairs are its arguments.",
         extra_args=True,
     ),
-    "runs": LazyCommand("kiln.cli.runs:app", "List, show and compare recorded runs."),
+    "runs": LazyCommand(
+        "kiln.cli.runs:app", "List, show and compare recorded runs, and what they used."
+    ),
     "logs": LazyCommand(
-        "kiln.cli.logs:logs", "Print what a run printed (stdout and stderr); -f follows it."
+        "kiln.cli.logs:logs",
+        "Print what a run printed (stdout and stderr, in order), and with -f follow it.",
     ),
     "lineage": LazyCommand(
         "kiln.cli.lineage:lineage",
