@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from kiln._engine import close_engines
 from kiln.config import Settings
+from kiln.observe import runtrace
 from kiln.record import recorder
 
 PG_URL = os.environ.get("KILN_TEST_POSTGRES_URL")
@@ -58,6 +59,7 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     yield
     close_engines()
     recorder.close_all()
+    runtrace.reset()  # a test that set OTEL_EXPORTER_OTLP_ENDPOINT keeps it to itself
 
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}

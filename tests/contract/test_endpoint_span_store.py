@@ -135,3 +135,20 @@ def test_spans_are_listed_and_traces_found_by_prefix(store: Both) -> None:
     for bad in ("abc", "not-hex!", "abab abab"):
         with pytest.raises(ValidationError, match="TRACE_ID"):
             store.find_trace(bad)
+
+
+def test_endpoint_logs_are_kept_in_order_by_version(store: Both) -> None:
+    store.announce_server(declared(), server("s1", 1.0))
+    store.write_endpoint_logs([
+        ("fraud", None, 11, 1.0, "stdout", "warming up\n"),
+        ("fraud", 2, 11, 2.0, "stdout", "loaded v2\n"),
+        ("fraud", 3, 12, 3.0, "stderr", "loaded v3\n"),
+    ])  # fmt: skip
+    every = store.endpoint_logs("fraud")
+    assert [(c.version, c.replica, c.stream, c.text) for c in every] == [
+        (None, 11, "stdout", "warming up\n"), (2, 11, "stdout", "loaded v2\n"),
+        (3, 12, "stderr", "loaded v3\n")]  # fmt: skip
+    assert [c.text for c in store.endpoint_logs("fraud", version=3)] == ["loaded v3\n"]
+    assert [c.text for c in store.endpoint_logs("fraud", after=every[0].id, limit=1)] == [
+        "loaded v2\n"]  # fmt: skip
+    assert store.endpoint_logs("other") == []

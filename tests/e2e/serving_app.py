@@ -98,3 +98,17 @@ class Fragile(Scorer):
         if crash:
             os._exit(3)
         return {"score": sum(x) * scale * float("inf") if scale > 1 else sum(x)}
+
+
+class Talker(Scorer):
+    """Prints as it loads and answers: what its endpoint's logs hold."""
+
+    def load(self, model_path: str) -> None:
+        super().load(model_path)
+        print(f"loaded version {self.model['version']}", flush=True)
+
+    def predict(self, x: list[float], delay: float = 0.0) -> dict[str, Any]:
+        import sys
+
+        print(f"scoring {x}", file=sys.stderr, flush=True)
+        return super().predict(x, delay)

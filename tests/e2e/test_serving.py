@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from serving_app import BatchEcho, Devices, Echo, Scorer, app, register
+from serving_app import BatchEcho, Devices, Echo, Scorer, Talker, app, register
 from typer.testing import CliRunner
 
 import kiln
@@ -546,3 +546,29 @@ def test_request_counts_include_a_canary_after_its_split_ends(
 
 def _drained(stats: dict[str, Any], version: int) -> dict[str, Any] | None:
     return stats if stats["versions"][str(version)]["replicas"] == 0 else None
+
+
+def test_what_replicas_print_is_recorded_by_version_and_still_shown(tmp_path: Path) -> None:
+    version = promoted(1.0)
+    endpoint = app.endpoint(model="scorer@production", cpu=0.5, name="talker")(Talker)
+    handle = endpoint.serve(port=0, block=False)
+    assert handle is not None
+    try:
+        with httpx.Client(base_url=handle.url) as client:
+            for i in range(3):
+                assert client.post("/predict", json={"x": [i]}).status_code == 200
+    finally:
+        handle.stop()  # what is left is stored as it stops
+    chunks = store().endpoint_logs("talker")
+    said = [(c.version, c.stream, c.text) for c in chunks]
+    assert (version, "stdout", f"loaded version {version}\n") in said
+    assert [t for v, s, t in said if s == "stderr" and v == version] == [
+        "scoring [0.0]\n",
+        "scoring [1.0]\n",
+        "scoring [2.0]\n",
+    ]
+    assert store().endpoint_logs("talker", version=version + 1) == []
+    result = CliRunner().invoke(cli, ["logs", "--endpoint", "talker"])
+    assert result.exit_code == 0, result.output
+    assert f"[v{version}] loaded version {version}" in result.output
+    assert CliRunner().invoke(cli, ["logs", "--endpoint", "nowhere"]).exit_code != 0

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import sys
 import time
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
 from kiln.cli._render import parse_duration, reader
+from kiln.errors import NotFoundError, ValidationError
 from kiln.record.model import LogChunk, RunRecord, RunStatus
 from kiln.record.recorder import LOST_AFTER_S, pid_alive
+from kiln.record.store.base import EndpointLog
 
 POLL_S = 0.5
 PAGE = 1000
 
 
 def logs(
-    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+    run_id: Annotated[str | None, typer.Argument(help="Run id or a unique prefix of it.")] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="An endpoint's replicas instead of a run.")
+    ] = None,
+    version: Annotated[
+        int | None, typer.Option(min=1, help="With --endpoint: only this model version's.")
+    ] = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")
     ] = False,
@@ -38,16 +48,32 @@ def logs(
 
     Works on this machine's store and through a server (KILN_SERVER) alike. A run
     still open when its process died is closed as lost: -f then stops, saying so.
+    With --endpoint, what the endpoint's replicas printed, each line marked with the
+    model version it served; -f follows until Ctrl-C.
     """
+    if (run_id is None) == (endpoint is None):
+        raise ValidationError("RUN_ID", "name a run, or an endpoint with --endpoint (not both)")
+    if version is not None and endpoint is None:
+        raise ValidationError("--version", "goes with --endpoint")
     cutoff = None if since is None else time.time() - parse_duration(since, "--since")
+    show = functools.partial(_print, as_json=as_json, timestamps=timestamps, cutoff=cutoff)
     store = reader().store
+    if endpoint is not None:
+        _endpoint_logs(store, endpoint, version, follow=follow, show=show)
+        return
+    assert run_id is not None  # noqa: S101  checked above
+    _run_logs(store, run_id, follow=follow, as_json=as_json, show=show)
+
+
+def _run_logs(
+    store: Any, run_id: str, *, follow: bool, as_json: bool, show: Callable[..., None]
+) -> None:
     run = store.get_run(run_id)
     after = 0
     while True:
         chunks = store.run_logs(run.id, after=after, limit=PAGE)
         for chunk in chunks:
-            if cutoff is None or chunk.time >= cutoff:
-                _print(chunk, as_json=as_json, timestamps=timestamps)
+            show(chunk)
         if chunks:
             after = chunks[-1].id
         if len(chunks) == PAGE:
@@ -66,10 +92,29 @@ def logs(
             if rest:
                 after = rest[-1].id
                 for chunk in rest:
-                    _print(chunk, as_json=as_json, timestamps=timestamps)
+                    show(chunk)
                 continue
             if status is not RunStatus.SUCCEEDED and not as_json:
                 typer.echo(f"kiln: run {run.id[:8]} ended {status}", err=True)
+            return
+        time.sleep(POLL_S)
+
+
+def _endpoint_logs(
+    store: Any, name: str, version: int | None, *, follow: bool, show: Callable[..., None]
+) -> None:
+    if store.endpoint(name) is None:
+        raise NotFoundError(f"no endpoint {name!r}; `kiln endpoints ls` lists them")
+    after = 0
+    while True:
+        chunks = store.endpoint_logs(name, version=version, after=after, limit=PAGE)
+        for chunk in chunks:
+            show(chunk, mark=version is None)
+        if chunks:
+            after = chunks[-1].id
+        if len(chunks) == PAGE:
+            continue
+        if not follow:
             return
         time.sleep(POLL_S)
 
@@ -84,14 +129,25 @@ def _owner_gone(run: RunRecord) -> str | None:
     return None
 
 
-def _print(chunk: LogChunk, *, as_json: bool, timestamps: bool) -> None:
+def _print(
+    chunk: LogChunk | EndpointLog, *, as_json: bool, timestamps: bool, cutoff: float | None,
+    mark: bool = False,
+) -> None:  # fmt: skip
+    if cutoff is not None and chunk.time < cutoff:
+        return
     if as_json:
         record = {"id": chunk.id, "time": chunk.time, "stream": chunk.stream, "text": chunk.text}
+        if isinstance(chunk, EndpointLog):
+            record |= {"version": chunk.version, "replica": chunk.replica}
         sys.stdout.write(json.dumps(record) + "\n")
     else:
         text = chunk.text
+        prefix = ""
         if timestamps:
-            stamp = time.strftime("%H:%M:%S", time.localtime(chunk.time))
-            text = "".join(f"{stamp} {line}" for line in text.splitlines(keepends=True))
+            prefix = time.strftime("%H:%M:%S ", time.localtime(chunk.time))
+        if mark and isinstance(chunk, EndpointLog):  # which version's replica said it
+            prefix += f"[v{chunk.version}] " if chunk.version is not None else "[standby] "
+        if prefix:
+            text = "".join(f"{prefix}{line}" for line in text.splitlines(keepends=True))
         (sys.stderr if chunk.stream != "stdout" else sys.stdout).write(text)
     sys.stdout.flush()

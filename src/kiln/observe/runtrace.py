@@ -7,7 +7,8 @@ A sweep's span is the parent of its runs' spans; a run started inside another ru
 another process or machine: the engine hands the caller's context to the worker as
 a W3C ``traceparent``. Spans are made when tracing is on: a tracer provider of
 OpenTelemetry's SDK is set in the process (yours), or ``OTEL_EXPORTER_OTLP_ENDPOINT``
-(or its traces variant) is set, and then Kiln sets one exporting over OTLP/HTTP.
+(or its traces variant) is set, and then Kiln makes one of its own exporting over
+OTLP/HTTP (not set as the global provider: your own setup stays yours).
 Inference spans name the training run's trace (``kiln.run.trace_id``) and link to
 its span, so a trace backend can follow an answer back to the run that made it.
 """
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 RUN_ID = "kiln.run.id"
 _lock = threading.Lock()
 _tracer: Tracer | None = None
+_own: Any = None  # the provider Kiln made, if it made one
 _checked = False
 
 
@@ -48,6 +50,7 @@ def _make_tracer(env: Mapping[str, str]) -> Tracer | None:
         from opentelemetry.sdk.trace import TracerProvider
     except ImportError:  # the SDK is in the serve extra
         return None
+    global _own
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         if not (env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -55,17 +58,18 @@ def _make_tracer(env: Mapping[str, str]) -> Tracer | None:
             return None
         from kiln.observe.tracing import tracer_provider
 
-        provider = tracer_provider("kiln", store_url=None, environ=env)
-        trace.set_tracer_provider(provider)
-        provider = trace.get_tracer_provider()  # the one set, if another won the race
+        provider = _own = tracer_provider("kiln", store_url=None, environ=env)
     return provider.get_tracer("kiln.runs")
 
 
 def reset() -> None:
-    """Look at the environment and providers again at the next span (tests)."""
-    global _tracer, _checked
+    """Look at the environment and providers again at the next span; the provider Kiln
+    made is shut down in the background, what it holds unsent dropped (tests)."""
+    global _tracer, _checked, _own
     with _lock:
-        _tracer, _checked = None, False
+        own, _tracer, _checked, _own = _own, None, False, None
+    if own is not None:
+        threading.Thread(target=own.shutdown, daemon=True).start()
 
 
 def ids(span: Span) -> dict[str, str]:

@@ -90,7 +90,7 @@ class RunLog:
             self._flush([(self.run_id, time.time(), "kiln", note)])
 
 
-class _Lines:
+class Lines:
     """Bytes in, chunks of whole lines out (a partial line waits for its end, for a
     drain, or until it is a chunk long)."""
 
@@ -124,7 +124,7 @@ class FdTee:
         self.sink: Sink | None = None
         self._state = threading.Condition()
         self._busy = 0
-        self._pipes: dict[int, tuple[int, int, _Lines]] = {}  # fd: (read end, saved, lines)
+        self._pipes: dict[int, tuple[int, int, Lines]] = {}  # fd: (read end, saved, lines)
         for fd, stream in _STREAMS.items():
             saved = os.dup(fd)
             read_end, write_end = os.pipe()
@@ -132,7 +132,7 @@ class FdTee:
                 fcntl.fcntl(write_end, _F_SETPIPE_SZ, _PIPE_BYTES)
             os.dup2(write_end, fd)
             os.close(write_end)
-            self._pipes[fd] = (read_end, saved, _Lines())
+            self._pipes[fd] = (read_end, saved, Lines())
             threading.Thread(target=self._pump, args=(fd, stream), daemon=True,
                              name=f"kiln-{stream}").start()  # fmt: skip
 

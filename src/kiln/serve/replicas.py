@@ -16,11 +16,14 @@ import os
 import secrets
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kiln.compute.scheduler import Allocation
+from kiln.record.output import Lines
 
 if TYPE_CHECKING:
     from kiln.registry.models import ModelVersion
@@ -35,6 +38,8 @@ from kiln.serve._replica import (
 )
 
 _ids = itertools.count(1)
+# What a replica printed: (the replica, "stdout" or "stderr", when read, whole lines).
+OnOutput = Callable[["Replica", str, float, bytes], None]
 
 
 class ReplicaDied(Exception):
@@ -93,12 +98,18 @@ class Replica:
         self._out: list[bytes] = []
         self._flushing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.version: int | None = None  # the model version it serves (None: a standby)
 
-    async def spawn(self, *, python: str, env: dict[str, str]) -> None:
+    async def spawn(
+        self, *, python: str, env: dict[str, str], on_output: OnOutput | None = None
+    ) -> None:
         """Start the process (it waits for PRELOAD or INIT). It talks over one end of a
-        socket pair; the event loop owns the other, so closing it leaves nothing open."""
+        socket pair; the event loop owns the other, so closing it leaves nothing open.
+        With ``on_output``, what it prints is read here, passed on to this process's
+        stdout and stderr, and handed to ``on_output`` in whole lines."""
         loop = self._loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
+        piped = subprocess.PIPE if on_output is not None else None
         try:
             fd = str(theirs.fileno())
             self._proc = subprocess.Popen(
@@ -106,6 +117,8 @@ class Replica:
                 pass_fds=(theirs.fileno(),),
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches the front door, which drains first
+                stdout=piped,
+                stderr=piped,
             )
         except BaseException:
             ours.close()
@@ -113,6 +126,11 @@ class Replica:
         finally:
             theirs.close()
         self.pid = self._proc.pid
+        if on_output is not None:
+            for pipe, name, to in ((self._proc.stdout, "stdout", 1),
+                                   (self._proc.stderr, "stderr", 2)):  # fmt: skip
+                threading.Thread(target=self._pump, args=(pipe, name, to, on_output),
+                                 daemon=True, name=f"kiln-replica-{name}").start()  # fmt: skip
         try:
             self._transport, _ = await loop.create_unix_connection(
                 lambda: _Replies(self), sock=ours
@@ -122,6 +140,20 @@ class Replica:
             self.close()
             raise
 
+    def _pump(self, pipe: Any, stream: str, to: int, on_output: OnOutput) -> None:
+        """Pass on and hand over what the replica writes to ``stream``, until it ends."""
+        lines = Lines()
+        with pipe:
+            while data := pipe.read1(1 << 16):
+                with contextlib.suppress(OSError):
+                    os.write(to, data)
+                whole = lines.feed(data)
+                if whole:
+                    on_output(self, stream, time.time(), whole)
+        rest = lines.rest()
+        if rest:
+            on_output(self, stream, time.time(), rest)
+
     async def preload(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Make it a standby: import the class and ``spec["preload"]``, load nothing."""
         return await self._setup(PRELOAD, spec)
@@ -130,6 +162,7 @@ class Replica:
         """Load the model (the process must be spawned); returns the modules it imported."""
         self.lease_id = lease_id
         self.started_at = time.monotonic()
+        self.version = init.get("model_version")
         ready = await self._setup(INIT, init)
         self.load_s = float(ready["load_s"])
         return list(ready.get("learned", ()))
@@ -220,6 +253,7 @@ def replica_env(env_lock: str | None, cpu: float) -> dict[str, str]:
 
     env = {**os.environ, **thread_env(cpu)}
     env.pop("VIRTUAL_ENV", None)
+    env.pop("KILN_METRICS_PORT", None)  # the serving process's engine has that port
     if env_lock:
         env["KILN_ENV_LOCK"] = env_lock
     return env

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 from kiln.config import Settings
 from kiln.errors import KilnError, ValidationError
 from kiln.observe.cost import Prices, Usage
+from kiln.record.output import LOG_LIMIT_BYTES, clean
+from kiln.record.store.base import LOG_CHUNK_CHARS, EndpointLogRow
 from kiln.serve import state
 from kiln.serve._replica import FAILED, INVALID, OK, PREDICT
 from kiln.serve.autoscale import Autoscaler
@@ -150,6 +152,10 @@ class EndpointServer:
         self._provider: Any = None  # for the spans of requests no replica answered
         self._tracer: Any = None
         self._openapi: dict[str, Any] | None = None
+        self._log_lock = threading.Lock()  # replicas' output, read by their pipes' threads
+        self._log_rows: list[EndpointLogRow] = []
+        self._log_kept: dict[int | None, int] = {}  # bytes recorded, by version
+        self._log_dropped: dict[int | None, int] = {}
 
     # -- ASGI ---------------------------------------------------------------------------
 
@@ -367,7 +373,9 @@ class EndpointServer:
         replica = Replica()
         self._spawned.add(replica)
         await replica.spawn(
-            python=self._python, env=replica_env(self._env_lock, self.spec.resources.cpu)
+            python=self._python,
+            env=replica_env(self._env_lock, self.spec.resources.cpu),
+            on_output=self._output,
         )
         preload = setup(self.endpoint, self.settings.record_url)
         await replica.preload({**preload, "preload": self._preload})
@@ -530,6 +538,40 @@ class EndpointServer:
                 await asyncio.to_thread(
                     state.report, self._db, server_id, self.stats(), url=self.url
                 )
+            await asyncio.to_thread(self._flush_logs)
+
+    def _output(self, replica: Replica, stream: str, at: float, data: bytes) -> None:
+        """What a replica printed (its pipe's thread): kept for the store, by version, up
+        to :data:`~kiln.record.output.LOG_LIMIT_BYTES` a version."""
+        version = replica.version
+        with self._log_lock:
+            kept = self._log_kept.get(version, 0)
+            if kept + len(data) > LOG_LIMIT_BYTES:
+                self._log_dropped[version] = self._log_dropped.get(version, 0) + len(data)
+                return
+            self._log_kept[version] = kept + len(data)
+        text = clean(data)
+        rows = [(self.spec.name, version, replica.pid, at, stream, text[i : i + LOG_CHUNK_CHARS])
+                for i in range(0, len(text), LOG_CHUNK_CHARS)]  # fmt: skip
+        with self._log_lock:
+            self._log_rows.extend(rows)
+
+    def _flush_logs(self) -> None:
+        """Store what replicas printed since the last flush (and what was left out)."""
+        with self._log_lock:
+            rows, self._log_rows = self._log_rows, []
+            dropped, self._log_dropped = self._log_dropped, {}
+        now = time.time()
+        for version, size in dropped.items():
+            rows.append((self.spec.name, version, 0, now, "kiln",
+                         f"[kiln] {size:,} bytes of replica output past the limit of "
+                         f"{LOG_LIMIT_BYTES >> 20} MiB a version were not recorded\n"))  # fmt: skip
+        if not rows:
+            return
+        try:
+            self._db.write_endpoint_logs(rows)
+        except Exception as exc:  # shown on the terminal all the same; not kept
+            _say(f"{len(rows)} chunks of replica output were not recorded: {exc}")
 
     def _gauges(self) -> None:
         for pool in self.pools.values():
@@ -689,6 +731,7 @@ class EndpointServer:
         if self._provider is not None:
             await asyncio.to_thread(self._provider.shutdown)  # stores its last spans
         await asyncio.sleep(0.05)  # the pipes' close callbacks run on the next turns
+        await asyncio.to_thread(self._flush_logs)
         if self._server_id is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(

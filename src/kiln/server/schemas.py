@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
+from pydantic import Strict as PydanticStrict
 
 from kiln.record.store.base import LOG_CHUNK_CHARS
 from kiln.record.store.rows import (
@@ -19,6 +20,7 @@ from kiln.record.store.rows import (
     NAME_PATTERN,
     ArtifactRow,
     Id,
+    Int32,
     Int64,
     Key,
     ModelName,
@@ -129,11 +131,46 @@ class Rows(BaseModel):
     logs: list[list[JSON]] = Field(default_factory=list)  # [time, stream, text]
 
 
-class Logs(BaseModel):
-    """What a run printed: ``[id, time, stream, text]`` chunks, oldest first; ask again
-    with ``after`` set to the last id for what follows."""
+# JSON has arrays, not tuples: an item is read as an array (the body is not read by hand)
+LogItem = Annotated[tuple[Int32 | None, Int32, Time, LogStream, LogText], PydanticStrict(False)]
 
-    logs: list[tuple[int, float, str, str]]
+
+class EndpointLogsIn(Strict):
+    """What replicas of the endpoint printed: ``[version, replica pid, time, stream,
+    text]`` chunks (version null: a standby's)."""
+
+    logs: list[LogItem] = Field(max_length=10_000)
+
+
+class LogChunk(BaseModel):
+    """Whole lines of one stream (``stdout``, ``stderr``, or ``kiln`` for Kiln's own
+    notes), read at ``time``; ``id`` orders chunks (ask with ``after`` for the next)."""
+
+    id: int
+    time: float
+    stream: str
+    text: str
+
+
+class EndpointLogChunk(LogChunk):
+    """A chunk a replica printed, with the model ``version`` it served (null: a standby
+    before it loaded one) and its process id (``replica``)."""
+
+    version: int | None
+    replica: int
+
+
+class EndpointLogs(BaseModel):
+    """What replicas of an endpoint printed, oldest first."""
+
+    logs: list[EndpointLogChunk]
+
+
+class Logs(BaseModel):
+    """What a run printed, oldest first; ask again with ``after`` set to the last id for
+    what follows."""
+
+    logs: list[LogChunk]
 
 
 class Names(BaseModel):

@@ -29,7 +29,15 @@ from kiln.record import audit
 from kiln.record.lineage import Lineage
 from kiln.record.model import Artifact, LogChunk, MetricPoint, RunRecord, record_from_row
 from kiln.record.store._wire import RUN_COLUMNS
-from kiln.record.store.base import EndpointRow, RunQuery, ServerRow, WriteBatch, trace_prefix
+from kiln.record.store.base import (
+    EndpointLog,
+    EndpointLogRow,
+    EndpointRow,
+    RunQuery,
+    ServerRow,
+    WriteBatch,
+    trace_prefix,
+)
 from kiln.record.store.rows import SpanRow
 
 
@@ -45,6 +53,7 @@ class MemoryEndpointStore:
         self._servers: dict[str, ServerRow] = {}
         self._spans: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
+        self._endpoint_logs: list[tuple[str, EndpointLog]] = []
 
     # -- EndpointStore ------------------------------------------------------------------
 
@@ -86,6 +95,20 @@ class MemoryEndpointStore:
         wanted = set(names)
         found = [s for s in self._servers.values() if s.endpoint in wanted]
         return sorted(found, key=lambda s: s.started_at, reverse=True)
+
+    def write_endpoint_logs(self, rows: list[EndpointLogRow]) -> None:
+        with self._lock:
+            for e, v, p, t, s, x in rows:
+                chunk = EndpointLog(len(self._endpoint_logs) + 1, t, s, x, v, p)
+                self._endpoint_logs.append((e, chunk))
+
+    def endpoint_logs(
+        self, name: str, *, version: int | None = None, after: int = 0, limit: int = 1000
+    ) -> list[EndpointLog]:
+        with self._lock:
+            found = [c for e, c in self._endpoint_logs if e == name and c.id > after
+                     and (version is None or c.version == version)]  # fmt: skip
+        return found[:limit]
 
     def set_live_traffic(
         self, name: str, split: dict[str, float] | None, *, actor: str, payload: dict[str, Any]

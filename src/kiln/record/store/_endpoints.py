@@ -13,8 +13,14 @@ from sqlalchemy.engine import Connection
 
 from kiln.errors import AmbiguousIdError, NotFoundError
 from kiln.record import audit
-from kiln.record.store._schema import endpoint_servers, endpoints, spans
-from kiln.record.store.base import EndpointRow, ServerRow, trace_prefix
+from kiln.record.store._schema import endpoint_logs, endpoint_servers, endpoints, spans
+from kiln.record.store.base import (
+    EndpointLog,
+    EndpointLogRow,
+    EndpointRow,
+    ServerRow,
+    trace_prefix,
+)
 
 
 class EndpointsAndSpans:
@@ -119,6 +125,29 @@ class EndpointsAndSpans:
             self.append_events(
                 conn, [audit.Event("endpoint.traffic", name, payload, time.time(), actor)]
             )
+
+    def write_endpoint_logs(self, rows: list[EndpointLogRow]) -> None:
+        if not rows:
+            return
+        values = [{"project": self.project, "endpoint": e, "version": v, "replica": p,
+                   "time": t, "stream": s, "text": x} for e, v, p, t, s, x in rows]  # fmt: skip
+        with self.transaction() as conn:
+            conn.execute(endpoint_logs.insert(), values)
+
+    def endpoint_logs(
+        self, name: str, *, version: int | None = None, after: int = 0, limit: int = 1000
+    ) -> list[EndpointLog]:
+        c = endpoint_logs.c
+        stmt = (
+            sa.select(c.id, c.time, c.stream, c.text, c.version, c.replica)
+            .where(c.project == self.project, c.endpoint == name, c.id > after)
+            .order_by(c.id)
+            .limit(limit)
+        )
+        if version is not None:
+            stmt = stmt.where(c.version == version)
+        with self.connect() as conn:
+            return [EndpointLog(*row) for row in conn.execute(stmt)]
 
     # -- spans ------------------------------------------------------------------------
 

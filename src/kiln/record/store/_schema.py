@@ -260,6 +260,23 @@ endpoint_servers = sa.Table(
     sa.Index("ix_endpoint_servers_endpoint", "endpoint"),
 )
 
+# 0015: what an endpoint's replicas printed, by version (None: a standby, before it
+# loaded one), as the serving process read it; ``id`` orders the chunks.
+endpoint_logs = sa.Table(
+    "endpoint_logs",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("project", sa.String(200), nullable=False, server_default="default"),
+    sa.Column("endpoint", sa.String(200), nullable=False),
+    sa.Column("version", sa.Integer),
+    sa.Column("replica", sa.Integer, nullable=False),  # its process id
+    sa.Column("time", sa.Double, nullable=False),
+    sa.Column("stream", sa.String(8), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Index("ix_endpoint_logs_endpoint", "project", "endpoint", "id"),
+)  # fmt: skip
+
 spans = sa.Table(
     "spans",
     metadata,

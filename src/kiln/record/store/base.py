@@ -244,6 +244,24 @@ class EndpointRow:
     updated_at: float
 
 
+# (endpoint, version or None, replica pid, time, stream, text): whole lines a replica
+# printed, read by its serving process
+EndpointLogRow = tuple[str, int | None, int, float, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointLog:
+    """Part of what a replica of an endpoint printed (see :class:`LogChunk`), with the
+    model version it served (None: a standby, before it loaded one) and its pid."""
+
+    id: int
+    time: float
+    stream: str
+    text: str
+    version: int | None
+    replica: int
+
+
 @dataclass(frozen=True, slots=True)
 class ServerRow:
     """One process serving an endpoint, as it last reported (``serving`` or ``stopped``)."""
@@ -281,6 +299,15 @@ class EndpointStore(Protocol):
 
     def servers(self, names: Sequence[str]) -> list[ServerRow]:
         """The servers of the endpoints ``names``, newest first."""
+
+    def write_endpoint_logs(self, rows: list[EndpointLogRow]) -> None:
+        """Store what replicas printed."""
+
+    def endpoint_logs(
+        self, name: str, *, version: int | None = None, after: int = 0, limit: int = 1000
+    ) -> list[EndpointLog]:
+        """What the replicas of ``name`` (of one ``version``) printed, oldest first, past
+        the chunk id ``after``."""
 
     def set_live_traffic(
         self, name: str, split: dict[str, float] | None, *, actor: str, payload: dict[str, Any]

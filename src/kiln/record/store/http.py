@@ -40,7 +40,15 @@ from kiln.record.blobs import FileBlobStore
 from kiln.record.lineage import Lineage
 from kiln.record.model import LogChunk, MetricPoint, RunRecord
 from kiln.record.store import _wire
-from kiln.record.store.base import EndpointRow, RunQuery, ServerRow, WriteBatch, trace_prefix
+from kiln.record.store.base import (
+    EndpointLog,
+    EndpointLogRow,
+    EndpointRow,
+    RunQuery,
+    ServerRow,
+    WriteBatch,
+    trace_prefix,
+)
 from kiln.record.store.rows import SpanRow
 
 if TYPE_CHECKING:
@@ -499,7 +507,7 @@ class HttpStore:
         self._quiet_spool()
         params = {"after": after, "limit": limit}
         found = self.client.call("GET", f"/runs/{_q(run_id)}/logs", params=params)
-        return [LogChunk(*chunk) for chunk in found["logs"]]
+        return [LogChunk(**chunk) for chunk in found["logs"]]
 
     def dependants(self, run_id: str) -> list[str]:
         return list(self.client.call("GET", f"/runs/{_q(run_id)}/dependants")["items"])
@@ -575,6 +583,24 @@ class HttpStore:
             return []
         found = self.client.call("GET", "/servers", params={"endpoint": list(names)})
         return [_wire.server_from_wire(s) for s in found["servers"]]
+
+    def write_endpoint_logs(self, rows: list[EndpointLogRow]) -> None:
+        by_endpoint: dict[str, list[list[Any]]] = {}
+        for e, v, p, t, s, x in rows:
+            by_endpoint.setdefault(e, []).append([v, p, t, s, x])
+        for name, logs in by_endpoint.items():
+            for i in range(0, len(logs), 10_000):
+                self.client.call("POST", f"/endpoints/{_q(name)}/logs",
+                                 json={"logs": logs[i : i + 10_000]})  # fmt: skip
+
+    def endpoint_logs(
+        self, name: str, *, version: int | None = None, after: int = 0, limit: int = 1000
+    ) -> list[EndpointLog]:
+        params: dict[str, Any] = {"after": after, "limit": limit}
+        if version is not None:
+            params["version"] = version
+        found = self.client.call("GET", f"/endpoints/{_q(name)}/logs", params=params)
+        return [EndpointLog(**chunk) for chunk in found["logs"]]
 
     def set_live_traffic(
         self, name: str, split: dict[str, float] | None, *, actor: str, payload: dict[str, Any]

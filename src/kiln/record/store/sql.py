@@ -67,7 +67,7 @@ from kiln.record.store._verify import registry_problems
 from kiln.record.store.base import RunQuery, WriteBatch
 from kiln.record.store.rows import RunUpdate, SpanRow
 
-SCHEMA_HEAD = "0014"
+SCHEMA_HEAD = "0015"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,

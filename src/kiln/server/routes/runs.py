@@ -6,6 +6,7 @@ import hashlib
 import math
 import re
 import zlib
+from dataclasses import asdict
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Query, Request
@@ -209,7 +210,7 @@ def run_logs(
 ) -> Any:
     """What a run (id or unique prefix) printed, oldest first, past the chunk ``after``."""
     found = store.run_logs(store.get_run(run_id).id, after=after, limit=limit)
-    return {"logs": [(c.id, c.time, c.stream, c.text) for c in found]}
+    return {"logs": [asdict(c) for c in found]}
 
 
 @router.get(

@@ -65,6 +65,30 @@ def servers(
     return {"servers": [asdict(s) for s in store.servers(endpoint)]}
 
 
+@router.post("/endpoints/{name}/logs", dependencies=[need("endpoints", "write")],
+             status_code=204)  # fmt: skip
+def write_endpoint_logs(name: Name, body: schemas.EndpointLogsIn, store: Store) -> None:
+    """Store what replicas of the endpoint printed (it must be declared in the project)."""
+    if store.endpoint(name) is None:
+        raise NotFoundError(f"no endpoint {name!r}")
+    store.write_endpoint_logs([(name, v, p, t, s, x) for v, p, t, s, x in body.logs])
+
+
+@router.get("/endpoints/{name}/logs", dependencies=[need("endpoints", "read")],
+            response_model=schemas.EndpointLogs)  # fmt: skip
+def endpoint_logs(
+    name: Name,
+    store: Store,
+    version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> Any:
+    """What the replicas of an endpoint (of one version) printed, past the chunk ``after``
+    (none for an endpoint this project does not have)."""
+    found = store.endpoint_logs(name, version=version, after=after, limit=limit)
+    return {"logs": [asdict(c) for c in found]}
+
+
 @router.put(
     "/endpoints/{name}/traffic",
     dependencies=[need("endpoints", "write")],
