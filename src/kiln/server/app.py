@@ -103,12 +103,12 @@ def document(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
 
-    from kiln.server.schemas import Batch, Problem, SpansIn
+    from kiln.server.schemas import Batch, EndpointLogsIn, Problem, SpansIn
 
     found = get_openapi(title=app.title, version=app.version, description=app.description,
                         routes=app.routes)  # fmt: skip
     schemas = found.setdefault("components", {}).setdefault("schemas", {})
-    for model in (Batch, SpansIn):  # bodies read by hand (gzip), so FastAPI cannot see them
+    for model in (Batch, SpansIn, EndpointLogsIn):  # bodies read by hand (gzip): unseen
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(body.pop("$defs", {}))
         schemas[model.__name__] = body

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
-from pydantic import Strict as PydanticStrict
 
 from kiln.record.store.base import LOG_CHUNK_CHARS
 from kiln.record.store.rows import (
@@ -131,8 +130,7 @@ class Rows(BaseModel):
     logs: list[list[JSON]] = Field(default_factory=list)  # [time, stream, text]
 
 
-# JSON has arrays, not tuples: an item is read as an array (the body is not read by hand)
-LogItem = Annotated[tuple[Int32 | None, Int32, Time, LogStream, LogText], PydanticStrict(False)]
+LogItem = tuple[Int32 | None, Int32, Time, LogStream, LogText]
 
 
 class EndpointLogsIn(Strict):

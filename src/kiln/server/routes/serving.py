@@ -10,7 +10,7 @@ from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from kiln.errors import NotFoundError
-from kiln.record.store.base import EndpointRow, ServerRow
+from kiln.record.store.base import EndpointLogRow, EndpointRow, ServerRow
 from kiln.registry import traffic
 from kiln.server import schemas
 from kiln.server.auth import need
@@ -65,13 +65,21 @@ def servers(
     return {"servers": [asdict(s) for s in store.servers(endpoint)]}
 
 
-@router.post("/endpoints/{name}/logs", dependencies=[need("endpoints", "write")],
-             status_code=204)  # fmt: skip
-def write_endpoint_logs(name: Name, body: schemas.EndpointLogsIn, store: Store) -> None:
-    """Store what replicas of the endpoint printed (it must be declared in the project)."""
-    if store.endpoint(name) is None:
+@router.post(
+    "/endpoints/{name}/logs",
+    dependencies=[need("endpoints", "write")],
+    status_code=204,
+    openapi_extra={"requestBody": gzip_body("EndpointLogsIn")},
+)
+async def write_endpoint_logs(name: Name, request: Request, store: Store, bounds: Bounds) -> None:
+    """Store what replicas of the endpoint printed (it must be declared in the project;
+    the body may be gzipped)."""
+    raw = await read_json_body(request, bounds.json_bytes)
+    body = parse_body(schemas.EndpointLogsIn, raw)
+    if await run_in_threadpool(store.endpoint, name) is None:
         raise NotFoundError(f"no endpoint {name!r}")
-    store.write_endpoint_logs([(name, v, p, t, s, x) for v, p, t, s, x in body.logs])
+    rows: list[EndpointLogRow] = [(name, v, p, t, s, x) for v, p, t, s, x in body.logs]
+    await run_in_threadpool(store.write_endpoint_logs, rows)
 
 
 @router.get("/endpoints/{name}/logs", dependencies=[need("endpoints", "read")],
