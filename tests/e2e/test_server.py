@@ -457,3 +457,21 @@ def test_a_client_that_sends_its_headers_slowly_is_cut_off(start_server: Start) 
     assert b"application/problem+json" in answer
     with httpx.Client(base_url=server.url) as http:
         assert http.get("/healthz").status_code == 200
+
+
+def test_a_body_declared_past_the_json_bound_is_refused_before_it_is_read(
+    start_server: Start,
+) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    server = start_server()
+    where = urlsplit(server.url)
+    assert where.hostname is not None and where.port is not None
+    with socket.create_connection((where.hostname, where.port), timeout=30) as conn:
+        conn.sendall(b"PUT /api/v1/endpoints/fraud/traffic HTTP/1.1\r\nHost: kiln\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: 100000000\r\n\r\n{")  # fmt: skip
+        answer = conn.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 413 "), answer
+    assert "larger than 67108864 bytes" in answer

@@ -90,6 +90,7 @@ def build_app(
 
         return Response(exposition(store.count_runs), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(Bounded, limit=app.state.limits.json_bytes)
     app.add_middleware(Measured)
     app.openapi = lambda: document(app)  # type: ignore[method-assign]
     return app
@@ -124,6 +125,39 @@ def document(app: FastAPI) -> dict[str, Any]:
             responses["default"] = problem
     app.openapi_schema = found
     return found
+
+
+class Bounded:
+    """Every body but a blob's is refused past the JSON bound: a declared length at
+    once (413), a chunked body by ending it there (the route sees the client gone).
+    Routes that read JSON by hand check the bound again after decompression."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/api/v1/blobs/"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            answer = problems.problem(413, "Content Too Large",
+                                      f"the body is larger than {self.limit} bytes")  # fmt: skip
+            await answer(scope, receive, send)
+            return
+        size = 0
+
+        async def bounded() -> Message:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.limit:
+                    return {"type": "http.disconnect"}
+            return message
+
+        await self.app(scope, bounded, send)
 
 
 class Measured:
