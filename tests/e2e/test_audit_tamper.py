@@ -33,6 +33,7 @@ CHECKED = {
     "metrics": ["key", "step", "time", "value"],
     "summary": ["key", "value"],
     "artifacts": ["name", "direction", "sha256", "size"],
+    "run_logs": ["time", "stream", "text"],
     "model_versions": ["run_id", "artifact", "artifact_sha256", "metrics"],
     "aliases": ["version"],
     "alias_moves": ["from_version", "to_version", "reason", "actor"],
@@ -43,7 +44,8 @@ CHECKED = {
 }
 KEYS = {"runs": "id", "model_versions": "rowid", "aliases": "rowid", "alias_moves": "id",
         "policies": "rowid", "promotion_requests": "id", "endpoints": "name",
-        "metrics": "rowid", "summary": "rowid", "artifacts": "rowid", "audit": "seq"}  # fmt: skip
+        "metrics": "rowid", "summary": "rowid", "artifacts": "rowid", "audit": "seq",
+        "run_logs": "id"}  # fmt: skip
 
 
 class Scorer:
@@ -61,6 +63,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         runs = []
         for accuracy in (0.8, 0.9, 0.95):
             with app.run(params={"lr": accuracy / 10}) as run:
+                print(f"training at {accuracy}")  # its logs are sealed too
                 kiln.log({"accuracy": accuracy}, step=0)
                 kiln.save("model.pkl", {"acc": accuracy})
             runs.append(run.id)
@@ -130,6 +133,8 @@ def tampers(db: Path) -> list[tuple[str, ...]]:
                     out.append((f"UPDATE {table} SET {column} = ? WHERE {key} = ?", new, row[0]))
     out.append(("INSERT INTO alias_moves (name, alias, from_version, to_version, reason, actor, at)"
                 " VALUES ('m', 'production', 2, 3, 'quiet', 'mallory', 0)",))  # fmt: skip
+    out.append(("INSERT INTO run_logs (run_id, time, stream, text) SELECT run_id, 0, 'stdout',"
+                " 'a line it never printed' FROM run_logs LIMIT 1",))  # fmt: skip
     return out
 
 
