@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from serving_app import Scorer, app, register
+from serving_app import Scorer, Talker, app, register
 from test_serving import _explained, promoted, store, wait_for
 from typer.testing import CliRunner
 
@@ -28,7 +28,9 @@ def serve_on_ray(on_ray: str) -> Iterator[Callable[..., RayEndpoint]]:
     handles: list[RayEndpoint] = []
 
     def start(**spec: Any) -> RayEndpoint:
-        endpoint = app.endpoint(**{"model": "scorer@production", "cpu": 0.5, **spec})(Scorer)
+        endpoint = app.endpoint(
+            **{"model": "scorer@production", "cpu": 0.5, "name": "scorer", **spec}
+        )(Talker)
         with socket.socket() as probe:  # a free port for Ray Serve's proxy
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -111,6 +113,11 @@ def test_an_endpoint_on_ray_serve_answers_traces_and_follows_its_alias(
     assert row.stats["versions"][str(second)]["usage"]["cpu_seconds"] > 0
     shown = CliRunner().invoke(cli, ["endpoints", "show", "scorer"])
     assert shown.exit_code == 0 and "on Ray Serve" in shown.output, shown.output
+    # What its replicas printed is the endpoint's, by version (Ray logs it as ever).
+    for version in (first, second):
+        said = wait_for(lambda v=version: [c.text for c in store().endpoint_logs("scorer",
+                        version=v)], timeout=30, what=f"v{version}'s output")  # fmt: skip
+        assert f"loaded version {version}\n" in said and "scoring [1.0]\n" in said
     handle.stop()
     assert state.get(store(), "scorer").status == "stopped"
     import ray

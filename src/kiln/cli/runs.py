@@ -296,9 +296,13 @@ def usage(
                   "-" if f.gpu_utilization is None else f"{f.gpu_utilization:.0f}%")  # fmt: skip
     out.print(t)
     eff = total["cpu_efficiency"]
-    out.print(plain(f"{total['runs']} runs: {total['cpu_seconds_used']:.1f} of "
-                    f"{total['cpu_seconds_asked']:.1f} CPU-seconds asked were used"
-                    + (f" ({eff:.0%})" if eff is not None else "")))  # fmt: skip
+    if eff is None:  # runs recorded by hand (app.run) ask for no CPUs
+        out.print(plain(f"{total['runs']} runs used {total['cpu_seconds_used']:.1f} "
+                        "CPU-seconds; none asked for CPUs"))  # fmt: skip
+    else:
+        out.print(plain(f"{total['runs']} runs: {total['cpu_seconds_used']:.1f} of "
+                        f"{total['cpu_seconds_asked']:.1f} CPU-seconds asked were used "
+                        f"({eff:.0%})"))  # fmt: skip
     said = {a.split(":")[0].split(", used")[0]: a for f in fits for a in f.advice}
     for advice in list(said.values())[:10]:
         out.print(Text(f"right-size: {advice}", style="yellow"))

@@ -53,11 +53,11 @@ def fit(record: RunRecord) -> Fit:
     mem_req = _number(requested.get("memory_bytes"))
     gpu_req = _number(requested.get("gpu"))
     wall = u.wall_s
-    cpu_used = None
-    if u.cpu_cores_mean is not None:
-        cpu_used = u.cpu_cores_mean
-    elif u.cpu_s is not None and wall:
+    cpu_used = None  # the kernel's count first (it holds children that ended between samples)
+    if u.cpu_s is not None and wall:
         cpu_used = u.cpu_s / wall
+    elif u.cpu_cores_mean is not None:
+        cpu_used = u.cpu_cores_mean
     swap = None
     if u.swap_in_bytes is not None or u.swap_out_bytes is not None:
         swap = (u.swap_in_bytes or 0) + (u.swap_out_bytes or 0)

@@ -44,6 +44,7 @@ SYS_KEYS = (
     "sys/net_recv_bytes", "sys/open_files", "sys/threads",
 )  # fmt: skip
 FIRST_S = 1.0
+BASELINE_S = 0.1  # a run this old is read once, unrecorded: counters count from there
 LONGEST_S = 30.0
 _log = logging.getLogger("kiln")
 
@@ -67,7 +68,8 @@ class _Watched:
     machine: dict[str, float] = field(default_factory=dict)  # counters at the last sample
     faults: int | None = None
     disk: tuple[int, int] | None = None
-    cpu_sum: float = 0.0
+    cpu_sum: float = 0.0  # CPU seconds over the sampled intervals
+    cpu_time: float = 0.0  # and their length: the mean weighs each by its length
     cpu_n: int = 0
     peak_rss: int = 0
     swap0: tuple[float, float] | None = None
@@ -91,7 +93,7 @@ class Sampler:
         if not run.sys_metrics:
             return None
         now, times = time.monotonic(), os.times()
-        watched = _Watched(run, now, now + FIRST_S, times.user + times.system, now)
+        watched = _Watched(run, now, now + BASELINE_S, times.user + times.system, now)
         with self._lock:
             self._runs[run.id] = watched
             if self._thread is None or not self._thread.is_alive():
@@ -106,7 +108,7 @@ class Sampler:
             self._runs.pop(watched.run.id, None)
         usage: dict[str, Any] = {}
         if watched.cpu_n:
-            usage["cpu_cores_mean"] = round(watched.cpu_sum / watched.cpu_n, 4)
+            usage["cpu_cores_mean"] = round(watched.cpu_sum / watched.cpu_time, 4)
             usage["peak_rss_tree_bytes"] = watched.peak_rss
             usage["swap_in_bytes"], usage["swap_out_bytes"] = watched.swap
             usage["sys_samples"] = watched.cpu_n
@@ -133,7 +135,10 @@ class Sampler:
                 except Exception as exc:  # never the run's problem
                     _log.debug("kiln: sampling run %s failed: %s", watched.run.id, exc)
                     rows = []
-                watched.due = time.monotonic() + interval_s(time.monotonic() - watched.started)
+                age = time.monotonic() - watched.started
+                watched.due = time.monotonic() + (
+                    FIRST_S - age if watched.samples == 0 else interval_s(age)
+                )
                 if rows and watched.run.id in self._runs:  # not ended meanwhile
                     with contextlib.suppress(Exception):
                         watched.run.record_points(rows)
@@ -164,7 +169,8 @@ class Sampler:
         if mono > w.at:
             cores = used / (mono - w.at)
             values["sys/cpu_cores"] = cores
-            w.cpu_sum += cores
+            w.cpu_sum += used
+            w.cpu_time += mono - w.at
             w.cpu_n += 1
         w.at = mono
         values["sys/rss_bytes"] = rss
@@ -180,7 +186,9 @@ class Sampler:
         self._machine(w, values)
         self._gpus(w, {p.pid for p in procs}, values)
         w.samples += 1
-        return [(run_id, key, w.samples, now, float(v)) for key, v in values.items()]
+        if w.samples == 1:  # the baseline: what follows counts from here
+            return []
+        return [(run_id, key, w.samples - 1, now, float(v)) for key, v in values.items()]
 
     @staticmethod
     def _cpu_since(w: _Watched, proc: Any, cpu_s: float) -> float:

@@ -65,7 +65,8 @@ _MEMBER = re.compile(
 )
 MAX_MANIFEST = 64 << 20
 MAX_METRICS = 1 << 30
-MAX_LOGS = 1 << 30
+MAX_LOGS = 128 << 20  # logs.json: a run keeps 16 MiB of output (at most 3x as text), in JSON
+MAX_LOG_CHUNKS = 1_000_000
 _SHA = re.compile(r"[0-9a-f]{64}")
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _RUN_COLUMNS = set(RunRow.model_fields)
@@ -342,7 +343,7 @@ def import_bundle(
             if "logs.json" in manifest["files"]:
                 rows.logs = _logs(rows.new_runs[0].id, json.loads(_read(zf, "logs.json", MAX_LOGS)))
             _check_blobs_accounted(manifest, rows)
-        except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        except (KeyError, ValueError, TypeError, RecursionError, OverflowError) as exc:
             raise BundleError(f"{path} is not imported: {str(exc)[:300]}") from None
         run_id = rows.new_runs[0].id
         try:
@@ -435,22 +436,36 @@ def _rows(manifest: dict[str, Any], points: Any) -> WriteBatch:
 
 def _logs(run_id: str, chunks: Any) -> list[LogRow]:
     """The bundle's log chunks as rows, each checked as the capture would write it."""
-    if not isinstance(chunks, list):
-        raise ValueError("logs.json is not a list of chunks")
+    if not isinstance(chunks, list) or len(chunks) > MAX_LOG_CHUNKS:
+        raise ValueError(f"logs.json is not a list of at most {MAX_LOG_CHUNKS:,} chunks")
     rows: list[LogRow] = []
     for i, chunk in enumerate(chunks):
         if not (isinstance(chunk, list) and len(chunk) == 3):
             raise ValueError(f"logs.json: chunk {i} is not [time, stream, text]")
         at, stream, text = chunk
-        if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
-            raise ValueError(f"logs.json: chunk {i}'s time is not a number")
+        if not isinstance(at, float | int) or isinstance(at, bool) or not -1e12 < at < 1e12:
+            raise ValueError(f"logs.json: chunk {i}'s time is not a time (Unix seconds)")
         if stream not in LOG_STREAMS:
             raise ValueError(f"logs.json: chunk {i}'s stream is not one of {LOG_STREAMS}")
-        if not isinstance(text, str) or len(text) > LOG_CHUNK_CHARS or "\x00" in text:
-            raise ValueError(f"logs.json: chunk {i}'s text is not text of at most "
+        if (
+            not isinstance(text, str)
+            or len(text) > LOG_CHUNK_CHARS
+            or "\x00" in text
+            or (not text.isascii() and _not_utf8(text))
+        ):
+            raise ValueError(f"logs.json: chunk {i}'s text is not UTF-8 text of at most "
                              f"{LOG_CHUNK_CHARS:,} characters without NUL")  # fmt: skip
         rows.append((run_id, float(at), stream, text))
     return rows
+
+
+def _not_utf8(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate (no store can keep it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _typed(model: type[_Row], data: dict[str, Any], what: str) -> _Row:

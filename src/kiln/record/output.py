@@ -54,9 +54,10 @@ class RunLog:
     def __init__(self, run_id: str, flush: Callable[[list[LogRow]], None]) -> None:
         self.run_id = run_id
         self._flush = flush
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a signal handler may print while it is held
         self._kept = 0
         self._dropped = 0
+        self._closed = False  # the run has ended: what comes later is not its output
 
     def add_bytes(self, stream: str, at: float, data: bytes) -> None:
         """Whole lines read from a descriptor (decoded only if they are kept)."""
@@ -64,13 +65,16 @@ class RunLog:
             self._rows(stream, at, clean(data))
 
     def add(self, stream: str, at: float, text: str) -> None:
-        if self._keeps(len(text.encode("utf-8", "replace"))):
-            self._rows(stream, at, text)
+        data = text.encode("utf-8", "replace")  # lone surrogates (os.fsdecode) become ?
+        if self._keeps(len(data)):
+            self._rows(stream, at, clean(data))
 
     def _keeps(self, size: int) -> bool:
         with self._lock:
-            if self._kept + size > LOG_LIMIT_BYTES:
-                self._dropped += size
+            if self._closed:
+                return False
+            if self._dropped or self._kept + size > LOG_LIMIT_BYTES:
+                self._dropped += size  # once past the limit, nothing more: no gaps
                 return False
             self._kept += size
             return True
@@ -81,8 +85,11 @@ class RunLog:
         self._flush(rows)
 
     def close(self) -> None:
-        """Note what was left out, if anything."""
+        """Note what was left out, if anything; later output is refused."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             dropped, self._dropped = self._dropped, 0
         if dropped:
             note = (f"[kiln] {dropped:,} bytes of output past this run's limit of "
@@ -103,14 +110,26 @@ class Lines:
         if cut == 0 and len(data) < LOG_CHUNK_CHARS:
             self.partial = data
             return b""
-        if cut == 0:
-            cut = len(data)
+        if cut == 0:  # a chunk's worth of one line: not inside a UTF-8 character
+            cut = _whole_characters(data)
         self.partial = data[cut:]
         return data[:cut]
 
     def rest(self) -> bytes:
         data, self.partial = self.partial, b""
         return data
+
+
+def _whole_characters(data: bytes) -> int:
+    """How much of ``data`` ends on a whole UTF-8 character (its last one may be cut)."""
+    start = len(data)
+    while start > 0 and len(data) - start < 3 and data[start - 1] & 0xC0 == 0x80:
+        start -= 1  # back over continuation bytes
+    if start == 0 or data[start - 1] < 0xC0:
+        return len(data)  # ASCII or not UTF-8 at all: cut anywhere
+    lead = data[start - 1]
+    size = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return len(data) if len(data) - (start - 1) >= size else start - 1
 
 
 class FdTee:
@@ -159,7 +178,13 @@ class FdTee:
                 whole = lines.feed(data)
                 sink = self.sink
                 if whole and sink is not None:
-                    sink(stream, time.time(), whole)
+                    try:
+                        sink(stream, time.time(), whole)
+                    except Exception as exc:  # recording failed: the output still flows
+                        self.sink = None
+                        with contextlib.suppress(Exception):
+                            _write_all(saved, f"kiln: output is no longer recorded: "
+                                              f"{exc}\n".encode())  # fmt: skip
             finally:
                 with self._state:
                     self._busy -= 1
@@ -207,26 +232,27 @@ class StreamTee:
         self._stream = stream
         self._route = route
         self._partial: dict[str, str] = {}  # run id: its unfinished line
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a signal handler may print while it is held
 
     @property
     def inner(self) -> TextIO:
         return self._inner
 
     def write(self, text: str) -> int:
-        written = self._inner.write(text)
-        log = self._route()
-        if log is not None and isinstance(text, str) and text:
-            with self._lock:
-                data = self._partial.pop(log.run_id, "") + text
-                cut = data.rfind("\n") + 1
-                if cut == 0 and len(data) < LOG_CHUNK_CHARS:
-                    self._partial[log.run_id] = data
-                    return written
-                cut = cut or len(data)
-                if data[cut:]:
-                    self._partial[log.run_id] = data[cut:]
-            log.add(self._stream, time.time(), data[:cut].replace("\x00", "\ufffd"))
+        with self._lock:  # the record keeps the order the terminal shows
+            written = self._inner.write(text)
+            log = self._route()
+            if log is None or not isinstance(text, str) or not text:
+                return written
+            data = self._partial.pop(log.run_id, "") + text
+            cut = data.rfind("\n") + 1
+            if cut == 0 and len(data) < LOG_CHUNK_CHARS:
+                self._partial[log.run_id] = data
+                return written
+            cut = cut or len(data)
+            if data[cut:]:
+                self._partial[log.run_id] = data[cut:]
+            log.add(self._stream, time.time(), data[:cut])
         return written
 
     def writelines(self, lines: Any) -> None:
@@ -238,7 +264,7 @@ class StreamTee:
         with self._lock:
             rest = self._partial.pop(log.run_id, "")
         if rest:
-            log.add(self._stream, time.time(), rest.replace("\x00", "\ufffd"))
+            log.add(self._stream, time.time(), rest)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

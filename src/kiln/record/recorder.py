@@ -67,7 +67,8 @@ class Recorder:
         self._pending = WriteBatch()
         self._to_seal: list[str] = []  # ended runs, sealed in the audit log off the hot path
         self._send_by: float | None = None  # a run's start is due out by then (monotonic)
-        self._lock = threading.Lock()  # guards _points, _pending and active
+        # guards _points, _pending and active; re-entrant: a signal handler may print
+        self._lock = threading.RLock()
         self._flush_lock = threading.Lock()  # one flush at a time
         self._wake = threading.Event()
         self._closed = False

@@ -452,16 +452,19 @@ class Dataset:
 
 
 def _output_of_current_run() -> RunLog | None:
-    """Where text written in this context goes: the current run's log, or the only
-    run's open in the process; none for Kiln's own threads."""
+    """Where text written in this context goes: the current run's log, else (a thread
+    that carries no context) the newest run open in the process; none for Kiln's own
+    threads. An ended run's log takes nothing more."""
     run = _current.get()
     if run is None:
         if threading.current_thread().name.startswith("kiln-"):
             return None
-        try:
-            run = current_run("print")
-        except NoActiveRunError:
+        from kiln.record.recorder import _recorders
+
+        open_runs = [r for rec in list(_recorders.values()) for r in list(rec.active.values())]
+        if not open_runs:
             return None
+        run = max(open_runs, key=lambda r: r._t0)
     return run.output
 
 

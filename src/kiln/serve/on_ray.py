@@ -41,6 +41,7 @@ from kiln.serve.replicas import setup
 from kiln.serve.server import _say
 
 if TYPE_CHECKING:
+    from kiln.record.store.base import EndpointLogRow
     from kiln.serve.endpoint import Endpoint
 
 _log = logging.getLogger("kiln")
@@ -50,12 +51,87 @@ STATUS = {0: 200, 1: 422, 2: 500}  # the replica's OK, INVALID, FAILED
 _COUNTS = ("requests", "errors", "cpu_ns", "busy_ns")  # a router's figures of a version
 
 
+class _Output:
+    """What a Ray Serve replica prints: passed on (Ray logs it as ever) and stored as
+    its endpoint's logs for its version, every :data:`REPORT_S` and when it stops."""
+
+    def __init__(self, store_url: str, endpoint: str, version: int | None) -> None:
+        from kiln.record.output import FdTee
+
+        self._url, self._endpoint, self._version = store_url, endpoint, version
+        self._lock = threading.Lock()
+        self._rows: list[EndpointLogRow] = []
+        self._kept = self._dropped = 0
+        self._store: Any = None
+        self._stopped = threading.Event()
+        FdTee.installed().sink = self._add
+        threading.Thread(target=self._loop, daemon=True, name="kiln-replica-logs").start()
+
+    def _add(self, stream: str, at: float, data: bytes) -> None:
+        from kiln.record.output import LOG_LIMIT_BYTES, clean
+        from kiln.record.store.base import LOG_CHUNK_CHARS
+
+        with self._lock:
+            if self._kept + len(data) > LOG_LIMIT_BYTES:
+                self._dropped += len(data)
+                return
+            self._kept += len(data)
+            text = clean(data)
+            self._rows += [(self._endpoint, self._version, os.getpid(), at, stream,
+                            text[i : i + LOG_CHUNK_CHARS])
+                           for i in range(0, len(text), LOG_CHUNK_CHARS)]  # fmt: skip
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(REPORT_S):
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            rows, self._rows = self._rows, []
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            rows.append(
+                (
+                    self._endpoint,
+                    self._version,
+                    os.getpid(),
+                    time.time(),
+                    "kiln",
+                    f"[kiln] {dropped:,} bytes of replica output were not recorded\n",
+                )
+            )
+        if not rows:
+            return
+        try:
+            if self._store is None:
+                from kiln.record.store import open_store
+
+                self._store = open_store(self._url)
+            self._store.write_endpoint_logs(rows)
+        except Exception as exc:  # the output was shown; it is only not kept
+            _log.warning("kiln: %d chunks of replica output were not recorded: %s",
+                         len(rows), exc)  # fmt: skip
+
+    def close(self) -> None:
+        from kiln.record.output import FdTee
+
+        self._stopped.set()
+        tee = FdTee.installed()
+        tee.drain()
+        tee.sink = None
+        self.flush()
+
+
 class Replica:
     """A Ray Serve replica of one model version."""
 
     def __init__(self, init: dict[str, Any]) -> None:
         from kiln.serve._replica import _setup
 
+        self._output: _Output | None = None
+        with contextlib.suppress(OSError):  # no descriptors to spare: unlogged
+            self._output = _Output(init["store_url"], init["endpoint"],
+                                   init.get("model_version"))  # fmt: skip
         self._handler, _ = _setup(init)
 
     def predict(
@@ -79,6 +155,9 @@ class Replica:
         if "provider" in _warm:
             _warm["provider"].shutdown()
             del _warm["provider"]
+        if self._output is not None:
+            self._output.close()
+            self._output = None
 
     def __del__(self) -> None:
         self.close()
