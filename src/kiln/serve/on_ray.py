@@ -155,8 +155,9 @@ class Replica:
         if "provider" in _warm:
             _warm["provider"].shutdown()
             del _warm["provider"]
-        if self._output is not None:
-            self._output.close()
+        output = getattr(self, "_output", None)  # Ray's actor class skips __init__
+        if output is not None:
+            output.close()
             self._output = None
 
     def __del__(self) -> None:
