@@ -98,6 +98,10 @@ COMMANDS: dict[str, LazyCommand] = {
         "kiln.cli.server:server",
         "Serve the record over HTTP (/api/v1, /openapi.json, /metrics) until Ctrl-C or SIGTERM.",
     ),
+    "ui": LazyCommand(
+        "kiln.cli.server:ui",
+        "Open the web dashboard on this machine's record (or on the team server).",
+    ),
     "sync": LazyCommand(
         "kiln.cli.server:sync",
         "Send the batches spooled while the server could not be reached (KILN_HOME/spool).",

@@ -65,6 +65,81 @@ def server(
           actor=settings.actor, tls=tls)  # fmt: skip
 
 
+UI_TOKEN_S = 12 * 3600  # the dashboard's token on this machine, revoked when `kiln ui` ends
+
+
+def ui(
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="0: any free port.")] = 0,
+    no_browser: Annotated[
+        bool, typer.Option("--no-browser", help="Print the address; open no browser.")
+    ] = False,
+) -> None:
+    """Open the web dashboard on this machine's record (or on the team server, with
+    KILN_SERVER set)."""
+    import webbrowser
+
+    settings = Settings.from_env()
+    if settings.server_url:
+        url = settings.server_url.rstrip("/") + "/"
+        console().print(f"The dashboard of {plain(url)}: sign in with a token "
+                        "(`kiln tokens create --name dashboard`).")  # fmt: skip
+        if not no_browser:
+            webbrowser.open(url)
+        return
+    from kiln.server.main import serve
+
+    minted: list[str] = []
+
+    def ready(store: object, url: str) -> None:
+        token_id, token = _ui_token(store, settings.actor)
+        minted.append(token_id)
+        address = f"{url}/#token={token}"
+        console().print(f"Kiln's dashboard: {plain(address)}\n(Ctrl-C to stop; the token in "
+                        "the address works only until then)")  # fmt: skip
+        if not no_browser:
+            webbrowser.open(address)
+
+    try:
+        serve(settings.store_url, settings.home, port=port, actor=settings.actor,
+              on_ready=ready)  # fmt: skip
+    finally:
+        if minted:
+            from kiln.record.store import open_sql_store
+
+            with open_sql_store(settings.store_url, actor=settings.actor) as store:
+                store.revoke_token(minted[0])
+
+
+def _ui_token(store: object, actor: str) -> tuple[str, str]:
+    """A token for ``actor`` on this machine's store: the person who can open the store's
+    file is its owner, so a store without principals gets them as its first admin; a
+    store that has principals must already know them."""
+    import time
+
+    from kiln.govern import tokens
+    from kiln.record.store.base import PrincipalRow, TokenRow
+    from kiln.record.store.sql import SqlStore
+
+    assert isinstance(store, SqlStore)  # noqa: S101  serve() opens a SQL store
+    principal = store.principal(actor)
+    if principal is None:
+        if store.principals():
+            raise ConfigError("KILN_ACTOR", f"this store has principals, none named {actor!r}; "
+                              "set KILN_ACTOR to one of them, or `kiln users add`")  # fmt: skip
+        store.add_principal(PrincipalRow(name=actor, kind="user", role="admin",
+                                         created_at=time.time(), created_by="kiln ui"))  # fmt: skip
+        principal = store.principal(actor)
+    assert principal is not None  # noqa: S101
+    if principal.disabled:
+        raise ConfigError("KILN_ACTOR", f"the principal {actor!r} is disabled")
+    token_id, digest, token = tokens.new_token()
+    now = time.time()
+    store.add_token(TokenRow(id=token_id, digest=digest, principal=actor, kind="access",
+                             role=principal.role, created_at=now, name="kiln ui",
+                             expires_at=now + UI_TOKEN_S))  # fmt: skip
+    return token_id, token
+
+
 def _env() -> dict[str, str]:
     import os
 

@@ -27,7 +27,7 @@ from kiln.server import problems
 from kiln.server.auth import Guard, public
 from kiln.server.deps import Limits
 from kiln.server.metrics import LATENCY, REQUESTS, exposition
-from kiln.server.routes import audit, blobs, identity, registry, runs, serving
+from kiln.server.routes import audit, blobs, identity, registry, runs, serving, ui
 
 API_VERSION = "v1"
 
@@ -41,7 +41,7 @@ def build_app(
     auth: bool = True,
 ) -> FastAPI:
     """The server's application: ``/api/v1/...``, ``/openapi.json``, ``/healthz``,
-    ``/readyz`` and ``/metrics``."""
+    ``/readyz``, ``/metrics`` and the dashboard at ``/``."""
     app = FastAPI(
         title="Kiln", version=API_VERSION, docs_url=None, redoc_url=None,
         description="The record of every run, the model registry, endpoints and traces.",
@@ -54,7 +54,7 @@ def build_app(
     app.state.auth = auth  # False: --insecure-no-auth
     app.state.guard = Guard()
     routers = (runs.router, blobs.router, serving.router, registry.router, audit.router,
-               identity.router)  # fmt: skip
+               identity.router, ui.router)  # fmt: skip
     for router in routers:
         app.include_router(router)
     app.add_exception_handler(KilnError, problems.kiln_error)

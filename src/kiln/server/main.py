@@ -7,6 +7,7 @@ import logging
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,12 @@ def enrolment(store: Any) -> str | None:
 def serve(
     store_url: str, home: Path, *, host: str = "127.0.0.1", port: int = 8700,
     insecure_no_auth: bool = False, actor: str = "kiln-server",
-    tls: tuple[Path, Path] | None = None,
+    tls: tuple[Path, Path] | None = None, on_ready: Callable[[Any, str], None] | None = None,
 ) -> None:  # fmt: skip
     """Serve the store at ``store_url`` (blobs under ``home``) until SIGINT or SIGTERM;
     on either, stop taking connections and let the requests in flight finish. Every
-    request needs a token unless ``insecure_no_auth``; ``tls`` is (certificate, key)."""
+    request needs a token unless ``insecure_no_auth``; ``tls`` is (certificate, key).
+    ``on_ready(store, url)`` is called once the socket listens, before serving."""
     check_bind(host, insecure_no_auth=insecure_no_auth)
     from kiln._optional import require
 
@@ -106,6 +108,8 @@ def serve(
     scheme = "https" if tls else "http"
     print(f"kiln server: {scheme}://{shown}:{bound} (store {store.url})", flush=True)
     token = None if insecure_no_auth else enrolment(store)
+    if on_ready is not None:
+        on_ready(store, f"{scheme}://{shown}:{bound}")
     if token is not None:
         print(f"kiln server: enrol the first admin (once) with: kiln login "
               f"{scheme}://{shown}:{bound} --enrol {token} --name NAME", flush=True)  # fmt: skip

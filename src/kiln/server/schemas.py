@@ -66,6 +66,8 @@ __all__ = [
 
 
 Time = Annotated[float, Field(allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Comparison = Literal["<", "<=", ">", ">=", "=", "!="]
 LogStream = Literal["stdout", "stderr", "kiln"]
 # Whole lines a run printed, as the capture cuts them (no NUL: PostgreSQL text has none).
 LogText = Annotated[str, StringConstraints(max_length=LOG_CHUNK_CHARS, pattern=r"^[^\x00]*$")]
@@ -102,6 +104,10 @@ class Query(Strict):
     order_by: Annotated[str, StringConstraints(min_length=1, max_length=260)] = "-created"
     limit: Annotated[int, Field(ge=1, le=100_000)] | None = 100
     reproductions: bool = True
+    metrics: list[tuple[Key, Comparison, Finite]] = Field(default_factory=list, max_length=50)
+    text: Annotated[str, StringConstraints(max_length=200)] | None = None
+    offset: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    total: bool = False  # also count every run that matches (a table's pages)
 
 
 class Run(BaseModel):
@@ -114,6 +120,65 @@ class Run(BaseModel):
 
 class Runs(BaseModel):
     runs: list[Run]
+    total: int | None = None  # with ``total``: how many runs match in all
+
+
+class GroupQuery(Strict):
+    """Runs of ``query`` grouped by ``by`` (``params.NAME`` or ``tags.NAME``), with the
+    spread of each metric of ``metrics`` in each group."""
+
+    query: Query = Field(default_factory=lambda: Query())
+    by: Annotated[str, StringConstraints(min_length=1, max_length=260)]
+    metrics: list[Key] = Field(default_factory=list, max_length=20)
+
+
+class Spread(BaseModel):
+    mean: float
+    median: float
+    min: float
+    max: float
+    n: int
+
+
+class Group(BaseModel):
+    value: JSON
+    runs: int
+    metrics: dict[str, Spread]
+
+
+class Groups(BaseModel):
+    groups: list[Group]
+
+
+class Columns(BaseModel):
+    """The param, tag and metric names of the newest 1,000 runs that match."""
+
+    params: list[str]
+    tags: list[str]
+    metrics: list[str]
+
+
+class SeriesQuery(Strict):
+    """Metric series of runs for a chart: up to ``points`` points each, the extremes
+    of each step bucket kept; between ``min_step`` and ``max_step`` (a zoom) exact
+    where that holds no more than ``points``."""
+
+    runs: list[RunId] = Field(min_length=1, max_length=1000)
+    keys: list[Key] = Field(min_length=1, max_length=50)
+    points: Annotated[int, Field(ge=2, le=20_000)] = 2000
+    min_step: Int64 | None = None
+    max_step: Int64 | None = None
+
+
+class Series(BaseModel):
+    run: str
+    key: str
+    points: list[tuple[int, Number]]  # [step, value]
+    total: int  # points held in the range
+
+
+class SeriesOut(BaseModel):
+    series: list[Series]
 
 
 class Points(BaseModel):

@@ -8,6 +8,7 @@ import copy
 import hashlib
 import json
 import math
+import operator
 import tempfile
 import threading
 import time
@@ -30,6 +31,7 @@ from kiln.record.lineage import Lineage
 from kiln.record.model import Artifact, LogChunk, MetricPoint, RunRecord, record_from_row
 from kiln.record.store._wire import RUN_COLUMNS
 from kiln.record.store.base import (
+    METRIC_OPS,
     EndpointLog,
     EndpointLogRow,
     EndpointRow,
@@ -39,6 +41,25 @@ from kiln.record.store.base import (
     trace_prefix,
 )
 from kiln.record.store.rows import SpanRow
+
+
+def _equal(row: dict[str, Any], checks: list[Any]) -> bool:
+    """Whether the run's params and tags hold each value of ``checks`` (1 == 1.0)."""
+    for _, part, name, wanted in checks:
+        held = (row.get(part) or {}).get(name)
+        if isinstance(wanted, bool) or isinstance(held, bool):
+            if held is not wanted:
+                return False
+        elif isinstance(wanted, int | float):
+            if not isinstance(held, int | float) or float(held) != float(wanted):
+                return False
+        elif held != wanted:
+            return False
+    return True
+
+
+_COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+            "=": operator.eq, "!=": operator.ne}  # fmt: skip
 
 
 class MemoryEndpointStore:
@@ -368,9 +389,25 @@ class MemoryStore(MemoryEndpointStore):
                 rest = sorted((r for r in rows if value(r) is None),
                               key=lambda r: (-r["created_at"], r["id"]))  # fmt: skip
                 rows = held + rest
+            if query.offset < 0:
+                raise ValidationError("offset", f"must be >= 0, got {query.offset}")
+            rows = rows[query.offset :]
             if query.limit is not None:
                 rows = rows[: query.limit]
             return [self._record(r["id"]) for r in rows]
+
+    def _metrics_and_text(self, row: dict[str, Any], query: RunQuery) -> bool:
+        held = self._summary.get(row["id"], {})
+        for i, (name, op, wanted) in enumerate(query.metrics):
+            if op not in METRIC_OPS:
+                raise ValidationError(f"metrics[{i}]", f"{op!r} is not a comparison",
+                                      allowed=list(METRIC_OPS))  # fmt: skip
+            value = held.get(name, (None, None))[1]
+            if value is None or math.isnan(value) or not _COMPARE[op](value, wanted):
+                return False
+        text = query.text
+        return not text or (row["id"].startswith(text) or text in (row.get("name") or "")
+                            or text in row["app"])  # fmt: skip
 
     def _matches(self, row: dict[str, Any], query: RunQuery, checks: list[Any]) -> bool:
         if query.app is not None and row["app"] != query.app:
@@ -386,17 +423,7 @@ class MemoryStore(MemoryEndpointStore):
             return False
         if not query.reproductions and "reproduced_from" in (row.get("tags") or {}):
             return False
-        for _, part, name, wanted in checks:
-            held = (row.get(part) or {}).get(name)
-            if isinstance(wanted, bool) or isinstance(held, bool):
-                if held is not wanted:
-                    return False
-            elif isinstance(wanted, int | float):
-                if not isinstance(held, int | float) or float(held) != float(wanted):
-                    return False
-            elif held != wanted:
-                return False
-        return True
+        return self._metrics_and_text(row, query) and _equal(row, checks)
 
     def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
         with self._lock:

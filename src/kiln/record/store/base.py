@@ -99,6 +99,9 @@ WRITE_PARTS = (
 )  # fmt: skip
 
 
+METRIC_OPS = ("<", "<=", ">", ">=", "=", "!=")
+
+
 @dataclass(frozen=True, slots=True)
 class RunQuery:
     """A filter and order over runs.
@@ -106,6 +109,10 @@ class RunQuery:
     ``order_by`` is a run field (``created``, ``started``, ``ended``, ``name``, ``status``)
     or a summary metric (``accuracy`` or ``metrics.accuracy``), with a leading ``-``
     for descending. Ordering by a metric puts runs that lack it (or hold NaN) last.
+    ``metrics`` holds comparisons of summary metrics, ``(key, op, value)`` with ``op``
+    one of :data:`METRIC_OPS` (a run without the metric never matches); ``text`` finds
+    runs whose id starts with it or whose name or app contains it; ``offset`` skips
+    that many runs of the order (pages).
     """
 
     app: str | None = None
@@ -117,6 +124,9 @@ class RunQuery:
     order_by: str = "-created"
     limit: int | None = 100
     reproductions: bool = True  # False: leave out reproductions (tagged reproduced_from)
+    metrics: tuple[tuple[str, str, float], ...] = ()
+    text: str | None = None
+    offset: int = 0
 
 
 class RunStore(Protocol):

@@ -64,7 +64,8 @@ from kiln.record.store._schema import (
 )
 from kiln.record.store._schema import audit as audit_log
 from kiln.record.store._verify import registry_problems
-from kiln.record.store.base import RunQuery, WriteBatch
+from kiln.record.store._views import Views
+from kiln.record.store.base import METRIC_OPS, RunQuery, WriteBatch
 from kiln.record.store.rows import RunUpdate, SpanRow
 
 SCHEMA_HEAD = "0015"
@@ -84,7 +85,7 @@ T = TypeVar("T")
 _log = logging.getLogger("kiln")
 
 
-class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
+class SqlStore(EndpointsAndSpans, RegistryAccess, Identities, Views):
     """A :class:`~kiln.record.store.base.Store` on SQLite or PostgreSQL.
 
     Opening it creates or migrates the schema (Alembic), unless ``create`` is false,
@@ -967,6 +968,8 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
     def _query_runs(self, query: RunQuery) -> list[RunRecord]:
         if query.limit is not None and query.limit < 0:
             raise ValidationError("limit", f"must be >= 0, got {query.limit}")
+        if query.offset < 0:
+            raise ValidationError("offset", f"must be >= 0, got {query.offset}")
         descending = query.order_by.startswith("-")
         key = query.order_by.lstrip("-+")
         where = self._filters(query)
@@ -975,8 +978,8 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                 col = _RUN_FIELDS[key]
                 stmt = sa.select(runs).where(*where)
                 stmt = stmt.order_by(col.desc() if descending else col.asc(), runs.c.id)
-                rows = conn.execute(stmt.limit(query.limit)).mappings().all()
-                return self._records(conn, rows)
+                stmt = stmt.limit(query.limit).offset(query.offset or None)
+                return self._records(conn, conn.execute(stmt).mappings().all())
             metric = key.removeprefix("metrics.")
             if not metric:
                 raise ValidationError("order_by", "is empty", allowed=["a run field", "a metric"])
@@ -1002,9 +1005,15 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             .where(has_value, *where)
             .order_by(order, runs.c.created_at, summary.c.run_id)  # ties: the first created
             .limit(query.limit)
+            .offset(query.offset or None)
         )
         rows = list(conn.execute(stmt).mappings().all())
         if query.limit is None or len(rows) < query.limit:
+            skip = 0  # of the runs without the metric: the offset past those with it
+            if query.offset and not rows:
+                held = sa.select(sa.func.count()).select_from(stmt.limit(None).offset(None)
+                                                              .subquery())  # fmt: skip
+                skip = max(0, query.offset - int(conn.execute(held).scalar_one()))
             rest = (
                 sa.select(runs)
                 .where(
@@ -1016,6 +1025,7 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
                     ),
                 )
                 .order_by(runs.c.created_at.desc(), runs.c.id)
+                .offset(skip or None)
             )
             if query.limit is not None:
                 rest = rest.limit(query.limit - len(rows))
@@ -1038,6 +1048,15 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities):
             where.append(_json_equals(runs.c.tags, name, value, field=f"tags.{name}"))
         if not query.reproductions:
             where.append(_json_equals(runs.c.tags, "reproduced_from", None, field="tags"))
+        for i, (name, op, value) in enumerate(query.metrics):
+            compared = _compare(summary.c.value, op, value, field=f"metrics[{i}]")
+            where.append(sa.exists().where(summary.c.run_id == runs.c.id,
+                                           summary.c.key == name, compared))  # fmt: skip
+        if query.text:
+            like = query.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append(sa.or_(runs.c.id.like(f"{like}%", escape="\\"),
+                                runs.c.name.like(f"%{like}%", escape="\\"),
+                                runs.c.app.like(f"%{like}%", escape="\\")))  # fmt: skip
         return where
 
     def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
@@ -1281,6 +1300,21 @@ def _read_version(conn: Connection) -> str | None:
         return None
     value = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
     return None if value is None else str(value)
+
+
+def _compare(
+    column: sa.ColumnElement[Any], op: str, value: float, *, field: str
+) -> sa.ColumnElement[bool]:
+    """``column op value``; NULL (NaN) matches no comparison."""
+    if op not in METRIC_OPS:
+        raise ValidationError(field, f"{op!r} is not a comparison", allowed=list(METRIC_OPS))
+    if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
+        raise ValidationError(field, f"compares with {value!r}", allowed="a number")
+    found: sa.ColumnElement[bool] = {
+        "<": column < value, "<=": column <= value, ">": column > value,
+        ">=": column >= value, "=": column == value, "!=": column != value,
+    }[op]  # fmt: skip
+    return found
 
 
 def _json_equals(

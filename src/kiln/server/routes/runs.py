@@ -166,12 +166,44 @@ def query_runs(query: schemas.Query, store: Store) -> Any:
         statuses = tuple(RunStatus(s) for s in query.status)
     except ValueError as e:  # pragma: no cover - the schema allows only statuses
         raise ValidationError("status", str(e)) from None
-    found = store.query_runs(RunQuery(
-        app=query.app, status=statuses, params=query.params, tags=query.tags,
-        parent_id=query.parent_id, env_id=query.env_id, order_by=query.order_by,
-        limit=query.limit, reproductions=query.reproductions,
-    ))  # fmt: skip
-    return {"runs": [record_to_wire(r) for r in found]}
+    found = store.query_runs(_run_query(query, statuses))
+    total = store.count_matching(_run_query(query, statuses)) if query.total else None
+    return {"runs": [record_to_wire(r) for r in found], "total": total}
+
+
+def _run_query(query: schemas.Query, statuses: tuple[RunStatus, ...] = ()) -> RunQuery:
+    return RunQuery(
+        app=query.app, status=statuses or tuple(RunStatus(s) for s in query.status),
+        params=query.params, tags=query.tags, parent_id=query.parent_id,
+        env_id=query.env_id, order_by=query.order_by, limit=query.limit,
+        reproductions=query.reproductions, metrics=tuple(query.metrics), text=query.text,
+        offset=query.offset,
+    )  # fmt: skip
+
+
+@router.post("/runs:groups", dependencies=[need("runs", "read")], response_model=schemas.Groups)
+def group_runs(body: schemas.GroupQuery, store: Store) -> Any:
+    """Runs matching a filter grouped by a param or tag, largest groups first (at most
+    1,000), with each metric's mean, median, min and max per group."""
+    return {"groups": store.group_runs(_run_query(body.query), body.by, body.metrics)}
+
+
+@router.post("/runs:columns", dependencies=[need("runs", "read")], response_model=schemas.Columns)
+def run_columns(query: schemas.Query, store: Store) -> Any:
+    """The param, tag and metric names of the newest 1,000 runs matching a filter."""
+    return store.run_columns(_run_query(query))
+
+
+@router.post("/runs:series", dependencies=[need("runs", "read")],
+             response_model=schemas.SeriesOut)  # fmt: skip
+def series(body: schemas.SeriesQuery, store: Store) -> Any:
+    """Metric series of up to 1,000 runs for a chart, each cut to about ``points``
+    points keeping every bucket's extremes (exact where the range holds fewer)."""
+    found = store.series(body.runs, body.keys, points=body.points, min_step=body.min_step,
+                         max_step=body.max_step)  # fmt: skip
+    for one in found:
+        one["points"] = [[s, number(v)] for s, v in one["points"]]
+    return {"series": found}
 
 
 @router.get(
@@ -186,6 +218,15 @@ def metric_history(
 ) -> Any:
     """Every point of one metric of one run, by step then time."""
     return {"points": points_to_wire(store.metric_history(run_id, key))}
+
+
+@router.get("/runs/{run_id}/fit", dependencies=[need("runs", "read")])
+def run_fit(run_id: Annotated[str, Path(max_length=32)], store: Store) -> dict[str, Any]:
+    """What the run used against what it asked, and the advice (``kiln runs show``)."""
+    from kiln.observe import rightsizing
+
+    found: dict[str, Any] = rightsizing.fit(store.get_run(run_id)).to_dict()
+    return found
 
 
 @router.get("/runs/{run_id}/rows", dependencies=[need("runs", "read")], response_model=schemas.Rows)

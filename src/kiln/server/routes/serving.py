@@ -142,3 +142,19 @@ def list_spans(
 def find_trace(trace_id: Annotated[str, Path(pattern=schemas.TRACE_PATTERN)], store: Store) -> Any:
     """The spans of a trace, by its id or a unique prefix of 8 or more, oldest first."""
     return {"spans": store.find_trace(trace_id)}
+
+
+@router.get("/traces/{trace_id}/why", dependencies=[need("traces", "read")])
+def why(
+    trace_id: Annotated[str, Path(min_length=8, max_length=60, pattern=r"^[0-9a-fA-F-]+$")],
+    store: Store,
+) -> dict[str, Any]:
+    """Everything behind one answer (a trace id, a unique prefix of 8 or more, or the
+    traceparent it carried): input, output, model version, promotions, run, code, data
+    and environment, as ``kiln why --json`` prints it."""
+    import json
+
+    from kiln.observe.why import explain
+
+    found: dict[str, Any] = json.loads(json.dumps(explain(store, trace_id), default=str))
+    return found
