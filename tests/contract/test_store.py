@@ -174,6 +174,52 @@ def test_order_by_run_fields_and_limit(store: KilnStore) -> None:
     ]
 
 
+def test_pages_by_offset_follow_the_order_past_the_runs_without_the_metric(
+    store: KilnStore,
+) -> None:
+    accs = {i: (None if i % 4 == 0 else i / 10) for i in range(1, 12)}
+    store.write(WriteBatch(new_runs=[run_row(hexid(i), created=float(i)) for i in accs]))
+    store.write(WriteBatch(summaries=[(hexid(i), "a", "acc", v) for i, v in accs.items()
+                                      if v is not None]))  # fmt: skip
+    for order in ("-acc", "acc", "-created", "name"):
+        whole = [r.id for r in store.query_runs(RunQuery(order_by=order, limit=None))]
+        pages = [store.query_runs(RunQuery(order_by=order, limit=3, offset=start))
+                 for start in range(0, 12, 3)]  # fmt: skip
+        paged = [r.id for page in pages for r in page]
+        assert paged == whole and len(whole) == 11, order
+    assert store.query_runs(RunQuery(offset=50)) == []
+    with pytest.raises(ValidationError, match="offset"):
+        store.query_runs(RunQuery(offset=-1))
+
+
+def test_filters_by_metric_comparisons_and_text(store: KilnStore) -> None:
+    store.write(WriteBatch(new_runs=[
+        run_row(hexid(1), name="resnet-small"), run_row(hexid(2), name="resnet-big"),
+        run_row(hexid(3), name="vit", app="vision"), run_row(hexid(4), name="a_b"),
+        run_row(hexid(5), name="axb"),
+    ]))  # fmt: skip
+    store.write(WriteBatch(summaries=[(hexid(1), "a", "acc", 0.5), (hexid(2), "a", "acc", 0.9),
+                                      (hexid(3), "vision", "acc", math.nan),
+                                      (hexid(2), "a", "loss", 0.1)]))  # fmt: skip
+
+    def ids(**kw: object) -> set[str]:
+        return {r.id for r in store.query_runs(RunQuery(**kw))}  # type: ignore[arg-type]
+
+    assert ids(metrics=(("acc", ">", 0.6),)) == {hexid(2)}
+    assert ids(metrics=(("acc", "<=", 0.9),)) == {hexid(1), hexid(2)}  # NaN matches nothing
+    assert ids(metrics=(("acc", "!=", 0.5),)) == {hexid(2)}  # nor does a missing metric
+    assert ids(metrics=(("acc", ">", 0.1), ("loss", "<", 1.0))) == {hexid(2)}
+    ordered = store.query_runs(RunQuery(metrics=(("acc", ">", 0.1),), order_by="-acc"))
+    assert [r.id for r in ordered] == [hexid(2), hexid(1)]
+    assert ids(text="resnet") == {hexid(1), hexid(2)}
+    assert ids(text="vision") == {hexid(3)}  # the app
+    assert ids(text=hexid(4)[:6]) == {hexid(4)}  # an id prefix
+    assert ids(text="a_b") == {hexid(4)}  # _ and % are plain characters
+    assert ids(text="%") == set()
+    with pytest.raises(ValidationError, match=r"metrics.*(op|comparison)"):
+        ids(metrics=(("acc", "~", 1.0),))
+
+
 def test_summary_and_artifact_writes_are_upserts(store: KilnStore) -> None:
     rid = hexid(9)
     first, second = store.blob_store.put_bytes(b"a"), store.blob_store.put_bytes(b"b")
@@ -296,3 +342,31 @@ def test_upgrading_puts_what_was_recorded_in_the_default_project(tmp_path: Path)
         assert not store.in_project("blue").holds_blob("a" * 64)
         with pytest.raises(RunNotFoundError):
             store.in_project("blue").get_run(hexid(1))
+
+
+def test_the_dashboards_reads_on_each_database(settings: Settings) -> None:
+    """Groups, columns, counts and cut series: SQL the SQL stores alone run (the server's)."""
+    with SqlStore(settings.store_url) as store:
+        store.write(WriteBatch(new_runs=[
+            run_row(hexid(i), params={"lr": [0.1, 1][i % 2], "opt": "sgd"}, tags={"t": str(i % 3)})
+            for i in range(1, 7)
+        ], summaries=[(hexid(i), "a", "acc", i / 10) for i in range(1, 7)]))  # fmt: skip
+        groups = store.group_runs(RunQuery(), "params.lr", ["acc", "none"])
+        assert [(g["value"], g["runs"]) for g in groups] == [(0.1, 3), (1, 3)]
+        assert groups[0]["metrics"]["acc"] == pytest.approx({"mean": 0.4, "median": 0.4,
+                                                             "min": 0.2, "max": 0.6, "n": 3})  # fmt: skip
+        assert [g["value"] for g in store.group_runs(RunQuery(), "tags.t", [])] == ["0", "1", "2"]
+        with pytest.raises(ValidationError, match="by"):
+            store.group_runs(RunQuery(), "acc", [])
+        assert store.run_columns(RunQuery()) == {"params": ["lr", "opt"], "tags": ["t"],
+                                                 "metrics": ["acc"]}  # fmt: skip
+        assert store.count_matching(RunQuery(metrics=(("acc", ">=", 0.5),), limit=1)) == 2
+        run = hexid(1)
+        values = [math.cos(s / 40) for s in range(1000)]
+        values[500] = 9.0
+        store.write(WriteBatch(metrics=[(run, "y", s, 1.0, v) for s, v in enumerate(values)]))
+        [cut] = store.series([run, hexid(99)], ["y"], points=100)
+        assert cut["total"] == 1000 and len(cut["points"]) <= 100 and [500, 9.0] in cut["points"]
+        assert min(v for _, v in cut["points"]) == min(values)
+        [zoom] = store.series([run], ["y"], points=100, min_step=10, max_step=19)
+        assert zoom["points"] == [[s, values[s]] for s in range(10, 20)]

@@ -92,6 +92,14 @@ class BatchApplied(BaseModel):
     points: int
 
 
+class MetricFilter(Strict):
+    """Runs whose summary metric ``key`` compares so with ``value`` (NaN: never)."""
+
+    key: Key
+    op: Comparison
+    value: Finite
+
+
 class Query(Strict):
     """A filter and order over runs (see :class:`kiln.record.store.base.RunQuery`)."""
 
@@ -104,7 +112,7 @@ class Query(Strict):
     order_by: Annotated[str, StringConstraints(min_length=1, max_length=260)] = "-created"
     limit: Annotated[int, Field(ge=1, le=100_000)] | None = 100
     reproductions: bool = True
-    metrics: list[tuple[Key, Comparison, Finite]] = Field(default_factory=list, max_length=50)
+    metrics: list[MetricFilter] = Field(default_factory=list, max_length=50)
     text: Annotated[str, StringConstraints(max_length=200)] | None = None
     offset: Annotated[int, Field(ge=0, le=10_000_000)] = 0
     total: bool = False  # also count every run that matches (a table's pages)

@@ -82,6 +82,7 @@ def record_from_wire(
 def query_to_wire(query: RunQuery) -> dict[str, Any]:
     out = asdict(query)
     out["status"] = [str(s) for s in query.status]
+    out["metrics"] = [{"key": k, "op": o, "value": v} for k, o, v in query.metrics]
     return out
 
 

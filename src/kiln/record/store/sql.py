@@ -1049,9 +1049,10 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities, Views):
         if not query.reproductions:
             where.append(_json_equals(runs.c.tags, "reproduced_from", None, field="tags"))
         for i, (name, op, value) in enumerate(query.metrics):
-            compared = _compare(summary.c.value, op, value, field=f"metrics[{i}]")
-            where.append(sa.exists().where(summary.c.run_id == runs.c.id,
-                                           summary.c.key == name, compared))  # fmt: skip
+            held = summary.alias(f"filter_{i}")  # not the summary a metric order reads
+            compared = _compare(held.c.value, op, value, field=f"metrics[{i}]")
+            where.append(sa.exists().where(held.c.run_id == runs.c.id, held.c.key == name,
+                                           compared))  # fmt: skip
         if query.text:
             like = query.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             where.append(sa.or_(runs.c.id.like(f"{like}%", escape="\\"),

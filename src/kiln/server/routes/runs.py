@@ -176,7 +176,8 @@ def _run_query(query: schemas.Query, statuses: tuple[RunStatus, ...] = ()) -> Ru
         app=query.app, status=statuses or tuple(RunStatus(s) for s in query.status),
         params=query.params, tags=query.tags, parent_id=query.parent_id,
         env_id=query.env_id, order_by=query.order_by, limit=query.limit,
-        reproductions=query.reproductions, metrics=tuple(query.metrics), text=query.text,
+        reproductions=query.reproductions, text=query.text,
+        metrics=tuple((m.key, m.op, m.value) for m in query.metrics),
         offset=query.offset,
     )  # fmt: skip
 

@@ -269,7 +269,7 @@ function parseFilter(text, known) {
     if (part === "metrics") {
       const value = Number(raw);
       if (raw === "" || !Number.isFinite(value)) throw new Error(`metrics.${key}: compares with "${raw}"; give a number`);
-      q.metrics.push([key, op, value]);
+      q.metrics.push({ key, op, value });
     } else if (op !== "=") {
       throw new Error(`${part}.${key}: only = compares ${part}; use ${key}=VALUE`);
     } else if (part === "tags") q.tags[key] = raw;
@@ -436,6 +436,7 @@ async function runsPage(root, alive) {
   async function refresh() {
     save();
     message.replaceChildren();
+    count.textContent = "";
     let query;
     try {
       query = { ...parseFilter(state.filter, known), order_by: state.order_by };
