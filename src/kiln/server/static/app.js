@@ -285,7 +285,8 @@ function columnsFor(chosen) {
   const cols = [
     { id: "select", label: "", width: "32px", cell: (r, t) => h("input", { type: "checkbox", "aria-label": "select", checked: t.selected.has(r.run.id),
       onchange: (e) => t.toggle(r.run.id, e.target.checked) }) },
-    { id: "id", label: "id", width: "90px", cell: (r) => runLink(r.run.id) },
+    { id: "id", label: "id", width: "90px", cell: (r) => (r.run.tags.kind === "sweep"
+      ? link(`#/sweep/${r.run.id}`, `${short(r.run.id)} ⋯`, { title: "a sweep: its runs" }) : runLink(r.run.id)) },
     { id: "name", label: "name", sort: "name", width: "minmax(120px, 1.5fr)", cell: (r) => r.run.name || "" },
     { id: "status", label: "status", sort: "status", width: "100px", cell: (r) => statusTag(r.run.status) },
     { id: "app", label: "app", sort: "app", width: "minmax(80px, 1fr)", cell: (r) => r.run.app },
@@ -609,7 +610,8 @@ async function runPage(root, id, alive) {
       else if (e.packages_sha256) body.append(h("h2", {}, "Packages"), h("pre", { id: "lock" }, await blobText(e.packages_sha256)));
     },
     artifacts: async () => {
-      body.append(table(["name", "direction", "kind", "size", "sha256", ""], rec.artifacts.map((a) => [a.name, a.direction, a.kind, bytes(a.size), a.sha256.slice(0, 16),
+      body.append(table(["name", "direction", "kind", "size", "sha256", ""], rec.artifacts.map((a) => [a.name, a.direction, a.kind, bytes(a.size),
+        link(`#/lineage/${a.sha256}`, a.sha256.slice(0, 16), { title: "its lineage" }),
         h("button", { onclick: () => download(a.sha256, a.name).catch((e) => body.append(errorBox(e))) }, "download")]), { id: "artifacts" }));
     },
     lineage: async () => { body.append(await lineageGraph(r.id)); },
@@ -954,7 +956,8 @@ async function modelPage(root, name, alive) {
     ]), { id: "aliases" }),
     h("h2", {}, "Pending requests"), requestsTable(pending.requests.filter((r) => r.name === name), () => route()),
     h("h2", {}, "Versions"), table(["version", "run", "artifact", "metrics", "registered by", "at"], versions.versions.map((v) => [
-      v.version, runLink(v.run_id), v.artifact, fmt(v.metrics), v.created_by, when(v.created_at)]), { id: "versions" }),
+      v.version, runLink(v.run_id), link(`#/lineage/${v.artifact_sha256}`, v.artifact, { title: "its lineage" }), fmt(v.metrics),
+      v.created_by, when(v.created_at)]), { id: "versions" }),
     h("h2", {}, "Alias history"), table(["alias", "from", "to", "by", "reason", "at"], history.moves.map((m) => [
       m.alias, m.from_version ?? "new", m.to_version, m.actor, m.reason || "", when(m.at)]), { id: "history" }));
 }
