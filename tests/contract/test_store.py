@@ -353,8 +353,8 @@ def test_the_dashboards_reads_on_each_database(settings: Settings) -> None:
         ], summaries=[(hexid(i), "a", "acc", i / 10) for i in range(1, 7)]))  # fmt: skip
         groups = store.group_runs(RunQuery(), "params.lr", ["acc", "none"])
         assert [(g["value"], g["runs"]) for g in groups] == [(0.1, 3), (1, 3)]
-        assert groups[0]["metrics"]["acc"] == pytest.approx({"mean": 0.4, "median": 0.4,
-                                                             "min": 0.2, "max": 0.6, "n": 3})  # fmt: skip
+        spread = {"mean": 0.4, "median": 0.4, "min": 0.2, "max": 0.6, "n": 3}
+        assert groups[0]["metrics"]["acc"] == pytest.approx(spread)
         assert [g["value"] for g in store.group_runs(RunQuery(), "tags.t", [])] == ["0", "1", "2"]
         with pytest.raises(ValidationError, match="by"):
             store.group_runs(RunQuery(), "acc", [])

@@ -342,7 +342,8 @@ def test_groups_columns_and_totals_of_a_filter(world: World) -> None:
     assert columns == {"params": ["depth", "lr", "note"], "tags": ["team"],
                        "metrics": ["acc", "loss"]}  # fmt: skip
     found = world.call("POST", "/runs:search", world.admin, {
-        "metrics": [{"key": "acc", "op": ">=", "value": 0.9}], "total": True, "limit": 5, "order_by": "-acc",
+        "metrics": [{"key": "acc", "op": ">=", "value": 0.9}], "total": True, "limit": 5,
+        "order_by": "-acc",
     })  # fmt: skip
     assert found["total"] == sum(acc(i) >= 0.9 for i in range(RUNS)) and len(found["runs"]) == 5
     bad = world.http.post("/api/v1/runs:groups", headers=bearer(world.admin),

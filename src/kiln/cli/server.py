@@ -74,8 +74,7 @@ def ui(
         bool, typer.Option("--no-browser", help="Print the address; open no browser.")
     ] = False,
 ) -> None:
-    """Open the web dashboard on this machine's record (or on the team server, with
-    KILN_SERVER set)."""
+    """Open the web dashboard on this machine's record (or on the team server)."""
     import webbrowser
 
     settings = Settings.from_env()
