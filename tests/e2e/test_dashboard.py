@@ -321,6 +321,9 @@ def test_series_keep_each_buckets_extremes_and_are_exact_on_zoom(
         "runs": [run], "keys": ["y"], "points": 400, "min_step": 12_300, "max_step": 12_399,
     })["series"][0]  # fmt: skip
     assert zoom["total"] == 100 and [p[0] for p in zoom["points"]] == list(range(12_300, 12_400))
+    too_many = {"runs": [run] * 500, "keys": ["y", "z", "w"], "points": 100}
+    refused = world.http.post("/api/v1/runs:series", headers=bearer(world.admin), json=too_many)
+    assert refused.status_code == 422 and "at most 1000 series" in refused.text
     # another project's run is not found, and its points are not given
     theirs = world.call("POST", "/runs:series", world.tokens["blue"],
                         {"runs": [run], "keys": ["y"]})  # fmt: skip

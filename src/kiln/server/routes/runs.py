@@ -27,6 +27,7 @@ from kiln.server.metrics import INGESTED
 
 router = APIRouter(prefix="/api/v1", tags=["runs"])
 _KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
+MAX_SERIES, MAX_SERIES_POINTS = 1000, 4_000_000  # of one runs:series request
 
 
 def gzip_body(schema: str) -> dict[str, Any]:
@@ -199,7 +200,13 @@ def run_columns(query: schemas.Query, store: Store) -> Any:
              response_model=schemas.SeriesOut)  # fmt: skip
 def series(body: schemas.SeriesQuery, store: Store) -> Any:
     """Metric series of up to 1,000 runs for a chart, each cut to about ``points``
-    points keeping every bucket's extremes (exact where the range holds fewer)."""
+    points keeping every bucket's extremes (exact where the range holds fewer). At most
+    1,000 series and 4,000,000 points in all are asked at once."""
+    series_n = len(body.runs) * len(body.keys)
+    if series_n > MAX_SERIES or series_n * body.points > MAX_SERIES_POINTS:
+        raise ValidationError("runs", f"asks for {series_n} series of {body.points} points",
+                              allowed=f"at most {MAX_SERIES} series and "
+                              f"{MAX_SERIES_POINTS:,} points in all")  # fmt: skip
     found = store.series(body.runs, body.keys, points=body.points, min_step=body.min_step,
                          max_step=body.max_step)  # fmt: skip
     for one in found:
