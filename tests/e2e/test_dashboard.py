@@ -230,6 +230,21 @@ def test_a_run_page_shows_its_chart_and_logs(world: World, open_as: Any) -> None
     assert "0.01" in page.inner_text("#params")
 
 
+def test_a_running_runs_logs_appear_as_it_prints(world: World, open_as: Any) -> None:
+    run = rid(9, "d")
+    world.store.write(WriteBatch(
+        new_runs=[RunRow(id=run, app="live", status=RunStatus.RUNNING, created_at=2.0)],
+        logs=[(run, 1.0, "stdout", "starting\n")],
+    ))  # fmt: skip
+    page = open_as("viewer", f"#/run/{run}?tab=logs")
+    expect(page.locator("#logs")).to_contain_text("starting")
+    world.store.write(WriteBatch(logs=[(run, 2.0, "stdout", "step 1 done\n")]))
+    expect(page.locator("#logs")).to_contain_text("step 1 done")
+    world.store.write(WriteBatch(updates=[RunUpdate(id=run, status=RunStatus.SUCCEEDED,
+                                                    ended_at=3.0)]))  # fmt: skip
+    expect(page.locator("[data-live]")).to_have_text("The run ended: succeeded.")
+
+
 def test_three_runs_compared_side_by_side(world: World, open_as: Any) -> None:
     page = open_as("viewer", "#/runs?sort=name")
     page.wait_for_selector("[data-ready] .vt-row")

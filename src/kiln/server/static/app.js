@@ -639,7 +639,7 @@ function diffView(text) {
 async function logView(r) {
   // What the run printed, oldest first; while it runs, what it prints next appears.
   const pre = h("pre", { class: "logs", id: "logs" });
-  const note = h("p", { class: "muted" });
+  const note = h("p", { class: "muted", "data-live": "" });
   let after = 0;
   const pull = async () => {
     for (;;) {
