@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from kiln.record.model import RunStatus
 from kiln.record.store.base import WriteBatch
 from kiln.record.store.rows import RunRow
@@ -75,7 +77,7 @@ def populate(db: Path) -> None:
 
 
 def kiln_ui(home: Path) -> tuple[subprocess.Popen[str], str, str]:
-    """``kiln ui`` on ``home``: the process, its address and the token it opened with."""
+    """``kiln ui`` on ``home``: the process, its address and the token its link gives."""
     env = {**os.environ, "KILN_HOME": str(home)}
     env.pop("KILN_SERVER", None)
     command = [sys.executable, "-m", "kiln", "ui", "--no-browser"]
@@ -83,9 +85,11 @@ def kiln_ui(home: Path) -> tuple[subprocess.Popen[str], str, str]:
                             text=True)  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:
-        found = re.search(r"(http://\S+?)/#token=(\S+)", line)
-        if found:
-            return proc, found.group(1), found.group(2)
+        found = re.search(r"(http://\S+?)/#code=(\S+)", line)
+        if found:  # the one-time code the address carries, for a token to sign in with
+            url = found.group(1)
+            answer = httpx.post(f"{url}/api/v1/handoff", json={"code": found.group(2)})
+            return proc, url, answer.json()["token"]
     raise RuntimeError("kiln ui did not start")
 
 
@@ -115,7 +119,7 @@ def table_times(page: Any, url: str, token: str) -> dict[str, float]:
         first_row(page, best)
         firsts.append(time.perf_counter() - t)
         t = time.perf_counter()
-        page.click('.vt-head [data-sort="loss"]')  # a metric sorts highest first
+        page.click('.vt-head [data-sort="metrics.loss"]')  # a metric sorts highest first
         first_row(page, most_loss)
         resorts.append(time.perf_counter() - t)
     page.goto("about:blank")

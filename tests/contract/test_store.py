@@ -370,3 +370,15 @@ def test_the_dashboards_reads_on_each_database(settings: Settings) -> None:
         assert min(v for _, v in cut["points"]) == min(values)
         [zoom] = store.series([run], ["y"], points=100, min_step=10, max_step=19)
         assert zoom["points"] == [[s, values[s]] for s in range(10, 20)]
+
+
+def test_series_of_steps_across_all_64_bits(settings: Settings) -> None:
+    with SqlStore(settings.store_url) as store:
+        run = hexid(2)
+        store.write(WriteBatch(new_runs=[run_row(run)]))
+        steps = [-(2**63), -5, 0, 7, 2**63 - 1]
+        store.write(WriteBatch(metrics=[(run, "w", s, 1.0, float(i)) for i, s in enumerate(steps)]))
+        for points in (2, 4):
+            [cut] = store.series([run], ["w"], points=points)
+            assert cut["total"] == 5 and [-(2**63), 0.0] in cut["points"]
+            assert [2**63 - 1, 4.0] in cut["points"]

@@ -177,10 +177,10 @@ def test_the_runs_table_sorts_filters_and_pages_through_the_server(
     assert page.inner_text("#count") == f"{RUNS} runs"
     assert page.locator(".vt-row").count() < 60  # only the rows in view exist
     by_acc = sorted(range(RUNS), key=lambda i: -acc(i))
-    page.click('.vt-head [data-sort="acc"]')
+    page.click('.vt-head [data-sort="metrics.acc"]')
     expect(page.locator(".vt-row").first).to_have_attribute("data-id", rid(by_acc[0]))
     assert first_ids(page, 3) == [rid(i) for i in by_acc[:3]]
-    page.click('.vt-head [data-sort="acc"]')  # again: ascending
+    page.click('.vt-head [data-sort="metrics.acc"]')  # again: ascending
     expect(page.locator(".vt-row").first).to_have_attribute("data-id", rid(by_acc[-1]))
     # filter: a metric comparison, a param and a tag
     page.fill("#filter", "acc>0.5 lr=0.01 team=blue")
@@ -371,29 +371,81 @@ def test_groups_columns_and_totals_of_a_filter(world: World) -> None:
     assert blue["metrics"] == ["acc"] and blue["params"] == []
 
 
-def test_kiln_ui_serves_this_machines_record_with_a_token_it_revokes(tmp_path: Path) -> None:
-    env = {**os.environ, "KILN_HOME": str(tmp_path / "home"), "KILN_ACTOR": "ada"}
+def kiln_ui(home: Path, actor: str = "ada") -> tuple[subprocess.Popen[str], str, str]:
+    """``kiln ui --no-browser`` on ``home``: the process, its address, the link's code."""
+    env = {**os.environ, "KILN_HOME": str(home), "KILN_ACTOR": actor}
     env.pop("KILN_SERVER", None)
     command = [sys.executable, "-m", "kiln", "ui", "--no-browser"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)  # fmt: skip
     assert proc.stdout is not None
+    for line in proc.stdout:
+        found = re.search(r"(http://127\.0\.0\.1:\d+)/#code=(\S+)", line)
+        if found:
+            return proc, found.group(1), found.group(2)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    raise AssertionError("kiln ui ended before printing its address")
+
+
+def ui_tokens(home: Path) -> list[Any]:
+    from kiln.record.store.sql import SqlStore
+
+    with SqlStore(f"sqlite:///{home / 'kiln.db'}") as store:
+        return [t for t in store.tokens() if t.name == "kiln ui"]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_kiln_ui_signs_in_once_and_revokes_its_token_when_stopped(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    proc, address, code = kiln_ui(tmp_path / "home")
     try:
-        address = ""
-        while not address:
-            line = proc.stdout.readline()
-            assert line, "kiln ui ended before printing its address"
-            found = re.search(r"(http://127\.0\.0\.1:\d+)/#token=(\S+)", line)
-            address, token = (found.group(1), found.group(2)) if found else ("", "")
+        handed = httpx.post(f"{address}/api/v1/handoff", json={"code": code})
+        token = handed.json()["token"]
         me = httpx.get(f"{address}/api/v1/whoami", headers=bearer(token)).json()
-        assert (me["name"], me["role"]) == ("ada", "admin")
+        assert (me["name"], me["role"]) == ("ada", "admin")  # a new store's first admin
+        again = httpx.post(f"{address}/api/v1/handoff", json={"code": code})
+        assert again.status_code == 401 and "used already" in again.text
         assert httpx.get(f"{address}/api/v1/whoami").status_code == 401
+    finally:
+        proc.send_signal(stop)
+        proc.wait(timeout=60)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    [row] = ui_tokens(tmp_path / "home")
+    assert row.revoked_at is not None and row.revoked_at <= time.time()
+
+
+def test_kiln_ui_on_a_store_with_principals_needs_one_of_them(tmp_path: Path) -> None:
+    proc, _, _ = kiln_ui(tmp_path / "home", actor="ada")
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    env = {**os.environ, "KILN_HOME": str(tmp_path / "home"), "KILN_ACTOR": "mallory"}
+    env.pop("KILN_SERVER", None)
+    done = subprocess.run([sys.executable, "-m", "kiln", "ui", "--no-browser"], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode != 0 and "KILN_ACTOR" in done.stderr and "ada" in done.stderr
+    assert "enrol" not in done.stdout + done.stderr and len(ui_tokens(tmp_path / "home")) == 1
+
+
+def test_an_enrolment_token_stops_working_once_an_admin_exists(
+    tmp_path: Path, start_server: Any
+) -> None:
+    server = start_server(auth=True)  # prints an enrolment token; nobody uses it
+    proc, address, _ = kiln_ui(server.home, actor="ada")  # the same store: ada is admin
+    try:
+        late = httpx.post(f"{address}/api/v1/enrol", json={"name": "mallory"},
+                          headers=bearer(server.enrolment or ""))  # fmt: skip
+        assert late.status_code == 401, late.text
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+        assert proc.stdout is not None
         proc.stdout.close()
     from kiln.record.store.sql import SqlStore
 
-    with SqlStore(f"sqlite:///{tmp_path / 'home' / 'kiln.db'}") as store:
-        [row] = [t for t in store.tokens(principal="ada") if t.name == "kiln ui"]
-        assert row.revoked_at is not None and row.revoked_at <= time.time()
+    with SqlStore(server.store_url) as store:
+        assert [p.name for p in store.principals()] == ["ada"]

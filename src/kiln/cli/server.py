@@ -6,7 +6,7 @@ import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -75,6 +75,8 @@ def ui(
     ] = False,
 ) -> None:
     """Open the web dashboard on this machine's record (or on the team server)."""
+    import secrets
+    import signal
     import webbrowser
 
     settings = Settings.from_env()
@@ -87,29 +89,32 @@ def ui(
         return
     from kiln.server.main import serve
 
-    minted: list[str] = []
+    minted: list[tuple[object, str]] = []
 
-    def ready(store: object, url: str) -> None:
+    def ready(app: Any, url: str) -> None:
+        store = app.state.store
         token_id, token = _ui_token(store, settings.actor)
-        minted.append(token_id)
-        address = f"{url}/#token={token}"
-        console().print(f"Kiln's dashboard: {plain(address)}\n(Ctrl-C to stop; the token in "
-                        "the address works only until then)")  # fmt: skip
+        minted.append((store, token_id))
+        code = secrets.token_urlsafe(24)  # what the address carries: it works once
+        app.state.handoffs[code] = token
+        address = f"{url}/#code={code}"
+        console().print(f"Kiln's dashboard: {plain(address)}\n(Ctrl-C to stop; the link "
+                        "signs in once, and its session ends when this stops)")  # fmt: skip
         if not no_browser:
             webbrowser.open(address)
 
-    try:
-        serve(settings.store_url, settings.home, port=port, actor=settings.actor,
-              on_ready=ready)  # fmt: skip
-    finally:
-        if minted:
-            from kiln.record.store import open_sql_store
+    def revoke() -> None:
+        for store, token_id in minted:
+            store.revoke_token(token_id)  # type: ignore[attr-defined]
+        minted.clear()
 
-            with open_sql_store(settings.store_url, actor=settings.actor) as store:
-                store.revoke_token(minted[0])
+    # closing the terminal (SIGHUP) stops it as Ctrl-C does: the token is revoked
+    signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGTERM))
+    serve(settings.store_url, settings.home, port=port, actor=settings.actor, on_ready=ready,
+          on_stop=revoke)  # fmt: skip
 
 
-def _ui_token(store: object, actor: str) -> tuple[str, str]:
+def _ui_token(store: Any, actor: str) -> tuple[str, str]:
     """A token for ``actor`` on this machine's store: the person who can open the store's
     file is its owner, so a store without principals gets them as its first admin; a
     store that has principals must already know them."""
@@ -117,18 +122,16 @@ def _ui_token(store: object, actor: str) -> tuple[str, str]:
 
     from kiln.govern import tokens
     from kiln.record.store.base import PrincipalRow, TokenRow
-    from kiln.record.store.sql import SqlStore
 
-    assert isinstance(store, SqlStore)  # noqa: S101  serve() opens a SQL store
     principal = store.principal(actor)
     if principal is None:
-        if store.principals():
-            raise ConfigError("KILN_ACTOR", f"this store has principals, none named {actor!r}; "
-                              "set KILN_ACTOR to one of them, or `kiln users add`")  # fmt: skip
+        known = [p.name for p in store.principals() if not p.disabled]
+        if known:
+            raise ConfigError("KILN_ACTOR", f"{actor!r} is not a principal of this store; "
+                              f"set KILN_ACTOR to one of {', '.join(known[:5])}")  # fmt: skip
         store.add_principal(PrincipalRow(name=actor, kind="user", role="admin",
                                          created_at=time.time(), created_by="kiln ui"))  # fmt: skip
         principal = store.principal(actor)
-    assert principal is not None  # noqa: S101
     if principal.disabled:
         raise ConfigError("KILN_ACTOR", f"the principal {actor!r} is disabled")
     token_id, digest, token = tokens.new_token()

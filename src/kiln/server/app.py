@@ -53,6 +53,7 @@ def build_app(
     app.state.draining = False
     app.state.auth = auth  # False: --insecure-no-auth
     app.state.guard = Guard()
+    app.state.handoffs = {}  # one-time code: token (`kiln ui`)
     routers = (runs.router, blobs.router, serving.router, registry.router, audit.router,
                identity.router, ui.router)  # fmt: skip
     for router in routers:

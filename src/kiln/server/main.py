@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,11 @@ def enrolment(store: Any) -> str | None:
     from kiln.govern import tokens
     from kiln.record.store.base import TokenRow
 
-    if store.principals():
-        return None
     for old in store.tokens(principal=""):
         if old.kind == "enrol" and old.revoked_at is None:
             store.revoke_token(old.id)
+    if store.principals():
+        return None
     token_id, digest, token = tokens.new_token()
     store.add_token(TokenRow(id=token_id, digest=digest, principal="", kind="enrol",
                              role="admin", created_at=time.time(), name="enrolment"))  # fmt: skip
@@ -62,11 +63,13 @@ def serve(
     store_url: str, home: Path, *, host: str = "127.0.0.1", port: int = 8700,
     insecure_no_auth: bool = False, actor: str = "kiln-server",
     tls: tuple[Path, Path] | None = None, on_ready: Callable[[Any, str], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> None:  # fmt: skip
     """Serve the store at ``store_url`` (blobs under ``home``) until SIGINT or SIGTERM;
     on either, stop taking connections and let the requests in flight finish. Every
     request needs a token unless ``insecure_no_auth``; ``tls`` is (certificate, key).
-    ``on_ready(store, url)`` is called once the socket listens, before serving."""
+    ``on_ready(app, url)`` is called once the socket listens, before serving, instead
+    of printing the address; ``on_stop()`` when the server stops (on a signal too)."""
     check_bind(host, insecure_no_auth=insecure_no_auth)
     from kiln._optional import require
 
@@ -83,6 +86,8 @@ def serve(
     blobs = FileBlobStore(home / "blobs")
     store = open_sql_store(store_url, blobs=blobs, actor=actor)
     app = build_app(store, blobs, home, auth=not insecure_no_auth)
+    if on_stop is not None:
+        app.router.lifespan_context = _stopping(app.router.lifespan_context, on_stop)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -106,10 +111,11 @@ def serve(
     server = _Draining(config, app.state)
     shown = f"[{host}]" if ":" in host else host
     scheme = "https" if tls else "http"
-    print(f"kiln server: {scheme}://{shown}:{bound} (store {store.url})", flush=True)
+    if on_ready is None:
+        print(f"kiln server: {scheme}://{shown}:{bound} (store {store.url})", flush=True)
+    else:
+        on_ready(app, f"{scheme}://{shown}:{bound}")
     token = None if insecure_no_auth else enrolment(store)
-    if on_ready is not None:
-        on_ready(store, f"{scheme}://{shown}:{bound}")
     if token is not None:
         print(f"kiln server: enrol the first admin (once) with: kiln login "
               f"{scheme}://{shown}:{bound} --enrol {token} --name NAME", flush=True)  # fmt: skip
@@ -118,6 +124,21 @@ def serve(
     finally:
         store.close()
         sys.stdout.flush()
+
+
+def _stopping(inner: Any, on_stop: Callable[[], None]) -> Any:
+    """The app's lifespan, calling ``on_stop`` as it ends: uvicorn runs it on SIGINT and
+    SIGTERM before it ends the process (code after ``run`` would not run on SIGTERM)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[Any]:
+        async with inner(app) as state:
+            try:
+                yield state
+            finally:
+                on_stop()
+
+    return lifespan
 
 
 class _Draining:

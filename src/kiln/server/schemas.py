@@ -113,7 +113,7 @@ class Query(Strict):
     limit: Annotated[int, Field(ge=1, le=100_000)] | None = 100
     reproductions: bool = True
     metrics: list[MetricFilter] = Field(default_factory=list, max_length=50)
-    text: Annotated[str, StringConstraints(max_length=200)] | None = None
+    text: Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$")] | None = None
     offset: Annotated[int, Field(ge=0, le=10_000_000)] = 0
     total: bool = False  # also count every run that matches (a table's pages)
 

@@ -46,7 +46,7 @@ class Views:
     def group_runs(self, query: RunQuery, by: str, keys: list[str]) -> list[dict[str, Any]]:
         """Runs matching ``query`` grouped by ``by`` (``params.NAME`` or ``tags.NAME``),
         largest groups first: per group its value, how many runs, and per metric of
-        ``keys`` the mean, median, min and max over the runs that hold a number."""
+        ``keys`` the mean, median, min and max over the runs that hold a finite number."""
         part, _, name = by.partition(".")
         if part not in ("params", "tags") or not name:
             raise ValidationError("by", f"{by!r} names no param or tag",
@@ -70,7 +70,7 @@ class Views:
                     .where(*where, summary.c.key == key, summary.c.value.is_not(None))
                 )
                 for held, number in conn.execute(stmt):
-                    if not math.isnan(number):
+                    if math.isfinite(number):  # an infinite value has no mean to give
                         figures[_group(held)][key].append(number)
         order = sorted(sizes, key=lambda g: (-sizes[g], g))[:MAX_GROUPS]
         return [{"value": shown[g], "runs": sizes[g],
@@ -146,10 +146,13 @@ class Views:
 def _buckets(
     conn: Connection, window: list[Any], where: dict[str, str], lo: int, hi: int, n: int
 ) -> list[list[Any]]:
-    """Per bucket of steps, its lowest and highest point, in step order."""
-    bucket = ((metrics.c.step - lo) * n // (hi - lo + 1)).label("b")
+    """Per bucket of steps, its lowest and highest point, in step order. Buckets are
+    reckoned in floating point: steps may span all of 64 bits."""
+    offset = (sa.cast(metrics.c.step, sa.Float) - float(lo)) * (n / (float(hi) - float(lo) + 1))
+    sqlite = conn.dialect.name == "sqlite"  # CAST truncates there; PostgreSQL's rounds
+    bucket = (sa.cast(offset, sa.BigInteger) if sqlite else sa.func.floor(offset)).label("b")
     found: dict[tuple[int, int], Any] = {}
-    if conn.dialect.name == "sqlite":  # a bare column takes the row of the min or max
+    if sqlite:  # a bare column takes the row of the min or max
         for extreme in (sa.func.min, sa.func.max):
             stmt = sa.select(bucket, extreme(metrics.c.value), metrics.c.step).where(*window)
             for b, value, step in conn.execute(stmt.group_by(bucket), where):

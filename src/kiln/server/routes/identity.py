@@ -118,6 +118,25 @@ def _listed(row: TokenRow) -> dict[str, Any]:
     return {k: v for k, v in asdict(row).items() if k != "digest"}
 
 
+class Handoff(schemas.Strict):
+    code: Annotated[str, StringConstraints(min_length=16, max_length=64)]
+
+
+class Handed(BaseModel):
+    token: str
+
+
+@router.post("/handoff", response_model=Handed, dependencies=[public()])
+def handoff(body: Handoff, request: Request) -> Any:
+    """The token behind a one-time code (``kiln ui`` opens the dashboard with a code, so
+    that no token is on a command line); a code works once."""
+    token = request.app.state.handoffs.pop(body.code, None)
+    if token is None:
+        refuse(request, "this sign-in link was used already or is not this server's; "
+               "start `kiln ui` again, or sign in with a token")  # fmt: skip
+    return {"token": token}
+
+
 @router.post("/enrol", response_model=Issued, status_code=201, dependencies=[public()])
 def enrol(
     body: Enrol,
@@ -134,6 +153,10 @@ def enrol(
         parsed[1], found.digest
     ):  # fmt: skip
         refuse(request, "not an enrolment token of this server")
+    if store.principals():  # the first admin exists (`kiln ui` made one): no other
+        if found.revoked_at is None:
+            store.revoke_token(found.id)
+        refuse(request, "this server has its first admin already")
     row, token = _issue(body.name, "admin", "enrolment", MAX_TOKEN_S)
     admin = PrincipalRow(name=body.name, kind="user", role="admin", created_at=time.time(),
                          created_by="enrolment")  # fmt: skip

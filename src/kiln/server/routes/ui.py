@@ -42,14 +42,14 @@ def _read(name: str) -> bytes:
     return _cache[name]
 
 
-@router.get("/", dependencies=[public()])
+@router.api_route("/", methods=["GET", "HEAD"], dependencies=[public()])
 def index() -> Response:
     """The dashboard's page (its routes are in the address's fragment)."""
     return Response(_read("index.html"), media_type="text/html; charset=utf-8",
                     headers={**HEADERS, "Cache-Control": "no-cache"})  # fmt: skip
 
 
-@router.get("/ui/{name:path}", dependencies=[public()])
+@router.api_route("/ui/{name:path}", methods=["GET", "HEAD"], dependencies=[public()])
 def asset(name: Annotated[str, Path(max_length=100)], request: Request) -> Response:
     """One of the page's scripts or style sheets (only those: no path is looked up)."""
     if name not in FILES:

@@ -52,16 +52,15 @@ function num(v) {
   return typeof v === "number" ? v : NaN;
 }
 
+const CLIP = 500; // characters of one value shown in a cell
+const CONTROLS = /[\u200e\u200f\u202a-\u202e\u2066-\u2069]/g; // they reorder text
+
 function fmt(v) {
   if (v === null || v === undefined) return "";
-  if (typeof v === "number") {
-    if (!Number.isFinite(v)) return String(v);
-    if (Number.isInteger(v)) return String(v);
-    const a = Math.abs(v);
-    return a !== 0 && (a < 1e-3 || a >= 1e6) ? v.toExponential(3) : String(+v.toPrecision(5));
-  }
-  if (typeof v === "object") return JSON.stringify(v);
-  return String(v);
+  if (typeof v === "number") return Number.isInteger(v) || !Number.isFinite(v) ? String(v) : String(+v.toPrecision(5));
+  const text = typeof v === "object" ? JSON.stringify(v) : String(v);
+  const shown = text.replace(CONTROLS, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+  return shown.length > CLIP ? `${shown.slice(0, CLIP)}… (${text.length.toLocaleString()} characters)` : shown;
 }
 
 function when(t) {
@@ -187,7 +186,7 @@ const ROUTES = [
   [/^#\/runs$/, runsPage, "runs"],
   [/^#\/run\/([0-9a-f]{4,32})$/, runPage, "runs"],
   [/^#\/compare$/, comparePage, "compare"],
-  [/^#\/sweep\/([0-9a-f]{4,32})$/, sweepPage, "compare"],
+  [/^#\/sweep\/([0-9a-f]{4,32})$/, sweepPage, "runs"],
   [/^#\/lineage\/([A-Za-z0-9._:@-]{1,200})$/, lineagePage, "runs"],
   [/^#\/models$/, modelsPage, "models"],
   [/^#\/model\/([A-Za-z0-9._-]{1,200})$/, modelPage, "models"],
@@ -217,7 +216,13 @@ async function route() {
 
 async function start() {
   const fragment = new URLSearchParams(location.hash.slice(1));
-  if (fragment.get("token")) { // `kiln ui` opens the page with a token: keep it, hide it
+  if (fragment.get("code")) { // `kiln ui` opens the page with a one-time code
+    history.replaceState(null, "", "#/runs");
+    try {
+      session.token = (await post("/handoff", { code: fragment.get("code") })).token;
+    } catch (e) { if (!(e instanceof Halt)) loginPage(e.message); return; }
+  }
+  if (fragment.get("token")) { // a token in the address: keep it in this tab, hide it
     session.token = fragment.get("token");
     history.replaceState(null, "", "#/runs");
   }
@@ -299,7 +304,7 @@ function columnsFor(chosen) {
     const key = rest.join(".");
     if (part === "params") cols.push({ id: c, label: key, num: true, width: "minmax(70px, 1fr)", cell: (r) => fmt(r.run.params[key]) });
     else if (part === "tags") cols.push({ id: c, label: key, width: "minmax(70px, 1fr)", cell: (r) => fmt(r.run.tags[key]) });
-    else if (part === "metrics") cols.push({ id: c, label: key, sort: key, num: true, width: "minmax(80px, 1fr)", cell: (r) => (key in r.summary ? fmt(num(r.summary[key])) : "") });
+    else if (part === "metrics") cols.push({ id: c, label: key, sort: c, num: true, width: "minmax(80px, 1fr)", cell: (r) => (key in r.summary ? fmt(num(r.summary[key])) : "") });
   }
   return cols;
 }
@@ -319,7 +324,8 @@ class RunsTable {
     const grid = columns.map((c) => c.width).join(" ");
     this.head = h("div", { class: "vt-head", style: `grid-template-columns: ${grid}` },
       columns.map((c) => {
-        const on = query.order_by.replace(/^-/, "").replace(/^metrics\./, "") === (c.sort || "\0");
+        const sorted = query.order_by.replace(/^-/, "");
+        const on = c.sort && (sorted === c.sort || `metrics.${sorted}` === c.sort);
         const cls = [c.num ? "num" : "", on ? (query.order_by.startsWith("-") ? "desc" : "asc") : ""].join(" ");
         return h("div", { class: cls, "data-sort": c.sort, title: c.id, role: "columnheader",
           onclick: c.sort ? () => this.sortBy(c.sort) : null }, c.label);
@@ -478,12 +484,15 @@ async function groupsTable(query, state, known, pick) {
   const { order_by, ...filterOnly } = query;
   const found = await post("/runs:groups", { query: { ...filterOnly, limit: null }, by: state.group, metrics: keys });
   const head = [state.group, "runs", ...keys.flatMap((k) => [`${k} mean`, `${k} median`, `${k} min–max`])];
-  return table(head, found.groups.map((g) => [
-    link("#", fmt(g.value), { onclick: (e) => { e.preventDefault(); pick(g.value); } }), g.runs,
+  if (!found.groups.length) return h("p", { class: "muted", id: "groups" }, "No run matches.");
+  const shown = table(head, found.groups.map((g) => [
+    g.value === null ? h("span", { class: "muted" }, "(not set)")
+      : link("#", fmt(g.value), { onclick: (e) => { e.preventDefault(); pick(g.value); } }), g.runs,
     ...keys.flatMap((k) => {
       const s = g.metrics[k];
       return s ? [fmt(s.mean), fmt(s.median), `${fmt(s.min)} – ${fmt(s.max)}`] : ["", "", ""];
     })]), { id: "groups" });
+  return h("div", { class: "scroll" }, h("p", { class: "muted" }, `${found.groups.length} groups of ${found.groups.reduce((n, g) => n + g.runs, 0).toLocaleString()} runs`), shown);
 }
 
 // ---------------------------------------------------------------- charts
@@ -491,7 +500,9 @@ async function groupsTable(query, state, known, pick) {
 function lineChart(title, series, { onZoom, height = 220, width } = {}) {
   // series: [{label, points: [[step, value], ...]}] each with its own steps (uPlot's mode 2)
   const box = h("div", { class: "card chart", "data-chart": title }, h("h3", {}, title));
-  const w = width || 440;
+  const room = main().clientWidth - 32 || 960; // as many 460 px cards as fit in a row
+  const across = Math.max(1, Math.floor((room + 12) / 472));
+  const w = width || Math.max(300, Math.floor((room - 12 * (across - 1)) / across) - 20);
   const data = [null, ...series.map((s) => [s.points.map((p) => p[0]), s.points.map((p) => num(p[1]))])];
   const opts = {
     mode: 2, width: w, height,
@@ -553,7 +564,8 @@ async function runPage(root, id, alive) {
   const label = { [r.id]: r.name || short(r.id) };
   const views = {
     overview: async () => {
-      const inputs = Object.entries(r.params).filter(([, v]) => v && typeof v === "object");
+      const isData = (v) => v && typeof v === "object" && !Array.isArray(v) && typeof v.sha256 === "string" && ("dataset" in v || "artifact" in v);
+      const inputs = Object.entries(r.params).filter(([, v]) => isData(v));
       body.append(h("div", { class: "cards" },
         h("div", { class: "card" }, h("h3", {}, "Run"), kv([
           ["status", statusTag(r.status)], ["actor", r.actor], ["host", r.host], ["engine", r.engine],
@@ -563,17 +575,19 @@ async function runPage(root, id, alive) {
           ["result", r.result === null ? null : fmt(r.result)],
           ["trace", r.trace_id],
         ])),
-        h("div", { class: "card" }, h("h3", {}, "Params"), table(["param", "value"], Object.entries(r.params).filter(([, v]) => !(v && typeof v === "object")), { id: "params" })),
+        h("div", { class: "card" }, h("h3", {}, "Params"), table(["param", "value"], Object.entries(r.params).filter(([, v]) => !isData(v)), { id: "params" })),
         h("div", { class: "card" }, h("h3", {}, "Summary"), table(["metric", "value"], metricKeys.map((k) => [k, fmt(num(rec.summary[k]))]), { id: "summary" })),
         h("div", { class: "card" }, h("h3", {}, "Datasets"), inputs.length ? table(["param", "artifact", "sha256"],
-          inputs.map(([k, v]) => [k, v.artifact || v.name || fmt(v), (v.sha256 || "").slice(0, 16)])) : h("p", { class: "muted" }, "none")),
-        h("div", { class: "card" }, h("h3", {}, "Tags"), table(["tag", "value"], Object.entries(r.tags)))));
+          inputs.map(([k, v]) => [k, v.dataset ?? v.artifact, link(`#/lineage/${v.sha256}`, v.sha256.slice(0, 16), { title: "its lineage" })]))
+          : h("p", { class: "muted" }, "none")),
+        h("div", { class: "card" }, h("h3", {}, "Tags"), Object.keys(r.tags).length ? table(["tag", "value"], Object.entries(r.tags)) : h("p", { class: "muted" }, "none"))));
       if (r.error) body.append(h("h2", {}, "Error"), h("pre", { class: "error-box" }, r.error));
     },
     metrics: async () => {
       if (!metricKeys.length) { body.append(h("p", { class: "muted" }, "This run logged no metrics.")); return; }
       const cards = h("div", { class: "cards" });
-      body.append(h("p", { class: "muted" }, "Drag across a chart to zoom in (exact points once few enough); double-click to zoom out."), cards);
+      const more = metricKeys.length > 24 ? ` Showing 24 of ${metricKeys.length} metrics; compare the run to chart the others.` : "";
+      body.append(h("p", { class: "muted" }, `Drag across a chart to zoom in (exact points once few enough); double-click to zoom out.${more}`), cards);
       for (const k of metricKeys.slice(0, 24)) cards.append(await seriesChart([r.id], k, label));
     },
     system: async () => {
@@ -652,8 +666,8 @@ async function logView(r) {
     }
   };
   await pull();
-  if (!pre.childNodes.length) note.textContent = "Nothing printed yet.";
   const live = ["queued", "running"].includes(r.status);
+  if (!pre.childNodes.length) note.textContent = live ? "Nothing printed yet." : "It printed nothing.";
   if (live) {
     note.textContent = "Live: new output appears as the run prints it.";
     const timer = setInterval(async () => {
@@ -734,7 +748,7 @@ async function comparison(root, records, { sweep } = {}) {
     const diffTable = h("table", { class: "grid", id: "diff-table" },
       h("thead", {}, h("tr", {}, h("th", {}, ""), records.map((r) => h("th", {}, runLink(r.run.id, labels[r.run.id]))))),
       h("tbody", {}, rows.map(([kind, name, vals]) => h("tr", { class: differs(vals) ? "differs" : "" },
-        h("td", {}, `${kind === "param" ? "" : "▸ "}${name}`), vals.map((v) => h("td", { class: "num" }, fmt(v)))))));
+        h("td", {}, h("span", { class: "muted" }, `${kind} `), name), vals.map((v) => h("td", { class: "num" }, fmt(v)))))));
     root.append(h("h2", {}, "Params and metrics"), h("label", {}, onlyDiff, " only what differs"), diffTable);
   }
   // parallel coordinates and the Pareto front
@@ -763,7 +777,10 @@ function parallel(records, axes, colorBy) {
       return { pos: (v) => (typeof v === "number" && Number.isFinite(v) ? (hi === lo ? 0.5 : (v - lo) / (hi - lo)) : null), lo: fmt(lo), hi: fmt(hi) };
     }
     const cats = [...new Set(vals.map((v) => JSON.stringify(v)))].sort();
-    return { pos: (v) => (cats.length === 1 ? 0.5 : cats.indexOf(JSON.stringify(v)) / (cats.length - 1)), lo: cats[0], hi: cats[cats.length - 1] };
+    const pos = (v) => (cats.length === 1 ? 0.5 : cats.indexOf(JSON.stringify(v)) / (cats.length - 1));
+    const names = cats.map((c) => { const v = JSON.parse(c); return typeof v === "string" ? v : c; });
+    return { pos, cats: cats.length <= 12 ? names.map((n, i) => [n, pos(JSON.parse(cats[i]))]) : null,
+      lo: names[0], hi: names[names.length - 1] };
   });
   const colorAxis = axes.findIndex((a) => a.name === colorBy);
   ctx.globalAlpha = records.length > 200 ? 0.25 : 0.6;
@@ -785,9 +802,15 @@ function parallel(records, axes, colorBy) {
   axes.forEach((a, i) => {
     ctx.strokeStyle = "#64748b";
     ctx.beginPath(); ctx.moveTo(xs[i], pad); ctx.lineTo(xs[i], height - pad); ctx.stroke();
-    ctx.fillText(a.name, xs[i], 14);
-    ctx.fillText(String(scales[i].hi).slice(0, 14), xs[i], pad - 6);
-    ctx.fillText(String(scales[i].lo).slice(0, 14), xs[i], height - pad + 14);
+    ctx.fillText(a.name.slice(0, 20), xs[i], 14);
+    if (scales[i].cats) {
+      ctx.textAlign = "left";
+      for (const [name, p] of scales[i].cats) ctx.fillText(name.slice(0, 16), xs[i] + 4, height - pad - p * (height - 2 * pad) + 4);
+      ctx.textAlign = "center";
+    } else {
+      ctx.fillText(String(scales[i].hi).slice(0, 14), xs[i], pad - 6);
+      ctx.fillText(String(scales[i].lo).slice(0, 14), xs[i], height - pad + 14);
+    }
   });
   canvas.dataset.lines = String(records.length);
   return canvas;
@@ -976,13 +999,13 @@ async function endpointsPage(root, alive) {
     const q = (p) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(p * lat.length))].toFixed(2) : "");
     root.append(h("div", { class: "card", "data-endpoint": e.name }, h("h3", {}, e.name),
       kv([["model", e.model], ["app", e.app], ["traffic", e.traffic ? Object.entries(e.traffic).map(([v, w]) => `${v}: ${(w * 100).toFixed(0)}%`).join(", ") : `all to ${e.model}`],
-        ["replicas", `${e.spec.min_replicas ?? ""}–${e.spec.max_replicas ?? ""}`], ["recent latency", lat.length ? `p50 ${q(0.5)} ms · p99 ${q(0.99)} ms over ${lat.length} answers` : ""],
+        ["replicas", `${e.spec.min_replicas ?? ""}–${e.spec.max_replicas ?? ""}`], ["latency of recent traces", lat.length ? `p50 ${q(0.5)} ms · p99 ${q(0.99)} ms over the last ${lat.length} answers` : ""],
         ["traces", link(`#/traces?endpoint=${encodeURIComponent(e.name)}`, "see traces")]]),
-      table(["server", "status", "replicas", "requests", "errors", "p50 ms", "p99 ms", "cost per 1,000 requests", "since"], mine.map((s) => {
+      table(["server", "status", "replicas", "requests", "errors", "p50 ms (since start)", "p99 ms", "cost per 1,000 requests", "since"], mine.map((s) => {
         const st = s.stats || {};
         const cost = st.cost_per_1k_requests;
         return [s.url || s.id.slice(0, 8), s.status, st.replicas ?? "", st.requests ?? "", st.errors ?? "",
-          st.latency_ms ? fmt(st.latency_ms.p50) : "", st.latency_ms ? fmt(st.latency_ms.p99) : "",
+          st.latency_ms ? st.latency_ms.p50.toFixed(2) : "", st.latency_ms ? st.latency_ms.p99.toFixed(2) : "",
           cost === undefined || cost === null ? "no price table (KILN_PRICES)" : typeof cost === "object" ? fmt(cost.total ?? cost) : `$${fmt(cost)}`, when(s.started_at)];
       }))));
   }
