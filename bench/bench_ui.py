@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -50,8 +51,8 @@ def loss(i: int) -> float:
     return ((i * 104729) % 10009) / 10009
 
 
-def rid(i: int) -> str:
-    return f"{i:032x}"
+def rid(i: int) -> str:  # distinct ids that look like ids (an odd multiplier is a bijection)
+    return f"{(i * 0x9E3779B97F4A7C15F39CC0605CEDC835 + 1) % 2**128:032x}"
 
 
 def populate(db: Path) -> None:
@@ -106,27 +107,35 @@ def first_row(page: Any, run_id: str) -> None:
 
 
 def table_times(page: Any, url: str, token: str) -> dict[str, float]:
+    """As ``_mlflow_ui.ui_times``: the first sorted page with nothing cached, again with
+    the page's files cached, and a re-sort by a click; medians of 3."""
     page.goto(f"{url}/#token={token}")
     page.wait_for_selector("#who[data-role]")
+    cdp = page.context.new_cdp_session(page)
     best = rid(max(range(RUNS), key=lambda i: (accuracy(i), -i)))
     most_loss = rid(max(range(RUNS), key=lambda i: (loss(i), -i)))
-    firsts, resorts = [], []
+    sorted_url = (
+        f"{url}/#/runs?sort=-accuracy&cols=params.lr,params.batch,metrics.accuracy,metrics.loss"
+    )
+    times: dict[str, list[float]] = {"first_page_s": [], "reload_page_s": [], "resort_s": []}
     for _ in range(3):
-        page.goto("about:blank")
-        t = time.perf_counter()
-        page.goto(f"{url}/#/runs?sort=-accuracy&cols=params.lr,params.batch,metrics.accuracy,"
-                  "metrics.loss")  # fmt: skip
-        first_row(page, best)
-        firsts.append(time.perf_counter() - t)
+        for key in ("first_page_s", "reload_page_s"):
+            page.goto("about:blank")
+            if key == "first_page_s":
+                cdp.send("Network.clearBrowserCache")
+            t = time.perf_counter()
+            page.goto(sorted_url)
+            first_row(page, best)
+            times[key].append(time.perf_counter() - t)
         t = time.perf_counter()
         page.click('.vt-head [data-sort="metrics.loss"]')  # a metric sorts highest first
         first_row(page, most_loss)
-        resorts.append(time.perf_counter() - t)
+        times["resort_s"].append(time.perf_counter() - t)
     page.goto("about:blank")
     page.goto(f"{url}/#/runs?sort=-accuracy")
     first_row(page, best)
     page.screenshot(path=str(SCREENS / "runs-100k.png"))
-    return {"first_page_s": statistics.median(firsts), "resort_s": statistics.median(resorts)}
+    return {key: statistics.median(found) for key, found in times.items()}
 
 
 DRAW = """async ([ids, raw]) => {
@@ -138,7 +147,8 @@ DRAW = """async ([ids, raw]) => {
       points: xs.map((s) => [s, Math.exp(-s / 20000) + 0.05 * Math.sin(s / 7 + r)]) }));
   } else {
     const t = performance.now();
-    const found = await post("/runs:series", { runs: ids, keys: ["curve"], points: 2400 });
+    const points = pointsFor(ids.length, 1200);  // as the dashboard asks for this chart
+    const found = await post("/runs:series", { runs: ids, keys: ["curve"], points });
     fetched = performance.now() - t;
     series = found.series.map((s) => ({ label: s.run.slice(0, 8), points: s.points }));
   }
@@ -165,6 +175,18 @@ def chart_times(browser: Any, url: str, token: str) -> dict[str, float]:
     return {"draw_s": statistics.median(c["draw_ms"] for c in cut) / 1000,
             "fetch_s": statistics.median(c["fetch_ms"] for c in cut) / 1000,
             "points": cut[0]["points"], "every_s": every["draw_ms"] / 1000}  # fmt: skip
+
+
+def raw_read(db: Path) -> float:
+    """Seconds to read every point of the chart's runs with sqlite3, in step order."""
+    conn = sqlite3.connect(db)
+    t = time.perf_counter()
+    for r in range(CHART_RUNS):
+        conn.execute("SELECT step, value FROM metrics WHERE run_id = ? AND key = 'curve' "
+                     "ORDER BY step", (rid(r),)).fetchall()  # fmt: skip
+    took = time.perf_counter() - t
+    conn.close()
+    return took
 
 
 PAGES = ["#/runs", "#/run/{run}", "#/run/{run}?tab=metrics", "#/run/{run}?tab=system",
@@ -229,6 +251,7 @@ def main() -> None:
             chart = chart_times(browser, url, token)
         finally:
             stop(proc)
+        raw = raw_read(home / "kiln.db")
         experiment = _mlflow_ui.populate(work / "mlflow.db", RUNS)
         server, mlflow_url = _mlflow_ui.start(work / "mlflow.db", work)
         try:
@@ -243,6 +266,9 @@ def main() -> None:
         Row("ui", f"runs table of {n} runs: navigation to the first sorted page (s)",
             kiln["first_page_s"], mlflow["first_page_s"],
             f"MLflow 3 UI, same {n} runs, same browser", "s", "< 1 s", kiln["first_page_s"] < 1.0),
+        Row("ui", f"runs table of {n} runs: the same, the page's files cached (s)",
+            kiln["reload_page_s"], mlflow["reload_page_s"], "MLflow 3 UI, its files cached",
+            "s", "< 1 s", kiln["reload_page_s"] < 1.0),
         Row("ui", f"runs table of {n} runs: re-sort by a metric (s)", kiln["resort_s"],
             mlflow["resort_s"], "MLflow 3 UI, same runs, same browser", "s", "< 300 ms",
             kiln["resort_s"] < 0.3),
@@ -250,8 +276,8 @@ def main() -> None:
             chart["draw_s"], chart["every_s"], "the same chart drawing every point (uPlot)", "s",
             "< 300 ms", chart["draw_s"] < 0.3),
         Row("ui", f"the same chart: the server's cut of {CHART_RUNS * CHART_POINTS:,} points "
-            f"to {chart['points']:,} (s)", chart["fetch_s"], chart["every_s"],
-            "drawing every point (uPlot)", "s", "(reported)", True),
+            f"to {chart['points']:,}, fetched (s)", chart["fetch_s"], raw,
+            "sqlite3 reading every point of those runs", "s", "(reported)", True),
     ])  # fmt: skip
 
 

@@ -29,6 +29,7 @@ BENCHES = [
     "bench_serve.py",
     "bench_server.py",
     "bench_observe.py",
+    "bench_ui.py",
     "bench_ray.py",
 ]
 

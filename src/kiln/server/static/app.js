@@ -295,7 +295,7 @@ function columnsFor(chosen) {
     { id: "name", label: "name", sort: "name", width: "minmax(120px, 1.5fr)", cell: (r) => r.run.name || "" },
     { id: "status", label: "status", sort: "status", width: "100px", cell: (r) => statusTag(r.run.status) },
     { id: "app", label: "app", sort: "app", width: "minmax(80px, 1fr)", cell: (r) => r.run.app },
-    { id: "created", label: "created", sort: "created", width: "150px", cell: (r) => when(r.run.created_at) },
+    { id: "created", label: "created", sort: "created", width: "165px", cell: (r) => when(r.run.created_at) },
     { id: "duration", label: "duration", width: "80px", num: true,
       cell: (r) => dur(r.run.ended_at && r.run.started_at ? r.run.ended_at - r.run.started_at : null) },
   ];
@@ -497,19 +497,29 @@ async function groupsTable(query, state, known, pick) {
 
 // ---------------------------------------------------------------- charts
 
+function chartWidth() {
+  const room = main().clientWidth - 32 || 960; // as many 460 px cards as fit in a row
+  const across = Math.max(1, Math.floor((room + 12) / 472));
+  return Math.max(300, Math.floor((room - 12 * (across - 1)) / across) - 20);
+}
+
+function pointsFor(series, width) {
+  // two points (a bucket's lowest and highest) per pixel; with many series, fewer, so
+  // that a chart draws about 120,000 points at most (overlapping lines hide the rest)
+  return Math.max(200, Math.min(2 * width, Math.floor(120000 / series)));
+}
+
 function lineChart(title, series, { onZoom, height = 220, width } = {}) {
   // series: [{label, points: [[step, value], ...]}] each with its own steps (uPlot's mode 2)
   const box = h("div", { class: "card chart", "data-chart": title }, h("h3", {}, title));
-  const room = main().clientWidth - 32 || 960; // as many 460 px cards as fit in a row
-  const across = Math.max(1, Math.floor((room + 12) / 472));
-  const w = width || Math.max(300, Math.floor((room - 12 * (across - 1)) / across) - 20);
+  const w = width || chartWidth();
   const data = [null, ...series.map((s) => [s.points.map((p) => p[0]), s.points.map((p) => num(p[1]))])];
   const opts = {
     mode: 2, width: w, height,
     scales: { x: { time: false } },
     legend: { show: series.length <= 10, live: false },
     cursor: { drag: { x: true, y: false, setScale: false } },
-    series: [{}, ...series.map((s, i) => ({ label: s.label, stroke: COLORS[i % COLORS.length], width: 1.25,
+    series: [{}, ...series.map((s, i) => ({ label: s.label, stroke: COLORS[i % COLORS.length], width: series.length > 10 ? 1 : 2, // whole pixels: fractions draw 20x slower
       paths: uPlot.paths.linear(), points: { show: s.points.length < 50 }, facets: [{ scale: "x", auto: true }, { scale: "y", auto: true }] }))],
     axes: [{}, { size: 60 }],
     hooks: onZoom ? { setSelect: [(u) => {
@@ -532,7 +542,8 @@ async function seriesChart(runs, key, labels) {
   // One metric of several runs; drag to zoom (exact points once few enough), double-click to reset.
   const holder = h("div", { "data-series": key });
   const draw = async (lo, hi) => {
-    const found = await post("/runs:series", { runs, keys: [key], points: 2000, min_step: lo, max_step: hi });
+    const points = pointsFor(runs.length, chartWidth());
+    const found = await post("/runs:series", { runs, keys: [key], points, min_step: lo, max_step: hi });
     const series = found.series.filter((s) => s.points.length).map((s) => ({ label: labels[s.run] || short(s.run), points: s.points }));
     holder.hidden = !series.length;
     if (!series.length) { holder.replaceChildren(); return; }
