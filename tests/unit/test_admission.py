@@ -90,11 +90,10 @@ class Replay:
     def check(self, event: Event, decisions: list[Decision], after: Admission) -> None:
         state = self.before
         if isinstance(event, Finish) and event.id in state.admitted:
-            state._release(state.admitted.pop(event.id))
-        elif isinstance(event, Finish):
-            state.pending = {
-                q: [p for p in ps if p.id != event.id] for q, ps in state.pending.items()
-            }
+            state._release(state.admitted[event.id])
+        elif isinstance(event, Finish) and event.id in state._waiting:
+            waiting = state.pending[state._waiting[event.id]]
+            state._unqueue(next(p for p in waiting if p.id == event.id))
         now = {**after.admitted, **{p.id: p for ps in after.pending.values() for p in ps}}
         for w in now.values():  # what the event submitted, as the live state queued it
             if w.id not in state.admitted and all(w.id != p.id for p in state.pending[w.queue]):
@@ -113,7 +112,7 @@ class Replay:
                 for v in victims:
                     assert w.priority > v.priority or v.queue != w.queue
                     assert not (w.agent and not v.agent)  # an agent never preempts a human
-                    state._release(state.admitted.pop(v.id))
+                    state._release(v)
                     state._enqueue(v)
             state._take(w)
             victims, causes = [], set()

@@ -34,12 +34,18 @@ Rules, as Kueue's:
 
 from __future__ import annotations
 
+import bisect
+import copy
 import itertools
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Amounts = Mapping[str, int]
+Shape = tuple[tuple[str, int], ...]
+Freed = dict[str, dict[str, int]]  # queue: resource: what preempted workloads give back
+Kind = tuple[Shape, int, bool]  # shape, priority, agent: who may preempt the same
 Strategy = Literal["strict", "best-effort"]
 
 
@@ -118,6 +124,19 @@ class Admission:
         self.admitted: dict[str, Workload] = {}
         self.pending: dict[str, list[Workload]] = {q: [] for q in self.queues}
         self._seq = itertools.count(1)
+        # kept up to date so that a check costs per resource, not per workload
+        self._waiting: dict[str, str] = {}  # pending id: its queue
+        self._running: dict[str, dict[str, Workload]] = {q: {} for q in self.queues}
+        self._kinds: dict[str, dict[Kind, list[Workload]]] = {q: {} for q in self.queues}
+        self._kind_of: dict[str, Kind] = {}  # pending id: its kind
+        self._memo: dict[tuple[object, ...], object] = {}  # what one pass found, for it
+        self._kept = {q.name: {r: q.nominal.get(r, 0) - q.lendable(r) for r in q.nominal}
+                      for q in self.queues.values()}  # fmt: skip
+        self._beyond: dict[tuple[str | None, str], int] = defaultdict(int)
+        self._pools: dict[tuple[str | None, str], int] = defaultdict(int)
+        for cohort, members in self.cohorts.items():  # what each cohort lends, by resource
+            for r in {r for m in members for r in m.nominal}:
+                self._pools[(cohort, r)] = sum(m.lendable(r) for m in members)
 
     # -- events ---------------------------------------------------------------
 
@@ -126,37 +145,45 @@ class Admission:
             w = event.workload
             if w.queue not in self.queues:
                 raise KeyError(f"no queue {w.queue!r}")
-            if w.id in self.admitted or any(p.id == w.id for p in self.pending[w.queue]):
+            if w.id in self.admitted or w.id in self._waiting:
                 return []
             self._enqueue(replace(w, seq=w.seq or next(self._seq)))
+            queue = w.queue
         elif event.id in self.admitted:
-            self._release(self.admitted.pop(event.id))
+            queue = self.admitted[event.id].queue
+            self._release(self.admitted[event.id])
+        elif event.id in self._waiting:
+            queue = self._waiting[event.id]
+            self._unqueue(next(p for p in self.pending[queue] if p.id == event.id))
         else:
-            for queue in self.pending.values():
-                queue[:] = [p for p in queue if p.id != event.id]
-        return self._schedule()
+            return []
+        return self._schedule(queue)
 
-    def _schedule(self) -> list[Decision]:
+    def _schedule(self, queue: str) -> list[Decision]:
+        """The decisions an event in ``queue`` makes possible: in its cohort only (one
+        cohort's quota and usage are no other's concern)."""
+        cohort = self.queues[queue].cohort
+        scope = [m.name for m in self.cohorts[cohort]] if cohort is not None else [queue]
         decisions: list[Decision] = []
         while True:
-            made = self._one_pass()
+            made = self._one_pass(scope)
             if not made:
                 return decisions
             decisions += made
 
-    def _one_pass(self) -> list[Decision]:
+    def _one_pass(self, scope: list[str]) -> list[Decision]:
         """One admission, or one preemption and its admission; [] when nothing can go.
         Queues go in order of their heads (least borrowed, priority, arrival); within a
         queue, a strict one tries its head only, a best-effort one each request shape
         in order (a shape that does not fit stops the others of that shape). Preemption
         is tried after every admission without it (see :meth:`_preemptor`)."""
-        order = sorted((n for n, ps in self.pending.items() if ps),
+        self._memo = {}
+        order = sorted((n for n in scope if self.pending[n]),
                        key=lambda n: self._order(self.pending[n][0]))  # fmt: skip
         for name in order:
-            pending = self.pending[name]
-            failed: set[tuple[tuple[str, int], ...]] = set()
-            for w in pending[:1] if self.queues[name].strategy == "strict" else pending:
-                shape = tuple(sorted(w.requests.items()))
+            failed: set[Shape] = set()
+            for w in self._tries(name):
+                shape = self._kind_of[w.id][0]
                 if shape in failed:
                     continue
                 if self._fits(w):
@@ -168,7 +195,7 @@ class Admission:
             if victims:
                 out: list[Decision] = []
                 for v in victims:
-                    self._release(self.admitted.pop(v.id))
+                    self._release(v)
                     self._enqueue(v)
                     out.append(Preempt(v.id, w.id, cause))
                 self._take(w)
@@ -179,17 +206,38 @@ class Admission:
         """The first pending workload of ``queue`` that can preempt, with its victims: a
         strict queue's head only; in a best-effort queue, one of each kind (shape,
         priority, agent or not) in order, so an agent's head does not hold up a human."""
-        pending = self.pending[queue]
-        tried: set[tuple[object, ...]] = set()
-        for w in pending[:1] if self.queues[queue].strategy == "strict" else pending:
-            kind = (tuple(sorted(w.requests.items())), w.priority, w.agent)
-            if kind in tried:
-                continue
-            tried.add(kind)
+        lowest, others = self._prospects(queue)
+        top = max(kind[1] for kind in self._kinds[queue])
+        if (lowest is None or top <= lowest) and not others:
+            return [], "", self.pending[queue][0]  # nobody here or around to preempt
+        for w in self._tries(queue):
             victims, cause = self._victims(w)
             if victims:
                 return victims, cause, w
-        return [], "", pending[0]
+        return [], "", self.pending[queue][0]
+
+    def _prospects(self, queue: str) -> tuple[int | None, list[float]]:
+        """The lowest priority running in ``queue``, and the shares of the other queues
+        of its cohort that borrow (memoized for the pass)."""
+        key = ("prospects", queue)
+        if key not in self._memo:
+            q = self.queues[queue]
+            lowest = min((v.priority for v in self._running[queue].values()), default=None)
+            others = [] if q.cohort is None else [
+                self.share(m.name) for m in self.cohorts[q.cohort]
+                if m.name != queue and self._borrowing(m.name)]  # fmt: skip
+            self._memo[key] = (lowest, others)
+        found: tuple[int | None, list[float]] = self._memo[key]  # type: ignore[assignment]
+        return found
+
+    def _tries(self, queue: str) -> list[Workload]:
+        """What may go from ``queue``, in its order: a strict queue's head; in a
+        best-effort one, the first of each kind (a later one of the same shape,
+        priority and kind of principal fits, or preempts, only if the first does)."""
+        if self.queues[queue].strategy == "strict":
+            return self.pending[queue][:1]
+        return sorted((same[0] for same in self._kinds[queue].values()),
+                      key=lambda w: (-w.priority, w.seq))  # fmt: skip
 
     def _order(self, w: Workload) -> tuple[float, int, int]:
         """Who goes first: the queue that borrows least for its weight, then priority,
@@ -200,35 +248,31 @@ class Admission:
     # -- quota ----------------------------------------------------------------
 
     def _fits(self, w: Workload, without: Iterable[Workload] = ()) -> bool:
+        """Whether ``w`` fits its queue (and cohort) now, with ``without`` gone."""
+        return self._fits_freed(w, _freed(without))
+
+    def _fits_freed(self, w: Workload, freed: Freed) -> bool:
         q = self.queues[w.queue]
-        freed: dict[str, dict[str, int]] = {}
-        for v in without:
-            for r, n in v.requests.items():
-                freed.setdefault(v.queue, {}).setdefault(r, 0)
-                freed[v.queue][r] += n
-
-        def used(queue: str, resource: str) -> int:
-            return self.usage[queue].get(resource, 0) - freed.get(queue, {}).get(resource, 0)
-
-        members = self.cohorts[q.cohort] if q.cohort is not None else [q]
         for r, n in w.requests.items():
             if n <= 0:
                 continue
-            mine = used(q.name, r) + n
+            used = self.usage[q.name].get(r, 0) - freed.get(q.name, {}).get(r, 0)
             nominal = q.nominal.get(r, 0)
             if q.cohort is None:
-                if mine > nominal:
+                if used + n > nominal:
                     return False
                 continue
-            if mine > nominal + q.borrowing_limit.get(r, 1 << 62):
+            if used + n > nominal + q.borrowing_limit.get(r, 1 << 62):
                 return False
             # what the cohort lends, against what its members use beyond what they keep
             # (a queue's own nominal quota is its own only once borrowers give it back)
-            pool = sum(m.lendable(r) for m in members)
-            kept = {m.name: m.nominal.get(r, 0) - m.lendable(r) for m in members}
-            beyond = sum(max(0, (mine if m is q else used(m.name, r)) - kept[m.name])
-                         for m in members)  # fmt: skip
-            if beyond > pool:
+            beyond = self._beyond[(q.cohort, r)]
+            for name in {q.name, *freed}:
+                now = self.usage[name].get(r, 0)
+                after = now - freed.get(name, {}).get(r, 0) + (n if name == q.name else 0)
+                kept = self._kept[name].get(r, 0)
+                beyond += max(0, after - kept) - max(0, now - kept)
+            if beyond > self._pools[(q.cohort, r)]:
                 return False
         return True
 
@@ -242,67 +286,117 @@ class Admission:
         q = self.queues[queue]
         if q.cohort is None:
             return 0.0
-        members = self.cohorts[q.cohort]
         best = 0.0
         for r, n in self.usage[queue].items():
-            pool = sum(m.lendable(r) for m in members)
-            over = n - q.nominal.get(r, 0)
+            pool, over = self._pools[(q.cohort, r)], n - q.nominal.get(r, 0)
             if pool > 0 and over > 0:
                 best = max(best, over / pool)
         return best / q.weight
 
     def _take(self, w: Workload) -> None:
-        self.pending[w.queue] = [p for p in self.pending[w.queue] if p.id != w.id]
+        self._unqueue(w)
         self.admitted[w.id] = w
-        for r, n in w.requests.items():
-            self.usage[w.queue][r] = self.usage[w.queue].get(r, 0) + n
+        self._running[w.queue][w.id] = w
+        self._use(w, +1)
 
     def _release(self, w: Workload) -> None:
+        del self.admitted[w.id]
+        del self._running[w.queue][w.id]
+        self._use(w, -1)
+
+    def _use(self, w: Workload, sign: int) -> None:
+        q = self.queues[w.queue]
         for r, n in w.requests.items():
-            self.usage[w.queue][r] -= n
+            now = self.usage[q.name].get(r, 0)
+            self.usage[q.name][r] = now + sign * n
+            kept = self._kept[q.name].get(r, 0)
+            self._beyond[(q.cohort, r)] += max(0, now + sign * n - kept) - max(0, now - kept)
 
     def _enqueue(self, w: Workload) -> None:
-        pending = self.pending[w.queue]
-        pending.append(w)
-        pending.sort(key=lambda p: (-p.priority, p.seq))
+        bisect.insort(self.pending[w.queue], w, key=lambda p: (-p.priority, p.seq))
+        self._waiting[w.id] = w.queue
+        self._kind_of[w.id] = kind = _kind(w)
+        bisect.insort(self._kinds[w.queue].setdefault(kind, []), w, key=lambda p: p.seq)
+
+    def _unqueue(self, w: Workload) -> None:
+        self.pending[w.queue].remove(w)
+        del self._waiting[w.id]
+        kinds, kind = self._kinds[w.queue], self._kind_of.pop(w.id)
+        same = kinds[kind]
+        same.remove(w)
+        if not same:
+            del kinds[kind]
 
     # -- preemption -----------------------------------------------------------
 
-    def _candidates(self, w: Workload) -> tuple[list[Workload], str]:
+    def _hopeless(self, w: Workload) -> bool:
+        """True where ``w`` can preempt nobody, found cheaply: nothing of lower priority
+        runs in its queue, and no other queue of its cohort borrows (or, for fair
+        sharing, none has a share above what ``w``'s queue would have)."""
         q = self.queues[w.queue]
-        eligible = [v for v in self.admitted.values() if not (w.agent and not v.agent)]
-        lower = [v for v in eligible if v.queue == q.name and v.priority < w.priority]
-        if q.cohort is None:
-            return lower, "priority"
+        lowest, others = self._prospects(q.name)
+        if lowest is not None and w.priority > lowest:
+            return False
+        if not others:
+            return True
+        within = all(self.usage[q.name].get(r, 0) + n <= q.nominal.get(r, 0)
+                     for r, n in w.requests.items())  # fmt: skip
+        if within:
+            return False
+        return not q.fair_sharing or max(others) <= self._share_after(q.name, add=[w], remove=[])
+
+    def _candidates(self, w: Workload) -> tuple[list[Workload], str, Freed]:
+        """Who ``w`` may preempt, cheapest first (lowest priority, then the most recently
+        admitted), why, and what they hold together (memoized for the pass: the state
+        does not change within one)."""
+        q = self.queues[w.queue]
         within_nominal = all(
             self.usage[q.name].get(r, 0) + n <= q.nominal.get(r, 0) for r, n in w.requests.items()
         )
-        borrowers = {m.name for m in self.cohorts[q.cohort] if m.name != q.name
-                     and self._borrowing(m.name)}  # fmt: skip
-        if within_nominal:
-            return lower + [v for v in eligible if v.queue in borrowers], "reclaim"
-        if q.fair_sharing:
-            return lower + [v for v in eligible if v.queue in borrowers], "fair-share"
-        return lower, "priority"
+        key = ("candidates", q.name, w.priority, w.agent, within_nominal)
+        if key not in self._memo:
+            candidates, cause = self._find_candidates(w, within_nominal)
+            candidates.sort(key=lambda v: (v.priority, -v.seq))
+            self._memo[key] = (candidates, cause, _freed(candidates))
+        found: tuple[list[Workload], str, Freed] = self._memo[key]  # type: ignore[assignment]
+        return found
+
+    def _find_candidates(self, w: Workload, within_nominal: bool) -> tuple[list[Workload], str]:
+        q = self.queues[w.queue]
+        lower = [v for v in self._running[q.name].values()
+                 if v.priority < w.priority and not (w.agent and not v.agent)]  # fmt: skip
+        if q.cohort is None:
+            return lower, "priority"
+        if not within_nominal and not q.fair_sharing:
+            return lower, "priority"
+        borrowed = [v for m in self.cohorts[q.cohort] if m.name != q.name
+                    and self._borrowing(m.name) for v in self._running[m.name].values()
+                    if not (w.agent and not v.agent)]  # fmt: skip
+        return lower + borrowed, "reclaim" if within_nominal else "fair-share"
 
     def _victims(self, w: Workload) -> tuple[list[Workload], str]:
         """A minimal set of admitted workloads whose preemption lets ``w`` fit, or []."""
-        candidates, cause = self._candidates(w)
-        if not candidates:
+        if self._hopeless(w):
+            return [], ""
+        candidates, cause, everyone = self._candidates(w)
+        if not candidates or not self._fits_freed(w, everyone):  # not even with them all
             return [], cause
-        # cheapest first: lowest priority, then the most recently admitted
-        candidates.sort(key=lambda v: (v.priority, -v.seq))
-        chosen: list[Workload] = []
+        chosen: list[Workload] = []  # cheapest first (see _find_candidates)
+        freed: Freed = {}
         for v in candidates:
             chosen.append(v)
-            if self._fits(w, chosen) and self._allowed(w, chosen, cause):
+            _add(freed, v, +1)
+            if self._fits_freed(w, freed) and self._allowed(w, chosen, cause):
                 break
         else:
             return [], cause
         for v in list(reversed(chosen)):  # give back whoever is not needed
+            _add(freed, v, -1)
             rest = [c for c in chosen if c is not v]
-            if self._fits(w, rest) and self._allowed(w, rest, cause):
+            if self._fits_freed(w, freed) and self._allowed(w, rest, cause):
                 chosen = rest
+            else:
+                _add(freed, v, +1)
         return chosen, cause if all(v.queue != w.queue for v in chosen) else "priority"
 
     def _allowed(self, w: Workload, victims: list[Workload], cause: str) -> bool:
@@ -360,15 +454,30 @@ class Admission:
 
     def what_if(self, w: Workload) -> dict[str, object]:
         """What submitting ``w`` now would do, changing nothing."""
-        trial = Admission(self.queues.values())
-        trial.usage = {k: dict(v) for k, v in self.usage.items()}
-        trial.admitted = dict(self.admitted)
-        trial.pending = {k: list(v) for k, v in self.pending.items()}
-        trial._seq = itertools.count(max([0, *(v.seq for v in self.admitted.values()),
-                                          *(p.seq for ps in self.pending.values() for p in ps)])
-                                     + 1)  # fmt: skip
+        trial = copy.deepcopy(self)
         decisions = trial.handle(Submit(w))
         admitted = any(isinstance(d, Admit) and d.id == w.id for d in decisions)
         return {"admitted": admitted,
                 "preempted": [d.id for d in decisions if isinstance(d, Preempt)],
                 "reason": None if admitted else trial.why(w.id)}  # fmt: skip
+
+
+def _shape(w: Workload) -> Shape:
+    return tuple(sorted(w.requests.items()))
+
+
+def _kind(w: Workload) -> Kind:
+    return (_shape(w), w.priority, w.agent)
+
+
+def _freed(workloads: Iterable[Workload]) -> Freed:
+    freed: Freed = {}
+    for v in workloads:
+        _add(freed, v, +1)
+    return freed
+
+
+def _add(freed: Freed, w: Workload, sign: int) -> None:
+    mine = freed.setdefault(w.queue, {})
+    for r, n in w.requests.items():
+        mine[r] = mine.get(r, 0) + sign * n
