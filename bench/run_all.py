@@ -21,6 +21,7 @@ BENCHES = [
     "bench_query.py",
     "bench_ingest.py",
     "bench_scheduler.py",
+    "bench_admission.py",
     "bench_engine.py",
     "bench_torch_sweep.py",
     "bench_envs.py",

@@ -78,7 +78,7 @@ class Workload:
     requests: Amounts
     priority: int = 0
     agent: bool = False  # an agent's workload never preempts a human's
-    seq: int = 0  # arrival order, given by Admission
+    seq: int = 0  # arrival order, given by Admission (what a caller sets is replaced)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +147,7 @@ class Admission:
                 raise KeyError(f"no queue {w.queue!r}")
             if w.id in self.admitted or w.id in self._waiting:
                 return []
-            self._enqueue(replace(w, seq=w.seq or next(self._seq)))
+            self._enqueue(replace(w, seq=next(self._seq)))  # arrival order: ours to give
             queue = w.queue
         elif event.id in self.admitted:
             queue = self.admitted[event.id].queue
@@ -253,25 +253,26 @@ class Admission:
 
     def _fits_freed(self, w: Workload, freed: Freed) -> bool:
         q = self.queues[w.queue]
+        usage, mine = self.usage[q.name], freed.get(q.name, {})
         for r, n in w.requests.items():
             if n <= 0:
                 continue
-            used = self.usage[q.name].get(r, 0) - freed.get(q.name, {}).get(r, 0)
-            nominal = q.nominal.get(r, 0)
+            now = usage.get(r, 0)
+            after = now - mine.get(r, 0) + n
             if q.cohort is None:
-                if used + n > nominal:
+                if after > q.nominal.get(r, 0):
                     return False
                 continue
-            if used + n > nominal + q.borrowing_limit.get(r, 1 << 62):
+            if after > q.nominal.get(r, 0) + q.borrowing_limit.get(r, 1 << 62):
                 return False
             # what the cohort lends, against what its members use beyond what they keep
             # (a queue's own nominal quota is its own only once borrowers give it back)
-            beyond = self._beyond[(q.cohort, r)]
-            for name in {q.name, *freed}:
-                now = self.usage[name].get(r, 0)
-                after = now - freed.get(name, {}).get(r, 0) + (n if name == q.name else 0)
-                kept = self._kept[name].get(r, 0)
-                beyond += max(0, after - kept) - max(0, now - kept)
+            kept = self._kept[q.name].get(r, 0)
+            beyond = self._beyond[(q.cohort, r)] + max(0, after - kept) - max(0, now - kept)
+            for name, given in freed.items():
+                if name != q.name and r in given:
+                    other, kept = self.usage[name].get(r, 0), self._kept[name].get(r, 0)
+                    beyond += max(0, other - given[r] - kept) - max(0, other - kept)
             if beyond > self._pools[(q.cohort, r)]:
                 return False
         return True
@@ -313,17 +314,18 @@ class Admission:
             self._beyond[(q.cohort, r)] += max(0, now + sign * n - kept) - max(0, now - kept)
 
     def _enqueue(self, w: Workload) -> None:
-        bisect.insort(self.pending[w.queue], w, key=lambda p: (-p.priority, p.seq))
+        bisect.insort(self.pending[w.queue], w, key=_place)
         self._waiting[w.id] = w.queue
         self._kind_of[w.id] = kind = _kind(w)
         bisect.insort(self._kinds[w.queue].setdefault(kind, []), w, key=lambda p: p.seq)
 
     def _unqueue(self, w: Workload) -> None:
-        self.pending[w.queue].remove(w)
+        pending = self.pending[w.queue]  # sorted by (-priority, seq), which is unique
+        del pending[bisect.bisect_left(pending, (-w.priority, w.seq), key=_place)]
         del self._waiting[w.id]
         kinds, kind = self._kinds[w.queue], self._kind_of.pop(w.id)
         same = kinds[kind]
-        same.remove(w)
+        del same[bisect.bisect_left(same, w.seq, key=lambda p: p.seq)]
         if not same:
             del kinds[kind]
 
@@ -481,3 +483,8 @@ def _add(freed: Freed, w: Workload, sign: int) -> None:
     mine = freed.setdefault(w.queue, {})
     for r, n in w.requests.items():
         mine[r] = mine.get(r, 0) + sign * n
+
+
+def _place(w: Workload) -> tuple[int, int]:
+    """A pending workload's place in its queue: priority, then arrival."""
+    return (-w.priority, w.seq)
