@@ -98,6 +98,10 @@ COMMANDS: dict[str, LazyCommand] = {
         "kiln.cli.server:server",
         "Serve the record over HTTP (/api/v1, /openapi.json, /metrics) until Ctrl-C or SIGTERM.",
     ),
+    "cost": LazyCommand(
+        "kiln.cli.cost:cost",
+        "What ended runs held and cost, grouped by project, user, app or sweep.",
+    ),
     "ui": LazyCommand(
         "kiln.cli.server:ui",
         "Open the web dashboard on this machine's record (or on the team server).",

@@ -1,4 +1,4 @@
-"""What inference costs: resource-seconds per request and, with a price table, dollars.
+"""What inference and runs cost: resource-seconds and, with a price table, dollars.
 
 The price table comes from ``KILN_PRICES``: inline JSON, or the path of a JSON or
 TOML file, with any of::
@@ -19,9 +19,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kiln.record.model import RunRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,3 +134,28 @@ def _read_file(path: Path) -> Any:
         return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError("KILN_PRICES", f"{path}: {exc}") from None
+
+
+def held(record: RunRecord) -> Usage:
+    """What a run held while it ran: the CPUs, memory and GPU share it asked for, for
+    its wall time (a run that asked for nothing, recorded by hand: the CPU time it
+    used and its peak memory). A sweep's own run holds nothing (its runs do)."""
+    if record.tags.get("kind") == "sweep":
+        return Usage()
+    wall = record.usage.wall_s or record.duration_s or 0.0
+    asked = (record.resources or {}).get("requested") or {}
+    if asked:
+        cpu = float(asked.get("cpu") or 0.0) * wall
+        memory_gb = float(asked.get("memory_bytes") or 0) / 1e9
+        gpu = float(asked.get("gpu") or 0.0) * wall
+    else:
+        cpu = record.usage.cpu_s or 0.0
+        memory_gb = (record.usage.peak_rss_bytes or 0) / 1e9
+        gpu = 0.0
+    return Usage(1, cpu, gpu, memory_gb * wall)
+
+
+def gpu_type(record: RunRecord) -> str | None:
+    """The type of GPU a run was given, where it says (``gpu_names`` of its placement)."""
+    names = ((record.resources or {}).get("assigned") or {}).get("gpu_names")
+    return str(names[0]) if isinstance(names, list) and names else None
