@@ -22,8 +22,12 @@ N = 10_000
 QUEUES = [Queue(f"q{i}", {"cpu": 16_000, "memory": 65_536, "gpu": 2_000}, f"c{i % 4}",
                 borrowing_limit={"cpu": 8_000, "gpu": 1_000}, weight=1 + i % 2,
                 fair_sharing=True) for i in range(20)]  # fmt: skip
-SHAPES = [{"cpu": 1_000, "memory": 2_048}, {"cpu": 2_000, "memory": 4_096, "gpu": 250},
-          {"cpu": 4_000, "memory": 8_192, "gpu": 500}, {"cpu": 8_000, "memory": 16_384, "gpu": 1_000}]  # fmt: skip
+SHAPES = [
+    {"cpu": 1_000, "memory": 2_048},
+    {"cpu": 2_000, "memory": 4_096, "gpu": 250},
+    {"cpu": 4_000, "memory": 8_192, "gpu": 500},
+    {"cpu": 8_000, "memory": 16_384, "gpu": 1_000},
+]
 
 
 def workloads() -> list[Workload]:
