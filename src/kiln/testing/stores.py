@@ -38,6 +38,7 @@ from kiln.record.store.base import (
     RunQuery,
     ServerRow,
     WriteBatch,
+    check_key,
     trace_prefix,
 )
 from kiln.record.store.rows import SpanRow
@@ -357,7 +358,8 @@ class MemoryStore(MemoryEndpointStore):
             raise ValidationError("limit", f"must be >= 0, got {query.limit}")
         checks = [(f"params.{k}", "params", k, v) for k, v in query.params.items()]
         checks += [(f"tags.{k}", "tags", k, v) for k, v in query.tags.items()]
-        for field, _, _, value in checks:
+        for field, _, name, value in checks:
+            check_key(name, field)
             if value is not None and not isinstance(value, bool | int | float | str):
                 raise ValidationError(field, f"cannot filter on a {type(value).__name__}",
                                       allowed=["str", "int", "float", "bool"])  # fmt: skip

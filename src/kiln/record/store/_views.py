@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from kiln.errors import ValidationError
 from kiln.record.store._schema import metrics, runs, summary
-from kiln.record.store.base import RunQuery
+from kiln.record.store.base import RunQuery, check_key
 
 MAX_GROUPS = 1000
 COLUMN_SAMPLE = 1000  # runs whose param, tag and metric names make the column list
@@ -51,6 +51,7 @@ class Views:
         if part not in ("params", "tags") or not name:
             raise ValidationError("by", f"{by!r} names no param or tag",
                                   allowed="params.NAME or tags.NAME")  # fmt: skip
+        check_key(name, "by")
         # The value's JSON text: JSON itself cannot be grouped on PostgreSQL.
         value = sa.cast((runs.c.params if part == "params" else runs.c.tags)[name], sa.Text)
         where = self._filters(query)

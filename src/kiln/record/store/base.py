@@ -102,6 +102,14 @@ WRITE_PARTS = (
 METRIC_OPS = ("<", "<=", ">", ">=", "=", "!=")
 
 
+def check_key(name: str, field: str) -> None:
+    """A param or tag name a query can look up: a JSON path cannot hold ``"`` or ``\\``
+    as the databases quote it, so such a name is refused rather than matching nothing."""
+    if '"' in name or "\\" in name:
+        raise ValidationError(field, f"{name!r} holds a quote or backslash, which a query "
+                              "cannot look up", allowed="names without \" or \\")  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class RunQuery:
     """A filter and order over runs.

@@ -65,7 +65,7 @@ from kiln.record.store._schema import (
 from kiln.record.store._schema import audit as audit_log
 from kiln.record.store._verify import registry_problems
 from kiln.record.store._views import Views
-from kiln.record.store.base import METRIC_OPS, RunQuery, WriteBatch
+from kiln.record.store.base import METRIC_OPS, RunQuery, WriteBatch, check_key
 from kiln.record.store.rows import RunUpdate, SpanRow
 
 SCHEMA_HEAD = "0015"
@@ -1043,8 +1043,10 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities, Views):
         if query.env_id is not None:
             where.append(_json_equals(runs.c.environment, "env_id", query.env_id, field="env_id"))
         for name, value in query.params.items():
+            check_key(name, f"params.{name}")
             where.append(_json_equals(runs.c.params, name, value, field=f"params.{name}"))
         for name, value in query.tags.items():
+            check_key(name, f"tags.{name}")
             where.append(_json_equals(runs.c.tags, name, value, field=f"tags.{name}"))
         if not query.reproductions:
             where.append(_json_equals(runs.c.tags, "reproduced_from", None, field="tags"))
