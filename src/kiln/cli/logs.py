@@ -69,35 +69,25 @@ def _run_logs(
     store: Any, run_id: str, *, follow: bool, as_json: bool, show: Callable[..., None]
 ) -> None:
     run = store.get_run(run_id)
-    after = 0
-    while True:
-        chunks = store.run_logs(run.id, after=after, limit=PAGE)
-        for chunk in chunks:
-            show(chunk)
-        if chunks:
-            after = chunks[-1].id
-        if len(chunks) == PAGE:
-            continue
-        if not follow:
-            return
+
+    def fetch(after: int) -> list[Any]:
+        return list(store.run_logs(run.id, after=after, limit=PAGE))
+
+    after = _drain(fetch, 0, show)
+    while follow:
         now = store.get_run(run.id)
-        status = now.status
-        gone = None if status.terminal else _owner_gone(now)
+        gone = None if now.status.terminal else _owner_gone(now)
         if gone is not None:
             typer.echo(f"kiln: run {run.id[:8]} is still open, but {gone}: it is lost; "
                        "what it printed before is above", err=True)  # fmt: skip
             raise typer.Exit(1)
-        if status.terminal:
-            rest = store.run_logs(run.id, after=after, limit=PAGE)  # its last flush
-            if rest:
-                after = rest[-1].id
-                for chunk in rest:
-                    show(chunk)
-                continue
-            if status is not RunStatus.SUCCEEDED and not as_json:
-                typer.echo(f"kiln: run {run.id[:8]} ended {status}", err=True)
+        if now.status.terminal:
+            _drain(fetch, after, show)  # its last flush
+            if now.status is not RunStatus.SUCCEEDED and not as_json:
+                typer.echo(f"kiln: run {run.id[:8]} ended {now.status}", err=True)
             return
         time.sleep(POLL_S)
+        after = _drain(fetch, after, show)
 
 
 def _endpoint_logs(
@@ -105,18 +95,29 @@ def _endpoint_logs(
 ) -> None:
     if store.endpoint(name) is None:
         raise NotFoundError(f"no endpoint {name!r}; `kiln endpoints ls` lists them")
-    after = 0
+
+    def fetch(after: int) -> list[Any]:
+        return list(store.endpoint_logs(name, version=version, after=after, limit=PAGE))
+
+    def marked(chunk: Any) -> None:
+        show(chunk, mark=version is None)
+
+    after = _drain(fetch, 0, marked)
+    while follow:
+        time.sleep(POLL_S)
+        after = _drain(fetch, after, marked)
+
+
+def _drain(fetch: Callable[[int], list[Any]], after: int, show: Callable[[Any], None]) -> int:
+    """Show every chunk past the id ``after``, a page at a time; the last id shown."""
     while True:
-        chunks = store.endpoint_logs(name, version=version, after=after, limit=PAGE)
+        chunks = fetch(after)
         for chunk in chunks:
-            show(chunk, mark=version is None)
+            show(chunk)
         if chunks:
             after = chunks[-1].id
-        if len(chunks) == PAGE:
-            continue
-        if not follow:
-            return
-        time.sleep(POLL_S)
+        if len(chunks) < PAGE:
+            return after
 
 
 def _owner_gone(run: RunRecord) -> str | None:

@@ -281,14 +281,15 @@ class Admission:
         q = self.queues[queue]
         return any(n > q.nominal.get(r, 0) for r, n in self.usage[queue].items())
 
-    def share(self, queue: str) -> float:
+    def share(self, queue: str, usage: Amounts | None = None) -> float:
         """The queue's dominant share of what it borrows over the cohort's lendable
-        quota, divided by its weight (0 while within nominal)."""
+        quota, divided by its weight (0 while within nominal), with its usage now or
+        as ``usage`` says."""
         q = self.queues[queue]
         if q.cohort is None:
             return 0.0
         best = 0.0
-        for r, n in self.usage[queue].items():
+        for r, n in (self.usage[queue] if usage is None else usage).items():
             pool, over = self._pools[(q.cohort, r)], n - q.nominal.get(r, 0)
             if pool > 0 and over > 0:
                 best = max(best, over / pool)
@@ -411,19 +412,12 @@ class Admission:
                    for v in victims if v.queue != w.queue)  # fmt: skip
 
     def _share_after(self, queue: str, *, add: list[Workload], remove: list[Workload]) -> float:
-        saved = dict(self.usage[queue])
-        for v in add:
+        usage = dict(self.usage[queue])
+        for v, sign in [*((v, 1) for v in add), *((v, -1) for v in remove)]:
             if v.queue == queue:
                 for r, n in v.requests.items():
-                    self.usage[queue][r] = self.usage[queue].get(r, 0) + n
-        for v in remove:
-            if v.queue == queue:
-                for r, n in v.requests.items():
-                    self.usage[queue][r] -= n
-        try:
-            return self.share(queue)
-        finally:
-            self.usage[queue] = saved
+                    usage[r] = usage.get(r, 0) + sign * n
+        return self.share(queue, usage)
 
     # -- explain --------------------------------------------------------------
 

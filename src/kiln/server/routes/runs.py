@@ -16,7 +16,6 @@ from pydantic import ValidationError as PydanticError
 
 from kiln.errors import ValidationError
 from kiln.record.blobs import FileBlobStore
-from kiln.record.model import RunStatus
 from kiln.record.store._wire import from_number, number, points_to_wire, record_to_wire
 from kiln.record.store.base import RunQuery, WriteBatch
 from kiln.record.store.sql import SqlStore
@@ -162,24 +161,18 @@ def get_run(run_id: Annotated[str, Path(max_length=32)], store: Store) -> Any:
 
 @router.post("/runs:search", dependencies=[need("runs", "read")], response_model=schemas.Runs)
 def query_runs(query: schemas.Query, store: Store) -> Any:
-    """Runs matching a filter, in its order."""
-    try:
-        statuses = tuple(RunStatus(s) for s in query.status)
-    except ValueError as e:  # pragma: no cover - the schema allows only statuses
-        raise ValidationError("status", str(e)) from None
-    found = store.query_runs(_run_query(query, statuses))
-    total = store.count_matching(_run_query(query, statuses)) if query.total else None
-    return {"runs": [record_to_wire(r) for r in found], "total": total}
+    """Runs matching a filter, in its order (with ``total``: how many match in all)."""
+    wanted = _run_query(query)
+    total = store.count_matching(wanted) if query.total else None
+    return {"runs": [record_to_wire(r) for r in store.query_runs(wanted)], "total": total}
 
 
-def _run_query(query: schemas.Query, statuses: tuple[RunStatus, ...] = ()) -> RunQuery:
+def _run_query(query: schemas.Query) -> RunQuery:
     return RunQuery(
-        app=query.app, status=statuses or tuple(RunStatus(s) for s in query.status),
-        params=query.params, tags=query.tags, parent_id=query.parent_id,
-        env_id=query.env_id, order_by=query.order_by, limit=query.limit,
-        reproductions=query.reproductions, text=query.text,
-        metrics=tuple((m.key, m.op, m.value) for m in query.metrics),
-        offset=query.offset,
+        app=query.app, status=tuple(query.status), params=query.params, tags=query.tags,
+        parent_id=query.parent_id, env_id=query.env_id, order_by=query.order_by,
+        limit=query.limit, reproductions=query.reproductions, text=query.text,
+        metrics=tuple((m.key, m.op, m.value) for m in query.metrics), offset=query.offset,
     )  # fmt: skip
 
 

@@ -145,16 +145,17 @@ async function api(method, path, body) {
 const get = (path) => api("GET", path);
 const post = (path, body) => api("POST", path, body ?? {});
 
-async function blobText(sha) {
+async function blob(sha, what) {
+  // a blob's bytes, with the token (a plain link could not send it)
   const r = await fetch(`/api/v1/blobs/${sha}`, { headers: { Authorization: `Bearer ${session.token}` } });
-  if (!r.ok) throw new Error(`${r.status}: the blob ${sha.slice(0, 12)} could not be read`);
-  return r.text();
+  if (!r.ok) throw new Error(`${r.status}: ${what} could not be read`);
+  return r;
 }
 
+const blobText = async (sha) => (await blob(sha, `the blob ${sha.slice(0, 12)}`)).text();
+
 async function download(sha, name) {
-  const r = await fetch(`/api/v1/blobs/${sha}`, { headers: { Authorization: `Bearer ${session.token}` } });
-  if (!r.ok) throw new Error(`${r.status}: could not download ${name}`);
-  const url = URL.createObjectURL(await r.blob());
+  const url = URL.createObjectURL(await (await blob(sha, name)).blob());
   const a = h("a", { href: url, download: name.split("/").pop() || sha });
   document.body.append(a);
   a.click();
