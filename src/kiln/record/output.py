@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import sys
 import termios
 import threading
@@ -164,16 +165,25 @@ class FdTee:
 
     def _pump(self, fd: int, stream: str) -> None:
         read_end, saved, lines = self._pipes[fd]
+        ready = select.poll()
+        ready.register(read_end, select.POLLIN)
         while True:
+            # Wait with the bytes left in the pipe, and count this pump busy before it
+            # takes them: `drain` then sees them either unread or being delivered, never
+            # in neither state (a read then a count let it pass them by).
             try:
-                data = os.read(read_end, _READ)
+                ready.poll()
             except OSError:
-                return
-            if not data:
                 return
             with self._state:
                 self._busy += 1
             try:
+                try:
+                    data = os.read(read_end, _READ)
+                except OSError:
+                    return
+                if not data:
+                    return
                 _write_all(saved, data)
                 whole = lines.feed(data)
                 sink = self.sink
