@@ -18,10 +18,10 @@ if TYPE_CHECKING:
     from kiln.app import App, get_run, runs
     from kiln.config import Settings
     from kiln.envs.spec import Env
-    from kiln.errors import KilnError, RunFailed
+    from kiln.errors import KilnError, Preempted, RunFailed
     from kiln.function import Function, MapResult, Run, Sweep, grid
     from kiln.record.model import Artifact, MetricPoint, RunRecord, RunStatus
-    from kiln.record.runs import ActiveRun, Dataset, log, save
+    from kiln.record.runs import ActiveRun, Dataset, checkpoint, log, save
     from kiln.registry.selection import pareto
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 # the `kiln` CLI, whose modules live in this package) costs next to nothing.
 _LAZY = {"App": "kiln.app", "get_run": "kiln.app", "runs": "kiln.app",
          "Settings": "kiln.config", "KilnError": "kiln.errors", "RunFailed": "kiln.errors",
+         "Preempted": "kiln.errors", "checkpoint": "kiln.record.runs",
          "Artifact": "kiln.record.model", "MetricPoint": "kiln.record.model",
          "RunRecord": "kiln.record.model", "RunStatus": "kiln.record.model",
          "ActiveRun": "kiln.record.runs", "Dataset": "kiln.record.runs",
@@ -59,6 +60,7 @@ __all__ = [
     "KilnError",
     "MapResult",
     "MetricPoint",
+    "Preempted",
     "Run",
     "RunFailed",
     "RunRecord",
@@ -66,6 +68,7 @@ __all__ = [
     "Settings",
     "Sweep",
     "__version__",
+    "checkpoint",
     "get_run",
     "grid",
     "log",

@@ -25,6 +25,7 @@ STATUS_STYLE = {
     RunStatus.FAILED: "red",
     RunStatus.CANCELLED: "yellow",
     RunStatus.LOST: "magenta",
+    RunStatus.PREEMPTED: "yellow",
 }
 
 

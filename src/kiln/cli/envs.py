@@ -12,7 +12,7 @@ from kiln.cli._render import console, fmt_time, parse_duration, plain
 from kiln.config import Settings
 from kiln.envs.manager import EnvManager, env_manager
 from kiln.record.blobs import FileBlobStore
-from kiln.record.model import RunStatus
+from kiln.record.model import LIVE_STATUSES
 from kiln.record.store.base import RunQuery
 
 app = typer.Typer(help="List, show and prune cached environments.", no_args_is_help=True)
@@ -125,9 +125,7 @@ def prune(
         from kiln.record.recorder import recorder_for
 
         store = recorder_for(settings, create=False).store
-        active = store.query_runs(
-            RunQuery(status=(RunStatus.QUEUED, RunStatus.RUNNING), limit=None)
-        )
+        active = store.query_runs(RunQuery(status=LIVE_STATUSES, limit=None))
         in_use = {r.environment.env_id for r in active if r.environment.env_id}
     removed = manager.prune(seconds, in_use, dry_run=dry_run)
     if as_json:

@@ -159,6 +159,17 @@ class Admission:
             return []
         return self._schedule(queue)
 
+    def adopt(self, w: Workload) -> None:
+        """Count ``w`` as admitted without a check: it already runs (restored after a
+        restart of the server, or a change of the queues), even if its queue is now over
+        its quota; it gives its share back when it finishes."""
+        if w.queue not in self.queues:
+            raise KeyError(f"no queue {w.queue!r}")
+        w = replace(w, seq=next(self._seq))
+        self.admitted[w.id] = w
+        self._running[w.queue][w.id] = w
+        self._use(w, +1)
+
     def _schedule(self, queue: str) -> list[Decision]:
         """The decisions an event in ``queue`` makes possible: in its cohort only (one
         cohort's quota and usage are no other's concern)."""

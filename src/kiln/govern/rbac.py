@@ -12,7 +12,8 @@ member      also: record runs and blobs, register models, request promotions,
 approver    also: approve or reject promotion requests (a requester still cannot
             approve its own request; a policy's ``approvers`` may narrow it)
 admin       also: set policies, roll back, remove runs, collect garbage, manage
-            principals, members and tokens, create projects
+            principals, members and tokens, create projects, set the project's
+            queues and budgets (and, in the default project, the server's pools)
 ==========  =====================================================================
 """
 
@@ -39,6 +40,7 @@ _GRANTS: dict[Role, frozenset[tuple[str, str]]] = {
     "admin": frozenset({
         ("policies", "write"), ("models", "rollback"), ("runs", "delete"), ("store", "gc"),
         ("principals", "admin"), ("tokens", "admin"), ("projects", "create"),
+        ("quotas", "admin"), ("pools", "admin"),
     }),
 }  # fmt: skip
 

@@ -27,10 +27,15 @@ class RunStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     LOST = "lost"  # the process that owned it died without saying how it ended
+    # Stopped to give its quota back (see kiln.govern.admission); it waits to run again.
+    PREEMPTED = "preempted"
 
     @property
     def terminal(self) -> bool:
-        return self not in (RunStatus.QUEUED, RunStatus.RUNNING)
+        return self not in LIVE_STATUSES
+
+
+LIVE_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.PREEMPTED)
 
 
 ArtifactKind = Literal["file", "pickle", "dataset"]

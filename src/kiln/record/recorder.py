@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from kiln.config import Settings, make_home
 from kiln.errors import StoreRefusedError, StoreUnavailableError
-from kiln.record.model import RunStatus
+from kiln.record.model import LIVE_STATUSES, RunStatus
 from kiln.record.snapshot import CodeCapture
 from kiln.record.store.base import WRITE_PARTS, LogRow, MetricRow, RunQuery, Store, WriteBatch
 from kiln.record.store.rows import ArtifactRow, RunRow, RunUpdate
@@ -276,7 +276,7 @@ def mark_lost_runs(store: Store) -> int:
     """
     host, now = socket.gethostname(), time.time()
     updates: list[RunUpdate] = []
-    query = RunQuery(status=(RunStatus.QUEUED, RunStatus.RUNNING), limit=None)
+    query = RunQuery(status=LIVE_STATUSES, limit=None)
     for run in store.query_runs(query):
         if run.host == host and run.pid is not None:
             if pid_alive(run.pid):

@@ -353,6 +353,17 @@ class ActiveRun:
         self._rec().enqueue(artifacts=rows)
         return sha
 
+    def checkpoint(self, name: str = "checkpoint", default: Any = None) -> Any:
+        """What this run last saved as ``name``, in this attempt or an earlier one (a
+        preempted or failed one), or ``default`` if it saved nothing under that name."""
+        name = artifact_name(name)
+        recorder = self._rec()
+        recorder.flush()
+        record = recorder.store.get_run(self.id)
+        if not any(a.name == name and a.direction == "out" for a in record.artifacts):
+            return default
+        return record.load(name)
+
     def use(self, item: Dataset | Artifact) -> None:
         """Record a dataset, or another run's artifact, as an input of this run."""
         self._rec().enqueue(artifacts=[input_row(self.id, item)])
@@ -510,6 +521,20 @@ def save(name: str, obj: Any) -> str:
     picklable object (``run.load(name)`` gives it back).
     """
     return current_run("kiln.save").save(name, obj)
+
+
+def checkpoint(name: str = "checkpoint", default: Any = None) -> Any:
+    """The last object the current run saved as ``name`` with :func:`save`, in any of
+    its attempts, or ``default``: how a function resumes after it was preempted.
+
+    Example::
+
+        state = kiln.checkpoint(default={"epoch": 0})
+        for epoch in range(state["epoch"], 10):
+            train_one_epoch()
+            kiln.save("checkpoint", {"epoch": epoch + 1})
+    """
+    return current_run("kiln.checkpoint").checkpoint(name, default)
 
 
 def caller_module() -> Path | None:

@@ -21,13 +21,15 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.errors import KilnError
+from kiln.observe.cost import Prices
 from kiln.record.blobs import FileBlobStore
 from kiln.record.store.sql import SqlStore
 from kiln.server import problems
 from kiln.server.auth import Guard, public
 from kiln.server.deps import Limits
 from kiln.server.metrics import LATENCY, REQUESTS, exposition
-from kiln.server.routes import audit, blobs, identity, registry, runs, serving, ui
+from kiln.server.quotas import LEASE_S, Admissions
+from kiln.server.routes import audit, blobs, identity, quotas, registry, runs, serving, ui
 
 API_VERSION = "v1"
 
@@ -39,6 +41,8 @@ def build_app(
     *,
     limits: Limits | None = None,
     auth: bool = True,
+    prices: Prices | None = None,
+    lease_s: float = LEASE_S,
 ) -> FastAPI:
     """The server's application: ``/api/v1/...``, ``/openapi.json``, ``/healthz``,
     ``/readyz``, ``/metrics`` and the dashboard at ``/``."""
@@ -54,8 +58,9 @@ def build_app(
     app.state.auth = auth  # False: --insecure-no-auth
     app.state.guard = Guard()
     app.state.handoffs = {}  # one-time code: token (`kiln ui`)
+    app.state.admissions = Admissions(store, prices, lease_s)
     routers = (runs.router, blobs.router, serving.router, registry.router, audit.router,
-               identity.router, ui.router)  # fmt: skip
+               identity.router, quotas.router, ui.router)  # fmt: skip
     for router in routers:
         app.include_router(router)
     app.add_exception_handler(KilnError, problems.kiln_error)

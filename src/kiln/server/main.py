@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import math
+import os
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,22 @@ def enrolment(store: Any) -> str | None:
     return token
 
 
+def lease_seconds(environ: Mapping[str, str]) -> float:
+    """``KILN_LEASE_S``: how long an engine's hold on admitted work lasts unrenewed."""
+    from kiln.server.quotas import LEASE_S
+
+    raw = (environ.get("KILN_LEASE_S") or "").strip()
+    if not raw:
+        return LEASE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 1.0 <= value <= 3600.0:
+        raise ConfigError("KILN_LEASE_S", f"{raw[:40]!r} is not a number of seconds (1-3600)")
+    return value
+
+
 def serve(
     store_url: str, home: Path, *, host: str = "127.0.0.1", port: int = 8700,
     insecure_no_auth: bool = False, actor: str = "kiln-server",
@@ -85,7 +103,10 @@ def serve(
     make_home(home)
     blobs = FileBlobStore(home / "blobs")
     store = open_sql_store(store_url, blobs=blobs, actor=actor)
-    app = build_app(store, blobs, home, auth=not insecure_no_auth)
+    from kiln.observe.cost import Prices
+
+    app = build_app(store, blobs, home, auth=not insecure_no_auth, prices=Prices.from_env(),
+                    lease_s=lease_seconds(os.environ))  # fmt: skip
     if on_stop is not None:
         app.router.lifespan_context = _stopping(app.router.lifespan_context, on_stop)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

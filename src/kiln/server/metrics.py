@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kiln.errors import KilnError
-from kiln.record.model import RunStatus
+from kiln.record.model import LIVE_STATUSES, RunStatus
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 REQUESTS = Counter(
@@ -34,7 +34,7 @@ LATENCY = Histogram(
 INGESTED = Counter(
     "kiln_server_ingested_points", "Metric points applied from batches.", registry=REGISTRY
 )
-LIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
+LIVE = LIVE_STATUSES
 CountRuns = Callable[[Sequence[RunStatus]], list[tuple[str, str, int]]]
 _log = logging.getLogger("kiln")
 

@@ -367,3 +367,64 @@ blob_refs = sa.Table(
     sa.Column("project", sa.String(200), primary_key=True),
     sa.Column("sha256", sa.String(64), primary_key=True),
 )
+
+# 0016: shared hardware: pools, each project's queue on a pool, budgets, and the
+# workloads that asked for admission (see kiln.govern.admission).
+pools = sa.Table(
+    "pools",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("capacity", sa.JSON, nullable=False),
+    sa.Column("gpu_type", sa.String(200)),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("updated_by", sa.String(200), nullable=False),
+)
+
+queues = sa.Table(
+    "queues",
+    metadata,
+    sa.Column("project", sa.String(200), primary_key=True),
+    sa.Column("pool", sa.String(200), primary_key=True),
+    sa.Column("nominal", sa.JSON, nullable=False),
+    sa.Column("cohort", sa.String(200)),
+    sa.Column("borrowing_limit", sa.JSON, nullable=False),
+    sa.Column("lending_limit", sa.JSON, nullable=False),
+    sa.Column("weight", sa.Double, nullable=False),
+    sa.Column("strategy", sa.String(16), nullable=False),
+    sa.Column("fair_sharing", sa.Boolean, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("updated_by", sa.String(200), nullable=False),
+)
+
+budgets = sa.Table(
+    "budgets",
+    metadata,
+    sa.Column("project", sa.String(200), primary_key=True),
+    sa.Column("principal", sa.String(200), primary_key=True),  # "": the whole project
+    sa.Column("amount", sa.Double, nullable=False),
+    sa.Column("period", sa.String(8), nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("updated_by", sa.String(200), nullable=False),
+)
+
+workloads = sa.Table(
+    "workloads",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("project", sa.String(200), nullable=False),
+    sa.Column("pool", sa.String(200), nullable=False),
+    sa.Column("principal", sa.String(200), nullable=False),
+    sa.Column("requests", sa.JSON, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("submitted_at", sa.Double, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("agent", sa.Boolean, nullable=False),
+    sa.Column("timeout_s", sa.Double),
+    sa.Column("max_cost", sa.Double, nullable=False),
+    sa.Column("cost", sa.Double, nullable=False),
+    sa.Column("admitted_at", sa.Double),
+    sa.Column("ended_at", sa.Double),
+    sa.Column("cause", sa.Text),
+    sa.Index("ix_workloads_state", "state"),
+    sa.Index("ix_workloads_project", "project", "submitted_at"),
+)

@@ -451,3 +451,69 @@ class KilnStore(RunStore, AuditLog, EndpointStore, SpanStore, Protocol):
     def __enter__(self) -> KilnStore: ...
 
     def __exit__(self, *exc_info: object) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRow:
+    """Hardware an engine runs on, with its capacity in admission units (``cpu`` in
+    thousandths of a core, ``memory`` in MiB, ``gpu`` in thousandths of a device, all
+    of the pool's one ``gpu_type``)."""
+
+    name: str
+    capacity: dict[str, int]
+    gpu_type: str | None = None
+    updated_at: float = 0.0
+    updated_by: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRow:
+    """A project's quota on a pool (see :class:`kiln.govern.admission.Queue`)."""
+
+    project: str
+    pool: str
+    nominal: dict[str, int]
+    cohort: str | None = None
+    borrowing_limit: dict[str, int] = field(default_factory=dict)
+    lending_limit: dict[str, int] = field(default_factory=dict)
+    weight: float = 1.0
+    strategy: str = "best-effort"
+    fair_sharing: bool = False
+    updated_at: float = 0.0
+    updated_by: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRow:
+    """Dollars a project (``principal`` empty) or one principal of it may spend per
+    ``period``: ``day``, ``week``, ``month`` (UTC) or ``total``."""
+
+    project: str
+    principal: str
+    amount: float
+    period: str = "month"
+    updated_at: float = 0.0
+    updated_by: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadRow:
+    """A run asking a pool for admission: what it requests, its state (``pending``,
+    ``admitted``, ``finished``, ``refused``), its most possible cost (charged to its
+    budget while it is live) and what it cost (the quota it held, priced)."""
+
+    id: str
+    project: str
+    pool: str
+    principal: str
+    requests: dict[str, int]
+    state: str
+    submitted_at: float
+    priority: int = 0
+    agent: bool = False
+    timeout_s: float | None = None
+    max_cost: float = 0.0
+    cost: float = 0.0
+    admitted_at: float | None = None
+    ended_at: float | None = None
+    cause: str | None = None

@@ -50,6 +50,7 @@ from kiln.record.model import (
 )
 from kiln.record.store._endpoints import EndpointsAndSpans
 from kiln.record.store._identities import Identities
+from kiln.record.store._quotas import Quotas
 from kiln.record.store._registry import RegistryAccess
 from kiln.record.store._schema import (
     artifacts,
@@ -68,7 +69,7 @@ from kiln.record.store._views import Views
 from kiln.record.store.base import METRIC_OPS, RunQuery, WriteBatch, check_key
 from kiln.record.store.rows import RunUpdate, SpanRow
 
-SCHEMA_HEAD = "0015"
+SCHEMA_HEAD = "0016"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,
@@ -85,7 +86,7 @@ T = TypeVar("T")
 _log = logging.getLogger("kiln")
 
 
-class SqlStore(EndpointsAndSpans, RegistryAccess, Identities, Views):
+class SqlStore(EndpointsAndSpans, RegistryAccess, Identities, Quotas, Views):
     """A :class:`~kiln.record.store.base.Store` on SQLite or PostgreSQL.
 
     Opening it creates or migrates the schema (Alembic), unless ``create`` is false,
