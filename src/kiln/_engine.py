@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from kiln._gate import Gate
 from kiln._runner import RUNNER
 from kiln.compute.backends.base import (
     Backend,
@@ -38,7 +39,7 @@ from kiln.compute.backends.base import (
 )
 from kiln.compute.resources import Inventory, detect_inventory
 from kiln.config import Settings
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, KilnError
 from kiln.record.model import RunStatus
 from kiln.record.recorder import Recorder, recorder_for
 from kiln.record.runs import TRACE_FIELDS
@@ -100,6 +101,11 @@ class Engine:
         self._writer = threading.Thread(target=self._write_loop, name="kiln-record", daemon=True)
         make = backend or _make_backend(settings)
         self.backend = make(detect_inventory(), self.report)  # may refuse the settings
+        self.gate: Gate | None = None
+        if settings.pool is not None:  # nothing starts before the team server admits it
+            self.gate = Gate(self.recorder.store.client, settings.pool,  # type: ignore[attr-defined]
+                             start=self.backend.submit, refuse=self._refused,
+                             preempt=self.backend.preempt)  # fmt: skip
         self._metrics: Served | None = None
         if settings.metrics_port is not None:
             try:
@@ -136,10 +142,32 @@ class Engine:
                 self._unwritten.update(c.spec.run_id for c in calls)
         if not wait:
             self._events.put([_Created(batch)])
-        self.backend.submit([c.spec for c in calls])
+        specs = [c.spec for c in calls]
+        if self.gate is None:
+            self.backend.submit(specs)
+            return
+        try:
+            self.gate.submit(specs)
+        except KilnError as exc:
+            for spec in specs:
+                self._refused(spec, f"asking for admission failed: {exc}")
+
+    def _refused(self, spec: TaskSpec, reason: str) -> None:
+        """The server would not admit the run: it ends failed with the reason, no retry."""
+        with self._lock:
+            call = self._calls.get(spec.run_id)
+            if call is not None:
+                call.retries = 0
+        cause = f"not admitted to pool {self.settings.pool}: {reason}"
+        self.report([Finished(spec.run_id, spec.attempt, Outcome("failed", cause=cause))])
 
     def cancel(self, run_id: str) -> None:
-        self.backend.cancel(run_id)
+        spec = self.gate.withdraw(run_id) if self.gate is not None else None
+        if spec is None:
+            self.backend.cancel(run_id)
+            return
+        outcome = Outcome("cancelled", cause="cancelled while waiting for admission")
+        self.report([Finished(run_id, spec.attempt, outcome)])
 
     def wait_recorded(self, run_id: str, timeout: float = 30.0) -> None:
         """Return once the run's row is in the store (at once for most runs)."""
@@ -220,6 +248,7 @@ class Engine:
         batch = WriteBatch()
         done: list[tuple[Call, Outcome]] = []
         retry: list[tuple[Call, float]] = []
+        requeue: list[Call] = []
         created: list[str] = []
         now = time.time()
         with self._lock:
@@ -249,8 +278,18 @@ class Engine:
                 call.attempts.append(
                     {"attempt": event.attempt, "status": outcome.status, "cause": outcome.cause}
                 )
-                if outcome.status == "failed" and len(call.attempts) <= call.retries:
-                    delay = min(BACKOFF_BASE_S * 2 ** (len(call.attempts) - 1), BACKOFF_MAX_S)
+                if outcome.status == "preempted":  # back to the queue: not one of its retries
+                    requeue.append(call)
+                    call.assigned = {}
+                    error = (f"attempt {event.attempt} {outcome.cause}; it waits to be "
+                             "admitted again")  # fmt: skip
+                    waits = RunUpdate(id=event.run_id, status=RunStatus.PREEMPTED, error=error,
+                                      resources=self._resources(call))  # fmt: skip
+                    batch.updates.append(started.then(waits))
+                    continue
+                failures = sum(1 for a in call.attempts if a["status"] == "failed")
+                if outcome.status == "failed" and failures <= call.retries:
+                    delay = min(BACKOFF_BASE_S * 2 ** (failures - 1), BACKOFF_MAX_S)
                     retry.append((call, delay))
                     call.assigned = {}
                     requeued = RunUpdate(
@@ -283,7 +322,7 @@ class Engine:
             with self._written:
                 self._unwritten.difference_update(created)
                 self._written.notify_all()
-        self._after_write(done, retry)
+        self._after_write(done, retry, requeue)
 
     def _store_blobs(self, events: list[TaskEvent | _Created]) -> None:
         """Blobs of runs on a node without this KILN_HOME, before their ends are recorded."""
@@ -293,9 +332,17 @@ class Engine:
                     self.recorder.blobs.put_bytes(data)
 
     def _after_write(
-        self, done: list[tuple[Call, Outcome]], retry: list[tuple[Call, float]]
-    ) -> None:
-        """Once recorded: queue retries, seal ended runs, resolve their futures."""
+        self, done: list[tuple[Call, Outcome]], retry: list[tuple[Call, float]],
+        requeue: list[Call],
+    ) -> None:  # fmt: skip
+        """Once recorded: queue retries and preempted runs, seal ended runs, resolve
+        their futures."""
+        for call in requeue:
+            call.spec = replace(call.spec, attempt=len(call.attempts) + 1)
+            if self.gate is not None:
+                self.gate.requeue(call.spec)
+            else:  # preempted without a server (by hand): it runs again at once
+                self.backend.submit([call.spec])
         for call, delay in retry:
             spec = replace(call.spec, attempt=len(call.attempts) + 1)
             call.spec = spec
@@ -304,6 +351,9 @@ class Engine:
             timer.start()
         if done:
             self.recorder.seal_later([call.spec.run_id for call, _ in done])
+            if self.gate is not None:
+                for call, _ in done:
+                    self.gate.ended(call.spec.run_id)
         for call, outcome in done:
             call.future.set_result(outcome)
             for callback in call.on_done:
@@ -357,7 +407,13 @@ class Engine:
         if self._metrics is not None:
             _stop_metrics(self._metrics)
             self._metrics = None
+        waiting = self.gate.waiting() if self.gate is not None else []
+        if self.gate is not None:
+            self.gate.close()
         self.backend.close()
+        shut = Outcome("cancelled", cause="the engine shut down while it waited for admission")
+        if waiting:
+            self.report([Finished(s.run_id, s.attempt, shut) for s in waiting])
         self._events.put(None)
         self._writer.join(timeout=30)
 
@@ -416,14 +472,14 @@ def _make_backend(settings: Settings) -> BackendFactory:
     )
 
 
-_engines: dict[tuple[str, str, str], Engine] = {}
+_engines: dict[tuple[str, str, str, str], Engine] = {}
 _engines_lock = threading.Lock()
 
 
 def engine_for(settings: Settings, *, backend: BackendFactory | None = None) -> Engine:
     """The process's engine for these settings, started on first use (with ``backend``
     if given: ``kiln.testing.FakeBackend`` for tests of code built on functions)."""
-    key = (settings.record_url, str(settings.home), settings.backend)
+    key = (settings.record_url, str(settings.home), settings.backend, settings.pool or "")
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:

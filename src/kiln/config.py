@@ -15,6 +15,9 @@
 |               |                                  | for .kiln and .git does not go above     |
 | KILN_SERVER   | unset                            | a team server's URL: the record is there;|
 |               |                                  | KILN_HOME keeps a blob cache and a spool |
+| KILN_POOL     | unset                            | the team server's pool this engine runs  |
+|               |                                  | on: runs start once the server admits    |
+|               |                                  | them to the project's queue there        |
 | KILN_METRICS_PORT | unset                        | serve the engine's figures (Prometheus)  |
 |               |                                  | at http://HOST:PORT/metrics once it starts|
 | KILN_METRICS_HOST | 127.0.0.1                    | the address they are served on (0.0.0.0: |
@@ -70,6 +73,7 @@ class Settings:
     project: str | None = None
     metrics_port: int | None = None  # KILN_METRICS_PORT: the engine's figures served there
     metrics_host: str = "127.0.0.1"  # KILN_METRICS_HOST: on this address (loopback)
+    pool: str | None = None  # KILN_POOL: admission to this pool of the team server
 
     @property
     def blob_dir(self) -> Path:
@@ -111,13 +115,20 @@ class Settings:
         if shared not in (None, "0", "1"):
             raise ConfigError("KILN_RAY_SHARED_HOME", f"{shared!r} is not 0 or 1")
         metrics_port, metrics_host = metrics_address(env)
+        pool = env.get("KILN_POOL") or None
+        if pool is not None and not _PROJECT.fullmatch(pool):
+            raise ConfigError("KILN_POOL", f"{pool[:80]!r} is not a pool name "
+                              "(1-200 letters, digits, '.', '_' or '-')")  # fmt: skip
+        if pool is not None and not env.get("KILN_SERVER"):
+            raise ConfigError("KILN_POOL", "admission to a pool is the team server's: set "
+                              "KILN_SERVER too, or unset KILN_POOL")  # fmt: skip
         return cls(
             home=home, store_url=store_url, backend=cast(Backend, backend), actor=actor,
             ray_address=env.get("KILN_RAY_ADDRESS") or None,
             ray_shared_home=None if shared is None else shared == "1",
             cache=cache_dir(env), home_origin=origin,
             server_url=server_url(env.get("KILN_SERVER") or None), project=project,
-            metrics_port=metrics_port, metrics_host=metrics_host,
+            metrics_port=metrics_port, metrics_host=metrics_host, pool=pool,
         )  # fmt: skip
 
     @property

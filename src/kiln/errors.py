@@ -124,12 +124,12 @@ class RunFailed(KilnError):
         return text
 
 
-class Preempted(BaseException):
+class Preempted(KeyboardInterrupt):
     """Raised in a running function when its run is preempted: its quota went to work
     that ranks above it (see ``kiln explain``). The function has a grace period to save
     a checkpoint with ``kiln.save`` before it is killed; the run waits, and its next
-    attempt reads the checkpoint back with ``kiln.checkpoint()``. A ``BaseException``,
-    like ``KeyboardInterrupt``, so that ``except Exception`` does not swallow it."""
+    attempt reads the checkpoint back with ``kiln.checkpoint()``. A ``KeyboardInterrupt``
+    (what Ray raises in a task it stops), so ``except Exception`` does not swallow it."""
 
 
 class EnvError(KilnError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import signal
 import struct
 import sys
 import threading
@@ -98,8 +99,17 @@ class _Functions:
         return fn
 
 
+def _preempted(signum: int, frame: Any) -> None:
+    """SIGTERM while a task runs: its run was preempted. The function gets
+    ``kiln.Preempted`` where it is, to save a checkpoint in its grace period."""
+    from kiln.errors import Preempted
+
+    raise Preempted("this run was preempted: its quota went to work that ranks above it")
+
+
 def main() -> None:
     read_fd, write_fd = int(sys.argv[1]), int(sys.argv[2])
+    signal.signal(signal.SIGTERM, _preempted)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     functions = _Functions()
     init = recv(read_fd)

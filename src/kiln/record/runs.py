@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln._hashing import sha256_file, sha256_tree
 from kiln.config import Settings
-from kiln.errors import NoActiveRunError, ValidationError
+from kiln.errors import NoActiveRunError, RunNotFoundError, ValidationError
 from kiln.record._pickling import dumps
 from kiln.record.model import Artifact, ArtifactKind, Direction, RunStatus
 from kiln.record.output import FdTee, RunLog, StreamTees
@@ -359,7 +359,10 @@ class ActiveRun:
         name = artifact_name(name)
         recorder = self._rec()
         recorder.flush()
-        record = recorder.store.get_run(self.id)
+        try:
+            record = recorder.store.get_run(self.id)
+        except RunNotFoundError:  # its row is not written yet: its first attempt
+            return default
         if not any(a.name == name and a.direction == "out" for a in record.artifacts):
             return default
         return record.load(name)

@@ -33,6 +33,7 @@ from kiln.record.store.base import BudgetRow, PoolRow, QueueRow, WorkloadRow
 from kiln.record.store.sql import SqlStore
 
 LEASE_S = 30.0
+Note = tuple[str, audit.Event]  # an audit event and the project it belongs to
 AGENT_PRIORITY = -1000  # added to an agent's priority: a human's work always ranks above
 RESOURCES = ("cpu", "memory", "gpu")
 PERIODS = ("day", "week", "month", "total")
@@ -117,7 +118,7 @@ class Admissions:
         for w in sorted(live, key=lambda w: w.row.submitted_at):
             if w.row.state == "pending" and w.row.project in machine.queues:
                 changed += self._apply(machine.handle(Submit(_workload(w.row))))
-        self.store.save_workloads(changed)
+        self._save(self.store, changed, [])
 
     def set_pool(self, store: SqlStore, row: PoolRow) -> None:
         with self._lock:
@@ -212,7 +213,7 @@ class Admissions:
                 ids=[i["id"] for i in items])}  # fmt: skip
             answers: list[dict[str, Any]] = []
             changed: list[WorkloadRow] = []
-            events: list[audit.Event] = []
+            events: list[Note] = []
             now = time.time()
             for item in items:
                 wid = item["id"]
@@ -236,16 +237,16 @@ class Admissions:
                 if reason:
                     row = replace(row, state="refused", ended_at=now, cause=reason)
                     changed.append(row)
-                    events.append(audit.Event("workload.refuse", wid,
-                                              {"pool": pool, "reason": reason}, now,
-                                              principal))  # fmt: skip
+                    events.append((project, audit.Event("workload.refuse", wid,
+                                                        {"pool": pool, "reason": reason}, now,
+                                                        principal)))  # fmt: skip
                     answers.append({"id": wid, "state": "refused", "reason": reason})
                     continue
                 self._live[wid] = _Live(row, time.monotonic() + self.lease_s)
                 changed.append(row)
                 changed += self._apply(machine.handle(Submit(_workload(row))), events)
                 answers.append(self._answer(self._live[wid].row, machine))
-            store.save_workloads(self._latest(changed), events)
+            self._save(store, changed, events)
             return answers
 
     def sync(self, store: SqlStore, held: list[str], ended: list[str]) -> dict[str, Any]:
@@ -254,7 +255,7 @@ class Admissions:
         admitted, which to preempt, and which the server does not know."""
         with self._lock:
             changed: list[WorkloadRow] = []
-            events: list[audit.Event] = []
+            events: list[Note] = []
             for wid in ended:
                 live = self._live.get(wid)
                 if live is not None and live.row.project == store.project:
@@ -272,12 +273,12 @@ class Admissions:
                     admitted.append(wid)
                 preempt += live.notices
                 live.notices = []
-            store.save_workloads(self._latest(changed), events)
+            self._save(store, changed, events)
             return {"admitted": admitted, "preempt": preempt, "unknown": unknown,
                     "lease_s": self.lease_s}  # fmt: skip
 
     def _reap(
-        self, changed: list[WorkloadRow] | None = None, events: list[audit.Event] | None = None
+        self, changed: list[WorkloadRow] | None = None, events: list[Note] | None = None
     ) -> None:
         """Reclaim the workloads whose lease ran out (their engine stopped syncing)."""
         now = time.monotonic()
@@ -285,15 +286,15 @@ class Admissions:
         if not expired:
             return
         out: list[WorkloadRow] = [] if changed is None else changed
-        notes: list[audit.Event] = [] if events is None else events
+        notes: list[Note] = [] if events is None else events
         for live in expired:
             out += self._end(live, "finished", f"lease not renewed within {self.lease_s:g}s; "
                              "its quota was reclaimed", notes)  # fmt: skip
         if changed is None:
-            self.store.save_workloads(self._latest(out), notes)
+            self._save(self.store, out, notes)
 
     def _end(
-        self, live: _Live, state: str, cause: str | None, events: list[audit.Event]
+        self, live: _Live, state: str, cause: str | None, events: list[Note]
     ) -> list[WorkloadRow]:
         now = time.time()
         row = live.row
@@ -307,7 +308,7 @@ class Admissions:
         return [live.row, *self._apply(decisions, events)]
 
     def _apply(
-        self, decisions: list[Admit | Preempt], events: list[audit.Event] | None = None
+        self, decisions: list[Admit | Preempt], events: list[Note] | None = None
     ) -> list[WorkloadRow]:
         """Carry decisions into the live rows; the rows changed."""
         now = time.time()
@@ -327,9 +328,9 @@ class Admissions:
                                    cost=self._cost_so_far(row, now), cause=cause)  # fmt: skip
                 live.notices.append({"id": d.id, "cause": cause})
                 if events is not None:
-                    events.append(audit.Event("workload.preempt", d.id,
-                                              {"by": d.by, "cause": d.cause,
-                                               "project": row.project}, now, "kiln"))  # fmt: skip
+                    events.append((row.project, audit.Event(
+                        "workload.preempt", d.id, {"by": who, "cause": d.cause}, now,
+                        "kiln")))  # fmt: skip
             out.append(live.row)
         return out
 
@@ -363,17 +364,27 @@ class Admissions:
         return row.cost + self._price(row.requests, held, row.pool)
 
     def _over_budget(self, store: SqlStore, row: WorkloadRow, now: float) -> str | None:
-        """Why ``row`` would break a budget that applies to it, or None."""
-        for budget in store.budgets():
-            if budget.principal not in ("", row.principal):
-                continue
+        """Why ``row`` would break a budget that applies to it, or None: its project's,
+        its principal's in the project, and an agent's own (over every project)."""
+        budgets: list[tuple[BudgetRow, str | None]] = [
+            (b, row.project) for b in store.budgets() if b.principal in ("", row.principal)
+        ]
+        principal = store.principal(row.principal) if row.agent else None
+        if principal is not None and principal.budget is not None:
+            own = BudgetRow(project=row.project, principal=row.principal,
+                            amount=principal.budget, period="total")  # fmt: skip
+            budgets.append((own, None))
+        for budget, project in budgets:
             whose = f"{row.principal}'s" if budget.principal else f"project {row.project}'s"
             per = "" if budget.period == "total" else f" per {budget.period}"
+            if self.prices is None:
+                return (f"{whose} budget (${budget.amount:g}{per}) cannot be held: this "
+                        "server has no price table (KILN_PRICES)")  # fmt: skip
             if row.timeout_s is None:
                 return (f"{whose} budget (${budget.amount:g}{per}) needs the most a run may "
                         "cost: give the function a timeout")  # fmt: skip
             since = period_start(budget.period, now)
-            spent = store.spent(row.project, budget.principal or None, since)
+            spent = store.spent(project, budget.principal or None, since)
             if spent + row.max_cost > budget.amount + 1e-12:
                 return (f"over {whose} budget: this run may cost up to ${row.max_cost:.4g} "
                         f"({shown(row.requests)} for {row.timeout_s:g}s) and "
@@ -490,10 +501,14 @@ class Admissions:
                 "admitted_at": row.admitted_at, "ended_at": row.ended_at,
                 "cause": row.cause}  # fmt: skip
 
-    @staticmethod
-    def _latest(rows: list[WorkloadRow]) -> list[WorkloadRow]:
-        """One row per workload: the last change of each (one upsert each)."""
-        return list({r.id: r for r in rows}.values())
+    def _save(self, store: SqlStore, rows: list[WorkloadRow], notes: list[Note]) -> None:
+        """The last change of each workload, with the audit events of the caller's
+        project; each other project's events (its runs preempted) in that project."""
+        latest = list({r.id: r for r in rows}.values())
+        store.save_workloads(latest, [e for p, e in notes if p == store.project])
+        for project in sorted({p for p, _ in notes if p != store.project}):
+            theirs = [e for p, e in notes if p == project]
+            self.store.in_project(project).save_workloads([], theirs)
 
 
 def _readable(why: dict[str, Any]) -> dict[str, Any]:

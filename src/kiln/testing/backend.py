@@ -29,6 +29,7 @@ class FakeBackend:
     workers: int = 2
     submitted: list[TaskSpec] = field(default_factory=list)
     _cancelled: set[str] = field(default_factory=set)
+    _preempted: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -43,6 +44,12 @@ class FakeBackend:
     def cancel(self, run_id: str) -> None:
         with self._lock:
             self._cancelled.add(run_id)
+
+    def preempt(self, run_id: str, cause: str, grace_s: float) -> None:
+        """A task not yet started ends as preempted; a running one (a thread cannot be
+        interrupted) runs to its end, as if it finished within its grace period."""
+        with self._lock:
+            self._preempted[run_id] = cause
 
     def reserve(self, lease_id: str, resources: Resources, priority: int, granted: Grant) -> None:
         """Granted at once, with no devices: this backend does not schedule."""
@@ -59,8 +66,11 @@ class FakeBackend:
 
         with self._lock:
             cancelled = task.run_id in self._cancelled
-        if cancelled:
+            preempted = self._preempted.pop(task.run_id, None)
+        if cancelled or preempted:
             outcome = Outcome("cancelled", cause="cancelled before it started")
+            if preempted:
+                outcome = Outcome("preempted", cause=preempted)
             self.report([Finished(task.run_id, task.attempt, outcome)])
             return
         self.report([Started(task.run_id, task.attempt, {"thread": threading.get_ident()})])

@@ -48,7 +48,7 @@ class TaskSpec:
 class Outcome:
     """How an attempt ended. ``result`` is cloudpickled; ``error`` is a traceback."""
 
-    status: Literal["succeeded", "failed", "cancelled"]
+    status: Literal["succeeded", "failed", "cancelled", "preempted"]
     result: bytes | None = None
     error: str | None = None
     cause: str | None = (
@@ -91,6 +91,12 @@ class Backend(Protocol):
 
     def cancel(self, run_id: str) -> None:
         """Stop a queued or running task; it is reported Finished as cancelled."""
+
+    def preempt(self, run_id: str, cause: str, grace_s: float) -> None:
+        """Stop a task to give its resources back: its function gets ``kiln.Preempted``
+        (SIGTERM; on Ray a KeyboardInterrupt) and ``grace_s`` seconds to save a
+        checkpoint before it is killed. Reported Finished as preempted with ``cause``,
+        unless it succeeded meanwhile."""
 
     def reserve(self, lease_id: str, resources: Resources, priority: int, granted: Grant) -> None:
         """Queue a long-lived holder of resources (a serving replica) with the tasks;

@@ -107,6 +107,11 @@ class _Worker:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
 
+    def terminate(self) -> None:
+        """SIGTERM to the task's process tree: the worker raises kiln.Preempted in it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGTERM)
+
     def stop(self) -> None:
         """Ask an idle worker to exit (closing its pipe ends its loop)."""
         with contextlib.suppress(OSError):
@@ -120,7 +125,7 @@ class _Slot:
     worker: _Worker | None = None
     deadline: float | None = None
     stop_cause: str | None = None  # why we killed it, if we did
-    stop_status: Literal["failed", "cancelled"] = "failed"
+    stop_status: Literal["failed", "cancelled", "preempted"] = "failed"
 
 
 @dataclass
@@ -151,6 +156,9 @@ class LocalBackend:
 
     def cancel(self, run_id: str) -> None:
         self._inbox.put(("cancel", run_id))
+
+    def preempt(self, run_id: str, cause: str, grace_s: float) -> None:
+        self._inbox.put(("preempt", run_id, cause, grace_s))
 
     def reserve(self, lease_id: str, resources: Resources, priority: int, granted: Grant) -> None:
         """Queue a long-lived holder (a serving replica) with the tasks: ``granted`` is
@@ -230,6 +238,8 @@ class LocalBackend:
                 self._dispatch(alloc, events)
         elif kind == "cancel":
             self._on_cancel(message[1], events)
+        elif kind == "preempt":
+            self._on_preempt(message[1], message[2], message[3], events)
         elif kind == "figures":
             message[1].set_result(self._figures())
         else:
@@ -270,11 +280,26 @@ class LocalBackend:
             slot.stop_cause, slot.stop_status = "cancelled while running", "cancelled"
             slot.worker.kill()
 
+    def _on_preempt(self, run_id: str, cause: str, grace_s: float, events: list[TaskEvent]) -> None:
+        slot = self._slots.get(run_id)
+        if slot is None or slot.stop_cause is not None:
+            return
+        if slot.worker is None:  # still queued here
+            self._scheduler.handle(Cancel(run_id))
+            self._end(slot, Outcome("preempted", cause=cause), events)
+            return
+        slot.stop_cause, slot.stop_status = cause, "preempted"
+        slot.deadline = time.monotonic() + grace_s  # then it is killed
+        self._timed[run_id] = slot
+        slot.worker.terminate()
+
     def _on_clock(self, worker: _Worker, run_id: str) -> None:
         """The task's function was called: its timeout runs from now."""
         slot = self._slots.get(run_id)
         if slot is None or slot.worker is not worker or slot.spec.timeout_s is None:
             return  # it ended (or was killed) meanwhile
+        if slot.stop_cause is not None:
+            return  # being stopped: its grace period, if any, is its deadline
         slot.deadline = time.monotonic() + slot.spec.timeout_s
         self._timed[run_id] = slot
 
@@ -285,12 +310,17 @@ class LocalBackend:
             worker.environment = reply["environment"]
         if slot is None or slot.stop_cause is None:
             self._park(worker)  # a worker we are killing is not reused
+        elif slot.stop_status == "preempted":
+            worker.kill()  # it took a SIGTERM: not reused either
         if slot is not None:
+            status = reply["status"]
+            if slot.stop_status == "preempted" and status != "succeeded":
+                status = "preempted"  # it saved what it could in its grace period
             outcome = Outcome(
-                reply["status"],
+                status,
                 result=reply.get("result"),
                 error=reply.get("error"),
-                cause=reply.get("cause"),
+                cause=slot.stop_cause if status == "preempted" else reply.get("cause"),
                 usage={**reply.get("usage", {}), "worker_pid": worker.pid},
                 environment=worker.environment,
             )
@@ -379,11 +409,17 @@ class LocalBackend:
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
         for slot in list(self._timed.values()):
-            if slot.deadline is not None and now >= slot.deadline and slot.stop_cause is None:
+            if slot.deadline is None or now < slot.deadline:
+                continue
+            slot.deadline = None
+            if slot.stop_cause is None:
                 slot.stop_cause = f"timed out after {slot.spec.timeout_s:g}s"
-                slot.deadline = None
-                if slot.worker is not None:
-                    slot.worker.kill()
+            elif slot.stop_status == "preempted":  # its grace period is over
+                slot.stop_cause += " (killed at the end of its grace period)"
+            else:
+                continue
+            if slot.worker is not None:
+                slot.worker.kill()
 
     def _shutdown(self, events: list[TaskEvent]) -> None:
         for slot in list(self._slots.values()):

@@ -233,6 +233,18 @@ class RayBackend:
             slot.stop_cause, slot.stop_status = "cancelled", "cancelled"
         self._ray.cancel(slot.ref, force=True)
 
+    def preempt(self, run_id: str, cause: str, grace_s: float) -> None:
+        """Ray raises KeyboardInterrupt (of which kiln.Preempted is one) in the task; a
+        task still running after ``grace_s`` is cancelled by force."""
+        with self._lock:
+            slot = self._slots.get(run_id)
+            if slot is None or slot.stop_cause:
+                return
+            slot.stop_cause, slot.stop_status = cause, "preempted"
+            if slot.started:
+                slot.deadline = time.monotonic() + grace_s
+        self._ray.cancel(slot.ref, force=False)
+
     def reserve(self, lease_id: str, resources: Resources, priority: int, granted: Grant) -> None:
         raise ConfigError(
             "KILN_BACKEND",
@@ -438,10 +450,8 @@ class RayBackend:
         try:
             reply = future.result()
         except ray.exceptions.TaskCancelledError:
-            outcome = Outcome(
-                "cancelled" if slot.stop_status == "cancelled" else "failed",
-                cause=slot.stop_cause or "cancelled by Ray",
-            )  # fmt: skip
+            stopped = slot.stop_status if slot.stop_status != "failed" else "failed"
+            outcome = Outcome(stopped, cause=slot.stop_cause or "cancelled by Ray")  # type: ignore[arg-type]
             failure = _failure(outcome.cause or "", "")
         except ray.exceptions.RayError as exc:
             cause = slot.stop_cause or _cause(exc)
@@ -454,7 +464,7 @@ class RayBackend:
                 and time.monotonic() - slot.submitted >= timeout + WATCHDOG_GRACE_S
             ):
                 cause = f"timed out after {timeout:g}s (its worker's watchdog ended it)"
-            status = "cancelled" if slot.stop_status == "cancelled" else "failed"
+            status = slot.stop_status
             error = f"{cause}\n{exc}"
             outcome = Outcome(status, error=error, cause=cause)  # type: ignore[arg-type]
             failure = _failure(cause, type(exc).__name__)
@@ -462,9 +472,11 @@ class RayBackend:
             if not slot.started:  # its notice was lost or is late: it did start
                 assigned = {**reply["assigned"], "ray_task_id": slot.ref.task_id().hex()}
                 events.append(Started(slot.spec.run_id, slot.spec.attempt, assigned))
+            preempted = slot.stop_status == "preempted" and reply["status"] != "succeeded"
+            ended_by = slot.stop_cause if preempted else reply.get("cause")
             outcome = Outcome(
-                reply["status"], result=reply.get("result"), error=reply.get("error"),
-                cause=reply.get("cause"), usage=reply.get("usage", {}),
+                "preempted" if preempted else reply["status"], result=reply.get("result"),
+                error=reply.get("error"), cause=ended_by, usage=reply.get("usage", {}),
                 environment=reply.get("environment"), blobs=reply.get("blobs", {}),
             )  # fmt: skip
         events.append(Finished(slot.spec.run_id, slot.spec.attempt, outcome))
@@ -473,12 +485,15 @@ class RayBackend:
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
         with self._lock:
-            due = [
-                s for s in self._slots.values()
-                if s.deadline is not None and now >= s.deadline and not s.stop_cause
-            ]  # fmt: skip
+            due = [s for s in self._slots.values()
+                   if s.deadline is not None and now >= s.deadline
+                   and (not s.stop_cause or s.stop_status == "preempted")]  # fmt: skip
             for slot in due:
-                slot.stop_cause = f"timed out after {slot.spec.timeout_s:g}s"
+                slot.deadline = None
+                if slot.stop_status == "preempted":  # its grace period is over
+                    slot.stop_cause = f"{slot.stop_cause} (killed at the end of its grace period)"
+                else:
+                    slot.stop_cause = f"timed out after {slot.spec.timeout_s:g}s"
         for slot in due:
             self._ray.cancel(slot.ref, force=True)
 

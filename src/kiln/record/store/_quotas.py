@@ -146,17 +146,18 @@ class Quotas:
             found = conn.execute(query.order_by(workloads.c.submitted_at)).mappings().all()
         return [WorkloadRow(**r) for r in found]
 
-    def spent(self, project: str, principal: str | None, since: float) -> float:
-        """Dollars charged to ``project`` (or one principal of it) by workloads submitted
-        since ``since``: what ended ones cost, and the most live ones may still cost."""
+    def spent(self, project: str | None, principal: str | None, since: float) -> float:
+        """Dollars charged to ``project`` (None: every project), or to one principal of
+        it, by workloads submitted since ``since``: what ended ones cost, and the most
+        live ones may still cost."""
         live = workloads.c.state.in_(LIVE)
-        charge = sa.case((live, sa.func.max(workloads.c.cost, workloads.c.max_cost)),
-                         else_=workloads.c.cost) if self.dialect == "sqlite" else sa.case(
-            (live, sa.func.greatest(workloads.c.cost, workloads.c.max_cost)),
-            else_=workloads.c.cost)  # fmt: skip
-        query = sa.select(sa.func.coalesce(sa.func.sum(charge), 0.0)).where(
-            workloads.c.project == project, workloads.c.submitted_at >= since
-        )
+        most = sa.func.max if self.dialect == "sqlite" else sa.func.greatest  # of two values
+        charge = sa.case((live, most(workloads.c.cost, workloads.c.max_cost)),
+                         else_=workloads.c.cost)  # fmt: skip
+        query = sa.select(sa.func.coalesce(sa.func.sum(charge), 0.0))
+        query = query.where(workloads.c.submitted_at >= since)
+        if project is not None:
+            query = query.where(workloads.c.project == project)
         if principal:
             query = query.where(workloads.c.principal == principal)
         with self.connect() as conn:

@@ -88,6 +88,7 @@ class Listing(BaseModel):
 
 class Answers(BaseModel):
     workloads: list[dict[str, Any]]
+    lease_s: float  # sync within this, or the workloads are reclaimed
 
 
 class Synced(BaseModel):
@@ -180,7 +181,7 @@ def submit(body: Submission, request: Request, store: Store, who: Authenticated)
     items = [w.model_dump() for w in body.workloads]
     principal = who.name or store.actor
     found = admissions(request).submit(store, principal, who.kind == "agent", body.pool, items)
-    return {"workloads": found}
+    return {"workloads": found, "lease_s": admissions(request).lease_s}
 
 
 @router.post("/workloads:sync", response_model=Synced, dependencies=[need("runs", "write")])

@@ -1,0 +1,144 @@
+"""Shared hardware on a real ``kiln server``: two projects' driver processes on one pool
+of (declared) GPUs, their quotas, borrowing, preemption with a checkpoint and resume,
+and budgets that stop an agent's sweep before it overspends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import ServerProcess
+from kiln.record.model import RunStatus
+from kiln.record.store.http import HttpStore
+
+Start = Callable[..., ServerProcess]
+FUNCS = Path(__file__).with_name("quota_funcs.py")
+PRICES = '{"cpu_hour": 3.6, "gpu_hour": 36.0}'  # a core-hour $3.60: a 1-core hour run, $3.60
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class Team:
+    """A server with two projects (``default`` and ``blue``), an admin token of each."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        assert server.enrolment is not None
+        self.server = server
+        self.http = httpx.Client(base_url=server.url + "/api/v1", timeout=30)
+        root = self.http.post("/enrol", json={"name": "root"}, headers=bearer(server.enrolment))
+        self.red = root.json()["token"]
+        made = self.http.post("/projects", json={"name": "blue"}, headers=bearer(self.red))
+        self.blue = made.json()["token"]["token"]
+
+    def call(self, token: str, method: str, path: str, body: Any = None) -> Any:
+        answer = self.http.request(method, path, json=body, headers=bearer(token))
+        assert answer.status_code < 300, answer.text
+        return answer.json() if answer.content else None
+
+    def driver(self, token: str, tmp: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+        """A driver process of the project ``token`` is for, on pool ``box``."""
+        home = tmp / f"home-{token[-6:]}-{args[0]}"
+        full = {**os.environ, "KILN_SERVER": self.server.url, "KILN_TOKEN": token,
+                "KILN_POOL": "box", "KILN_GPUS": "2", "KILN_HOME": str(home), **env}  # fmt: skip
+        return subprocess.Popen([sys.executable, str(FUNCS), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=full, cwd=FUNCS.parent)  # fmt: skip
+
+
+@pytest.fixture
+def team(start_server: Start, monkeypatch: pytest.MonkeyPatch) -> Iterator[Team]:
+    monkeypatch.setenv("KILN_PRICES", PRICES)
+    monkeypatch.setenv("KILN_LEASE_S", "3")  # engines sync every second
+    team = Team(start_server(auth=True))
+    team.call(team.red, "PUT", "/pools/box", {"cpu": 4, "gpu": 2})
+    for token in (team.red, team.blue):  # one GPU each, lent to the other while idle
+        team.call(token, "PUT", "/queues/box", {"cpu": 2, "gpu": 1, "cohort": "lab"})
+    yield team
+    team.http.close()
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_project_borrows_idle_gpus_and_gives_them_back_with_a_checkpoint(
+    team: Team, tmp_path: Path
+) -> None:
+    red = team.driver(team.red, tmp_path, "train", "60")
+    assert red.stdout is not None and red.stderr is not None
+    line = red.stdout.readline()
+    assert line, red.stderr.read()
+    ids = json.loads(line)
+
+    def both_admitted() -> bool:
+        items = team.call(team.red, "GET", "/workloads")["items"]
+        return sum(1 for w in items if w["state"] == "admitted") == 2
+
+    wait_for(both_admitted, "red's two runs to be admitted (one on blue's idle GPU)")
+    queues = team.call(team.red, "GET", "/queues")["items"]
+    assert queues[0]["in_use"]["gpu"] == 2.0  # its nominal 1 and one borrowed
+    store = HttpStore(team.server.url, cache=tmp_path / "cache", token=team.red)
+    wait_for(lambda: all(store.get_run(i).status == RunStatus.RUNNING for i in ids),
+             "red's runs to be running")  # fmt: skip
+
+    blue = team.driver(team.blue, tmp_path, "quick")
+    out, err = blue.communicate(timeout=120)
+    assert blue.returncode == 0, err
+    assert json.loads(out) == "done"  # blue got its GPU back while red still ran
+
+    rest, err = red.communicate(timeout=120)
+    assert red.returncode == 0, err
+    results = json.loads(rest.splitlines()[0])
+    assert all(r["steps"] == 60 for r in results)
+    resumed = [r for r in results if r["resumed_from"] > 0]
+    assert len(resumed) == 1  # the borrower was preempted, saved, and resumed from there
+    records = [store.get_run(i) for i in ids]
+    assert all(r.status == RunStatus.SUCCEEDED for r in records)
+    victim = next(r for r in records if len(r.resources["attempts"]) > 1)
+    first = victim.resources["attempts"][0]
+    assert first["status"] == "preempted"
+    assert "preempted by blue/" in first["cause"] and "(reclaim)" in first["cause"]
+    explained = team.call(team.red, "GET", f"/workloads/{victim.id}")
+    assert explained["state"] == "finished" and "preempted by blue/" in explained["cause"]
+    audit = team.call(team.red, "GET", "/audit/events?action=workload.preempt")
+    assert any(e["target"] == victim.id for e in audit["events"])
+    store.close()
+
+
+def test_a_budget_stops_an_agents_sweep_before_it_overspends(
+    team: Team, tmp_path: Path
+) -> None:
+    team.call(team.red, "POST", "/principals", {"name": "ann", "kind": "user", "role": "member"})
+    team.call(team.red, "POST", "/principals", {"name": "bot", "kind": "agent", "role": "member",
+                                                "sponsor": "ann"})  # fmt: skip
+    token = team.call(team.red, "POST", "/tokens", {"principal": "bot", "role": "member"})["token"]
+    # Each costly run may cost up to $3.60 (1 core for its 3600 s timeout): $8 holds two.
+    team.call(team.red, "PUT", "/budgets", {"principal": "bot", "amount": 8.0, "period": "day"})
+    blue = team.driver(token, tmp_path, "sweep", "5")
+    out, err = blue.communicate(timeout=120)
+    ended = json.loads(out.splitlines()[-1])
+    assert [e["status"] for e in ended] == ["succeeded"] * 2 + ["failed"] * 3, err
+    for refused in ended[2:]:
+        assert "over bot's budget" in refused["cause"] and "$8 per day" in refused["cause"]
+    budgets = team.call(team.red, "GET", "/budgets")["items"]
+    assert budgets[0]["principal"] == "bot" and budgets[0]["spent"] <= 8.0
+    untimed = team.driver(token, tmp_path, "untimed")
+    out, _ = untimed.communicate(timeout=120)
+    refused = json.loads(out)
+    assert refused["status"] == "failed" and "give the function a timeout" in refused["cause"]
