@@ -198,6 +198,8 @@ PROBES: dict[tuple[str, str], tuple[str, str, object]] = {
     ("traces", "write"): ("POST", "/api/v1/spans", {"spans": []}),
     ("audit", "read"): ("GET", "/api/v1/audit/head", None),
     ("store", "gc"): ("POST", "/api/v1/gc", {"dry_run": True}),
+    ("quotas", "admin"): ("PUT", "/api/v1/budgets", {"amount": 1.0}),
+    ("pools", "admin"): ("PUT", "/api/v1/pools/probe", {"cpu": 1.0}),
     ("principals", "admin"): ("GET", "/api/v1/principals", None),
     ("tokens", "admin"): ("GET", "/api/v1/tokens?all=true", None),
     ("account", "self"): ("GET", "/api/v1/whoami", None),

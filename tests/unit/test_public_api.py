@@ -17,6 +17,7 @@ EXPECTED = {
     "MetricPoint",
     "Run",
     "RunFailed",
+    "Preempted",
     "RunRecord",
     "RunStatus",
     "Settings",
@@ -28,6 +29,7 @@ EXPECTED = {
     "log",
     "runs",
     "save",
+    "checkpoint",
 }
 
 
