@@ -102,6 +102,26 @@ COMMANDS: dict[str, LazyCommand] = {
         "kiln.cli.cost:cost",
         "What ended runs held and cost, grouped by project, user, app or sweep.",
     ),
+    "pools": LazyCommand(
+        "kiln.cli.quotas:pools_app", "Pools of hardware on a team server, and their capacity."
+    ),
+    "queues": LazyCommand(
+        "kiln.cli.quotas:queues_app", "Your project's queues on pools: quotas, cohorts, limits."
+    ),
+    "budgets": LazyCommand(
+        "kiln.cli.quotas:budgets_app", "Your project's budgets, and its principals'."
+    ),
+    "queue": LazyCommand(
+        "kiln.cli.quotas:queue",
+        "Your project's runs on shared pools: admitted, and pending with why they wait.",
+    ),
+    "explain": LazyCommand(
+        "kiln.cli.quotas:explain", "Why a run waits, was preempted or was refused admission."
+    ),
+    "what-if": LazyCommand(
+        "kiln.cli.quotas:what_if",
+        "Would a run of this shape be admitted now, and whom would it preempt? Changes nothing.",
+    ),
     "ui": LazyCommand(
         "kiln.cli.server:ui",
         "Open the web dashboard on this machine's record (or on the team server).",

@@ -137,11 +137,11 @@ class Admissions:
                 held = sum(q.nominal.get(r, 0) for q in others)
                 has = pool.capacity.get(r, 0)
                 if held + n > has:
-                    left = shown({r: max(0, has - held)})[r]
+                    left, total = shown({r: max(0, has - held)})[r], shown({r: has})[r]
+                    extra = f" ({shown({r: held})[r]:g} are other queues')" if held else ""
                     raise ValidationError(
                         f"nominal.{r}", f"{shown({r: n})[r]:g} is more than pool {row.pool!r} "
-                        f"has left to give ({left:g} of {shown({r: has})[r]:g}; the other "
-                        "queues' nominal quotas hold the rest)")  # fmt: skip
+                        f"can give: {left:g} of its {total:g}{extra}")  # fmt: skip
             store.set_queue(row)
             self._queues[(row.pool, store.project)] = replace(row, project=store.project)
             self._rebuild(row.pool)
