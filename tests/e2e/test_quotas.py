@@ -142,3 +142,45 @@ def test_a_budget_stops_an_agents_sweep_before_it_overspends(
     out, _ = untimed.communicate(timeout=120)
     refused = json.loads(out)
     assert refused["status"] == "failed" and "give the function a timeout" in refused["cause"]
+
+
+def kiln_cli(team: Team, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KILN_SERVER": team.server.url, "KILN_TOKEN": token}
+    return subprocess.run([sys.executable, "-m", "kiln", *args], capture_output=True, text=True,
+                          env=env, timeout=120)  # fmt: skip
+
+
+def test_admins_manage_pools_queues_and_budgets_from_the_cli(team: Team) -> None:
+    made = kiln_cli(team, team.red, "pools", "set", "cpus", "--cpu", "8", "--memory", "32Gi")
+    assert made.returncode == 0, made.stderr
+    pools = json.loads(kiln_cli(team, team.red, "pools", "ls", "--json").stdout)
+    assert {p["name"]: p["capacity"] for p in pools} == {
+        "box": {"cpu": 4.0, "gpu": 2.0}, "cpus": {"cpu": 8.0, "memory": 32.0}}
+    # blue's admin may set blue's queue, not the server's pools
+    denied = kiln_cli(team, team.blue, "pools", "set", "mine", "--cpu", "1")
+    assert denied.returncode != 0 and "default project" in denied.stderr
+    over = kiln_cli(team, team.blue, "queues", "set", "cpus", "--cpu", "9")
+    assert over.returncode != 0 and "nominal.cpu: 9 is more than pool 'cpus'" in over.stderr
+    bad = kiln_cli(team, team.blue, "queues", "set", "cpus", "--cpu", "2",
+                   "--borrowing-limit", "disk=1")  # fmt: skip
+    assert bad.returncode != 0 and "--borrowing-limit" in bad.stderr
+    done = kiln_cli(team, team.blue, "queues", "set", "cpus", "--cpu", "2", "--memory", "4Gi",
+                    "--cohort", "c", "--borrowing-limit", "cpu=1", "--weight", "2")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    queues = json.loads(kiln_cli(team, team.blue, "queues", "ls", "--json").stdout)
+    cpus = next(q for q in queues if q["pool"] == "cpus")
+    assert cpus["nominal"] == {"cpu": 2.0, "memory": 4.0} and cpus["weight"] == 2.0
+    assert cpus["borrowing_limit"] == {"cpu": 1.0, "memory": 0.0, "gpu": 0.0}
+    assert kiln_cli(team, team.blue, "budgets", "set", "100", "--period", "week").returncode == 0
+    budgets = json.loads(kiln_cli(team, team.blue, "budgets", "ls", "--json").stdout)
+    assert budgets == [{"principal": None, "amount": 100.0, "period": "week", "spent": 0.0,
+                        "left": 100.0}]  # fmt: skip
+    guess = kiln_cli(team, team.blue, "what-if", "--pool", "box", "--gpu", "2", "--timeout",
+                     "1h", "--json")  # fmt: skip
+    found = json.loads(guess.stdout)
+    assert found["admitted"] and found["preempted"] == [] and found["max_cost"] == 72.0 + 3.6
+    untimed = json.loads(kiln_cli(team, team.blue, "what-if", "--pool", "box", "--json").stdout)
+    assert "give the function a timeout" in untimed["refused"]
+    assert json.loads(kiln_cli(team, team.blue, "queue", "--json").stdout) == []
+    shown = kiln_cli(team, team.blue, "queues", "ls")
+    assert "cpus" in shown.stdout and "2 cpu, 4 GiB" in shown.stdout

@@ -138,7 +138,7 @@ class Admissions:
                 has = pool.capacity.get(r, 0)
                 if held + n > has:
                     left, total = shown({r: max(0, has - held)})[r], shown({r: has})[r]
-                    extra = f" ({shown({r: held})[r]:g} are other queues')" if held else ""
+                    extra = f"; the other queues hold {shown({r: held})[r]:g}" if held else ""
                     raise ValidationError(
                         f"nominal.{r}", f"{shown({r: n})[r]:g} is more than pool {row.pool!r} "
                         f"can give: {left:g} of its {total:g}{extra}")  # fmt: skip
