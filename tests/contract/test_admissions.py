@@ -78,7 +78,8 @@ def test_quotas_hold_and_borrowers_are_preempted_by_the_lender(store: SqlStore) 
 def test_what_cannot_ever_fit_is_refused_with_the_reason(store: SqlStore) -> None:
     admission = Admissions(store, None, lease_s=60)
     two_queues(store, admission)
-    with pytest.raises(ValidationError, match="3 is more than pool 'box' can give: 1 of its 2; the other queues hold 1"):
+    said = "3 is more than pool 'box' can give: 1 of its 2; the other queues hold 1"
+    with pytest.raises(ValidationError, match=said):
         admission.set_queue(store, QueueRow("default", "box", {"gpu": 3000}))
     big = admission.submit(store, "ann", False, "box", [ask(1, gpu=3)])
     assert big[0]["state"] == "refused" and "at most 2 on pool 'box'" in big[0]["reason"]

@@ -51,8 +51,9 @@ class Team:
         home = tmp / f"home-{token[-6:]}-{args[0]}"
         full = {**os.environ, "KILN_SERVER": self.server.url, "KILN_TOKEN": token,
                 "KILN_POOL": "box", "KILN_GPUS": "2", "KILN_HOME": str(home), **env}  # fmt: skip
-        return subprocess.Popen([sys.executable, str(FUNCS), *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=full, cwd=FUNCS.parent)  # fmt: skip
+        pipe = subprocess.PIPE
+        return subprocess.Popen([sys.executable, str(FUNCS), *args], stdout=pipe, stderr=pipe,
+                                text=True, env=full, cwd=FUNCS.parent)  # fmt: skip
 
 
 @pytest.fixture
