@@ -122,9 +122,7 @@ def test_a_project_borrows_idle_gpus_and_gives_them_back_with_a_checkpoint(
     store.close()
 
 
-def test_a_budget_stops_an_agents_sweep_before_it_overspends(
-    team: Team, tmp_path: Path
-) -> None:
+def test_a_budget_stops_an_agents_sweep_before_it_overspends(team: Team, tmp_path: Path) -> None:
     team.call(team.red, "POST", "/principals", {"name": "ann", "kind": "user", "role": "member"})
     team.call(team.red, "POST", "/principals", {"name": "bot", "kind": "agent", "role": "member",
                                                 "sponsor": "ann"})  # fmt: skip
@@ -156,7 +154,9 @@ def test_admins_manage_pools_queues_and_budgets_from_the_cli(team: Team) -> None
     assert made.returncode == 0, made.stderr
     pools = json.loads(kiln_cli(team, team.red, "pools", "ls", "--json").stdout)
     assert {p["name"]: p["capacity"] for p in pools} == {
-        "box": {"cpu": 4.0, "gpu": 2.0}, "cpus": {"cpu": 8.0, "memory": 32.0}}
+        "box": {"cpu": 4.0, "gpu": 2.0},
+        "cpus": {"cpu": 8.0, "memory": 32.0},
+    }
     # blue's admin may set blue's queue, not the server's pools
     denied = kiln_cli(team, team.blue, "pools", "set", "mine", "--cpu", "1")
     assert denied.returncode != 0 and "default project" in denied.stderr
