@@ -38,6 +38,8 @@ def run_task(
         store_url=task.store["store_url"],
         actor=task.store.get("actor", "unknown"),
         server_url=task.store.get("server_url"),
+        project=task.store.get("project"),
+        token=task.store.get("token"),
     )
     reply: dict[str, Any] = {"run_id": task.run_id, "attempt": task.attempt}
     threads = _threads.in_effect()  # as the task starts (its code may change them)

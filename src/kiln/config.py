@@ -74,6 +74,9 @@ class Settings:
     metrics_port: int | None = None  # KILN_METRICS_PORT: the engine's figures served there
     metrics_host: str = "127.0.0.1"  # KILN_METRICS_HOST: on this address (loopback)
     pool: str | None = None  # KILN_POOL: admission to this pool of the team server
+    # The server's token handed to a task on a node that does not inherit the driver's
+    # environment (Ray); None: KILN_TOKEN, else `kiln login`'s (see server_token).
+    token: str | None = field(default=None, repr=False)
 
     @property
     def blob_dir(self) -> Path:

@@ -43,7 +43,7 @@ from kiln._sweep import _Tally, check_spec
 from kiln.compute.backends.base import Outcome, TaskSpec
 from kiln.compute.paths import code_paths as _code_paths
 from kiln.compute.resources import Resources, detect_inventory
-from kiln.config import Settings
+from kiln.config import Settings, server_token
 from kiln.errors import EnvError, RunFailed, ValidationError
 from kiln.observe import runtrace
 from kiln.record.model import Artifact, CodeSnapshot, RunRecord, RunStatus
@@ -395,8 +395,15 @@ class Function(Generic[P, R]):
             "store_url": settings.store_url,
             "actor": settings.actor,
             **({"server_url": settings.server_url} if settings.server_url else {}),
+            **({"project": settings.project} if settings.project else {}),
             **({} if self.sys_metrics else {"sys_metrics": "off"}),
         }
+        if settings.server_url and settings.backend != "local":
+            # Ray's workers do not inherit this process's environment: the task carries
+            # the token (within the cluster, as its arguments do).
+            token = server_token(settings.server_url)
+            if token:
+                store["token"] = token
         parent_span = runtrace.traceparent()  # the sweep's, or the run this is called in
         if parent_span is not None:
             store["traceparent"] = parent_span

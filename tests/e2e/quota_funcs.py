@@ -12,8 +12,7 @@ import kiln
 app = kiln.App("quota")
 
 
-@app.function(gpu=1, timeout=300)
-def train(steps: int) -> dict[str, int]:
+def count(steps: int) -> dict[str, int]:
     """Counts to ``steps``, 0.1 s a step; preempted, it saves where it was and resumes
     from there on its next attempt."""
     start = kiln.checkpoint(default={"step": 0})["step"]
@@ -28,9 +27,16 @@ def train(steps: int) -> dict[str, int]:
     return {"resumed_from": start, "steps": done}
 
 
-@app.function(gpu=1, timeout=60)
-def quick() -> str:
+train = app.function(gpu=1, timeout=300)(count)
+train_cpu = app.function(cpu=1, timeout=300)(count)
+
+
+def done() -> str:
     return "done"
+
+
+quick = app.function(gpu=1, timeout=60)(done)
+quick_cpu = app.function(cpu=1, timeout=60)(done)
 
 
 @app.function(cpu=1, timeout=3600)
@@ -46,12 +52,13 @@ def untimed() -> int:
 
 if __name__ == "__main__":
     what = sys.argv[1]
-    if what == "train":  # two GPU runs; the ids first (a line), then the results
-        runs = [train.spawn(int(sys.argv[2])) for _ in range(2)]
+    if what.startswith("train"):  # two runs; the ids first (a line), then the results
+        fn = train if what == "train" else train_cpu
+        runs = [fn.spawn(int(sys.argv[2])) for _ in range(2)]
         print(json.dumps([r.id for r in runs]), flush=True)
         print(json.dumps([r.result() for r in runs]), flush=True)
-    elif what == "quick":
-        print(json.dumps(quick.remote()), flush=True)
+    elif what.startswith("quick"):
+        print(json.dumps((quick if what == "quick" else quick_cpu).remote()), flush=True)
     elif what == "sweep":  # an agent's sweep of costly runs, all at once
         ended = []
         for run in [costly.spawn(i) for i in range(int(sys.argv[2]))]:

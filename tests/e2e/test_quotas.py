@@ -185,3 +185,36 @@ def test_admins_manage_pools_queues_and_budgets_from_the_cli(team: Team) -> None
     assert json.loads(kiln_cli(team, team.blue, "queue", "--json").stdout) == []
     shown = kiln_cli(team, team.blue, "queues", "ls")
     assert "cpus" in shown.stdout and "2 cpu, 4 GiB" in shown.stdout
+
+
+def test_the_same_on_the_ray_engine(
+    team: Team, tmp_path: Path, ray_cluster: str
+) -> None:
+    """Red borrows blue's idle core of a Ray cluster; blue's run takes it back."""
+    team.call(team.red, "PUT", "/pools/ray", {"cpu": 2})
+    for token in (team.red, team.blue):
+        team.call(token, "PUT", "/queues/ray", {"cpu": 1, "cohort": "lab"})
+    ray = {"KILN_BACKEND": "ray", "KILN_RAY_ADDRESS": ray_cluster, "KILN_POOL": "ray",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # fmt: skip
+    red = team.driver(team.red, tmp_path, "train-cpu", "100", **ray)
+    assert red.stdout is not None and red.stderr is not None
+    line = red.stdout.readline()
+    assert line, red.stderr.read()
+    ids = json.loads(line)
+    store = HttpStore(team.server.url, cache=tmp_path / "cache", token=team.red)
+    wait_for(lambda: all(store.get_run(i).status == RunStatus.RUNNING for i in ids),
+             "red's runs to be running on Ray", timeout=120)  # fmt: skip
+    blue = team.driver(team.blue, tmp_path, "quick-cpu", **ray)
+    out, err = blue.communicate(timeout=180)
+    assert blue.returncode == 0, err
+    assert json.loads(out) == "done"
+    rest, err = red.communicate(timeout=180)
+    assert red.returncode == 0, err
+    results = json.loads(rest.splitlines()[0])
+    assert all(r["steps"] == 100 for r in results)
+    assert len([r for r in results if r["resumed_from"] > 0]) == 1
+    records = [store.get_run(i) for i in ids]
+    victim = next(r for r in records if len(r.resources["attempts"]) > 1)
+    assert victim.resources["attempts"][0]["status"] == "preempted"
+    assert victim.engine == "ray"
+    store.close()

@@ -304,13 +304,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-_recorders: dict[tuple[str, str, str | None], Recorder] = {}
+_recorders: dict[tuple[str, str, str | None, str | None], Recorder] = {}
 _registry_lock = threading.Lock()
 
 
 def recorder_for(settings: Settings, *, create: bool = True) -> Recorder:
     """The process's recorder for this store, opened on first use."""
-    key = (settings.record_url, str(settings.home), settings.project)
+    # A task's own token (on Ray) is part of the key: two drivers' tasks on one worker
+    # never record through each other's.
+    key = (settings.record_url, str(settings.home), settings.project, settings.token)
     with _registry_lock:
         rec = _recorders.get(key)
         if rec is None:

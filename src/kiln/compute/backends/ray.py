@@ -67,7 +67,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -611,6 +611,22 @@ def _cluster_inventory(nodes: list[dict[str, Any]]) -> Inventory:
 _loaded: dict[str, Any] = {}
 
 
+@contextlib.contextmanager
+def _interrupt_preempts() -> Iterator[None]:
+    """Ray stops a task it cancels without force (a preemption) by interrupting its
+    main thread: the function gets kiln.Preempted there, as on the local engine."""
+    from kiln.compute._worker import _preempted
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, _preempted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def _execute(
     runner: str, task: TaskSpec, back: tuple[str, int, str, str], shared_home: bool | None
 ) -> dict[str, Any]:
@@ -669,7 +685,8 @@ def _execute(
             watchdog.append(timer)
 
     try:
-        reply: dict[str, Any] = _loaded["runner"](task, fn, on_start)
+        with _interrupt_preempts():
+            reply: dict[str, Any] = _loaded["runner"](task, fn, on_start)
     finally:
         for timer in watchdog:
             timer.cancel()

@@ -45,8 +45,8 @@ def open_store(target: Settings | str, *, create: bool = True) -> KilnStore:
                              token=server_token(target))  # fmt: skip
         return open_sql_store(target, create=create)
     if target.server_url:
-        token = server_token(target.server_url)
-        if token and os.environ.get("KILN_ACTOR"):
+        token = target.token or server_token(target.server_url)
+        if token and os.environ.get("KILN_ACTOR") and not target.token:
             _log.warning("kiln: KILN_ACTOR is ignored by %s: it records the token's principal",
                          target.server_url)  # fmt: skip
         return HttpStore(
