@@ -26,8 +26,9 @@ Rules, as Kueue's:
   lower priority; in its cohort, when it would then fit its queue's nominal quota,
   workloads of other queues that borrow; with fair sharing, workloads of a
   queue whose share would stay above the preemptor's. An agent's workload never
-  preempts a human's. The set preempted is minimal: no workload in it could be
-  spared. Every preemption lowers a quantity that never rises again for the same
+  preempts a human's. No workload is stopped and started, or started and stopped,
+  by one event (what it preempted waits for the next). The set
+  preempted is minimal: no workload in it could be spared. Every preemption lowers a quantity that never rises again for the same
   workloads (priority, then reclaimed nominal quota, then strictly lower share),
   so there are no cycles.
 """
@@ -130,8 +131,11 @@ class Admission:
         self._kinds: dict[str, dict[Kind, list[Workload]]] = {q: {} for q in self.queues}
         self._kind_of: dict[str, Kind] = {}  # pending id: its kind
         self._memo: dict[tuple[object, ...], object] = {}  # what one pass found, for it
+        self._unfit: set[tuple[str, Shape]] = set()  # what one event's passes found
+        self._fresh: set[str] = set()  # what one event admitted or preempted
         self._kept = {q.name: {r: q.nominal.get(r, 0) - q.lendable(r) for r in q.nominal}
                       for q in self.queues.values()}  # fmt: skip
+        self._over = dict.fromkeys(self.queues, 0)  # resources each uses beyond its nominal
         self._beyond: dict[tuple[str | None, str], int] = defaultdict(int)
         self._pools: dict[tuple[str | None, str], int] = defaultdict(int)
         for cohort, members in self.cohorts.items():  # what each cohort lends, by resource
@@ -176,9 +180,12 @@ class Admission:
         cohort = self.queues[queue].cohort
         scope = [m.name for m in self.cohorts[cohort]] if cohort is not None else [queue]
         decisions: list[Decision] = []
+        self._unfit: set[tuple[str, Shape]] = set()
+        self._fresh: set[str] = set()
         while True:
             made = self._one_pass(scope)
             if not made:
+                self._memo = {}  # what the passes found holds no longer
                 return decisions
             decisions += made
 
@@ -191,24 +198,26 @@ class Admission:
         self._memo = {}
         order = sorted((n for n in scope if self.pending[n]),
                        key=lambda n: self._order(self.pending[n][0]))  # fmt: skip
+        unfit = self._unfit  # (queue, shape): admissions alone never make it fit again
         for name in order:
-            failed: set[Shape] = set()
             for w in self._tries(name):
                 shape = self._kind_of[w.id][0]
-                if shape in failed:
+                if (name, shape) in unfit or w.id in self._fresh:
                     continue
-                if self._fits(w):
+                if self._fits_now(w):
                     self._take(w)
                     return [Admit(w.id, self._borrowing(w.queue))]
-                failed.add(shape)
+                unfit.add((name, shape))
         for name in order:
             victims, cause, w = self._preemptor(name)
             if victims:
+                unfit.clear()  # what the victims give back may fit
                 out: list[Decision] = []
-                for v in victims:
+                for v in victims:  # one of its own queue yields to priority
+                    self._fresh.add(v.id)
                     self._release(v)
                     self._enqueue(v)
-                    out.append(Preempt(v.id, w.id, cause))
+                    out.append(Preempt(v.id, w.id, "priority" if v.queue == w.queue else cause))
                 self._take(w)
                 return [*out, Admit(w.id, self._borrowing(w.queue))]
         return []
@@ -222,6 +231,8 @@ class Admission:
         if (lowest is None or top <= lowest) and not others:
             return [], "", self.pending[queue][0]  # nobody here or around to preempt
         for w in self._tries(queue):
+            if w.id in self._fresh:  # preempted by this event: it waits for the next
+                continue
             victims, cause = self._victims(w)
             if victims:
                 return victims, cause, w
@@ -247,8 +258,12 @@ class Admission:
         priority and kind of principal fits, or preempts, only if the first does)."""
         if self.queues[queue].strategy == "strict":
             return self.pending[queue][:1]
-        return sorted((same[0] for same in self._kinds[queue].values()),
-                      key=lambda w: (-w.priority, w.seq))  # fmt: skip
+        key = ("tries", queue)  # the same for the pass's admissions and preemptions
+        if key not in self._memo:
+            self._memo[key] = sorted((same[0] for same in self._kinds[queue].values()),
+                                     key=_place)  # fmt: skip
+        found: list[Workload] = self._memo[key]  # type: ignore[assignment]
+        return found
 
     def _order(self, w: Workload) -> tuple[float, int, int]:
         """Who goes first: the queue that borrows least for its weight, then priority,
@@ -260,7 +275,29 @@ class Admission:
 
     def _fits(self, w: Workload, without: Iterable[Workload] = ()) -> bool:
         """Whether ``w`` fits its queue (and cohort) now, with ``without`` gone."""
-        return self._fits_freed(w, _freed(without))
+        freed = _freed(without)
+        return self._fits_freed(w, freed) if freed else self._fits_now(w)
+
+    def _fits_now(self, w: Workload) -> bool:
+        """:meth:`_fits_freed` with nothing freed: the check every pass makes most."""
+        q = self.queues[w.queue]
+        usage, nominal = self.usage[q.name], q.nominal
+        if q.cohort is None:
+            return all(usage.get(r, 0) + n <= nominal.get(r, 0)
+                       for r, n in w.requests.items() if n > 0)  # fmt: skip
+        kept, limit = self._kept[q.name], q.borrowing_limit
+        for r, n in w.requests.items():
+            if n <= 0:
+                continue
+            now = usage.get(r, 0)
+            after = now + n
+            if after > nominal.get(r, 0) + limit.get(r, 1 << 62):
+                return False
+            k, key = kept.get(r, 0), (q.cohort, r)
+            grows = after - k - max(0, now - k) if after > k else 0  # what it borrows more
+            if self._beyond[key] + grows > self._pools[key]:
+                return False
+        return True
 
     def _fits_freed(self, w: Workload, freed: Freed) -> bool:
         q = self.queues[w.queue]
@@ -289,24 +326,30 @@ class Admission:
         return True
 
     def _borrowing(self, queue: str) -> bool:
-        q = self.queues[queue]
-        return any(n > q.nominal.get(r, 0) for r, n in self.usage[queue].items())
+        return self._over[queue] > 0
 
     def share(self, queue: str, usage: Amounts | None = None) -> float:
         """The queue's dominant share of what it borrows over the cohort's lendable
         quota, divided by its weight (0 while within nominal), with its usage now or
         as ``usage`` says."""
         q = self.queues[queue]
-        if q.cohort is None:
+        if q.cohort is None or (usage is None and not self._over[queue]):
             return 0.0
+        if usage is None:
+            key = ("share", queue)
+            if key not in self._memo:
+                self._memo[key] = self.share(queue, self.usage[queue])
+            found: float = self._memo[key]  # type: ignore[assignment]
+            return found
         best = 0.0
-        for r, n in (self.usage[queue] if usage is None else usage).items():
+        for r, n in usage.items():
             pool, over = self._pools[(q.cohort, r)], n - q.nominal.get(r, 0)
             if pool > 0 and over > 0:
                 best = max(best, over / pool)
         return best / q.weight
 
     def _take(self, w: Workload) -> None:
+        self._fresh.add(w.id)
         self._unqueue(w)
         self.admitted[w.id] = w
         self._running[w.queue][w.id] = w
@@ -322,6 +365,8 @@ class Admission:
         for r, n in w.requests.items():
             now = self.usage[q.name].get(r, 0)
             self.usage[q.name][r] = now + sign * n
+            nominal = q.nominal.get(r, 0)
+            self._over[q.name] += (now + sign * n > nominal) - (now > nominal)
             kept = self._kept[q.name].get(r, 0)
             self._beyond[(q.cohort, r)] += max(0, now + sign * n - kept) - max(0, now - kept)
 
@@ -357,7 +402,12 @@ class Admission:
                      for r, n in w.requests.items())  # fmt: skip
         if within:
             return False
-        return not q.fair_sharing or max(others) <= self._share_after(q.name, add=[w], remove=[])
+        if not q.fair_sharing:
+            return True
+        key = ("after", q.name, self._kind_of[w.id][0])  # its share with a shape like w's
+        if key not in self._memo:
+            self._memo[key] = self._share_after(q.name, add=[w], remove=[])
+        return max(others) <= self._memo[key]  # type: ignore[operator]
 
     def _candidates(self, w: Workload) -> tuple[list[Workload], str, Freed]:
         """Who ``w`` may preempt, cheapest first (lowest priority, then the most recently
@@ -377,15 +427,16 @@ class Admission:
 
     def _find_candidates(self, w: Workload, within_nominal: bool) -> tuple[list[Workload], str]:
         q = self.queues[w.queue]
-        lower = [v for v in self._running[q.name].values()
-                 if v.priority < w.priority and not (w.agent and not v.agent)]  # fmt: skip
+        fresh = self._fresh  # admitted by this event: not preempted by it too
+        lower = [v for v in self._running[q.name].values() if v.priority < w.priority
+                 and not (w.agent and not v.agent) and v.id not in fresh]  # fmt: skip
         if q.cohort is None:
             return lower, "priority"
         if not within_nominal and not q.fair_sharing:
             return lower, "priority"
         borrowed = [v for m in self.cohorts[q.cohort] if m.name != q.name
                     and self._borrowing(m.name) for v in self._running[m.name].values()
-                    if not (w.agent and not v.agent)]  # fmt: skip
+                    if not (w.agent and not v.agent) and v.id not in fresh]  # fmt: skip
         return lower + borrowed, "reclaim" if within_nominal else "fair-share"
 
     def _victims(self, w: Workload) -> tuple[list[Workload], str]:
@@ -404,14 +455,17 @@ class Admission:
                 break
         else:
             return [], cause
-        for v in list(reversed(chosen)):  # give back whoever is not needed
-            _add(freed, v, -1)
-            rest = [c for c in chosen if c is not v]
-            if self._fits_freed(w, freed) and self._allowed(w, rest, cause):
-                chosen = rest
-            else:
-                _add(freed, v, +1)
-        return chosen, cause if all(v.queue != w.queue for v in chosen) else "priority"
+        spared = True
+        while spared:  # give back whoever is not needed, until nobody more can be (a
+            spared = False  # victim sparing another may be spared once it is gone)
+            for v in list(reversed(chosen)):
+                _add(freed, v, -1)
+                rest = [c for c in chosen if c is not v]
+                if self._fits_freed(w, freed) and self._allowed(w, rest, cause):
+                    chosen, spared = rest, True
+                else:
+                    _add(freed, v, +1)
+        return chosen, cause
 
     def _allowed(self, w: Workload, victims: list[Workload], cause: str) -> bool:
         """Fair sharing preempts a borrower only while its queue's share, with the
