@@ -187,9 +187,7 @@ def test_admins_manage_pools_queues_and_budgets_from_the_cli(team: Team) -> None
     assert "cpus" in shown.stdout and "2 cpu, 4 GiB" in shown.stdout
 
 
-def test_the_same_on_the_ray_engine(
-    team: Team, tmp_path: Path, ray_cluster: str
-) -> None:
+def test_the_same_on_the_ray_engine(team: Team, tmp_path: Path, ray_cluster: str) -> None:
     """Red borrows blue's idle core of a Ray cluster; blue's run takes it back."""
     team.call(team.red, "PUT", "/pools/ray", {"cpu": 2})
     for token in (team.red, team.blue):

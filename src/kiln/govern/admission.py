@@ -27,10 +27,10 @@ Rules, as Kueue's:
   workloads of other queues that borrow; with fair sharing, workloads of a
   queue whose share would stay above the preemptor's. An agent's workload never
   preempts a human's. No workload is stopped and started, or started and stopped,
-  by one event (what it preempted waits for the next). The set
-  preempted is minimal: no workload in it could be spared. Every preemption lowers a quantity that never rises again for the same
-  workloads (priority, then reclaimed nominal quota, then strictly lower share),
-  so there are no cycles.
+  by one event (what it preempted waits for the next). The set preempted is
+  minimal: no workload in it could be spared. Every preemption lowers a quantity
+  that never rises again for the same workloads (priority, then reclaimed nominal
+  quota, then strictly lower share), so there are no cycles.
 """
 
 from __future__ import annotations
@@ -180,8 +180,7 @@ class Admission:
         cohort = self.queues[queue].cohort
         scope = [m.name for m in self.cohorts[cohort]] if cohort is not None else [queue]
         decisions: list[Decision] = []
-        self._unfit: set[tuple[str, Shape]] = set()
-        self._fresh: set[str] = set()
+        self._unfit, self._fresh = set(), set()
         while True:
             made = self._one_pass(scope)
             if not made:
