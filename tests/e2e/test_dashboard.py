@@ -449,3 +449,22 @@ def test_an_enrolment_token_stops_working_once_an_admin_exists(
 
     with SqlStore(server.store_url) as store:
         assert [p.name for p in store.principals()] == ["ada"]
+
+
+def test_the_queues_page_shows_quotas_and_why_a_run_waits(world: World, open_as: Any) -> None:
+    world.call("PUT", "/pools/lab", world.admin, {"cpu": 4, "gpu": 1, "gpu_type": "H100"})
+    world.call("PUT", "/queues/lab", world.admin, {"cpu": 2, "gpu": 1})
+    asked = world.call("POST", "/workloads", world.admin, {"pool": "lab", "workloads": [
+        {"id": rid(50, "c"), "gpu": 1.0}, {"id": rid(51, "c"), "gpu": 1.0}]})  # fmt: skip
+    assert [w["state"] for w in asked["workloads"]] == ["admitted", "pending"]
+    page = open_as("viewer", "#/queues")
+    page.wait_for_selector("#workloads")
+    assert "4 cpu, 1 gpu" in page.inner_text("#pools") and "H100" in page.inner_text("#pools")
+    assert "2 cpu, 1 gpu" in page.inner_text("#queues")
+    waiting = page.inner_text("#workloads")
+    assert "needs 1 more gpu in queue default" in waiting and rid(50, "c")[:8] in waiting
+    blue = open_as("blue", "#/queues")
+    blue.wait_for_selector("#pools")
+    assert rid(50, "c")[:8] not in blue.inner_text("main")  # another project's work
+    assert "Nothing admitted or waiting." in blue.inner_text("main")
+    world.call("POST", "/workloads:sync", world.admin, {"ended": [rid(50, "c"), rid(51, "c")]})

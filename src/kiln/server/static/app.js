@@ -195,6 +195,7 @@ const ROUTES = [
   [/^#\/traces$/, tracesPage, "traces"],
   [/^#\/trace\/([0-9a-fA-F-]{8,60})$/, tracePage, "traces"],
   [/^#\/audit$/, auditPage, "audit"],
+  [/^#\/queues$/, queuesPage, "queues"],
 ];
 
 let renderId = 0;
@@ -995,6 +996,45 @@ async function modelPage(root, name, alive) {
       v.created_by, when(v.created_at)]), { id: "versions" }),
     h("h2", {}, "Alias history"), table(["alias", "from", "to", "by", "reason", "at"], history.moves.map((m) => [
       m.alias, m.from_version ?? "new", m.to_version, m.actor, m.reason || "", when(m.at)]), { id: "history" }));
+}
+
+// ---------------------------------------------------------------- shared hardware
+
+const amounts = (a) => Object.entries(a || {}).filter(([, v]) => v).map(([k, v]) => `${fmt(v)} ${k === "memory" ? "GiB" : k}`).join(", ") || "–";
+
+function waitReason(w) {
+  const r = w.reason;
+  if (!r) return w.cause || "";
+  if (r.resource) {
+    const held = (r.held_by || []).slice(0, 3).map((x) => `${x.project}/${short(x.id)} (${fmt(x.amount)})`).join(", ");
+    return `needs ${fmt(r.missing)} more ${r.resource} in queue ${r.project}` + (held ? `; held by ${held}` : "");
+  }
+  return r.behind && r.behind.length ? `behind ${r.behind.length} of its queue` : (w.cause || "");
+}
+
+async function queuesPage(root, alive) {
+  const [pools, queues, budgets, work] = await Promise.all([get("/pools"), get("/queues"), get("/budgets"), get("/workloads")]);
+  if (!alive()) return;
+  root.append(h("h1", {}, "Queues"));
+  if (!pools.items.length) {
+    root.append(h("p", { class: "muted" }, "No pools on this server: an admin adds one with kiln pools set NAME --cpu N --gpu N."));
+    return;
+  }
+  root.append(h("h2", {}, "Pools"), table(["pool", "capacity", "in use", "queues", "pending", "GPU type"],
+    pools.items.map((p) => [p.name, amounts(p.capacity), amounts(p.in_use), p.queues.join(", "), p.pending, p.gpu_type || ""]), { id: "pools" }));
+  root.append(h("h2", {}, "This project's queues"), queues.items.length
+    ? table(["pool", "nominal", "in use", "cohort", "may borrow", "lends at most", "weight", "strategy", "admitted", "pending"],
+      queues.items.map((q) => [q.pool, amounts(q.nominal), amounts(q.in_use), q.cohort || "", Object.keys(q.borrowing_limit).length ? amounts(q.borrowing_limit) : "what its cohort lends",
+        Object.keys(q.lending_limit).length ? amounts(q.lending_limit) : "all", fmt(q.weight), q.strategy + (q.fair_sharing ? ", fair sharing" : ""), q.admitted, q.pending]), { id: "queues" })
+    : h("p", { class: "muted" }, "None: a project admin sets one with kiln queues set POOL --cpu N."));
+  root.append(h("h2", {}, "Budgets"), budgets.items.length
+    ? table(["whose", "budget", "spent", "left"], budgets.items.map((b) => [b.principal || "the project",
+      `$${fmt(b.amount)}${b.period === "total" ? "" : ` per ${b.period}`}`, `$${fmt(b.spent)}`, `$${fmt(b.left)}`]), { id: "budgets" })
+    : h("p", { class: "muted" }, "None."));
+  root.append(h("h2", {}, "Admitted and waiting"), work.items.length
+    ? table(["run", "pool", "state", "asks", "priority", "since", "why"], work.items.map((w) => [runLink(w.id), w.pool, w.state,
+      amounts(w.requests), w.priority + (w.agent ? " (agent)" : ""), when(w.admitted_at || w.submitted_at), waitReason(w)]), { id: "workloads" })
+    : h("p", { class: "muted" }, "Nothing admitted or waiting."));
 }
 
 // ---------------------------------------------------------------- endpoints and traces
