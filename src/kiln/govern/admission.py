@@ -133,6 +133,9 @@ class Admission:
         self._memo: dict[tuple[object, ...], object] = {}  # what one pass found, for it
         self._unfit: set[tuple[str, Shape]] = set()  # what one event's passes found
         self._fresh: set[str] = set()  # what one event admitted or preempted
+        # scopes whose last event decided nothing: a submission behind one like it
+        # there changes nothing either
+        self._settled: set[str] = set()
         self._kept = {q.name: {r: q.nominal.get(r, 0) - q.lendable(r) for r in q.nominal}
                       for q in self.queues.values()}  # fmt: skip
         self._over = dict.fromkeys(self.queues, 0)  # resources each uses beyond its nominal
@@ -151,12 +154,15 @@ class Admission:
                 raise KeyError(f"no queue {w.queue!r}")
             if w.id in self.admitted or w.id in self._waiting:
                 return []
-            self._enqueue(replace(w, seq=next(self._seq)))  # arrival order: ours to give
+            w = replace(w, seq=next(self._seq))  # arrival order: ours to give
+            self._enqueue(w)
             queue = w.queue
+            if self._scope_key(queue) in self._settled and not self._in_front(w):
+                return []  # behind one like it that can neither go nor preempt: nor can it
         elif event.id in self.admitted:
             queue = self.admitted[event.id].queue
             self._release(self.admitted[event.id])
-        elif event.id in self._waiting:
+        elif event.id in self._waiting:  # (one that waits gives nothing back)
             queue = self._waiting[event.id]
             self._unqueue(next(p for p in self.pending[queue] if p.id == event.id))
         else:
@@ -170,6 +176,7 @@ class Admission:
         if w.queue not in self.queues:
             raise KeyError(f"no queue {w.queue!r}")
         w = replace(w, seq=next(self._seq))
+        self._settled.discard(self._scope_key(w.queue))
         self.admitted[w.id] = w
         self._running[w.queue][w.id] = w
         self._use(w, +1)
@@ -185,8 +192,24 @@ class Admission:
             made = self._one_pass(scope)
             if not made:
                 self._memo = {}  # what the passes found holds no longer
+                if decisions:  # what it preempted or admitted was spared this time
+                    self._settled.discard(self._scope_key(queue))
+                else:  # nothing can go or preempt until something changes
+                    self._settled.add(self._scope_key(queue))
                 return decisions
             decisions += made
+
+    def _scope_key(self, queue: str) -> str:
+        """Its cohort's, or (a queue of no cohort) its own: what one event's passes see."""
+        cohort = self.queues[queue].cohort
+        return f"cohort:{cohort}" if cohort is not None else f"queue:{queue}"
+
+    def _in_front(self, w: Workload) -> bool:
+        """Whether a pass would try ``w`` itself: a strict queue's head, or the first of
+        its kind in a best-effort one (any later one fares exactly as that first)."""
+        if self.queues[w.queue].strategy == "strict":
+            return self.pending[w.queue][0] is w
+        return self._kinds[w.queue][self._kind_of[w.id]][0] is w
 
     def _one_pass(self, scope: list[str]) -> list[Decision]:
         """One admission, or one preemption and its admission; [] when nothing can go.
