@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from kiln.errors import KilnError
 
 SYNC_WAITING_S = 1.0  # how often to ask while a run waits for admission
 GRACE_S = 30.0  # a preempted function's time to save a checkpoint
+ENDED_WAIT_S = 0.05  # how long an ended run waits for a submission to tell the server
 _log = logging.getLogger("kiln")
 
 Start = Callable[[list[TaskSpec]], None]
@@ -43,6 +45,7 @@ class Gate:
         self._running: set[str] = set()  # handed to the backend
         self._stopping: set[str] = set()  # told to stop, not yet ended
         self._ended: list[str] = []  # to tell the server at the next sync
+        self._ended_at = 0.0  # when the first of them ended
         self._lease_s = 30.0
         self._lock = threading.Condition()
         self._closed = False
@@ -51,8 +54,15 @@ class Gate:
 
     def submit(self, specs: list[TaskSpec]) -> None:
         """Ask for admission of each run; start the admitted ones, end the refused."""
-        body = {"pool": self.pool, "workloads": [_ask(s) for s in specs]}
-        answered = self.client.call("POST", "/workloads", json=body)
+        with self._lock:  # what ended since the last sync goes with it: no sync for it
+            ended, self._ended = self._ended, []
+        body = {"pool": self.pool, "workloads": [_ask(s) for s in specs], "ended": ended}
+        try:
+            answered = self.client.call("POST", "/workloads", json=body)
+        except BaseException:
+            with self._lock:
+                self._ended = ended + self._ended
+            raise
         answers = answered["workloads"]
         by_id = {s.run_id: s for s in specs}
         start: list[TaskSpec] = []
@@ -84,11 +94,14 @@ class Gate:
             self._lock.notify()
 
     def ended(self, run_id: str) -> None:
-        """The run ended for good: its quota goes back at the next sync (soon)."""
+        """The run ended for good: its quota goes back with the next submission or sync,
+        within ENDED_WAIT_S (a sequence of calls tells the server with its next call)."""
         with self._lock:
             self._running.discard(run_id)
             self._stopping.discard(run_id)
             self._waiting.pop(run_id, None)
+            if not self._ended:
+                self._ended_at = time.monotonic()
             self._ended.append(run_id)
             self._lock.notify()
 
@@ -98,6 +111,8 @@ class Gate:
         with self._lock:
             spec = self._waiting.pop(run_id, None)
             if spec is not None:
+                if not self._ended:
+                    self._ended_at = time.monotonic()
                 self._ended.append(run_id)
                 self._lock.notify()
             return spec
@@ -118,15 +133,27 @@ class Gate:
 
     # -- the sync thread -------------------------------------------------------------
 
+    def _due(self, last: float) -> float | None:
+        """When the next sync is due (the lock held), or None if it is due now: at once
+        on close; ENDED_WAIT_S after a run ended (unless a submission took it along);
+        every second while a run waits; a third of the lease otherwise."""
+        if self._closed:
+            return None
+        due = last + (SYNC_WAITING_S if self._waiting else self._lease_s / 3)
+        if self._ended:
+            due = min(due, self._ended_at + ENDED_WAIT_S)
+        return None if due <= time.monotonic() else due
+
     def _loop(self) -> None:
+        last = time.monotonic()
         while True:
             with self._lock:
-                wait = SYNC_WAITING_S if self._waiting else self._lease_s / 3
-                if not self._closed and not self._ended:
-                    self._lock.wait(timeout=wait)
+                while (due := self._due(last)) is not None:
+                    self._lock.wait(timeout=due - time.monotonic())
                 closed = self._closed
                 ended, self._ended = self._ended, []
                 held = [*self._waiting, *self._running]
+            last = time.monotonic()
             if not held and not ended:
                 if closed:
                     return

@@ -84,7 +84,8 @@ class Admissions:
         self._pools: dict[str, PoolRow] = {}
         self._queues: dict[tuple[str, str], QueueRow] = {}  # (pool, project)
         self._machines: dict[str, Admission] = {}
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, _Live] = {}  # by project/id (see _key)
+        self._budgets: list[BudgetRow] = []
         self._reaper: threading.Thread | None = None
         self._stop = threading.Event()
         with self._lock:
@@ -101,7 +102,8 @@ class Admissions:
         self._queues = {(q.pool, q.project): q for q in self.store.queues(every_project=True)}
         rows = self.store.workloads(every_project=True)
         deadline = time.monotonic() + self.lease_s  # engines get a lease's time to sync
-        self._live = {r.id: _Live(r, deadline) for r in rows}
+        self._live = {_key(r): _Live(r, deadline) for r in rows}
+        self._budgets = self.store.budgets(every_project=True)
         for pool in self._pools:
             self._rebuild(pool)
 
@@ -193,10 +195,11 @@ class Admissions:
 
     def submit(
         self, store: SqlStore, principal: str, agent: bool, pool: str,
-        items: list[dict[str, Any]],
+        items: list[dict[str, Any]], ended: list[str] = (),  # type: ignore[assignment]
     ) -> list[dict[str, Any]]:  # fmt: skip
         """Ask ``pool`` to admit each item (a run: id, cpu, memory_bytes, gpu, timeout_s,
-        priority); each answer says ``admitted``, ``pending`` (with why) or ``refused``."""
+        priority); each answer says ``admitted``, ``pending`` (with why) or ``refused``.
+        ``ended``: the engine's workloads that finished since it last said."""
         project = store.project
         with self._lock:
             self._reap()
@@ -208,20 +211,18 @@ class Admissions:
                 raise ValidationError("pool", f"project {project!r} has no queue on pool "
                                       f"{pool!r}; a project admin sets one with `kiln queues "
                                       f"set {pool} --cpu N ...`")  # fmt: skip
-            taken = {r.id: r.project for r in store.workloads(
-                states=("pending", "admitted", "finished", "refused"), every_project=True,
-                ids=[i["id"] for i in items])}  # fmt: skip
             answers: list[dict[str, Any]] = []
             changed: list[WorkloadRow] = []
             events: list[Note] = []
+            for wid in ended:  # what ended since the engine last said (saves it a sync)
+                gone = self._live.get(f"{project}/{wid}")
+                if gone is not None:
+                    changed += self._end(gone, "finished", None, events)
             now = time.time()
             for item in items:
                 wid = item["id"]
-                if taken.get(wid, project) != project:
-                    answers.append({"id": wid, "state": "refused",
-                                    "reason": "the id belongs to another project"})  # fmt: skip
-                    continue
-                live = self._live.get(wid)
+                key = f"{project}/{wid}"
+                live = self._live.get(key)
                 if live is not None:  # sent again (a retry): the same answer
                     answers.append(self._answer(live.row, machine))
                     continue
@@ -242,10 +243,10 @@ class Admissions:
                                                         principal)))  # fmt: skip
                     answers.append({"id": wid, "state": "refused", "reason": reason})
                     continue
-                self._live[wid] = _Live(row, time.monotonic() + self.lease_s)
+                self._live[key] = _Live(row, time.monotonic() + self.lease_s)
                 changed.append(row)
                 changed += self._apply(machine.handle(Submit(_workload(row))), events)
-                answers.append(self._answer(self._live[wid].row, machine))
+                answers.append(self._answer(self._live[key].row, machine))
             self._save(store, changed, events)
             return answers
 
@@ -257,15 +258,15 @@ class Admissions:
             changed: list[WorkloadRow] = []
             events: list[Note] = []
             for wid in ended:
-                live = self._live.get(wid)
-                if live is not None and live.row.project == store.project:
+                live = self._live.get(f"{store.project}/{wid}")
+                if live is not None:
                     changed += self._end(live, "finished", None, events)
             self._reap(changed, events)
             deadline = time.monotonic() + self.lease_s
             admitted, preempt, unknown = [], [], []
             for wid in held:
-                live = self._live.get(wid)
-                if live is None or live.row.project != store.project:
+                live = self._live.get(f"{store.project}/{wid}")
+                if live is None:
                     unknown.append(wid)
                     continue
                 live.deadline = deadline
@@ -300,11 +301,11 @@ class Admissions:
         row = live.row
         live.row = replace(row, state=state, ended_at=now, cost=self._cost_so_far(row, now),
                            cause=cause or row.cause)  # fmt: skip
-        del self._live[row.id]
+        del self._live[_key(row)]
         machine = self._machines.get(row.pool)
         decisions = []
         if machine is not None and row.project in machine.queues:
-            decisions = machine.handle(Done(row.id))
+            decisions = machine.handle(Done(_key(row)))
         return [live.row, *self._apply(decisions, events)]
 
     def _apply(
@@ -314,29 +315,28 @@ class Admissions:
         now = time.time()
         out: list[WorkloadRow] = []
         for d in decisions:
-            live = self._live.get(d.id)
+            live = self._live.get(d.id)  # the machine's ids are project/id
             if live is None:
                 continue
             row = live.row
             if isinstance(d, Admit):
                 live.row = replace(row, state="admitted", admitted_at=now)
             else:
-                by = self._live.get(d.by)
-                who = f"{by.row.project}/{d.by}" if by else d.by
+                who = d.by  # project/id
                 cause = f"preempted by {who} ({d.cause})"
                 live.row = replace(row, state="pending", admitted_at=None,
                                    cost=self._cost_so_far(row, now), cause=cause)  # fmt: skip
-                live.notices.append({"id": d.id, "cause": cause})
+                live.notices.append({"id": row.id, "cause": cause})
                 if events is not None:
                     events.append((row.project, audit.Event(
-                        "workload.preempt", d.id, {"by": who, "cause": d.cause}, now,
+                        "workload.preempt", row.id, {"by": who, "cause": d.cause}, now,
                         "kiln")))  # fmt: skip
             out.append(live.row)
         return out
 
     def _answer(self, row: WorkloadRow, machine: Admission) -> dict[str, Any]:
         if row.state == "pending":
-            return {"id": row.id, "state": "pending", "reason": self._why(machine, row.id)}
+            return {"id": row.id, "state": "pending", "reason": self._why(machine, _key(row))}
         return {"id": row.id, "state": row.state}
 
     # -- budgets ---------------------------------------------------------------------
@@ -367,8 +367,8 @@ class Admissions:
         """Why ``row`` would break a budget that applies to it, or None: its project's,
         its principal's in the project, and an agent's own (over every project)."""
         budgets: list[tuple[BudgetRow, str | None]] = [
-            (b, row.project) for b in store.budgets() if b.principal in ("", row.principal)
-        ]
+            (b, row.project) for b in self._budgets
+            if b.project == row.project and b.principal in ("", row.principal)]  # fmt: skip
         principal = store.principal(row.principal) if row.agent else None
         if principal is not None and principal.budget is not None:
             own = BudgetRow(project=row.project, principal=row.principal,
@@ -408,6 +408,12 @@ class Admissions:
                                   "count a budget in; start it with KILN_PRICES")  # fmt: skip
         with self._lock:
             store.set_budget(row)
+            self._budgets = self.store.budgets(every_project=True)
+
+    def remove_budget(self, store: SqlStore, principal: str) -> None:
+        with self._lock:
+            store.remove_budget(principal)
+            self._budgets = self.store.budgets(every_project=True)
 
     # -- explain ---------------------------------------------------------------------
 
@@ -442,17 +448,17 @@ class Admissions:
                     continue
                 entry = self._row_json(row)
                 if row.state == "pending":
-                    entry["reason"] = self._why(self._machines[row.pool], row.id)
+                    entry["reason"] = self._why(self._machines[row.pool], _key(row))
                 out.append(entry)
             return sorted(out, key=lambda e: (e["pool"], e["state"], e["submitted_at"]))
 
     def explain(self, store: SqlStore, wid: str) -> dict[str, Any]:
         with self._lock:
-            live = self._live.get(wid)
-            if live is not None and live.row.project == store.project:
+            live = self._live.get(f"{store.project}/{wid}")
+            if live is not None:
                 entry = self._row_json(live.row)
                 if live.row.state == "pending":
-                    entry["reason"] = self._why(self._machines[live.row.pool], wid)
+                    entry["reason"] = self._why(self._machines[live.row.pool], _key(live.row))
                 return entry
             rows = store.workloads(states=("finished", "refused"), ids=[wid])
             if not rows:
@@ -504,7 +510,7 @@ class Admissions:
     def _save(self, store: SqlStore, rows: list[WorkloadRow], notes: list[Note]) -> None:
         """The last change of each workload, with the audit events of the caller's
         project; each other project's events (its runs preempted) in that project."""
-        latest = list({r.id: r for r in rows}.values())
+        latest = list({_key(r): r for r in rows}.values())
         store.save_workloads(latest, [e for p, e in notes if p == store.project])
         for project in sorted({p for p, _ in notes if p != store.project}):
             theirs = [e for p, e in notes if p == project]
@@ -514,11 +520,14 @@ class Admissions:
 def _readable(why: dict[str, Any]) -> dict[str, Any]:
     """A reason from :meth:`Admission.why` in people's units, with projects named."""
     found = dict(why)
+    found["id"] = _run_id(str(found["id"]))
+    if "behind" in found:
+        found["behind"] = [_run_id(i) for i in found["behind"]]
     if "resource" in found:
         r = str(found["resource"])
         found["requested"] = shown({r: int(found["requested"])})[r]
         found["missing"] = shown({r: int(found["missing"])})[r]
-        found["held_by"] = [{"id": h["id"], "project": h["queue"],
+        found["held_by"] = [{"id": _run_id(h["id"]), "project": h["queue"],
                              "amount": shown({r: h["amount"]})[r]}
                             for h in found["held_by"]]  # fmt: skip
     if "queue" in found:
@@ -533,6 +542,15 @@ def _queue(q: QueueRow) -> Queue:
                  fair_sharing=q.fair_sharing)  # fmt: skip
 
 
+def _run_id(key: str) -> str:
+    return key.partition("/")[2] or key
+
+
+def _key(row: WorkloadRow) -> str:
+    """A workload's id in memory and in the state machines: a run id is its project's."""
+    return f"{row.project}/{row.id}"
+
+
 def _workload(row: WorkloadRow) -> Workload:
-    return Workload(id=row.id, queue=row.project, requests=row.requests,
+    return Workload(id=_key(row), queue=row.project, requests=row.requests,
                     priority=row.priority, agent=row.agent)  # fmt: skip

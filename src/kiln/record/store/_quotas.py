@@ -128,8 +128,9 @@ class Quotas:
             return
         with self.transaction() as conn:
             if rows:
-                self._upsert(conn, workloads, [asdict(r) for r in rows], keys=["id"],
-                             update=[c for c in _WORKLOAD_COLUMNS if c != "id"])  # fmt: skip
+                self._upsert(conn, workloads, [asdict(r) for r in rows], keys=["project", "id"],
+                             update=[c for c in _WORKLOAD_COLUMNS
+                                     if c not in ("project", "id")])  # fmt: skip
             if events:
                 self.append_events(conn, list(events))
 

@@ -410,8 +410,8 @@ budgets = sa.Table(
 workloads = sa.Table(
     "workloads",
     metadata,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("project", sa.String(200), nullable=False),
+    sa.Column("project", sa.String(200), primary_key=True),
+    sa.Column("id", sa.String(32), primary_key=True),  # a run's: its project's
     sa.Column("pool", sa.String(200), nullable=False),
     sa.Column("principal", sa.String(200), nullable=False),
     sa.Column("requests", sa.JSON, nullable=False),

@@ -69,6 +69,8 @@ class Ask(Amount):
 class Submission(schemas.Strict):
     pool: Annotated[str, StringConstraints(pattern=schemas.NAME_PATTERN)]
     workloads: Annotated[list[Ask], Field(min_length=1, max_length=MAX_BATCH)]
+    # the engine's workloads that ended since it last said (so it needs no sync for them)
+    ended: Annotated[list[schemas.RunId], Field(max_length=100_000)] = Field(default_factory=list)
 
 
 class Sync(schemas.Strict):
@@ -168,10 +170,11 @@ def set_budget(body: NewBudget, request: Request, store: Store) -> None:
 
 @router.delete("/budgets", status_code=204, dependencies=[need("quotas", "admin")])
 def remove_budget(
+    request: Request,
     store: Store,
     principal: Annotated[str | None, Query(pattern=schemas.NAME_PATTERN)] = None,
 ) -> None:  # fmt: skip
-    store.remove_budget(principal or "")
+    admissions(request).remove_budget(store, principal or "")
 
 
 @router.post("/workloads", response_model=Answers, dependencies=[need("runs", "write")])
@@ -180,7 +183,8 @@ def submit(body: Submission, request: Request, store: Store, who: Authenticated)
     ``refused`` (with the reason: a budget, or more than the queue could ever have)."""
     items = [w.model_dump() for w in body.workloads]
     principal = who.name or store.actor
-    found = admissions(request).submit(store, principal, who.kind == "agent", body.pool, items)
+    found = admissions(request).submit(store, principal, who.kind == "agent", body.pool, items,
+                                       list(body.ended))  # fmt: skip
     return {"workloads": found, "lease_s": admissions(request).lease_s}
 
 

@@ -49,8 +49,8 @@ def upgrade() -> None:
     )
     op.create_table(
         "workloads",
-        sa.Column("id", sa.String(32), primary_key=True),
-        sa.Column("project", sa.String(200), nullable=False),
+        sa.Column("project", sa.String(200), primary_key=True),
+        sa.Column("id", sa.String(32), primary_key=True),  # a run's: its project's
         sa.Column("pool", sa.String(200), nullable=False),
         sa.Column("principal", sa.String(200), nullable=False),
         sa.Column("requests", sa.JSON, nullable=False),
