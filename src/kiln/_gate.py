@@ -152,15 +152,16 @@ class Gate:
                     self._lock.wait(timeout=due - time.monotonic())
                 closed = self._closed
                 ended, self._ended = self._ended, []
-                held = [*self._waiting, *self._running]
+                running = list(self._running)
+                held = [*self._waiting, *running]
             last = time.monotonic()
             if not held and not ended:
                 if closed:
                     return
                 continue
             try:
-                answer = self.client.call("POST", "/workloads:sync",
-                                          json={"held": held, "ended": ended})  # fmt: skip
+                body = {"held": held, "ended": ended, "running": running}
+                answer = self.client.call("POST", "/workloads:sync", json=body)
             except KilnError as exc:
                 _log.warning("kiln: admission sync with %s failed: %s", self.client.url, exc)
                 with self._lock:

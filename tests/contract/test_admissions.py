@@ -59,13 +59,17 @@ def test_quotas_hold_and_borrowers_are_preempted_by_the_lender(store: SqlStore) 
     assert reason["resource"] == "gpu" and reason["missing"] == 1.0
     assert {h["id"] for h in reason["held_by"]} == {rid(1), rid(2)}
     guess = admission.what_if(blue, "bo", False, "box", ask(0, gpu=1))
-    assert guess["admitted"] and [v["id"] for v in guess["preempted"]] == [rid(2)]
+    # another project's run is counted, never named
+    assert guess["admitted"] and guess["preempted"] == [
+        {"project": "default", "requests": {"cpu": 1.0, "gpu": 1.0}}
+    ]
     assert admission.listing(red)[1]["state"] == "admitted"  # what-if changed nothing
     mine = admission.submit(blue, "bo", False, "box", [ask(4, gpu=1)])
     assert mine[0]["state"] == "admitted"
     told = admission.sync(red, [rid(1), rid(2), rid(3)], [])
     assert told["admitted"] == [rid(1)]
-    assert told["preempt"] == [{"id": rid(2), "cause": f"preempted by blue/{rid(4)} (reclaim)"}]
+    assert told["preempt"] == [{"id": rid(2), "cause": "preempted by a run of project blue "
+                                "(reclaim)"}]  # fmt: skip
     assert admission.sync(red, [rid(2)], [])["preempt"] == []  # told once
     # blue sees none of red's workloads; red cannot end blue's
     assert [w["id"] for w in admission.listing(blue)] == [rid(4)]
@@ -164,3 +168,71 @@ def test_budget_periods_start_where_people_count_them() -> None:
     assert time.gmtime(period_start("week", now))[:6] == (2024, 12, 2, 0, 0, 0)
     assert time.gmtime(period_start("month", now))[:6] == (2024, 12, 1, 0, 0, 0)
     assert period_start("total", now) == 0.0
+
+
+def test_a_batch_and_a_reused_id_never_overshoot_a_budget(store: SqlStore) -> None:
+    admission = Admissions(store, Prices(cpu_hour=3.6), lease_s=60)
+    two_queues(store, admission)
+    admission.set_budget(store, BudgetRow("default", "", 1.0, period="total"))
+    batch = admission.submit(store, "ann", False, "box",
+                             [ask(i, timeout_s=1000) for i in range(1, 5)])  # fmt: skip
+    assert [a["state"] for a in batch] == ["admitted", "refused", "refused", "refused"]
+    admission.sync(store, [], [rid(1)])
+    again = admission.submit(store, "ann", False, "box", [ask(1, cpu=0.001, timeout_s=1)])
+    assert again[0] == {
+        "id": rid(1),
+        "state": "refused",
+        "reason": "this run already ran to its end; a new run has a new id",
+    }
+    assert admission.explain(store, rid(1))["state"] == "finished"  # its row is kept
+    with pytest.raises(NotFoundError, match="no principal 'ghost'"):
+        admission.set_budget(store, BudgetRow("default", "ghost", 1.0))
+
+
+def test_a_run_preempted_under_a_budget_asks_again_within_it(store: SqlStore) -> None:
+    admission = Admissions(store, Prices(gpu_hour={"default": 3.6}), lease_s=60)  # $0.001/GPU-s
+    two_queues(store, admission, gpu=1.0)
+    blue = store.in_project("blue")
+    admission.set_budget(store, BudgetRow("default", "", 0.15, period="total"))
+    assert admission.submit(store, "ann", False, "box", [ask(1, cpu=0, gpu=1, timeout_s=100)])[
+        0]["state"] == "admitted"  # borrowing blue's half; it may cost $0.10  # fmt: skip
+    admission.submit(blue, "bo", False, "box", [ask(2, cpu=0, gpu=0.5)])  # reclaims it
+    told = admission.sync(store, [rid(1)], [], running=[rid(1)])
+    assert told["preempt"][0]["cause"] == "preempted by a run of project blue (reclaim)"
+    assert told["unknown"] == []
+    assert admission.listing(store) == []  # it ended: its next attempt asks again
+    cost = admission.explain(store, rid(1))["cost"]
+    again = admission.submit(store, "ann", False, "box", [ask(1, cpu=0, gpu=1, timeout_s=100)])
+    assert again[0]["state"] == "pending"  # blue holds its half back
+    mine = admission.explain(store, rid(1))
+    assert mine["cost"] == cost and mine["max_cost"] == pytest.approx(cost + 0.1)
+    other = admission.submit(store, "ann", False, "box", [ask(3, cpu=0, gpu=1, timeout_s=100)])
+    assert other[0]["state"] == "refused"  # $0.10 more would be over $0.15
+    assert "over project default's budget" in other[0]["reason"]
+
+
+def test_a_run_that_runs_unadmitted_is_told_to_stop(store: SqlStore) -> None:
+    """A preemption whose notice a restarted server never sent is sent again."""
+    admission = Admissions(store, None, lease_s=60)
+    two_queues(store, admission, gpu=1.0)
+    admission.submit(store, "ann", False, "box", [ask(1, gpu=1)])
+    admission.submit(store, "ann", False, "box", [ask(2, gpu=1, priority=5)])  # preempts 1
+    restarted = Admissions(store, None, lease_s=60)
+    told = restarted.sync(store, [rid(1), rid(2)], [], running=[rid(1), rid(2)])
+    assert told["admitted"] == [rid(2)]
+    assert told["preempt"] == [{"id": rid(1), "cause": "preempted by a run of project "
+                                "default (priority)"}]  # fmt: skip
+
+
+def test_pools_hold_their_queues_and_leases_lapse_unattended(store: SqlStore) -> None:
+    admission = Admissions(store, None, lease_s=0.3)
+    two_queues(store, admission)
+    with pytest.raises(ValidationError, match="queues' nominal quotas hold 8: lower them"):
+        admission.set_pool(store, PoolRow("box", {"cpu": 2000, "gpu": 2000}))
+    tiny = admission.submit(store, "ann", False, "box", [ask(1, cpu=0.0001)])
+    assert admission.explain(store, rid(1))["requests"] == {"cpu": 0.001}  # never free
+    assert tiny[0]["state"] == "admitted"
+    time.sleep(1.0)  # nobody calls: the server's own reaper reclaims it
+    gone = admission.explain(store, rid(1))
+    assert gone["state"] == "finished" and "lease not renewed" in gone["cause"]
+    admission.close()

@@ -222,6 +222,8 @@ def test_kiln_server_metrics_count_queued_and_running_runs_by_project(
         (("project", "default"), ("status", "running")): 1,
         (("project", "blue"), ("status", "queued")): 0,
         (("project", "blue"), ("status", "running")): 1,
+        (("project", "default"), ("status", "preempted")): 0,
+        (("project", "blue"), ("status", "preempted")): 0,
     }
     healthz = (("code", "200"), ("method", "GET"), ("route", "/healthz"))
     assert samples[("kiln_server_requests_total", healthz)] == 1  # the server's own, still

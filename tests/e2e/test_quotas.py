@@ -114,9 +114,9 @@ def test_a_project_borrows_idle_gpus_and_gives_them_back_with_a_checkpoint(
     victim = next(r for r in records if len(r.resources["attempts"]) > 1)
     first = victim.resources["attempts"][0]
     assert first["status"] == "preempted"
-    assert "preempted by blue/" in first["cause"] and "(reclaim)" in first["cause"]
+    assert first["cause"] == "preempted by a run of project blue (reclaim)"
     explained = team.call(team.red, "GET", f"/workloads/{victim.id}")
-    assert explained["state"] == "finished" and "preempted by blue/" in explained["cause"]
+    assert explained["state"] == "finished" and "project blue" in explained["cause"]
     audit = team.call(team.red, "GET", "/audit/events?action=workload.preempt")
     assert any(e["target"] == victim.id for e in audit["events"])
     store.close()
@@ -165,6 +165,15 @@ def test_admins_manage_pools_queues_and_budgets_from_the_cli(team: Team) -> None
     bad = kiln_cli(team, team.blue, "queues", "set", "cpus", "--cpu", "2",
                    "--borrowing-limit", "disk=1")  # fmt: skip
     assert bad.returncode != 0 and "--borrowing-limit" in bad.stderr
+    for args in (
+        ["pools", "set", "q", "--cpu", "inf"],
+        ["queues", "set", "cpus", "--weight", "nan"],
+        ["budgets", "set", "inf"],
+        ["what-if", "--pool", "box", "--gpu", "-1"],
+    ):
+        refused = kiln_cli(team, team.red, *args)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr, args
+        assert "is not a number from 0 to" in refused.stderr, args
     done = kiln_cli(team, team.blue, "queues", "set", "cpus", "--cpu", "2", "--memory", "4Gi",
                     "--cohort", "c", "--borrowing-limit", "cpu=1", "--weight", "2")  # fmt: skip
     assert done.returncode == 0, done.stderr

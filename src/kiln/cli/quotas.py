@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any
 
 import typer
@@ -16,9 +17,9 @@ from kiln.errors import ConfigError, ValidationError
 from kiln.record.values import check_name
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
-Cpu = Annotated[float, typer.Option("--cpu", help="Cores.", min=0)]
+Cpu = Annotated[float, typer.Option("--cpu", help="Cores.")]
 Memory = Annotated[str, typer.Option("--memory", help="Memory, e.g. 64Gi (0: none).")]
-Gpu = Annotated[float, typer.Option("--gpu", help="GPUs (fractions of one allowed).", min=0)]
+Gpu = Annotated[float, typer.Option("--gpu", help="GPUs (fractions of one allowed).")]
 ProjectOpt = Annotated[
     str | None,
     typer.Option("--project", help="The project (default: KILN_PROJECT, else your token's)."),
@@ -46,8 +47,16 @@ def _client(project: str | None = None) -> Any:
     return Client(url, actor="", token=token, project=project or settings.project)
 
 
+def _number(value: float, option: str, *, most: float = 1e6) -> float:
+    """``value`` if it is a finite number from 0 to ``most``; else a clear error."""
+    if not math.isfinite(value) or not 0 <= value <= most:
+        raise ValidationError(option, f"{value!r} is not a number from 0 to {most:g}")
+    return value
+
+
 def _amount(cpu: float, memory: str, gpu: float, field: str = "--memory") -> dict[str, Any]:
-    return {"cpu": cpu, "memory_bytes": parse_memory(memory, field), "gpu": gpu}
+    return {"cpu": _number(cpu, "--cpu"), "memory_bytes": parse_memory(memory, field),
+            "gpu": _number(gpu, "--gpu", most=1e5)}  # fmt: skip
 
 
 def _limit(text: str | None, option: str) -> dict[str, Any] | None:
@@ -65,7 +74,7 @@ def _limit(text: str | None, option: str) -> dict[str, Any] | None:
             out["memory_bytes"] = parse_memory(value.strip(), option)
             continue
         try:
-            out[key] = float(value)
+            out[key] = _number(float(value), option)
         except ValueError:
             raise ValidationError(option, f"{value!r} is not a number of {key}") from None
     return out
@@ -159,7 +168,7 @@ def queues_set(
     project: ProjectOpt = None,
 ) -> None:
     """Set your project's nominal quota on a pool (project admins)."""
-    body = {**_amount(cpu, memory, gpu), "cohort": cohort, "weight": weight,
+    body = {**_amount(cpu, memory, gpu), "cohort": cohort, "weight": _number(weight, "--weight"),
             "strategy": strategy, "fair_sharing": fair_sharing,
             "borrowing_limit": _limit(borrowing_limit, "--borrowing-limit"),
             "lending_limit": _limit(lending_limit, "--lending-limit")}  # fmt: skip
@@ -201,7 +210,7 @@ def queues_ls(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
 
 @budgets_app.command("set")
 def budgets_set(
-    amount: Annotated[float, typer.Argument(help="Dollars per period.", min=0)],
+    amount: Annotated[float, typer.Argument(help="Dollars per period.")],
     principal: Annotated[
         str | None, typer.Option("--principal", help="One principal's (an agent's) budget.")
     ] = None,
@@ -209,7 +218,8 @@ def budgets_set(
     project: ProjectOpt = None,
 ) -> None:
     """Set your project's budget, or one principal's in it (project admins)."""
-    body = {"amount": amount, "period": period, "principal": principal}
+    dollars = _number(amount, "amount", most=1e12)
+    body = {"amount": dollars, "period": period, "principal": principal}
     _client(project).call("PUT", "/budgets", json=body)
     whose = principal or "the project"
     per = "" if period == "total" else f" per {period}"

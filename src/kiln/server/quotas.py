@@ -18,6 +18,7 @@ timeout under a budget is refused, with the reason.
 from __future__ import annotations
 
 import calendar
+import logging
 import math
 import threading
 import time
@@ -33,6 +34,7 @@ from kiln.record.store.base import BudgetRow, PoolRow, QueueRow, WorkloadRow
 from kiln.record.store.sql import SqlStore
 
 LEASE_S = 30.0
+_log = logging.getLogger("kiln")
 Note = tuple[str, audit.Event]  # an audit event and the project it belongs to
 AGENT_PRIORITY = -1000  # added to an agent's priority: a human's work always ranks above
 RESOURCES = ("cpu", "memory", "gpu")
@@ -40,9 +42,10 @@ PERIODS = ("day", "week", "month", "total")
 
 
 def amounts(cpu: float, memory_bytes: int, gpu: float) -> dict[str, int]:
-    """A request in admission units: thousandths of a core, MiB, thousandths of a GPU."""
-    out = {"cpu": round(cpu * 1000), "memory": math.ceil(memory_bytes / 2**20),
-           "gpu": round(gpu * 1000)}  # fmt: skip
+    """A request in admission units: thousandths of a core, MiB, thousandths of a GPU
+    (rounded up: a request of anything is never counted as nothing)."""
+    out = {"cpu": math.ceil(round(cpu * 1000, 6)), "memory": math.ceil(memory_bytes / 2**20),
+           "gpu": math.ceil(round(gpu * 1000, 6))}  # fmt: skip
     return {k: v for k, v in out.items() if v > 0}
 
 
@@ -86,13 +89,23 @@ class Admissions:
         self._machines: dict[str, Admission] = {}
         self._live: dict[str, _Live] = {}  # by project/id (see _key)
         self._budgets: list[BudgetRow] = []
-        self._reaper: threading.Thread | None = None
         self._stop = threading.Event()
         with self._lock:
             self._load()
+        self._reaper = threading.Thread(target=self._reap_loop, name="kiln-leases", daemon=True)
+        self._reaper.start()
 
     def close(self) -> None:
         self._stop.set()
+
+    def _reap_loop(self) -> None:
+        """Reclaim what engines stopped holding, even while no engine calls."""
+        while not self._stop.wait(max(0.2, self.lease_s / 4)):
+            try:
+                with self._lock:
+                    self._reap()
+            except Exception as exc:  # the database is away: the next round tries again
+                _log.warning("kiln: reclaiming expired leases failed: %s", exc)
 
     # -- configuration ---------------------------------------------------------------
 
@@ -124,6 +137,15 @@ class Admissions:
 
     def set_pool(self, store: SqlStore, row: PoolRow) -> None:
         with self._lock:
+            queues = [q for (p, _), q in self._queues.items() if p == row.name]
+            for r in {r for q in queues for r in q.nominal}:
+                held = sum(q.nominal.get(r, 0) for q in queues)
+                if held > row.capacity.get(r, 0):
+                    raise ValidationError(
+                        r if r != "memory" else "memory_bytes",
+                        f"pool {row.name!r} would have {shown({r: row.capacity.get(r, 0)})[r]:g} "
+                        f"and its queues' nominal quotas hold {shown({r: held})[r]:g}: lower "
+                        "them first (`kiln queues set`)")  # fmt: skip
             store.set_pool(row)
             self._pools[row.name] = row
             self._rebuild(row.name)
@@ -218,6 +240,9 @@ class Admissions:
                 gone = self._live.get(f"{project}/{wid}")
                 if gone is not None:
                     changed += self._end(gone, "finished", None, events)
+            before = {r.id: r for r in store.workloads(
+                states=("finished", "refused"), ids=[i["id"] for i in items])}  # fmt: skip
+            budgeted = agent or any(b.project == project for b in self._budgets)
             now = time.time()
             for item in items:
                 wid = item["id"]
@@ -234,10 +259,16 @@ class Admissions:
                     agent=agent, timeout_s=item.get("timeout_s"),
                     max_cost=self._max_cost(requests, item.get("timeout_s"), pool),
                 )  # fmt: skip
-                reason = self._unfit(machine, row) or self._over_budget(store, row, now)
+                old = before.get(wid)
+                if old is not None:  # it asks again: after a preemption, or its lease ran out
+                    row = replace(row, submitted_at=old.submitted_at, cost=old.cost,
+                                  max_cost=old.cost + row.max_cost)  # fmt: skip
+                reason = (self._reused(old) or self._unfit(machine, row)
+                          or self._over_budget(store, row, now))  # fmt: skip
                 if reason:
                     row = replace(row, state="refused", ended_at=now, cause=reason)
-                    changed.append(row)
+                    if old is None or old.state == "refused":  # what ran keeps its row
+                        changed.append(row)
                     events.append((project, audit.Event("workload.refuse", wid,
                                                         {"pool": pool, "reason": reason}, now,
                                                         principal)))  # fmt: skip
@@ -247,13 +278,31 @@ class Admissions:
                 changed.append(row)
                 changed += self._apply(machine.handle(Submit(_workload(row))), events)
                 answers.append(self._answer(self._live[key].row, machine))
+                if budgeted:  # the next item's budget check counts this one
+                    self._save(store, changed, events)
+                    changed, events = [], []
             self._save(store, changed, events)
             return answers
 
-    def sync(self, store: SqlStore, held: list[str], ended: list[str]) -> dict[str, Any]:
+    @staticmethod
+    def _reused(old: WorkloadRow | None) -> str | None:
+        """Why a run id that already ended may not ask again, or None: only one whose
+        lease ran out, or that was preempted under a budget, continues (its cost too)."""
+        if old is None or old.state == "refused":
+            return None
+        if old.cause and (old.cause.startswith("lease not renewed")
+                          or old.cause.startswith("preempted")):  # fmt: skip
+            return None
+        return "this run already ran to its end; a new run has a new id"
+
+    def sync(
+        self, store: SqlStore, held: list[str], ended: list[str], running: list[str] = (),  # type: ignore[assignment]
+    ) -> dict[str, Any]:  # fmt: skip
         """An engine's heartbeat: ``held`` are the workloads it still has (their leases
-        are renewed), ``ended`` those that finished. The answer: which of ``held`` are
-        admitted, which to preempt, and which the server does not know."""
+        are renewed), ``running`` those of them it runs, ``ended`` those that finished.
+        The answer: which of ``held`` are admitted, which to preempt, and which the
+        server does not know. A run the engine runs that is not admitted (a notice lost
+        to a restart of the server, or a run ended for its budget) is to be preempted."""
         with self._lock:
             changed: list[WorkloadRow] = []
             events: list[Note] = []
@@ -263,7 +312,10 @@ class Admissions:
                     changed += self._end(live, "finished", None, events)
             self._reap(changed, events)
             deadline = time.monotonic() + self.lease_s
-            admitted, preempt, unknown = [], [], []
+            admitted: list[str] = []
+            preempt: list[dict[str, str]] = []
+            unknown: list[str] = []
+            runs = set(running)
             for wid in held:
                 live = self._live.get(f"{store.project}/{wid}")
                 if live is None:
@@ -272,8 +324,15 @@ class Admissions:
                 live.deadline = deadline
                 if live.row.state == "admitted":
                     admitted.append(wid)
+                elif wid in runs and not live.notices:  # it runs, unadmitted: stop it
+                    live.notices.append({"id": wid, "cause": live.row.cause or "not admitted"})
                 preempt += live.notices
                 live.notices = []
+            gone = [w for w in unknown if w in runs]
+            if gone:  # ended here while its engine ran it: say why, for it to stop
+                for row in store.workloads(states=("finished", "refused"), ids=gone):
+                    unknown.remove(row.id)
+                    preempt.append({"id": row.id, "cause": row.cause or "its workload ended"})
             self._save(store, changed, events)
             return {"admitted": admitted, "preempt": preempt, "unknown": unknown,
                     "lease_s": self.lease_s}  # fmt: skip
@@ -288,16 +347,18 @@ class Admissions:
             return
         out: list[WorkloadRow] = [] if changed is None else changed
         notes: list[Note] = [] if events is None else events
-        for live in expired:
+        for live in expired:  # charged until its lease ran out, not until now
+            at = time.time() - (now - live.deadline)
             out += self._end(live, "finished", f"lease not renewed within {self.lease_s:g}s; "
-                             "its quota was reclaimed", notes)  # fmt: skip
+                             "its quota was reclaimed", notes, at=at)  # fmt: skip
         if changed is None:
             self._save(self.store, out, notes)
 
     def _end(
-        self, live: _Live, state: str, cause: str | None, events: list[Note]
-    ) -> list[WorkloadRow]:
-        now = time.time()
+        self, live: _Live, state: str, cause: str | None, events: list[Note],
+        at: float | None = None,
+    ) -> list[WorkloadRow]:  # fmt: skip
+        now = time.time() if at is None else at
         row = live.row
         live.row = replace(row, state=state, ended_at=now, cost=self._cost_so_far(row, now),
                            cause=cause or row.cause)  # fmt: skip
@@ -322,17 +383,25 @@ class Admissions:
             if isinstance(d, Admit):
                 live.row = replace(row, state="admitted", admitted_at=now)
             else:
-                who = d.by  # project/id
+                by = self._live.get(d.by)
+                who = f"a run of project {by.row.project}" if by else "another run"
                 cause = f"preempted by {who} ({d.cause})"
-                live.row = replace(row, state="pending", admitted_at=None,
-                                   cost=self._cost_so_far(row, now), cause=cause)  # fmt: skip
-                live.notices.append({"id": row.id, "cause": cause})
                 if events is not None:
                     events.append((row.project, audit.Event(
                         "workload.preempt", row.id, {"by": who, "cause": d.cause}, now,
                         "kiln")))  # fmt: skip
+                if self._budgeted(row):  # its next attempt asks again, within its budget
+                    out += self._end(live, "finished", cause, events or [])
+                    continue
+                live.row = replace(row, state="pending", admitted_at=None,
+                                   cost=self._cost_so_far(row, now), cause=cause)  # fmt: skip
+                live.notices.append({"id": row.id, "cause": cause})
             out.append(live.row)
         return out
+
+    def _budgeted(self, row: WorkloadRow) -> bool:
+        """Whether a budget may apply to ``row`` (its project's, or it is an agent's)."""
+        return row.agent or any(b.project == row.project for b in self._budgets)
 
     def _answer(self, row: WorkloadRow, machine: Admission) -> dict[str, Any]:
         if row.state == "pending":
@@ -406,6 +475,8 @@ class Admissions:
         if self.prices is None:
             raise ValidationError("amount", "this server has no price table, so nothing to "
                                   "count a budget in; start it with KILN_PRICES")  # fmt: skip
+        if row.principal and store.principal(row.principal) is None:
+            raise NotFoundError(f"no principal {row.principal!r}; `kiln users ls` lists them")
         with self._lock:
             store.set_budget(row)
             self._budgets = self.store.budgets(every_project=True)
@@ -436,7 +507,7 @@ class Admissions:
         return None
 
     def _why(self, machine: Admission, wid: str) -> dict[str, Any]:
-        return _readable(machine.why(wid))
+        return _readable(machine.why(wid), wid.partition("/")[0])
 
     def listing(self, store: SqlStore) -> list[dict[str, Any]]:
         """The project's live workloads, each pending one with why it waits."""
@@ -489,11 +560,13 @@ class Admissions:
             if refused:
                 return {"admitted": False, "refused": refused, "preempted": []}
             found: dict[str, Any] = machine.what_if(_workload(row))
-            victims = [self._row_json(self._live[v].row) for v in found["preempted"]
-                       if v in self._live]  # fmt: skip
+            victims = [self._row_json(self._live[v].row) if v.startswith(f"{store.project}/")
+                       else {"project": self._live[v].row.project,
+                             "requests": shown(self._live[v].row.requests)}
+                       for v in found["preempted"] if v in self._live]  # fmt: skip
             reason = found["reason"]
             if isinstance(reason, dict):
-                reason = _readable(reason)
+                reason = _readable(reason, store.project)
             return {"admitted": found["admitted"], "preempted": victims, "reason": reason,
                     "max_cost": row.max_cost}  # fmt: skip
 
@@ -517,8 +590,9 @@ class Admissions:
             self.store.in_project(project).save_workloads([], theirs)
 
 
-def _readable(why: dict[str, Any]) -> dict[str, Any]:
-    """A reason from :meth:`Admission.why` in people's units, with projects named."""
+def _readable(why: dict[str, Any], viewer: str) -> dict[str, Any]:
+    """A reason from :meth:`Admission.why` in people's units, with projects named; the
+    runs of projects other than ``viewer``'s are counted, never named."""
     found = dict(why)
     found["id"] = _run_id(str(found["id"]))
     if "behind" in found:
@@ -527,8 +601,8 @@ def _readable(why: dict[str, Any]) -> dict[str, Any]:
         r = str(found["resource"])
         found["requested"] = shown({r: int(found["requested"])})[r]
         found["missing"] = shown({r: int(found["missing"])})[r]
-        found["held_by"] = [{"id": _run_id(h["id"]), "project": h["queue"],
-                             "amount": shown({r: h["amount"]})[r]}
+        found["held_by"] = [{"project": h["queue"], "amount": shown({r: h["amount"]})[r],
+                             **({"id": _run_id(h["id"])} if h["queue"] == viewer else {})}
                             for h in found["held_by"]]  # fmt: skip
     if "queue" in found:
         found["project"] = found.pop("queue")

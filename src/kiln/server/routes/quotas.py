@@ -75,6 +75,8 @@ class Submission(schemas.Strict):
 
 class Sync(schemas.Strict):
     held: Annotated[list[schemas.RunId], Field(max_length=100_000)] = Field(default_factory=list)
+    # those of ``held`` the engine runs now (the rest wait)
+    running: Annotated[list[schemas.RunId], Field(max_length=100_000)] = Field(default_factory=list)
     ended: Annotated[list[schemas.RunId], Field(max_length=100_000)] = Field(default_factory=list)
 
 
@@ -192,7 +194,7 @@ def submit(body: Submission, request: Request, store: Store, who: Authenticated)
 def sync(body: Sync, request: Request, store: Store) -> Any:
     """An engine's heartbeat: renew the leases of ``held``, end ``ended``; the answer
     says which are admitted, which to preempt, which the server does not know."""
-    return admissions(request).sync(store, list(body.held), list(body.ended))
+    return admissions(request).sync(store, list(body.held), list(body.ended), list(body.running))
 
 
 @router.get("/workloads", response_model=Listing, dependencies=[need("runs", "read")])
