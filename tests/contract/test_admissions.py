@@ -232,7 +232,9 @@ def test_pools_hold_their_queues_and_leases_lapse_unattended(store: SqlStore) ->
     tiny = admission.submit(store, "ann", False, "box", [ask(1, cpu=0.0001)])
     assert admission.explain(store, rid(1))["requests"] == {"cpu": 0.001}  # never free
     assert tiny[0]["state"] == "admitted"
-    time.sleep(1.0)  # nobody calls: the server's own reaper reclaims it
+    deadline = time.monotonic() + 30  # nobody calls: the server's own reaper reclaims it
+    while admission.listing(store) and time.monotonic() < deadline:
+        time.sleep(0.1)
     gone = admission.explain(store, rid(1))
     assert gone["state"] == "finished" and "lease not renewed" in gone["cause"]
     admission.close()

@@ -59,7 +59,7 @@ class Team:
 @pytest.fixture
 def team(start_server: Start, monkeypatch: pytest.MonkeyPatch) -> Iterator[Team]:
     monkeypatch.setenv("KILN_PRICES", PRICES)
-    monkeypatch.setenv("KILN_LEASE_S", "3")  # engines sync every second
+    monkeypatch.setenv("KILN_LEASE_S", "6")  # engines sync every 2 s (every 1 s while one waits)
     team = Team(start_server(auth=True))
     team.call(team.red, "PUT", "/pools/box", {"cpu": 4, "gpu": 2})
     for token in (team.red, team.blue):  # one GPU each, lent to the other while idle
@@ -81,7 +81,7 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
 def test_a_project_borrows_idle_gpus_and_gives_them_back_with_a_checkpoint(
     team: Team, tmp_path: Path
 ) -> None:
-    red = team.driver(team.red, tmp_path, "train", "60")
+    red = team.driver(team.red, tmp_path, "train", "150")
     assert red.stdout is not None and red.stderr is not None
     line = red.stdout.readline()
     assert line, red.stderr.read()
@@ -106,7 +106,7 @@ def test_a_project_borrows_idle_gpus_and_gives_them_back_with_a_checkpoint(
     rest, err = red.communicate(timeout=120)
     assert red.returncode == 0, err
     results = json.loads(rest.splitlines()[0])
-    assert all(r["steps"] == 60 for r in results)
+    assert all(r["steps"] == 150 for r in results)
     resumed = [r for r in results if r["resumed_from"] > 0]
     assert len(resumed) == 1  # the borrower was preempted, saved, and resumed from there
     records = [store.get_run(i) for i in ids]
@@ -203,7 +203,7 @@ def test_the_same_on_the_ray_engine(team: Team, tmp_path: Path, ray_cluster: str
         team.call(token, "PUT", "/queues/ray", {"cpu": 1, "cohort": "lab"})
     ray = {"KILN_BACKEND": "ray", "KILN_RAY_ADDRESS": ray_cluster, "KILN_POOL": "ray",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # fmt: skip
-    red = team.driver(team.red, tmp_path, "train-cpu", "100", **ray)
+    red = team.driver(team.red, tmp_path, "train-cpu", "200", **ray)
     assert red.stdout is not None and red.stderr is not None
     line = red.stdout.readline()
     assert line, red.stderr.read()
@@ -218,7 +218,7 @@ def test_the_same_on_the_ray_engine(team: Team, tmp_path: Path, ray_cluster: str
     rest, err = red.communicate(timeout=180)
     assert red.returncode == 0, err
     results = json.loads(rest.splitlines()[0])
-    assert all(r["steps"] == 100 for r in results)
+    assert all(r["steps"] == 200 for r in results)
     assert len([r for r in results if r["resumed_from"] > 0]) == 1
     records = [store.get_run(i) for i in ids]
     victim = next(r for r in records if len(r.resources["attempts"]) > 1)
