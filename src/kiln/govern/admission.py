@@ -468,15 +468,20 @@ class Admission:
         candidates, cause, everyone = self._candidates(w)
         if not candidates or not self._fits_freed(w, everyone):  # not even with them all
             return [], cause
-        chosen: list[Workload] = []  # cheapest first (see _find_candidates)
-        freed: Freed = {}
-        for v in candidates:
-            chosen.append(v)
-            _add(freed, v, +1)
-            if self._fits_freed(w, freed) and self._allowed(w, chosen, cause):
-                break
-        else:
-            return [], cause
+        # The shortest prefix of the candidates (cheapest first) that lets w fit, found by
+        # halving (more freed never fits less), then grown until fair sharing allows it.
+        low, high = 1, len(candidates)
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if self._fits_freed(w, _freed(candidates[:mid])) else (
+                mid + 1, high)  # fmt: skip
+        chosen = candidates[:low]
+        freed = _freed(chosen)
+        while not self._allowed(w, chosen, cause):
+            if len(chosen) == len(candidates):
+                return [], cause
+            chosen.append(candidates[len(chosen)])
+            _add(freed, chosen[-1], +1)
         spared = True
         while spared:  # give back whoever is not needed, until nobody more can be (a
             spared = False  # victim sparing another may be spared once it is gone)
