@@ -260,9 +260,9 @@ class Admissions:
                     max_cost=self._max_cost(requests, item.get("timeout_s"), pool),
                 )  # fmt: skip
                 old = before.get(wid)
-                if old is not None:  # it asks again: after a preemption, or its lease ran out
-                    row = replace(row, submitted_at=old.submitted_at, cost=old.cost,
-                                  max_cost=old.cost + row.max_cost)  # fmt: skip
+                if old is not None:  # it asks again (preempted, or its lease ran out): what
+                    # it cost goes on with it, charged to this period (never to an older one)
+                    row = replace(row, cost=old.cost, max_cost=old.cost + row.max_cost)
                 reason = (self._reused(old) or self._unfit(machine, row)
                           or self._over_budget(store, row, now))  # fmt: skip
                 if reason:
