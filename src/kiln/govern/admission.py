@@ -500,16 +500,28 @@ class Admission:
         if cause != "fair-share":
             return True
         mine = self._share_after(w.queue, add=[w], remove=victims)
-        return all(self._share_after(v.queue, add=[], remove=victims) > mine
-                   for v in victims if v.queue != w.queue)  # fmt: skip
+        return all(self._share_after(name, add=[], remove=victims) > mine
+                   for name in {v.queue for v in victims} - {w.queue})  # fmt: skip
 
     def _share_after(self, queue: str, *, add: list[Workload], remove: list[Workload]) -> float:
-        usage = dict(self.usage[queue])
+        """:meth:`share` with ``add`` admitted and ``remove`` gone (those of this queue)."""
+        delta: dict[str, int] = {}
         for v, sign in [*((v, 1) for v in add), *((v, -1) for v in remove)]:
             if v.queue == queue:
                 for r, n in v.requests.items():
-                    usage[r] = usage.get(r, 0) + sign * n
-        return self.share(queue, usage)
+                    delta[r] = delta.get(r, 0) + sign * n
+        if not delta:
+            return self.share(queue)
+        q, usage = self.queues[queue], self.usage[queue]
+        if q.cohort is None:
+            return 0.0
+        best = 0.0
+        for r in usage.keys() | delta.keys():
+            over = usage.get(r, 0) + delta.get(r, 0) - q.nominal.get(r, 0)
+            pool = self._pools.get((q.cohort, r), 0)
+            if over > 0 and pool > 0:
+                best = max(best, over / pool)
+        return best / q.weight
 
     # -- explain --------------------------------------------------------------
 
