@@ -225,3 +225,23 @@ def test_the_same_on_the_ray_engine(team: Team, tmp_path: Path, ray_cluster: str
     assert victim.resources["attempts"][0]["status"] == "preempted"
     assert victim.engine == "ray"
     store.close()
+
+
+def test_reasons_count_another_projects_runs_without_naming_them(team: Team) -> None:
+    def ask(n: int, gpu: float) -> dict[str, Any]:
+        return {"id": f"{n:032x}", "gpu": gpu}
+
+    # red uses its own GPU and borrows blue's idle one; blue then asks for both
+    team.call(team.red, "POST", "/workloads", {"pool": "box", "workloads": [ask(1, 1.0)]})
+    team.call(team.blue, "POST", "/workloads", {"pool": "box", "workloads": [ask(2, 2.0)]})
+    shown = kiln_cli(team, team.blue, "queue")
+    assert shown.returncode == 0, shown.stderr
+    assert "held by a run of default (1)" in shown.stdout.replace("\n", " ")
+    listed = json.loads(kiln_cli(team, team.blue, "queue", "--json").stdout)
+    assert listed[0]["reason"]["held_by"] == [{"project": "default", "amount": 1.0}]
+    team.call(team.blue, "POST", "/workloads:sync", {"ended": [f"{2:032x}"]})
+    team.call(team.red, "POST", "/workloads", {"pool": "box", "workloads": [ask(3, 1.0)]})
+    guess = kiln_cli(team, team.blue, "what-if", "--pool", "box", "--gpu", "1")
+    assert guess.returncode == 0, guess.stderr
+    assert "would preempt a run of default (1 gpu)" in guess.stdout
+    team.call(team.red, "POST", "/workloads:sync", {"ended": [f"{1:032x}", f"{3:032x}"]})

@@ -280,12 +280,17 @@ def queue(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     console().print(table)
 
 
+def _whose(held: dict[str, Any]) -> str:
+    """A run as the server shows it: this project's by id, another's by its project."""
+    return f"{held['project']}/{held['id'][:8]}" if held.get("id") else (
+        f"a run of {held['project']}")  # fmt: skip
+
+
 def _reason(reason: dict[str, Any] | None, cause: str | None = None) -> str:
     if not reason:
         return cause or ""
     if "resource" in reason:
-        holders = ", ".join(f"{h['project']}/{h['id'][:8]} ({h['amount']:g})"
-                            for h in reason["held_by"][:3])  # fmt: skip
+        holders = ", ".join(f"{_whose(h)} ({h['amount']:g})" for h in reason["held_by"][:3])
         text = (f"needs {reason['missing']:g} more {reason['resource']} in queue "
                 f"{reason['project']}")  # fmt: skip
         return text + (f"; held by {holders}" if holders else "")
@@ -353,4 +358,4 @@ def what_if(
     else:
         out.print(plain(f"would wait: {_reason(found.get('reason'))}"))
     for v in found["preempted"]:
-        out.print(plain(f"  would preempt {v['project']}/{v['id'][:12]} ({_shown(v['requests'])})"))
+        out.print(plain(f"  would preempt {_whose(v)} ({_shown(v['requests'])})"))

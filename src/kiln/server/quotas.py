@@ -456,7 +456,7 @@ class Admissions:
             spent = store.spent(project, budget.principal or None, since)
             if spent + row.max_cost > budget.amount + 1e-12:
                 return (f"over {whose} budget: this run may cost up to ${row.max_cost:.4g} "
-                        f"({shown(row.requests)} for {row.timeout_s:g}s) and "
+                        f"({_listed(row.requests)} for {row.timeout_s:g} s) and "
                         f"${max(0.0, budget.amount - spent):.4g} of ${budget.amount:g}{per} "
                         "is left")  # fmt: skip
         return None
@@ -614,6 +614,12 @@ def _queue(q: QueueRow) -> Queue:
                  borrowing_limit=q.borrowing_limit, lending_limit=q.lending_limit,
                  weight=q.weight, strategy=q.strategy,  # type: ignore[arg-type]
                  fair_sharing=q.fair_sharing)  # fmt: skip
+
+
+def _listed(requests: dict[str, int]) -> str:
+    """A request as people read it: ``1 cpu, 2 gpu, 4 GiB``."""
+    units = {"memory": "GiB"}
+    return ", ".join(f"{v:g} {units.get(k, k)}" for k, v in shown(requests).items())
 
 
 def _run_id(key: str) -> str:

@@ -1006,7 +1006,7 @@ function waitReason(w) {
   const r = w.reason;
   if (!r) return w.cause || "";
   if (r.resource) {
-    const held = (r.held_by || []).slice(0, 3).map((x) => `${x.project}/${short(x.id)} (${fmt(x.amount)})`).join(", ");
+    const held = (r.held_by || []).slice(0, 3).map((x) => `${x.id ? `${x.project}/${short(x.id)}` : `a run of ${x.project}`} (${fmt(x.amount)})`).join(", ");
     return `needs ${fmt(r.missing)} more ${r.resource} in queue ${r.project}` + (held ? `; held by ${held}` : "");
   }
   return r.behind && r.behind.length ? `behind ${r.behind.length} of its queue` : (w.cause || "");
