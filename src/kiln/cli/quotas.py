@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -80,6 +81,26 @@ def _limit(text: str | None, option: str) -> dict[str, Any] | None:
     return out
 
 
+def _listing(
+    found: list[dict[str, Any]], as_json: bool, empty: str, columns: tuple[str, ...],
+    row: Callable[[dict[str, Any]], tuple[Any, ...]], *, right: int = 0,
+) -> None:  # fmt: skip
+    """Print a listing: JSON, a line saying it is empty, or a table (its last ``right``
+    columns aligned right)."""
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        console().print(empty)
+        return
+    table = Table(show_edge=False, header_style="bold")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="right" if i >= len(columns) - right else "left")
+    for item in found:
+        table.add_row(*row(item))
+    console().print(table)
+
+
 def _shown(amounts: dict[str, float]) -> str:
     units = {"cpu": "cpu", "memory": "GiB", "gpu": "gpu"}
     return ", ".join(f"{v:g} {units.get(k, k)}" for k, v in amounts.items() if v) or "-"
@@ -119,20 +140,11 @@ def pools_set(
 @pools_app.command("ls")
 def pools_ls(as_json: JsonOpt = False) -> None:
     """Every pool: its capacity, what its queues hold now, and how much waits."""
-    found = _client().call("GET", "/pools")["items"]
-    if as_json:
-        typer.echo(json.dumps(found, indent=2))
-        return
-    if not found:
-        console().print("no pools: an admin adds one with `kiln pools set NAME --cpu N ...`")
-        return
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("pool", "capacity", "in use", "queues", "pending"):
-        table.add_column(column)
-    for p in found:
-        table.add_row(plain(p["name"]), _shown(p["capacity"]), _shown(p["in_use"]),
-                      plain(", ".join(p["queues"]) or "-"), str(p["pending"]))  # fmt: skip
-    console().print(table)
+    _listing(_client().call("GET", "/pools")["items"], as_json,
+             "no pools: an admin adds one with `kiln pools set NAME --cpu N ...`",
+             ("pool", "capacity", "in use", "queues", "pending"),
+             lambda p: (plain(p["name"]), _shown(p["capacity"]), _shown(p["in_use"]),
+                        plain(", ".join(p["queues"]) or "-"), str(p["pending"])))  # fmt: skip
 
 
 # -- queues --------------------------------------------------------------------------
@@ -189,20 +201,12 @@ def queues_rm(
 @queues_app.command("ls")
 def queues_ls(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     """Your project's queues: quota, limits, what they hold now and what waits."""
-    found = _client(project).call("GET", "/queues")["items"]
-    if as_json:
-        typer.echo(json.dumps(found, indent=2))
-        return
-    if not found:
-        console().print("no queues: a project admin sets one with `kiln queues set POOL ...`")
-        return
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("pool", "nominal", "in use", "cohort", "admitted", "pending"):
-        table.add_column(column)
-    for q in found:
-        table.add_row(plain(q["pool"]), _shown(q["nominal"]), _shown(q["in_use"]),
-                      plain(q["cohort"] or "-"), str(q["admitted"]), str(q["pending"]))  # fmt: skip
-    console().print(table)
+    _listing(_client(project).call("GET", "/queues")["items"], as_json,
+             "no queues: a project admin sets one with `kiln queues set POOL ...`",
+             ("pool", "nominal", "in use", "cohort", "admitted", "pending"),
+             lambda q: (plain(q["pool"]), _shown(q["nominal"]), _shown(q["in_use"]),
+                        plain(q["cohort"] or "-"), str(q["admitted"]),
+                        str(q["pending"])))  # fmt: skip
 
 
 # -- budgets -------------------------------------------------------------------------
@@ -241,21 +245,14 @@ def budgets_rm(
 @budgets_app.command("ls")
 def budgets_ls(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     """Budgets with what is spent this period (live runs at the most they may cost)."""
-    found = _client(project).call("GET", "/budgets")["items"]
-    if as_json:
-        typer.echo(json.dumps(found, indent=2))
-        return
-    if not found:
-        console().print("no budgets")
-        return
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("whose", "budget", "spent", "left"):
-        table.add_column(column, justify="left" if column == "whose" else "right")
-    for b in found:
+
+    def row(b: dict[str, Any]) -> tuple[Any, ...]:
         per = "" if b["period"] == "total" else f"/{b['period']}"
-        table.add_row(plain(b["principal"] or "(project)"), f"${b['amount']:g}{per}",
-                      f"${b['spent']:.4g}", f"${b['left']:.4g}")  # fmt: skip
-    console().print(table)
+        return (plain(b["principal"] or "(project)"), f"${b['amount']:g}{per}",
+                f"${b['spent']:.4g}", f"${b['left']:.4g}")  # fmt: skip
+
+    _listing(_client(project).call("GET", "/budgets")["items"], as_json, "no budgets",
+             ("whose", "budget", "spent", "left"), row, right=3)  # fmt: skip
 
 
 # -- what waits, and why -------------------------------------------------------------
@@ -263,21 +260,11 @@ def budgets_ls(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
 
 def queue(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     """Your project's runs on shared pools: admitted, and pending with why they wait."""
-    found = _client(project).call("GET", "/workloads")["items"]
-    if as_json:
-        typer.echo(json.dumps(found, indent=2))
-        return
-    if not found:
-        console().print("nothing admitted or waiting")
-        return
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("run", "pool", "state", "asks", "since", "why"):
-        table.add_column(column)
-    for w in found:
-        since = w["admitted_at"] or w["submitted_at"]
-        table.add_row(w["id"][:12], plain(w["pool"]), w["state"], _shown(w["requests"]),
-                      fmt_time(since), plain(_reason(w.get("reason"), w.get("cause"))))  # fmt: skip
-    console().print(table)
+    _listing(_client(project).call("GET", "/workloads")["items"], as_json,
+             "nothing admitted or waiting", ("run", "pool", "state", "asks", "since", "why"),
+             lambda w: (w["id"][:12], plain(w["pool"]), w["state"], _shown(w["requests"]),
+                        fmt_time(w["admitted_at"] or w["submitted_at"]),
+                        plain(_reason(w.get("reason"), w.get("cause")))))  # fmt: skip
 
 
 def _whose(held: dict[str, Any]) -> str:
