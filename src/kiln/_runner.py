@@ -14,9 +14,12 @@ from typing import Any
 
 import cloudpickle
 
+from kiln import _sandboxed
 from kiln.compute import _threads
 from kiln.compute.backends.base import TaskSpec
 from kiln.config import Settings
+from kiln.errors import SandboxError
+from kiln.govern import sandbox
 from kiln.observe import runtrace, sysmetrics
 from kiln.record.recorder import recorder_for
 from kiln.record.runs import TaskRun, watch_runs
@@ -29,10 +32,13 @@ _environment: dict[str, Any] | None = None  # the last environment sent back
 
 
 def run_task(
-    task: TaskSpec, fn: Callable[..., Any], on_start: Callable[[], None] | None = None
+    task: TaskSpec,
+    fn: Callable[..., Any] | None,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``fn`` with the task's arguments as the task's run; the reply says how it
-    ended. ``on_start`` is called just before ``fn``: a timeout counts from there."""
+    ended. ``on_start`` is called just before ``fn``: a timeout counts from there. A
+    sandboxed task (``fn`` None) runs in a confined child instead (kiln._sandboxed)."""
     settings = Settings(
         home=Path(task.store["home"]),
         store_url=task.store["store_url"],
@@ -46,13 +52,13 @@ def run_task(
     sys_metrics = task.store.get("sys_metrics") != "off"
     run = TaskRun(settings, run_id=task.run_id, app=task.app, sys_metrics=sys_metrics)
     try:
-        args, kwargs = cloudpickle.loads(task.args_payload)
         with runtrace.remote_parent(task.store.get("traceparent")), run:
-            if on_start is not None:
-                on_start()
-            result = fn(*args, **kwargs)
+            result = _call(task, fn, run, on_start, reply)
         reply["result"] = cloudpickle.dumps(result)
         reply["status"] = "succeeded"
+    except _sandboxed.Failed as exc:  # the child's own account (text, never pickled)
+        reply["status"] = "failed"
+        reply["error"], reply["cause"] = exc.error, exc.cause
     except BaseException as exc:  # the user's error travels back; the worker carries on
         reply["status"] = "failed"
         reply["error"] = "".join(traceback.format_exception(exc))
@@ -64,3 +70,26 @@ def run_task(
         environment = asdict(capture_environment(recorder_for(settings).blobs))
         _environment = reply["environment"] = {**environment, "threads": threads}
     return reply
+
+
+def _call(
+    task: TaskSpec,
+    fn: Callable[..., Any] | None,
+    run: TaskRun,
+    on_start: Callable[[], None] | None,
+    reply: dict[str, Any],
+) -> Any:
+    if task.sandbox is None and fn is not None:
+        args, kwargs = cloudpickle.loads(task.args_payload)
+        if on_start is not None:
+            on_start()
+        return fn(*args, **kwargs)
+    detected = sandbox.detect()
+    reply["sandbox"] = {"layers": [], "bubblewrap": detected.bubblewrap}
+    if task.sandbox is None:
+        raise _sandboxed.Failed("the task has no function and no sandbox")
+    try:
+        detected.check(sandbox.Sandbox.from_json(task.sandbox))
+    except SandboxError as exc:  # refused before anything of the task is loaded
+        raise _sandboxed.Failed(f"SandboxError: {exc}") from None
+    return _sandboxed.call(task, run, on_start, reply["sandbox"])

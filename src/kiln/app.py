@@ -18,6 +18,7 @@ from kiln.record.values import check_name
 if TYPE_CHECKING:
     from kiln._engine import Engine
     from kiln.function import Function
+    from kiln.govern.sandbox import Sandbox
     from kiln.record.recorder import Recorder
     from kiln.registry.models import RegistryStore
     from kiln.serve.endpoint import Endpoint
@@ -104,6 +105,7 @@ class App:
         env: Any = None,
         priority: int = 0,
         sys_metrics: bool = True,
+        sandbox: bool | Sandbox | None = None,
     ) -> Callable[[Callable[P, R]], Function[P, R]]:
         """Declare what a function needs; Kiln runs and records every call of it.
 
@@ -112,6 +114,12 @@ class App:
         exponential backoff), ``priority`` (higher first). Bad values raise here. Each
         run records what it prints and, unless ``sys_metrics=False``, how it uses the
         machine (``sys/...`` metrics, sampled beside it).
+
+        ``sandbox=True`` (or a :class:`kiln.Sandbox`) runs each call confined by the
+        kernel: no network, its code and a scratch folder only, bounded processes and
+        memory (see :mod:`kiln.govern.sandbox`); a machine that cannot give it refuses
+        the run. Its result and saved objects must then be JSON-like (or bytes and
+        files). Runs of an agent, or with ``KILN_SANDBOX=1``, are always sandboxed.
 
         Example::
 
@@ -133,6 +141,7 @@ class App:
                 env=env,
                 priority=priority,
                 sys_metrics=sys_metrics,
+                sandbox=sandbox,
             )
 
         return wrap

@@ -22,6 +22,8 @@
 |               |                                  | at http://HOST:PORT/metrics once it starts|
 | KILN_METRICS_HOST | 127.0.0.1                    | the address they are served on (0.0.0.0: |
 |               |                                  | every interface, e.g. in a container)    |
+| KILN_SANDBOX  | 0                                | 1: every function runs sandboxed (see    |
+|               |                                  | kiln.Sandbox), as an agent's always do   |
 
 Without ``KILN_HOME``, Kiln finds its home the way git finds ``.git``: the nearest
 existing ``.kiln`` folder at or above the current directory; if there is none, the
@@ -77,6 +79,7 @@ class Settings:
     # The server's token handed to a task on a node that does not inherit the driver's
     # environment (Ray); None: KILN_TOKEN, else `kiln login`'s (see server_token).
     token: str | None = field(default=None, repr=False)
+    sandbox: bool = False  # KILN_SANDBOX=1: every function runs sandboxed
 
     @property
     def blob_dir(self) -> Path:
@@ -118,6 +121,9 @@ class Settings:
         if shared not in (None, "0", "1"):
             raise ConfigError("KILN_RAY_SHARED_HOME", f"{shared!r} is not 0 or 1")
         metrics_port, metrics_host = metrics_address(env)
+        sandbox = env.get("KILN_SANDBOX") or "0"
+        if sandbox not in ("0", "1"):
+            raise ConfigError("KILN_SANDBOX", f"{sandbox[:40]!r} is not 0 or 1")
         pool = env.get("KILN_POOL") or None
         if pool is not None and not _PROJECT.fullmatch(pool):
             raise ConfigError("KILN_POOL", f"{pool[:80]!r} is not a pool name "
@@ -132,6 +138,7 @@ class Settings:
             cache=cache_dir(env), home_origin=origin,
             server_url=server_url(env.get("KILN_SERVER") or None), project=project,
             metrics_port=metrics_port, metrics_host=metrics_host, pool=pool,
+            sandbox=sandbox == "1",
         )  # fmt: skip
 
     @property

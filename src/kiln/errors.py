@@ -13,6 +13,7 @@ The tree::
     ├── RunFailed              a run on an engine failed, timed out, was cancelled or lost
     ├── EnvError               a declared environment cannot be resolved or built
     ├── DependencyError        a record cannot be removed: others depend on it
+    ├── SandboxError           the machine cannot give the sandbox asked for; names the layer
     └── StoreError             the metadata store or blob store cannot be used
         ├── StoreUnavailableError  cannot connect (server down, wrong URL, missing file)
         ├── StoreCorruptError      the store exists but is not a usable Kiln store
@@ -151,6 +152,16 @@ class DependencyError(KilnError):
         self.dependants = dependants
         shown = "; ".join(dependants[:10]) + ("; …" if len(dependants) > 10 else "")
         super().__init__(f"{what} cannot be removed: {shown}")
+
+
+class SandboxError(KilnError):
+    """A sandbox was asked for that this machine cannot give: ``layer`` names the missing
+    protection and ``reason`` says why. The run is refused, never run unprotected."""
+
+    def __init__(self, layer: str, reason: str) -> None:
+        self.layer = layer
+        self.reason = reason
+        super().__init__(f"the sandbox cannot be given here: {layer}: {reason}")
 
 
 class StoreError(KilnError):

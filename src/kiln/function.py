@@ -45,6 +45,7 @@ from kiln.compute.paths import code_paths as _code_paths
 from kiln.compute.resources import Resources, detect_inventory
 from kiln.config import Settings, server_token
 from kiln.errors import EnvError, RunFailed, ValidationError
+from kiln.govern.sandbox import Sandbox, forced
 from kiln.observe import runtrace
 from kiln.record.model import Artifact, CodeSnapshot, RunRecord, RunStatus
 from kiln.record.runs import ActiveRun, Dataset, input_row, new_run_id
@@ -192,6 +193,7 @@ class Function(Generic[P, R]):
         env: Any = None,
         priority: int = 0,
         sys_metrics: bool = True,
+        sandbox: bool | Sandbox | None = None,
     ) -> None:
         if not callable(fn):
             raise ValidationError("fn", f"{fn!r} is not a function")
@@ -215,6 +217,14 @@ class Function(Generic[P, R]):
         if not isinstance(sys_metrics, bool):
             raise ValidationError("sys_metrics", f"{sys_metrics!r} is not True or False")
         self.sys_metrics = sys_metrics
+        if sandbox is True:
+            sandbox = Sandbox()
+        elif sandbox is False:
+            sandbox = None
+        if sandbox is not None and not isinstance(sandbox, Sandbox):
+            raise ValidationError("sandbox", f"{sandbox!r} is not a kiln.Sandbox",
+                                  allowed="None, True, False or kiln.Sandbox(...)")  # fmt: skip
+        self.sandbox: Sandbox | None = sandbox
         from kiln.envs.spec import Env
 
         if env is not None and not isinstance(env, Env):
@@ -390,6 +400,7 @@ class Function(Generic[P, R]):
         env = self._environment(engine, checked, parent)
         built = env if env is not None and not hasattr(env, "requirements") else None
         fn_key, fn_payload = self._function_payload()
+        sandbox = self._sandbox(settings)
         store = {
             "home": str(settings.home),
             "store_url": settings.store_url,
@@ -430,11 +441,14 @@ class Function(Generic[P, R]):
                 env_lock=str(built.lock_file) if built else None,
                 requirements=getattr(env, "requirements", None),
                 threads=self._threads,
+                sandbox=sandbox,
             )
             # Created a microsecond apart, in call order: "created first" is a stable
             # tie-break (Sweep.best) and lists show a sweep in grid order.
             row = self._row(settings, run_id, params, parent_id, now + i * 1e-6)
             row.tags = {**(tags or {}), **own_tags[i]}
+            if sandbox is not None:  # as asked; the layers given come with its end
+                row.resources = {**(row.resources or {}), "sandbox": sandbox}
             call = Call(row, spec, retries=self.retries)
             if env is not None:
                 call.environment = {"env_id": env.env_id, "lock_sha256": env.lock_sha256}
@@ -445,6 +459,16 @@ class Function(Generic[P, R]):
             prepared.append(call)
         engine.submit(prepared, parent=parent, wait=wait)
         return [Run(c.spec.run_id, engine, c.future) for c in prepared]
+
+    def _sandbox(self, settings: Settings) -> dict[str, Any] | None:
+        """The sandbox of this call's runs, plain: the function's own, else the default
+        one when the engine must sandbox every run (KILN_SANDBOX=1, an agent's token)."""
+        if self.sandbox is not None:
+            return self.sandbox.to_json()
+        token = server_token(settings.server_url) if settings.server_url else None
+        if forced(settings.sandbox, settings.server_url, token):
+            return Sandbox().to_json()
+        return None
 
     def _environment(
         self, engine: Engine, checked: list[Any], parent: RunRow | None

@@ -146,6 +146,13 @@ COMMANDS: dict[str, LazyCommand] = {
         "kiln.cli.identity:projects_app",
         "Projects of a team server (tenants) and their members.",
     ),
+    "approvals": LazyCommand(
+        "kiln.cli.approvals:app", "Agents' actions waiting for a person's approval."
+    ),
+    "mcp": LazyCommand(
+        "kiln.cli.mcp:mcp",
+        "Serve Kiln's tools to an MCP client over stdio (with KILN_SERVER: the server's).",
+    ),
     "gc": LazyCommand(
         "kiln.cli.gc:gc",
         "Remove blobs no run, artifact or environment references; never a referenced one.",

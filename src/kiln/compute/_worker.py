@@ -132,8 +132,8 @@ def main() -> None:
     threads = _threads.in_effect()  # this worker's, from its task's CPU request
     environ = dict(os.environ)
     while (task := recv(read_fd)) is not None:
-        try:
-            fn = functions.get(task.fn_key, task.fn_payload)
+        try:  # a sandboxed task's code is loaded only inside its sandbox
+            fn = None if task.sandbox is not None else functions.get(task.fn_key, task.fn_payload)
         except BaseException as exc:
             send(write_fd, _load_failure(task, exc))
             continue

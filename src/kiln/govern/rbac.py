@@ -10,7 +10,8 @@ viewer      read runs, blobs, models, endpoints, traces and the audit log; see a
 member      also: record runs and blobs, register models, request promotions,
             serve endpoints and set their traffic, write spans
 approver    also: approve or reject promotion requests (a requester still cannot
-            approve its own request; a policy's ``approvers`` may narrow it)
+            approve its own request; a policy's ``approvers`` may narrow it), and
+            agents' approval requests (a human only)
 admin       also: set policies, roll back, remove runs, collect garbage, manage
             principals, members and tokens, create projects, set the project's
             queues and budgets (and, in the default project, the server's pools)
@@ -36,7 +37,7 @@ _GRANTS: dict[Role, frozenset[tuple[str, str]]] = {
         ("runs", "write"), ("blobs", "write"), ("models", "write"), ("promotions", "request"),
         ("endpoints", "write"), ("traces", "write"),
     }),
-    "approver": frozenset({("promotions", "approve")}),
+    "approver": frozenset({("promotions", "approve"), ("approvals", "decide")}),
     "admin": frozenset({
         ("policies", "write"), ("models", "rollback"), ("runs", "delete"), ("store", "gc"),
         ("principals", "admin"), ("tokens", "admin"), ("projects", "create"),

@@ -117,6 +117,8 @@ class EnvSnapshot:
     # The thread variables the run had (OMP_NUM_THREADS, ...), from its CPU request
     # or the user's environment; kiln reproduce runs with the same.
     threads: dict[str, str] = field(default_factory=dict)
+    # A sandboxed run's: the layers that were active and whether bubblewrap was used.
+    sandbox: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ and batch bodies are read asynchronously.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,22 @@ from kiln.errors import KilnError
 from kiln.observe.cost import Prices
 from kiln.record.blobs import FileBlobStore
 from kiln.record.store.sql import SqlStore
-from kiln.server import problems
+from kiln.server import mcp, problems
 from kiln.server.auth import Guard, public
 from kiln.server.deps import Limits
 from kiln.server.metrics import LATENCY, REQUESTS, exposition
 from kiln.server.quotas import LEASE_S, Admissions
-from kiln.server.routes import audit, blobs, identity, quotas, registry, runs, serving, ui
+from kiln.server.routes import (
+    approvals,
+    audit,
+    blobs,
+    identity,
+    quotas,
+    registry,
+    runs,
+    serving,
+    ui,
+)
 
 API_VERSION = "v1"
 
@@ -43,9 +55,11 @@ def build_app(
     auth: bool = True,
     prices: Prices | None = None,
     lease_s: float = LEASE_S,
+    public_url: str | None = None,
 ) -> FastAPI:
     """The server's application: ``/api/v1/...``, ``/openapi.json``, ``/healthz``,
-    ``/readyz``, ``/metrics`` and the dashboard at ``/``."""
+    ``/readyz``, ``/metrics``, the MCP server at ``/mcp`` and the dashboard at ``/``.
+    ``public_url`` is where clients reach it (the MCP resource's address)."""
     app = FastAPI(
         title="Kiln", version=API_VERSION, docs_url=None, redoc_url=None,
         description="The record of every run, the model registry, endpoints and traces.",
@@ -60,9 +74,11 @@ def build_app(
     app.state.handoffs = {}  # one-time code: token (`kiln ui`)
     app.state.admissions = Admissions(store, prices, lease_s)
     routers = (runs.router, blobs.router, serving.router, registry.router, audit.router,
-               identity.router, quotas.router, ui.router)  # fmt: skip
+               identity.router, quotas.router, approvals.router, ui.router)  # fmt: skip
     for router in routers:
         app.include_router(router)
+    app.router.lifespan_context = _with(app.router.lifespan_context,
+                                        mcp.mount(app, public_url=public_url))  # fmt: skip
     app.add_exception_handler(KilnError, problems.kiln_error)
     app.add_exception_handler(RequestValidationError, problems.invalid_request)
     app.add_exception_handler(StarletteHTTPException, problems.http_error)
@@ -100,6 +116,17 @@ def build_app(
     app.add_middleware(Measured)
     app.openapi = lambda: document(app)  # type: ignore[method-assign]
     return app
+
+
+def _with(inner: Any, extra: Callable[[], AbstractAsyncContextManager[None]]) -> Any:
+    """The app's lifespan ``inner`` with ``extra`` (the MCP sessions) running inside it."""
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[Any]:
+        async with inner(app) as state, extra():
+            yield state
+
+    return lifespan
 
 
 def document(app: FastAPI) -> dict[str, Any]:

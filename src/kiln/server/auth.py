@@ -43,6 +43,16 @@ class Caller:
     token_id: str | None = None
     kind: str = "user"
     sponsor: str | None = None
+    scopes: tuple[str, ...] | None = None  # an agent's: the permissions it is limited to
+
+    def may(self, permission: tuple[str, str]) -> bool:
+        """Whether the role, and the scopes if any, allow ``permission``."""
+        resource, verb = permission
+        if not rbac.allows(self.role, resource, verb):
+            return False
+        if self.scopes is None or permission == ("account", "self"):  # who am I: always
+            return True
+        return f"{resource}:{verb}" in self.scopes
 
 
 class Guard:
@@ -101,28 +111,45 @@ def caller(
     state = request.app.state
     if not state.auth:  # the declared Kiln-Actor, or the store's
         return Caller(name="", role="admin", project=kiln_project or DEFAULT_PROJECT)
-    now = time.time()
-    guard: Guard = state.guard
     scheme, _, presented = (authorization or "").partition(" ")
-    parsed = tokens.parse(presented.strip()) if scheme.lower() == "bearer" else None
+    found = identify(state, presented.strip() if scheme.lower() == "bearer" else None)
+    if isinstance(found, Refusal):
+        refuse(request, found.reason, found.target)
+    if kiln_project is not None and kiln_project != found.project:
+        raise _denied(request, 403, f"this token acts in project {found.project}, not "
+                      f"{kiln_project}; use a token of that project (`kiln tokens create "
+                      f"--project {kiln_project}`)", found.name)  # fmt: skip
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a token was refused, and the token id (or ``-``) to audit it under."""
+
+    reason: str
+    target: str = "-"
+
+
+def identify(state: Any, presented: str | None) -> Caller | Refusal:
+    """The principal a bearer token (``None``: none sent) acts as, with the narrowest of
+    its token's, principal's and membership's roles; or why it is refused."""
+    now = time.time()
+    parsed = tokens.parse(presented) if presented is not None else None
     known = None if parsed is None else state.store.credentials(parsed[0])
     found, principal, member = known or (None, None, None)
     reason = _refusal(found, principal, parsed, now)
     if reason is not None:
-        refuse(request, reason, parsed[0] if parsed else "-")
+        return Refusal(reason, parsed[0] if parsed else "-")
     assert found is not None and principal is not None  # noqa: S101  no refusal: a live token
     if member is None:
-        refuse(request, f"the token's principal is no longer a member of project "
-               f"{found.project}", found.id)  # fmt: skip
-    if kiln_project is not None and kiln_project != found.project:
-        raise _denied(request, 403, f"this token acts in project {found.project}, not "
-                      f"{kiln_project}; use a token of that project (`kiln tokens create "
-                      f"--project {kiln_project}`)", principal.name)  # fmt: skip
-    if guard.touch(found.id, now):
+        return Refusal(f"the token's principal is no longer a member of project "
+                       f"{found.project}", found.id)  # fmt: skip
+    if state.guard.touch(found.id, now):
         state.store.token_used(found.id, now)
     role = rbac.narrowest(found.role, principal.role, member.role)
+    scopes = None if principal.scopes is None else tuple(principal.scopes)
     return Caller(name=principal.name, role=role, project=found.project, token_id=found.id,
-                  kind=principal.kind, sponsor=principal.sponsor)  # fmt: skip
+                  kind=principal.kind, sponsor=principal.sponsor, scopes=scopes)  # fmt: skip
 
 
 def refuse(request: Request, reason: str, target: str = "-") -> NoReturn:
@@ -169,9 +196,10 @@ def need(resource: str, verb: str) -> Any:
         raise ValueError(f"{resource}:{verb} is not a permission of kiln.govern.rbac")
 
     def check(request: Request, who: Authenticated) -> Caller:
-        if not rbac.allows(who.role, resource, verb):
-            raise _denied(request, 403, f"the role {who.role} may not {verb} {resource}",
-                          who.name)  # fmt: skip
+        if not who.may((resource, verb)):
+            scoped = " and scopes" if who.scopes is not None else ""
+            raise _denied(request, 403, f"the role {who.role}{scoped} may not {verb} "
+                          f"{resource}", who.name)  # fmt: skip
         return who
 
     check.permission = (resource, verb)  # type: ignore[attr-defined]  # read by the route test

@@ -105,10 +105,6 @@ def serve(
     store = open_sql_store(store_url, blobs=blobs, actor=actor)
     from kiln.observe.cost import Prices
 
-    app = build_app(store, blobs, home, auth=not insecure_no_auth, prices=Prices.from_env(),
-                    lease_s=lease_seconds(os.environ))  # fmt: skip
-    if on_stop is not None:
-        app.router.lifespan_context = _stopping(app.router.lifespan_context, on_stop)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -118,6 +114,13 @@ def serve(
         raise ConfigError("--port", f"cannot listen on {host}:{port} ({e.strerror})") from None
     sock.listen(2048)
     bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    scheme = "https" if tls else "http"
+    public_url = os.environ.get("KILN_PUBLIC_URL") or f"{scheme}://{shown}:{bound}"
+    app = build_app(store, blobs, home, auth=not insecure_no_auth, prices=Prices.from_env(),
+                    lease_s=lease_seconds(os.environ), public_url=public_url)  # fmt: skip
+    if on_stop is not None:
+        app.router.lifespan_context = _stopping(app.router.lifespan_context, on_stop)
     from kiln._deadlines import deadline_protocol
 
     protocol = deadline_protocol(
@@ -130,8 +133,6 @@ def serve(
         ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None,
     )  # fmt: skip
     server = _Draining(config, app.state)
-    shown = f"[{host}]" if ":" in host else host
-    scheme = "https" if tls else "http"
     if on_ready is None:
         print(f"kiln server: {scheme}://{shown}:{bound} (store {store.url})", flush=True)
     else:

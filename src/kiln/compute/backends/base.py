@@ -42,6 +42,9 @@ class TaskSpec:
     # The thread variables (OMP_NUM_THREADS, ...) to run with; empty: the backend sets
     # them from the CPU request and the driver's environment (see compute/_threads.py).
     threads: dict[str, str] = field(default_factory=dict)
+    # A sandbox (kiln.Sandbox's plain form): the worker never loads the function; a
+    # confined child does (see kiln._sandboxed). None: the function runs in the worker.
+    sandbox: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -308,6 +308,9 @@ class LocalBackend:
         worker.task = None
         if "environment" in reply:
             worker.environment = reply["environment"]
+        environment = worker.environment
+        if "sandbox" in reply:  # this run's own, never the worker's next run's
+            environment = {**(environment or {}), "sandbox": reply["sandbox"]}
         if slot is None or slot.stop_cause is None:
             self._park(worker)  # a worker we are killing is not reused
         elif slot.stop_status == "preempted":
@@ -322,7 +325,7 @@ class LocalBackend:
                 error=reply.get("error"),
                 cause=slot.stop_cause if status == "preempted" else reply.get("cause"),
                 usage={**reply.get("usage", {}), "worker_pid": worker.pid},
-                environment=worker.environment,
+                environment=environment,
             )
             self._end(slot, outcome, events)
 

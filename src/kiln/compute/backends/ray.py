@@ -212,7 +212,14 @@ class RayBackend:
 
     def submit(self, tasks: Sequence[TaskSpec]) -> None:
         threads: dict[float, dict[str, str]] = {}  # by CPU request, from this environment
+        refused = [s for s in tasks if s.sandbox is not None]  # never run unprotected
+        if refused:
+            cause = "SandboxError: sandboxed functions run on the local engine only"
+            self.report([Finished(s.run_id, s.attempt, Outcome("failed", cause=cause))
+                         for s in refused])  # fmt: skip
         for spec in tasks:
+            if spec.sandbox is not None:
+                continue
             if not spec.threads:
                 cpu = spec.resources.cpu
                 if cpu not in threads:

@@ -428,3 +428,24 @@ workloads = sa.Table(
     sa.Index("ix_workloads_state", "state"),
     sa.Index("ix_workloads_project", "project", "submitted_at"),
 )
+
+approvals = sa.Table(
+    "approvals",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("project", sa.String(200), nullable=False),
+    sa.Column("principal", sa.String(200), nullable=False),  # the agent that asked
+    sa.Column("sponsor", sa.String(200)),
+    sa.Column("operation", sa.String(100), nullable=False),
+    sa.Column("args", sa.JSON, nullable=False),
+    sa.Column("args_hash", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("expires_at", sa.Double, nullable=False),
+    sa.Column("decided_by", sa.String(200)),
+    sa.Column("decided_at", sa.Double),
+    sa.Column("reason", sa.Text),
+    sa.Column("used_at", sa.Double),
+    sa.Index("ix_approvals_ask", "project", "principal", "operation", "args_hash"),
+    sa.Index("ix_approvals_status", "project", "status"),
+)

@@ -517,3 +517,25 @@ class WorkloadRow:
     admitted_at: float | None = None
     ended_at: float | None = None
     cause: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRow:
+    """An agent's action waiting for a human: the ``operation`` and its exact ``args``
+    (``args_hash``, their SHA-256), ``pending`` until decided, then ``approved`` (usable
+    once, until ``expires_at``), ``rejected`` or ``used``."""
+
+    id: str
+    project: str
+    principal: str
+    operation: str
+    args: dict[str, Any]
+    args_hash: str
+    status: str
+    created_at: float
+    expires_at: float
+    sponsor: str | None = None
+    decided_by: str | None = None
+    decided_at: float | None = None
+    reason: str | None = None
+    used_at: float | None = None

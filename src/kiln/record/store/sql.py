@@ -48,6 +48,7 @@ from kiln.record.model import (
     RunStatus,
     record_from_row,
 )
+from kiln.record.store._approvals import Approvals
 from kiln.record.store._endpoints import EndpointsAndSpans
 from kiln.record.store._identities import Identities
 from kiln.record.store._quotas import Quotas
@@ -69,7 +70,7 @@ from kiln.record.store._views import Views
 from kiln.record.store.base import METRIC_OPS, RunQuery, WriteBatch, check_key
 from kiln.record.store.rows import RunUpdate, SpanRow
 
-SCHEMA_HEAD = "0016"
+SCHEMA_HEAD = "0017"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _RUN_FIELDS = {
     "created": runs.c.created_at,
@@ -86,7 +87,7 @@ T = TypeVar("T")
 _log = logging.getLogger("kiln")
 
 
-class SqlStore(EndpointsAndSpans, RegistryAccess, Identities, Quotas, Views):
+class SqlStore(EndpointsAndSpans, RegistryAccess, Identities, Quotas, Approvals, Views):
     """A :class:`~kiln.record.store.base.Store` on SQLite or PostgreSQL.
 
     Opening it creates or migrates the schema (Alembic), unless ``create`` is false,

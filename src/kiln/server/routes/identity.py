@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from starlette.exceptions import HTTPException
 
 from kiln.config import DEFAULT_PROJECT
-from kiln.errors import NotFoundError
+from kiln.errors import NotFoundError, ValidationError
 from kiln.govern import rbac, tokens
 from kiln.record.store.base import MemberRow, PrincipalRow, TokenRow
 from kiln.server import schemas
@@ -188,6 +188,10 @@ def add_principal(body: NewPrincipal, store: Store, who: Authenticated) -> Any:
     agent needs a sponsor: a user."""
     if not rbac.at_most(body.role, who.role):
         raise HTTPException(403, f"the role {who.role} may not grant {body.role}")
+    for scope in body.scopes or ():
+        if tuple(scope.partition(":")[::2]) not in rbac.PERMISSIONS:
+            raise ValidationError("scopes", f"{scope!r} is not a permission", allowed=", ".join(
+                sorted(f"{r}:{v}" for r, v in rbac.PERMISSIONS)))  # fmt: skip
     if body.kind == "agent":
         sponsor = store.principal(body.sponsor) if body.sponsor else None
         if sponsor is None or sponsor.kind != "user":

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Path, Query
 
 from kiln.registry.models import AliasMove, Models, ModelVersion, PromotionRequest
 from kiln.server import schemas
-from kiln.server.auth import need
+from kiln.server.auth import Authenticated, need
 from kiln.server.deps import Store
+from kiln.server.operations import guard_route
 
 router = APIRouter(prefix="/api/v1", tags=["registry"])
 Name = Annotated[str, Path(pattern=schemas.NAME_PATTERN)]
@@ -90,8 +91,10 @@ def history(
     dependencies=[need("promotions", "request")],
     response_model=schemas.Outcome,
 )
-def promote(name: Name, body: schemas.Promote, store: Store) -> Any:
-    """Move an alias to a version, through its policy's gates (or open a request)."""
+def promote(name: Name, body: schemas.Promote, store: Store, who: Authenticated) -> Any:
+    """Move an alias to a version, through its policy's gates (or open a request). An
+    agent's promotion waits for a human's approval of exactly these arguments."""
+    guard_route(store, who, "model_promote", {"name": name, **body.model_dump()})
     return _outcome(_models(store).promote(name, body.version, alias=body.alias,
                                            reason=body.reason, policy=body.policy))  # fmt: skip
 
@@ -101,7 +104,9 @@ def promote(name: Name, body: schemas.Promote, store: Store) -> Any:
     dependencies=[need("models", "rollback")],
     response_model=schemas.Outcome,
 )
-def rollback(name: Name, body: schemas.Rollback, store: Store) -> Any:
+def rollback(name: Name, body: schemas.Rollback, store: Store, who: Authenticated) -> Any:
+    """Move an alias back to the version it held before (an agent's: once approved)."""
+    guard_route(store, who, "model_rollback", {"name": name, **body.model_dump()})
     return _outcome(_models(store).rollback(name, body.alias, reason=body.reason))
 
 

@@ -20,9 +20,10 @@ from kiln.record.store._wire import from_number, number, points_to_wire, record_
 from kiln.record.store.base import RunQuery, WriteBatch
 from kiln.record.store.sql import SqlStore
 from kiln.server import schemas
-from kiln.server.auth import need
+from kiln.server.auth import Authenticated, need
 from kiln.server.deps import Blobs, Bounds, Store
 from kiln.server.metrics import INGESTED
+from kiln.server.operations import guard_route
 
 router = APIRouter(prefix="/api/v1", tags=["runs"])
 _KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
@@ -269,10 +270,14 @@ def dependants(run_id: Annotated[str, Path(max_length=32)], store: Store) -> Any
 def delete_run(
     run_id: Annotated[str, Path(max_length=32)],
     store: Store,
+    who: Authenticated,
     with_runs: bool = False,
     force: bool = False,
 ) -> Any:
-    """Remove a run (with ``with_runs``, a sweep and its runs); the ids removed."""
+    """Remove a run (with ``with_runs``, a sweep and its runs); the ids removed. An
+    agent's removal waits for a human's approval of exactly these arguments."""
+    guard_route(store, who, "run_delete", {"run_id": run_id, "with_runs": with_runs,
+                                           "force": force})  # fmt: skip
     return {"items": store.delete_run(run_id, with_runs=with_runs, force=force)}
 
 

@@ -13,8 +13,9 @@ from kiln.errors import NotFoundError
 from kiln.record.store.base import EndpointLogRow, EndpointRow, ServerRow
 from kiln.registry import traffic
 from kiln.server import schemas
-from kiln.server.auth import need
+from kiln.server.auth import Authenticated, need
 from kiln.server.deps import Bounds, Store
+from kiln.server.operations import guard_route
 from kiln.server.routes.runs import gzip_body, parse_body, read_json_body
 
 router = APIRouter(prefix="/api/v1", tags=["serving"])
@@ -102,10 +103,12 @@ def endpoint_logs(
     dependencies=[need("endpoints", "write")],
     response_model=schemas.TrafficSet,
 )
-def set_traffic(name: Name, body: schemas.Traffic, store: Store) -> Any:
+def set_traffic(name: Name, body: schemas.Traffic, store: Store, who: Authenticated) -> Any:
     """Check and set (null: clear) the endpoint's live split, with its audit event: every
     version named is registered and, when the endpoint follows an alias, passes its
-    promotion gates (409 naming each failure), unless ``override_reason`` says why not."""
+    promotion gates (409 naming each failure), unless ``override_reason`` says why not.
+    An agent's change waits for a human's approval of exactly these arguments."""
+    guard_route(store, who, "traffic_set", {"endpoint": name, **body.model_dump()})
     split = traffic.set_traffic(store, name, body.traffic, actor=store.actor,
                                 override_reason=body.override_reason)  # fmt: skip
     return {"traffic": split}

@@ -1,0 +1,102 @@
+"""``kiln mcp``: Kiln's MCP server over stdio, for an agent's MCP client to launch.
+
+With ``KILN_SERVER`` set it relays every message to the server's ``/mcp`` with the
+token from the environment (``KILN_TOKEN``, else ``kiln login``'s): the server lists
+the tools that token may use and decides every call, so nothing here can widen it.
+Without a server it serves this machine's store as its user (an admin of their own
+record: approvals need a second person, which only a server has).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import anyio
+
+from kiln.config import DEFAULT_PROJECT, Settings, server_token
+from kiln.errors import ConfigError
+
+
+def mcp() -> None:
+    """Serve Kiln's tools to an MCP client over stdio (configure the client to launch
+    `kiln mcp`). With KILN_SERVER, the server's /mcp with KILN_TOKEN's rights."""
+    from kiln._optional import require
+
+    require("mcp", extra="server")
+    settings = Settings.from_env()
+    server = _relay(settings) if settings.server_url else _embedded(settings)
+    anyio.run(_serve, server)
+
+
+async def _serve(server: Any) -> None:
+    from mcp.server.stdio import stdio_server
+
+    async with stdio_server() as (read, write):
+        await server.run(read, write, server.create_initialization_options())
+
+
+def _embedded(settings: Settings) -> Any:
+    from kiln.record.blobs import FileBlobStore
+    from kiln.record.store import open_sql_store
+    from kiln.record.store.sql import SqlStore
+    from kiln.server.auth import Caller
+    from kiln.server.mcp import build
+    from kiln.server.operations import Context
+
+    store = open_sql_store(settings.store_url, blobs=FileBlobStore(settings.home / "blobs"),
+                           actor=settings.actor)  # fmt: skip
+    assert isinstance(store, SqlStore)  # noqa: S101  a local store URL is SQL
+    caller = Caller(name=settings.actor, role="admin", project=DEFAULT_PROJECT)
+    context = Context(store, caller)
+    return build(lambda request: context)
+
+
+def _relay(settings: Settings) -> Any:
+    """A stdio server answering from the server's ``/mcp``: its tools, its answers."""
+    import mcp_types as types
+    from mcp.server.lowlevel import Server
+
+    from kiln import __version__
+
+    url = settings.server_url
+    assert url is not None  # noqa: S101  only called with a server
+    token = settings.token or server_token(url)
+    if not token:
+        raise ConfigError("KILN_TOKEN", f"no token for {url}: set KILN_TOKEN to the agent's "
+                          f"token, or run `kiln login {url}`")  # fmt: skip
+    upstream = _Upstream(f"{url}/mcp", token)
+
+    async def list_tools(ctx: Any, params: types.PaginatedRequestParams | None) -> Any:
+        return await upstream.call(lambda c: c.list_tools())
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> Any:
+        return await upstream.call(lambda c: c.call_tool(params.name, params.arguments or {}))
+
+    from kiln.server.mcp import INSTRUCTIONS
+
+    return Server("kiln", version=__version__, instructions=INSTRUCTIONS,
+                  on_list_tools=list_tools, on_call_tool=call_tool)  # fmt: skip
+
+
+class _Upstream:
+    """One MCP client of the server's ``/mcp`` per call: the server answers each
+    statelessly, so nothing is held between calls."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self.token = url, token
+
+    async def call(self, what: Any) -> Any:
+        import httpx2
+        from mcp import Client
+        from mcp.client.streamable_http import streamable_http_client
+
+        headers = {"Authorization": f"Bearer {self.token}"}
+        try:
+            async with httpx2.AsyncClient(headers=headers, timeout=60) as http, Client(
+                streamable_http_client(self.url, http_client=http)
+            ) as client:  # fmt: skip
+                return await what(client)
+        except Exception as e:  # the agent sees why, the process stays up
+            print(f"kiln mcp: {self.url}: {e}", file=sys.stderr)
+            raise
