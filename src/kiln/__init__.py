@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from kiln.envs.spec import Env
     from kiln.errors import KilnError, Preempted, RunFailed
     from kiln.function import Function, MapResult, Run, Sweep, grid
+    from kiln.govern.sandbox import Sandbox
     from kiln.record.model import Artifact, MetricPoint, RunRecord, RunStatus
     from kiln.record.runs import ActiveRun, Dataset, checkpoint, log, save
     from kiln.registry.selection import pareto
@@ -37,7 +38,7 @@ _LAZY = {"App": "kiln.app", "get_run": "kiln.app", "runs": "kiln.app",
          "log": "kiln.record.runs", "save": "kiln.record.runs",
          "Function": "kiln.function", "MapResult": "kiln.function", "Run": "kiln.function",
          "Sweep": "kiln.function", "grid": "kiln.function", "Env": "kiln.envs.spec",
-         "pareto": "kiln.registry.selection"}  # fmt: skip
+         "pareto": "kiln.registry.selection", "Sandbox": "kiln.govern.sandbox"}  # fmt: skip
 
 
 def __getattr__(name: str) -> object:
@@ -65,6 +66,7 @@ __all__ = [
     "RunFailed",
     "RunRecord",
     "RunStatus",
+    "Sandbox",
     "Settings",
     "Sweep",
     "__version__",

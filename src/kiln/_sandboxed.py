@@ -397,7 +397,7 @@ def zygote_main(fd: int) -> None:
         if path not in sys.path:
             sys.path.insert(0, path)
     _preload()
-    _sandbox.PidsGroup.sweep(_pids_alive())
+    _sweep(init[0]["tmp"])
     count = 0
     while True:
         got = socket.recv_fds(control.sock, 1, 1)
@@ -422,13 +422,22 @@ def _preload() -> None:
     _sandbox.detect()
 
 
-def _pids_alive() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+def _sweep(tmp: str) -> None:
+    """Remove the scratch folders and cgroups of zygotes that were killed mid-run (a
+    timeout kills the worker's whole process group, its zygote too)."""
+    import shutil
+
+    alive = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    _sandbox.PidsGroup.sweep(alive)
+    keep = tuple(f"{_sandbox.PidsGroup.PREFIX}{pid}-" for pid in alive)
+    for path in Path(tmp).glob(f"{_sandbox.PidsGroup.PREFIX}*"):
+        if not path.name.startswith(keep) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _fork_one(control: Channel, request: dict[str, Any], payloads: list[bytes], fd: int,
               tmp: str, count: int) -> None:  # fmt: skip
-    scratch = tempfile.mkdtemp(prefix=f"kiln-sandbox-{os.getpid()}-", dir=tmp)
+    scratch = tempfile.mkdtemp(prefix=f"{_sandbox.PidsGroup.PREFIX}{os.getpid()}-", dir=tmp)
     pids: _sandbox.PidsGroup | None = None
     failure: SandboxError | None = None
     try:

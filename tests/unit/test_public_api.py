@@ -20,6 +20,7 @@ EXPECTED = {
     "Preempted",
     "RunRecord",
     "RunStatus",
+    "Sandbox",
     "Settings",
     "Sweep",
     "__version__",
