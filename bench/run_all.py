@@ -23,6 +23,7 @@ BENCHES = [
     "bench_scheduler.py",
     "bench_admission.py",
     "bench_engine.py",
+    "bench_sandbox.py",
     "bench_torch_sweep.py",
     "bench_envs.py",
     "bench_audit.py",
