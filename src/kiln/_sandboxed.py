@@ -49,6 +49,7 @@ from kiln.record.values import artifact_name, metric_key, metric_step, metric_va
 MAX_MESSAGE = 16 << 20  # one JSON frame from a sandboxed process
 MAX_BLOB = 256 << 20  # one saved file
 MAX_BLOBS = 10_000  # files in one save
+MAX_SAVE = 1 << 30  # all the files of one save
 _JSON, _BLOB = struct.Struct("!I"), struct.Struct("!Q")
 # Variables a sandboxed process keeps (HOME and TMPDIR become its scratch folder).
 KEPT = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONHASHSEED", "PYTHONUNBUFFERED",
@@ -93,11 +94,13 @@ class Channel:
         count = message.get("blobs", 0)
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_BLOBS:
             raise ChannelBroken(f"a message announcing {str(count)[:20]} files")
-        blobs = []
+        blobs, total = [], 0
         for _ in range(count):
             (length,) = _BLOB.unpack(self._exact(_BLOB.size) or b"")
-            if length > MAX_BLOB:
-                raise ChannelBroken(f"a file of {length:,} bytes (at most {MAX_BLOB:,})")
+            total += length
+            if length > MAX_BLOB or total > MAX_SAVE:
+                raise ChannelBroken(f"a file of {length:,} bytes (at most {MAX_BLOB:,}, "
+                                    f"{MAX_SAVE:,} in all)")  # fmt: skip
             blobs.append(self._exact(length) or b"")
         return message, blobs
 
@@ -203,6 +206,7 @@ class _Session:
                  spec: dict[str, Any], record: dict[str, Any]) -> None:  # fmt: skip
         self.channel, self.run, self.on_start, self.spec = channel, run, on_start, spec
         self.record = record
+        self.confined: list[str] | None = None
         self.end: dict[str, Any] | None = None
         self.broken: str | None = None
 
@@ -230,9 +234,9 @@ class _Session:
         elif op == "start":
             if self.on_start is not None:
                 self.on_start()
-        elif op == "confined":
-            self.record["layers"] = [str(x)[:40] for x in message["layers"]][:32]
-        elif op in ("result", "error", "refused"):
+        elif op == "confined" and self.confined is None:  # said once, before its code ran
+            self.confined = self.record["layers"] = [str(x)[:40] for x in message["layers"]][:32]
+        elif op in (("refused",) if self.confined is None else ("result", "error")):
             self.end = message
         else:
             raise ChannelBroken(f"an unknown request {op[:40]!r}")

@@ -17,8 +17,11 @@ import psutil
 import pytest
 
 import kiln
+from kiln._engine import engine_for
+from kiln.config import Settings
 from kiln.errors import RunFailed
 from kiln.govern.sandbox import Sandbox, detect
+from kiln.record.recorder import recorder_for
 
 pytestmark = pytest.mark.skipif(
     bool(detect().missing), reason=f"this machine cannot give a sandbox: {detect().missing}"
@@ -179,6 +182,8 @@ def test_a_sandboxed_function_works_within_its_bounds(tmp_path: Path) -> None:
     for layer in ("landlock", "seccomp", "netns", "pids", "capabilities", "clean-env"):
         assert layer in sandbox["layers"]
     assert record.resources["sandbox"]["write"] == [str(out)]
+    chunks = recorder_for(Settings.from_env()).store.run_logs(run.id)
+    assert "printed inside the sandbox\n" in "".join(c.text for c in chunks)
 
 
 @app.function(sandbox=True)
@@ -234,3 +239,31 @@ def test_a_timeout_kills_the_sandboxed_process_tree() -> None:
     while _sandboxed_processes() - before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _sandboxed_processes() - before == set()
+
+
+@app.function(sandbox=True)
+def resumable() -> dict:
+    state = kiln.checkpoint(default={"epoch": 0})
+    if state["epoch"] > 0:
+        return {"resumed_at": state["epoch"]}
+    kiln.save("checkpoint", {"epoch": 0})
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    except kiln.Preempted:
+        kiln.save("checkpoint", {"epoch": 7})  # in its grace period, through the worker
+        raise
+    return {"resumed_at": None}
+
+
+def test_a_preempted_sandboxed_run_saves_and_resumes() -> None:
+    run = resumable.spawn()
+    engine = engine_for(Settings.from_env())
+    store = engine.recorder.store
+    deadline = time.monotonic() + 30
+    while not any("ready" in c.text for c in store.run_logs(run.id)):
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+    engine.backend.preempt(run.id, "preempted by the test", 10)
+    assert run.result(timeout=60) == {"resumed_at": 7}
+    assert [a["status"] for a in run.record().resources["attempts"]] == ["preempted", "succeeded"]
