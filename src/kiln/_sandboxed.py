@@ -450,6 +450,10 @@ def _fork_one(control: Channel, request: dict[str, Any], payloads: list[bytes], 
             pids = _sandbox.PidsGroup(f"{_sandbox.PidsGroup.PREFIX}{os.getpid()}-{count}", limit)
     except (OSError, SandboxError) as exc:
         failure = exc if isinstance(exc, SandboxError) else SandboxError("pids", str(exc))
+    code = tuple(request["code"]) + tuple(p for p in sys.path if p not in ("", "/"))
+    hidden = tuple(h for h in request["hidden"] if h)
+    with contextlib.suppress(OSError):
+        _sandbox.readable(code, hidden)  # found here once, for every child of this zygote
     pid = os.fork()
     if pid == 0:
         control.sock.close()

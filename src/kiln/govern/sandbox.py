@@ -459,11 +459,9 @@ def _drop_capabilities() -> None:
 def _landlock_fs(sandbox: Sandbox, place: Place, version: int) -> None:
     rules = _landlock.Ruleset(version, deny_tcp=not sandbox.network, scoped=True)
     read, every = _landlock.READ, rules.fs
-    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                str(Path(sys.executable).resolve().parent.parent)}  # fmt: skip
-    for path, rights in _readable(place.code, place.hidden):
+    for path, rights in readable(place.code, place.hidden):
         rules.allow(path, rights)
-    rules.allow_all(_existing(prefixes | set(_SYSTEM_READ) | set(_DEVICES_R)), read)
+    rules.allow_all(_existing(prefixes() | set(_SYSTEM_READ) | set(_DEVICES_R)), read)
     rules.allow(f"/proc/{os.getpid()}", read)
     rules.allow_all(_existing(_DEVICES_RW), read | _landlock.WRITE_FILE)
     rules.allow(place.scratch, every)
@@ -485,33 +483,66 @@ def _must_exist(name: str, path: str) -> None:
         raise SandboxError("landlock", f"{name}: {path} does not exist on this machine")
 
 
-def _readable(code: Iterable[str], hidden: Iterable[str]) -> Iterator[tuple[str, int]]:
+def prefixes() -> set[str]:
+    """The interpreter's folders: read-only in every sandbox, and never walked."""
+    return {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+            str(Path(sys.executable).resolve().parent.parent)}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def readable(code: tuple[str, ...], hidden: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
     """Rules that let the code folders be read, but none of their hidden entries
-    (``.git``, ``.kiln``, ``.ssh``, ``.env``) nor anything of ``hidden``: a folder
-    holding one of those is listed, and its other entries are granted one by one."""
-    secret = [Path(h) for h in hidden]
-    for entry in code:
-        root = Path(entry)
-        if not root.is_dir() or any(root == s or s in root.parents for s in secret):
-            continue
-        yield from _beneath(root, secret, top=True)
+    (``.git``, ``.kiln``, ``.ssh``, ``.env``, found down to HIDDEN_DEPTH folders deep)
+    nor anything of ``hidden``: a folder holding one of those is listed, and its other
+    entries are granted one by one. Cached: a zygote finds them once, its children
+    reuse them."""
+    own = prefixes()
+    roots = [Path(c) for c in dict.fromkeys(code)
+             if not any(c == p or c.startswith(p + os.sep) for p in own)]  # fmt: skip
+    secret = {Path(h) for h in hidden} | set(_hidden_entries(roots))
+    out: list[tuple[str, int]] = []
+    for root in roots:
+        if root.is_dir() and not any(root == s or s in root.parents for s in secret):
+            out.extend(_beneath(root, secret))
+    return tuple(out)
 
 
-def _beneath(folder: Path, secret: list[Path], *, top: bool) -> Iterator[tuple[str, int]]:
+HIDDEN_DEPTH = 4
+_WALK_BUDGET = 20_000  # folders looked into, in all
+
+
+def _hidden_entries(roots: Iterable[Path]) -> Iterator[Path]:
+    budget = _WALK_BUDGET
+    for root in roots:
+        stack = [(root, 0)]
+        while stack and budget > 0:
+            folder, depth = stack.pop()
+            budget -= 1
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    yield Path(entry.path)
+                elif depth < HIDDEN_DEPTH and entry.is_dir(follow_symlinks=False):
+                    stack.append((Path(entry.path), depth + 1))
+
+
+def _beneath(folder: Path, secret: set[Path]) -> Iterator[tuple[str, int]]:
     holds = [s for s in secret if folder in s.parents]
-    try:
-        names = [p.name for p in folder.iterdir()]
-    except OSError:
-        return
-    if not holds and not (top and any(n.startswith(".") for n in names)):
+    if not holds:
         yield str(folder), _landlock.READ
         return
     yield str(folder), _landlock.READ_DIR  # its names only
-    for name in names:
-        child = folder / name
-        if (top and name.startswith(".")) or child in secret:
+    try:
+        children = list(folder.iterdir())
+    except OSError:
+        return
+    for child in children:
+        if child in secret:
             continue
         if child.is_dir() and not child.is_symlink() and any(child in s.parents for s in holds):
-            yield from _beneath(child, secret, top=False)
+            yield from _beneath(child, secret)
         else:
             yield str(child), _landlock.READ

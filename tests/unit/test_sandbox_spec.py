@@ -99,13 +99,13 @@ def test_kiln_sandbox_setting() -> None:
 
 
 def test_code_folders_are_readable_but_not_their_hidden_entries(tmp_path: Path) -> None:
-    for name in ("pkg", ".git", ".kiln", ".ssh"):
+    for name in ("pkg", ".git", ".kiln", ".ssh", "pkg/deeper", "pkg/deeper/.ssh"):
         (tmp_path / name).mkdir()
     (tmp_path / "main.py").write_text("")
     home = tmp_path / "pkg" / "store"
     home.mkdir()
     (tmp_path / "pkg" / "mod.py").write_text("")
-    rules = dict(sb._readable([str(tmp_path)], [str(home)]))
+    rules = dict(sb.readable((str(tmp_path),), (str(home),)))
     assert str(tmp_path / "main.py") in rules and str(tmp_path / "pkg" / "mod.py") in rules
     assert not any(".git" in p or ".kiln" in p or ".ssh" in p or p == str(home) for p in rules)
     assert rules[str(tmp_path)] == sb._landlock.READ_DIR  # its names, not its files
