@@ -468,3 +468,28 @@ def test_the_queues_page_shows_quotas_and_why_a_run_waits(world: World, open_as:
     assert rid(50, "c")[:8] not in blue.inner_text("main")  # another project's work
     assert "Nothing admitted or waiting." in blue.inner_text("main")
     world.call("POST", "/workloads:sync", world.admin, {"ended": [rid(50, "c"), rid(51, "c")]})
+
+
+def test_a_person_approves_an_agents_promotion_on_the_approvals_page(
+    world: World, open_as: Any
+) -> None:
+    world.call("POST", "/principals", world.admin, {"name": "bot", "kind": "agent",
+                                                     "sponsor": "approver", "role": "member"})  # fmt: skip
+    bot = world.call("POST", "/tokens", world.admin, {"principal": "bot"})["token"]
+    body = {"version": 1, "alias": "staging", "reason": HOSTILE}
+    asked = world.http.post("/api/v1/models/vision/promote", json=body, headers=bearer(bot))
+    assert asked.status_code == 403, asked.text
+    viewer = open_as("viewer", "#/approvals")
+    viewer.wait_for_selector("#approvals")
+    shown = viewer.inner_text("#approvals")
+    assert '"alias": "staging"' in shown and "window.pwned=1" in shown  # text, not markup
+    assert viewer.evaluate("() => window.pwned") is None
+    assert viewer.locator("[data-approve]").count() == 0
+    page = open_as("approver", "#/approvals")
+    page.wait_for_selector("[data-approve]")
+    page.click("[data-approve]")
+    expect(page.locator("[data-approve]")).to_have_count(0)
+    assert "approved" in page.inner_text("#decided")
+    done = world.http.post("/api/v1/models/vision/promote", json=body, headers=bearer(bot))
+    assert done.status_code == 200, done.text
+    assert world.call("GET", "/models/vision/aliases", world.admin)["staging"] == 1

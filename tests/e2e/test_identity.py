@@ -65,8 +65,9 @@ def test_every_route_declares_the_permission_it_needs(tmp_path: Path) -> None:
 
     undeclared, seen, count = [], set(), 0
     for route in every(app.routes):
-        if not isinstance(route, APIRoute):
-            assert route.path in ("/openapi.json",), route  # FastAPI's own document
+        if not isinstance(route, APIRoute):  # FastAPI's own document; the MCP server's
+            mcp = ("/mcp", "/.well-known/oauth-protected-resource/mcp")  # tokens: its own test
+            assert route.path in ("/openapi.json", *mcp), route
             continue
         count += 1
         declared = [getattr(d.call, "permission", None) for d in route.dependant.dependencies]
@@ -167,12 +168,15 @@ def test_no_one_grants_more_than_they_hold(start_server: Start) -> None:
                 "kind": "agent",
                 "role": "member",
                 "sponsor": "ann",
-                "scopes": ["runs"],
+                "scopes": ["runs:read"],
                 "budget": 10.0,
                 "expires_in_s": 3600,
             },
         )
         assert sponsored.status_code == 201
+        vague = http.post("/api/v1/principals", headers=bearer(root), json={
+            "name": "bot2", "kind": "agent", "sponsor": "ann", "scopes": ["runs"]})  # fmt: skip
+        assert vague.status_code == 422 and "runs:read" in vague.json()["detail"]
         assert (
             http.get("/api/v1/tokens", headers=bearer(viewer), params={"all": True}).status_code
             == 403
@@ -191,6 +195,7 @@ PROBES: dict[tuple[str, str], tuple[str, str, object]] = {
     ("models", "rollback"): ("POST", "/api/v1/models/m/rollback", {"alias": "production"}),
     ("promotions", "request"): ("POST", "/api/v1/models/m/promote", {"version": 1}),
     ("promotions", "approve"): ("POST", "/api/v1/promotion-requests/nope/approve", None),
+    ("approvals", "decide"): ("POST", "/api/v1/approvals/" + "0" * 12 + "/approve", {}),
     ("policies", "write"): ("PUT", "/api/v1/models/m/policies/production", {}),
     ("endpoints", "read"): ("GET", "/api/v1/endpoints", None),
     ("endpoints", "write"): ("PUT", "/api/v1/endpoints/e/traffic", {"traffic": None}),

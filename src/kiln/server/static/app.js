@@ -196,6 +196,7 @@ const ROUTES = [
   [/^#\/trace\/([0-9a-fA-F-]{8,60})$/, tracePage, "traces"],
   [/^#\/audit$/, auditPage, "audit"],
   [/^#\/queues$/, queuesPage, "queues"],
+  [/^#\/approvals$/, approvalsPage, "approvals"],
 ];
 
 let renderId = 0;
@@ -1035,6 +1036,30 @@ async function queuesPage(root, alive) {
     ? table(["run", "pool", "state", "asks", "priority", "since", "why"], work.items.map((w) => [runLink(w.id), w.pool, w.state,
       amounts(w.requests), w.priority + (w.agent ? " (agent)" : ""), when(w.admitted_at || w.submitted_at), waitReason(w)]), { id: "workloads" })
     : h("p", { class: "muted" }, "Nothing admitted or waiting."));
+}
+
+// ---------------------------------------------------------------- approvals
+
+async function approvalsPage(root, alive) {
+  const [pending, decided] = await Promise.all([get("/approvals?status=pending"), get("/approvals?status=all")]);
+  if (!alive()) return;
+  const person = session.me && session.me.kind === "user";
+  root.append(h("h1", {}, "Approvals"),
+    h("p", { class: "muted" }, "An agent's promotion, rollback, traffic change or removal waits here. Each approval is bound to the exact arguments below and works once, within the hour."),
+    h("h2", {}, "Waiting"), pending.approvals.length
+      ? table(["id", "agent", "sponsor", "operation", "arguments", "asked", ""], pending.approvals.map((a) => [
+        a.id, a.principal, a.sponsor || "", a.operation, h("pre", { class: "args" }, JSON.stringify(a.args, null, 2)), when(a.created_at),
+        person && may("approver") ? h("span", {},
+          h("button", { class: "primary", "data-approve": a.id, onclick: (e) => act(e.target, () => post(`/approvals/${a.id}/approve`), () => route()) }, "Approve"), " ",
+          h("button", { class: "danger", "data-reject": a.id, onclick: (e) => {
+            const reason = prompt("Why reject it?");
+            if (reason) act(e.target, () => post(`/approvals/${a.id}/reject`, { reason }), () => route());
+          } }, "Reject")) : "",
+      ]), { id: "approvals" })
+      : h("p", { class: "muted", id: "approvals" }, "Nothing waits for a decision."),
+    h("h2", {}, "Decided"), table(["id", "agent", "operation", "status", "by", "reason", "when"],
+      decided.approvals.filter((a) => a.status !== "pending").slice(0, 100).map((a) => [a.id, a.principal, a.operation, a.status, a.decided_by || "", a.reason || "", when(a.decided_at || a.created_at)]),
+      { id: "decided" }));
 }
 
 // ---------------------------------------------------------------- endpoints and traces
