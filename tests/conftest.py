@@ -139,8 +139,10 @@ def settings(
 class ServerProcess:
     """A real ``kiln server`` process on a free port of 127.0.0.1."""
 
-    def __init__(self, store_url: str, home: Path, *, auth: bool = False) -> None:
-        self.store_url, self.home, self.auth = store_url, home, auth
+    def __init__(
+        self, store_url: str, home: Path, *, auth: bool = False, args: tuple[str, ...] = ()
+    ) -> None:
+        self.store_url, self.home, self.auth, self.args = store_url, home, auth, args
         self.url = ""
         self.enrolment: str | None = None  # the one-time token an auth server printed
         self.proc: subprocess.Popen[str] | None = None
@@ -153,7 +155,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kiln", "server", "--store", self.store_url,
                  "--home", str(self.home), "--port", str(port),
-                 *([] if self.auth else ["--insecure-no-auth"])],
+                 *([] if self.auth else ["--insecure-no-auth"]), *self.args],
                 stdout=subprocess.PIPE, stderr=log, text=True, env=env,
             )  # fmt: skip
         assert self.proc.stdout is not None
@@ -191,11 +193,12 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
     def start(
-        store_url: str | None = None, home: Path | None = None, *, auth: bool = False
-    ) -> ServerProcess:
+        store_url: str | None = None, home: Path | None = None, *, auth: bool = False,
+        args: tuple[str, ...] = (),
+    ) -> ServerProcess:  # fmt: skip
         home = home or tmp_path / "server-home"
         url = store_url or f"sqlite:///{home / 'kiln.db'}"
-        server = ServerProcess(url, home, auth=auth).start()
+        server = ServerProcess(url, home, auth=auth, args=args).start()
         started.append(server)
         return server
 

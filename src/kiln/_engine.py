@@ -472,14 +472,17 @@ def _make_backend(settings: Settings) -> BackendFactory:
     )
 
 
-_engines: dict[tuple[str, str, str, str], Engine] = {}
+_engines: dict[tuple[str, ...], Engine] = {}
 _engines_lock = threading.Lock()
 
 
 def engine_for(settings: Settings, *, backend: BackendFactory | None = None) -> Engine:
     """The process's engine for these settings, started on first use (with ``backend``
     if given: ``kiln.testing.FakeBackend`` for tests of code built on functions)."""
-    key = (settings.record_url, str(settings.home), settings.backend, settings.pool or "")
+    # Each token records as its own principal: one engine per token (a server running
+    # registered functions for several callers), not one for all.
+    key = (settings.record_url, str(settings.home), settings.backend, settings.pool or "",
+           settings.project or "", settings.token or "")  # fmt: skip
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:

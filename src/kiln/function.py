@@ -409,10 +409,11 @@ class Function(Generic[P, R]):
             **({"project": settings.project} if settings.project else {}),
             **({} if self.sys_metrics else {"sys_metrics": "off"}),
         }
-        if settings.server_url and settings.backend != "local":
-            # Ray's workers do not inherit this process's environment: the task carries
-            # the token (within the cluster, as its arguments do).
-            token = server_token(settings.server_url)
+        if settings.server_url and (settings.token or settings.backend != "local"):
+            # Ray's workers do not inherit this process's environment, nor does a local
+            # worker a token given in the settings: the task carries it (within the
+            # cluster, or the machine, as its arguments do).
+            token = settings.token or server_token(settings.server_url)
             if token:
                 store["token"] = token
         parent_span = runtrace.traceparent()  # the sweep's, or the run this is called in
@@ -465,7 +466,8 @@ class Function(Generic[P, R]):
         one when the engine must sandbox every run (KILN_SANDBOX=1, an agent's token)."""
         if self.sandbox is not None:
             return self.sandbox.to_json()
-        token = server_token(settings.server_url) if settings.server_url else None
+        token = settings.token or (server_token(settings.server_url) if settings.server_url
+                                   else None)  # fmt: skip
         if forced(settings.sandbox, settings.server_url, token):
             return Sandbox().to_json()
         return None
@@ -522,6 +524,44 @@ class Function(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<kiln.Function {self.name} app={self.app.name!r}>"
+
+
+class Offered:
+    """A function offered to callers of the MCP tools (``kiln server --function``): what
+    :class:`kiln.server.operations.Offered` asks of it, each run recording with the
+    caller's settings (its token, its project, its sandbox)."""
+
+    def __init__(self, fn: Function[..., Any]) -> None:
+        self.fn = fn
+
+    def shape(self) -> dict[str, Any]:
+        fn, r = self.fn, self.fn.resources
+        return {
+            "function": fn.name, "params": list(fn._signature.parameters),
+            "doc": inspect.getdoc(fn.fn), "cpu": r.cpu, "memory_bytes": r.memory_bytes,
+            "gpu": r.gpu, "timeout_s": fn.timeout_s, "sandboxed": fn.sandbox is not None,
+        }  # fmt: skip
+
+    def check(self, kwargs: Mapping[str, Any]) -> None:
+        self.fn._params((), dict(kwargs))
+
+    def _bound(self, settings: Settings) -> Function[..., Any]:
+        import copy
+
+        from kiln.app import App
+
+        bound = copy.copy(self.fn)
+        bound.app = App(self.fn.app.name, settings=settings)
+        return bound
+
+    def spawn(self, settings: Settings, kwargs: Mapping[str, Any]) -> str:
+        return self._bound(settings).spawn(**kwargs).id
+
+    def sweep(
+        self, settings: Settings, spec: list[dict[str, Any]], fixed: Mapping[str, Any]
+    ) -> tuple[str, list[str]]:
+        done = self._bound(settings).sweep(spec, **fixed)
+        return done.id, [r.id for r in done.runs]
 
 
 @contextlib.contextmanager

@@ -27,10 +27,18 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
 
 def row(digest: str = "a" * 64, *, wait_s: float = 3600.0, who: str = "bot") -> ApprovalRow:
     now = time.time()
-    return ApprovalRow(id=secrets.token_hex(6), project="default", principal=who,
-                       operation="model_rollback", args={"name": "fraud"}, args_hash=digest,
-                       status="pending", created_at=now, expires_at=now + wait_s,
-                       sponsor="alice")  # fmt: skip
+    return ApprovalRow(
+        id=secrets.token_hex(6),
+        project="default",
+        principal=who,
+        operation="model_rollback",
+        args={"name": "fraud"},
+        args_hash=digest,
+        status="pending",
+        created_at=now,
+        expires_at=now + wait_s,
+        sponsor="alice",
+    )
 
 
 def test_an_approval_is_asked_once_decided_once_and_used_once(store: SqlStore) -> None:
@@ -50,8 +58,12 @@ def test_an_approval_is_asked_once_decided_once_and_used_once(store: SqlStore) -
     assert bot.use_approval("bot", "model_rollback", "a" * 64) is None  # spent
     assert bot.ask_approval(row()).id != first.id  # asking again: a new request
     actions = [e["action"] for e in store.audit_events(limit=10)]
-    assert actions[:4] == ["approval.request", "approval.use", "approval.approve",
-                           "approval.request"]  # fmt: skip
+    assert actions[:4] == [
+        "approval.request",
+        "approval.use",
+        "approval.approve",
+        "approval.request",
+    ]
 
 
 def test_expired_and_rejected_approvals_are_never_used(store: SqlStore) -> None:

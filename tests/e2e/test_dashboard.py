@@ -473,8 +473,8 @@ def test_the_queues_page_shows_quotas_and_why_a_run_waits(world: World, open_as:
 def test_a_person_approves_an_agents_promotion_on_the_approvals_page(
     world: World, open_as: Any
 ) -> None:
-    world.call("POST", "/principals", world.admin, {"name": "bot", "kind": "agent",
-                                                     "sponsor": "approver", "role": "member"})  # fmt: skip
+    agent = {"name": "bot", "kind": "agent", "sponsor": "approver", "role": "member"}
+    world.call("POST", "/principals", world.admin, agent)
     bot = world.call("POST", "/tokens", world.admin, {"principal": "bot"})["token"]
     body = {"version": 1, "alias": "staging", "reason": HOSTILE}
     asked = world.http.post("/api/v1/models/vision/promote", json=body, headers=bearer(bot))

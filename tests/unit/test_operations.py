@@ -49,6 +49,7 @@ def test_each_operation_needs_what_its_http_route_needs(tmp_path: Path) -> None:
     blobs = FileBlobStore(tmp_path / "blobs")
     with SqlStore(f"sqlite:///{tmp_path / 'kiln.db'}", blobs) as store:
         app = build_app(store, blobs, tmp_path)
+
     def every(routes: list[Any]) -> Iterator[Any]:  # included routers hold their own routes
         for route in routes:
             if hasattr(route, "original_router"):
@@ -85,13 +86,19 @@ def test_an_approval_is_bound_to_exactly_the_arguments() -> None:
     base = parse(op, {"name": "fraud", "version": 1})
     same = parse(op, {"version": 1, "name": "fraud", "alias": "production", "dry_run": True})
     assert args_hash(op.name, base) == args_hash(op.name, same)  # defaults, order, dry run
-    for changed in ({"version": 2}, {"alias": "staging"}, {"reason": "x"},
-                    {"policy": {"min": {"accuracy": 0.9}}}, {"name": "fraud2"}):  # fmt: skip
+    for changed in (
+        {"version": 2},
+        {"alias": "staging"},
+        {"reason": "x"},
+        {"policy": {"min": {"accuracy": 0.9}}},
+        {"name": "fraud2"},
+    ):
         other = parse(op, {"name": "fraud", "version": 1, **changed})
         assert args_hash(op.name, other) != args_hash(op.name, base), changed
     rollback = OPERATIONS["model_rollback"]
     assert args_hash(rollback.name, parse(rollback, {"name": "fraud"})) != args_hash(
-        op.name, parse(op, {"name": "fraud", "version": 1}))  # fmt: skip
+        op.name, parse(op, {"name": "fraud", "version": 1})
+    )
 
 
 def test_bad_arguments_name_the_field() -> None:

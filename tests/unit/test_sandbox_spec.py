@@ -87,8 +87,8 @@ def test_agents_must_be_sandboxed() -> None:
 
 
 def test_a_server_that_cannot_say_who_is_calling_forces_the_sandbox() -> None:
-    sb._principal_kind.cache_clear()
     assert sb.forced(False, "http://127.0.0.1:9", "kiln_token")  # nothing listens there
+    assert ("http://127.0.0.1:9", "kiln_token") not in sb._kinds  # asked again next time
 
 
 def test_kiln_sandbox_setting() -> None:

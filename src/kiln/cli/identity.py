@@ -82,9 +82,13 @@ def users_add(
     kind: Annotated[str, typer.Option(help="user, service or agent.")] = "user",
     role: Annotated[str, typer.Option(help="viewer, member, approver or admin.")] = "member",
     sponsor: Annotated[str | None, typer.Option(help="An agent's sponsor (a user).")] = None,
-    scope: Annotated[list[str] | None, typer.Option(
-        help="An agent's scope: a permission such as runs:read (repeat); none: all its role "
-        "allows.")] = None,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An agent's scope: a permission such as runs:read (repeat); none: all its role "
+            "allows."
+        ),
+    ] = None,
     budget: Annotated[float | None, typer.Option(help="An agent's budget.")] = None,
     expires: Annotated[str | None, typer.Option(help="Expiry, e.g. 30d.")] = None,
     as_json: JsonOpt = False,

@@ -10,22 +10,39 @@ record: approvals need a second person, which only a server has).
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
+import typer
 
 from kiln.config import DEFAULT_PROJECT, Settings, server_token
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, ValidationError
 
 
-def mcp() -> None:
+def mcp(
+    function: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--function",
+            help="FILE.py::FUNCTION the tools may run (without a "
+            "server; a server's are given to `kiln server --function`). Repeat.",
+        ),
+    ] = None,
+) -> None:
     """Serve Kiln's tools to an MCP client over stdio (configure the client to launch
     `kiln mcp`). With KILN_SERVER, the server's /mcp with KILN_TOKEN's rights."""
     from kiln._optional import require
 
     require("mcp", extra="server")
     settings = Settings.from_env()
-    server = _relay(settings) if settings.server_url else _embedded(settings)
+    if settings.server_url and function:
+        raise ValidationError("--function", "is for a store of this machine's; with "
+                              "KILN_SERVER the server's functions are run (`kiln server "
+                              "--function`)")  # fmt: skip
+    from kiln.cli.run import registered
+
+    local = None if settings.server_url else registered(function)
+    server = _relay(settings) if local is None else _embedded(settings, local)
     anyio.run(_serve, server)
 
 
@@ -36,7 +53,7 @@ async def _serve(server: Any) -> None:
         await server.run(read, write, server.create_initialization_options())
 
 
-def _embedded(settings: Settings) -> Any:
+def _embedded(settings: Settings, functions: dict[str, Any] | None = None) -> Any:
     from kiln.record.blobs import FileBlobStore
     from kiln.record.store import open_sql_store
     from kiln.record.store.sql import SqlStore
@@ -48,7 +65,7 @@ def _embedded(settings: Settings) -> Any:
                            actor=settings.actor)  # fmt: skip
     assert isinstance(store, SqlStore)  # noqa: S101  a local store URL is SQL
     caller = Caller(name=settings.actor, role="admin", project=DEFAULT_PROJECT)
-    context = Context(store, caller)
+    context = Context(store, caller, {"functions": functions or {}, "settings": settings})
     return build(lambda request: context)
 
 

@@ -15,7 +15,7 @@ import typer
 
 from kiln.app import App
 from kiln.errors import ValidationError
-from kiln.function import Function
+from kiln.function import Function, Offered
 from kiln.record.values import check_name
 
 
@@ -64,6 +64,18 @@ def load_function(target: str) -> Function[..., Any]:
         raise ValidationError("TARGET", f"{name!r} in {path_text} is not a function")
     app_name = path.stem.replace("_", "-") if _valid(path.stem) else "default"
     return App(app_name).function()(obj)
+
+
+def registered(targets: list[str] | None) -> dict[str, Offered]:
+    """``FILE.py::FUNCTION`` targets as the functions agents may run, by FUNCTION's name
+    (``--function``: each given once, each name once)."""
+    found: dict[str, Offered] = {}
+    for target in targets or ():
+        name = target.partition("::")[2]
+        if name in found:
+            raise ValidationError("--function", f"two functions are named {name!r}")
+        found[name] = Offered(load_function(target))
+    return found
 
 
 def _valid(name: str) -> bool:

@@ -13,6 +13,7 @@ import typer
 from kiln.cli._render import console, plain
 from kiln.config import Settings, server_url
 from kiln.errors import ConfigError, ValidationError
+from kiln.record.values import check_name
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
 
@@ -42,6 +43,22 @@ def server(
     tls_key: Annotated[
         Path | None, typer.Option("--tls-key", help="The certificate's private key (PEM).")
     ] = None,
+    function: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--function",
+            help="FILE.py::FUNCTION that callers of the MCP tools may "
+            "run, with their own rights (an agent's: sandboxed). Repeat.",
+        ),
+    ] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            "--pool",
+            help="The pool whose quotas and budgets admit the runs of --function "
+            "(`kiln pools set`); none: they run unadmitted.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the record over HTTP (/api/v1, /openapi.json, /metrics) until Ctrl-C or SIGTERM."""
     from kiln.server.main import serve
@@ -61,8 +78,11 @@ def server(
         if path is not None and not path.is_file():
             raise ValidationError(flag, f"{path} is not a file")
     tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+    from kiln.cli.run import registered
+
     serve(url, settings.home, host=host, port=port, insecure_no_auth=insecure_no_auth,
-          actor=settings.actor, tls=tls)  # fmt: skip
+          actor=settings.actor, tls=tls, functions=registered(function),
+          pool=check_name("--pool", pool) if pool else None)  # fmt: skip
 
 
 UI_TOKEN_S = 12 * 3600  # the dashboard's token on this machine, revoked when `kiln ui` ends

@@ -169,8 +169,15 @@ def forced(settings_sandbox: bool, server_url: str | None, token: str | None) ->
     return required_for(_principal_kind(server_url, token))
 
 
-@functools.lru_cache(maxsize=16)
+_kinds: dict[tuple[str, str], str] = {}  # (server, token): the principal's kind, once known
+
+
 def _principal_kind(server_url: str, token: str) -> str:
+    """The kind of the token's principal; ``agent`` while the server cannot say (asked
+    again next time: a server briefly down must not sandbox a person for good)."""
+    known = _kinds.get((server_url, token))
+    if known is not None:
+        return known
     from urllib.request import Request, urlopen
 
     request = Request(f"{server_url}/api/v1/whoami",  # noqa: S310  a checked http(s) URL
@@ -180,7 +187,11 @@ def _principal_kind(server_url: str, token: str) -> str:
             kind = json.loads(answer.read(1 << 16)).get("kind")
     except (OSError, ValueError, AttributeError):
         return "agent"
-    return kind if isinstance(kind, str) else "agent"
+    if not isinstance(kind, str):
+        return "agent"
+    if len(_kinds) < 64:
+        _kinds[(server_url, token)] = kind
+    return kind
 
 
 # -- what the machine can give -----------------------------------------------------

@@ -10,7 +10,7 @@ and batch bodies are read asynchronously.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -56,10 +56,14 @@ def build_app(
     prices: Prices | None = None,
     lease_s: float = LEASE_S,
     public_url: str | None = None,
+    functions: Mapping[str, Any] | None = None,
+    run_settings: Any = None,
 ) -> FastAPI:
     """The server's application: ``/api/v1/...``, ``/openapi.json``, ``/healthz``,
     ``/readyz``, ``/metrics``, the MCP server at ``/mcp`` and the dashboard at ``/``.
-    ``public_url`` is where clients reach it (the MCP resource's address)."""
+    ``public_url`` is where clients reach it (the MCP resource's address);
+    ``functions`` (name: a ``kiln.Function``) may be run through the MCP tools, on an
+    engine of ``run_settings`` recording through this server as each caller."""
     app = FastAPI(
         title="Kiln", version=API_VERSION, docs_url=None, redoc_url=None,
         description="The record of every run, the model registry, endpoints and traces.",
@@ -73,6 +77,8 @@ def build_app(
     app.state.guard = Guard()
     app.state.handoffs = {}  # one-time code: token (`kiln ui`)
     app.state.admissions = Admissions(store, prices, lease_s)
+    app.state.functions = dict(functions or {})
+    app.state.run_settings = run_settings
     routers = (runs.router, blobs.router, serving.router, registry.router, audit.router,
                identity.router, quotas.router, approvals.router, ui.router)  # fmt: skip
     for router in routers:

@@ -81,13 +81,16 @@ def serve(
     store_url: str, home: Path, *, host: str = "127.0.0.1", port: int = 8700,
     insecure_no_auth: bool = False, actor: str = "kiln-server",
     tls: tuple[Path, Path] | None = None, on_ready: Callable[[Any, str], None] | None = None,
-    on_stop: Callable[[], None] | None = None,
+    on_stop: Callable[[], None] | None = None, functions: Mapping[str, Any] | None = None,
+    pool: str | None = None,
 ) -> None:  # fmt: skip
     """Serve the store at ``store_url`` (blobs under ``home``) until SIGINT or SIGTERM;
     on either, stop taking connections and let the requests in flight finish. Every
     request needs a token unless ``insecure_no_auth``; ``tls`` is (certificate, key).
     ``on_ready(app, url)`` is called once the socket listens, before serving, instead
-    of printing the address; ``on_stop()`` when the server stops (on a signal too)."""
+    of printing the address; ``on_stop()`` when the server stops (on a signal too).
+    ``functions`` may be run through the MCP tools, by each caller with its own rights,
+    their runs admitted to ``pool`` if given (its quotas and budgets)."""
     check_bind(host, insecure_no_auth=insecure_no_auth)
     from kiln._optional import require
 
@@ -117,8 +120,17 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     scheme = "https" if tls else "http"
     public_url = os.environ.get("KILN_PUBLIC_URL") or f"{scheme}://{shown}:{bound}"
+    from dataclasses import replace
+
+    from kiln.config import Settings
+
+    own = {k: v for k, v in os.environ.items()
+           if k not in ("KILN_SERVER", "KILN_TOKEN", "KILN_POOL")}  # fmt: skip
+    runner = replace(Settings.from_env(own), home=home / "runner", server_url=public_url,
+                     token=None, pool=pool)  # fmt: skip
     app = build_app(store, blobs, home, auth=not insecure_no_auth, prices=Prices.from_env(),
-                    lease_s=lease_seconds(os.environ), public_url=public_url)  # fmt: skip
+                    lease_s=lease_seconds(os.environ), public_url=public_url,
+                    functions=functions, run_settings=runner)  # fmt: skip
     if on_stop is not None:
         app.router.lifespan_context = _stopping(app.router.lifespan_context, on_stop)
     from kiln._deadlines import deadline_protocol

@@ -146,9 +146,10 @@ def _http_context(request: Any) -> Context | Refusal:
         from kiln.config import DEFAULT_PROJECT
 
         caller = Caller(name="", role="admin", project=DEFAULT_PROJECT)
-        return Context(state.store.in_project(caller.project), caller)
+        return Context(state.store.in_project(caller.project), caller, _extra(state, None))
     user = request.scope.get("user")
-    claims = getattr(getattr(user, "access_token", None), "claims", None)
+    token = getattr(user, "access_token", None)
+    claims = getattr(token, "claims", None)
     if not claims:
         return Refusal("send a token: Authorization: Bearer kiln_...")
     scopes = claims["scopes"]
@@ -157,7 +158,13 @@ def _http_context(request: Any) -> Context | Refusal:
                     scopes=None if scopes is None else tuple(scopes))  # fmt: skip
     store = state.store.as_actor(caller.name, caller.project, token_id=caller.token_id,
                                  sponsor=caller.sponsor)  # fmt: skip
-    return Context(store, caller)
+    return Context(store, caller, _extra(state, token.token if token else None))
+
+
+def _extra(state: Any, token: str | None) -> dict[str, Any]:
+    """What the run tools need: the registered functions, the engine's settings and the
+    caller's token (its runs record as the caller, with the caller's rights)."""
+    return {"functions": state.functions, "settings": state.run_settings, "token": token}
 
 
 def mount(app: Any, *, public_url: str | None = None) -> Callable[[], Any]:

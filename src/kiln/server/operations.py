@@ -19,18 +19,22 @@ agent's token cannot step around the tools.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic import ValidationError as PydanticError
 from starlette.exceptions import HTTPException
 
+from kiln.config import Settings
 from kiln.errors import ValidationError
 from kiln.govern import rbac
 from kiln.record.model import RunStatus
@@ -474,6 +478,120 @@ def traffic_set(ctx: Context, a: Split) -> Any:
     return {"traffic": traffic.set_traffic(ctx.store, a.endpoint, a.traffic,
                                            actor=ctx.store.actor,
                                            override_reason=a.override_reason)}  # fmt: skip
+
+
+# -- registered functions: run on the engine of the server (or of `kiln mcp`) ------------
+
+FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")]
+MAX_SWEEP_RUNS = 1000
+
+
+class Offered(Protocol):
+    """A function callers may run through the tools, handed to the server by whoever
+    starts it (``kiln server --function``): the server never imports the SDK."""
+
+    def shape(self) -> dict[str, Any]:
+        """Its name, parameters, docstring and what each run asks for."""
+
+    def check(self, kwargs: Mapping[str, Any]) -> None:
+        """Raise :class:`kiln.errors.ValidationError` unless ``kwargs`` bind to it."""
+
+    def spawn(self, settings: Settings, kwargs: Mapping[str, Any]) -> str:
+        """Start one run recording with ``settings``; its id."""
+
+    def sweep(self, settings: Settings, spec: list[dict[str, Any]],
+              fixed: Mapping[str, Any]) -> tuple[str, list[str]]:  # fmt: skip
+        """Start a sweep; its id and its runs' ids."""
+
+
+def _function(ctx: Context, name: str) -> Offered:
+    from kiln.errors import NotFoundError
+
+    functions = ctx.extra.get("functions") or {}
+    if name not in functions:
+        known = ", ".join(sorted(functions)) or "none: the server was started without --function"
+        raise NotFoundError(f"no registered function {name!r} (registered: {known})")
+    found: Offered = functions[name]
+    return found
+
+
+def _settings(ctx: Context) -> Settings:
+    """The engine's settings for the caller's runs: the caller's token (its own rights,
+    its project's quota and budget where the server has a pool) and, for an agent,
+    always a sandbox."""
+    base: Settings = ctx.extra["settings"]
+    who = ctx.caller
+    return dataclasses.replace(
+        base, token=ctx.extra.get("token") or base.token, actor=who.name or base.actor,
+        project=who.project if base.server_url else base.project,
+        sandbox=base.sandbox or who.kind == "agent",
+    )  # fmt: skip
+
+
+def _shape(ctx: Context, fn: Offered, runs: int) -> dict[str, Any]:
+    shape = fn.shape()
+    settings = _settings(ctx)
+    return {**shape, "runs": runs, "pool": settings.pool,
+            "sandboxed": shape["sandboxed"] or settings.sandbox}  # fmt: skip
+
+
+class FunctionCall(Mutating):
+    function: FunctionName = Field(description="A registered function (functions_list).")
+    args: dict[str, Any] = Field(default_factory=dict, description="Its keyword arguments.")
+
+
+@operation("functions_list", "The functions registered to be run through these tools, with "
+           "their parameters and what each run asks for.", permission=("runs", "read"),
+           effect="read", idempotent=True, args=NoArgs)  # fmt: skip
+def functions_list(ctx: Context, a: NoArgs) -> Any:
+    found = sorted((ctx.extra.get("functions") or {}).items())
+    return {"functions": [{"name": name, **_shape(ctx, fn, 1)} for name, fn in found]}
+
+
+def _run_preview(ctx: Context, a: FunctionCall) -> Any:
+    fn = _function(ctx, a.function)
+    fn.check(a.args)
+    return _shape(ctx, fn, 1)
+
+
+@operation("function_run", "Start one run of a registered function with these arguments "
+           "(within the project's quota and budget); returns its run id at once.",
+           permission=("runs", "write"), effect="write", idempotent=False, args=FunctionCall,
+           preview=_run_preview)  # fmt: skip
+def function_run(ctx: Context, a: FunctionCall) -> Any:
+    return {"run_id": _function(ctx, a.function).spawn(_settings(ctx), a.args)}
+
+
+class FunctionSweep(Mutating):
+    function: FunctionName
+    grid: Annotated[dict[str, Annotated[list[Any], Field(min_length=1, max_length=1000)]],
+                    Field(min_length=1, max_length=20)] = Field(
+        description="Each parameter's values: one run per combination.")  # fmt: skip
+    fixed: dict[str, Any] = Field(default_factory=dict, description="Arguments of every run.")
+
+
+def _combinations(a: FunctionSweep) -> list[dict[str, Any]]:
+    count = math.prod(len(v) for v in a.grid.values())
+    if count > MAX_SWEEP_RUNS:
+        raise ValidationError("grid", f"makes {count} runs", allowed=f"at most {MAX_SWEEP_RUNS}")
+    keys = list(a.grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*a.grid.values())]
+
+
+def _sweep_preview(ctx: Context, a: FunctionSweep) -> Any:
+    fn = _function(ctx, a.function)
+    spec = _combinations(a)
+    fn.check({**a.fixed, **spec[0]})
+    return _shape(ctx, fn, len(spec))
+
+
+@operation("function_sweep", "Start a sweep of a registered function over a grid of "
+           "arguments (within the project's quota and budget); returns its id at once.",
+           permission=("runs", "write"), effect="write", idempotent=False, args=FunctionSweep,
+           preview=_sweep_preview)  # fmt: skip
+def function_sweep(ctx: Context, a: FunctionSweep) -> Any:
+    sweep_id, runs = _function(ctx, a.function).sweep(_settings(ctx), _combinations(a), a.fixed)
+    return {"sweep_id": sweep_id, "runs": runs}
 
 
 class Removal(Mutating):
