@@ -24,6 +24,7 @@ BENCHES = [
     "bench_admission.py",
     "bench_engine.py",
     "bench_sandbox.py",
+    "bench_mcp.py",
     "bench_torch_sweep.py",
     "bench_envs.py",
     "bench_audit.py",

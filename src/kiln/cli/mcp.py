@@ -10,6 +10,7 @@ record: approvals need a second person, which only a server has).
 from __future__ import annotations
 
 import sys
+from contextlib import AsyncExitStack
 from typing import Annotated, Any
 
 import anyio
@@ -41,9 +42,10 @@ def mcp(
                               "--function`)")  # fmt: skip
     from kiln.cli.run import registered
 
-    local = None if settings.server_url else registered(function)
-    server = _relay(settings) if local is None else _embedded(settings, local)
-    anyio.run(_serve, server)
+    if settings.server_url:
+        anyio.run(_relayed, settings)
+    else:
+        anyio.run(_serve, _embedded(settings, registered(function)))
 
 
 async def _serve(server: Any) -> None:
@@ -51,6 +53,12 @@ async def _serve(server: Any) -> None:
 
     async with stdio_server() as (read, write):
         await server.run(read, write, server.create_initialization_options())
+
+
+async def _relayed(settings: Settings) -> None:
+    server, upstream = _relay(settings)
+    async with upstream:  # connected first: a server that cannot be reached is said at once
+        await _serve(server)
 
 
 def _embedded(settings: Settings, functions: dict[str, Any] | None = None) -> Any:
@@ -69,7 +77,7 @@ def _embedded(settings: Settings, functions: dict[str, Any] | None = None) -> An
     return build(lambda request: context)
 
 
-def _relay(settings: Settings) -> Any:
+def _relay(settings: Settings) -> tuple[Any, _Upstream]:
     """A stdio server answering from the server's ``/mcp``: its tools, its answers."""
     import mcp_types as types
     from mcp.server.lowlevel import Server
@@ -92,28 +100,51 @@ def _relay(settings: Settings) -> Any:
 
     from kiln.server.mcp import INSTRUCTIONS
 
-    return Server("kiln", version=__version__, instructions=INSTRUCTIONS,
-                  on_list_tools=list_tools, on_call_tool=call_tool)  # fmt: skip
+    server = Server("kiln", version=__version__, instructions=INSTRUCTIONS,
+                    on_list_tools=list_tools, on_call_tool=call_tool)  # fmt: skip
+    return server, upstream
 
 
 class _Upstream:
-    """One MCP client of the server's ``/mcp`` per call: the server answers each
-    statelessly, so nothing is held between calls."""
+    """The MCP client of the server's ``/mcp``, connected while ``kiln mcp`` runs (in the
+    lifespan's task, where it must also close). The server answers each call on its
+    own, so a failed call leaves the next one free to succeed."""
 
     def __init__(self, url: str, token: str) -> None:
         self.url, self.token = url, token
+        self._stack = AsyncExitStack()
+        self._client: Any = None
 
-    async def call(self, what: Any) -> Any:
+    async def __aenter__(self) -> _Upstream:
         import httpx2
         from mcp import Client
         from mcp.client.streamable_http import streamable_http_client
 
         headers = {"Authorization": f"Bearer {self.token}"}
+        http = await self._stack.enter_async_context(
+            httpx2.AsyncClient(headers=headers, timeout=60)
+        )
+        transport = streamable_http_client(self.url, http_client=http)
         try:
-            async with httpx2.AsyncClient(headers=headers, timeout=60) as http, Client(
-                streamable_http_client(self.url, http_client=http)
-            ) as client:  # fmt: skip
-                return await what(client)
-        except Exception as e:  # the agent sees why, the process stays up
+            self._client = await self._stack.enter_async_context(Client(transport))
+        except Exception as e:
+            await self._stack.aclose()
+            raise ConfigError("KILN_SERVER", f"cannot reach {self.url}: {_leaf(e)}") from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def call(self, what: Any) -> Any:
+        try:
+            return await what(self._client)
+        except Exception as e:  # said on stderr too; the process stays up
             print(f"kiln mcp: {self.url}: {e}", file=sys.stderr)
             raise
+
+
+def _leaf(error: BaseException) -> BaseException:
+    """The first error inside task groups' groups of errors: the one that says why."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error

@@ -255,6 +255,8 @@ def _run_panel(r: RunRecord) -> Group:
     ]
     if e.threads:
         env_rows.append(("threads", ", ".join(f"{k}={v}" for k, v in e.threads.items())))
+    if e.sandbox:
+        env_rows.append(("sandbox", plain(", ".join(e.sandbox.get("layers") or []))))
     parts.append(Panel(_kv_table(env_rows), title="environment", title_align="left"))
     parts.append(Text(f"step by step: kiln runs show {r.id[:8]} --metrics; what it printed: "
                       f"kiln logs {r.id[:8]}", style="dim"))  # fmt: skip

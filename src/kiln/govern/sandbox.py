@@ -78,8 +78,9 @@ class Sandbox:
 
     ``network``: open sockets (False: none at all). ``read`` and ``write``: folders or
     files it may read, or read and write, besides its code and its scratch folder.
-    ``memory``: its address space (bytes or ``"512Mi"``; None: the function's
-    ``memory`` request, else no limit). ``pids``: processes and threads at once.
+    ``memory``: its address space (bytes or ``"512Mi"``; None: no limit; the
+    function's ``memory`` request is not used, as an address space counts what is
+    mapped, not what is used). ``pids``: processes and threads at once.
     ``cpu_time``: seconds of CPU before it is killed (None: no limit).
 
     Example::
