@@ -16,8 +16,9 @@ from typing import Any
 import anyio
 import httpx
 
-from _common import Row, emit
 from bench_server import start_server, stop
+
+from _common import Row, emit
 
 RUNS = 200
 CALLS = 200

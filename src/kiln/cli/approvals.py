@@ -57,6 +57,8 @@ def approvals_show(approval_id: Id, as_json: JsonOpt = False) -> None:
                     f"(sponsor {found['sponsor'] or '-'}): {found['status']}"))  # fmt: skip
     out.print(plain(json.dumps(found["args"], indent=2, sort_keys=True, ensure_ascii=False)))
     out.print(plain(f"arguments sha256 {found['args_hash']}"))
+    if found.get("preview"):
+        out.print(plain("would change: " + json.dumps(found["preview"], sort_keys=True)))
     if found["decided_by"]:
         out.print(plain(f"{found['status']} by {found['decided_by']}"
                         + (f": {found['reason']}" if found["reason"] else "")))  # fmt: skip

@@ -148,11 +148,16 @@ def gate(ctx: Context, op: Operation, args: Args) -> ApprovalRow | None:
     digest = args_hash(op.name, args)
     if ctx.store.use_approval(who.name, op.name, digest) is not None:
         return None
+    assert op.preview is not None  # noqa: S101  every mutating operation has one (a test)
+    # What it would change, for the person deciding; a call that cannot succeed (no such
+    # model, run, endpoint) is refused now rather than put before anyone.
+    would = json.loads(json.dumps(op.preview(ctx, args), default=str))
     now = time.time()
     row = ApprovalRow(
         id=secrets.token_hex(6), project=who.project, principal=who.name, sponsor=who.sponsor,
         operation=op.name, args=args.model_dump(mode="json", exclude={"dry_run"}),
         args_hash=digest, status="pending", created_at=now, expires_at=now + APPROVAL_WAIT_S,
+        preview=would,
     )  # fmt: skip
     return ctx.store.ask_approval(row)
 
@@ -436,8 +441,11 @@ def _rollback_preview(ctx: Context, a: Back) -> Any:
     current = models.aliases(a.name).get(a.alias)
     moves = [m for m in models.history(a.name, a.alias) if m.to_version == current]
     back = moves[-1].from_version if moves else None
-    return {"alias": f"{a.name}@{a.alias}", "from": current, "to": back,
-            "possible": current is not None and back is not None}  # fmt: skip
+    if current is None or back is None:
+        from kiln.errors import NotFoundError
+
+        raise NotFoundError(f"{a.name}@{a.alias} has no earlier version to roll back to")
+    return {"alias": f"{a.name}@{a.alias}", "from": current, "to": back}
 
 
 @operation("model_rollback", "Move a model's alias back to the version it held before. "

@@ -535,6 +535,7 @@ class ApprovalRow:
     created_at: float
     expires_at: float
     sponsor: str | None = None
+    preview: dict[str, Any] | None = None  # what it would change, when it was asked
     decided_by: str | None = None
     decided_at: float | None = None
     reason: str | None = None

@@ -1047,8 +1047,9 @@ async function approvalsPage(root, alive) {
   root.append(h("h1", {}, "Approvals"),
     h("p", { class: "muted" }, "An agent's promotion, rollback, traffic change or removal waits here. Each approval is bound to the exact arguments below and works once, within the hour."),
     h("h2", {}, "Waiting"), pending.approvals.length
-      ? table(["id", "agent", "sponsor", "operation", "arguments", "asked", ""], pending.approvals.map((a) => [
-        a.id, a.principal, a.sponsor || "", a.operation, h("pre", { class: "args" }, JSON.stringify(a.args, null, 2)), when(a.created_at),
+      ? table(["id", "agent", "sponsor", "operation", "arguments", "would change", "asked", ""], pending.approvals.map((a) => [
+        a.id, a.principal, a.sponsor || "", a.operation, h("pre", { class: "args" }, JSON.stringify(a.args, null, 2)),
+        h("pre", { class: "args" }, a.preview ? JSON.stringify(a.preview, null, 2) : ""), when(a.created_at),
         person && may("approver") ? h("span", {},
           h("button", { class: "primary", "data-approve": a.id, onclick: (e) => act(e.target, () => post(`/approvals/${a.id}/approve`), () => route()) }, "Approve"), " ",
           h("button", { class: "danger", "data-reject": a.id, onclick: (e) => {
@@ -1057,9 +1058,13 @@ async function approvalsPage(root, alive) {
           } }, "Reject")) : "",
       ]), { id: "approvals" })
       : h("p", { class: "muted", id: "approvals" }, "Nothing waits for a decision."),
-    h("h2", {}, "Decided"), table(["id", "agent", "operation", "status", "by", "reason", "when"],
-      decided.approvals.filter((a) => a.status !== "pending").slice(0, 100).map((a) => [a.id, a.principal, a.operation, a.status, a.decided_by || "", a.reason || "", when(a.decided_at || a.created_at)]),
-      { id: "decided" }));
+    h("h2", {}, "Decided"), decidedTable(decided.approvals.filter((a) => a.status !== "pending").slice(0, 100)));
+}
+
+function decidedTable(rows) {
+  if (!rows.length) return h("p", { class: "muted", id: "decided" }, "None yet.");
+  return table(["id", "agent", "operation", "status", "by", "reason", "when"],
+    rows.map((a) => [a.id, a.principal, a.operation, a.status, a.decided_by || "", a.reason || "", when(a.decided_at || a.created_at)]), { id: "decided" });
 }
 
 // ---------------------------------------------------------------- endpoints and traces

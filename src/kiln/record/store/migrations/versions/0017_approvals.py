@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("operation", sa.String(100), nullable=False),
         sa.Column("args", sa.JSON, nullable=False),
         sa.Column("args_hash", sa.String(64), nullable=False),
+        sa.Column("preview", sa.JSON),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("created_at", sa.Double, nullable=False),
         sa.Column("expires_at", sa.Double, nullable=False),
