@@ -30,8 +30,10 @@ def mcp(
         ),
     ] = None,
 ) -> None:
-    """Serve Kiln's tools to an MCP client over stdio (configure the client to launch
-    `kiln mcp`). With KILN_SERVER, the server's /mcp with KILN_TOKEN's rights."""
+    """Serve Kiln's tools to an MCP client over stdio (with KILN_SERVER: the server's).
+
+    Configure the client to launch `kiln mcp`; with KILN_SERVER it relays to the
+    server's /mcp with KILN_TOKEN's rights."""
     from kiln._optional import require
 
     require("mcp", extra="server")
