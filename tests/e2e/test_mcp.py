@@ -243,8 +243,11 @@ def test_an_agents_token_on_the_http_api_waits_for_the_same_approval(team: Team)
     assert team.aliases() == {"production": 1}
     # A person's own call needs no approval; an agent's removal of a run does.
     admin_bot = team.agent("janitor", role="admin")
-    removal = team.http.delete(f"/runs/{ids[1]}", headers=bearer(admin_bot))
+    removal = team.http.delete(f"/runs/{ids[1][:8]}", headers=bearer(admin_bot))
     assert removal.status_code == 403
+    # Bound to the run's whole id, not to a prefix that could match another run later.
+    (asked,) = team.call(admin_bot, "GET", "/approvals")["approvals"]
+    assert asked["args"]["run_id"] == ids[1] and asked["preview"]["run"] == ids[1]
     assert team.call(team.root, "GET", f"/runs/{ids[1]}")["run"]["id"] == ids[1]
 
 

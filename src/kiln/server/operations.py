@@ -87,6 +87,9 @@ class Operation:
     preview: Callable[[Context, Any], Any] | None = None
     approval: bool = False  # an agent's call waits for a human's approval
     route: tuple[str, str] | None = None  # the HTTP route that does the same
+    # The arguments made exact before they are hashed (a run id prefix: the run's id), so
+    # that an approval names what a person saw, whatever the prefix matches later.
+    exact: Callable[[Context, Any], Any] | None = None
 
 
 OPERATIONS: dict[str, Operation] = {}
@@ -97,6 +100,7 @@ def operation(
     idempotent: bool, args: type[Args], approval: bool = False,
     route: tuple[str, str] | None = None,
     preview: Callable[[Context, Any], Any] | None = None,
+    exact: Callable[[Context, Any], Any] | None = None,
 ) -> Callable[[Callable[[Context, Any], Any]], Callable[[Context, Any], Any]]:  # fmt: skip
     """Add the decorated function to :data:`OPERATIONS`."""
     if permission not in rbac.PERMISSIONS:
@@ -104,7 +108,7 @@ def operation(
 
     def add(call: Callable[[Context, Any], Any]) -> Callable[[Context, Any], Any]:
         OPERATIONS[name] = Operation(name, summary, permission, effect, idempotent, args, call,
-                                     preview, approval, route)  # fmt: skip
+                                     preview, approval, route, exact)  # fmt: skip
         return call
 
     return add
@@ -122,16 +126,21 @@ def args_hash(name: str, args: Args) -> str:
     return hashlib.sha256(f"{name}\n{canonical}".encode()).hexdigest()
 
 
-def parse(op: Operation, raw: Mapping[str, Any] | None) -> Args:
-    """The arguments, checked; a :class:`kiln.errors.ValidationError` names each bad field."""
+def parse(op: Operation, raw: Mapping[str, Any] | None, ctx: Context | None = None) -> Args:
+    """The arguments, checked (a :class:`kiln.errors.ValidationError` names each bad
+    field) and, with a context, made exact."""
     try:
-        return op.args.model_validate(dict(raw or {}))
+        args = op.args.model_validate(dict(raw or {}))
     except PydanticError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "arguments"
         fields = sorted({".".join(str(p) for p in err["loc"]) for err in e.errors()})
         raise ValidationError(where, f"{first['msg']} (fields in error: {', '.join(fields)})",
                               allowed=_allowed(op)) from None  # fmt: skip
+    if ctx is not None and op.exact is not None:
+        exact: Args = op.exact(ctx, args)
+        return exact
+    return args
 
 
 def _allowed(op: Operation) -> str:
@@ -173,15 +182,17 @@ def waiting(row: ApprovalRow) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def guard_route(store: SqlStore, who: Caller, name: str, raw: Mapping[str, Any]) -> None:
+def guard_route(store: SqlStore, who: Caller, name: str, raw: Mapping[str, Any]) -> Any:
     """The gate of an HTTP route doing what operation ``name`` does: an agent's call waits
-    for an approval of exactly these arguments (403 naming it), as through the tools."""
-    if who.kind != "agent":
-        return
+    for an approval of exactly these arguments (403 naming it), as through the tools.
+    The arguments, exact: what the route must then do."""
     op = OPERATIONS[name]
-    row = gate(Context(store, who), op, parse(op, raw))
+    context = Context(store, who)
+    args = parse(op, raw, context)
+    row = gate(context, op, args)
     if row is not None:
         raise HTTPException(403, waiting(row)["message"])
+    return args
 
 
 def execute(ctx: Context, name: str, raw: Mapping[str, Any] | None) -> Any:
@@ -195,7 +206,7 @@ def execute(ctx: Context, name: str, raw: Mapping[str, Any] | None) -> Any:
         resource, verb = op.permission
         scoped = " and scopes" if ctx.caller.scopes is not None else ""
         raise Refused(f"the role {ctx.caller.role}{scoped} may not {verb} {resource}")
-    args = parse(op, raw)
+    args = parse(op, raw, ctx)
     if isinstance(args, Mutating) and args.dry_run:
         assert op.preview is not None  # noqa: S101  every mutating operation has one (a test)
         return {"dry_run": True, "operation": op.name, "would": op.preview(ctx, args)}
@@ -613,9 +624,14 @@ def _delete_preview(ctx: Context, a: Removal) -> Any:
     return {"run": run.id, "status": str(run.status), "dependants": ctx.store.dependants(run.id)}
 
 
+def _exact_run(ctx: Context, a: Removal) -> Removal:
+    return a.model_copy(update={"run_id": ctx.store.get_run(a.run_id).id})
+
+
 @operation("run_delete", "Remove a run's record (not while anything depends on it). An "
            "agent's removal waits for a human's approval.", permission=("runs", "delete"),
            effect="destructive", idempotent=False, args=Removal, approval=True,
-           route=("DELETE", "/api/v1/runs/{run_id}"), preview=_delete_preview)  # fmt: skip
+           route=("DELETE", "/api/v1/runs/{run_id}"), preview=_delete_preview,
+           exact=_exact_run)  # fmt: skip
 def run_delete(ctx: Context, a: Removal) -> Any:
     return {"removed": ctx.store.delete_run(a.run_id, with_runs=a.with_runs, force=a.force)}

@@ -94,7 +94,8 @@ def history(
 def promote(name: Name, body: schemas.Promote, store: Store, who: Authenticated) -> Any:
     """Move an alias to a version, through its policy's gates (or open a request). An
     agent's promotion waits for a human's approval of exactly these arguments."""
-    guard_route(store, who, "model_promote", {"name": name, **body.model_dump()})
+    if who.kind == "agent":
+        guard_route(store, who, "model_promote", {"name": name, **body.model_dump()})
     return _outcome(_models(store).promote(name, body.version, alias=body.alias,
                                            reason=body.reason, policy=body.policy))  # fmt: skip
 
@@ -106,7 +107,8 @@ def promote(name: Name, body: schemas.Promote, store: Store, who: Authenticated)
 )
 def rollback(name: Name, body: schemas.Rollback, store: Store, who: Authenticated) -> Any:
     """Move an alias back to the version it held before (an agent's: once approved)."""
-    guard_route(store, who, "model_rollback", {"name": name, **body.model_dump()})
+    if who.kind == "agent":
+        guard_route(store, who, "model_rollback", {"name": name, **body.model_dump()})
     return _outcome(_models(store).rollback(name, body.alias, reason=body.reason))
 
 

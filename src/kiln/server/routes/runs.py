@@ -276,8 +276,9 @@ def delete_run(
 ) -> Any:
     """Remove a run (with ``with_runs``, a sweep and its runs); the ids removed. An
     agent's removal waits for a human's approval of exactly these arguments."""
-    guard_route(store, who, "run_delete", {"run_id": run_id, "with_runs": with_runs,
-                                           "force": force})  # fmt: skip
+    if who.kind == "agent":  # the run by its whole id: what the approval names
+        run_id = guard_route(store, who, "run_delete", {"run_id": run_id, "with_runs": with_runs,
+                                                        "force": force}).run_id  # fmt: skip
     return {"items": store.delete_run(run_id, with_runs=with_runs, force=force)}
 
 
