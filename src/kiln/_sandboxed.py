@@ -169,6 +169,17 @@ class Zygote:
 _zygote: Zygote | None = None
 
 
+def _hidden(store: dict[str, Any]) -> list[str]:
+    """What a sandbox never reads though it lies in a code folder: the Kiln home, and a
+    SQLite store's file (with its journal) wherever it is."""
+    hidden = [store.get("home") or ""]
+    url = store.get("store_url") or ""
+    if url.startswith("sqlite:///"):
+        path = str(Path(url.removeprefix("sqlite:///").split("?")[0]).resolve())
+        hidden += [path + end for end in ("", "-wal", "-shm", "-journal")]
+    return hidden
+
+
 def call(task: Any, run: Any, on_start: Callable[[], None] | None, record: dict[str, Any]) -> Any:
     """Run ``task`` sandboxed as ``run`` (the worker's TaskRun); its result (JSON data).
     ``record["layers"]`` gets the layers that were active. Raises :class:`Failed`."""
@@ -176,7 +187,7 @@ def call(task: Any, run: Any, on_start: Callable[[], None] | None, record: dict[
     if _zygote is None or not _zygote.alive():
         _zygote = Zygote(sys.path)
     request = {"op": "run", "run_id": task.run_id, "app": task.app, "fn_key": task.fn_key,
-               "sandbox": task.sandbox, "hidden": [task.store.get("home", "")],
+               "sandbox": task.sandbox, "hidden": _hidden(task.store),
                "code": list(task.sys_path)}  # fmt: skip
     pid, channel = _zygote.fork(request, [task.fn_payload, task.args_payload])
     session = _Session(channel, run, on_start, task.sandbox, record)

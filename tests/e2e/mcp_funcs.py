@@ -15,3 +15,10 @@ def train(lr: float, depth: int = 3) -> dict[str, float]:
     kiln.log({"loss": 1.0 - lr})
     # What a sandboxed run sees of its environment: no token.
     return {"accuracy": 0.5 + lr + depth / 100, "token_seen": float("KILN_TOKEN" in os.environ)}
+
+
+@app.function(cpu=1, timeout=60)
+def peek(path: str) -> int:
+    """Read a file: what a hostile function would try with the server's store."""
+    with open(path, "rb") as f:
+        return len(f.read())

@@ -49,6 +49,26 @@ def test_bytes_saved_again_are_young_even_in_an_old_blob() -> None:
     assert gc_json()["removed"] == []  # and now its run names it
 
 
+def test_a_registered_models_bytes_outlive_its_runs_artifact_row() -> None:
+    from kiln.record.store.base import WriteBatch
+    from kiln.record.store.rows import ArtifactRow
+
+    app = kiln.App("gc")
+    rec = recorder.recorder_for(Settings.from_env())
+    with app.run() as run:
+        kiln.save("model.pkl", b"weights of version 1")
+    version = app.models.register("m", run.id, artifact="model.pkl")
+    # The run's artifact row written again with other bytes: nothing but the model
+    # version names the first ones now.
+    other = rec.blobs.put_bytes(b"other bytes")
+    rec.store.write(WriteBatch(artifacts=[ArtifactRow(
+        run_id=run.id, direction="out", name="model.pkl", kind="file", sha256=other, size=11,
+    )]))  # fmt: skip
+    make_old(rec.blobs, version.artifact_sha256)
+    assert version.artifact_sha256 not in gc_json()["removed"]
+    assert rec.blobs.exists(version.artifact_sha256)
+
+
 class NamedMeanwhile:
     """The real store, except that a blob becomes referenced after gc first asks."""
 

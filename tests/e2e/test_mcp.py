@@ -447,11 +447,18 @@ def test_an_agent_that_obeys_what_it_reads_does_nothing_unapproved(team: Team) -
 
 
 @pytest.fixture
-def offering(start_server: Start, monkeypatch: pytest.MonkeyPatch) -> Iterator[Team]:
-    """A server offering ``train`` to the tools, its runs admitted to pool ``box``."""
+def offering(
+    start_server: Start, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Team]:
+    """A server offering ``train`` and ``peek`` to the tools, their runs admitted to pool
+    ``box``; its store lies in the functions' own folder."""
     monkeypatch.setenv("KILN_PRICES", '{"cpu_hour": 3.6}')  # a 1-core, 60 s run: at most $0.06
-    args = ("--function", f"{FUNCS}::train", "--pool", "box")
-    team = Team(start_server(auth=True, args=args))
+    work = tmp_path / "work"
+    work.mkdir()
+    funcs = work / "offered.py"
+    funcs.write_text(FUNCS.read_text())
+    args = ("--function", f"{funcs}::train", "--function", f"{funcs}::peek", "--pool", "box")
+    team = Team(start_server(home=work / "store", auth=True, args=args))
     team.call(team.root, "PUT", "/pools/box", {"cpu": 2})
     team.call(team.root, "PUT", "/queues/box", {"cpu": 2})
     yield team
@@ -494,7 +501,7 @@ def test_an_agent_runs_a_sweep_sandboxed_within_its_budget(offering: Team) -> No
         return offered, dry, bad, started
 
     offered, dry, bad, started = on_http(team, bot, sweep)
-    (train,) = offered["functions"]
+    _, train = offered["functions"]  # peek, train
     assert train["name"] == "train" and train["params"] == ["lr", "depth"]
     assert train["sandboxed"] is True and train["pool"] == "box"  # an agent's: always
     assert dry["would"]["runs"] == 2
@@ -520,3 +527,69 @@ def test_an_agent_runs_a_sweep_sandboxed_within_its_budget(offering: Team) -> No
     )
     refused = wait_ended(team, more["run_id"])
     assert refused["status"] == "failed" and "budget" in refused["error"], refused
+
+
+def test_the_sandbox_of_an_agents_run_cannot_read_the_servers_store(offering: Team) -> None:
+    team = offering
+    bot = team.agent("bot")
+    store = team.server.home / "kiln.db"
+    assert store.is_file()
+    started = on_http(team, bot, lambda c: c.call_tool("function_run", {
+        "function": "peek", "args": {"path": str(store)}}))  # fmt: skip
+    run = wait_ended(team, answer(started)["run_id"])
+    assert run["status"] == "failed" and "PermissionError" in run["error"], run
+
+
+def test_an_agent_never_becomes_someone_else_nor_governs(team: Team) -> None:
+    ids = record_runs()
+    admin = team.agent("adminbot", role="admin")
+    scoped = team.agent("scoped", role="admin", scopes=["runs:read"])
+    for token in (admin, scoped):
+        for method, path, body in [
+            ("POST", "/tokens", {"principal": "root"}),
+            ("GET", "/tokens?all=true", None),
+            ("POST", "/principals", {"name": "mallory", "role": "approver"}),
+            ("POST", "/principals/alice/disable", None),
+            ("PUT", "/models/fraud/policies/production", {"policy": None, "weaken": True}),
+            ("POST", "/gc", {"dry_run": True}),
+            ("POST", "/promotion-requests/" + "0" * 16 + "/approve", None),
+            ("PUT", "/budgets", {"amount": 1e9}),
+            ("PATCH", "/servers/srv1", {"status": "stopped", "url": "http://attacker.example"}),
+        ]:
+            found = team.http.request(method, path, json=body, headers=bearer(token))
+            assert found.status_code == 403, (method, path, found.text)
+    # Nor rewrites a person's run.
+    update = {"updates": [{"id": ids[0], "status": "failed", "ended_at": 1.0}]}
+    found = team.http.post("/batches", json=update, headers=bearer(admin))
+    assert found.status_code == 403 and "its own runs" in found.json()["detail"]
+    assert team.call(team.root, "GET", f"/runs/{ids[0]}")["run"]["status"] == "succeeded"
+
+
+def test_an_approved_rollback_does_not_run_once_the_alias_moved_on(team: Team) -> None:
+    ids = record_runs()
+    app = kiln.App("fraud")
+    for run_id in ids:
+        app.models.register("fraud", run_id, artifact="model.pkl")
+    app.models.promote("fraud", 1)
+    app.models.promote("fraud", 2)
+    bot = team.agent("janitor", role="admin")
+    asked = answer(on_http(team, bot, lambda c: c.call_tool("model_rollback", {"name": "fraud"})))
+    assert asked["status"] == "approval_required"
+    shown = team.call(team.alice, "GET", f"/approvals/{asked['approval']}")["approvals"][0]
+    assert shown["preview"] == {"alias": "fraud@production", "from": 2, "to": 1}
+    team.call(team.alice, "POST", f"/approvals/{asked['approval']}/approve", {})
+    app.models.promote("fraud", 3)  # a person ships a fix meanwhile
+    again = answer(on_http(team, bot, lambda c: c.call_tool("model_rollback", {"name": "fraud"})))
+    assert again["status"] == "approval_required" and again["approval"] != asked["approval"]
+    assert team.aliases() == {"production": 3}
+
+
+def test_mcp_refuses_a_flood_of_bad_tokens_and_kiln_mcp_says_so(team: Team) -> None:
+    env = {**os.environ, "KILN_SERVER": team.server.url, "KILN_TOKEN": "kiln_000000000000_x"}
+    relay = subprocess.run([sys.executable, "-m", "kiln", "mcp"], capture_output=True,
+                           text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert relay.returncode == 1 and "refuses the token" in relay.stderr, relay.stderr
+    url = f"{team.server.url}/mcp"
+    codes = [httpx.post(url, json={}, headers=bearer(f"kiln_{i:012x}_no")).status_code
+             for i in range(25)]  # fmt: skip
+    assert set(codes[:19]) == {401} and codes[-1] == 429

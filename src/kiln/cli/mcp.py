@@ -59,6 +59,7 @@ async def _serve(server: Any) -> None:
 
 async def _relayed(settings: Settings) -> None:
     server, upstream = _relay(settings)
+    await _check_token(upstream)
     async with upstream:  # connected first: a server that cannot be reached is said at once
         await _serve(server)
 
@@ -143,6 +144,26 @@ class _Upstream:
         except Exception as e:  # said on stderr too; the process stays up
             print(f"kiln mcp: {self.url}: {e}", file=sys.stderr)
             raise
+
+
+async def _check_token(upstream: _Upstream) -> None:
+    """Say at once, and plainly, that the server refuses the token (MCP would only say
+    that it answered with an error)."""
+    import httpx2
+
+    whoami = upstream.url.removesuffix("/mcp") + "/api/v1/whoami"
+    headers = {"Authorization": f"Bearer {upstream.token}"}
+    try:
+        async with httpx2.AsyncClient(timeout=30) as http:
+            answer = await http.get(whoami, headers=headers)
+    except Exception as e:
+        raise ConfigError("KILN_SERVER", f"cannot reach {upstream.url}: {_leaf(e)}") from None
+    if answer.status_code in (401, 403, 429):
+        try:
+            detail = str(answer.json().get("detail", ""))[:300]
+        except ValueError:
+            detail = f"HTTP {answer.status_code}"
+        raise ConfigError("KILN_TOKEN", f"{upstream.url} refuses the token: {detail}")
 
 
 def _leaf(error: BaseException) -> BaseException:

@@ -47,6 +47,15 @@ _GRANTS: dict[Role, frozenset[tuple[str, str]]] = {
 
 PERMISSIONS: frozenset[tuple[str, str]] = frozenset().union(*_GRANTS.values())
 
+# Whatever its role, an agent never manages principals or tokens (it would become
+# someone else), creates projects, approves anything (a person does), sets promotion
+# policies, collects garbage, or sets quotas, budgets or pools: governance is people's.
+AGENT_DENIED: frozenset[tuple[str, str]] = frozenset({
+    ("principals", "admin"), ("tokens", "admin"), ("projects", "create"),
+    ("approvals", "decide"), ("promotions", "approve"), ("policies", "write"),
+    ("store", "gc"), ("quotas", "admin"), ("pools", "admin"),
+})  # fmt: skip
+
 
 @functools.cache
 def grants(role: Role) -> frozenset[tuple[str, str]]:

@@ -46,13 +46,26 @@ class Caller:
     scopes: tuple[str, ...] | None = None  # an agent's: the permissions it is limited to
 
     def may(self, permission: tuple[str, str]) -> bool:
-        """Whether the role, and the scopes if any, allow ``permission``."""
+        """Whether the role, and the scopes if any, allow ``permission`` (an agent's
+        never :data:`kiln.govern.rbac.AGENT_DENIED`)."""
         resource, verb = permission
         if not rbac.allows(self.role, resource, verb):
+            return False
+        if self.kind == "agent" and permission in rbac.AGENT_DENIED:
             return False
         if self.scopes is None or permission == ("account", "self"):  # who am I: always
             return True
         return f"{resource}:{verb}" in self.scopes
+
+    def refusal(self, permission: tuple[str, str]) -> str:
+        """Why :meth:`may` says no."""
+        resource, verb = permission
+        if rbac.allows(self.role, resource, verb) and self.kind == "agent" and (
+            permission in rbac.AGENT_DENIED
+        ):  # fmt: skip
+            return f"an agent may not {verb} {resource}, whatever its role: a person does"
+        scoped = " and scopes" if self.scopes is not None else ""
+        return f"the role {self.role}{scoped} may not {verb} {resource}"
 
 
 class Guard:
@@ -197,9 +210,7 @@ def need(resource: str, verb: str) -> Any:
 
     def check(request: Request, who: Authenticated) -> Caller:
         if not who.may((resource, verb)):
-            scoped = " and scopes" if who.scopes is not None else ""
-            raise _denied(request, 403, f"the role {who.role}{scoped} may not {verb} "
-                          f"{resource}", who.name)  # fmt: skip
+            raise _denied(request, 403, who.refusal((resource, verb)), who.name)
         return who
 
     check.permission = (resource, verb)  # type: ignore[attr-defined]  # read by the route test

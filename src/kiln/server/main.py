@@ -126,8 +126,9 @@ def serve(
 
     own = {k: v for k, v in os.environ.items()
            if k not in ("KILN_SERVER", "KILN_TOKEN", "KILN_POOL")}  # fmt: skip
-    runner = replace(Settings.from_env(own), home=home / "runner", server_url=public_url,
-                     token=None, pool=pool)  # fmt: skip
+    # The server's own home and store: what a sandbox hides (kiln.db, blobs) is theirs.
+    runner = replace(Settings.from_env(own), home=home, store_url=store_url,
+                     server_url=public_url, token=None, pool=pool)  # fmt: skip
     app = build_app(store, blobs, home, auth=not insecure_no_auth, prices=Prices.from_env(),
                     lease_s=lease_seconds(os.environ), public_url=public_url,
                     functions=functions, run_settings=runner)  # fmt: skip

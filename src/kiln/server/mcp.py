@@ -140,6 +140,45 @@ class Verifier:
                            subject=found.name, claims=claims)  # fmt: skip
 
 
+def _limited() -> Exception:
+    """Too many failed authentications from one address (see :mod:`kiln.server.auth`)."""
+    from starlette.authentication import AuthenticationError
+
+    class Limited(AuthenticationError):
+        pass
+
+    return Limited("too many failed authentications from this address; wait a minute")
+
+
+def _guarded(state: Any) -> Any:
+    """The SDK's bearer backend behind the API's guard: a token header longer than the
+    API's bound is not read, and past 20 failures a minute from one address the answer
+    is 429, neither audited nor checked (a flood of bad tokens stays small)."""
+    from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend
+
+    class Guarded(BearerAuthBackend):
+        async def authenticate(self, conn: Any) -> Any:
+            now, address = time.time(), conn.client.host if conn.client else "-"
+            guard = state.guard
+            if guard.limited(address, now):
+                raise _limited()
+            header = conn.headers.get("authorization") or ""
+            found = None if len(header) > 200 else await super().authenticate(conn)
+            if found is None:
+                guard.failed(address, now)
+            return found
+
+    return Guarded(Verifier(state))
+
+
+def _too_many(conn: Any, error: Exception) -> Any:
+    from kiln.server.problems import problem
+
+    if type(error).__name__ == "Limited":
+        return problem(429, "Too Many Requests", str(error), headers={"Retry-After": "60"})
+    return problem(400, "Bad Request", str(error))
+
+
 def _http_context(request: Any) -> Context | Refusal:
     state = request.app.state
     if not state.auth:
@@ -171,7 +210,7 @@ def mount(app: Any, *, public_url: str | None = None) -> Callable[[], Any]:
     """Serve MCP at ``/mcp`` of the FastAPI ``app`` (with its protected-resource document
     at ``/.well-known/oauth-protected-resource/mcp``); the lifespan the app must run."""
     from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
-    from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
+    from mcp.server.auth.middleware.bearer_auth import RequireAuthMiddleware
     from mcp.server.auth.routes import build_resource_metadata_url, create_protected_resource_routes
     from mcp.server.streamable_http_manager import (
         StreamableHTTPASGIApp,
@@ -182,15 +221,25 @@ def mount(app: Any, *, public_url: str | None = None) -> Callable[[], Any]:
     from starlette.routing import Route
 
     server = build(_http_context)
-    manager = StreamableHTTPSessionManager(app=server, stateless=True, json_response=True)
+    security = None
+    if not app.state.auth:  # no token to stop a page another site serves: check Host, Origin
+        from mcp.server.transport_security import TransportSecuritySettings
+
+        local = ("127.0.0.1:*", "localhost:*", "[::1]:*")
+        security = TransportSecuritySettings(
+            enable_dns_rebinding_protection=True, allowed_hosts=list(local),
+            allowed_origins=[f"http://{h}" for h in local] + [f"https://{h}" for h in local],
+        )  # fmt: skip
+    manager = StreamableHTTPSessionManager(app=server, stateless=True, json_response=True,
+                                           security_settings=security)  # fmt: skip
     endpoint: Any = StreamableHTTPASGIApp(manager)
     if app.state.auth:
         base = (public_url or "http://127.0.0.1").rstrip("/")
         resource = AnyHttpUrl(f"{base}/mcp")
         endpoint = RequireAuthMiddleware(endpoint, [], build_resource_metadata_url(resource))
         endpoint = AuthContextMiddleware(endpoint)
-        backend = BearerAuthBackend(Verifier(app.state))
-        endpoint = AuthenticationMiddleware(endpoint, backend=backend)
+        endpoint = AuthenticationMiddleware(endpoint, backend=_guarded(app.state),
+                                            on_error=_too_many)  # fmt: skip
         for route in create_protected_resource_routes(
             resource_url=resource, authorization_servers=[AnyHttpUrl(base)],
             scopes_supported=["viewer", "member", "approver", "admin"], resource_name="Kiln",

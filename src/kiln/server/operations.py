@@ -10,9 +10,11 @@ that says what would change and changes nothing.
 The server is the guard, not the client: :func:`execute` checks the caller's role and
 scopes on every call (a tool not listed is still refused by name), and an agent's
 call of an operation marked ``approval`` (destructive ones, and promotions) becomes an
-approval request bound to the SHA-256 of its exact arguments. A human approves it
-(``kiln approvals approve ID`` or the dashboard); the agent's next call with the same
-arguments then runs once. A change to any argument is another hash: another approval.
+approval request bound to the SHA-256 of its exact arguments and of what they would
+change (its dry run). A human approves it (``kiln approvals approve ID`` or the
+dashboard); the agent's next call with the same arguments then runs once, if it would
+still change what was approved. A change to any argument, or to what the call would do,
+is another hash: another approval.
 The HTTP routes of those operations go through :func:`gate` the same way, so an
 agent's token cannot step around the tools.
 """
@@ -119,9 +121,10 @@ def visible(caller: Caller) -> list[Operation]:
     return [op for op in OPERATIONS.values() if caller.may(op.permission)]
 
 
-def args_hash(name: str, args: Args) -> str:
-    """The SHA-256 of an operation's exact arguments (a dry run's flag left out)."""
-    data = args.model_dump(mode="json", exclude={"dry_run"})
+def args_hash(name: str, args: Args, would: Any = None) -> str:
+    """The SHA-256 of an operation's exact arguments (a dry run's flag left out) and of
+    what they would change (``would``, its preview: the state a person approves)."""
+    data = {"args": args.model_dump(mode="json", exclude={"dry_run"}), "would": would}
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(f"{name}\n{canonical}".encode()).hexdigest()
 
@@ -150,17 +153,19 @@ def _allowed(op: Operation) -> str:
 def gate(ctx: Context, op: Operation, args: Args) -> ApprovalRow | None:
     """None when the call may go ahead now; else the approval it waits for. An agent's
     call of an operation marked ``approval`` spends an approval of exactly these
-    arguments, or asks for one."""
+    arguments and what they would change now, or asks for one."""
     who = ctx.caller
     if not op.approval or who.kind != "agent":
         return None
-    digest = args_hash(op.name, args)
+    assert op.preview is not None  # noqa: S101  every mutating operation has one (a test)
+    # What it would change: shown to the person deciding, and hashed with the arguments,
+    # so an approval is spent only while the call would still do what was approved (a
+    # rollback approved as 2 -> 1 does not run once 3 was promoted). A call that cannot
+    # succeed (no such model, run, endpoint) is refused now, not put before anyone.
+    would = json.loads(json.dumps(op.preview(ctx, args), default=str))
+    digest = args_hash(op.name, args, would)
     if ctx.store.use_approval(who.name, op.name, digest) is not None:
         return None
-    assert op.preview is not None  # noqa: S101  every mutating operation has one (a test)
-    # What it would change, for the person deciding; a call that cannot succeed (no such
-    # model, run, endpoint) is refused now rather than put before anyone.
-    would = json.loads(json.dumps(op.preview(ctx, args), default=str))
     now = time.time()
     row = ApprovalRow(
         id=secrets.token_hex(6), project=who.project, principal=who.name, sponsor=who.sponsor,
@@ -203,9 +208,7 @@ def execute(ctx: Context, name: str, raw: Mapping[str, Any] | None) -> Any:
     if op is None:
         raise Refused(f"no operation {name!r}")
     if not ctx.caller.may(op.permission):
-        resource, verb = op.permission
-        scoped = " and scopes" if ctx.caller.scopes is not None else ""
-        raise Refused(f"the role {ctx.caller.role}{scoped} may not {verb} {resource}")
+        raise Refused(ctx.caller.refusal(op.permission))
     args = parse(op, raw, ctx)
     if isinstance(args, Mutating) and args.dry_run:
         assert op.preview is not None  # noqa: S101  every mutating operation has one (a test)
@@ -222,7 +225,7 @@ RunId = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"
 Name = Annotated[str, StringConstraints(pattern=schemas.NAME_PATTERN)]
 Alias = Annotated[str, StringConstraints(pattern=schemas.ALIAS_PATTERN)]
 Ref = Annotated[str, StringConstraints(pattern=schemas.REF_PATTERN)]
-Reason = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=10_000)]  # as the API's
 Key = Annotated[str, StringConstraints(min_length=1, max_length=250)]
 
 
@@ -540,6 +543,9 @@ def _settings(ctx: Context) -> Settings:
     always a sandbox."""
     base: Settings = ctx.extra["settings"]
     who = ctx.caller
+    if who.kind == "agent" and base.pool is None:
+        raise ValidationError("function", "an agent's runs need a pool, where its quota and "
+                              "budget hold: start the server with --pool POOL")  # fmt: skip
     return dataclasses.replace(
         base, token=ctx.extra.get("token") or base.token, actor=who.name or base.actor,
         project=who.project if base.server_url else base.project,

@@ -104,10 +104,12 @@ METRIC_OPS = ("<", "<=", ">", ">=", "=", "!=")
 
 def check_key(name: str, field: str) -> None:
     """A param or tag name a query can look up: a JSON path cannot hold ``"`` or ``\\``
-    as the databases quote it, so such a name is refused rather than matching nothing."""
-    if '"' in name or "\\" in name:
-        raise ValidationError(field, f"{name!r} holds a quote or backslash, which a query "
-                              "cannot look up", allowed="names without \" or \\")  # fmt: skip
+    as the databases quote it, nor a control character (NUL ends it), so such a name is
+    refused rather than matching nothing or failing in the database."""
+    if '"' in name or "\\" in name or any(ord(c) < 32 for c in name):
+        raise ValidationError(field, f"{name!r} holds a quote, backslash or control "
+                              "character, which a query cannot look up",
+                              allowed="names without \", \\ or control characters")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -596,9 +596,13 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities, Quotas, Approvals,
         return audit.Event("run.delete", run_id, payload, time.time(), self.actor)
 
     def referenced_blobs(self) -> set[str]:
-        """Every blob sha256 a record names: artifacts, code, environment lists and locks."""
+        """Every blob sha256 a record names: artifacts, registered models' artifacts (kept
+        even when their run's artifact row was written again), code, environment lists
+        and locks."""
         with self._engine.connect() as conn:
             found = {r[0] for r in conn.execute(sa.select(artifacts.c.sha256).distinct())}
+            versions = sa.select(model_versions.c.artifact_sha256).distinct()
+            found |= {r[0] for r in conn.execute(versions)}
             for code, env in conn.execute(sa.select(runs.c.code, runs.c.environment)):
                 code, env = code or {}, env or {}
                 for blob in (code.get("patch_sha256"), code.get("source_blob"),

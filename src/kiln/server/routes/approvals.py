@@ -53,7 +53,8 @@ def get_approval(approval_id: ApprovalId, store: Store, who: Authenticated) -> A
 
 def _decide(approval_id: str, body: Decision, store: Any, who: Any, approve: bool) -> Any:
     if who.kind != "user":
-        raise HTTPException(403, f"a {who.kind} may not decide approvals: a person does")
+        who_is = "an agent" if who.kind == "agent" else f"a {who.kind} account"
+        raise HTTPException(403, f"{who_is} may not decide approvals: a person does")
     found = store.approval(approval_id)
     if found.principal == who.name:
         raise HTTPException(403, "nobody approves their own request")

@@ -226,7 +226,7 @@ def disable(name: Annotated[str, Path(pattern=schemas.NAME_PATTERN)], store: Sto
 def list_tokens(store: Store, who: Authenticated, all: bool = False) -> Any:
     """The caller's tokens of this project (an admin's ``all=true``: everyone's); never
     their secrets."""
-    if all and not rbac.allows(who.role, "tokens", "admin"):
+    if all and not who.may(("tokens", "admin")):
         raise HTTPException(403, f"the role {who.role} may not list others' tokens")
     found = store.tokens(None if all else who.name)
     return {
@@ -244,13 +244,15 @@ def create_token(body: NewToken, store: Store, who: Authenticated) -> Any:
     project = body.project or who.project
     ceiling = who.role
     if project != who.project:
-        if not rbac.allows(who.role, "tokens", "admin"):
+        if not who.may(("tokens", "admin")):
             raise HTTPException(403, f"a {who.role} token mints tokens of its own project only")
         mine = store.member(project, who.name)
         if mine is None:
             raise NotFoundError(f"no project {project!r} of yours; `kiln projects ls` lists them")
         ceiling = rbac.narrowest(mine.role, who.role)
-    if principal != who.name and not rbac.allows(ceiling, "tokens", "admin"):
+    if principal != who.name and not (
+        rbac.allows(ceiling, "tokens", "admin") and who.may(("tokens", "admin"))
+    ):
         raise HTTPException(403, f"the role {ceiling} may not mint tokens for others")
     target = store.principal(principal)
     member = store.member(project, principal)
@@ -273,7 +275,7 @@ def revoke(token_id: TokenId, store: Store, who: Authenticated) -> None:
     """Revoke a token of the caller's (an admin: anyone's): refused from its next request."""
     found = store.token(token_id)
     if found is None or found.kind != "access" or found.project != who.project or (
-        found.principal != who.name and not rbac.allows(who.role, "tokens", "admin")
+        found.principal != who.name and not who.may(("tokens", "admin"))
     ):  # fmt: skip
         raise NotFoundError(f"no token {token_id!r} of yours; `kiln tokens ls` lists them")
     store.revoke_token(token_id)

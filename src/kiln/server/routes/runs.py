@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticError
 
-from kiln.errors import ValidationError
+from kiln.errors import NotFoundError, ValidationError
 from kiln.record.blobs import FileBlobStore
 from kiln.record.store._wire import from_number, number, points_to_wire, record_to_wire
 from kiln.record.store.base import RunQuery, WriteBatch
@@ -107,6 +107,25 @@ def _check_blobs(batch: WriteBatch, store: SqlStore, blobs: FileBlobStore) -> No
             )  # fmt: skip
 
 
+def _own_runs_only(batch: WriteBatch, store: SqlStore, agent: str) -> None:
+    """Refuse an agent's batch touching a run it did not make (a person's run rewritten
+    is a record no longer trustworthy, and its artifacts what a model was made of)."""
+    new = {r.id for r in batch.new_runs}
+    touched = {r for r, *_ in batch.metrics} | {r for r, *_ in batch.summaries}
+    touched |= {a.run_id for a in batch.artifacts} | {u.id for u in batch.updates}
+    touched |= set(batch.seal) | {r for r, _ in batch.warnings} | {r for r, *_ in batch.logs}
+    for run_id in sorted(touched - new):
+        try:
+            actor = store.get_run(run_id).actor
+        except NotFoundError:
+            continue  # the store refuses rows of a run it does not have
+        if actor != agent:
+            from starlette.exceptions import HTTPException
+
+            raise HTTPException(403, f"an agent writes only its own runs; run {run_id} is "
+                                f"{actor}'s")  # fmt: skip
+
+
 def _summary(value: float | str | None) -> float:
     found = from_number(value)
     return math.nan if found is None else found
@@ -123,10 +142,12 @@ async def write_batch(
     store: Store,
     bounds: Bounds,
     blobs: Blobs,
+    who: Authenticated,
 ) -> dict[str, int]:
     """Apply one batch in one transaction. A batch sent again with the same
     ``Idempotency-Key`` (its sender did not hear back) is applied once. A file or
-    pickle artifact names a blob the server holds (upload it first)."""
+    pickle artifact names a blob the server holds (upload it first). An agent writes
+    only its own runs."""
     idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
     if idempotency_key is not None and not _KEY.fullmatch(idempotency_key):
         raise ValidationError(IDEMPOTENCY_HEADER, "is not a key", allowed="8-64 of A-Z a-z 0-9 _ -")
@@ -149,6 +170,8 @@ async def write_batch(
     from starlette.concurrency import run_in_threadpool
 
     await run_in_threadpool(_check_blobs, batch, store, blobs)
+    if who.kind == "agent":
+        await run_in_threadpool(_own_runs_only, batch, store, who.name)
     await run_in_threadpool(store.write, batch)
     INGESTED.inc(len(batch.metrics))
     return {"points": len(batch.metrics)}

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from kiln.errors import NotFoundError
 from kiln.record.store.base import EndpointLogRow, EndpointRow, ServerRow
@@ -22,9 +23,20 @@ router = APIRouter(prefix="/api/v1", tags=["serving"])
 Name = Annotated[str, Path(pattern=schemas.NAME_PATTERN)]
 
 
+def _not_an_agent(who: Authenticated) -> None:
+    """Endpoints are declared by their servers (a person's ``kiln serve``, a service
+    account's replicas), never by an agent: it changes traffic through an approval."""
+    if who.kind == "agent":
+        raise HTTPException(403, "an agent does not declare endpoints or report for their "
+                            "servers; it asks to change traffic (traffic_set), which a "
+                            "person approves")  # fmt: skip
+
+
 @router.post("/servers", dependencies=[need("endpoints", "write")], status_code=204)
-def announce(body: schemas.Announce, store: Store) -> None:
-    """Declare the endpoint (its live split kept), add a server of it and forget old ones."""
+def announce(body: schemas.Announce, store: Store, who: Authenticated) -> None:
+    """Declare the endpoint (its live split kept), add a server of it and forget old ones.
+    Not an agent's: a declaration names the model and split that serve."""
+    _not_an_agent(who)
     endpoint = EndpointRow(**body.endpoint.model_dump())
     server = ServerRow(endpoint=endpoint.name, **body.server.model_dump())
     store.announce_server(endpoint, server, forget=body.forget)
@@ -33,9 +45,10 @@ def announce(body: schemas.Announce, store: Store) -> None:
 @router.patch("/servers/{server_id}", dependencies=[need("endpoints", "write")], status_code=204)
 def report(
     server_id: Annotated[str, Path(min_length=1, max_length=32)], body: schemas.Report,
-    store: Store,
+    store: Store, who: Authenticated,
 ) -> None:  # fmt: skip
-    """A server's heartbeat (no stats: keep its last ones), or its end."""
+    """A server's heartbeat (no stats: keep its last ones), or its end (not an agent's)."""
+    _not_an_agent(who)
     store.report_server(server_id, status=body.status, stats=body.stats, url=body.url)
 
 
