@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -106,6 +107,26 @@ def unshare_user() -> str:
     return "root again"
 
 
+SHM_KEY = 0x4B494C4E  # a System V shared memory segment the driver makes
+
+
+@app.function(sandbox=True)
+def shared_memory(key: int) -> str:
+    found = _libc.shmget(key, 0, 0)
+    if found < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return f"attached to segment {found}"
+
+
+@pytest.fixture
+def segment() -> Iterator[int]:
+    found = _libc.shmget(SHM_KEY, 4096, 0o1600)  # IPC_CREAT | 0600
+    assert found >= 0, os.strerror(ctypes.get_errno())
+    yield found
+    _libc.shmctl(found, 0, None)  # IPC_RMID
+
+
 @pytest.fixture
 def secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """A fake ~/.ssh key and a token in the driver's environment (the workers inherit it)."""
@@ -118,7 +139,7 @@ def secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     return {"home": home, "tmp": tmp_path}
 
 
-def test_no_escape_succeeds(secrets: dict[str, Path]) -> None:
+def test_no_escape_succeeds(secrets: dict[str, Path], segment: int) -> None:
     driver, tmp = os.getpid(), secrets["tmp"]
     kiln_home = Path(os.environ["KILN_HOME"])
     attempts = {
@@ -137,6 +158,7 @@ def test_no_escape_succeeds(secrets: dict[str, Path]) -> None:
         "token from the environment": (token_from_environment.spawn(), "KeyError: 'KILN_TOKEN'"),
         "token from /proc": (read.spawn(f"/proc/{driver}/environ"), "PermissionError"),
         "a user namespace": (unshare_user.spawn(), "PermissionError"),
+        "the driver's shared memory": (shared_memory.spawn(SHM_KEY), "FileNotFoundError"),
     }  # fmt: skip
     escaped = {}
     for what, (run, expected) in attempts.items():
@@ -149,7 +171,7 @@ def test_no_escape_succeeds(secrets: dict[str, Path]) -> None:
     assert not (tmp / "escaped.txt").exists()
     record = kiln.get_run(attempts["open a socket"][0].id)
     assert record.environment.sandbox is not None
-    assert "seccomp" in record.environment.sandbox["layers"]
+    assert {"seccomp", "ipc-uts"} <= set(record.environment.sandbox["layers"])
 
 
 def work(data: str, out: str) -> dict:

@@ -15,6 +15,7 @@ landlock-scope signals and abstract unix sockets stay inside the sandbox
 seccomp        system calls that reach beyond the process denied (see ``_seccomp``),
                sockets too unless ``network=True``
 netns          a private network namespace with no interface but loopback
+ipc-uts        its own System V IPC (no other process's shared memory) and host name
 no-new-privs   no setuid or file capabilities gained by exec
 capabilities   every capability dropped: root inside is not root-powerful
 rlimits        address space (``memory``), CPU time (``cpu_time``), no core dumps
@@ -68,6 +69,7 @@ _DEVICES_R = ("/dev/urandom", "/dev/random")
 _PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS, _PR_CAPBSET_DROP = 1, 38, 24
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _CLONE_NEWNET, _CLONE_NEWUSER = 0x40000000, 0x10000000
+_CLONE_NEWIPC, _CLONE_NEWUTS = 0x08000000, 0x04000000
 _CAP_SYS_ADMIN = 21
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -376,9 +378,15 @@ def confine(sandbox: Sandbox, place: Place) -> tuple[str, ...]:
     active: list[str] = []
     _prctl(_PR_SET_PDEATHSIG, 9)  # the zygote dies: so does this run
     _layer("pids", lambda: _limit_pids(sandbox, place), active)
+    # Its own System V IPC and host name too: shared memory segments and semaphores of
+    # other processes of the same user are out of reach.
+    user = 0 if os.geteuid() == 0 else _CLONE_NEWUSER
     if not sandbox.network:
-        flags = _CLONE_NEWNET if os.geteuid() == 0 else _CLONE_NEWNET | _CLONE_NEWUSER
+        flags = _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS | user
         _layer("netns", lambda: _check(_libc.unshare(flags)), active)
+        active.append("ipc-uts")
+    elif _libc.unshare(_CLONE_NEWIPC | _CLONE_NEWUTS | user) == 0:  # where it can: not needed
+        active.append("ipc-uts")
     _layer("rlimits", lambda: _set_rlimits(sandbox), active)
     _layer("clean-env", lambda: _clean(place), active)
     _layer("no-new-privs", lambda: _prctl(_PR_SET_NO_NEW_PRIVS, 1), active)
