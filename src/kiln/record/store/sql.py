@@ -1149,9 +1149,9 @@ class SqlStore(EndpointsAndSpans, RegistryAccess, Identities, Quotas, Approvals,
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            _wal(cur)
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
         return engine
@@ -1360,3 +1360,23 @@ def _link(graph: Lineage, row: sa.RowMapping) -> None:
         graph.edges.append((sha, run_id, "consumed"))
     else:
         graph.edges.append((run_id, sha, "produced"))
+
+
+def _wal(cur: Any) -> None:
+    """Put a SQLite database in WAL mode (kept in the file: a no-op once done). Two
+    processes opening a new store at once can find it locked while the other switches
+    it, without SQLite waiting (it answers busy at once there): try again, for 30 s."""
+    import sqlite3
+
+    deadline = time.monotonic() + 30
+    pause = 0.01
+    while True:
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
