@@ -188,7 +188,7 @@ def call(task: Any, run: Any, on_start: Callable[[], None] | None, record: dict[
         _zygote = Zygote(sys.path)
     request = {"op": "run", "run_id": task.run_id, "app": task.app, "fn_key": task.fn_key,
                "sandbox": task.sandbox, "hidden": _hidden(task.store),
-               "code": list(task.sys_path)}  # fmt: skip
+               "code": list(task.sys_path), "cwd": task.cwd}  # fmt: skip
     pid, channel = _zygote.fork(request, [task.fn_payload, task.args_payload])
     session = _Session(channel, run, on_start, task.sandbox, record)
     stop: list[int] = []
@@ -494,8 +494,8 @@ def _child(request: dict[str, Any], payloads: list[bytes], fd: int, scratch: str
         spec = _sandbox.Sandbox.from_json(request["sandbox"])
         environ = {k: os.environ[k] for k in KEPT if k in os.environ}
         code = tuple(request["code"]) + tuple(p for p in sys.path if p not in ("", "/"))
-        place = _sandbox.Place(scratch, code,
-                               tuple(h for h in request["hidden"] if h), environ, pids)  # fmt: skip
+        place = _sandbox.Place(scratch, code, tuple(h for h in request["hidden"] if h),
+                               environ, pids, request.get("cwd"))  # fmt: skip
         try:
             if failure is not None:
                 raise failure

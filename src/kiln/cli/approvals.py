@@ -16,13 +16,37 @@ from kiln.cli.quotas import _client, _listing
 
 app = typer.Typer(help="Agents' actions waiting for a person's approval.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
-Id = Annotated[str, typer.Argument(help="The approval's id (`kiln approvals ls`).")]
+Id = Annotated[
+    str, typer.Argument(help="The approval's id or a unique prefix of it (`kiln approvals ls`).")
+]
 Reason = Annotated[str | None, typer.Option("--reason", help="Why, kept in the audit log.")]
 STATUSES = ("pending", "approved", "rejected", "used", "all")
 
 
 def _args(row: dict[str, Any]) -> str:
-    return json.dumps(row["args"], sort_keys=True, ensure_ascii=False)
+    """The arguments in the operation's own order, those left unset left out."""
+    given = {k: v for k, v in row["args"].items() if v is not None}
+    return json.dumps(given, ensure_ascii=False)
+
+
+def _resolve(client: Any, given: str) -> str:
+    """The id of the one approval whose id starts with ``given`` (4 or more digits)."""
+    import re
+
+    from kiln.errors import AmbiguousIdError, NotFoundError, ValidationError
+
+    if not re.fullmatch(r"[0-9a-f]{4,12}", given):
+        raise ValidationError("ID", f"{given!r} is not an approval's id",
+                              allowed="4 to 12 hex digits (`kiln approvals ls`)")  # fmt: skip
+    if len(given) == 12:
+        return given
+    found = [a["id"] for a in client.call("GET", "/approvals", params={"status": "all"})[
+        "approvals"] if a["id"].startswith(given)]  # fmt: skip
+    if not found:
+        raise NotFoundError(f"no approval {given!r}; `kiln approvals ls` lists them")
+    if len(found) > 1:
+        raise AmbiguousIdError(given, found, kind="approvals")
+    return str(found[0])
 
 
 @app.command("ls")
@@ -41,14 +65,15 @@ def approvals_ls(
     _listing(found, as_json, f"no {status} approvals" if status != "all" else "no approvals",
              ("id", "agent", "sponsor", "operation", "arguments", "status", "asked"),
              lambda a: (a["id"], plain(a["principal"]), plain(a["sponsor"] or "-"),
-                        a["operation"], plain(_args(a)[:80]), a["status"],
+                        a["operation"], plain(_args(a)[:120]), a["status"],
                         fmt_time(a["created_at"])))  # fmt: skip
 
 
 @app.command("show")
 def approvals_show(approval_id: Id, as_json: JsonOpt = False) -> None:
     """One request: the operation, its exact arguments and their hash, and its decision."""
-    found = _client().call("GET", f"/approvals/{approval_id}")["approvals"][0]
+    client = _client()
+    found = client.call("GET", f"/approvals/{_resolve(client, approval_id)}")["approvals"][0]
     if as_json:
         typer.echo(json.dumps(found, indent=2))
         return
@@ -65,8 +90,9 @@ def approvals_show(approval_id: Id, as_json: JsonOpt = False) -> None:
 
 
 def _decide(approval_id: str, verb: str, reason: str | None, as_json: bool) -> None:
-    done = _client().call("POST", f"/approvals/{approval_id}/{verb}",
-                          json={"reason": reason})["approvals"][0]  # fmt: skip
+    client = _client()
+    done = client.call("POST", f"/approvals/{_resolve(client, approval_id)}/{verb}",
+                       json={"reason": reason})["approvals"][0]  # fmt: skip
     if as_json:
         typer.echo(json.dumps(done, indent=2))
         return

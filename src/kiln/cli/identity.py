@@ -37,7 +37,8 @@ def _client(url: str | None = None, token: str | None = None) -> Any:
     settings = Settings.from_env()
     url = url or settings.server_url
     if not url:
-        raise ConfigError("KILN_SERVER", "is not set: which server? (`kiln login URL` first)")
+        raise ConfigError("KILN_SERVER", "is not set: which server? `export KILN_SERVER=URL` "
+                          "(and `kiln login URL` once, for a token)")  # fmt: skip
     token = token or server_token(url)
     if not token:
         raise ConfigError("KILN_TOKEN", f"no token for {url}: run `kiln login {url}`")
@@ -115,7 +116,10 @@ def users_ls(as_json: JsonOpt = False) -> None:
     for p in found:
         state = " (disabled)" if p["disabled"] else ""
         sponsor = f" sponsored by {p['sponsor']}" if p["sponsor"] else ""
-        console().print(plain(f"{p['name']}  {p['kind']}  {p['project_role']}{sponsor}{state}"))
+        scopes = f" scopes {','.join(p['scopes'])}" if p.get("scopes") is not None else ""
+        console().print(
+            plain(f"{p['name']}  {p['kind']}  {p['project_role']}{sponsor}{scopes}{state}")
+        )
 
 
 @users_app.command("disable")

@@ -19,7 +19,9 @@ from kiln.record.values import check_name
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
 Cpu = Annotated[float, typer.Option("--cpu", help="Cores.")]
-Memory = Annotated[str, typer.Option("--memory", help="Memory, e.g. 64Gi (0: none).")]
+Memory = Annotated[
+    str, typer.Option("--memory", help="Memory, e.g. 64Gi (0: none: runs asking for some wait).")
+]
 Gpu = Annotated[float, typer.Option("--gpu", help="GPUs (fractions of one allowed).")]
 ProjectOpt = Annotated[
     str | None,
@@ -40,8 +42,9 @@ def _client(project: str | None = None) -> Any:
     settings = Settings.from_env()
     url = settings.server_url
     if not url:
-        raise ConfigError("KILN_SERVER", "is not set: quotas live on a team server "
-                          "(`kiln login URL` first)")  # fmt: skip
+        raise ConfigError("KILN_SERVER", "is not set: this lives on a team server; "
+                          "`export KILN_SERVER=URL` (and `kiln login URL` once, for a "
+                          "token)")  # fmt: skip
     token = server_token(url)
     if not token:
         raise ConfigError("KILN_TOKEN", f"no token for {url}: run `kiln login {url}`")

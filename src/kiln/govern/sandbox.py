@@ -365,6 +365,7 @@ class Place:
     hidden: tuple[str, ...]  # the Kiln home, say: unreadable wherever it lies
     environ: dict[str, str]
     pids: PidsGroup | None
+    cwd: str | None = None  # the driver's folder, as for a run outside a sandbox
 
 
 def confine(sandbox: Sandbox, place: Place) -> tuple[str, ...]:
@@ -453,7 +454,9 @@ def _clean(place: Place) -> None:
     os.environ.clear()
     os.environ.update(place.environ)
     os.environ["HOME"] = os.environ["TMPDIR"] = place.scratch
-    os.chdir(place.scratch)
+    # The driver's folder, as outside a sandbox (relative paths mean the same; what may
+    # be read there is Landlock's to say), else the scratch folder.
+    os.chdir(place.cwd if place.cwd and Path(place.cwd).is_dir() else place.scratch)
 
 
 class _CapHeader(ctypes.Structure):

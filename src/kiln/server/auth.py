@@ -60,12 +60,11 @@ class Caller:
     def refusal(self, permission: tuple[str, str]) -> str:
         """Why :meth:`may` says no."""
         resource, verb = permission
-        if rbac.allows(self.role, resource, verb) and self.kind == "agent" and (
-            permission in rbac.AGENT_DENIED
-        ):  # fmt: skip
+        if not rbac.allows(self.role, resource, verb):
+            return f"the role {self.role} may not {verb} {resource}"
+        if self.kind == "agent" and permission in rbac.AGENT_DENIED:
             return f"an agent may not {verb} {resource}, whatever its role: a person does"
-        scoped = " and scopes" if self.scopes is not None else ""
-        return f"the role {self.role}{scoped} may not {verb} {resource}"
+        return f"{resource}:{verb} is not among its scopes ({', '.join(self.scopes or ())})"
 
 
 class Guard:
@@ -102,13 +101,19 @@ class Guard:
             return True
 
 
-def _denied(request: Request, status: int, reason: str, target: str = "-") -> HTTPException:
-    """Audit a refused request; the exception that answers it."""
+def _denied(
+    request: Request, status: int, reason: str, target: str = "-", who: Caller | None = None
+) -> HTTPException:
+    """Audit a refused request (as its caller's, with an agent's sponsor, when a token
+    said who); the exception that answers it."""
     store: SqlStore = request.app.state.store
     address = request.client.host if request.client else "-"
     payload = {"reason": reason, "address": address, "method": request.method,
                "path": request.url.path}  # fmt: skip
-    store.note(audit.Event("auth.denied", target, payload, time.time(), "anonymous"))
+    if who is not None and who.sponsor:
+        payload["sponsor"] = who.sponsor
+    actor = who.name if who is not None and who.name else "anonymous"
+    store.note(audit.Event("auth.denied", target, payload, time.time(), actor))
     headers = {"WWW-Authenticate": 'Bearer realm="kiln"'} if status == 401 else None
     return HTTPException(status, reason, headers=headers)
 
@@ -210,7 +215,7 @@ def need(resource: str, verb: str) -> Any:
 
     def check(request: Request, who: Authenticated) -> Caller:
         if not who.may((resource, verb)):
-            raise _denied(request, 403, who.refusal((resource, verb)), who.name)
+            raise _denied(request, 403, who.refusal((resource, verb)), who.name, who)
         return who
 
     check.permission = (resource, verb)  # type: ignore[attr-defined]  # read by the route test

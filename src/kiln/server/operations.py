@@ -427,6 +427,9 @@ def _promote_preview(ctx: Context, a: Promotion) -> Any:
     models = _models(ctx)
     models.get(f"{a.name}:{a.version}")  # raises if unknown
     current = models.aliases(a.name).get(a.alias)
+    if current == a.version:
+        raise ValidationError("version", f"{a.name}@{a.alias} points at {a.version} already: "
+                              "nothing would change")  # fmt: skip
     return {"alias": f"{a.name}@{a.alias}", "from": current, "to": a.version,
             "failing_gates": models.gate_failures(a.name, a.version, a.alias),
             "needs_approval": ctx.caller.kind == "agent"}  # fmt: skip
@@ -486,6 +489,9 @@ def _traffic_preview(ctx: Context, a: Split) -> Any:
     info = ctx.store.endpoint(a.endpoint)
     if info is None:
         raise NotFoundError(f"no endpoint {a.endpoint!r}")
+    if info.traffic == a.traffic:
+        raise ValidationError("traffic", f"{a.endpoint}'s split is that already: nothing "
+                              "would change")  # fmt: skip
     return {"endpoint": a.endpoint, "from": info.traffic, "to": a.traffic}
 
 
@@ -543,6 +549,11 @@ def _settings(ctx: Context) -> Settings:
     always a sandbox."""
     base: Settings = ctx.extra["settings"]
     who = ctx.caller
+    for needed in (("blobs", "read"), ("blobs", "write")):  # its code and artifacts
+        if not who.may(needed):
+            why = who.refusal(needed)
+            raise Refused(f"a function's runs record through the server as their caller, who "
+                          f"needs blobs:read and blobs:write too: {why}")  # fmt: skip
     if who.kind == "agent" and base.pool is None:
         raise ValidationError("function", "an agent's runs need a pool, where its quota and "
                               "budget hold: start the server with --pool POOL")  # fmt: skip
@@ -626,8 +637,13 @@ class Removal(Mutating):
 
 
 def _delete_preview(ctx: Context, a: Removal) -> Any:
+    from kiln.errors import DependencyError
+
     run = ctx.store.get_run(a.run_id)
-    return {"run": run.id, "status": str(run.status), "dependants": ctx.store.dependants(run.id)}
+    dependants = ctx.store.dependants(run.id)
+    if dependants and not a.with_runs:  # it could not be removed: nothing to approve
+        raise DependencyError(f"run {run.id}", dependants)
+    return {"run": run.id, "status": str(run.status), "dependants": dependants}
 
 
 def _exact_run(ctx: Context, a: Removal) -> Removal:

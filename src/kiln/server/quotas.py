@@ -502,8 +502,11 @@ class Admissions:
                     + sum(m.lendable(r) for m in machine.cohorts[q.cohort] if m.name != q.name),
                 )
             if n > cap:
-                return (f"it asks for {shown({r: n})[r]:g} {r} and project {row.project!r} can "
-                        f"have at most {shown({r: cap})[r]:g} on pool {row.pool!r}")  # fmt: skip
+                unit = {"cpu": " cpu", "memory": " GiB of memory", "gpu": " gpu"}.get(r, f" {r}")
+                return (f"it asks for {shown({r: n})[r]:g}{unit} and project {row.project!r} "
+                        f"can have at most {shown({r: cap})[r]:g} on pool {row.pool!r}"
+                        + (" (its queue's quota has none: `kiln queues set POOL --memory "
+                           "SIZE`)" if r == "memory" and not cap else ""))  # fmt: skip
         return None
 
     def _why(self, machine: Admission, wid: str) -> dict[str, Any]:
