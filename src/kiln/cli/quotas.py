@@ -20,7 +20,10 @@ from kiln.record.values import check_name
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts and agents.")]
 Cpu = Annotated[float, typer.Option("--cpu", help="Cores.")]
 Memory = Annotated[
-    str, typer.Option("--memory", help="Memory, e.g. 64Gi (0: none: runs asking for some wait).")
+    str,
+    typer.Option(
+        "--memory", help="Memory, e.g. 64Gi (0: none, and runs asking for some are refused)."
+    ),
 ]
 Gpu = Annotated[float, typer.Option("--gpu", help="GPUs (fractions of one allowed).")]
 ProjectOpt = Annotated[
