@@ -163,6 +163,8 @@ def test_filters_by_app_status_params_and_tags(store: KilnStore) -> None:
         ids(params={"lr": [1]})
     with pytest.raises(ValidationError, match="quote"):  # a JSON path cannot hold it
         ids(params={'"q': 1})
+    with pytest.raises(ValidationError, match="control character"):  # NUL ends a path
+        ids(tags={"a\x00b": "1"})
 
 
 def test_order_by_run_fields_and_limit(store: KilnStore) -> None:
