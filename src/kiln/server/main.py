@@ -154,6 +154,10 @@ def serve(
     if token is not None:
         print(f"kiln server: enrol the first admin (once) with: kiln login "
               f"{scheme}://{shown}:{bound} --enrol {token} --name NAME", flush=True)  # fmt: skip
+    if functions:
+        admitted = f"; their runs are admitted to pool {pool}" if pool else ""
+        print(f"kiln server: the MCP tools (/mcp) may run {', '.join(sorted(functions))}"
+              f"{admitted}", flush=True)  # fmt: skip
     try:
         server.run(sockets=[sock])
     finally:
