@@ -22,17 +22,20 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import mcp_types as types
-from mcp.server.lowlevel import Server
 
 from kiln import __version__
 from kiln.errors import KilnError
 from kiln.record import audit
 from kiln.server.auth import Caller, Refusal, identify
 from kiln.server.operations import OPERATIONS, Context, Operation, Refused, execute, visible
+
+if TYPE_CHECKING:
+    import mcp_types as types
+    from mcp.server.lowlevel import Server
 
 _log = logging.getLogger("kiln")
 UNTRUSTED = (
@@ -46,11 +49,11 @@ INSTRUCTIONS = (
     "mutating tool takes dry_run=true to say what it would change. " + UNTRUSTED
 )
 
-ContextFor = Callable[[types.RequestParams | None, Any], Context]
-
 
 def tool(op: Operation) -> types.Tool:
     """The MCP tool of an operation."""
+    import mcp_types as types
+
     schema = op.args.model_json_schema()
     schema.pop("title", None)
     read_only = op.effect == "read"
@@ -65,6 +68,8 @@ def tool(op: Operation) -> types.Tool:
 
 
 def _result(data: Any, *, error: bool = False) -> types.CallToolResult:
+    import mcp_types as types
+
     text = json.dumps(data, default=str, ensure_ascii=False)
     structured = data if isinstance(data, dict) and not error else None
     return types.CallToolResult(content=[types.TextContent(type="text", text=text)],
@@ -74,6 +79,8 @@ def _result(data: Any, *, error: bool = False) -> types.CallToolResult:
 def build(context_for: Callable[[Any], Context | Refusal]) -> Server[Any]:
     """The MCP server; ``context_for(request)`` says who calls (the HTTP request, or None
     over stdio)."""
+    import mcp_types as types
+    from mcp.server.lowlevel import Server
 
     def who(ctx: Any) -> Context:
         found = context_for(getattr(ctx, "request", None))
@@ -208,7 +215,77 @@ def _extra(state: Any, token: str | None) -> dict[str, Any]:
 
 def mount(app: Any, *, public_url: str | None = None) -> Callable[[], Any]:
     """Serve MCP at ``/mcp`` of the FastAPI ``app`` (with its protected-resource document
-    at ``/.well-known/oauth-protected-resource/mcp``); the lifespan the app must run."""
+    at ``/.well-known/oauth-protected-resource/mcp``); the lifespan the app must run.
+
+    The SDK is imported, and the endpoints made, at the first request for either: its
+    import costs a server's start most of a second, and most servers are never asked."""
+    from starlette.routing import Route
+
+    lazy = _Lazy(app, public_url)
+    endpoint = _Part(lazy, "mcp")
+    app.router.routes.append(Route("/mcp", endpoint=endpoint, methods=["GET", "POST", "DELETE"]))
+    if app.state.auth:
+        metadata = _Part(lazy, "metadata")
+        app.router.routes.append(Route(METADATA_PATH, endpoint=metadata, methods=["GET"]))
+
+    @asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        async with anyio.create_task_group() as group:
+            lazy.group, lazy.lock = group, anyio.Lock()
+            yield
+            group.cancel_scope.cancel()
+
+    return lifespan
+
+
+METADATA_PATH = "/.well-known/oauth-protected-resource/mcp"
+
+
+@dataclass
+class _Endpoints:
+    mcp: Any
+    metadata: Any
+    manager: Any
+
+
+class _Lazy:
+    """The MCP endpoints of an app, made once, on first use; the SDK's session manager
+    runs in the app's lifespan's task group from then on."""
+
+    def __init__(self, app: Any, public_url: str | None) -> None:
+        self.app, self.public_url = app, public_url
+        self.group: Any = None
+        self.lock: Any = None
+        self._built: _Endpoints | None = None
+
+    async def endpoints(self) -> _Endpoints:
+        if self._built is None:
+            async with self.lock:
+                if self._built is None:
+                    built = await anyio.to_thread.run_sync(_endpoints, self.app, self.public_url)
+                    await self.group.start(_serving, built.manager)
+                    self._built = built
+        return self._built
+
+
+class _Part:
+    """One of the lazy endpoints, as an ASGI app (a route's endpoint)."""
+
+    def __init__(self, lazy: _Lazy, name: str) -> None:
+        self.lazy, self.name = lazy, name
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await getattr(await self.lazy.endpoints(), self.name)(scope, receive, send)
+
+
+async def _serving(manager: Any, *, task_status: Any) -> None:
+    """Run the SDK's session manager until the app stops (entered and left in this task)."""
+    async with manager.run():
+        task_status.started()
+        await anyio.sleep_forever()
+
+
+def _endpoints(app: Any, public_url: str | None) -> _Endpoints:
     from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
     from mcp.server.auth.middleware.bearer_auth import RequireAuthMiddleware
     from mcp.server.auth.routes import build_resource_metadata_url, create_protected_resource_routes
@@ -218,7 +295,6 @@ def mount(app: Any, *, public_url: str | None = None) -> Callable[[], Any]:
     )
     from pydantic import AnyHttpUrl
     from starlette.middleware.authentication import AuthenticationMiddleware
-    from starlette.routing import Route
 
     server = build(_http_context)
     security = None
@@ -233,6 +309,7 @@ def mount(app: Any, *, public_url: str | None = None) -> Callable[[], Any]:
     manager = StreamableHTTPSessionManager(app=server, stateless=True, json_response=True,
                                            security_settings=security)  # fmt: skip
     endpoint: Any = StreamableHTTPASGIApp(manager)
+    metadata: Any = None
     if app.state.auth:
         base = (public_url or "http://127.0.0.1").rstrip("/")
         resource = AnyHttpUrl(f"{base}/mcp")
@@ -240,21 +317,12 @@ def mount(app: Any, *, public_url: str | None = None) -> Callable[[], Any]:
         endpoint = AuthContextMiddleware(endpoint)
         endpoint = AuthenticationMiddleware(endpoint, backend=_guarded(app.state),
                                             on_error=_too_many)  # fmt: skip
-        for route in create_protected_resource_routes(
+        (route,) = create_protected_resource_routes(
             resource_url=resource, authorization_servers=[AnyHttpUrl(base)],
             scopes_supported=["viewer", "member", "approver", "admin"], resource_name="Kiln",
-        ):  # fmt: skip
-            route.endpoint.permission = ("public", "")  # type: ignore[attr-defined]
-            app.router.routes.append(route)
-    mcp_route = Route("/mcp", endpoint=endpoint, methods=["GET", "POST", "DELETE"])
-    app.router.routes.append(mcp_route)
-
-    @asynccontextmanager
-    async def lifespan() -> AsyncIterator[None]:
-        async with manager.run():
-            yield
-
-    return lifespan
+        )  # fmt: skip
+        metadata = route.app
+    return _Endpoints(endpoint, metadata, manager)
 
 
 __all__ = ["INSTRUCTIONS", "OPERATIONS", "build", "mount", "tool"]
