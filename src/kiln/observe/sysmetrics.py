@@ -83,6 +83,10 @@ class Sampler:
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
+        # Held while a sample is taken and recorded: a run's end waits for the sample in
+        # flight, so every sample its usage counts has its points recorded before the
+        # run's recorder is flushed (none arrives after, none is dropped).
+        self._sampling = threading.Lock()
         self._runs: dict[str, _Watched] = {}
         self._thread: threading.Thread | None = None
         self._nvml: _Nvml | None = None
@@ -104,7 +108,7 @@ class Sampler:
         return lambda: self._stop(watched)
 
     def _stop(self, watched: _Watched) -> dict[str, Any]:
-        with self._lock:
+        with self._sampling, self._lock:
             self._runs.pop(watched.run.id, None)
         usage: dict[str, Any] = {}
         if watched.cpu_n:
@@ -130,18 +134,24 @@ class Sampler:
                     self._lock.wait(min(w.due for w in self._runs.values()) - now)
                     continue
             for watched in due:
-                try:
-                    rows = self.sample(watched)
-                except Exception as exc:  # never the run's problem
-                    _log.debug("kiln: sampling run %s failed: %s", watched.run.id, exc)
-                    rows = []
-                age = time.monotonic() - watched.started
-                watched.due = time.monotonic() + (
-                    FIRST_S - age if watched.samples == 0 else interval_s(age)
-                )
-                if rows and watched.run.id in self._runs:  # not ended meanwhile
-                    with contextlib.suppress(Exception):
-                        watched.run.record_points(rows)
+                with self._sampling:
+                    if watched.run.id not in self._runs:  # ended meanwhile
+                        continue
+                    self._take(watched)
+
+    def _take(self, watched: _Watched) -> None:
+        try:
+            rows = self.sample(watched)
+        except Exception as exc:  # never the run's problem
+            _log.debug("kiln: sampling run %s failed: %s", watched.run.id, exc)
+            rows = []
+        age = time.monotonic() - watched.started
+        watched.due = time.monotonic() + (
+            FIRST_S - age if watched.samples == 0 else interval_s(age)
+        )
+        if rows:
+            with contextlib.suppress(Exception):
+                watched.run.record_points(rows)
 
     def sample(self, w: _Watched) -> list[MetricRow]:
         """One sample of the run ``w`` (its ``sys/...`` rows), updating its totals."""
