@@ -260,6 +260,20 @@ def test_three_runs_compared_side_by_side(world: World, open_as: Any) -> None:
     assert page.locator("#pareto canvas").count() == 1
 
 
+def test_a_page_loading_late_never_pulls_the_address_back(world: World, open_as: Any) -> None:
+    # the runs page writes its state into the address when its data arrives; if the
+    # user has gone elsewhere by then, the address (and so the page shown) stays theirs
+    page = open_as("viewer", "#/runs")
+    page.wait_for_selector("[data-ready] .vt-row")
+    moved = page.evaluate("""() => {
+        location.hash = "#/model/vision";
+        setHashQuery("#/runs", new URLSearchParams("cols=params.lr"));
+        return location.hash;
+    }""")
+    assert moved == "#/model/vision"
+    page.wait_for_selector("#versions")
+
+
 def test_an_approver_approves_and_a_viewer_sees_no_button(world: World, open_as: Any) -> None:
     viewer = open_as("viewer", "#/model/vision")
     viewer.wait_for_selector("#versions")

@@ -106,6 +106,9 @@ function hashQuery() {
 }
 
 function setHashQuery(path, params) {
+  // a page's state is written only while the address is still that page's: a page
+  // that finishes loading after the user moved on must not pull the address back
+  if ((location.hash || "#/runs").split("?")[0] !== path) return;
   const q = params.toString();
   history.replaceState(null, "", `${path}${q ? "?" + q : ""}`);
 }
