@@ -466,10 +466,32 @@ def _make_backend(settings: Settings) -> BackendFactory:
             return backend
 
         return ray
+    if settings.backend == "kubernetes":
+        return _kubernetes(settings)
     raise ConfigError(
         "KILN_BACKEND",
         f"the {settings.backend} engine is not available in this version of Kiln; use local",
     )
+
+
+def _kubernetes(settings: Settings) -> BackendFactory:
+    from kiln.compute.backends.kubernetes import KubernetesBackend
+    from kiln.compute.kube import KubeSettings
+
+    if settings.server_url is None:
+        raise ConfigError(
+            "KILN_SERVER", "runs on Kubernetes record through a team server, the one store "
+            "every pod reaches: set KILN_SERVER (and KILN_TOKEN)",
+        )  # fmt: skip
+    kube = KubeSettings.from_env()
+    server_url = settings.server_url
+
+    def kubernetes(_inventory: Inventory, report: Report) -> Backend:
+        blobs = recorder_for(settings).blobs  # the server's: pods read tasks from it
+        return KubernetesBackend(report, kube, server_url, settings.project,
+                                 put=blobs.put_bytes, fetch=blobs.read)  # fmt: skip
+
+    return kubernetes
 
 
 _engines: dict[tuple[str, ...], Engine] = {}

@@ -336,10 +336,15 @@ class Function(Generic[P, R]):
                 )
         return params, datasets
 
-    def _function_payload(self) -> tuple[str, bytes]:
-        if self._payload is None:
+    def _function_payload(self, *, by_value: bool = False) -> tuple[str, bytes]:
+        """The function as a worker loads it: by reference where its module can be
+        imported there, else by value. On Kubernetes always by value: a pod's image need
+        not hold the caller's code (only what the function imports)."""
+        by_reference_cached = self._payload is not None and self._payload[0] == self.name
+        if self._payload is None or (by_value and by_reference_cached):
             module, qualname = self.fn.__module__, self.fn.__qualname__
-            by_reference = self.env is None and module != "__main__" and "<locals>" not in qualname
+            by_reference = (not by_value and self.env is None and module != "__main__"
+                            and "<locals>" not in qualname)  # fmt: skip
             if by_reference and _importable(module):
                 self._payload = (self.name, cloudpickle.dumps(("ref", module, qualname)))
             else:
@@ -399,7 +404,7 @@ class Function(Generic[P, R]):
         engine.inventory.check(self.resources)
         env = self._environment(engine, checked, parent)
         built = env if env is not None and not hasattr(env, "requirements") else None
-        fn_key, fn_payload = self._function_payload()
+        fn_key, fn_payload = self._function_payload(by_value=settings.backend == "kubernetes")
         sandbox = self._sandbox(settings)
         store = {
             "home": str(settings.home),
@@ -480,7 +485,7 @@ class Function(Generic[P, R]):
         The local engine runs a built env; Ray builds its own on each node from the
         same lock, so only the lock is made here.
         """
-        on_ray = engine.settings.backend == "ray"
+        on_ray = engine.settings.backend != "local"  # Ray's nodes, Kubernetes' pods
         if self._locked_env is not None:
             built = self._locked_env
             if on_ray:
