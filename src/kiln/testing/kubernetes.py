@@ -119,7 +119,7 @@ class FakeCluster:
     # -- the API -----------------------------------------------------------------------
 
     def typed(self, data: dict[str, Any], kind: str) -> Any:
-        return self._client.deserialize(json.dumps(data), kind, "application/json")  # type: ignore[no-untyped-call]
+        return self._client.deserialize(json.dumps(data), kind, "application/json")
 
     def create_job(self, namespace: str, body: Any) -> Any:
         from kubernetes.client.exceptions import ApiException
