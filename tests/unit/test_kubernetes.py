@@ -17,6 +17,7 @@ import cloudpickle
 import kubernetes_validate
 import pytest
 
+import kiln
 from kiln.compute.backends.base import Finished, Started, TaskEvent, TaskSpec
 from kiln.compute.backends.kubernetes import KubernetesBackend
 from kiln.compute.kube import (
@@ -29,6 +30,7 @@ from kiln.compute.kube import (
 )
 from kiln.compute.resources import Resources
 from kiln.errors import ConfigError, ValidationError
+from kiln.serve.on_kubernetes import render_router, render_version
 from kiln.testing.kubernetes import FakeCluster
 
 VERSIONS = ("1.35.0", "1.37.0")  # the oldest and newest kubernetes-validate knows here
@@ -336,3 +338,56 @@ def test_a_fraction_of_a_gpu_is_refused_before_anything_runs_where_none_is_share
             backend.inventory.check(Resources(cpu=8, gpu=3))
     finally:
         backend.close()
+
+
+# -- endpoints -------------------------------------------------------------------------
+
+shop = kiln.App("shop")
+
+
+class Fraud:
+    def load(self, model_path: str) -> None:
+        self.path = model_path
+
+    def predict(self, features: list[float]) -> dict[str, float]:
+        return {"fraud": sum(features)}
+
+
+def endpoint_objects(metric: str, **declared: Any) -> list[dict[str, Any]]:
+    endpoint = shop.endpoint(model="fraud@production", **declared)(Fraud)
+    where = {"server_url": "http://kiln:8000", "project": "p"}
+    objects = render_router(endpoint, KUBE, **where)
+    objects += render_version(endpoint, 3, KUBE, metric=metric, **where)
+    return [plain(o) for o in objects]
+
+
+@pytest.mark.parametrize("metric", ["cpu", "inflight"])
+def test_an_endpoints_objects_are_valid_kubernetes(metric: str) -> None:
+    objects = endpoint_objects(metric, cpu=1, memory="1Gi", gpu=0.5, min_replicas=0,
+                               max_replicas=4, target_concurrency=8)  # fmt: skip
+    for obj in objects:
+        valid(obj)
+    kinds = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert kinds == [("Deployment", "fraud"), ("Service", "fraud"), ("Deployment", "fraud-v3"),
+                     ("Service", "fraud-v3"), ("HorizontalPodAutoscaler", "fraud-v3")]  # fmt: skip
+    hpa = objects[-1]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 4)  # no scale to zero in the HPA
+    (target,) = hpa["metrics"]
+    if metric == "inflight":
+        assert target["pods"]["metric"]["name"] == "kiln_inflight_requests"
+        assert target["pods"]["target"]["averageValue"] == "8"
+    else:
+        assert target["resource"]["name"] == "cpu"
+    replica = objects[2]["spec"]["template"]["spec"]["containers"][0]
+    assert replica["command"][-6:] == ["--model", "fraud:3", "--replicas", "1", "--backend",
+                                       "local"]  # fmt: skip
+    assert replica["resources"]["limits"]["nvidia.com/gpu.shared"] == "1"
+    assert "replicas" not in objects[2]["spec"]  # the autoscaler's to set
+
+
+def test_an_endpoint_is_pinned_by_its_golden_file() -> None:
+    objects = endpoint_objects("cpu", cpu=2, memory="2Gi", max_replicas=3)
+    golden = GOLDEN / "endpoint.json"
+    if os.environ.get("KILN_UPDATE_GOLDEN"):
+        golden.write_text(json.dumps(objects, indent=2, sort_keys=True) + "\n")
+    assert objects == json.loads(golden.read_text())

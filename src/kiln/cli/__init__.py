@@ -92,6 +92,9 @@ COMMANDS: dict[str, LazyCommand] = {
         "kiln.cli.serve:why",
         "Everything behind one inference: model version, promotion, run, code, data, env.",
     ),
+    "k8s": LazyCommand(
+        "kiln.cli.k8s:app", "Kubernetes objects of functions and endpoints: render, apply."
+    ),
     "envs": LazyCommand("kiln.cli.envs:app", "List, show and prune cached environments."),
     "audit": LazyCommand("kiln.cli.audit:app", "Read and verify the audit log."),
     "server": LazyCommand(

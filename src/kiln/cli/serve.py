@@ -65,15 +65,27 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
     backend: Annotated[
         str | None,
-        typer.Option(help="local (replica processes) or ray (Ray Serve); default: KILN_BACKEND."),
+        typer.Option(
+            help="local (replica processes), ray (Ray Serve) or kubernetes "
+            "(Deployments); default: KILN_BACKEND."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Serve this version (NAME:N) or alias instead of the declared one."),
+    ] = None,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="Exactly this many replicas (no autoscaling).")
     ] = None,
 ) -> None:
     """Serve an endpoint over HTTP: POST /predict, GET /healthz /readyz /metrics.
 
     With ``--backend ray`` it is deployed on Ray Serve (KILN_RAY_ADDRESS), served
-    at http://HOST:PORT/ENDPOINT (POST .../predict) by Ray Serve's proxy.
+    at http://HOST:PORT/ENDPOINT (POST .../predict) by Ray Serve's proxy. With
+    ``--backend kubernetes`` each version is a Deployment behind a router Service
+    (see ``kiln k8s render``); this process applies them and follows the alias.
     """
-    endpoint = load_endpoint(target)
+    endpoint = load_endpoint(target).pinned(model, replicas)
     endpoint.serve(host=host, port=port, block=True, backend=backend)
 
 

@@ -22,6 +22,7 @@ Every bad argument is refused here, at declaration.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -136,11 +137,31 @@ class Endpoint(Generic[C]):
             from kiln.serve.on_ray import serve_on_ray
 
             return serve_on_ray(self, host=host, port=port, block=block)
+        if engine == "kubernetes":
+            from kiln.serve.on_kubernetes import serve_on_kubernetes
+
+            serve_on_kubernetes(self, block=block)
+            return None
         if engine != "local":
-            raise ValidationError("backend", f"{engine!r} cannot serve", allowed="local, ray")
+            raise ValidationError(
+                "backend", f"{engine!r} cannot serve", allowed="local, ray, kubernetes"
+            )
         from kiln.serve.server import serve
 
         return serve(self, host=host, port=port, block=block)
+
+    def pinned(self, model: str | None = None, replicas: int | None = None) -> Endpoint[C]:
+        """This endpoint serving ``model`` (a ``name:N`` or ``name@alias`` of the same
+        model) instead of its own reference, with exactly ``replicas`` replicas."""
+        spec = self.spec
+        if model is not None:
+            name = parse_ref(model)[0]
+            if name != spec.model_name:
+                raise ValidationError("model", f"{model!r} is not a version of {spec.model_name}")
+            spec = dataclasses.replace(spec, model=model, traffic=None)
+        if replicas is not None:
+            spec = dataclasses.replace(spec, min_replicas=replicas, max_replicas=replicas)
+        return Endpoint(self.app, self.cls, spec)
 
     def batch(
         self,

@@ -1,0 +1,431 @@
+"""Endpoints on Kubernetes: ``kiln serve FILE:CLASS --backend kubernetes``.
+
+Each model version the endpoint routes to is a Deployment of its own,
+``<endpoint>-v<N>``, with a Service of that name and a HorizontalPodAutoscaler. Its
+pods run ``kiln serve MODULE:CLASS --model NAME:N --replicas 1``: the same front door
+and replica code as on one machine (validation, ``predict``, the request's span with
+its OpenInference and ``kiln.*`` attributes, written to the team server), pinned to
+that version; the autoscaler adds pods between ``min_replicas`` (at least 1:
+Kubernetes' autoscaler does not scale to zero) and ``max_replicas``. It scales on
+
+* ``cpu`` (the default, ``KILN_K8S_HPA=cpu``): 70% of the requested CPU, which every
+  cluster with metrics-server serves;
+* ``inflight`` (``KILN_K8S_HPA=inflight``): the pods' ``kiln_inflight_requests``
+  gauge, averaging ``target_concurrency``, where a custom metrics adapter (such as
+  prometheus-adapter) serves that metric as a Pods metric.
+
+A router, the Deployment and Service ``<endpoint>`` (``python -m
+kiln.serve.on_kubernetes``), takes the endpoint's traffic: it follows the alias and
+the live split in the record as a local front door does, and sends each request to
+a version's Service by weight (smooth weighted round robin), only to versions whose
+pods answer ``/readyz``; so when the alias moves, traffic moves once the new
+version is ready. The process that ran ``kiln serve`` applies the version objects:
+a new target's before the router can move to it, and a retired version's are
+deleted :data:`DRAIN_S` after the router left it.
+
+The image (``KILN_K8S_IMAGE``) must hold the endpoint's code (its module is imported
+by name in the pods) and ``kiln[serve,server]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kiln.compute.kube import (
+    MANAGED_BY,
+    KubeSettings,
+    plain,
+    requirements,
+    security_context,
+    server_env,
+    volumes,
+)
+from kiln.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kiln.config import Settings
+    from kiln.serve.endpoint import Endpoint, EndpointSpec
+
+PORT = 8000
+POLL_S = 2.0  # how often the router and the controller look at the record
+DRAIN_S = 30.0  # a retired version's pods outlive the router's move by this long
+ENDPOINT_LABEL = "kiln.dev/endpoint"
+VERSION_LABEL = "kiln.dev/version"
+_HPA = ("cpu", "inflight")
+
+
+def hpa_metric(environ: Any = None) -> str:
+    value = (os.environ if environ is None else environ).get("KILN_K8S_HPA") or "cpu"
+    if value not in _HPA:
+        raise ConfigError("KILN_K8S_HPA", f"{value[:40]!r} is not one of {', '.join(_HPA)}")
+    return value
+
+
+def _name(endpoint: str) -> str:
+    """An endpoint's name as a Kubernetes name (lower case, '-' for the rest)."""
+    cleaned = "".join(c if c.isalnum() else "-" for c in endpoint.lower()).strip("-")
+    return cleaned[:50] or "endpoint"
+
+
+def version_name(endpoint: str, version: int) -> str:
+    return f"{_name(endpoint)}-v{version}"
+
+
+def _probe(path: str) -> Any:
+    from kubernetes import client
+
+    return client.V1Probe(http_get=client.V1HTTPGetAction(path=path, port=PORT),
+                          period_seconds=5, failure_threshold=3)  # fmt: skip
+
+
+def _deployment(
+    name: str, labels: dict[str, str], container: Any, kube: KubeSettings, replicas: int | None
+) -> Any:
+    from kubernetes import client
+
+    pod_volumes, mounts = volumes(kube)
+    container.volume_mounts = mounts
+    return client.V1Deployment(
+        api_version="apps/v1",
+        kind="Deployment",
+        metadata=client.V1ObjectMeta(name=name, namespace=kube.namespace, labels=labels),
+        spec=client.V1DeploymentSpec(
+            replicas=replicas,
+            selector=client.V1LabelSelector(match_labels=labels),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels=labels),
+                spec=client.V1PodSpec(
+                    containers=[container], volumes=pod_volumes,
+                    service_account_name=kube.service_account,
+                    automount_service_account_token=False,
+                ),
+            ),
+        ),
+    )  # fmt: skip
+
+
+def _service(name: str, labels: dict[str, str], kube: KubeSettings, port: int) -> Any:
+    from kubernetes import client
+
+    return client.V1Service(
+        api_version="v1",
+        kind="Service",
+        metadata=client.V1ObjectMeta(name=name, namespace=kube.namespace, labels=labels),
+        spec=client.V1ServiceSpec(selector=labels, ports=[client.V1ServicePort(
+            name="http", port=port, target_port=PORT)]),
+    )  # fmt: skip
+
+
+def render_version(
+    endpoint: Endpoint[Any], version: int, kube: KubeSettings, *, server_url: str,
+    project: str | None, metric: str = "cpu",
+) -> list[Any]:  # fmt: skip
+    """A version's Deployment, Service and HorizontalPodAutoscaler."""
+    from kubernetes import client
+
+    spec, source = endpoint.spec, endpoint.source
+    name = version_name(spec.name, version)
+    labels = {MANAGED_BY: "kiln", ENDPOINT_LABEL: _name(spec.name), VERSION_LABEL: str(version)}
+    container = client.V1Container(
+        name="replica",
+        image=kube.require_image(),
+        command=["kiln", "serve", f"{source.module}:{source.qualname}", "--host", "0.0.0.0",  # noqa: S104
+                 "--port", str(PORT), "--model", f"{spec.model_name}:{version}",
+                 "--replicas", "1", "--backend", "local"],
+        env=server_env(kube, server_url, project),
+        ports=[client.V1ContainerPort(container_port=PORT, name="http")],
+        resources=requirements(spec.resources, kube.gpu_sharing),
+        readiness_probe=_probe("/readyz"),
+        liveness_probe=_probe("/healthz"),
+        security_context=security_context(),
+    )  # fmt: skip
+    deployment = _deployment(name, labels, container, kube, None)  # the autoscaler's to set
+    if metric == "inflight":
+        target = client.V2MetricSpec(type="Pods", pods=client.V2PodsMetricSource(
+            metric=client.V2MetricIdentifier(name="kiln_inflight_requests"),
+            target=client.V2MetricTarget(type="AverageValue",
+                                         average_value=str(spec.target_concurrency))))  # fmt: skip
+    else:
+        target = client.V2MetricSpec(type="Resource", resource=client.V2ResourceMetricSource(
+            name="cpu", target=client.V2MetricTarget(type="Utilization",
+                                                     average_utilization=70)))  # fmt: skip
+    hpa = client.V2HorizontalPodAutoscaler(
+        api_version="autoscaling/v2",
+        kind="HorizontalPodAutoscaler",
+        metadata=client.V1ObjectMeta(name=name, namespace=kube.namespace, labels=labels),
+        spec=client.V2HorizontalPodAutoscalerSpec(
+            scale_target_ref=client.V2CrossVersionObjectReference(
+                api_version="apps/v1", kind="Deployment", name=name),
+            min_replicas=max(1, spec.min_replicas),
+            max_replicas=max(1, spec.min_replicas, spec.max_replicas),
+            metrics=[target],
+        ),
+    )  # fmt: skip
+    return [deployment, _service(name, labels, kube, PORT), hpa]
+
+
+def render_router(
+    endpoint: Endpoint[Any], kube: KubeSettings, *, server_url: str, project: str | None
+) -> list[Any]:
+    """The router's Deployment and Service (port 80)."""
+    from kubernetes import client
+
+    spec = endpoint.spec
+    name = _name(spec.name)
+    labels = {MANAGED_BY: "kiln", ENDPOINT_LABEL: name, VERSION_LABEL: "router"}
+    routed = {"name": spec.name, "app": spec.app, "model": spec.model, "traffic": spec.traffic,
+              "upstream": f"http://{name}-v{{version}}.{kube.namespace}.svc:{PORT}"}  # fmt: skip
+    container = client.V1Container(
+        name="router",
+        image=kube.require_image(),
+        command=["python", "-m", "kiln.serve.on_kubernetes"],
+        env=[*server_env(kube, server_url, project),
+             client.V1EnvVar(name="KILN_ROUTE", value=json.dumps(routed, sort_keys=True))],
+        ports=[client.V1ContainerPort(container_port=PORT, name="http")],
+        resources=requirements(_ROUTER, None),
+        readiness_probe=_probe("/readyz"),
+        liveness_probe=_probe("/healthz"),
+        security_context=security_context(),
+    )  # fmt: skip
+    return [_deployment(name, labels, container, kube, 2),
+            _service(name, labels, kube, 80)]  # fmt: skip
+
+
+def _router_resources() -> Any:
+    from kiln.compute.resources import Resources
+
+    return Resources(cpu=0.5, memory_bytes=256 * 2**20)
+
+
+_ROUTER = _router_resources()
+
+
+# -- the router (in its pods) ---------------------------------------------------------
+
+
+@dataclass
+class Router:
+    """An ASGI app: ``POST /predict`` to a ready version by weight; ``/healthz``;
+    ``/readyz`` (ready once it routes somewhere); ``GET /`` (what it routes)."""
+
+    spec: EndpointSpec
+    settings: Settings
+    upstream: Callable[[int], str]
+    weights: dict[int, float] = field(default_factory=dict)
+    _split: Any = None
+    _client: Any = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/predict" and method == "POST":
+            await self._predict(scope, receive, send)
+        elif path == "/healthz":
+            await _answer(send, 200, {"ok": True})
+        elif path == "/readyz":
+            ready = self._split is not None
+            await _answer(send, 200 if ready else 503, {"ready": ready, "weights": self.weights})
+        elif path == "/":
+            await _answer(send, 200, {"endpoint": self.spec.name, "model": self.spec.model,
+                                      "weights": self.weights})  # fmt: skip
+        else:
+            await _answer(send, 404, {"error": f"no route {path}"})
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        import httpx
+
+        await receive()
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0))
+        follow = asyncio.create_task(self._follow())
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+        await self._client.aclose()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _follow(self) -> None:
+        from kiln.record.recorder import recorder_for
+        from kiln.serve import state
+        from kiln.serve.traffic import Split
+
+        store = recorder_for(self.settings).store
+        while True:
+            try:
+                targets = await asyncio.to_thread(state.targets, store, self.spec,
+                                                  self.settings.actor)  # fmt: skip
+                ready = {v: w for v, w in targets.items() if w > 0 and await self._ready(v)}
+                if ready and ready != self.weights:  # else it stays where it was
+                    self.weights, self._split = ready, Split(ready)
+            except Exception as exc:  # the record or a version unreachable: look again
+                print(f"kiln router: {exc}", flush=True)
+            await asyncio.sleep(POLL_S)
+
+    async def _ready(self, version: int) -> bool:
+        try:
+            answer = await self._client.get(self.upstream(version) + "/readyz", timeout=2.0)
+        except Exception:
+            return False
+        return bool(answer.status_code == 200)
+
+    async def _predict(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self._split is None:
+            await _answer(send, 503, {"error": "no version of the model is ready yet"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > 32 * 2**20:
+                await _answer(send, 413, {"error": "the body is over 32 MiB"})
+                return
+            if not message.get("more_body"):
+                break
+        passed = {k.decode(): v.decode() for k, v in scope["headers"]
+                  if k in (b"content-type", b"traceparent", b"tracestate")}  # fmt: skip
+        version = self._split.pick()
+        try:
+            answer = await self._client.post(self.upstream(version) + "/predict",
+                                             content=body, headers=passed)  # fmt: skip
+        except Exception as exc:
+            await _answer(send, 502, {"error": f"version {version} did not answer: {exc}"})
+            return
+        headers = [(k.encode(), v.encode()) for k, v in answer.headers.items()
+                   if k in ("content-type", "traceparent") or k.startswith("x-kiln-")]  # fmt: skip
+        await send({"type": "http.response.start", "status": answer.status_code,
+                    "headers": headers})  # fmt: skip
+        await send({"type": "http.response.body", "body": answer.content})
+
+
+async def _answer(send: Any, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": data})
+
+
+def route_spec(routed: dict[str, Any]) -> EndpointSpec:
+    from kiln.compute.resources import Resources
+    from kiln.serve.endpoint import EndpointSpec
+
+    return EndpointSpec(name=routed["name"], app=routed["app"], model=routed["model"],
+                        resources=Resources(), traffic=routed.get("traffic"))  # fmt: skip
+
+
+def main() -> None:
+    """The router pod: ``KILN_ROUTE`` says what it routes (see :func:`render_router`)."""
+    import uvicorn
+
+    from kiln.config import Settings
+
+    routed = json.loads(os.environ["KILN_ROUTE"])
+    template = str(routed["upstream"])
+    router = Router(route_spec(routed), Settings.from_env(),
+                    lambda version: template.format(version=version))  # fmt: skip
+    uvicorn.run(router, host="0.0.0.0", port=PORT, log_level="warning")  # noqa: S104  a pod
+
+
+# -- the controller (where `kiln serve` ran) -------------------------------------------
+
+
+def serve_on_kubernetes(endpoint: Endpoint[Any], *, block: bool = True) -> None:
+    """Apply the router, then follow the record: each target version's objects are
+    applied, and a retired version's deleted DRAIN_S after the router left it."""
+    from kiln.compute.backends.kubernetes import connect
+    from kiln.compute.kube import KubeSettings
+    from kiln.config import Settings
+    from kiln.record.recorder import recorder_for
+    from kiln.serve import state
+    from kiln.serve.server import _say
+
+    settings = Settings.from_env()
+    if settings.server_url is None:
+        raise ConfigError("KILN_SERVER", "endpoints on Kubernetes record through a team "
+                          "server, which their pods reach: set KILN_SERVER")  # fmt: skip
+    kube, metric = KubeSettings.from_env(), hpa_metric()
+    api = Applier(*connect(), kube.namespace)
+    url, project = settings.server_url, settings.project
+    store = recorder_for(settings).store
+    for obj in render_router(endpoint, kube, server_url=url, project=project):
+        api.apply(obj)
+    _say(f"{endpoint.name}: routed by Service {_name(endpoint.name)} in {kube.namespace}")
+    applied: dict[int, float] = {}  # version -> when it stopped being a target (0: it is)
+    while True:
+        targets = state.targets(store, endpoint.spec, settings.actor)
+        now = time.time()
+        for version, weight in targets.items():
+            if weight > 0 and applied.get(version) != 0:
+                for obj in render_version(endpoint, version, kube, server_url=url,
+                                          project=project, metric=metric):  # fmt: skip
+                    api.apply(obj)
+                _say(f"{endpoint.name}: version {version} applied")
+                applied[version] = 0
+        for version, since in list(applied.items()):
+            if targets.get(version, 0) > 0:
+                continue
+            if since == 0:
+                applied[version] = now
+            elif now - since > DRAIN_S + POLL_S:
+                api.delete_version(_name(endpoint.name), version)
+                _say(f"{endpoint.name}: version {version} retired")
+                del applied[version]
+        if not block:
+            return
+        time.sleep(POLL_S)
+
+
+@dataclass
+class Applier:
+    """Create an object, or replace the one of that name (what ``kubectl apply`` does
+    for objects Kiln alone owns)."""
+
+    batch: Any
+    core: Any
+    namespace: str
+
+    def apply(self, obj: Any) -> str:
+        """``created``, ``replaced`` or ``kept`` (a Job: they cannot be changed)."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        kind, name = obj.kind, obj.metadata.name
+        apis = {"Job": (self.batch, "job"), "Service": (self.core, "service"),
+                "Deployment": (client.AppsV1Api(), "deployment"),
+                "HorizontalPodAutoscaler": (client.AutoscalingV2Api(),
+                                            "horizontal_pod_autoscaler")}  # fmt: skip
+        api, noun = apis[kind]
+        try:
+            getattr(api, f"create_namespaced_{noun}")(self.namespace, obj)
+            return "created"
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        if kind == "Job":
+            return "kept"
+        getattr(api, f"patch_namespaced_{noun}")(name, self.namespace, plain(obj))
+        return "replaced"
+
+    def delete_version(self, endpoint: str, version: int) -> None:
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        name = f"{endpoint}-v{version}"
+        for call in (client.AutoscalingV2Api().delete_namespaced_horizontal_pod_autoscaler,
+                     client.AppsV1Api().delete_namespaced_deployment,
+                     self.core.delete_namespaced_service):  # fmt: skip
+            with contextlib.suppress(ApiException):
+                call(name, self.namespace)
+
+
+if __name__ == "__main__":
+    main()
