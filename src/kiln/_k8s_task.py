@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -49,29 +48,22 @@ def main() -> int:
 
         task = cloudpickle.loads(data)
         if task.requirements and not os.environ.get(_IN_ENV):
-            return _in_env(task.requirements)
+            return _in_env(store, home, task.requirements)
         return _run(store, task, home)
     finally:
         store.close()
 
 
-def _in_env(requirements: str) -> int:
-    """Build the task's env from its lock (once per lock in KILN_ENVS) over this
-    interpreter's packages, and run this module again in it."""
-    root = Path(os.environ.get("KILN_ENVS") or "/var/kiln/envs")
-    env = root / hashlib.sha256(requirements.encode()).hexdigest()[:32]
-    python = env / "bin" / "python"
-    if not (env / ".kiln-built").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        lock = root / f"{env.name}.txt"
-        lock.write_text(requirements)
-        subprocess.run(["uv", "venv", "--system-site-packages", "--python", sys.executable,
-                        "--allow-existing", str(env)], check=True)  # fmt: skip
-        subprocess.run(["uv", "pip", "install", "--python", str(python), "--no-deps",
-                        "--require-hashes", "-r", str(lock)], check=True)  # fmt: skip
-        (env / ".kiln-built").touch()
+def _in_env(store: Any, home: Path, requirements: str) -> int:
+    """Build the task's env from its lock (once per lock in KILN_ENVS, as the local
+    engine builds one in its cache), and run this module again in it."""
+    from kiln.envs.manager import env_manager
+
+    cache = Path(os.environ.get("KILN_ENVS") or "/var/kiln/envs")
+    built = env_manager(home, store.blob_store, cache).from_requirements(requirements)
     os.environ[_IN_ENV] = "1"
-    os.execv(str(python), [str(python), "-m", "kiln._k8s_task"])  # noqa: S606  our own env
+    python = str(built.python)
+    os.execv(python, [python, "-m", "kiln._k8s_task"])  # noqa: S606  the task's own env
     return 1  # not reached
 
 

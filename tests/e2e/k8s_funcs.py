@@ -31,3 +31,12 @@ def flaky(marker: str) -> str:
 @app.function(timeout=1)
 def sleeps() -> None:
     time.sleep(30)
+
+
+@app.function(env=kiln.Env(packages=["six==1.16.0"]))
+def in_env() -> dict:
+    import sys
+
+    import six
+
+    return {"six": six.__version__, "prefix": sys.prefix}

@@ -132,3 +132,8 @@ def test_functions_run_as_jobs_and_record_through_the_server(
     # the timeout is held in the pod, from the function's call
     with pytest.raises(RunFailed, match="timed out after 1s"):
         k8s_funcs.sleeps.remote()
+    # an env is built in the pod from the lock recorded by the driver, once
+    built = k8s_funcs.in_env.remote()
+    assert built["six"] == "1.16.0"
+    assert built["prefix"].startswith(str(tmp_path / "node" / "envs"))
+    assert k8s_funcs.in_env.remote() == built  # the same env, from the volume

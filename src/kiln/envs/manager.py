@@ -64,6 +64,7 @@ WORKER_DISTRIBUTIONS = (
     "packaging",
     "psycopg",
     "psycopg-binary",
+    "httpx",  # the client of a team server (KILN_SERVER), where installed
     # what a serving replica needs (kiln[serve]), where installed
     "pydantic",
     "opentelemetry-sdk",
@@ -167,6 +168,24 @@ class EnvManager:
         if not (path / READY).is_file():
             interpreter, interpreter_id = self._interpreter(python)
             built = self._build(env_id, lock_sha, interpreter_id, None, interpreter=interpreter)
+        self._used(env_id)
+        return Materialized(env_id, path, path / "bin" / "python", lock_sha, False, built)
+
+    def from_requirements(self, requirements: str) -> Materialized:
+        """The env of a lock handed over as :meth:`lock`'s requirements text (a pod of the
+        Kubernetes engine), built here once from those exact pins and hashes."""
+        lines = requirements.splitlines(keepends=True)
+        index = next((ln.split(None, 1)[1].strip() for ln in lines
+                      if ln.startswith("--index-url ")), None)  # fmt: skip
+        lock = "".join(ln for ln in lines if not ln.startswith("--index-url "))
+        lock_sha = self.blobs.put_bytes(lock.encode())
+        interpreter, interpreter_id = self._interpreter(None)
+        env_id, _ = self._identity(lock, interpreter_id)
+        path = self.root / env_id
+        built = False
+        if not (path / READY).is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            built = self._build(env_id, lock_sha, interpreter_id, index, interpreter=interpreter)
         self._used(env_id)
         return Materialized(env_id, path, path / "bin" / "python", lock_sha, False, built)
 
