@@ -391,3 +391,35 @@ def test_an_endpoint_is_pinned_by_its_golden_file() -> None:
     if os.environ.get("KILN_UPDATE_GOLDEN"):
         golden.write_text(json.dumps(objects, indent=2, sort_keys=True) + "\n")
     assert objects == json.loads(golden.read_text())
+
+
+def test_the_controller_applies_new_versions_and_retires_old_ones_after_the_drain(
+    cluster: FakeCluster,
+) -> None:
+    from kiln.config import Settings
+    from kiln.record.recorder import recorder_for
+    from kiln.serve.on_kubernetes import DRAIN_S, POLL_S, Applier, Controller
+
+    with shop.run() as run:
+        kiln.save("model.pkl", b"weights")
+    first = shop.models.register("fraud", run, artifact="model.pkl").version
+    shop.models.promote("fraud", first, alias="production", reason="first")
+    endpoint = shop.endpoint(model="fraud@production", cpu=1)(Fraud)
+    api = Applier(cluster.batch, cluster.core, "default", cluster.apps, cluster.autoscaling)
+    store = recorder_for(Settings.from_env()).store
+    controller = Controller(endpoint, api, KUBE, store, "http://kiln:8000")
+    controller.start()
+    controller.start()  # again (a restarted `kiln serve`): replaced, not duplicated
+    assert set(cluster.objects["deployment"]) == {"fraud"}
+    assert ("patch", "deployment", "fraud") in cluster.calls
+    assert controller.step(now=1000.0) == [f"version {first} applied"]
+    assert controller.step(now=1001.0) == []
+    second = shop.models.register("fraud", run, artifact="model.pkl").version
+    shop.models.promote("fraud", second, alias="production", reason="second")
+    assert controller.step(now=1002.0) == [f"version {second} applied"]
+    assert set(cluster.objects["deployment"]) == {"fraud", f"fraud-v{first}", f"fraud-v{second}"}
+    assert controller.step(now=1002.0 + DRAIN_S) == []  # the router may still send to it
+    assert controller.step(now=1003.0 + DRAIN_S + POLL_S) == [f"version {first} retired"]
+    for noun in ("deployment", "service", "horizontal_pod_autoscaler"):
+        assert f"fraud-v{first}" not in cluster.objects[noun]
+        assert f"fraud-v{second}" in cluster.objects[noun]

@@ -51,6 +51,7 @@ from kiln.errors import ConfigError
 
 if TYPE_CHECKING:
     from kiln.config import Settings
+    from kiln.record.store.base import KilnStore
     from kiln.serve.endpoint import Endpoint, EndpointSpec
 
 PORT = 8000
@@ -339,89 +340,128 @@ def main() -> None:
 
 
 def serve_on_kubernetes(endpoint: Endpoint[Any], *, block: bool = True) -> None:
-    """Apply the router, then follow the record: each target version's objects are
-    applied, and a retired version's deleted DRAIN_S after the router left it."""
+    """Apply the router, then follow the record (see :class:`Controller`)."""
     from kiln.compute.backends.kubernetes import connect
-    from kiln.compute.kube import KubeSettings
     from kiln.config import Settings
-    from kiln.record.recorder import recorder_for
-    from kiln.serve import state
     from kiln.serve.server import _say
 
     settings = Settings.from_env()
     if settings.server_url is None:
         raise ConfigError("KILN_SERVER", "endpoints on Kubernetes record through a team "
                           "server, which their pods reach: set KILN_SERVER")  # fmt: skip
-    kube, metric = KubeSettings.from_env(), hpa_metric()
-    api = Applier(*connect(), kube.namespace)
-    url, project = settings.server_url, settings.project
-    store = recorder_for(settings).store
-    for obj in render_router(endpoint, kube, server_url=url, project=project):
-        api.apply(obj)
+    kube = KubeSettings.from_env()
+    batch, core = connect()
+    from kiln.record.recorder import recorder_for
+
+    controller = Controller(
+        endpoint, Applier(batch, core, kube.namespace), kube, recorder_for(settings).store,
+        settings.server_url, settings.project, settings.actor, hpa_metric(),
+    )  # fmt: skip
+    controller.start()
     _say(f"{endpoint.name}: routed by Service {_name(endpoint.name)} in {kube.namespace}")
-    applied: dict[int, float] = {}  # version -> when it stopped being a target (0: it is)
     while True:
-        targets = state.targets(store, endpoint.spec, settings.actor)
-        now = time.time()
-        for version, weight in targets.items():
-            if weight > 0 and applied.get(version) != 0:
-                for obj in render_version(endpoint, version, kube, server_url=url,
-                                          project=project, metric=metric):  # fmt: skip
-                    api.apply(obj)
-                _say(f"{endpoint.name}: version {version} applied")
-                applied[version] = 0
-        for version, since in list(applied.items()):
-            if targets.get(version, 0) > 0:
-                continue
-            if since == 0:
-                applied[version] = now
-            elif now - since > DRAIN_S + POLL_S:
-                api.delete_version(_name(endpoint.name), version)
-                _say(f"{endpoint.name}: version {version} retired")
-                del applied[version]
+        for line in controller.step():
+            _say(f"{endpoint.name}: {line}")
         if not block:
             return
         time.sleep(POLL_S)
 
 
 @dataclass
+class Controller:
+    """Where ``kiln serve --backend kubernetes`` runs: applies the router once, then at
+    each :meth:`step` the objects of each version the record (``store``) routes to, and
+    deletes a retired version's DRAIN_S after the router left it (it moves within
+    POLL_S). Pods reach the record at ``server_url``."""
+
+    endpoint: Endpoint[Any]
+    api: Applier
+    kube: KubeSettings
+    store: KilnStore
+    server_url: str
+    project: str | None = None
+    actor: str = "unknown"
+    metric: str = "cpu"
+    applied: dict[int, float] = field(default_factory=dict)  # version -> retired at (0: live)
+
+    def start(self) -> None:
+        for obj in render_router(self.endpoint, self.kube, server_url=self.server_url,
+                                 project=self.project):  # fmt: skip
+            self.api.apply(obj)
+
+    def step(self, now: float | None = None) -> list[str]:
+        """One look at the record; what changed, in words."""
+        from kiln.serve import state
+
+        now = time.time() if now is None else now
+        targets = state.targets(self.store, self.endpoint.spec, self.actor)
+        said = []
+        for version, weight in sorted(targets.items()):
+            if weight > 0 and self.applied.get(version) != 0:
+                objects = render_version(
+                    self.endpoint, version, self.kube, server_url=self.server_url,
+                    project=self.project, metric=self.metric,
+                )  # fmt: skip
+                for obj in objects:
+                    self.api.apply(obj)
+                self.applied[version] = 0
+                said.append(f"version {version} applied")
+        for version, since in list(self.applied.items()):
+            if targets.get(version, 0) > 0:
+                continue
+            if since == 0:
+                self.applied[version] = now
+            elif now - since > DRAIN_S + POLL_S:
+                self.api.delete_version(_name(self.endpoint.name), version)
+                del self.applied[version]
+                said.append(f"version {version} retired")
+        return said
+
+
+@dataclass
 class Applier:
     """Create an object, or replace the one of that name (what ``kubectl apply`` does
-    for objects Kiln alone owns)."""
+    for objects Kiln alone owns). ``apps`` and ``autoscaling`` are the client's
+    ``AppsV1Api`` and ``AutoscalingV2Api`` (made when None)."""
 
     batch: Any
     core: Any
     namespace: str
+    apps: Any = None
+    autoscaling: Any = None
+
+    def __post_init__(self) -> None:
+        if self.apps is None or self.autoscaling is None:
+            from kubernetes import client
+
+            self.apps, self.autoscaling = client.AppsV1Api(), client.AutoscalingV2Api()
 
     def apply(self, obj: Any) -> str:
         """``created``, ``replaced`` or ``kept`` (a Job: they cannot be changed)."""
-        from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
-        kind, name = obj.kind, obj.metadata.name
         apis = {"Job": (self.batch, "job"), "Service": (self.core, "service"),
-                "Deployment": (client.AppsV1Api(), "deployment"),
-                "HorizontalPodAutoscaler": (client.AutoscalingV2Api(),
-                                            "horizontal_pod_autoscaler")}  # fmt: skip
-        api, noun = apis[kind]
+                "Deployment": (self.apps, "deployment"),
+                "HorizontalPodAutoscaler": (self.autoscaling, "horizontal_pod_autoscaler"),
+                }  # fmt: skip
+        api, noun = apis[obj.kind]
         try:
             getattr(api, f"create_namespaced_{noun}")(self.namespace, obj)
             return "created"
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        if kind == "Job":
+        if obj.kind == "Job":
             return "kept"
-        getattr(api, f"patch_namespaced_{noun}")(name, self.namespace, plain(obj))
+        getattr(api, f"patch_namespaced_{noun}")(obj.metadata.name, self.namespace, plain(obj))
         return "replaced"
 
     def delete_version(self, endpoint: str, version: int) -> None:
-        from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         name = f"{endpoint}-v{version}"
-        for call in (client.AutoscalingV2Api().delete_namespaced_horizontal_pod_autoscaler,
-                     client.AppsV1Api().delete_namespaced_deployment,
+        for call in (self.autoscaling.delete_namespaced_horizontal_pod_autoscaler,
+                     self.apps.delete_namespaced_deployment,
                      self.core.delete_namespaced_service):  # fmt: skip
             with contextlib.suppress(ApiException):
                 call(name, self.namespace)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import hashlib
 import json
 import threading
@@ -44,8 +45,17 @@ class _Response:
 
 
 class _Api:
+    """Deployments, Services and autoscalers: ``create``, ``patch`` and ``delete``
+    (``_namespaced_<noun>``), kept by name and answered 409 and 404 as the server does."""
+
     def __init__(self, cluster: FakeCluster) -> None:
         self._cluster = cluster
+
+    def __getattr__(self, name: str) -> Any:
+        verb, _, noun = name.partition("_namespaced_")
+        if verb not in ("create", "patch", "delete") or not noun:
+            raise AttributeError(name)
+        return functools.partial(self._cluster.kept, verb, noun)
 
 
 class _Batch(_Api):
@@ -102,6 +112,7 @@ class FakeCluster:
         self._faults: dict[str, list[str]] = {"jobs": [], "pods": []}
         self._changed = threading.Condition()
         self.batch, self.core = _Batch(self), _Core(self)
+        self.apps, self.autoscaling = _Api(self), _Api(self)
         from kubernetes import client
 
         self._client = client.ApiClient()
@@ -137,6 +148,24 @@ class FakeCluster:
             self.lose_next_create_answer = False
             raise ConnectionResetError("the connection was reset before the answer came")
         return self.typed(job, "V1Job")
+
+    def kept(self, verb: str, noun: str, *args: Any, **_: Any) -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        with self._changed:
+            kept = self.objects.setdefault(noun, {})
+            self.calls.append((verb, noun, args[0] if verb != "create" else args[1].metadata.name))
+            if verb == "create":
+                body = self._client.sanitize_for_serialization(args[1])  # type: ignore[no-untyped-call]
+                if body["metadata"]["name"] in kept:
+                    raise ApiException(status=409, reason="AlreadyExists")
+                kept[body["metadata"]["name"]] = body
+            elif args[0] not in kept:
+                raise ApiException(status=404, reason="NotFound")
+            elif verb == "patch":
+                kept[args[0]] = args[2]
+            else:
+                del kept[args[0]]
 
     def find(self, kind: str, name: str) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
