@@ -25,6 +25,7 @@ BENCHES = [
     "bench_engine.py",
     "bench_sandbox.py",
     "bench_mcp.py",
+    "bench_kubernetes.py",
     "bench_torch_sweep.py",
     "bench_envs.py",
     "bench_audit.py",

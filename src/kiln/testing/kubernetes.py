@@ -217,6 +217,7 @@ class FakeCluster:
 
     def _stream(self, kind: str, selector: str, since: int, timeout: int | None) -> Iterator[bytes]:
         end = time.monotonic() + (timeout or 3600)
+        at = 0  # how far into the event log this watch has read
         while time.monotonic() < end:
             with self._changed:
                 fault = self._faults[kind].pop(0) if self._faults[kind] else None
@@ -233,11 +234,10 @@ class FakeCluster:
                     return
                 if fault == "cut":
                     raise ConnectionResetError("the watch's connection was reset")
-                fresh = [
-                    (v, t, o)
-                    for v, t, o in self.events[kind]
-                    if v > since and _matches(o, selector)
-                ]
+                log = self.events[kind]
+                at = at if at <= len(log) else 0  # the log was cut (a test's doing)
+                fresh = [(v, t, o) for v, t, o in log[at:] if v > since and _matches(o, selector)]
+                at = len(log)
                 if not fresh:
                     self._changed.wait(IDLE_S)
                     bookmark = {"kind": "Bookmark", "metadata": {"resourceVersion": str(since)}}
@@ -250,9 +250,8 @@ class FakeCluster:
 
     def _emit(self, kind: str, type_: str, obj: dict[str, Any]) -> None:
         """Record a change (under the lock) and wake the watches."""
-        self.version += 1
-        obj = copy.deepcopy(obj)
-        obj["metadata"]["resourceVersion"] = str(self.version)
+        self.version += 1  # a copy of the top level: callers replace parts, never mutate them
+        obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self.version)}}
         if type_ == "DELETED":
             self.objects[kind].pop(obj["metadata"]["name"], None)
         else:
@@ -363,14 +362,9 @@ class FakeCluster:
     def lose_node(self, job: str) -> None:
         with self._changed:
             pod = self._pod_of(job)
-            pod["status"]["conditions"] = [
-                {
-                    "type": "DisruptionTarget",
-                    "status": "True",
-                    "reason": "DeletionByTaintManager",
-                    "message": "node n1 is unreachable",
-                }
-            ]
+            lost = {"type": "DisruptionTarget", "status": "True",
+                    "reason": "DeletionByTaintManager", "message": "node n1 is unreachable"}  # fmt: skip
+            pod["status"] = {**pod["status"], "conditions": [lost]}
             self._emit("pods", "MODIFIED", pod)
             self._emit("pods", "DELETED", pod)
             self._condition(job, "Failed", "BackoffLimitExceeded")
@@ -408,10 +402,10 @@ class FakeCluster:
             for p in self.objects["pods"].values()
             if p["metadata"]["labels"].get("job-name") == job
         ]
-        return copy.deepcopy(pods[-1])
+        return dict(pods[-1])
 
     def _condition(self, job: str, type_: str, reason: str, message: str = "") -> None:
-        obj = copy.deepcopy(self.objects["jobs"][job])
+        obj = dict(self.objects["jobs"][job])
         obj["status"] = {
             "conditions": [{"type": type_, "status": "True", "reason": reason, "message": message}]
         }
