@@ -362,8 +362,12 @@ class FakeCluster:
     def lose_node(self, job: str) -> None:
         with self._changed:
             pod = self._pod_of(job)
-            lost = {"type": "DisruptionTarget", "status": "True",
-                    "reason": "DeletionByTaintManager", "message": "node n1 is unreachable"}  # fmt: skip
+            lost = {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "DeletionByTaintManager",
+                "message": "node n1 is unreachable",
+            }
             pod["status"] = {**pod["status"], "conditions": [lost]}
             self._emit("pods", "MODIFIED", pod)
             self._emit("pods", "DELETED", pod)
