@@ -24,6 +24,8 @@
 |               |                                  | every interface, e.g. in a container)    |
 | KILN_SANDBOX  | 0                                | 1: every function runs sandboxed (see    |
 |               |                                  | kiln.Sandbox), as an agent's always do   |
+| KILN_K8S_*    | see kiln.compute.kube            | the Kubernetes engine's namespace, image,|
+|               |                                  | token Secret, Kueue queue, GPU sharing   |
 
 Without ``KILN_HOME``, Kiln finds its home the way git finds ``.git``: the nearest
 existing ``.kiln`` folder at or above the current directory; if there is none, the

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from kiln.function import Function
     from kiln.serve.endpoint import Endpoint
 
-app = typer.Typer(help="Kubernetes objects of functions and endpoints.", no_args_is_help=True)
+app = typer.Typer(
+    help="Kubernetes objects of functions and endpoints: render, apply.", no_args_is_help=True
+)
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
