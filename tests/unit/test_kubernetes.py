@@ -423,3 +423,62 @@ def test_the_controller_applies_new_versions_and_retires_old_ones_after_the_drai
     for noun in ("deployment", "service", "horizontal_pod_autoscaler"):
         assert f"fraud-v{first}" not in cluster.objects[noun]
         assert f"fraud-v{second}" in cluster.objects[noun]
+
+
+def test_a_pod_that_can_never_start_fails_with_kubernetes_reason(
+    cluster: FakeCluster, engine: Any
+) -> None:
+    engine.submit([spec()])
+    job = cluster.job(RUN)
+    cluster.wait_for_job(job)
+    hostile = {"app.kubernetes.io/managed-by": "kiln", "kiln.dev/run-id": RUN,
+               "kiln.dev/attempt": "x"}  # fmt: skip
+    cluster.label("pods", "intruder", hostile)  # a watch that stopped here would miss the rest
+    cluster.stall(job, "CreateContainerConfigError", 'secret "kiln-token" not found')
+    (finished,) = engine.reported.wait(Finished)
+    assert finished.outcome.cause == (
+        'its pod could not start (CreateContainerConfigError): secret "kiln-token" not found'
+    )
+    assert job not in cluster.objects["jobs"]  # deleted, not left to wait for ever
+    assert engine.reported.of(Started) == []
+
+
+def test_a_cancel_while_the_job_is_being_made_never_leaves_it_running(
+    cluster: FakeCluster, engine: Any
+) -> None:
+    cluster.lose_next_create_answer = True
+    cancelling = threading.Timer(0.1, engine.cancel, args=(RUN,))  # during the retry's wait
+    cancelling.start()
+    engine.submit([spec()])
+    cancelling.join()
+    (finished,) = engine.reported.wait(Finished)
+    assert finished.outcome.status == "cancelled"
+    assert cluster.objects["jobs"] == {}
+    assert len(engine.reported.of(Finished)) == 1
+
+
+def test_a_share_of_a_gpu_fits_a_cluster_that_shares_them(cluster: FakeCluster) -> None:
+    backend = KubernetesBackend(Reported(), KUBE, "http://kiln:8000", None, put=cluster.put,
+                                fetch=cluster.fetch, batch=cluster.batch,
+                                core=cluster.core)  # fmt: skip
+    try:
+        backend.inventory.check(Resources(cpu=8, gpu=0.5))  # nodes list no gpu.shared count
+    finally:
+        backend.close()
+
+
+def test_the_pods_account_fits_the_termination_log_whatever_the_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kiln import _k8s_task
+
+    monkeypatch.setenv("KILN_TERMINATION_LOG", str(tmp_path / "log"))
+    cluster = FakeCluster()
+    store = type(
+        "Store", (), {"blob_store": type("B", (), {"put_bytes": staticmethod(cluster.put)})}
+    )
+    code = _k8s_task._account(store, {"status": "failed", "cause": "😀\0" * 5000, "error": "x"})
+    written = (tmp_path / "log").read_bytes()
+    assert code == 1 and len(written) < 200
+    said = json.loads(written)
+    assert json.loads(cluster.blobs[said["reply"]])["cause"] == "😀\0" * 5000

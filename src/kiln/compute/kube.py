@@ -83,13 +83,14 @@ class KubeSettings:
         def name(var: str, pattern: re.Pattern[str] = _LABEL_NAME) -> str | None:
             value = env.get(var) or None
             if value is not None and not pattern.fullmatch(value):
-                raise ConfigError(var, f"{value[:80]!r} is not a Kubernetes name "
-                                  "(lower-case letters, digits and '-', at most 63)")  # fmt: skip
+                rule = ("lower-case letters, digits and '-', at most 63" if pattern is _LABEL_NAME
+                        else "lower-case letters, digits, '-' and '.', at most 253")  # fmt: skip
+                raise ConfigError(var, f"{value[:80]!r} is not a Kubernetes name ({rule})")
             return value
 
         def seconds(var: str, default: int) -> int:
             value = env.get(var) or str(default)
-            if not value.isdigit() or not 0 < int(value) <= 10**7:
+            if not re.fullmatch(r"[0-9]{1,8}", value) or not 0 < int(value) <= 10**7:
                 raise ConfigError(var, f"{value[:40]!r} is not a number of seconds (1 to 10^7)")
             return int(value)
 
@@ -105,7 +106,7 @@ class KubeSettings:
             service_account=name("KILN_K8S_SERVICE_ACCOUNT", _SUBDOMAIN),
             token_secret=name("KILN_K8S_TOKEN_SECRET", _SUBDOMAIN) or "kiln-token",
             queue=name("KILN_K8S_QUEUE"),
-            priority_class=name("KILN_K8S_PRIORITY_CLASS", _SUBDOMAIN),
+            priority_class=name("KILN_K8S_PRIORITY_CLASS"),  # a label's value: 63 at most
             gpu_sharing=sharing,
             env_cache=name("KILN_K8S_ENV_CACHE", _SUBDOMAIN),
             startup_s=seconds("KILN_K8S_STARTUP_S", 600),
@@ -162,6 +163,8 @@ class KubeInventory(Inventory):
 
     def check(self, request: Resources) -> None:
         gpu_resource(request.gpu, self.gpu_sharing)
+        if 0 < request.gpu < 1:  # a share of the cluster's kind, not a nvidia.com/gpu
+            request = Resources(request.cpu, request.memory_bytes, 0.0)
         if self.nodes:
             Inventory.check(self, request)
 
@@ -337,15 +340,27 @@ def cluster_inventory(core: Any, sharing: str | None) -> KubeInventory:
 
 
 def parse_cpu(value: str) -> float:
-    return int(value[:-1]) / 1000 if value.endswith("m") else float(value)
+    try:
+        return int(value[:-1]) / 1000 if value.endswith("m") else float(value)
+    except ValueError:
+        return 0.0
 
 
-_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6,
-           "G": 10**9, "T": 10**12}  # fmt: skip
+_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+           "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+           "m": 10**-3}  # fmt: skip
 
 
 def parse_bytes(value: str) -> int:
+    """A Kubernetes quantity of bytes (``32Gi``, ``1e9``, ``128974848000m``); 0 if it
+    is none of those."""
     for suffix, factor in _SUFFIX.items():
         if value.endswith(suffix):
-            return int(float(value[: -len(suffix)]) * factor)
-    return int(float(value))
+            value, scale = value[: -len(suffix)], factor
+            break
+    else:
+        scale = 1
+    try:
+        return int(float(value) * scale)
+    except ValueError:
+        return 0

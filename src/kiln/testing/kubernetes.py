@@ -348,6 +348,27 @@ class FakeCluster:
                 "" if exit_code == 0 else "BackoffLimitExceeded",
             )
 
+    def stall(self, job: str, reason: str, message: str) -> str:
+        """The Job's pod is scheduled but its container waits (``CreateContainerConfigError``:
+        its Secret is missing; ``ImagePullBackOff``: its image cannot be pulled)."""
+        with self._changed:
+            spec = self.objects["jobs"][job]["spec"]["template"]
+            name = f"{job}-{len(self.events['pods']):05d}"
+            pod = {"metadata": {"name": name, "labels": {**spec["metadata"]["labels"],
+                                                         "job-name": job}},
+                   "spec": {"nodeName": "n1", "containers": spec["spec"]["containers"]},
+                   "status": {"phase": "Pending", "containerStatuses": [_container(
+                       {"waiting": {"reason": reason, "message": message}})]}}  # fmt: skip
+            self._emit("pods", "ADDED", pod)
+            return name
+
+    def label(self, kind: str, name: str, labels: dict[str, str]) -> None:
+        """Anyone with rights in the namespace can write labels: an object of ``kind``
+        with these, as Kiln's watches see it."""
+        with self._changed:
+            self._emit(kind, "ADDED", {"metadata": {"name": name, "labels": labels},
+                                       "status": {}})  # fmt: skip
+
     def evict(self, job: str) -> None:
         with self._changed:
             pod = self._pod_of(job)

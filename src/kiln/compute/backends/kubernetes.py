@@ -66,6 +66,12 @@ from kiln.errors import ConfigError
 WATCH_S = 60  # a watch is ended and made again this often (the server's limit is longer)
 RETRY_S = (0.5, 1.0, 2.0, 5.0)  # backoff between lists after errors
 CREATE_TRIES = 4
+# What of the driver's store settings a pod gets: the rest (the token, a store URL that
+# may hold a password, paths of the driver's machine) stays with the driver.
+_SHIPPED = ("actor", "sys_metrics", "traceparent", "project")
+# A container waiting for one of these will never start on its own.
+_NEVER_STARTS = ("CreateContainerConfigError", "CreateContainerError", "InvalidImageName")
+_PULL = ("ErrImagePull", "ImagePullBackOff")  # may pass; given KILN_K8S_STARTUP_S
 POD_GRACE_S = 2.0  # after its Job ended, how long an attempt waits for its pod's last state
 _log = logging.getLogger("kiln")
 
@@ -109,6 +115,7 @@ class KubernetesBackend:
         self.inventory = cluster_inventory(self.core, self.kube.gpu_sharing)
         self._slots: dict[str, _Slot] = {}  # by Job name
         self._lock = threading.Lock()
+        self._report_lock = threading.Lock()  # a slot's events are reported in order
         self._closing = threading.Event()
         self._tally = Tally()
         self._watches: list[Any] = []
@@ -124,33 +131,37 @@ class KubernetesBackend:
 
     def submit(self, tasks: Sequence[TaskSpec]) -> None:
         for spec in tasks:
+            slot = _Slot(spec, job_name(spec.run_id, spec.attempt))
+            with self._lock:
+                self._slots[slot.job] = slot
             if spec.sandbox is not None:
                 cause = "SandboxError: sandboxed functions run on the local engine only"
-                self._end(spec, Outcome("failed", cause=cause))
+                self._finish_now(slot, Outcome("failed", cause=cause))
                 continue
             try:
                 job = self._job(spec)
             except Exception as exc:  # a task that cannot be shipped fails, with why
-                self._end(spec, Outcome("failed", cause=f"{type(exc).__name__}: {exc}"))
+                self._finish_now(slot, Outcome("failed", cause=f"{type(exc).__name__}: {exc}"))
                 continue
-            slot = _Slot(spec, job.metadata.name)
-            with self._lock:
-                self._slots[slot.job] = slot
-            refused = self._create(slot, job)
+            refused = None if slot.stop_status == "cancelled" else self._create(slot, job)
             if refused is not None:
-                with self._lock:
-                    self._slots.pop(slot.job, None)
-                self._end(spec, Outcome("failed", cause=refused))
+                self._delete_job(slot.job)  # a create may have worked after all
+                self._finish_now(slot, Outcome("failed", cause=refused))
+                continue
+            with self._lock:
+                cancelled = slot.stop_status == "cancelled"  # while it was being made
+            if cancelled and self._delete_job(slot.job):
+                self._finish_now(slot, Outcome("cancelled", cause="cancelled"))
 
     def cancel(self, run_id: str) -> None:
+        """Delete the attempt's Job with its pods (a cancel overrides a preemption); it
+        is reported cancelled once the delete is done. Cancelled while being submitted,
+        it is never created, or deleted as soon as it is."""
         slot = self._stop(run_id, "cancelled", "cancelled")
-        if slot is None:
+        if slot is None or not slot.created:
             return
-        self._delete_job(slot.job)
-        with self._lock:
-            if self._slots.pop(slot.job, None) is None:
-                return  # it ended meanwhile, and was reported so
-        self._end(slot.spec, Outcome("cancelled", cause="cancelled"))
+        if self._delete_job(slot.job):
+            self._finish_now(slot, Outcome("cancelled", cause="cancelled"))
 
     def preempt(self, run_id: str, cause: str, grace_s: float) -> None:
         slot = self._stop(run_id, cause, "preempted")
@@ -220,7 +231,7 @@ class KubernetesBackend:
     def _job(self, spec: TaskSpec) -> Any:
         """The Job of ``spec``, its task stored first (without the driver's token, paths
         or interpreter: the pod has its own)."""
-        store = {k: v for k, v in spec.store.items() if k != "token"}
+        store = {k: v for k, v in spec.store.items() if k in _SHIPPED}  # never a secret
         shipped = dataclasses.replace(spec, store=store, sys_path=(), cwd="", python=None,
                                       env_lock=None)  # fmt: skip
         sha = self.put(cloudpickle.dumps(shipped))
@@ -237,13 +248,18 @@ class KubernetesBackend:
                 self.batch.create_namespaced_job(self.kube.namespace, job)
             except ApiException as exc:
                 if exc.status == 409:
-                    return self._adopt(slot)
-                if exc.status and exc.status < 500 and exc.status != 429:
+                    try:
+                        return self._adopt(slot)
+                    except ApiException as gone:
+                        if gone.status != 404:  # 404: deleted since; create it again
+                            return f"could not read the Job {slot.job}: {_reason(gone)}"
+                elif exc.status and exc.status < 500 and exc.status != 429:
                     return f"Kubernetes refused the Job {slot.job}: {_reason(exc)}"
             except Exception as exc:  # the connection: the Job may or may not exist now
                 _log.warning("kiln: creating Job %s: %s; trying again", slot.job, exc)
             else:
-                slot.created = time.monotonic()
+                with self._lock:
+                    slot.created = time.monotonic()
                 return None
             if attempt + 1 < CREATE_TRIES:
                 time.sleep(RETRY_S[attempt])
@@ -256,34 +272,49 @@ class KubernetesBackend:
             slot.spec.attempt
         ):
             return f"a Job named {slot.job} exists and is not this run's"
-        slot.created = time.monotonic()
+        with self._lock:
+            slot.created = time.monotonic()
         self._consider("jobs", "ADDED", found)  # it may have ended already
         return None
 
     def _stop(self, run_id: str, cause: str, status: str) -> _Slot | None:
+        """Mark the run's attempt stopped: a cancel overrides anything but a cancel, a
+        preemption only what was not stopped yet."""
         with self._lock:
             for slot in self._slots.values():
-                if slot.spec.run_id == run_id and slot.stop_cause is None:
+                if slot.spec.run_id != run_id or slot.stop_status == "cancelled":
+                    continue
+                if status == "cancelled" or slot.stop_cause is None:
                     slot.stop_cause, slot.stop_status = cause, status
                     return slot
         return None
 
-    def _delete_job(self, name: str) -> None:
+    def _delete_job(self, name: str) -> bool:
+        """Delete the Job and its pods; whether it is gone."""
         from kubernetes.client.exceptions import ApiException
 
         try:
             self.batch.delete_namespaced_job(name, self.kube.namespace,
                                              propagation_policy="Background")  # fmt: skip
         except ApiException as exc:
-            if exc.status != 404:
-                _log.warning("kiln: could not delete Job %s: %s", name, _reason(exc))
+            if exc.status == 404:
+                return True
+            _log.warning("kiln: could not delete Job %s: %s", name, _reason(exc))
+            return False
         except Exception as exc:
             _log.warning("kiln: could not delete Job %s: %s", name, exc)
+            return False
+        return True
 
-    def _end(self, spec: TaskSpec, outcome: Outcome) -> None:
-        with self._lock:
-            self._tally.ended(outcome.status)
-        self.report([Finished(spec.run_id, spec.attempt, outcome)])
+    def _finish_now(self, slot: _Slot, outcome: Outcome) -> bool:
+        """Report ``outcome`` as the slot's end, unless it was reported already."""
+        with self._report_lock:
+            with self._lock:
+                if self._slots.pop(slot.job, None) is None:
+                    return False
+                self._tally.ended(outcome.status)
+            self.report([Finished(slot.spec.run_id, slot.spec.attempt, outcome)])
+        return True
 
     # -- watching --------------------------------------------------------------------
 
@@ -340,7 +371,10 @@ class KubernetesBackend:
 
     def _consider(self, kind: str, event: str, obj: Any) -> None:
         labels = (obj.metadata.labels or {}) if obj.metadata else {}
-        name = job_name(labels.get(RUN_LABEL, ""), int(labels.get(ATTEMPT_LABEL, "0") or 0))
+        attempt = labels.get(ATTEMPT_LABEL, "")
+        if not (attempt.isascii() and attempt.isdigit()):
+            return  # not one of Kiln's (labels anyone can write): never a reason to stop
+        name = job_name(labels.get(RUN_LABEL, ""), int(attempt))
         with self._lock:
             slot = self._slots.get(name)
         if slot is None:
@@ -378,36 +412,60 @@ class KubernetesBackend:
             self._finish(slot, slot.ended)
             return
         status = pod.status
+        statuses = (status.container_statuses or []) if status is not None else []
+        stuck = self._stuck(slot, statuses)
+        if stuck is not None:
+            slot.stop_cause = stuck
+            if self._delete_job(slot.job):
+                self._finish_now(slot, Outcome("failed", cause=stuck))
+            return
         running = status is not None and (
             status.phase in ("Running", "Succeeded", "Failed")
-            and any(c.state and (c.state.running or c.state.terminated)
-                    for c in (status.container_statuses or []))
-        )  # fmt: skip
+            and any(c.state and (c.state.running or c.state.terminated) for c in statuses)
+        )
         if not running or event == "DELETED":
             return
-        with self._lock:
-            if slot.started or self._slots.get(slot.job) is not slot:
-                return
-            slot.started = True
-            self._tally.worker_starts += 1
-        assigned = {"job": slot.job, "pod": pod.metadata.name,
-                    "node": pod.spec.node_name if pod.spec else None}  # fmt: skip
-        self.report([Started(slot.spec.run_id, slot.spec.attempt, assigned)])
+        with self._report_lock:  # so that no Finished of it can be reported before this
+            with self._lock:
+                if slot.started or self._slots.get(slot.job) is not slot:
+                    return
+                slot.started = True
+                self._tally.worker_starts += 1
+            assigned = {"job": slot.job, "pod": pod.metadata.name,
+                        "node": pod.spec.node_name if pod.spec else None}  # fmt: skip
+            self.report([Started(slot.spec.run_id, slot.spec.attempt, assigned)])
+
+    def _stuck(self, slot: _Slot, statuses: list[Any]) -> str | None:
+        """Why the pod will never start on its own (its Secret or image is wrong), if so."""
+        for container in statuses:
+            waiting = container.state.waiting if container.state else None
+            if waiting is None or slot.stop_cause is not None:
+                continue
+            waited = time.monotonic() - slot.created if slot.created else 0.0
+            if waiting.reason in _NEVER_STARTS or (
+                waiting.reason in _PULL and waited > self.kube.startup_s
+            ):
+                said = f": {waiting.message}" if waiting.message else ""
+                return f"its pod could not start ({waiting.reason}){said}"[:1000]
+        return None
 
     def _finish(self, slot: _Slot, job: Any) -> None:
         """Report the attempt's end once: from its pod's account, else Kubernetes'."""
         with self._lock:
-            if self._slots.pop(slot.job, None) is None:
+            if self._slots.get(slot.job) is not slot:
                 return
         outcome = _outcome(slot, job, self.fetch)
-        events: list[TaskEvent] = []
-        if not slot.started and slot.pod is not None and _terminated(slot.pod) is not None:
-            assigned = {"job": slot.job, "pod": slot.pod.metadata.name}
-            events.append(Started(slot.spec.run_id, slot.spec.attempt, assigned))
-        events.append(Finished(slot.spec.run_id, slot.spec.attempt, outcome))
-        with self._lock:
-            self._tally.ended(outcome.status)
-        self.report(events)
+        with self._report_lock:
+            with self._lock:
+                if self._slots.pop(slot.job, None) is None:
+                    return
+                self._tally.ended(outcome.status)
+            events: list[TaskEvent] = []
+            if not slot.started and slot.pod is not None and _terminated(slot.pod) is not None:
+                assigned = {"job": slot.job, "pod": slot.pod.metadata.name}
+                events.append(Started(slot.spec.run_id, slot.spec.attempt, assigned))
+            events.append(Finished(slot.spec.run_id, slot.spec.attempt, outcome))
+            self.report(events)
 
     def _last_pod(self, job: str) -> Any:
         try:
