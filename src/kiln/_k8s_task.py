@@ -72,8 +72,9 @@ def _run(store: Any, task: Any, home: Path) -> int:
     from kiln.compute import _threads
     from kiln.compute._worker import _Functions, _load_failure, _preempted
 
+    server = os.environ["KILN_SERVER"]  # the record: the store is the server's
     store_settings = {**task.store, "home": str(home), "token": os.environ.get("KILN_TOKEN"),
-                      "server_url": os.environ["KILN_SERVER"]}  # fmt: skip
+                      "server_url": server, "store_url": server}  # fmt: skip
     if os.environ.get("KILN_PROJECT"):
         store_settings["project"] = os.environ["KILN_PROJECT"]
     task = type(task)(**{**_fields(task), "store": store_settings})
