@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -368,8 +369,9 @@ def test_an_endpoints_objects_are_valid_kubernetes(metric: str) -> None:
     for obj in objects:
         valid(obj)
     kinds = [(o["kind"], o["metadata"]["name"]) for o in objects]
-    assert kinds == [("Deployment", "fraud"), ("Service", "fraud"), ("Deployment", "fraud-v3"),
-                     ("Service", "fraud-v3"), ("HorizontalPodAutoscaler", "fraud-v3")]  # fmt: skip
+    version = "fraud--v3"
+    assert kinds == [("Deployment", "fraud"), ("Service", "fraud"), ("Deployment", version),
+                     ("Service", version), ("HorizontalPodAutoscaler", version)]  # fmt: skip
     hpa = objects[-1]["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 4)  # no scale to zero in the HPA
     (target,) = hpa["metrics"]
@@ -393,7 +395,7 @@ def test_an_endpoint_is_pinned_by_its_golden_file() -> None:
     assert objects == json.loads(golden.read_text())
 
 
-def test_the_controller_applies_new_versions_and_retires_old_ones_after_the_drain(
+def test_the_controller_applies_new_versions_and_retires_old_ones_after_the_move(
     cluster: FakeCluster,
 ) -> None:
     from kiln.config import Settings
@@ -409,20 +411,44 @@ def test_the_controller_applies_new_versions_and_retires_old_ones_after_the_drai
     store = recorder_for(Settings.from_env()).store
     controller = Controller(endpoint, api, KUBE, store, "http://kiln:8000")
     controller.start()
-    controller.start()  # again (a restarted `kiln serve`): replaced, not duplicated
+    controller.start()  # again (a restarted `kiln serve`): applied again, not duplicated
     assert set(cluster.objects["deployment"]) == {"fraud"}
-    assert ("patch", "deployment", "fraud") in cluster.calls
     assert controller.step(now=1000.0) == [f"version {first} applied"]
     assert controller.step(now=1001.0) == []
     second = shop.models.register("fraud", run, artifact="model.pkl").version
     shop.models.promote("fraud", second, alias="production", reason="second")
     assert controller.step(now=1002.0) == [f"version {second} applied"]
-    assert set(cluster.objects["deployment"]) == {"fraud", f"fraud-v{first}", f"fraud-v{second}"}
-    assert controller.step(now=1002.0 + DRAIN_S) == []  # the router may still send to it
-    assert controller.step(now=1003.0 + DRAIN_S + POLL_S) == [f"version {first} retired"]
+    old, new = f"fraud--v{first}", f"fraud--v{second}"
+    assert set(cluster.objects["deployment"]) == {"fraud", old, new}
+    # the new version's pods are not ready: the router stays on the old one, which stays
+    assert controller.step(now=5000.0) == []
+    assert controller.step(now=9000.0) == []
+    cluster.objects["deployment"][new]["status"] = {"availableReplicas": 1}
+    assert controller.step(now=9001.0) == []  # the router moves now; the drain begins
+    assert controller.step(now=9001.0 + DRAIN_S) == []
+    assert controller.step(now=9002.0 + DRAIN_S + POLL_S) == [f"version {first} retired"]
     for noun in ("deployment", "service", "horizontal_pod_autoscaler"):
-        assert f"fraud-v{first}" not in cluster.objects[noun]
-        assert f"fraud-v{second}" in cluster.objects[noun]
+        assert old not in cluster.objects[noun] and new in cluster.objects[noun]
+
+
+def test_kiln_never_takes_over_or_deletes_what_is_not_its_own(cluster: FakeCluster) -> None:
+    from kiln.serve.on_kubernetes import Applier, _name
+
+    cluster.objects["service"] = {"fraud": {"metadata": {"name": "fraud", "labels": {}}}}
+    api = Applier(cluster.batch, cluster.core, "default", cluster.apps, cluster.autoscaling)
+    endpoint = shop.endpoint(model="fraud@production", cpu=1)(Fraud)
+    with pytest.raises(ValidationError, match="is not Kiln's"):
+        for obj in render_router(endpoint, KUBE, server_url="http://k", project=None):
+            api.apply(obj)
+    assert cluster.objects["service"]["fraud"]["metadata"]["labels"] == {}
+    with pytest.raises(ValidationError, match="is not Kiln's"):
+        api.delete_version("fraud")
+    # names: valid, and two endpoints never share them
+    names = {_name(n) for n in ("fraud", "Fraud", "fraud_model", "fraud.model", "1fraud",
+                                "a" * 49 + "_b", "fraud-v2")}  # fmt: skip
+    assert len(names) == 7
+    assert all(re.fullmatch(r"[a-z]([-a-z0-9]{0,45}[a-z0-9])?", n) for n in names), names
+    assert not any("--" in n for n in names)
 
 
 def test_a_pod_that_can_never_start_fails_with_kubernetes_reason(

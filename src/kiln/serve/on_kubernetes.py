@@ -31,14 +31,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kiln.compute.kube import (
+    ENVS,
     MANAGED_BY,
     KubeSettings,
     plain,
@@ -47,7 +51,7 @@ from kiln.compute.kube import (
     server_env,
     volumes,
 )
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, ValidationError
 
 if TYPE_CHECKING:
     from kiln.config import Settings
@@ -57,6 +61,7 @@ if TYPE_CHECKING:
 PORT = 8000
 POLL_S = 2.0  # how often the router and the controller look at the record
 DRAIN_S = 30.0  # a retired version's pods outlive the router's move by this long
+MAX_BODY = 32 * 2**20
 ENDPOINT_LABEL = "kiln.dev/endpoint"
 VERSION_LABEL = "kiln.dev/version"
 _HPA = ("cpu", "inflight")
@@ -70,20 +75,28 @@ def hpa_metric(environ: Any = None) -> str:
 
 
 def _name(endpoint: str) -> str:
-    """An endpoint's name as a Kubernetes name (lower case, '-' for the rest)."""
-    cleaned = "".join(c if c.isalnum() else "-" for c in endpoint.lower()).strip("-")
-    return cleaned[:50] or "endpoint"
+    """An endpoint's name as a Kubernetes name: lower case, a letter first, runs of
+    anything else as one '-', and a hash of the name when any of that changed it or it
+    was cut, so two endpoints never share objects. It never holds '--'."""
+    cleaned = re.sub(r"[^a-z0-9]+", "-", endpoint.lower()).strip("-")
+    if not cleaned[:1].isalpha():
+        cleaned = f"e-{cleaned}".rstrip("-")
+    if cleaned != endpoint or len(cleaned) > 40:
+        digest = hashlib.sha256(endpoint.encode()).hexdigest()[:6]
+        cleaned = f"{cleaned[:40].rstrip('-')}-{digest}"
+    return cleaned
 
 
 def version_name(endpoint: str, version: int) -> str:
-    return f"{_name(endpoint)}-v{version}"
+    """A version's objects: ``<endpoint>--v<N>`` ('--' is in no endpoint's own name)."""
+    return f"{_name(endpoint)}--v{version}"
 
 
-def _probe(path: str) -> Any:
+def _probe(path: str, failures: int = 3) -> Any:
     from kubernetes import client
 
     return client.V1Probe(http_get=client.V1HTTPGetAction(path=path, port=PORT),
-                          period_seconds=5, failure_threshold=3)  # fmt: skip
+                          period_seconds=5, failure_threshold=failures)  # fmt: skip
 
 
 def _deployment(
@@ -140,9 +153,13 @@ def render_version(
         command=["kiln", "serve", f"{source.module}:{source.qualname}", "--host", "0.0.0.0",  # noqa: S104
                  "--port", str(PORT), "--model", f"{spec.model_name}:{version}",
                  "--replicas", "1", "--backend", "local"],
-        env=server_env(kube, server_url, project),
+        # its env is built in its cache (the volume) before it serves
+        env=[*server_env(kube, server_url, project),
+             client.V1EnvVar(name="KILN_CACHE", value=ENVS)],
         ports=[client.V1ContainerPort(container_port=PORT, name="http")],
         resources=requirements(spec.resources, kube.gpu_sharing),
+        # a replica may load a model and build an env before it answers: that long
+        startup_probe=_probe("/healthz", max(3, math.ceil(kube.startup_s / 5))),
         readiness_probe=_probe("/readyz"),
         liveness_probe=_probe("/healthz"),
         security_context=security_context(),
@@ -182,7 +199,7 @@ def render_router(
     name = _name(spec.name)
     labels = {MANAGED_BY: "kiln", ENDPOINT_LABEL: name, VERSION_LABEL: "router"}
     routed = {"name": spec.name, "app": spec.app, "model": spec.model, "traffic": spec.traffic,
-              "upstream": f"http://{name}-v{{version}}.{kube.namespace}.svc:{PORT}"}  # fmt: skip
+              "upstream": f"http://{name}--v{{version}}.{kube.namespace}.svc:{PORT}"}  # fmt: skip
     container = client.V1Container(
         name="router",
         image=kube.require_image(),
@@ -283,17 +300,27 @@ class Router:
         if self._split is None:
             await _answer(send, 503, {"error": "no version of the model is ready yet"})
             return
-        body = b""
+        headers = scope["headers"]
+        declared = next((v for k, v in headers if k == b"content-length"), b"0")
+        if not declared.isdigit() or int(declared) > MAX_BODY:
+            await _answer(send, 413, {"error": "the body is over 32 MiB"})
+            return
+        chunks, size = [], 0
         while True:
             message = await receive()
-            body += message.get("body", b"")
-            if len(body) > 32 * 2**20:
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_BODY:
                 await _answer(send, 413, {"error": "the body is over 32 MiB"})
                 return
             if not message.get("more_body"):
                 break
-        passed = {k.decode(): v.decode() for k, v in scope["headers"]
-                  if k in (b"content-type", b"traceparent", b"tracestate")}  # fmt: skip
+        body = b"".join(chunks)
+        # passed on as they came (bytes); two traceparents are none, as at a front door
+        passed = [(k, v) for k, v in headers if k in (b"content-type", b"tracestate")]
+        parents = [(k, v) for k, v in headers if k == b"traceparent"]
+        passed += parents if len(parents) == 1 else []
         version = self._split.pick()
         try:
             answer = await self._client.post(self.upstream(version) + "/predict",
@@ -301,10 +328,11 @@ class Router:
         except Exception as exc:
             await _answer(send, 502, {"error": f"version {version} did not answer: {exc}"})
             return
-        headers = [(k.encode(), v.encode()) for k, v in answer.headers.items()
-                   if k in ("content-type", "traceparent") or k.startswith("x-kiln-")]  # fmt: skip
+        kept = (b"content-type", b"traceparent")
+        back = [(k, v) for k, v in answer.headers.raw
+                if k.lower() in kept or k.lower().startswith(b"x-kiln-")]  # fmt: skip
         await send({"type": "http.response.start", "status": answer.status_code,
-                    "headers": headers})  # fmt: skip
+                    "headers": back})  # fmt: skip
         await send({"type": "http.response.body", "body": answer.content})
 
 
@@ -360,8 +388,13 @@ def serve_on_kubernetes(endpoint: Endpoint[Any], *, block: bool = True) -> None:
     controller.start()
     _say(f"{endpoint.name}: routed by Service {_name(endpoint.name)} in {kube.namespace}")
     while True:
-        for line in controller.step():
-            _say(f"{endpoint.name}: {line}")
+        try:
+            for line in controller.step():
+                _say(f"{endpoint.name}: {line}")
+        except Exception as exc:  # the server or the cluster, for now: look again
+            if not block:
+                raise
+            _say(f"{endpoint.name}: {exc}; trying again in {POLL_S:g}s")
         if not block:
             return
         time.sleep(POLL_S)
@@ -406,13 +439,16 @@ class Controller:
                     self.api.apply(obj)
                 self.applied[version] = 0
                 said.append(f"version {version} applied")
+        live = [v for v, w in targets.items() if w > 0]
+        moved = all(self.api.available(version_name(self.endpoint.name, v)) for v in live)
         for version, since in list(self.applied.items()):
             if targets.get(version, 0) > 0:
                 continue
             if since == 0:
-                self.applied[version] = now
+                if moved:  # the router moves off it within POLL_S: the drain counts from now
+                    self.applied[version] = now
             elif now - since > DRAIN_S + POLL_S:
-                self.api.delete_version(_name(self.endpoint.name), version)
+                self.api.delete_version(version_name(self.endpoint.name, version))
                 del self.applied[version]
                 said.append(f"version {version} retired")
         return said
@@ -436,35 +472,67 @@ class Applier:
 
             self.apps, self.autoscaling = client.AppsV1Api(), client.AutoscalingV2Api()
 
-    def apply(self, obj: Any) -> str:
-        """``created``, ``replaced`` or ``kept`` (a Job: they cannot be changed)."""
-        from kubernetes.client.exceptions import ApiException
-
-        apis = {"Job": (self.batch, "job"), "Service": (self.core, "service"),
+    def _api(self, kind: str) -> tuple[Any, str]:
+        return {"Job": (self.batch, "job"), "Service": (self.core, "service"),
                 "Deployment": (self.apps, "deployment"),
                 "HorizontalPodAutoscaler": (self.autoscaling, "horizontal_pod_autoscaler"),
-                }  # fmt: skip
-        api, noun = apis[obj.kind]
-        try:
-            getattr(api, f"create_namespaced_{noun}")(self.namespace, obj)
-            return "created"
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        if obj.kind == "Job":
-            return "kept"
-        getattr(api, f"patch_namespaced_{noun}")(obj.metadata.name, self.namespace, plain(obj))
-        return "replaced"
+                }[kind]  # fmt: skip
 
-    def delete_version(self, endpoint: str, version: int) -> None:
+    def _existing(self, kind: str, name: str) -> Any:
+        """The object of that name, or None; refused if it is not Kiln's to change."""
         from kubernetes.client.exceptions import ApiException
 
-        name = f"{endpoint}-v{version}"
-        for call in (self.autoscaling.delete_namespaced_horizontal_pod_autoscaler,
-                     self.apps.delete_namespaced_deployment,
-                     self.core.delete_namespaced_service):  # fmt: skip
-            with contextlib.suppress(ApiException):
-                call(name, self.namespace)
+        api, noun = self._api(kind)
+        try:
+            found = getattr(api, f"read_namespaced_{noun}")(name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if (found.metadata.labels or {}).get(MANAGED_BY) != "kiln":
+            raise ValidationError(
+                "endpoint", f"a {kind} named {name} exists in {self.namespace} and is not "
+                "Kiln's: Kiln changes and deletes only what it made; rename the endpoint",
+            )  # fmt: skip
+        return found
+
+    def apply(self, obj: Any) -> str:
+        """``created``, ``applied`` (server-side apply: Kiln's fields are as rendered)
+        or ``kept`` (a Job, which cannot change)."""
+        kind, name = obj.kind, obj.metadata.name
+        existing = self._existing(kind, name)
+        if kind == "Job" and existing is not None:
+            return "kept"
+        api, noun = self._api(kind)
+        getattr(api, f"patch_namespaced_{noun}")(
+            name, self.namespace, plain(obj), field_manager="kiln", force=True,
+            _content_type="application/apply-patch+yaml",
+        )  # fmt: skip
+        return "created" if existing is None else "applied"
+
+    def available(self, name: str) -> bool:
+        """Whether the Deployment has a pod ready (the router's probe will find it)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            found = self.apps.read_namespaced_deployment_status(name, self.namespace)
+        except ApiException:
+            return False
+        return bool(found.status and (found.status.available_replicas or 0) > 0)
+
+    def delete_version(self, name: str) -> None:
+        """Delete a version's autoscaler, Deployment and Service (Kiln's only)."""
+        from kubernetes.client.exceptions import ApiException
+
+        for kind in ("HorizontalPodAutoscaler", "Deployment", "Service"):
+            if self._existing(kind, name) is None:
+                continue
+            api, noun = self._api(kind)
+            try:
+                getattr(api, f"delete_namespaced_{noun}")(name, self.namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
 
 
 if __name__ == "__main__":

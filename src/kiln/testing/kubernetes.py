@@ -53,9 +53,9 @@ class _Api:
 
     def __getattr__(self, name: str) -> Any:
         verb, _, noun = name.partition("_namespaced_")
-        if verb not in ("create", "patch", "delete") or not noun:
+        if verb not in ("create", "read", "patch", "delete") or not noun:
             raise AttributeError(name)
-        return functools.partial(self._cluster.kept, verb, noun)
+        return functools.partial(self._cluster.kept, verb, noun.removesuffix("_status"))
 
 
 class _Batch(_Api):
@@ -149,23 +149,33 @@ class FakeCluster:
             raise ConnectionResetError("the connection was reset before the answer came")
         return self.typed(job, "V1Job")
 
-    def kept(self, verb: str, noun: str, *args: Any, **_: Any) -> Any:
+    def kept(self, verb: str, noun: str, *args: Any, **kwargs: Any) -> Any:
+        """``verb`` an object of ``noun`` (``deployment``, ``service``,
+        ``horizontal_pod_autoscaler``); a patch is server-side apply: the whole object."""
         from kubernetes.client.exceptions import ApiException
 
+        types = {"deployment": "V1Deployment", "service": "V1Service",
+                 "horizontal_pod_autoscaler": "V2HorizontalPodAutoscaler"}  # fmt: skip
         with self._changed:
             kept = self.objects.setdefault(noun, {})
-            self.calls.append((verb, noun, args[0] if verb != "create" else args[1].metadata.name))
+            name = args[0] if verb != "create" else args[1].metadata.name
+            self.calls.append((verb, noun, name))
             if verb == "create":
-                body = self._client.sanitize_for_serialization(args[1])  # type: ignore[no-untyped-call]
-                if body["metadata"]["name"] in kept:
+                if name in kept:
                     raise ApiException(status=409, reason="AlreadyExists")
-                kept[body["metadata"]["name"]] = body
-            elif args[0] not in kept:
+                kept[name] = self._client.sanitize_for_serialization(args[1])  # type: ignore[no-untyped-call]
+            elif verb == "patch" and kwargs.get("field_manager") == "kiln" and kwargs.get("force"):
+                status = kept.get(name, {}).get("status")  # the cluster's, kept
+                kept[name] = {**args[2], **({"status": status} if status else {})}
+            elif name not in kept:
                 raise ApiException(status=404, reason="NotFound")
-            elif verb == "patch":
-                kept[args[0]] = args[2]
+            elif verb == "read":
+                return self.typed(kept[name], types[noun])
+            elif verb == "delete":
+                del kept[name]
             else:
-                del kept[args[0]]
+                raise ApiException(status=415, reason="only server-side apply is scripted")
+        return None
 
     def find(self, kind: str, name: str) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
