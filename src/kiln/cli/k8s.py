@@ -1,8 +1,10 @@
 """``kiln k8s render|apply``: what Kiln makes on a Kubernetes cluster, and making it.
 
-``render FILE.py::FUNC --lr 0.1`` prints the Job one call would be (with a new run id;
-the Job names its task by the sha256 the task would have), ``render FILE.py:CLASS``
-an endpoint's router and the objects of each version it routes to now. ``apply`` does
+``render FILE.py::FUNC --lr 0.1`` prints the Job one call would be: a preview, with a
+new run id, naming its task by the sha256 the task would have (it is not stored: a
+Job applied by hand finds no task; ``apply`` ships it). ``render FILE.py:CLASS``
+prints an endpoint's router and the objects of each version it routes to now (read
+from the team server). ``apply`` does
 it: a call runs as a Job and prints its result, as ``KILN_BACKEND=kubernetes kiln
 run`` would; an endpoint's objects are created or replaced once (``kiln serve
 --backend kubernetes`` also keeps following the alias).
@@ -106,6 +108,7 @@ def render(
     """Print the objects that would be applied, without touching a cluster."""
     from kiln.compute.kube import plain
 
+    os.environ["KILN_BACKEND"] = "kubernetes"  # the cluster's resources, not this machine's
     function, endpoint = _target(target)
     if endpoint is not None:
         if ctx.args:
@@ -131,8 +134,8 @@ def apply(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Run a call as a Job (waiting for its result), or apply an endpoint's objects."""
-    function, endpoint = _target(target)
     os.environ["KILN_BACKEND"] = "kubernetes"  # this process's engine is the cluster
+    function, endpoint = _target(target)
     if endpoint is not None:
         from kiln.serve.on_kubernetes import serve_on_kubernetes
 
