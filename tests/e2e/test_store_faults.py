@@ -95,11 +95,12 @@ def open_killed_at(path: Path, statement: int) -> None:
 
 
 def kill_points(rev: str, total: int) -> list[int]:
-    """Every statement of a first open (every migration, from nothing); every fifth of an
-    upgrade from an older revision holding runs (each revision's start differs, so
-    together they still cover most statements), and its last few (the commit's)."""
+    """Every other statement of a first open (every migration, from nothing), and its
+    last few (the commit's); every fifth of an upgrade from an older revision holding
+    runs (each revision's start differs, so together they still cover most statements),
+    and its last few."""
     if rev == "base":
-        return list(range(1, total))
+        return sorted({*range(1, total, 2), *range(max(1, total - 3), total)})
     return sorted({*range(1 + int(rev) % 5 if rev.isdigit() else 1, total, 5),
                    *range(max(1, total - 3), total)})  # fmt: skip
 
