@@ -62,6 +62,11 @@ def spec(run: str = RUN, attempt: int = 1, **resources: Any) -> TaskSpec:
     )
 
 
+def bare(**fields: Any) -> TaskSpec:
+    """A task with nothing to run, as rendering sees it."""
+    return TaskSpec(run_id=RUN, app="fraud", fn_key="k", fn_payload=b"", args_payload=b"", **fields)
+
+
 def valid(obj: dict[str, Any]) -> None:
     for version in VERSIONS:
         kubernetes_validate.validate(obj, version, strict=True)  # raises on any error
@@ -83,16 +88,7 @@ SHAPES = {
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_every_job_shape_is_valid_kubernetes(shape: str) -> None:
     resources, kube = SHAPES[shape]
-    task = TaskSpec(
-        run_id=RUN,
-        app="fraud",
-        fn_key="k",
-        fn_payload=b"",
-        args_payload=b"",
-        resources=resources,
-        timeout_s=90.0,
-        requirements=LOCK,
-    )
+    task = bare(resources=resources, timeout_s=90.0, requirements=LOCK)
     job = plain(render_job(task, "ab" * 32, kube, server_url="http://kiln:8000", project="p"))
     valid(job)
     container = job["spec"]["template"]["spec"]["containers"][0]
@@ -101,12 +97,7 @@ def test_every_job_shape_is_valid_kubernetes(shape: str) -> None:
 
 
 def test_a_job_is_pinned_by_its_golden_file() -> None:
-    task = TaskSpec(
-        run_id=RUN,
-        app="fraud",
-        fn_key="k",
-        fn_payload=b"",
-        args_payload=b"",
+    task = bare(
         resources=Resources(cpu=2, memory_bytes=2**30, gpu=1),
         timeout_s=60.0,
         threads={"OMP_NUM_THREADS": "2"},

@@ -51,6 +51,7 @@ from kiln.compute.kube import (
     server_env,
     volumes,
 )
+from kiln.compute.resources import Resources
 from kiln.errors import ConfigError, ValidationError
 
 if TYPE_CHECKING:
@@ -216,13 +217,7 @@ def render_router(
             _service(name, labels, kube, 80)]  # fmt: skip
 
 
-def _router_resources() -> Any:
-    from kiln.compute.resources import Resources
-
-    return Resources(cpu=0.5, memory_bytes=256 * 2**20)
-
-
-_ROUTER = _router_resources()
+_ROUTER = Resources(cpu=0.5, memory_bytes=256 * 2**20)  # what a router pod asks for
 
 
 # -- the router (in its pods) ---------------------------------------------------------
